@@ -1,0 +1,59 @@
+"""The `edgekit` command: a thin layer that parses, calls and prints.
+
+Data goes to stdout (a table, or JSON with --json); progress and logs go to stderr.
+Exit codes: 0 ok, 1 a gate or check failed, 2 usage or configuration error, 3 backend error.
+Each command group lives in its own module and registers itself on ``app``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from edgekit.errors import EdgekitError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Edge deployment kit for small language models.")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def status(message: str):
+    """A spinner on stderr for work that takes more than a moment; yields a callback to update it."""
+    with err.status(message) as spinner:
+        yield lambda text: spinner.update(f"{message}: {text}")
+
+
+def main() -> None:
+    """Entry point: run the app and turn edgekit errors into messages and exit codes."""
+    import click
+
+    from edgekit.cli import export  # noqa: F401  (registers its commands)
+
+    try:
+        app(standalone_mode=False)
+    except EdgekitError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

@@ -1,0 +1,231 @@
+"""ONNX format: optimum export -> onnxruntime graph optimization -> int8 quantization -> validation.
+
+Heavy imports (torch, transformers, optimum) happen inside functions: this module is imported
+only when a recipe has an ``onnx`` target.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import ExportError, RecipeError
+from edgekit.export import BuildResult, ExportJob
+from edgekit.export import reference
+from edgekit.runtime.encoder import MODEL_FILE, TOKENIZER_FILE, EncoderModel
+from edgekit.schema.manifest import OnnxFacts, RuntimeConfig
+from edgekit.schema.recipe import OnnxQuantization, OnnxTarget
+
+# recipe task -> optimum export task (the head that is exported)
+OPTIMUM_TASKS = {
+    "feature-extraction": "feature-extraction",
+    "text-classification": "text-classification",
+    "token-classification": "token-classification",
+}
+
+
+def _optimum_export(source: Path, task: str, opset: int | None, work: Path) -> Path:
+    from optimum.exporters.onnx import main_export
+
+    try:
+        # library_name="transformers": export the bare encoder even for sentence-transformers
+        # checkpoints; pooling and normalization are done by the runtime from the manifest.
+        main_export(
+            str(source), output=work, task=OPTIMUM_TASKS[task], opset=opset, library_name="transformers",
+            do_validation=False, device="cpu",
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise ExportError(f"optimum could not export {source} for {task}: {exc}") from exc
+    return work / MODEL_FILE
+
+
+# config.json model_type -> onnxruntime transformer-optimizer model type (onnxruntime.transformers.optimizer)
+OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "bert", "electra": "bert"}
+
+
+def _optimize(model: Path, level: int, config: dict, out: Path) -> Path:
+    """Bake onnxruntime's transformer fusions (attention core, LayerNorm, GELU) into the file.
+
+    Attention is fused as MultiHeadAttention with the Q/K/V projections left as MatMul, so
+    quantization still reaches those weights (the packed Attention op would hide them).
+    """
+    if level == 0:
+        shutil.copy(model, out)
+        return out
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = OPTIMIZER_MODEL_TYPES.get(config.get("model_type"))
+    if model_type is None:
+        raise ExportError(
+            f"no onnxruntime fusion rules for model_type {config.get('model_type')!r}",
+            hint=f"set optimization_level: 0 in the target, or use one of {', '.join(sorted(OPTIMIZER_MODEL_TYPES))}",
+        )
+    options = FusionOptions(model_type)
+    options.use_multi_head_attention = True
+    options.disable_multi_head_attention_bias = True
+    optimized = optimize_model(
+        str(model), model_type=model_type, num_heads=0, hidden_size=0, opt_level=min(level, 2), use_gpu=False,
+        optimization_options=options,
+    )
+    optimized.save_model_to_file(str(out))
+    return out
+
+
+class _CalibrationReader:
+    """Feeds calibration inputs one at a time to onnxruntime's calibrator."""
+
+    def __init__(self, encoder_inputs: list[dict[str, np.ndarray]]) -> None:
+        self._items = iter(encoder_inputs)
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+def _quantize_blockwise(model: Path, spec: OnnxQuantization, out: Path) -> Path:
+    """8-bit MatMul weights in blocks, int8 compute with activations quantized per block (accuracy level 4)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=spec.block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",), bits=8
+    )
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(model)), bits=8, block_size=spec.block_size, is_symmetric=True, accuracy_level=4,
+        nodes_to_exclude=spec.exclude_nodes, op_types_to_quantize=("MatMul",), algo_config=config,
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), False)
+    return out
+
+
+def _quantize(model: Path, spec: OnnxQuantization, out: Path, calibration_feeds: list[dict[str, np.ndarray]] | None) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    weight_type = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[spec.weight_type]
+    # MatMulConstBOnly: quantize weight matmuls only, not activation x activation products.
+    # DefaultTensorType: shape inference cannot type the outputs of ORT's fused contrib ops
+    # (MultiHeadAttention, SkipLayerNormalization); they are float tensors.
+    extra = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
+    operators = list(spec.operators)
+    if spec.mode == "dynamic":
+        if spec.block_size is not None and "MatMul" in operators:
+            model = _quantize_blockwise(model, spec, out.with_suffix(".blockwise.onnx"))
+            operators.remove("MatMul")
+        if not operators:
+            shutil.move(model, out)
+            return
+        quantize_dynamic(
+            str(model), str(out), op_types_to_quantize=operators, per_channel=spec.per_channel,
+            reduce_range=spec.reduce_range, weight_type=weight_type, nodes_to_exclude=spec.exclude_nodes, extra_options=extra,
+        )
+        return
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    if spec.calibration.method == "percentile":
+        extra["CalibPercentile"] = spec.calibration.percentile
+    quantize_static(
+        str(model), str(out), _CalibrationReader(calibration_feeds), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=operators, per_channel=spec.per_channel, reduce_range=spec.reduce_range,
+        activation_type=QuantType.QUInt8, weight_type=weight_type, nodes_to_exclude=spec.exclude_nodes,
+        calibrate_method=method[spec.calibration.method], extra_options=extra,
+    )
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def validation_texts(job: ExportJob) -> list[str]:
+    validation = job.recipe.validation
+    texts = list(validation.samples)
+    if validation.samples_file:
+        texts += _read_lines(job.loaded.resolve(validation.samples_file))
+    if not texts:
+        raise RecipeError(f"{job.loaded.path}: validation has no samples", hint="add validation.samples or validation.samples_file")
+    return texts
+
+
+def labelled_examples(job: ExportJob) -> list[tuple[str, str]]:
+    path = job.recipe.validation.labelled_file
+    if path is None:
+        return []
+    rows = [json.loads(line) for line in job.loaded.resolve(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(row["text"], str(row["label"])) for row in rows]
+
+
+def runtime_config(job: ExportJob, config: dict) -> RuntimeConfig:
+    source = job.source.path
+    pooling, normalize = "none", False
+    if job.recipe.task == "feature-extraction":
+        pooling, normalize = reference.sentence_pooling(source)
+    max_length = job.recipe.max_length or reference.default_max_length(source, config)
+    labels = []
+    if job.recipe.task != "feature-extraction":
+        id2label = config.get("id2label") or {}
+        labels = [id2label[k] for k in sorted(id2label, key=int)]
+    return RuntimeConfig(max_length=max_length, pooling=pooling, normalize=normalize, labels=labels)
+
+
+def build(job: ExportJob) -> BuildResult:
+    target: OnnxTarget = job.target
+    recipe = job.recipe
+    source = job.source.path
+    config = json.loads((source / "config.json").read_text())
+    work = job.staging / ".work"
+    work.mkdir()
+    job.progress("exporting with optimum")
+    exported = _optimum_export(source, recipe.task, target.opset, work / "export")
+    job.progress(f"optimizing graph (level {target.optimization_level})")
+    optimized = _optimize(exported, target.optimization_level, config, work / "optimized.onnx")
+    runtime = runtime_config(job, config)
+    from tokenizers import Tokenizer
+
+    # Same tokenizer, written without pretty-printing: a third fewer bytes on the board.
+    Tokenizer.from_file(str(work / "export" / TOKENIZER_FILE)).save(str(job.staging / TOKENIZER_FILE), pretty=False)
+    texts = validation_texts(job)
+    final = job.staging / MODEL_FILE
+    if target.quantization is None:
+        shutil.copy(optimized, final)
+        quantization = "fp32"
+    else:
+        spec = target.quantization
+        feeds = None
+        if spec.mode == "static":
+            calibration_texts = _read_lines(job.loaded.resolve(spec.calibration.samples_file)) if spec.calibration.samples_file else texts
+            fp32 = EncoderModel(work, runtime, model_path=optimized, tokenizer_dir=work / "export")
+            feeds = [fp32.feeds([t])[0] for t in calibration_texts[: spec.calibration.max_samples]]
+        job.progress(f"quantizing ({spec.label})")
+        _quantize(optimized, spec, work / MODEL_FILE, feeds)
+        shutil.move(work / MODEL_FILE, final)
+        quantization = spec.label
+    shutil.rmtree(work)
+    job.progress("validating against the PyTorch reference")
+    candidate = EncoderModel(job.staging, runtime)
+    metrics = reference.compare(source, recipe.task, runtime, candidate, texts, labelled_examples(job))
+    import onnx
+
+    model = onnx.load(str(final), load_external_data=False)
+    return BuildResult(
+        quantization=quantization,
+        parameters=reference.parameter_count(source),
+        runtime=runtime.model_copy(update={"input_names": candidate.input_names}),
+        metrics=metrics,
+        tools=reference.tool_versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"),
+        onnx=OnnxFacts(
+            opset=max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+            optimization_level=target.optimization_level,
+            initializer_bytes=sum(int(np.prod(t.dims)) * _itemsize(t.data_type) for t in model.graph.initializer),
+            n_layer=config.get("num_hidden_layers"),
+            hidden_size=config.get("hidden_size"),
+        ),
+    )
+
+
+def _itemsize(data_type: int) -> int:
+    import onnx
+
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize

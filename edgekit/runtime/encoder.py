@@ -1,0 +1,103 @@
+"""Run an ONNX encoder bundle: tokenize, infer with onnxruntime, pool / softmax as the manifest says."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import RuntimeBackendError
+from edgekit.runtime.checks import check_onnx_external_data
+from edgekit.schema.manifest import RuntimeConfig
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def session_options(threads: int | None = None):
+    """CPU session settings measured to be fastest for batch-1 encoders on small boards."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # Fusions are already baked into the file at export; ENABLE_ALL adds the layout
+    # transforms that are specific to the CPU the bundle runs on.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class EncoderModel:
+    """A loaded ONNX encoder bundle. ``verify_bundle`` must have passed on ``bundle_dir`` first."""
+
+    def __init__(self, bundle_dir: Path, config: RuntimeConfig, *, threads: int | None = None, model_path: Path | None = None, tokenizer_dir: Path | None = None
+    ) -> None:
+        import onnxruntime as ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile
+        from tokenizers import Tokenizer
+
+        self.bundle_dir = Path(bundle_dir)
+        self.config = config
+        model_path = model_path or self.bundle_dir / MODEL_FILE
+        check_onnx_external_data(model_path, self.bundle_dir)
+        self.tokenizer = Tokenizer.from_file(str((tokenizer_dir or self.bundle_dir) / TOKENIZER_FILE))
+        self.tokenizer.enable_truncation(max_length=self.config.max_length)
+        pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=self.tokenizer.id_to_token(pad_id) or "[PAD]")
+        try:
+            self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=["CPUExecutionProvider"])
+        except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as exc:
+            raise RuntimeBackendError(f"{model_path}: onnxruntime could not load the model: {exc}") from exc
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token counts before truncation (for usage reporting and limits)."""
+        self.tokenizer.no_truncation()
+        try:
+            return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
+        finally:
+            self.tokenizer.enable_truncation(max_length=self.config.max_length)
+
+    def feeds(self, texts: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+        available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64)}
+        return {name: available[name] for name in self.input_names}, mask
+
+    def forward(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """First output of the graph (hidden states or logits) and the attention mask."""
+        feeds, mask = self.feeds(texts)
+        return self.session.run(None, feeds)[0], mask
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Sentence embeddings, pooled and normalized as at export."""
+        hidden, mask = self.forward(texts)
+        return pool(hidden, mask, self.config.pooling, self.config.normalize)
+
+    def classify(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities: (batch, labels) for sequences, (batch, tokens, labels) for tokens."""
+        logits, _ = self.forward(texts)
+        return softmax(logits.astype(np.float64))
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+    """Mean (over real tokens) or CLS pooling, then optional L2 normalization; mirrors sentence-transformers."""
+    if pooling == "mean":
+        weights = mask[..., None].astype(hidden.dtype)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+    elif pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        pooled = hidden
+    if normalize:
+        pooled = pooled / np.clip(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12, None)
+    return pooled

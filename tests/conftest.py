@@ -1,0 +1,74 @@
+"""Shared fixtures. Tests run offline (HF_HUB_OFFLINE=1) against the local model store.
+
+The sample models are fetched once into the real store (``$EDGEKIT_HOME``, default
+~/.cache/edgekit) by ``fetch_samples``, which is idempotent; tests that write bundles write
+them under pytest's tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM_GGUF = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+
+
+@pytest.fixture(scope="session")
+def sample_store() -> Path:
+    """The local model store with both sample models in it."""
+    from edgekit.export.samples import fetch_samples
+    from edgekit.paths import kit_paths
+
+    fetch_samples()
+    return kit_paths().model_store
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(sample_store: Path) -> Path:
+    return sample_store / MINILM
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir: Path) -> Path:
+    """A 2-layer random BERT with MiniLM's tokenizer: real export path, seconds instead of minutes."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    BertModel(config).eval().save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, out / name)
+    vocab = json.loads((minilm_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    (out / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    return out
+
+
+def write_recipe(path: Path, source_dir: Path, **overrides) -> Path:
+    """A small valid feature-extraction recipe pointing at ``source_dir``; ``overrides`` replace top-level keys."""
+    import yaml
+
+    recipe = {
+        "name": "tiny",
+        "source": {"path": str(source_dir)},
+        "task": "feature-extraction",
+        "max_length": 64,
+        "targets": [{"format": "onnx", "name": "int8", "quantization": {"mode": "dynamic"}}],
+        "validation": {"samples": ["hello world", "a second, longer sentence about edge devices", "ok"],
+                       "gates": {"min_cosine_mean": 0.5}},
+    }
+    recipe.update(overrides)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
