@@ -45,15 +45,20 @@ class RuntimeConfig(Strict):
 class GgufFacts(Strict):
     """GGUF-specific facts read from the file's header (used by `edgekit fit`)."""
 
-    architecture: str
-    context_length: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_embd: int
-    n_vocab: int
-    quant_type: str
-    bits_per_weight: float
+    architecture: str = Field(description="general.architecture, e.g. 'llama', 'qwen2'.")
+    context_length: int = Field(description="Training context in tokens (<arch>.context_length).")
+    n_layer: int = Field(description="Transformer blocks (<arch>.block_count).")
+    n_head: int = Field(description="Attention heads (<arch>.attention.head_count).")
+    n_head_kv: int = Field(description="Key/value heads (<arch>.attention.head_count_kv).")
+    n_embd: int = Field(description="Embedding width (<arch>.embedding_length).")
+    n_vocab: int = Field(description="Vocabulary size (tokens in tokenizer.ggml.tokens).")
+    quant_type: str = Field(description="llama.cpp file type of the weights, e.g. 'Q4_K_M', 'F16'.")
+    bits_per_weight: float = Field(description="Bits of all tensor data divided by the number of weights.")
+    key_length: int | None = Field(None, description="Per-head key width (<arch>.attention.key_length); default n_embd / n_head.")
+    value_length: int | None = Field(None, description="Per-head value width (<arch>.attention.value_length); default n_embd / n_head.")
+    requantized_from: str | None = Field(
+        None, description="File type of the GGUF source when the weights were requantized instead of converted from a checkpoint."
+    )
 
 
 class OnnxFacts(Strict):

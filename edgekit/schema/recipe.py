@@ -33,6 +33,13 @@ class Source(Strict):
         description="Allow pickle weights (pytorch_model.bin, *.pt) when no safetensors exist. "
         "Pickle files can execute code when loaded; leave off unless you trust the source.",
     )
+    gguf_file: str | None = Field(
+        None,
+        pattern=r"^[^/\\]+\.gguf$",
+        description="GGUF targets only: start from this GGUF file inside the source (hub repository or directory) "
+        "instead of converting a checkpoint. f32/f16/bf16/Q8_0 files are requantized as they are; lower-bit files "
+        "need the target's allow_requantize.",
+    )
 
     @model_validator(mode="after")
     def _one_of_id_or_path(self) -> Source:
@@ -150,6 +157,14 @@ class Validation(Strict):
         None, description="JSON lines {\"text\": ..., \"label\": ...} for accuracy (relative to the recipe)."
     )
     gates: Gates = Field(default_factory=Gates, description="Thresholds that fail the export.")
+    text_file: Path | None = Field(
+        None,
+        description="Running text (GGUF): perplexity, KL divergence and top-1 agreement against the reference are "
+        "measured over it (relative to the recipe).",
+    )
+    context_window: int = Field(
+        512, ge=16, le=8192, description="Tokens per evaluation window over text_file (GGUF); each starts from an empty context."
+    )
 
 
 class ArchitectureFacts(Strict):
