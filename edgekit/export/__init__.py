@@ -10,7 +10,10 @@ checks the gates and publishes the bundle atomically.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,6 +89,21 @@ def evaluate_gates(gates: Gates, metrics: dict[str, float]) -> list[GateResult]:
     return results
 
 
+@contextmanager
+def quiet_backend_logs() -> Iterator[None]:
+    """Backends log per-node chatter (INFO/WARNING on the root and their own loggers); keep stderr for progress."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    loggers = [logging.getLogger(name) for name in ("", "onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer", "optimum")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def build_module(fmt: str):
     """Import the format module registered for ``fmt``."""
     return importlib.import_module(FORMATS[fmt])
@@ -119,7 +137,8 @@ def export(
         progress(f"{name}: building {target.format} target")
         with staging_dir(out_dir, name) as staged:
             job = ExportJob(loaded=loaded, target=target, source=source, staging=staged, progress=progress)
-            result: BuildResult = build_module(target.format).build(job)
+            with quiet_backend_logs():
+                result: BuildResult = build_module(target.format).build(job)
             gates = evaluate_gates(recipe.gates_for(target), result.metrics)
             manifest = Manifest(
                 name=name,

@@ -33,7 +33,7 @@ class ResolvedSource:
 
 def store_dir(hub_id: str, store: Path | None = None) -> Path:
     """Directory of ``hub_id`` in the local model store."""
-    org_and_name = hub_id.strip("/").split("/")
+    org_and_name = hub_id.split("/")
     if len(org_and_name) != 2 or any(part in ("", ".", "..") for part in org_and_name):
         raise SourceError(f"{hub_id!r} is not a hub id of the form 'org/name'")
     return (store or kit_paths().model_store).joinpath(*org_and_name)
