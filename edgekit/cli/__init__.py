@@ -8,6 +8,7 @@ Each command group lives in its own module and registers itself on ``app``.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,8 @@ from edgekit.errors import EdgekitError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Edge deployment kit for small language models.")
 
-out = Console(soft_wrap=True)
+# Piped output (CI logs) gets a wide table instead of rich's 80-column default.
+out = Console(width=shutil.get_terminal_size((160, 24)).columns)
 err = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]

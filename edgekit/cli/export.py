@@ -88,12 +88,13 @@ def manifest_summary(manifest, where: Path) -> dict[str, Any]:
 
 
 def print_summaries(rows: list[dict[str, Any]], title: str) -> None:
-    table = Table("bundle", "format", "quant", "size MB", "metrics", "gates", title=title)
+    table = Table("bundle", "format", "quantization", "MB", "measured vs reference", "gates", title=title)
     for row in rows:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(row["metrics"].items()))
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(row["metrics"].items()) if k != "samples")
         gates = "[green]pass[/green]" if row["passed"] else "[red]FAIL[/red] " + ", ".join(
             f"{g['gate']} {g['measured']:.4g} vs {g['threshold']}" for g in row["gates"] if not g["passed"])
-        table.add_row(row["bundle"], row["format"], row["quantization"], f"{row['bytes'] / 1e6:.1f}", metrics, gates)
+        name = row["bundle"] + (" [red](rejected)[/red]" if row.get("rejected") else "")
+        table.add_row(name, row["format"], row["quantization"], f"{row['bytes'] / 1e6:.1f}", metrics, gates)
     out.print(table)
 
 
@@ -149,3 +150,29 @@ def inspect_cmd(
     for entry in manifest.files:
         files.add_row(entry.path, str(entry.bytes), entry.sha256[:16] + "…")
     out.print(files)
+
+
+@app.command("bundles")
+def bundles_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder of bundles (default: $EDGEKIT_HOME/bundles).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Verify every bundle in a folder and summarize their manifests; exit 1 if any fails verification."""
+    from edgekit.bundle import REJECTED_SUFFIX, verify_bundle
+    from edgekit.paths import kit_paths
+
+    directory = directory or kit_paths().bundles
+    rows, broken = [], []
+    for path in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")) if directory.is_dir() else []:
+        try:
+            rows.append(manifest_summary(verify_bundle(path), path) | {"rejected": path.name.endswith(REJECTED_SUFFIX)})
+        except EdgekitError as exc:
+            broken.append({"path": str(path), "error": str(exc)})
+    if as_json:
+        emit_json({"bundles": rows, "broken": broken})
+    else:
+        print_summaries(rows, f"bundles in {directory} (sha256 verified)")
+        for item in broken:
+            out.print(f"[red]broken[/red] {item['path']}: {item['error']}")
+    if broken:
+        raise typer.Exit(1)
