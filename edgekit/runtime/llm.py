@@ -1,0 +1,268 @@
+"""Run a GGUF bundle with llama-cpp-python: chat prompt, cancellable prefill, streamed text deltas.
+
+Board side. The file must have passed ``verify_bundle`` and ``read_gguf_header`` first: llama.cpp's
+own parser is the attack surface, and some malformed vocabularies abort the whole process inside
+llama.cpp (``std::out_of_range`` at tokenization) — which is why the daemon runs this in a worker.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgekit.errors import EdgekitError, RuntimeBackendError
+from edgekit.runtime.chat_template import ChatTemplate
+
+# llama.cpp server defaults for the samplers the OpenAI API does not expose (tools/server/README.md).
+DEFAULT_TOP_K = 40
+DEFAULT_MIN_P = 0.05
+# Prompt tokens decoded per llama_decode call; cancellation is checked between calls, so this bounds
+# how long a cancelled prefill keeps running (256 tokens of a 135M model: ~0.1 s on a Pi 5 class CPU).
+PREFILL_CHUNK = 256
+RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class PromptTooLong(EdgekitError):
+    """The prompt does not leave room for one generated token in the context window."""
+
+    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"the prompt has {prompt_tokens} tokens; this model's context window is {n_ctx} tokens",
+            hint="shorten the messages or start the daemon with a larger --n-ctx (up to the model's training context)",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are picked; temperature 0 is greedy (deterministic)."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of the completion; ``tokens`` counts completion tokens so far."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """End of a generation."""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    decode_seconds: float = 0.0
+
+
+@dataclass
+class StopScanner:
+    """Holds back text that could be the start of a stop string, so a stop string is never streamed."""
+
+    stops: Sequence[str]
+    pending: str = field(default="")
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was hit (everything from it on is dropped)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for stop in self.stops:  # longest suffix of pending that is a proper prefix of a stop string
+            for n in range(min(len(stop) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(stop[:n]):
+                    keep = n
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class GgufModel:
+    """A loaded GGUF bundle: one llama.cpp context (one generation slot)."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_ctx: int,
+        threads: int | None = None,
+        chat_template: str | None = None,
+        max_prompt_chars: int = 1_000_000,
+    ) -> None:
+        import ctypes
+
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self._ctypes = ctypes
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(model_path),
+                n_ctx=n_ctx,
+                n_batch=PREFILL_CHUNK,
+                n_ubatch=PREFILL_CHUNK,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp returns NULL
+            raise RuntimeBackendError(f"{model_path}: llama.cpp could not load the model: {exc}") from exc
+        self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self.n_ctx = self.llm.n_ctx()
+        self.n_ctx_train = self.llm._model.n_ctx_train()
+        self._vocab = self.llm._model.vocab
+        self.add_bos = self.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+        self.bos_text = self._token_text(self.llm.token_bos())
+        self.eos_text = self._token_text(self.llm.token_eos())
+        source = chat_template or self.metadata.get("tokenizer.chat_template")
+        self.template = (
+            ChatTemplate(source, bos_token=self.bos_text, eos_token=self.eos_text, max_chars=max_prompt_chars,
+                         origin=f"chat template of {Path(model_path).name}")
+            if source else None
+        )
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for (may be part of a UTF-8 character); cached, pieces never change."""
+        key = (token, special)
+        cached = self._pieces.get(key)
+        if cached is None:
+            cached = self._pieces[key] = self._token_to_piece(token, special)
+        return cached
+
+    def _token_to_piece(self, token: int, special: bool) -> bytes:
+        ctypes = self._ctypes
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, special)
+            if n >= 0:
+                return buffer.raw[:n]
+            size = -n  # llama.cpp returns minus the size it needs
+
+    def _token_text(self, token: int) -> str:
+        return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """The prompt text for chat ``messages`` (sandboxed template; ChatTemplateError on failure)."""
+        if self.template is None:
+            raise RuntimeBackendError("this model has no chat template; use /v1/completions")
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text are parsed (templates emit them as text)."""
+        data = text.encode("utf-8")
+        add_bos = self.add_bos and not (chat and self.bos_text and text.startswith(self.bos_text))
+        return self.llm.tokenize(data, add_bos=add_bos, special=True)
+
+    def _prefill(self, prompt: list[int], cancelled: Callable[[], bool]) -> int | None:
+        """Decode the prompt, reusing the KV cache of the previous request's common prefix; returns tokens reused.
+
+        None when cancelled part-way. At least one token is always decoded so the logits are fresh.
+        """
+        llm = self.llm
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        keep = 0
+        for a, b in zip(cached, prompt):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(prompt) - 1)
+        if keep and not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0  # this architecture cannot drop a KV suffix: decode from scratch
+        if not keep:
+            llm.reset()
+        llm.n_tokens = keep
+        for start in range(keep, len(prompt), PREFILL_CHUNK):
+            if cancelled():
+                llm.n_tokens = start  # what is in the cache is valid up to here
+                return None
+            llm.eval(prompt[start : start + PREFILL_CHUNK])
+        return keep
+
+    def generate(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Iterator[Delta | Finish]:
+        """Stream ``Delta``s and end with one ``Finish``. ``cancelled`` is polled between tokens."""
+        import time
+
+        if not prompt:
+            raise RuntimeBackendError("empty prompt")
+        if len(prompt) >= self.n_ctx:
+            raise PromptTooLong(len(prompt), self.n_ctx)
+        room = self.n_ctx - len(prompt)  # tokens that still fit; reaching it ends with "length"
+        limit = min(sampling.max_tokens or room, room)
+        cached = self._prefill(prompt, cancelled)
+        if cached is None:
+            yield Finish("cancelled", len(prompt), 0)
+            return
+        llm = self.llm
+        llm.set_seed(RANDOM_SEED if sampling.seed is None else sampling.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds partial UTF-8 sequences
+        scanner = StopScanner(sampling.stop)
+        is_eog = self._llama_cpp.llama_vocab_is_eog
+        produced, reason, stop_string = 0, None, False
+        started = time.perf_counter()
+        tokens = llm.generate(
+            prompt,
+            top_k=DEFAULT_TOP_K,
+            top_p=sampling.top_p,
+            min_p=DEFAULT_MIN_P,
+            temp=sampling.temperature,
+            repeat_penalty=1.0,
+            reset=True,  # generate() finds the prefilled prompt in the cache and samples at once
+        )
+        try:
+            for token in tokens:
+                if is_eog(self._vocab, token):
+                    reason = "stop"
+                    break
+                produced += 1
+                text, hit = scanner.feed(decoder.decode(self.piece(token)))
+                if text:
+                    yield Delta(text, produced)
+                if hit:
+                    reason, stop_string = "stop", True
+                    break
+                if produced >= limit:
+                    reason = "length"
+                    break
+                if cancelled():
+                    reason = "cancelled"
+                    break
+        finally:
+            tokens.close()
+        if not stop_string and reason != "cancelled":
+            tail, hit = scanner.feed(decoder.decode(b"", final=True))  # an incomplete UTF-8 sequence at the end
+            tail += "" if hit else scanner.flush()
+            if tail:
+                yield Delta(tail, produced)
+        yield Finish(reason or "stop", len(prompt), produced, cached, time.perf_counter() - started)
+

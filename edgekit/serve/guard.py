@@ -1,0 +1,136 @@
+"""The daemon's front door, as plain ASGI middleware: Host check, API key, body size, per-request metrics.
+
+Runs before any route reads the body: a 10 MB body with a Content-Length over the cap is refused
+(413) without reading it; a chunked body is counted as it streams in (``read_body``). The Host
+check refuses DNS-rebinding requests to a loopback daemon (Ollama CVE-2024-28224); the key is
+compared in constant time (``hmac.compare_digest``); ``/health`` stays open for probes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from pathlib import Path
+
+from starlette.requests import Request
+
+from edgekit.errors import ConfigError
+from edgekit.serve.errors import ApiError
+from edgekit.serve.settings import ServeSettings
+
+OPEN_PATHS = ("/health",)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# Endpoint label values of the metrics (anything else is "other", so paths cannot blow up label cardinality).
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/models", "/health", "/metrics")
+
+
+def read_api_key(settings: ServeSettings) -> str | None:
+    """The API key from --api-key-file; refuses an empty file and a non-loopback bind without a key."""
+    key = None
+    if settings.api_key_file is not None:
+        path = Path(settings.api_key_file)
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--api-key-file {path}: cannot read: {exc}") from exc
+        if len(key) < 16:
+            raise ConfigError(f"--api-key-file {path}: the key is {len(key)} characters; use at least 16",
+                              hint="e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > key`")
+    if key is None and not settings.loopback:
+        raise ConfigError(
+            f"refusing to listen on {settings.host} without an API key: anyone on the network could use the models",
+            hint="pass --api-key-file FILE (clients send 'Authorization: Bearer KEY'), or bind to 127.0.0.1",
+        )
+    return key
+
+
+def host_name(value: str) -> str:
+    """Host header without the port ('[::1]:8080' -> '::1', 'localhost:8080' -> 'localhost')."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+async def send_error(send, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode("utf-8")
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware: 403 wrong Host (loopback binds), 401 bad key, 413 declared body too large; metrics."""
+
+    def __init__(self, app, *, settings: ServeSettings, api_key: str | None, metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.api_key = api_key.encode("utf-8") if api_key else None
+        self.metrics = metrics
+        self.allowed_hosts = {h.lower() for h in (*LOOPBACK_NAMES, settings.host, *settings.allowed_hosts)}
+
+    def check(self, scope) -> None:
+        headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name.lower(), value)
+        if self.settings.loopback and b"host" in headers:
+            host = host_name(headers[b"host"].decode("latin-1"))
+            if host not in self.allowed_hosts:
+                raise ApiError(403, f"Host {host!r} is not allowed on this loopback daemon (DNS rebinding protection)",
+                               code="host_not_allowed")
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not token:
+                raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+            if not hmac.compare_digest(token.strip(), self.api_key):
+                raise ApiError(401, "incorrect API key", code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise ApiError(400, "Content-Length is not a number", code="invalid_request") from None
+            if declared > self.settings.max_body_bytes:
+                raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {self.settings.max_body_bytes}",
+                               code="request_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_recording(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            try:
+                self.check(scope)
+            except ApiError as error:
+                await send_error(send_recording, error)
+                return
+            await self.app(scope, receive, send_recording)
+        finally:
+            path = scope["path"]
+            endpoint = path if path in ENDPOINTS else "other"
+            if endpoint != "/metrics":
+                model = scope.get("state", {}).get("model", "")
+                self.metrics.requests.labels(model=model, endpoint=endpoint, status=str(status["code"])).inc()
+                self.metrics.latency.labels(model=model, endpoint=endpoint).observe(time.perf_counter() - started)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it grows past ``limit`` (chunked uploads have no length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,222 @@
+"""Request bodies of the OpenAI-compatible API, validated strictly (a wrong type is a 400, never coerced).
+
+Unknown fields are ignored, as OpenAI clients send fields a small server does not know; known
+fields this server cannot honour (n > 1, tools, logprobs, ...) are refused naming the ``param``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekit.serve.errors import ApiError, bad_param
+
+M = TypeVar("M", bound=BaseModel)
+
+SEED_MAX = 0xFFFFFFFE  # llama.cpp seeds are uint32; 0xFFFFFFFF means "random"
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class TextPart(Body):
+    """One part of a multi-part message; only text parts are supported."""
+
+    type: Literal["text"] = Field(description="Content part type.")
+    text: str = Field(description="The text.")
+
+
+class ChatMessage(Body):
+    """One message of a conversation."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Who wrote the message.")
+    content: str | list[TextPart] | None = Field(None, description="Text, or a list of text parts.")
+    name: str | None = Field(None, description="Optional author name.")
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(Body):
+    include_usage: bool = Field(False, description="Send a last chunk with token usage.")
+
+
+class GenerationBody(Body):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1, max_length=256, description="Bundle name.")
+    stream: bool = Field(False, description="Stream server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="Streaming options.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, ge=0, le=1, description="Nucleus sampling mass.")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Sampling seed for reproducible output.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion (not included).")
+    n: int = Field(1, ge=1, description="Number of choices; only 1 is supported.")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Must be 0 (not supported).")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Must be 0 (not supported).")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported (must be empty).")
+    user: str | None = Field(None, description="End-user id (ignored).")
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check_supported(self, max_tokens_cap: int) -> None:
+        if self.n != 1:
+            raise bad_param("n", "only n=1 is supported", "unsupported_value")
+        stops = self.stops()
+        if len(stops) > 4:
+            raise bad_param("stop", "at most 4 stop sequences are allowed")
+        if any(not s for s in stops):
+            raise bad_param("stop", "stop sequences must not be empty")
+        if self.limit is not None and self.limit > max_tokens_cap:
+            raise bad_param(self.limit_param, f"{self.limit_param} is {self.limit}; this server allows at most {max_tokens_cap}")
+        for param in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, param):
+                raise bad_param(param, f"{param} is not supported; send 0 or leave it out", "unsupported_parameter")
+        if self.logit_bias:
+            raise bad_param("logit_bias", "logit_bias is not supported", "unsupported_parameter")
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def limit_param(self) -> str:
+        return "max_tokens"
+
+    def sampling(self) -> dict[str, Any]:
+        return {"max_tokens": self.limit, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "stop": self.stops()}
+
+
+class ChatBody(GenerationBody):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    logprobs: bool | None = Field(None, description="Not supported.")
+    top_logprobs: int | None = Field(None, description="Not supported.")
+    tools: list[Any] | None = Field(None, description="Not supported.")
+    tool_choice: Any = Field(None, description="Not supported.")
+    functions: list[Any] | None = Field(None, description="Not supported.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def limit_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def check_supported(self, max_tokens_cap: int) -> None:
+        super().check_supported(max_tokens_cap)
+        if self.logprobs or self.top_logprobs:
+            raise bad_param("logprobs", "logprobs are not supported", "unsupported_parameter")
+        for param in ("tools", "functions"):
+            if getattr(self, param):
+                raise bad_param(param, f"{param} (function calling) is not supported", "unsupported_parameter")
+        if self.tool_choice not in (None, "none"):
+            raise bad_param("tool_choice", "tool_choice is not supported", "unsupported_parameter")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise bad_param("response_format", "only response_format {'type': 'text'} is supported", "unsupported_parameter")
+
+    def chars(self) -> int:
+        return sum(len(m.text) for m in self.messages)
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})} for m in self.messages]
+
+
+class CompletionBody(GenerationBody):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one string).")
+    max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI's default: 16).")
+    echo: bool = Field(False, description="Not supported.")
+    suffix: str | None = Field(None, description="Not supported.")
+    best_of: int | None = Field(None, ge=1, description="Only 1.")
+    logprobs: int | None = Field(None, description="Not supported.")
+
+    def check_supported(self, max_tokens_cap: int) -> None:
+        super().check_supported(max_tokens_cap)
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise bad_param("prompt", "send one prompt (a string, or a list of exactly one string)", "unsupported_value")
+        for param in ("echo", "suffix", "logprobs"):
+            if getattr(self, param):
+                raise bad_param(param, f"{param} is not supported", "unsupported_parameter")
+        if self.best_of not in (None, 1):
+            raise bad_param("best_of", "only best_of=1 is supported", "unsupported_value")
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class InputsBody(Body):
+    """Texts for an encoder model."""
+
+    model: str = Field(min_length=1, max_length=256, description="Bundle name.")
+    input: str | list[str] = Field(description="A text or a list of texts ('' is allowed; [] is not).")
+    user: str | None = Field(None, description="End-user id (ignored).")
+
+    def texts(self, max_inputs: int) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not texts:
+            raise bad_param("input", "input must be a string or a non-empty list of strings")
+        if len(texts) > max_inputs:
+            raise bad_param("input", f"{len(texts)} inputs in one request; at most {max_inputs} are allowed")
+        return texts
+
+
+class EmbeddingsBody(InputsBody):
+    """POST /v1/embeddings."""
+
+    encoding_format: Literal["float", "base64"] = Field("float", description="Numbers, or base64 of float32 little-endian.")
+    dimensions: int | None = Field(None, ge=1, description="Must equal the model's width if given.")
+
+
+class ClassifyBody(InputsBody):
+    """POST /v1/classify."""
+
+    top_k: int | None = Field(None, ge=1, description="Labels to return per text (default: all), highest score first.")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _param(loc: tuple) -> str | None:
+    """OpenAI-style param path from a pydantic error location, without pydantic's union/type tags."""
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(item, str) and item.isidentifier() and item.islower() and item not in _TYPE_TAGS:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or None
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Validate a JSON request body; every problem is a 400 naming the offending ``param``."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # In a union the deepest error is the informative one (content[0].type, not "should be a string").
+        first = max(errors, key=lambda e: len(e["loc"])) if errors[0]["type"] != "json_invalid" else errors[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {first['msg']}", code="invalid_json") from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise ApiError(400, "the request body must be a JSON object", code="invalid_request") from None
+        param = _param(first["loc"])
+        if first["type"] == "missing":
+            raise ApiError(400, f"{param} is required", param=param, code="missing_parameter") from None
+        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param, code="invalid_value") from None

@@ -1,0 +1,93 @@
+"""Every setting of the daemon, declared once: environment (``EDGEKIT_*``), CLI flags and defaults come from here.
+
+``edgekit serve`` builds its flags from ``ServeSettings.model_fields`` (as llama-cpp-python's server
+does with its pydantic settings), so a new setting is one field below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from edgekit.paths import kit_paths
+
+
+class ServeSettings(BaseSettings):
+    """Settings of `edgekit serve` (env prefix EDGEKIT_, e.g. EDGEKIT_PORT=9000)."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEKIT_", extra="forbid", frozen=True)
+
+    models: Path = Field(
+        default_factory=lambda: kit_paths().bundles,
+        description="Directory of bundles to serve (where `edgekit export` writes by default).",
+    )
+    host: str = Field("127.0.0.1", description="Address to bind. Anything but loopback requires --api-key-file.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: pick a free one).")
+    api_key_file: Path | None = Field(
+        None, description="File holding the API key clients send as 'Authorization: Bearer KEY'; /health stays open."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Extra Host header names accepted on a loopback bind (localhost, 127.0.0.1 and ::1 always are); "
+        "guards against DNS rebinding.",
+    )
+    device: str | None = Field(
+        None, description="Device profile id (devices/*.yaml) whose usable RAM is the memory budget; default: this host."
+    )
+    memory_budget_mb: int | None = Field(
+        None, ge=16, description="Memory for loaded models in MiB; overrides --device and the host's available RAM."
+    )
+    preload: list[str] = Field(
+        default_factory=list, description="Models to load at start (by bundle name); others load on first request."
+    )
+    idle_unload_s: float = Field(900.0, ge=0, description="Unload a model after this many idle seconds (0: never).")
+    slots: int = Field(1, ge=1, le=16, description="Requests one model runs at once (each generation slot has its own KV cache).")
+    queue_size: int = Field(16, ge=0, le=4096, description="Requests that may wait per model; beyond it: 503 + Retry-After.")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request still running after this long is cancelled (504).")
+    load_timeout_s: float = Field(120.0, gt=0, description="Give up on a model that takes longer than this to load.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413 before they are read."
+    )
+    max_input_chars: int = Field(
+        100_000, ge=1, description="Most characters of text one request may carry, checked before tokenizing (400)."
+    )
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_embedding_inputs: int = Field(2048, ge=1, description="Most texts in one embeddings/classify request (OpenAI's limit).")
+    n_ctx: int = Field(
+        4096, ge=64, description="Context window allocated per generation slot (capped at the model's training context)."
+    )
+    batch_max: int = Field(32, ge=1, le=1024, description="Largest micro-batch of embeddings/classify texts run together.")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a micro-batch waits for more requests once the model is free."
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads per model worker (default: all cores).")
+    restart_max: int = Field(
+        5, ge=0, description="Worker crashes tolerated per model within --restart-window-s before it is marked failed."
+    )
+    restart_window_s: float = Field(300.0, gt=0, description="Window over which worker crashes are counted.")
+    grace_s: float = Field(10.0, ge=0, description="On SIGTERM: how long in-flight requests may finish before they are cancelled.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError("use one of debug, info, warning, error, critical")
+        return value.lower()
+
+    @property
+    def loopback(self) -> bool:
+        """Whether ``host`` only accepts connections from this machine."""
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost may resolve anywhere

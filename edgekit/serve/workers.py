@@ -1,0 +1,214 @@
+"""The daemon's side of a model worker: start the subprocess, route its frames to requests, notice its death."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import BundleError, RuntimeBackendError
+from edgekit.serve.errors import ApiError
+from edgekit.serve.protocol import ProtocolError, encode_frame, read_frame
+
+log = logging.getLogger("edgekit.serve")
+
+Frame = tuple[dict[str, Any], bytes]
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "an unknown status"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class WorkerCrashed(ApiError):
+    """The worker died while this request was in flight."""
+
+    def __init__(self, model: str, returncode: int | None) -> None:
+        super().__init__(
+            502,
+            f"the worker running model {model!r} stopped with {describe_exit(returncode)} during this request; "
+            "the daemon restarts it and keeps serving",
+            code="worker_crashed",
+        )
+        self.returncode = returncode
+
+
+class RequestStream:
+    """Frames of one request as the worker sends them; ``close()`` cancels it if unfinished."""
+
+    def __init__(self, worker: WorkerProcess, rid: str) -> None:
+        self.worker = worker
+        self.id = rid
+        self.queue: asyncio.Queue[Frame] = asyncio.Queue()
+        self.finished = False
+
+    async def next(self) -> Frame:
+        header, payload = await self.queue.get()
+        kind = header["type"]
+        if kind == "crash":
+            self.finished = True
+            raise WorkerCrashed(self.worker.name, header.get("returncode"))
+        if kind == "error":
+            self.finished = True
+            raise ApiError(header["status"], header["message"], param=header.get("param"), code=header.get("code"))
+        if kind in ("done", "result"):
+            self.finished = True
+        return header, payload
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.worker.send({"type": "cancel", "id": self.id})
+
+    def close(self) -> None:
+        self.cancel()
+        self.finished = True
+        self.worker.pending.pop(self.id, None)
+
+
+class WorkerProcess:
+    """One model in its own process; ``on_exit`` is called when it dies without being asked to."""
+
+    def __init__(self, name: str, bundle_dir: Path, config: dict[str, Any], on_exit: Callable[[WorkerProcess], None]) -> None:
+        self.name = name
+        self.bundle_dir = Path(bundle_dir)
+        self.config = config
+        self.on_exit = on_exit
+        self.pending: dict[str, RequestStream] = {}
+        self.facts: dict[str, Any] = {}
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self.alive = False
+        self.stopping = False
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self, timeout: float) -> dict[str, Any]:
+        """Spawn, wait for ``ready``; a load failure raises BundleError / RuntimeBackendError with the worker's reason."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        command = [sys.executable, "-m", "edgekit.serve.worker", "serve", "--fd", str(child.fileno()),
+                   "--bundle", str(self.bundle_dir), "--config", json.dumps(self.config)]
+        try:
+            self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        finally:
+            child.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=parent, limit=1 << 20)
+        try:
+            frame = await asyncio.wait_for(read_frame(reader), timeout)
+        except TimeoutError:
+            await self.kill()
+            raise RuntimeBackendError(f"model {self.name!r} did not load within {timeout:.0f} s",
+                                      hint="raise --load-timeout-s or check the machine's load") from None
+        except ProtocolError as exc:
+            await self.kill()
+            raise RuntimeBackendError(f"model {self.name!r}: worker protocol error: {exc}") from exc
+        if frame is None:
+            code = await self._reap(5.0)
+            raise RuntimeBackendError(f"the worker for model {self.name!r} stopped with {describe_exit(code)} while loading")
+        header, _ = frame
+        if header["type"] == "load_error":
+            await self._reap(5.0)
+            error = BundleError if header.get("bundle") else RuntimeBackendError
+            raise error(header["message"])
+        self.facts = header
+        self.alive = True
+        self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"worker-{self.name}")
+        return header
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (frame := await read_frame(reader)) is not None:
+                header, payload = frame
+                stream = self.pending.get(header.get("id"))
+                if stream is not None:
+                    stream.queue.put_nowait((header, payload))
+                elif header["type"] == "bye":
+                    break
+        except (ProtocolError, ConnectionError) as exc:
+            log.error("model %s: worker protocol error: %s", self.name, exc)
+        finally:
+            self.alive = False
+            code = await self._reap(2.0 if self.stopping else 10.0)
+            for stream in list(self.pending.values()):
+                stream.queue.put_nowait(({"type": "crash", "returncode": code}, b""))
+            if not self.stopping:
+                log.error("model %s: worker (pid %s) stopped with %s", self.name, self.pid, describe_exit(code))
+                self.on_exit(self)
+
+    async def _reap(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            self.returncode = await asyncio.to_thread(self.proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.returncode = await asyncio.to_thread(self.proc.wait)
+        if self._writer is not None:
+            self._writer.close()
+        return self.returncode
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self.alive and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(encode_frame(header, payload))
+
+    async def submit(self, header: dict[str, Any], payload: bytes = b"") -> RequestStream:
+        """Send a request; its frames arrive on the returned stream."""
+        if not self.alive:
+            raise WorkerCrashed(self.name, self.returncode)
+        stream = RequestStream(self, uuid.uuid4().hex)
+        self.pending[stream.id] = stream
+        self.send({**header, "id": stream.id}, payload)
+        await self._writer.drain()
+        return stream
+
+    async def stop(self, grace: float) -> None:
+        """Ask the worker to finish what it runs and exit; kill it after ``grace`` seconds."""
+        self.stopping = True
+        if self.alive:
+            self.send({"type": "shutdown"})
+        if self._reader_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader_task), grace)
+            except TimeoutError:
+                await self.kill()
+        elif self.proc is not None and self.proc.poll() is None:
+            await self.kill()
+
+    async def kill(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        await self._reap(5.0)
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    def rss(self) -> int:
+        if not self.alive or self.proc is None:
+            return 0
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).memory_info().rss
+        except psutil.Error:
+            return 0
