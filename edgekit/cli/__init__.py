@@ -45,6 +45,7 @@ def main() -> None:
     import click
 
     from edgekit.cli import export  # noqa: F401  (registers its commands)
+    from edgekit.cli import serve  # noqa: F401  (registers `serve` and `service`)
 
     try:
         app(standalone_mode=False)
