@@ -167,6 +167,19 @@ class GgufModel:
     def _token_text(self, token: int) -> str:
         return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
 
+    def check_template(self) -> None:
+        """Render a probe conversation once at load: a template that breaks the sandbox unconditionally is refused."""
+        from edgekit.errors import BundleError
+        from edgekit.runtime.chat_template import ChatTemplateError
+
+        if self.template is None:
+            return
+        try:
+            self.template.render([{"role": "system", "content": "probe"}, {"role": "user", "content": "probe"}])
+        except ChatTemplateError as exc:
+            if not exc.client_error:  # the sandbox stopped it: the bundle is hostile or broken, not the probe
+                raise BundleError(str(exc), hint=exc.hint) from exc
+
     def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The prompt text for chat ``messages`` (sandboxed template; ChatTemplateError on failure)."""
         if self.template is None:

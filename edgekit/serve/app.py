@@ -71,6 +71,7 @@ class Generation:
         prompt, completion = done.get("prompt_tokens", 0), done.get("completion_tokens", 0)
         self.usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         metrics = self.manager.metrics
+        metrics.generations.labels(model=self.entry.name, finish_reason=self.finish_reason).inc()
         metrics.tokens_generated.labels(model=self.entry.name).inc(completion)
         metrics.prompt_tokens.labels(model=self.entry.name).inc(prompt)
         if done.get("decode_seconds") and completion > 1:
@@ -86,7 +87,9 @@ class Generation:
                 try:
                     async with asyncio.timeout(CANCEL_WAIT_S):
                         while not self.stream.finished:
-                            await self.stream.next()
+                            header, _ = await self.stream.next()
+                            if header["type"] == "done":
+                                self.record(header)
                 except (TimeoutError, ApiError):
                     pass
         finally:

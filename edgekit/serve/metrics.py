@@ -25,6 +25,8 @@ class ServeMetrics:
                                  ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens_generated = Counter("edgekit_tokens_generated", "Completion tokens generated.", ["model"], registry=r)
         self.prompt_tokens = Counter("edgekit_prompt_tokens", "Prompt (input) tokens processed.", ["model"], registry=r)
+        self.generations = Counter("edgekit_generations", "Finished generations by finish reason (stop, length, cancelled).",
+                                   ["model", "finish_reason"], registry=r)
         self.decode_rate = Gauge("edgekit_decode_tokens_per_second", "Decode speed of the last finished generation.",
                                  ["model"], registry=r)
         self.loaded_models = Gauge("edgekit_models_loaded", "Models loaded in a worker now.", registry=r)

@@ -47,6 +47,7 @@ class GenerationRunner:
                       max_prompt_chars=config["max_prompt_chars"])
             for _ in range(config.get("slots", 1))
         ]
+        self.models[0].check_template()
         self.facts = {"n_ctx": self.models[0].n_ctx, "chat": self.models[0].template is not None}
 
     @property

@@ -1,0 +1,372 @@
+"""Daemon parts that need no model: settings and CLI flags, request validation, the guard, batching, unit file.
+
+The app here serves an empty models directory, so every test runs in milliseconds; the cases that
+need a loaded model are in test_serve_api.py (in-process) and test_daemon.py (real subprocess).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from edgekit.errors import ConfigError
+from edgekit.runtime.llm import StopScanner
+from edgekit.serve.app import create_app
+from edgekit.serve.batching import MicroBatcher
+from edgekit.serve.errors import ApiError
+from edgekit.serve.guard import host_name
+from edgekit.serve.schemas import ChatBody, CompletionBody, EmbeddingsBody, parse_body
+from edgekit.serve.settings import ServeSettings
+
+BASE = "http://127.0.0.1:8080"
+KEY = "k3y-for-tests-0123456789abcdef"
+
+
+@pytest.fixture
+def empty_models(tmp_path: Path) -> Path:
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def client(empty_models: Path):
+    with TestClient(create_app(ServeSettings(models=empty_models)), base_url=BASE) as test_client:
+        yield test_client
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+# ---- settings and the CLI derived from them ------------------------------------------------
+
+
+def test_every_setting_is_described_and_has_a_cli_flag():
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+    from edgekit.cli import serve as serve_cli  # noqa: F401  (registers the commands)
+
+    help_text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "300"}).output
+    for name, field in ServeSettings.model_fields.items():
+        assert field.description, name
+        assert f"--{name.replace('_', '-')}" in help_text, name
+        assert f"EDGEKIT_{name.upper()}" in help_text, name
+
+
+def test_flags_override_environment_which_overrides_defaults(monkeypatch, tmp_path):
+    from edgekit.cli.serve import settings_from_flags
+
+    monkeypatch.setenv("EDGEKIT_PORT", "9001")
+    monkeypatch.setenv("EDGEKIT_SLOTS", "2")
+    settings = settings_from_flags({"port": 9002, "models": tmp_path, "preload": ["a", "b"], "slots": None})
+    assert (settings.port, settings.slots, settings.preload, settings.host) == (9002, 2, ["a", "b"], "127.0.0.1")
+    with pytest.raises(ConfigError, match="--port"):
+        settings_from_flags({"port": 70000})
+
+
+def test_refuses_non_loopback_bind_without_key(tmp_path):
+    """RELIABILITY 9: `serve --host 0.0.0.0` without a key exits 2 and says why; with a key the app builds."""
+    done = subprocess.run([sys.executable, "-m", "edgekit", "serve", "--host", "0.0.0.0", "--models", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without an API key" in done.stderr
+    for host in ("192.168.1.10", "::", "my-board.local"):
+        with pytest.raises(ConfigError, match="without an API key"):
+            create_app(ServeSettings(models=tmp_path, host=host))
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    assert create_app(ServeSettings(models=tmp_path, host="0.0.0.0", api_key_file=key_file)) is not None
+    key_file.write_text("short")
+    with pytest.raises(ConfigError, match="at least 16"):
+        create_app(ServeSettings(models=tmp_path, api_key_file=key_file))
+
+
+# ---- the guard: Host, API key, body size ---------------------------------------------------
+
+
+@pytest.mark.parametrize("value, name", [("localhost:8080", "localhost"), ("[::1]:8080", "::1"), ("127.0.0.1", "127.0.0.1"),
+                                         ("Evil.Example:80", "evil.example"), ("::1", "::1")])
+def test_host_name(value, name):
+    assert host_name(value) == name
+
+
+def test_host_header_checked_on_loopback(client):
+    """RELIABILITY 8: a DNS-rebinding Host gets 403; loopback names pass."""
+    for host in ("evil.example", "evil.example:8080", "127.0.0.1.nip.io"):
+        response = client.get("/v1/models", headers={"host": host})
+        assert response.status_code == 403
+        assert error_of(response)["code"] == "host_not_allowed"
+    for host in ("localhost:8080", "127.0.0.1:8080", "[::1]:8080"):
+        assert client.get("/v1/models", headers={"host": host}).status_code == 200
+
+
+def test_api_key_required_and_compared_in_constant_time(empty_models, tmp_path, monkeypatch):
+    """RELIABILITY 7: no key / wrong key -> 401 OpenAI error; /health stays open; hmac.compare_digest decides."""
+    import edgekit.serve.guard as guard
+
+    compared = []
+    real = guard.hmac.compare_digest
+    monkeypatch.setattr(guard.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    with TestClient(create_app(ServeSettings(models=empty_models, api_key_file=key_file)), base_url=BASE) as c:
+        missing = c.get("/v1/models")
+        assert missing.status_code == 401 and error_of(missing)["code"] == "invalid_api_key"
+        wrong = c.get("/v1/models", headers={"authorization": "Bearer " + KEY[:-1] + "X"})
+        assert wrong.status_code == 401 and error_of(wrong)["message"] == "incorrect API key"
+        assert c.get("/v1/models", headers={"authorization": "Basic " + KEY}).status_code == 401
+        assert c.post("/v1/chat/completions", json={"model": "m"}).status_code == 401
+        assert c.get("/health").status_code in (200, 503)
+        assert c.get("/v1/models", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+    assert compared == [(KEY[:-1].encode() + b"X", KEY.encode()), (KEY.encode(), KEY.encode())]
+
+
+def test_body_cap_413_before_reading(client):
+    """RELIABILITY 13: a 10 MB body is refused by its Content-Length; a chunked one as soon as it passes the cap."""
+    big = b'{"model": "x", "input": "' + b"a" * (10 * 1024 * 1024) + b'"}'
+    response = client.post("/v1/embeddings", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+    sent = []
+
+    def chunks():
+        for _ in range(10):
+            sent.append(1)
+            yield b"a" * (1024 * 1024)
+
+    response = client.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "exceeds the limit of 4194304 bytes" in error_of(response)["message"]
+
+
+# ---- request validation: 400 naming the param, never 500 -----------------------------------
+
+MALFORMED = [b"{:", b"[]", b"5", b"null", b'"text"', b"", b"\xff\xfe{}", b'{"model": "m", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
+             b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', b"[" * 100000]
+
+
+@pytest.mark.parametrize("raw", MALFORMED, ids=range(len(MALFORMED)))
+def test_malformed_json_is_400(client, raw):
+    """RELIABILITY 10: broken JSON, non-objects, invalid UTF-8, lone surrogates, deep nesting."""
+    response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error" and error["code"] in ("invalid_json", "invalid_request")
+
+
+BAD_MESSAGES = [
+    ({"model": "m", "messages": None}, "messages"),
+    ({"model": "m", "messages": "hello"}, "messages"),
+    ({"model": "m", "messages": [123]}, "messages[0]"),
+    ({"model": "m", "messages": [{}]}, "messages[0].role"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_MESSAGES, ids=range(len(BAD_MESSAGES)))
+def test_bad_messages_name_the_param(client, body, param):
+    """RELIABILITY 10: messages null / string / [123] / [{}] ... -> 400 with the param."""
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert error_of(response)["param"] == param
+
+
+OUT_OF_RANGE = [
+    ("temperature", 1e6), ("temperature", -0.1), ("temperature", "hot"), ("top_p", -1), ("top_p", 1.5),
+    ("max_tokens", 0), ("max_tokens", 5000), ("max_tokens", 1.5), ("max_completion_tokens", 100000), ("n", 2),
+    ("seed", -1), ("seed", "abc"), ("seed", 1.5), ("seed", 2**40), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]),
+    ("stream", "yes"), ("logprobs", True), ("tools", [{"type": "function"}]), ("presence_penalty", 1.0),
+    ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}),
+]
+
+
+@pytest.mark.parametrize("param, value", OUT_OF_RANGE, ids=[f"{p}={v!r}"[:40] for p, v in OUT_OF_RANGE])
+def test_out_of_range_parameters_name_the_param(client, param, value):
+    """RELIABILITY 11: temperature 1e6, top_p -1, max_tokens 0 or above the cap, n > 1, bad seeds, unsupported knobs."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], param: value}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert error_of(response)["param"] == param
+
+
+def test_completion_and_embedding_validation(client):
+    cases = [
+        ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"model": "m", "prompt": "a", "echo": True}, "echo"),
+        ("/v1/completions", {"model": "m", "prompt": 5}, "prompt"),
+        ("/v1/embeddings", {"model": "m", "input": []}, "input"),
+        ("/v1/embeddings", {"model": "m", "input": [[1, 2, 3]]}, "input[0]"),
+        ("/v1/embeddings", {"model": "m", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ("/v1/classify", {"model": "m", "input": "x", "top_k": 0}, "top_k"),
+        ("/v1/embeddings", {"model": "m", "input": ["x"] * 2049}, "input"),
+    ]
+    for path, body, param in cases:
+        response = client.post(path, json=body)
+        assert response.status_code == 400, (path, body, response.text)
+        assert error_of(response)["param"] == param, (path, body)
+
+
+def test_character_cap_before_tokenizing(empty_models):
+    """RELIABILITY 14: 5,000,000 characters are refused by the character cap (the body cap is raised to let them in)."""
+    settings = ServeSettings(models=empty_models, max_body_bytes=16 * 1024 * 1024)
+    text = "x" * 5_000_000
+    with TestClient(create_app(settings), base_url=BASE) as c:
+        for path, body, param in [
+            ("/v1/embeddings", {"model": "m", "input": text}, "input"),
+            ("/v1/classify", {"model": "m", "input": [text[:2_500_000], text[:2_500_000]]}, "input"),
+            ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": text}]}, "messages"),
+            ("/v1/completions", {"model": "m", "prompt": text}, "prompt"),
+        ]:
+            response = c.post(path, json=body)
+            assert response.status_code == 400
+            error = error_of(response)
+            assert (error["param"], error["code"]) == (param, "input_too_long")
+            assert "5000000 characters" in error["message"]
+
+
+def test_unknown_model_404_and_unknown_route(client):
+    """RELIABILITY 16."""
+    response = client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 404
+    assert error_of(response) == {"message": "the model 'gpt-4' does not exist", "type": "invalid_request_error",
+                                  "param": "model", "code": "model_not_found"}
+    assert client.post("/v1/embeddings", json={"model": "nope", "input": "x"}).status_code == 404
+    assert client.get("/v1/models/nope").status_code == 404
+    assert error_of(client.get("/v2/whatever"))["code"] == "not_found"
+    assert client.get("/v1/chat/completions").status_code == 405
+
+
+def test_parse_body_prefers_the_deepest_union_error():
+    with pytest.raises(ApiError) as info:
+        parse_body(EmbeddingsBody, b'{"model": "m", "input": ["ok", 7]}')
+    assert info.value.param == "input[1]"
+    body = parse_body(ChatBody, json.dumps({"model": "m", "max_completion_tokens": 7, "max_tokens": 3, "stop": "##",
+                                            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                     {"type": "text", "text": "b"}]}]}).encode())
+    assert body.limit == 7 and body.stops() == ["##"] and body.template_messages() == [{"role": "user", "content": "ab"}]
+    assert parse_body(CompletionBody, b'{"model": "m", "prompt": ["p"]}').sampling()["max_tokens"] == 16
+
+
+# ---- generation helpers ------------------------------------------------------------------------
+
+
+def test_stop_scanner_never_streams_part_of_a_stop_string():
+    scanner = StopScanner(["</s>", "##"])
+    emitted = []
+    for piece in ["Hello", " <", "/", "x", "> wo", "rld #", "#", " tail"]:
+        text, hit = scanner.feed(piece)
+        emitted.append(text)
+        if hit:
+            break
+    assert emitted == ["Hello", " ", "", "</x", "> wo", "rld ", ""]
+    assert "".join(emitted) == "Hello </x> world "
+    assert StopScanner([]).feed("abc") == ("abc", False)
+    tail = StopScanner(["STOP"])
+    assert tail.feed("ST") == ("", False) and tail.flush() == "ST"
+
+
+def test_micro_batcher_merges_concurrent_requests_and_bounds_its_queue():
+    calls: list[list[str]] = []
+
+    async def run(texts):
+        calls.append(list(texts))
+        await asyncio.sleep(0.05)
+        return [t.upper() for t in texts]
+
+    async def main():
+        batcher = MicroBatcher(run, max_batch=3, max_wait=0.01, max_queue=3)
+        first = asyncio.create_task(batcher.submit(["a"]))
+        await asyncio.sleep(0.02)  # first batch ["a"] is running; the next ones queue up
+        rest = [asyncio.create_task(batcher.submit(t)) for t in (["b", "c"], ["d"], ["e"])]
+        await asyncio.sleep(0)
+        with pytest.raises(ApiError) as full:
+            await batcher.submit(["f"])
+        results = [await first] + [await r for r in rest]
+        await batcher.close()
+        return results, full.value
+
+    results, full = asyncio.run(main())
+    assert results == [["A"], ["B", "C"], ["D"], ["E"]]
+    assert calls == [["a"], ["b", "c", "d"], ["e"]]  # "e" would make 4 > max_batch 3
+    assert (full.status, full.code, full.headers["Retry-After"]) == (503, "queue_full", "1")
+
+
+# ---- memory budget and the systemd unit ---------------------------------------------------------
+
+
+def smollm_manifest():
+    """SmolLM2-135M Q4_1 as the fixture bundle describes it (facts from the upstream GGUF header)."""
+    from datetime import datetime, timezone
+
+    from edgekit.schema.manifest import FileEntry, GgufFacts, Manifest, RuntimeConfig
+
+    facts = GgufFacts(architecture="llama", context_length=8192, n_layer=30, n_head=9, n_head_kv=3, n_embd=576,
+                      n_vocab=49152, quant_type="Q4_1", bits_per_weight=5.85)
+    return Manifest(name="smollm", recipe_name="smollm", recipe_sha256="0" * 64, source_id="store", task="text-generation",
+                    format="gguf", quantization="Q4_1", parameters=134_515_008,
+                    files=[FileEntry(path="model.gguf", bytes=98_362_432, sha256="1" * 64)],
+                    runtime=RuntimeConfig(max_length=8192, context_length=8192), gguf=facts, passed=True,
+                    created=datetime(2025, 1, 1, tzinfo=timezone.utc))
+
+
+def test_kv_cache_and_footprint_of_smollm_manifest():
+    from edgekit.schema.manifest import GgufFacts
+    from edgekit.serve.budget import MIB, footprint_bytes, kv_cache_bytes
+
+    manifest = smollm_manifest()
+    assert isinstance(manifest.gguf, GgufFacts)
+    # 2 (K,V) * 4096 ctx * 30 layers * 3 kv heads * 64 head dim * 2 bytes (f16)
+    assert kv_cache_bytes(manifest, 4096) == 2 * 4096 * 30 * 3 * 64 * 2 == 94_371_840
+    settings = ServeSettings(n_ctx=4096, slots=2)
+    expected = 40 * MIB + 98_362_432 + 2 * (94_371_840 + 256 * (49152 + 16 * 576) * 4)
+    assert footprint_bytes(manifest, settings) == expected
+    assert footprint_bytes(manifest, ServeSettings(n_ctx=100_000)) == footprint_bytes(manifest, ServeSettings(n_ctx=8192))
+
+
+def test_service_unit_is_hardened_and_sized(tmp_path):
+    from edgekit.cli.serve import settings_from_flags
+    from edgekit.serve.systemd import render_unit
+
+    settings = settings_from_flags({"models": tmp_path, "preload": ["smollm"], "threads": 2})
+    unit = render_unit(settings, "/opt/edgekit/bin/edgekit", 300 * 1024 * 1024, "test")
+    lines = set(unit.splitlines())
+    for line in ("DynamicUser=yes", "ProtectSystem=strict", "Restart=on-failure", "MemoryMax=460M", "NoNewPrivileges=yes",
+                 "KillMode=mixed", "IPAddressDeny=any", "ProtectHome=yes", "CapabilityBoundingSet="):
+        assert line in lines, line
+    exec_line = next(line for line in lines if line.startswith("ExecStart="))
+    assert exec_line == (f"ExecStart=/opt/edgekit/bin/edgekit serve --models {tmp_path} --host 127.0.0.1 --port 8080 "
+                         "--memory-budget-mb 300 --grace-s 10 --preload smollm --threads 2")
+    repo_unit = (Path(__file__).resolve().parent.parent / "scripts" / "edgekit.service").read_text()
+    assert "DynamicUser=yes" in repo_unit and "ProtectSystem=strict" in repo_unit and "MemoryMax=" in repo_unit
+
+
+def test_service_unit_command_sizes_memory_from_bundles(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekit.cli import app
+    from edgekit.cli import serve as serve_cli  # noqa: F401
+
+    bundle = tmp_path / "bundles" / "smollm"
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text(smollm_manifest().model_dump_json())
+    result = CliRunner().invoke(app, ["service", "unit", "--models", str(tmp_path / "bundles"), "--n-ctx", "2048", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    # 40 MiB + 98,362,432 B weights + KV 47,185,920 B (2048 ctx) + compute 59,768,832 B = 247,260,224 B -> 236 MiB
+    assert data["budget_bytes"] == 247_260_224
+    assert "MemoryMax=396M" in data["unit"]
+    empty = CliRunner().invoke(app, ["service", "unit", "--models", str(tmp_path / "none")])
+    assert empty.exit_code != 0
