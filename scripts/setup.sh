@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "edgekit setup: installing edgekit[$EXTRAS] (first run builds llama-cpp-python: several minutes)" >&2
   # torch==2.13.0 is pinned in pyproject: pip takes the CPU build from local disk, never a CUDA download.
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]"
+    -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]" 2> >(grep -v "^WARNING: Location" >&2)
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -35,9 +35,13 @@ def emit_json(data: Any) -> None:
 
 @contextmanager
 def status(message: str):
-    """A spinner on stderr for work that takes more than a moment; yields a callback to update it."""
-    with err.status(message) as spinner:
-        yield lambda text: spinner.update(f"{message}: {text}")
+    """A live line on stderr (spinner, current step, elapsed time); yields a callback that names the step."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False) as bar:
+        task = bar.add_task(message)
+        yield lambda text: bar.update(task, description=f"{message}: {text}")
+        bar.update(task, description=f"{message}: done")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,7 +99,10 @@ def quiet_backend_logs() -> Iterator[None]:
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch.onnx tracer and deprecation warnings say nothing the user can act on.
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

