@@ -1,10 +1,12 @@
 """Pydantic schemas of edgekit's files. Import nothing heavy here: the board and CI read these."""
 
+from edgekit.schema.device import Device, load_device
 from edgekit.schema.loading import load_yaml_model
 from edgekit.schema.manifest import FileEntry, GateResult, Manifest, RuntimeConfig
 from edgekit.schema.recipe import GgufTarget, OnnxTarget, Recipe, load_recipe
 
 __all__ = [
+    "Device",
     "FileEntry",
     "GateResult",
     "GgufTarget",
@@ -12,6 +14,7 @@ __all__ = [
     "OnnxTarget",
     "Recipe",
     "RuntimeConfig",
+    "load_device",
     "load_recipe",
     "load_yaml_model",
 ]
@@ -22,4 +25,5 @@ def generated_schemas() -> dict[str, dict]:
     return {
         "recipes/recipe.schema.json": Recipe.model_json_schema(),
         "recipes/manifest.schema.json": Manifest.model_json_schema(),
+        "devices/device.schema.json": Device.model_json_schema(),
     }

@@ -1,0 +1,193 @@
+"""`fit(subject, device, settings) -> FitReport`: will this bundle (or recipe target) run on this board?
+
+Pure: reads only metadata (a manifest, or a recipe's architecture facts), never a model file, so it
+runs on any CI runner. The verdict is pass / warn (inside the headroom margin) / fail, with every
+number it rests on and the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgekit.fit import memory, speed
+from edgekit.fit.facts import ModelFacts, bits_per_weight, from_manifest
+from edgekit.schema.device import Device
+from edgekit.schema.manifest import Manifest
+
+Verdict = Literal["pass", "warn", "fail"]
+_ORDER = {"pass": 0, "warn": 1, "fail": 2}
+
+
+class FitSettings(BaseModel):
+    """How the model will be run and what counts as fitting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_ctx: int | None = Field(None, ge=1, description="Context tokens per sequence (GGUF); default: the model's training context, at most 4096.")
+    parallel: int = Field(1, ge=1, le=256, description="Sequences served at once (GGUF slots) or batch size (ONNX).")
+    n_ubatch: int = Field(256, ge=1, description="Prompt tokens per compute step (edgekit.runtime.llm.PREFILL_CHUNK).")
+    flash_attn: bool = Field(False, description="llama.cpp flash attention (off in llama-cpp-python and edgekit serve).")
+    kv_type: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="KV cache element type.")
+    threads: int | None = Field(None, ge=1, description="Inference threads; default: the device's cores.")
+    daemon: bool = Field(True, description="Count edgekit serve's web stack in the runtime baseline.")
+    headroom: float = Field(0.15, ge=0, lt=1, description="Warn when the model needs more than (1 - headroom) of usable RAM.")
+    min_tok_s: float | None = Field(None, gt=0, description="Fail when predicted decode tokens/s is below this.")
+    max_latency_ms: float | None = Field(None, gt=0, description="Encoders: fail when predicted batch-1 latency exceeds this.")
+    speed_margin: float = Field(0.25, ge=0, lt=1, description="Warn when a speed is within this share of its limit (prediction error).")
+    encoder_seq_len: int = Field(32, ge=1, description="Tokens of the input encoder latency is predicted for.")
+
+
+class Check(BaseModel):
+    """One gate of the verdict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["ram", "speed", "latency", "context", "size-facts"]
+    verdict: Verdict
+    value: float
+    limit: float | None
+    message: str
+
+
+class FitReport(BaseModel):
+    """The answer for one model on one device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subject: str = Field(description="Bundle name (or recipe bundle name for predictions).")
+    device: str = Field(description="Device profile id.")
+    origin: Literal["bundle", "recipe"] = Field(description="bundle: sizes measured; recipe: predicted from architecture facts.")
+    format: str
+    quant: str
+    parameters: int
+    bits_per_weight: float
+    settings: dict = Field(description="The run settings the estimate is for (resolved defaults included).")
+    memory: dict[str, int] = Field(description="Peak RAM terms in bytes: weights, repacked, kv_cache, compute, runtime, total.")
+    usable_ram_bytes: int
+    ram_share: float = Field(description="memory.total / usable RAM.")
+    disk_bytes: int = Field(description="Bundle size on disk (measured for bundles, predicted for recipes).")
+    predicted_disk_bytes: int | None = Field(None, description="The recipe-time prediction when a bundle exists too.")
+    disk_prediction_error: float | None = Field(None, description="(predicted - measured) / measured bundle size.")
+    cold_load_s: float = Field(description="Bundle size / storage read speed.")
+    decode_tok_s: float | None = None
+    prompt_tok_s: float | None = None
+    latency_ms: float | None = None
+    calibration: dict[str, dict] = Field(default_factory=dict, description="Per speed kind: factor, scope and points used.")
+    checks: list[Check]
+    verdict: Verdict
+    reason: str
+    notes: list[str] = Field(default_factory=list)
+
+
+def _worst(verdicts: Iterable[Verdict]) -> Verdict:
+    return max(verdicts, key=_ORDER.__getitem__, default="pass")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+def resolve_n_ctx(facts: ModelFacts, settings: FitSettings) -> int:
+    if facts.format == "onnx":
+        return settings.n_ctx or facts.max_length or facts.context_length
+    return settings.n_ctx or min(facts.context_length, 4096)
+
+
+def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | None = None,
+        catalog: Iterable[Device] = (), predicted: ModelFacts | None = None) -> FitReport:
+    """Estimate peak RAM, disk and speed of ``subject`` on ``device`` and give a verdict.
+
+    ``catalog`` supplies calibration points of other boards when ``device`` has none of its own;
+    ``predicted`` is the recipe-time prediction of the same bundle, to report how far off it was.
+    """
+    settings = settings or FitSettings()
+    facts = from_manifest(subject) if isinstance(subject, Manifest) else subject
+    catalog = list(catalog)
+    n_ctx = resolve_n_ctx(facts, settings)
+    run = memory.RunSettings(n_ctx=n_ctx, parallel=settings.parallel, n_ubatch=settings.n_ubatch,
+                             flash_attn=settings.flash_attn, kv_type=settings.kv_type, daemon=settings.daemon)
+    mem = memory.estimate_memory(facts, run, device.cpu.isa)
+    usable = device.usable_ram_bytes
+    checks: list[Check] = []
+    notes = list(facts.notes)
+
+    share = mem.total / usable
+    if mem.total > usable:
+        ram = Check(name="ram", verdict="fail", value=mem.total, limit=usable,
+                    message=f"needs {_mb(mem.total)} of RAM, {device.id} has {_mb(usable)} usable "
+                            f"({_mb(mem.total - usable)} short)")
+    elif share > 1 - settings.headroom:
+        ram = Check(name="ram", verdict="warn", value=mem.total, limit=usable,
+                    message=f"needs {_mb(mem.total)} of {_mb(usable)} usable RAM ({share:.0%}), "
+                            f"inside the {settings.headroom:.0%} headroom margin")
+    else:
+        ram = Check(name="ram", verdict="pass", value=mem.total, limit=usable,
+                    message=f"needs {_mb(mem.total)} of {_mb(usable)} usable RAM ({share:.0%})")
+    checks.append(ram)
+
+    work = speed.workload_of(facts)
+    calibrations: dict[str, dict] = {}
+    decode = prompt = latency = None
+    if facts.format == "gguf":
+        cal_d = speed.calibrate(device, "decode", catalog)
+        cal_p = speed.calibrate(device, "prompt", catalog)
+        # Decode speed at the middle of the context: the KV cache read grows as the context fills.
+        decode = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2) * cal_d.factor
+        prompt = speed.roofline_prompt_tok_s(work, device, settings.threads, n_ctx_avg=min(n_ctx, 512) // 2) * cal_p.factor
+        calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
+        if settings.min_tok_s is not None:
+            checks.append(_speed_check("speed", decode, settings.min_tok_s, settings.speed_margin, higher_is_better=True,
+                                       unit="tok/s", what="decode"))
+        if n_ctx > facts.context_length:
+            checks.append(Check(name="context", verdict="warn", value=n_ctx, limit=facts.context_length,
+                                message=f"context {n_ctx} exceeds the model's training context {facts.context_length}"))
+    else:
+        cal_e = speed.calibrate(device, "encoder", catalog)
+        seq = min(settings.encoder_seq_len, n_ctx)
+        latency = speed.roofline_encoder_ms(work, device, seq, 1, settings.threads) / cal_e.factor
+        calibrations = {"encoder": {"factor": cal_e.factor, "scope": cal_e.scope, "points": list(cal_e.points)}}
+        if settings.max_latency_ms is not None:
+            checks.append(_speed_check("latency", latency, settings.max_latency_ms, settings.speed_margin,
+                                       higher_is_better=False, unit="ms", what=f"batch-1 latency ({seq} tokens)"))
+    for kind, cal in calibrations.items():
+        if cal["scope"] in ("catalog", "none"):
+            notes.append(f"{kind} speed: {device.id} has no calibration point of its own or of its core type; "
+                         f"scaled by the catalog-wide factor {cal['factor']:.2f}")
+
+    disk_error = None
+    if predicted is not None and facts.origin == "bundle":
+        disk_error = (predicted.bundle_bytes - facts.bundle_bytes) / facts.bundle_bytes
+
+    verdict = _worst(c.verdict for c in checks)
+    failing = [c for c in checks if c.verdict == verdict and verdict != "pass"]
+    reason = "; ".join(c.message for c in failing) if failing else ram.message
+    return FitReport(
+        subject=facts.name, device=device.id, origin=facts.origin, format=facts.format, quant=facts.quant,
+        parameters=facts.parameters, bits_per_weight=round(bits_per_weight(facts), 4),
+        settings={"n_ctx": n_ctx, "parallel": settings.parallel, "n_ubatch": settings.n_ubatch,
+                  "flash_attn": settings.flash_attn, "kv_type": settings.kv_type,
+                  "threads": min(settings.threads or device.cpu.cores, device.cpu.cores), "daemon": settings.daemon},
+        memory=mem.as_dict(), usable_ram_bytes=usable, ram_share=round(share, 6), disk_bytes=facts.bundle_bytes,
+        predicted_disk_bytes=predicted.bundle_bytes if predicted is not None else None,
+        disk_prediction_error=None if disk_error is None else round(disk_error, 6),
+        cold_load_s=round(facts.bundle_bytes / (device.storage.read_mb_s * 1e6), 4),
+        decode_tok_s=None if decode is None else round(decode, 4),
+        prompt_tok_s=None if prompt is None else round(prompt, 4),
+        latency_ms=None if latency is None else round(latency, 4),
+        calibration={k: {**v, "factor": round(v["factor"], 6)} for k, v in calibrations.items()},
+        checks=checks, verdict=verdict, reason=reason, notes=notes,
+    )
+
+
+def _speed_check(name, value: float, limit: float, margin: float, *, higher_is_better: bool, unit: str, what: str) -> Check:
+    if higher_is_better:
+        bad, close = value < limit, value < limit * (1 + margin)
+    else:
+        bad, close = value > limit, value > limit * (1 - margin)
+    verdict: Verdict = "fail" if bad else "warn" if close else "pass"
+    relation = {"fail": "misses", "warn": "is within the prediction margin of", "pass": "meets"}[verdict]
+    return Check(name=name, verdict=verdict, value=round(value, 4), limit=limit,
+                 message=f"predicted {what} {value:.3g} {unit} {relation} the limit {limit:g} {unit}")

@@ -1,0 +1,245 @@
+"""What the estimator knows about a model, from a bundle's manifest or, before any download, from a recipe.
+
+``ModelFacts`` is the one shape both paths produce: the memory and speed models read nothing else.
+A manifest gives measured sizes (the GGUF file, the ONNX initializers); a recipe gives config.json
+facts from which sizes are predicted with llama.cpp's own quantization rules (``edgekit.fit.quant``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from edgekit.errors import ConfigError
+from edgekit.fit.quant import (
+    FILE_TYPES,
+    GGML_TYPES,
+    GGUF_HEADER_BYTES_PER_TOKEN,
+    DecoderShape,
+    Tensor,
+    gguf_tensor_bytes,
+    quantized_tensors,
+)
+from edgekit.schema.manifest import Manifest
+from edgekit.schema.recipe import ArchitectureFacts, GgufTarget, OnnxTarget, Recipe
+
+# GGUF architectures whose attention has q/k/v biases (llama.cpp src/llama-model.cpp, LLM_ARCH_QWEN2).
+QKV_BIAS_ARCHS = {"qwen2"}
+# Bytes of tokenizer.json per vocabulary entry in an ONNX bundle (written without pretty-printing):
+# all-MiniLM-L6-v2, 30,522 tokens -> 711 kB.
+TOKENIZER_JSON_BYTES_PER_TOKEN = 23.3
+# ONNX int8: one fp32 scale per block of MatMulNBits weights, per row otherwise
+# (onnxruntime quantization: MatMulNBitsQuantizer, quantize_dynamic per_channel).
+ONNX_SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A model as the estimator sees it; sizes in bytes."""
+
+    name: str
+    format: Literal["gguf", "onnx"]
+    task: str
+    quant: str
+    parameters: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_vocab: int
+    context_length: int
+    weights_bytes: int  # bytes mapped/loaded as weights (GGUF file; ONNX initializers)
+    bundle_bytes: int  # bytes on disk
+    origin: Literal["bundle", "recipe"]
+    n_ff: int | None = None
+    tied_embeddings: bool | None = None
+    tensors: tuple[Tensor, ...] = ()  # per-tensor types where known (GGUF)
+    max_length: int | None = None  # encoders: longest input the runtime accepts
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def matrix_parameters(self) -> int:
+        """Weights multiplied per token: everything but the token-embedding lookup (unless it is also the output head)."""
+        if self.format == "onnx":
+            # BERT-like: embeddings are a lookup; 4 attention + 2 feed-forward matrices per layer.
+            n_ff = self.n_ff or 4 * self.n_embd
+            return self.n_layer * (4 * self.n_embd * self.n_embd + 2 * self.n_embd * n_ff)
+        if self.tensors:
+            return sum(t.n_elements for t in self.tensors if self.tied_embeddings or t.name != "token_embd.weight")
+        embedding = self.n_vocab * self.n_embd
+        return self.parameters - (0 if self.tied_embeddings else embedding)
+
+    @property
+    def streamed_bytes_per_token(self) -> int:
+        """Weight bytes read from RAM to produce one token (decode is a pass over these)."""
+        if self.tensors:
+            return sum(t.nbytes for t in self.tensors if self.tied_embeddings or t.name != "token_embd.weight")
+        return int(self.weights_bytes * self.matrix_parameters / max(self.parameters, 1))
+
+    def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
+        """K and V cache bytes one token of context occupies (all layers)."""
+        return self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v) * bytes_per_element
+
+    def type_bytes(self) -> dict[str, int]:
+        """Bytes per ggml type over the 2-D weights (empty when unknown)."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.ggml_type] = out.get(t.ggml_type, 0) + t.nbytes
+        return out
+
+
+def decoder_shape(facts: ArchitectureFacts, qkv_bias: bool) -> DecoderShape:
+    head_dim = facts.head_dim or facts.hidden_size // facts.n_head
+    return DecoderShape(
+        n_layer=facts.n_layer, n_embd=facts.hidden_size, n_ff=facts.intermediate_size, n_head=facts.n_head,
+        n_head_kv=facts.n_head_kv, head_dim=head_dim, n_vocab=facts.vocab_size,
+        tied_embeddings=facts.tie_word_embeddings, qkv_bias=qkv_bias,
+    )
+
+
+def _closest_shape(facts: ArchitectureFacts) -> tuple[DecoderShape, list[str]]:
+    """The decoder layout (with or without q/k/v biases) whose parameter count matches the recorded one."""
+    shapes = [decoder_shape(facts, bias) for bias in (False, True)]
+    best = min(shapes, key=lambda s: abs(s.parameters - facts.parameters))
+    miss = abs(best.parameters - facts.parameters) / facts.parameters
+    notes = []
+    if miss > 0.02:
+        notes.append(
+            f"architecture facts add up to {best.parameters:,} parameters, the recipe says {facts.parameters:,} "
+            f"({miss:.1%} apart): the layout differs from llama-style (fused or extra tensors); sizes are approximate"
+        )
+    return best, notes
+
+
+def infer_n_ff(parameters: int, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, head_dim: int,
+               n_vocab: int, qkv_bias: bool) -> tuple[int, bool] | None:
+    """Feed-forward width and embedding tying that make a llama-style decoder have ``parameters`` weights.
+
+    GGUF headers carry no feed-forward width in GgufFacts; the parameter count pins it down exactly for
+    llama-style layouts. None when no whole-number width fits (another layout).
+    """
+    for tied in (True, False):
+        probe = DecoderShape(n_layer, n_embd, 0, n_head, n_head_kv, head_dim, n_vocab, tied, qkv_bias)
+        rest = parameters - probe.parameters
+        n_ff, remainder = divmod(rest, 3 * n_layer * n_embd)
+        if remainder == 0 and n_ff > 0 and n_ff % 32 == 0:
+            return n_ff, tied
+    return None
+
+
+def from_manifest(manifest: Manifest) -> ModelFacts:
+    """Facts of an existing bundle: sizes as measured, shapes from the manifest's format facts."""
+    if manifest.format == "gguf":
+        return _gguf_from_manifest(manifest)
+    return _onnx_from_manifest(manifest)
+
+
+def _gguf_from_manifest(manifest: Manifest) -> ModelFacts:
+    g = manifest.gguf
+    if g is None:
+        raise ConfigError(f"bundle {manifest.name}: GGUF manifest without 'gguf' facts; re-export it")
+    head_k = g.key_length or g.n_embd // g.n_head
+    head_v = g.value_length or g.n_embd // g.n_head
+    notes: list[str] = []
+    tensors: tuple[Tensor, ...] = ()
+    n_ff = tied = None
+    inferred = infer_n_ff(manifest.parameters, g.n_layer, g.n_embd, g.n_head, g.n_head_kv, head_k, g.n_vocab,
+                          g.architecture in QKV_BIAS_ARCHS)
+    if inferred and g.quant_type in FILE_TYPES and head_k == head_v:
+        n_ff, tied = inferred
+        shape = DecoderShape(g.n_layer, g.n_embd, n_ff, g.n_head, g.n_head_kv, head_k, g.n_vocab, tied,
+                             g.architecture in QKV_BIAS_ARCHS)
+        tensors = tuple(quantized_tensors(shape, g.quant_type))
+    else:
+        notes.append("per-tensor types unknown (not a llama-style layout or file type); weight repacking not estimated")
+    return ModelFacts(
+        name=manifest.name, format="gguf", task=manifest.task, quant=g.quant_type, parameters=manifest.parameters,
+        n_layer=g.n_layer, n_embd=g.n_embd, n_head=g.n_head, n_head_kv=g.n_head_kv, head_dim_k=head_k, head_dim_v=head_v,
+        n_vocab=g.n_vocab, context_length=g.context_length, weights_bytes=manifest.file(".gguf").bytes,
+        bundle_bytes=manifest.total_bytes, origin="bundle", n_ff=n_ff, tied_embeddings=tied, tensors=tensors,
+        notes=tuple(notes),
+    )
+
+
+def _onnx_from_manifest(manifest: Manifest) -> ModelFacts:
+    o = manifest.onnx
+    if o is None or not o.hidden_size or not o.n_layer:
+        raise ConfigError(f"bundle {manifest.name}: ONNX manifest without layer count and hidden size; re-export it")
+    n_head = max(o.hidden_size // 64, 1)  # 64-wide heads, as in every BERT-family config in the recipe library
+    return ModelFacts(
+        name=manifest.name, format="onnx", task=manifest.task, quant=manifest.quantization, parameters=manifest.parameters,
+        n_layer=o.n_layer, n_embd=o.hidden_size, n_head=n_head, n_head_kv=n_head, head_dim_k=64, head_dim_v=64,
+        n_vocab=0, context_length=manifest.runtime.max_length, weights_bytes=o.initializer_bytes,
+        bundle_bytes=manifest.total_bytes, origin="bundle", max_length=manifest.runtime.max_length,
+        notes=("feed-forward width assumed 4 x hidden (not in the manifest)",),
+    )
+
+
+def from_recipe(recipe: Recipe, target: OnnxTarget | GgufTarget) -> ModelFacts:
+    """Predicted facts of a recipe target before export or download, from its ``architecture:`` facts."""
+    arch = recipe.architecture
+    if arch is None:
+        raise ConfigError(
+            f"recipe {recipe.name}: no 'architecture:' facts, so sizes cannot be predicted before download",
+            hint="add an architecture: block with the source's config.json facts (see recipes/ for examples)",
+        )
+    name = recipe.bundle_name(target)
+    head_dim = arch.head_dim or arch.hidden_size // arch.n_head
+    common = dict(
+        name=name, task=recipe.task, parameters=arch.parameters, n_layer=arch.n_layer, n_embd=arch.hidden_size,
+        n_head=arch.n_head, n_head_kv=arch.n_head_kv, head_dim_k=head_dim, head_dim_v=head_dim, n_vocab=arch.vocab_size,
+        n_ff=arch.intermediate_size, tied_embeddings=arch.tie_word_embeddings, origin="recipe",
+    )
+    if target.format == "gguf":
+        shape, notes = _closest_shape(arch)
+        tensors = tuple(quantized_tensors(shape, target.quant))
+        tensor_bytes = gguf_tensor_bytes(shape, target.quant)
+        # Sizes scale to the recorded parameter count when the layout is not exactly llama-style.
+        scale = arch.parameters / shape.parameters
+        weights = int(tensor_bytes * scale + GGUF_HEADER_BYTES_PER_TOKEN * arch.vocab_size)
+        return ModelFacts(
+            format="gguf", quant=target.quant, context_length=recipe.max_length or arch.context_length,
+            weights_bytes=weights, bundle_bytes=weights, tensors=tensors, notes=tuple(notes), **common,
+        )
+    weights = onnx_weight_bytes(arch, target)
+    max_length = min(recipe.max_length or arch.context_length, arch.context_length)
+    tokenizer = int(TOKENIZER_JSON_BYTES_PER_TOKEN * arch.vocab_size)
+    quant = target.quantization.label if target.quantization else "fp32"
+    return ModelFacts(
+        format="onnx", quant=quant, context_length=max_length, weights_bytes=weights, bundle_bytes=weights + tokenizer,
+        max_length=max_length, **common,
+    )
+
+
+def onnx_weight_bytes(arch: ArchitectureFacts, target: OnnxTarget) -> int:
+    """Initializer bytes of an exported BERT-family encoder: quantized matrices and embeddings, the rest fp32."""
+    h, ff = arch.hidden_size, arch.intermediate_size
+    matrices = arch.n_layer * (4 * h * h + 2 * h * ff)
+    embeddings = (arch.vocab_size + arch.context_length) * h
+    rest = max(arch.parameters - matrices - embeddings, 0)
+    spec = target.quantization
+    if spec is None:
+        return 4 * arch.parameters
+    quantized = 0
+    if "MatMul" in spec.operators:
+        per_weight = 1 + (ONNX_SCALE_BYTES / spec.block_size if spec.mode == "dynamic" and spec.block_size else 0)
+        quantized += int(matrices * per_weight)
+    else:
+        rest += matrices
+    if "Gather" in spec.operators or "EmbedLayerNormalization" in spec.operators:
+        quantized += embeddings
+    else:
+        rest += embeddings
+    return quantized + 4 * rest
+
+
+def bits_per_weight(facts: ModelFacts) -> float:
+    """Bits of weight data per parameter (what llama.cpp reports as BPW)."""
+    return 8 * facts.weights_bytes / max(facts.parameters, 1)
+
+
+def ggml_base_type(quant: str) -> str:
+    """The ggml type most matrices of a file type use (F16 for unknown names)."""
+    return FILE_TYPES.get(quant, quant if quant in GGML_TYPES else "F16")

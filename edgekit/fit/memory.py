@@ -1,0 +1,156 @@
+"""Peak resident memory of serving one model: weights as mapped, KV cache, compute buffers, runtime baseline.
+
+Each term is a formula over ``ModelFacts`` and the run settings; constants that are measurements
+say where they were measured. scripts/bench_fit.py compares the sum with the peak RSS of a real
+process (loading, a context-filling prompt, generation; or encoder batches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edgekit.fit.facts import ModelFacts
+from edgekit.schema.device import IsaFeatures
+
+MIB = 1 << 20
+
+# Resident set of a fresh process after importing the runtime stack, plus what the runtime allocates
+# outside the terms below (llama.cpp context bookkeeping; ONNX Runtime's library pages touched at
+# session creation). Measured on this project's x86-64 host, Python 3.12: `import llama_cpp` 41 MiB,
+# +3 MiB at context creation; `import edgekit.runtime.encoder` 44 MiB, +29 MiB file-backed at session start.
+RUNTIME_BASE = {"gguf": 44 * MIB, "onnx": 73 * MIB}
+# edgekit serve's web stack (fastapi, uvicorn, prometheus-client, jinja2) on top of the runtime:
+# 67 MiB vs 41 MiB RSS after importing it with llama_cpp, same host.
+DAEMON_EXTRA = 26 * MIB
+# llama.cpp's vocabulary in RAM (token strings, lookup maps, BPE merge ranks): 17 MiB for SmolLM2's
+# 49,152 tokens, measured with Llama(vocab_only=True).
+LLAMA_VOCAB_BYTES_PER_TOKEN = 363
+# K/V cache element sizes by cache type (llama.cpp --cache-type-k/v; q8_0 = 34 bytes per 32).
+KV_TYPE_BYTES = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
+# llama.cpp rounds the context (KV cells) up to a multiple of 256 (n_ctx 1000 -> 1024, measured).
+KV_PAD = 256
+# ONNX Runtime keeps the initializers plus a pre-packed copy of the MatMul weights (MLAS layouts):
+# all-MiniLM-L6-v2 int8 (23.0 MB of initializers) adds 59 MiB of anonymous memory at session start.
+ORT_WEIGHT_COPIES = 2.0
+ORT_SESSION_EXTRA = 15 * MIB
+# ONNX Runtime's arena after a few runs grows by ~52 KB per token of batch x sequence on
+# all-MiniLM-L6-v2 (hidden 384, feed-forward 1536), linear in tokens from 512 to 8,192 tokens:
+# modelled as 6 float32 activations of (2 x hidden + feed-forward) per token.
+ORT_FLOATS_PER_TOKEN_UNIT = 6.0
+
+
+# Which weight types ggml's CPU backend repacks into an interleaved copy at load (CPU_REPACK buffer),
+# by ISA, and the row multiple it needs. Source: ggml/src/ggml-cpu/repack.cpp,
+# ggml_repack_get_optimal_repack_type; Q8_0 on Arm i8mm was added in 2025 llama.cpp versions.
+# The mapped file pages stay resident next to the copy, so repacked bytes count twice in RSS
+# (measured: SmolLM2 Q4_K_M on AVX2 maps 100.6 MiB and adds a 7.59 MiB CPU_REPACK buffer).
+def repack_rows(ggml_type: str, isa: IsaFeatures) -> int | None:
+    """Row multiple a repacked tensor of ``ggml_type`` needs on this ISA, or None when it is not repacked."""
+    if ggml_type == "Q4_0":
+        return 8 if isa.avx2 else 4 if isa.neon and (isa.i8mm or isa.dotprod) else None
+    if ggml_type == "Q4_K":
+        return 8 if isa.avx2 or (isa.neon and (isa.i8mm or isa.dotprod)) else None
+    if ggml_type == "IQ4_NL":
+        return 8 if isa.avx2 else 4 if isa.neon and isa.dotprod else None
+    if ggml_type == "Q2_K":
+        return 8 if isa.avx512_vnni else None
+    if ggml_type == "Q8_0":
+        return 4 if isa.neon and isa.i8mm else None
+    return None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the runtime will run the model (the inputs of the memory terms)."""
+
+    n_ctx: int  # context per sequence (GGUF) or tokens per input (ONNX)
+    parallel: int = 1  # sequences sharing the model (GGUF slots) or batch size (ONNX)
+    n_ubatch: int = 256  # prompt tokens per compute step; edgekit.runtime.llm.PREFILL_CHUNK
+    flash_attn: bool = False  # llama-cpp-python's default
+    kv_type: str = "f16"
+    daemon: bool = True  # add edgekit serve's web stack
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of each term of the peak resident set, and their sum."""
+
+    weights: int
+    repacked: int
+    kv_cache: int
+    compute: int
+    runtime: int
+    total: int
+    compute_reserved: int  # what llama.cpp reserves (it logs this); pages are touched only as used
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def kv_cells(n_ctx: int, parallel: int) -> int:
+    """KV cache cells llama.cpp allocates: the whole context of every sequence, padded to 256."""
+    total = n_ctx * parallel
+    return -(-total // KV_PAD) * KV_PAD
+
+
+def kv_cache_bytes(facts: ModelFacts, n_ctx: int, parallel: int = 1, kv_type: str = "f16") -> int:
+    """2 (K and V) x cells x n_layer x n_head_kv x head_dim x bytes per element (DEVICE_FACTS memory model)."""
+    return int(kv_cells(n_ctx, parallel) * facts.kv_bytes_per_token(KV_TYPE_BYTES[kv_type]))
+
+
+def compute_buffer_bytes(facts: ModelFacts, settings: RunSettings, n_outputs: int | None = None) -> int:
+    """llama.cpp's compute buffer for a full micro-batch against a full KV cache.
+
+    ggml's graph allocator reuses memory, so the buffer is the largest set of tensors alive at once:
+    in attention (without flash attention the n_kv x n_tokens x n_head score matrix, softmaxed in place,
+    plus the f32 mask and ~6 hidden-state-sized tensors), in the feed-forward block (gate, up, their
+    product), or at the output (logits of every requested output row). ``n_outputs`` defaults to one
+    row per sequence (generation); llama.cpp reserves for n_ubatch rows, which is what it logs.
+    """
+    tokens = min(settings.n_ubatch, settings.n_ctx * settings.parallel)
+    n_kv = kv_cells(settings.n_ctx, settings.parallel)
+    hidden = tokens * facts.n_embd * 4
+    if settings.flash_attn:
+        attention = tokens * n_kv * 2 + 6 * hidden  # f16 mask; scores never materialized
+    else:
+        attention = tokens * n_kv * (facts.n_head + 1) * 4 + 6 * hidden
+    n_ff = facts.n_ff or 4 * facts.n_embd
+    feed_forward = tokens * 3 * n_ff * 4 + 2 * hidden
+    rows = settings.parallel if n_outputs is None else n_outputs
+    output = rows * facts.n_vocab * 4 + 2 * hidden
+    return max(attention, feed_forward, output)
+
+
+def repacked_bytes(facts: ModelFacts, isa: IsaFeatures | None) -> int:
+    """Bytes of weights ggml copies into repacked layouts on this ISA (token embeddings never are)."""
+    if isa is None:
+        return 0
+    total = 0
+    for tensor in facts.tensors:
+        multiple = repack_rows(tensor.ggml_type, isa)
+        if multiple and tensor.name != "token_embd.weight" and tensor.rows % multiple == 0:
+            total += tensor.nbytes
+    return total
+
+
+def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None = None) -> MemoryEstimate:
+    """Peak resident bytes of one runtime process serving ``facts`` with ``settings`` on a CPU with ``isa``."""
+    daemon = DAEMON_EXTRA if settings.daemon else 0
+    if facts.format == "gguf":
+        repacked = repacked_bytes(facts, isa)
+        kv = kv_cache_bytes(facts, settings.n_ctx, settings.parallel, settings.kv_type)
+        compute = compute_buffer_bytes(facts, settings)
+        reserved = compute_buffer_bytes(facts, settings, n_outputs=min(settings.n_ubatch, settings.n_ctx * settings.parallel))
+        runtime = RUNTIME_BASE["gguf"] + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab + daemon
+        weights = facts.weights_bytes
+    else:
+        repacked, kv = 0, 0
+        n_ff = facts.n_ff or 4 * facts.n_embd
+        tokens = settings.parallel * min(settings.n_ctx, facts.max_length or settings.n_ctx)
+        compute = int(tokens * ORT_FLOATS_PER_TOKEN_UNIT * (2 * facts.n_embd + n_ff) * 4)
+        reserved = compute
+        weights = int(facts.weights_bytes * ORT_WEIGHT_COPIES)
+        runtime = RUNTIME_BASE["onnx"] + ORT_SESSION_EXTRA + daemon
+    total = weights + repacked + kv + compute + runtime
+    return MemoryEstimate(weights=weights, repacked=repacked, kv_cache=kv, compute=compute, runtime=runtime,
+                          total=total, compute_reserved=reserved)

@@ -1,0 +1,200 @@
+"""Weight types as tables: bytes per block of each ggml type, and which type llama.cpp's quantizer gives each tensor.
+
+With these, the size of a GGUF file is predicted from config.json facts alone, before anything is
+downloaded, including the fallbacks that make small models bigger than their nominal bits per weight
+(a 576-wide SmolLM2 matrix cannot hold 256-weight K-quant blocks, so Q4_K becomes Q5_0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ggml type -> (weights per block, bytes per block). Source: ggml/src/ggml-common.h block structs
+# (block_q4_0 = f16 scale + 16 bytes, block_q4_K = 2 f16 + 12 scale bytes + 128 quant bytes, ...).
+GGML_TYPES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "IQ4_NL": (32, 18),
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
+
+# llama.cpp file type (recipe `quant:`) -> default ggml type of its matrices.
+# Source: llama.cpp src/llama-quant.cpp, llama_model_quantize_impl (switch on ftype).
+FILE_TYPES: dict[str, str] = {
+    "F32": "F32",
+    "F16": "F16",
+    "BF16": "BF16",
+    "Q8_0": "Q8_0",
+    "Q6_K": "Q6_K",
+    "Q5_K_M": "Q5_K",
+    "Q5_0": "Q5_0",
+    "Q4_K_M": "Q4_K",
+    "Q4_K_S": "Q4_K",
+    "Q4_0": "Q4_0",
+    "Q4_1": "Q4_1",
+    "Q3_K_M": "Q3_K",
+    "Q2_K": "Q2_K",
+}
+
+# Published bits per weight of whole files (Llama-3.1-8B; llama.cpp tools/quantize/README.md, via
+# DEVICE_FACTS.md). Shown next to the per-model prediction; small models differ (see module doc).
+PUBLISHED_BPW: dict[str, float] = {"Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56, "Q8_0": 8.50}
+
+# When a tensor's row width is not a multiple of the chosen type's block, llama.cpp falls back.
+# Source: llama-quant.cpp, llama_tensor_get_type, `convert_incompatible_tensor`.
+FALLBACK: dict[str, str] = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+# Quality order for `edgekit plan`: the first that fits wins. Mean KL divergence vs FP16 on
+# Llama-3-8B rises down this list (llama.cpp tools/perplexity/README.md, via DEVICE_FACTS.md).
+QUALITY_ORDER = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K"]
+PLAN_LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+
+
+def tensor_bytes(ggml_type: str, n_elements: int, row: int) -> int:
+    """Bytes of a tensor of ``n_elements`` weights in rows of ``row`` weights."""
+    block, size = GGML_TYPES[ggml_type]
+    if row % block:
+        raise ValueError(f"rows of {row} do not divide into {ggml_type} blocks of {block}")
+    return n_elements // block * size
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One weight tensor of a GGUF file: name, row width (ne[0]), rows (ne[1]) and its ggml type."""
+
+    name: str
+    row: int
+    rows: int
+    ggml_type: str
+
+    @property
+    def n_elements(self) -> int:
+        return self.row * self.rows
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.ggml_type, self.n_elements, self.row)
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The shape facts of a llama-style decoder (separate q/k/v, gated feed-forward)."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    tied_embeddings: bool
+    qkv_bias: bool = False
+
+    def matrices(self) -> list[tuple[str, int, int]]:
+        """(name, row width, rows) of every 2-D weight, in GGUF order."""
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        out = [("token_embd.weight", self.n_embd, self.n_vocab)]
+        if not self.tied_embeddings:
+            out.append(("output.weight", self.n_embd, self.n_vocab))
+        for i in range(self.n_layer):
+            out += [
+                (f"blk.{i}.attn_q.weight", self.n_embd, q_dim),
+                (f"blk.{i}.attn_k.weight", self.n_embd, kv_dim),
+                (f"blk.{i}.attn_v.weight", self.n_embd, kv_dim),
+                (f"blk.{i}.attn_output.weight", q_dim, self.n_embd),
+                (f"blk.{i}.ffn_gate.weight", self.n_embd, self.n_ff),
+                (f"blk.{i}.ffn_up.weight", self.n_embd, self.n_ff),
+                (f"blk.{i}.ffn_down.weight", self.n_ff, self.n_embd),
+            ]
+        return out
+
+    def vectors(self) -> int:
+        """Weights kept in F32 (norms, biases): llama.cpp never quantizes 1-D tensors."""
+        per_layer = 2 * self.n_embd + ((self.n_head + 2 * self.n_head_kv) * self.head_dim if self.qkv_bias else 0)
+        return self.n_layer * per_layer + self.n_embd
+
+    @property
+    def parameters(self) -> int:
+        return sum(row * rows for _, row, rows in self.matrices()) + self.vectors()
+
+
+def _use_more_bits(i_layer: int, n_layer: int) -> bool:
+    # llama-quant.cpp: the first and last eighth of the layers, and every third one between.
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def _choose(name: str, row: int, file_type: str, layer: int | None, shape: DecoderShape) -> str:
+    """The ggml type llama.cpp's quantizer gives one matrix (llama_tensor_get_type, for the file types above)."""
+    base = FILE_TYPES[file_type]
+    if base in ("F32", "F16", "BF16"):
+        return base
+    chosen = base
+    is_output = name == "output.weight" or (shape.tied_embeddings and name == "token_embd.weight")
+    if is_output:
+        # The output head gets Q6_K unless the file type is Q8_0, or Q8_0 when rows do not fit the block.
+        if row % GGML_TYPES[base][0]:
+            return "Q8_0"
+        chosen = base if base == "Q8_0" else "Q6_K"
+    elif name == "token_embd.weight":
+        chosen = base
+    elif name.endswith("attn_v.weight"):
+        if file_type == "Q2_K":
+            chosen = "Q4_K" if shape.n_head // shape.n_head_kv >= 4 else "Q3_K"
+        elif file_type == "Q3_K_M":
+            chosen = "Q5_K" if layer < 2 else "Q4_K"
+        elif file_type in ("Q4_K_M", "Q5_K_M") and _use_more_bits(layer, shape.n_layer):
+            chosen = "Q6_K"
+        elif file_type == "Q4_K_S" and layer < 4:
+            chosen = "Q5_K"
+    elif name.endswith("ffn_down.weight"):
+        if file_type == "Q2_K":
+            chosen = "Q3_K"
+        elif file_type == "Q3_K_M":
+            chosen = "Q5_K" if layer < shape.n_layer // 16 else "Q4_K" if _use_more_bits(layer, shape.n_layer) else "Q3_K"
+        elif file_type == "Q4_K_M" and _use_more_bits(layer, shape.n_layer):
+            chosen = "Q6_K"
+        elif file_type == "Q5_K_M" and _use_more_bits(layer, shape.n_layer):
+            chosen = "Q6_K"
+        elif file_type == "Q4_K_S" and layer < shape.n_layer // 8:
+            chosen = "Q5_K"
+    elif name.endswith("attn_output.weight"):
+        if file_type == "Q2_K":
+            chosen = "Q3_K"
+        elif file_type == "Q3_K_M":
+            chosen = "Q4_K"
+    if row % GGML_TYPES[chosen][0]:
+        chosen = FALLBACK.get(chosen, chosen)
+        if row % GGML_TYPES[chosen][0]:
+            chosen = "F16"
+    return chosen
+
+
+def quantized_tensors(shape: DecoderShape, file_type: str) -> list[Tensor]:
+    """Every 2-D weight with the type llama.cpp would give it for ``file_type``."""
+    if file_type not in FILE_TYPES:
+        raise KeyError(f"unknown GGUF file type {file_type!r}; known: {', '.join(FILE_TYPES)}")
+    tensors = []
+    for name, row, rows in shape.matrices():
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+        tensors.append(Tensor(name, row, rows, _choose(name, row, file_type, layer, shape)))
+    return tensors
+
+
+def gguf_tensor_bytes(shape: DecoderShape, file_type: str) -> int:
+    """Predicted bytes of all tensor data (matrices as quantized, vectors in F32)."""
+    return sum(t.nbytes for t in quantized_tensors(shape, file_type)) + 4 * shape.vectors()
+
+
+# GGUF metadata bytes per vocabulary entry: token string with its u64 length, token type, and
+# BPE merges. Measured on SmolLM2-135M (49,152 tokens, 48,900 merges): 1,785,664 header bytes.
+GGUF_HEADER_BYTES_PER_TOKEN = 36.3

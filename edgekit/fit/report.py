@@ -1,0 +1,64 @@
+"""Fit reports in the formats CI systems read: JUnit XML and GitHub Actions workflow commands."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+
+from edgekit.fit.estimate import FitReport
+
+
+def _escape_command(text: str) -> str:
+    # GitHub workflow commands: %, CR and LF must be percent-encoded in the message
+    # (docs.github.com, "Workflow commands for GitHub Actions").
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(text: str) -> str:
+    return _escape_command(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def github_annotations(reports: Sequence[FitReport]) -> list[str]:
+    """One ``::error`` per failing and ``::warning`` per warning fit; passing fits print nothing."""
+    lines = []
+    for report in reports:
+        if report.verdict == "pass":
+            continue
+        level = "error" if report.verdict == "fail" else "warning"
+        title = _escape_property(f"edgekit fit: {report.subject} on {report.device}")
+        lines.append(f"::{level} title={title}::{_escape_command(report.reason)}")
+    return lines
+
+
+def markdown_summary(reports: Sequence[FitReport]) -> str:
+    """A table for $GITHUB_STEP_SUMMARY."""
+    icon = {"pass": "✅ pass", "warn": "⚠️ warn", "fail": "❌ fail"}
+    rows = ["| bundle | device | RAM needed | usable | decode tok/s | verdict | reason |", "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        speed = f"{r.decode_tok_s:.1f}" if r.decode_tok_s is not None else (f"{r.latency_ms:.1f} ms" if r.latency_ms else "")
+        rows.append(f"| {r.subject} | {r.device} | {r.memory['total'] / 1e6:,.0f} MB | {r.usable_ram_bytes / 1e6:,.0f} MB "
+                    f"| {speed} | {icon[r.verdict]} | {r.reason} |")
+    return "\n".join(rows) + "\n"
+
+
+def junit_xml(reports: Sequence[FitReport], suite: str = "edgekit fit") -> str:
+    """A JUnit testsuite: one testcase per (bundle, device); fail -> <failure>, warn -> passing case with a note."""
+    root = ET.Element("testsuites")
+    failures = sum(r.verdict == "fail" for r in reports)
+    element = ET.SubElement(root, "testsuite", name=suite, tests=str(len(reports)), failures=str(failures),
+                            errors="0", skipped="0")
+    for report in reports:
+        case = ET.SubElement(element, "testcase", classname=report.subject, name=report.device, time="0")
+        properties = ET.SubElement(case, "properties")
+        for key, value in (("verdict", report.verdict), ("peak_ram_bytes", report.memory["total"]),
+                           ("usable_ram_bytes", report.usable_ram_bytes), ("decode_tok_s", report.decode_tok_s),
+                           ("latency_ms", report.latency_ms)):
+            if value is not None:
+                ET.SubElement(properties, "property", name=key, value=str(value))
+        if report.verdict == "fail":
+            failure = ET.SubElement(case, "failure", message=report.reason, type="fit")
+            failure.text = "\n".join(f"{c.name}: {c.verdict}: {c.message}" for c in report.checks)
+        elif report.verdict == "warn":
+            ET.SubElement(case, "system-out").text = f"warning: {report.reason}"
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

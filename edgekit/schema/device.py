@@ -1,0 +1,178 @@
+"""Device profile: what one board offers a model (CPU, RAM, bandwidth, storage) and how fast it measured.
+
+Every specification block carries where it comes from: a ``source`` (URL or citation) or
+``estimate: true`` with a note on how the figure was derived. Calibration points are published
+(or locally measured) speeds of real models on the board; ``edgekit fit`` scales its roofline
+prediction by them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from edgekit.errors import DeviceError
+from edgekit.schema.loading import Strict, load_yaml_model
+
+DeviceId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=64)]
+MIB = 1 << 20
+
+
+class Provenance(Strict):
+    """Where a specification block comes from; one of ``source`` or ``estimate: true`` is required."""
+
+    source: str | None = Field(None, description="URL or citation the figures in this block come from.")
+    estimate: bool = Field(False, description="True when the figures are derived or guessed rather than published.")
+    note: str = Field("", description="How an estimate was derived, or what the source measured exactly.")
+
+    @model_validator(mode="after")
+    def _sourced_or_estimated(self):
+        if not self.source and not self.estimate:
+            raise ValueError("give a 'source' (URL or citation) or mark the figures 'estimate: true' with a note")
+        if self.estimate and not (self.note or self.source):
+            raise ValueError("an estimate needs a 'note' saying how it was derived")
+        return self
+
+
+class IsaFeatures(Strict):
+    """Instruction-set features the inference kernels (ggml, onnxruntime MLAS) pick their fast paths by."""
+
+    neon: bool = Field(False, description="Arm Advanced SIMD (asimd).")
+    dotprod: bool = Field(False, description="Arm int8 dot product (SDOT/UDOT, asimddp); 4x int8 MACs per lane.")
+    i8mm: bool = Field(False, description="Arm int8 matrix multiply (SMMLA).")
+    fp16: bool = Field(False, description="Arm half-precision arithmetic (asimdhp / fphp).")
+    avx2: bool = Field(False, description="x86 AVX2 + FMA (256-bit integer and float SIMD).")
+    avx_vnni: bool = Field(False, description="x86 AVX-VNNI (256-bit int8 dot product, e.g. Gracemont, Alder Lake).")
+    avx512_vnni: bool = Field(False, description="x86 AVX-512 VNNI (512-bit int8 dot product).")
+
+
+class CpuSpec(Provenance):
+    """The CPU cores inference runs on."""
+
+    arch: Literal["aarch64", "armv7l", "x86_64"] = Field(description="Machine architecture (uname -m).")
+    cores: int = Field(ge=1, le=256, description="Cores used for inference (the big cores on big.LITTLE SoCs).")
+    core_type: str = Field(description="Microarchitecture, a key of edgekit.fit.speed.CORE_TYPES (e.g. cortex-a76, gracemont).")
+    clock_ghz: float = Field(gt=0, le=6, description="Sustained clock of those cores in GHz.")
+    isa: IsaFeatures = Field(description="SIMD features of those cores.")
+
+
+class MemorySpec(Provenance):
+    """RAM and how much of it a model may use."""
+
+    total_mib: int = Field(ge=64, description="Installed RAM in MiB (2^20 bytes; a '4 GB' board has 4096).")
+    os_reserved_mib: int = Field(
+        ge=0,
+        description="RAM the OS, firmware and GPU carve-out keep on a headless install, in MiB; "
+        "usable RAM for models is total_mib - os_reserved_mib.",
+    )
+    kind: str = Field("", description="Memory technology and bus, e.g. 'LPDDR4X-4267, 32-bit'.")
+
+    @model_validator(mode="after")
+    def _reserve_below_total(self) -> MemorySpec:
+        if self.os_reserved_mib >= self.total_mib:
+            raise ValueError(f"os_reserved_mib ({self.os_reserved_mib}) must be below total_mib ({self.total_mib})")
+        return self
+
+
+class BandwidthSpec(Provenance):
+    """Sustained memory bandwidth, as a STREAM-like copy test measures it with all cores."""
+
+    gb_s: float = Field(gt=0, le=2000, description="Sustained bandwidth in GB/s (10^9 bytes/s, read + write counted).")
+
+
+class StorageSpec(Provenance):
+    """Where bundles live on the board; decides cold-load time."""
+
+    kind: Literal["microsd", "emmc", "nvme", "sata-ssd", "usb-ssd", "unknown"] = Field(description="Storage technology.")
+    read_mb_s: float = Field(gt=0, description="Sequential read speed in MB/s.")
+
+
+class CalibrationPoint(Strict):
+    """A measured speed of a real model on this board, with where it was published."""
+
+    model: str = Field(description="Model measured, e.g. 'TinyLlama 1.1B'.")
+    format: Literal["gguf", "onnx"] = Field("gguf", description="Bundle format (engine family) of the measurement.")
+    quant: str = Field(description="Weight type: llama.cpp type (Q8_0, Q4_K_M, F16) or ONNX quantization (int8, fp32).")
+    parameters: int = Field(ge=1, description="Parameter count of the model (from its config), for the roofline.")
+    weights_bytes: int | None = Field(None, ge=1, description="Size of the weights file when published; default: parameters x bits per weight.")
+    n_layer: int | None = Field(None, ge=1, description="Transformer blocks, when known (per-token overhead term).")
+    hidden_size: int | None = Field(
+        None, ge=1, description="Encoders: embedding width; the matrix work per token is then 12 x n_layer x hidden_size^2."
+    )
+    prompt_tok_s: float | None = Field(None, gt=0, description="Prompt processing speed, tokens/s.")
+    decode_tok_s: float | None = Field(None, gt=0, description="Generation speed, tokens/s.")
+    latency_ms: float | None = Field(None, gt=0, description="Encoder: batch-1 latency of one short input, ms.")
+    seq_len: int | None = Field(None, ge=1, description="Encoder: tokens in the measured input.")
+    threads: int | None = Field(None, ge=1, description="Threads used, when published.")
+    engine: str = Field("llama.cpp", description="Engine that measured it (llama.cpp, ollama, llamafile, onnxruntime).")
+    measured_on: str = Field(description="The exact board the source measured (variant, RAM).")
+    source: str = Field(min_length=4, description="URL or citation of the measurement.")
+    note: str = Field("", description="Anything that qualifies the number (cooling, OS, swap).")
+
+    @model_validator(mode="after")
+    def _has_a_speed(self) -> CalibrationPoint:
+        if self.prompt_tok_s is None and self.decode_tok_s is None and self.latency_ms is None:
+            raise ValueError("a calibration point needs prompt_tok_s, decode_tok_s or latency_ms")
+        if self.latency_ms is not None and self.seq_len is None:
+            raise ValueError("latency_ms needs seq_len (tokens in the measured input)")
+        return self
+
+
+class Device(Strict):
+    """One board of the device catalog (devices/<id>.yaml)."""
+
+    id: DeviceId = Field(description="Catalog id, equal to the file name without .yaml, e.g. 'rpi-5-8gb'.")
+    name: str = Field(description="Human name of the board and variant.")
+    description: str = Field("", description="What the board is, in a sentence.")
+    cpu: CpuSpec = Field(description="Cores used for inference.")
+    memory: MemorySpec = Field(description="RAM and the share the OS keeps.")
+    memory_bandwidth: BandwidthSpec = Field(description="Sustained memory bandwidth.")
+    storage: StorageSpec = Field(description="Where bundles are read from.")
+    calibration: list[CalibrationPoint] = Field(default_factory=list, description="Measured speeds of real models on this board.")
+
+    @property
+    def usable_ram_bytes(self) -> int:
+        """RAM a model may use: installed minus what the OS keeps."""
+        return (self.memory.total_mib - self.memory.os_reserved_mib) * MIB
+
+    @property
+    def total_ram_bytes(self) -> int:
+        return self.memory.total_mib * MIB
+
+
+def default_device_dir() -> Path:
+    """The catalog shipped in the repository (devices/ next to recipes/)."""
+    return Path(__file__).resolve().parent.parent.parent / "devices"
+
+
+def load_device_file(path: Path) -> Device:
+    """Load one profile; errors name the file and the field. The id must equal the file name."""
+    path = Path(path)
+    device = load_yaml_model(path, Device, DeviceError)
+    if path.suffix in (".yaml", ".yml") and device.id != path.stem:
+        raise DeviceError(f"{path}: id: '{device.id}' differs from the file name '{path.stem}'",
+                          hint=f"rename the file to {device.id}{path.suffix} or set id: {path.stem}")
+    return device
+
+
+def load_catalog(directory: Path | None = None) -> dict[str, Device]:
+    """Every profile in ``directory`` (default: the shipped catalog), by id."""
+    directory = Path(directory) if directory is not None else default_device_dir()
+    if not directory.is_dir():
+        raise DeviceError(f"{directory}: device catalog folder not found", hint="pass --catalog DIR")
+    return {device.id: device for device in map(load_device_file, sorted(directory.glob("*.yaml")))}
+
+
+def load_device(ref: str | Path, directory: Path | None = None) -> Device:
+    """A device by catalog id, or by the path of a profile file (e.g. one written by `edgekit profile-host`)."""
+    as_path = Path(ref)
+    if as_path.suffix in (".yaml", ".yml", ".json") and as_path.exists():
+        return load_device_file(as_path)
+    directory = Path(directory) if directory is not None else default_device_dir()
+    path = directory / f"{ref}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+        raise DeviceError(f"unknown device '{ref}'", hint=f"known devices: {', '.join(known) or 'none'}; or pass a profile file")
+    return load_device_file(path)
