@@ -40,6 +40,11 @@ class RuntimeConfig(Strict):
     input_names: list[str] = Field(default_factory=list, description="ONNX graph inputs the runtime feeds.")
     chat_template: str | None = Field(None, description="Jinja chat template (text-generation), rendered sandboxed.")
     context_length: int | None = Field(None, description="Training context of a generative model.")
+    text_normalization: Literal["NFC"] | None = Field(
+        None,
+        description="Unicode normalization to apply to text before llama.cpp tokenizes it: the original tokenizer "
+        "normalizes (e.g. Qwen2's NFC) and llama.cpp does not, so the runtime does it to get the same token ids.",
+    )
 
 
 class GgufFacts(Strict):

@@ -165,6 +165,9 @@ class Validation(Strict):
     context_window: int = Field(
         512, ge=16, le=8192, description="Tokens per evaluation window over text_file (GGUF); each starts from an empty context."
     )
+    max_eval_tokens: int | None = Field(
+        None, ge=64, description="Measure on at most this many tokens of text_file (GGUF); default: all of it."
+    )
 
 
 class ArchitectureFacts(Strict):

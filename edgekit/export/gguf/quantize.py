@@ -1,0 +1,98 @@
+"""Quantize a GGUF file with llama.cpp's own quantizer (``llama_model_quantize`` via llama-cpp-python)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgekit.errors import ExportError
+
+# Recipe quant name -> llama_ftype constant in llama_cpp (llama.h enum llama_ftype). The K-quant
+# mixes (_M/_S) are llama.cpp's per-tensor recipes: e.g. Q4_K_M keeps half of attn_v/ffn_down in Q6_K.
+QUANT_FTYPES: dict[str, str] = {
+    "F32": "LLAMA_FTYPE_ALL_F32",
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+# Source file types that are precise enough to start from without opting in (issue 3).
+LOSSLESS_ENOUGH = ("F32", "F16", "BF16", "Q8_0")
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@contextmanager
+def quiet_llama(verbose: bool = False):
+    """Let llama.cpp's log lines through llama-cpp-python's logger only at ERROR level unless verbose.
+
+    llama.cpp also logs from destructors after the call returns, so an unset level is left at
+    ERROR afterwards rather than restored to "everything".
+    """
+    logger = logging.getLogger("llama-cpp-python")
+    previous = logger.level if logger.level != logging.NOTSET else logging.ERROR
+    logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextmanager
+def captured_stderr():
+    """Collect what native code writes to file descriptor 2 (llama.cpp prints per-tensor notes there).
+
+    Yields a callable returning the captured text, for error messages.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode("utf-8", errors="replace"))[1]
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def quantize(source: Path, out: Path, quant: str, *, requantize: bool = False, threads: int | None = None) -> Path:
+    """Write ``source`` quantized to ``quant`` at ``out``; ``requantize`` must be set when the source is quantized."""
+    import llama_cpp
+    import llama_cpp._logger  # noqa: F401  (installs the log callback the quiet_llama level applies to)
+
+    if quant not in QUANT_FTYPES:
+        raise ExportError(f"quant type {quant!r} unknown", hint=f"use one of {', '.join(QUANT_FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
+    params.nthread = threads or default_threads()
+    params.allow_requantize = requantize
+    with quiet_llama(verbose=True), captured_stderr() as log:  # all of it into the capture
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+        if status != 0 or not out.is_file():
+            text = log()
+            # llama.cpp reports the cause as "...: failed to quantize: <why>", possibly mid-line.
+            reasons = re.findall(r"failed to quantize: ([^\n]+)", text)
+            tail = reasons[-1] if reasons else "\n".join(text.strip().splitlines()[-8:])
+            failed = True
+        else:
+            failed = False
+    if failed:
+        raise ExportError(f"llama.cpp could not quantize {source.name} to {quant} (status {status}): {tail}")
+    return out
