@@ -50,6 +50,7 @@ def main() -> None:
 
     from edgekit.cli import export  # noqa: F401  (registers its commands)
     from edgekit.cli import serve  # noqa: F401  (registers `serve` and `service`)
+    from edgekit.cli import fit  # noqa: F401  (registers devices, fit, plan, profile-host)
 
     try:
         app(standalone_mode=False)

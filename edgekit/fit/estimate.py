@@ -65,14 +65,18 @@ class FitReport(BaseModel):
     parameters: int
     bits_per_weight: float
     settings: dict = Field(description="The run settings the estimate is for (resolved defaults included).")
-    memory: dict[str, int] = Field(description="Peak RAM terms in bytes: weights, repacked, kv_cache, compute, runtime, total.")
+    memory: dict[str, int] = Field(
+        description="RAM terms in bytes: weights, repacked, kv_cache, compute, runtime; total (peak resident set "
+        "without memory pressure) and required (what must stay resident; the RAM check uses it)."
+    )
     usable_ram_bytes: int
-    ram_share: float = Field(description="memory.total / usable RAM.")
+    ram_share: float = Field(description="memory.required / usable RAM.")
     disk_bytes: int = Field(description="Bundle size on disk (measured for bundles, predicted for recipes).")
     predicted_disk_bytes: int | None = Field(None, description="The recipe-time prediction when a bundle exists too.")
     disk_prediction_error: float | None = Field(None, description="(predicted - measured) / measured bundle size.")
     cold_load_s: float = Field(description="Bundle size / storage read speed.")
-    decode_tok_s: float | None = None
+    decode_tok_s: float | None = Field(None, description="Predicted generation speed half-way through the context (the speed check uses it).")
+    decode_tok_s_short: float | None = Field(None, description="Predicted generation speed at the start of a conversation (how benchmarks report it).")
     prompt_tok_s: float | None = None
     latency_ms: float | None = None
     calibration: dict[str, dict] = Field(default_factory=dict, description="Per speed kind: factor, scope and points used.")
@@ -114,28 +118,30 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
     checks: list[Check] = []
     notes = list(facts.notes)
 
-    share = mem.total / usable
-    if mem.total > usable:
-        ram = Check(name="ram", verdict="fail", value=mem.total, limit=usable,
-                    message=f"needs {_mb(mem.total)} of RAM, {device.id} has {_mb(usable)} usable "
-                            f"({_mb(mem.total - usable)} short)")
+    need = mem.required
+    share = need / usable
+    if need > usable:
+        ram = Check(name="ram", verdict="fail", value=need, limit=usable,
+                    message=f"needs {_mb(need)} of RAM, {device.id} has {_mb(usable)} usable "
+                            f"({_mb(need - usable)} short)")
     elif share > 1 - settings.headroom:
-        ram = Check(name="ram", verdict="warn", value=mem.total, limit=usable,
-                    message=f"needs {_mb(mem.total)} of {_mb(usable)} usable RAM ({share:.0%}), "
+        ram = Check(name="ram", verdict="warn", value=need, limit=usable,
+                    message=f"needs {_mb(need)} of {_mb(usable)} usable RAM ({share:.0%}), "
                             f"inside the {settings.headroom:.0%} headroom margin")
     else:
-        ram = Check(name="ram", verdict="pass", value=mem.total, limit=usable,
-                    message=f"needs {_mb(mem.total)} of {_mb(usable)} usable RAM ({share:.0%})")
+        ram = Check(name="ram", verdict="pass", value=need, limit=usable,
+                    message=f"needs {_mb(need)} of {_mb(usable)} usable RAM ({share:.0%})")
     checks.append(ram)
 
     work = speed.workload_of(facts)
     calibrations: dict[str, dict] = {}
-    decode = prompt = latency = None
+    decode = decode_short = prompt = latency = None
     if facts.format == "gguf":
         cal_d = speed.calibrate(device, "decode", catalog)
         cal_p = speed.calibrate(device, "prompt", catalog)
         # Decode speed at the middle of the context: the KV cache read grows as the context fills.
         decode = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2) * cal_d.factor
+        decode_short = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=0) * cal_d.factor
         prompt = speed.roofline_prompt_tok_s(work, device, settings.threads, n_ctx_avg=min(n_ctx, 512) // 2) * cal_p.factor
         calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
         if settings.min_tok_s is not None:
@@ -175,6 +181,7 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         disk_prediction_error=None if disk_error is None else round(disk_error, 6),
         cold_load_s=round(facts.bundle_bytes / (device.storage.read_mb_s * 1e6), 4),
         decode_tok_s=None if decode is None else round(decode, 4),
+        decode_tok_s_short=None if decode_short is None else round(decode_short, 4),
         prompt_tok_s=None if prompt is None else round(prompt, 4),
         latency_ms=None if latency is None else round(latency, 4),
         calibration={k: {**v, "factor": round(v["factor"], 6)} for k, v in calibrations.items()},

@@ -26,8 +26,8 @@ from edgekit.schema.recipe import ArchitectureFacts, GgufTarget, OnnxTarget, Rec
 # GGUF architectures whose attention has q/k/v biases (llama.cpp src/llama-model.cpp, LLM_ARCH_QWEN2).
 QKV_BIAS_ARCHS = {"qwen2"}
 # Bytes of tokenizer.json per vocabulary entry in an ONNX bundle (written without pretty-printing):
-# all-MiniLM-L6-v2, 30,522 tokens -> 711 kB.
-TOKENIZER_JSON_BYTES_PER_TOKEN = 23.3
+# all-MiniLM-L6-v2, 30,522 tokens -> 466,267 bytes.
+TOKENIZER_JSON_BYTES_PER_TOKEN = 15.3
 # ONNX int8: one fp32 scale per block of MatMulNBits weights, per row otherwise
 # (onnxruntime quantization: MatMulNBitsQuantizer, quantize_dynamic per_channel).
 ONNX_SCALE_BYTES = 4
@@ -203,7 +203,7 @@ def from_recipe(recipe: Recipe, target: OnnxTarget | GgufTarget) -> ModelFacts:
             format="gguf", quant=target.quant, context_length=recipe.max_length or arch.context_length,
             weights_bytes=weights, bundle_bytes=weights, tensors=tensors, notes=tuple(notes), **common,
         )
-    weights = onnx_weight_bytes(arch, target)
+    weights = onnx_weight_bytes(arch, target, recipe.task)
     max_length = min(recipe.max_length or arch.context_length, arch.context_length)
     tokenizer = int(TOKENIZER_JSON_BYTES_PER_TOKEN * arch.vocab_size)
     quant = target.quantization.label if target.quantization else "fp32"
@@ -213,12 +213,16 @@ def from_recipe(recipe: Recipe, target: OnnxTarget | GgufTarget) -> ModelFacts:
     )
 
 
-def onnx_weight_bytes(arch: ArchitectureFacts, target: OnnxTarget) -> int:
+def onnx_weight_bytes(arch: ArchitectureFacts, target: OnnxTarget, task: str) -> int:
     """Initializer bytes of an exported BERT-family encoder: quantized matrices and embeddings, the rest fp32."""
     h, ff = arch.hidden_size, arch.intermediate_size
     matrices = arch.n_layer * (4 * h * h + 2 * h * ff)
     embeddings = (arch.vocab_size + arch.context_length) * h
     rest = max(arch.parameters - matrices - embeddings, 0)
+    if task in ("feature-extraction", "token-classification") and rest >= h * h + h:
+        # A BERT pooler (h x h + h) in the checkpoint is unused by these heads and pruned from the graph
+        # (all-MiniLM-L6-v2: 147,840 of its 22.7M parameters).
+        rest -= h * h + h
     spec = target.quantization
     if spec is None:
         return 4 * arch.parameters

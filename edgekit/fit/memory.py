@@ -75,12 +75,13 @@ class RunSettings:
 class MemoryEstimate:
     """Bytes of each term of the peak resident set, and their sum."""
 
-    weights: int
-    repacked: int
+    weights: int  # the model file as mapped (GGUF) or loaded with its pre-packed copy (ONNX)
+    repacked: int  # interleaved copies ggml makes at load; their file pages are never read again
     kv_cache: int
     compute: int
     runtime: int
-    total: int
+    total: int  # peak resident set on a machine without memory pressure (what `ps` shows)
+    required: int  # what must stay resident: total minus the clean, evictable file pages of repacked tensors
     compute_reserved: int  # what llama.cpp reserves (it logs this); pages are touched only as used
 
     def as_dict(self) -> dict[str, int]:
@@ -152,5 +153,8 @@ def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures |
         weights = int(facts.weights_bytes * ORT_WEIGHT_COPIES)
         runtime = RUNTIME_BASE["onnx"] + ORT_SESSION_EXTRA + daemon
     total = weights + repacked + kv + compute + runtime
+    # Repacked tensors are copied out of the mapping at load; the kernel can drop those clean file
+    # pages under memory pressure without any cost, so they do not count against the board's RAM.
+    required = total - repacked
     return MemoryEstimate(weights=weights, repacked=repacked, kv_cache=kv, compute=compute, runtime=runtime,
-                          total=total, compute_reserved=reserved)
+                          total=total, required=required, compute_reserved=reserved)

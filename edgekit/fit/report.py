@@ -36,7 +36,7 @@ def markdown_summary(reports: Sequence[FitReport]) -> str:
     rows = ["| bundle | device | RAM needed | usable | decode tok/s | verdict | reason |", "|---|---|---|---|---|---|---|"]
     for r in reports:
         speed = f"{r.decode_tok_s:.1f}" if r.decode_tok_s is not None else (f"{r.latency_ms:.1f} ms" if r.latency_ms else "")
-        rows.append(f"| {r.subject} | {r.device} | {r.memory['total'] / 1e6:,.0f} MB | {r.usable_ram_bytes / 1e6:,.0f} MB "
+        rows.append(f"| {r.subject} | {r.device} | {r.memory['required'] / 1e6:,.0f} MB | {r.usable_ram_bytes / 1e6:,.0f} MB "
                     f"| {speed} | {icon[r.verdict]} | {r.reason} |")
     return "\n".join(rows) + "\n"
 
@@ -50,7 +50,7 @@ def junit_xml(reports: Sequence[FitReport], suite: str = "edgekit fit") -> str:
     for report in reports:
         case = ET.SubElement(element, "testcase", classname=report.subject, name=report.device, time="0")
         properties = ET.SubElement(case, "properties")
-        for key, value in (("verdict", report.verdict), ("peak_ram_bytes", report.memory["total"]),
+        for key, value in (("verdict", report.verdict), ("required_ram_bytes", report.memory["required"]), ("peak_rss_bytes", report.memory["total"]),
                            ("usable_ram_bytes", report.usable_ram_bytes), ("decode_tok_s", report.decode_tok_s),
                            ("latency_ms", report.latency_ms)):
             if value is not None:

@@ -1,0 +1,375 @@
+"""Commands of the device catalog and the fit checks: devices, fit, plan, profile-host."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from edgekit.cli import JsonFlag, app, emit_json, err, out, status
+from edgekit.errors import BundleError, DeviceError, EdgekitError, GateFailed
+
+devices_app = typer.Typer(no_args_is_help=True, help="The device catalog: boards, their specs and measured speeds.")
+app.add_typer(devices_app, name="devices")
+
+CatalogOpt = Annotated[Path, typer.Option("--catalog", help="Folder of device profiles (default: the shipped devices/).")]
+VERDICT_STYLE = {"pass": "[green]pass[/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f}"
+
+
+# -- devices -------------------------------------------------------------------------------------
+
+@devices_app.command("list")
+def devices_list(catalog: CatalogOpt = None, as_json: JsonFlag = False) -> None:
+    """List the catalog's boards; exit 2 if any profile is invalid (file:field messages)."""
+    from edgekit.schema.device import default_device_dir, load_device_file
+
+    directory = catalog or default_device_dir()
+    if not directory.is_dir():
+        raise DeviceError(f"{directory}: device catalog folder not found", hint="pass --catalog DIR")
+    rows = []
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            d = load_device_file(path)
+            rows.append({"file": path.name, "id": d.id, "name": d.name, "cpu": f"{d.cpu.cores}x {d.cpu.core_type} @ {d.cpu.clock_ghz} GHz",
+                         "ram_mib": d.memory.total_mib, "usable_ram_bytes": d.usable_ram_bytes,
+                         "bandwidth_gb_s": d.memory_bandwidth.gb_s, "storage": f"{d.storage.kind} {d.storage.read_mb_s:g} MB/s",
+                         "calibration_points": len(d.calibration), "error": None})
+        except EdgekitError as exc:
+            rows.append({"file": path.name, "id": None, "error": str(exc)})
+    if as_json:
+        emit_json(rows)
+    else:
+        table = Table("id", "name", "cpu", "RAM MiB", "usable MB", "GB/s", "storage", "points", title=f"devices in {directory}")
+        for row in rows:
+            if row["error"]:
+                table.add_row(row["file"], "[red]invalid[/red]", row["error"], "", "", "", "", "")
+            else:
+                table.add_row(row["id"], row["name"], row["cpu"], str(row["ram_mib"]), _mb(row["usable_ram_bytes"]),
+                              f"{row['bandwidth_gb_s']:g}", row["storage"], str(row["calibration_points"]))
+        out.print(table)
+    if any(row["error"] for row in rows):
+        raise typer.Exit(2)
+
+
+@devices_app.command("show")
+def devices_show(device: Annotated[str, typer.Argument(help="Device id or profile file.")], catalog: CatalogOpt = None,
+                 as_json: JsonFlag = False) -> None:
+    """Show one profile with every spec's source and its calibration points."""
+    from edgekit.schema.device import load_device
+
+    d = load_device(device, catalog)
+    data = json.loads(d.model_dump_json())
+    data["usable_ram_bytes"] = d.usable_ram_bytes
+    if as_json:
+        emit_json(data)
+        return
+    out.print(f"[bold]{d.id}[/bold]  {d.name}\n{d.description}")
+    specs = Table("spec", "value", "source / estimate")
+    for label, block, value in (
+        ("cpu", d.cpu, f"{d.cpu.cores}x {d.cpu.core_type} @ {d.cpu.clock_ghz} GHz, {d.cpu.arch}, "
+                       + ", ".join(k for k, v in d.cpu.isa.model_dump().items() if v)),
+        ("memory", d.memory, f"{d.memory.total_mib} MiB, OS keeps {d.memory.os_reserved_mib} MiB "
+                             f"-> {_mb(d.usable_ram_bytes)} MB usable ({d.memory.kind})"),
+        ("bandwidth", d.memory_bandwidth, f"{d.memory_bandwidth.gb_s:g} GB/s"),
+        ("storage", d.storage, f"{d.storage.kind}, {d.storage.read_mb_s:g} MB/s"),
+    ):
+        where = ("estimate: " if block.estimate else "") + (block.source or "") + (f" ({block.note})" if block.note else "")
+        specs.add_row(label, value, where)
+    out.print(specs)
+    points = Table("model", "quant", "prompt tok/s", "decode tok/s", "latency ms", "measured on", "source", title="calibration points")
+    for p in d.calibration:
+        points.add_row(p.model, p.quant, f"{p.prompt_tok_s or ''}", f"{p.decode_tok_s or ''}", f"{p.latency_ms or ''}",
+                       p.measured_on, p.source)
+    out.print(points)
+
+
+# -- fit -----------------------------------------------------------------------------------------
+
+def _manifest_of(ref: str):
+    """A bundle directory, a manifest.json, or a bundle name under $EDGEKIT_HOME/bundles."""
+    from edgekit.bundle import read_manifest
+    from edgekit.paths import kit_paths
+
+    path = Path(ref)
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent
+    if not path.exists():
+        candidate = kit_paths().bundles / ref
+        if candidate.exists():
+            path = candidate
+        else:
+            raise BundleError(f"{ref}: no such bundle directory (nor {candidate})", hint="pass a bundle folder or export it first")
+    return read_manifest(path)
+
+
+def _settings(ctx: int | None, parallel: int, min_tok_s: float | None, max_latency_ms: float | None, flash_attn: bool,
+              daemon: bool, headroom: float, threads: int | None):
+    from edgekit.fit import FitSettings
+
+    return FitSettings(n_ctx=ctx, parallel=parallel, min_tok_s=min_tok_s, max_latency_ms=max_latency_ms,
+                       flash_attn=flash_attn, daemon=daemon, headroom=headroom, threads=threads)
+
+
+def _report_rows(reports) -> None:
+    table = Table("bundle", "device", "from", "RAM MB", "usable MB", "disk MB", "decode tok/s", "verdict", "reason", title="edgekit fit")
+    for r in reports:
+        disk = _mb(r.disk_bytes)
+        if r.disk_prediction_error is not None:
+            disk += f" (pred {r.disk_prediction_error:+.1%})"
+        speed = f"{r.decode_tok_s:.1f}" if r.decode_tok_s is not None else f"{r.latency_ms:.1f} ms (b1)"
+        table.add_row(r.subject, r.device, r.origin, _mb(r.memory["required"]), _mb(r.usable_ram_bytes), disk, speed,
+                      VERDICT_STYLE[r.verdict], r.reason)
+    out.print(table)
+
+
+def _emit(reports, as_json: bool, junit: Path | None, github: bool) -> None:
+    from edgekit.fit.report import github_annotations, junit_xml, markdown_summary
+
+    if as_json:
+        emit_json([json.loads(r.model_dump_json()) for r in reports])
+    elif not github:
+        _report_rows(reports)
+    if github:
+        for line in github_annotations(reports):
+            print(line)
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as handle:
+                handle.write(markdown_summary(reports))
+        if not as_json:
+            _report_rows(reports)
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(reports), encoding="utf-8")
+        err.print(f"wrote {junit}")
+    failed = [f"{r.subject} on {r.device}" for r in reports if r.verdict == "fail"]
+    if failed:
+        raise GateFailed(f"{len(failed)} of {len(reports)} fit checks failed: {', '.join(failed)}")
+
+
+def recipe_subjects(recipe_path: Path, bundles_dir: Path | None):
+    """(measured or predicted facts, prediction) for every target of a recipe; measured when the bundle exists."""
+    from edgekit.bundle import read_manifest
+    from edgekit.fit import from_manifest, from_recipe
+    from edgekit.paths import kit_paths
+    from edgekit.schema.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path).recipe
+    bundles_dir = bundles_dir or kit_paths().bundles
+    subjects = []
+    for target in recipe.targets:
+        predicted = from_recipe(recipe, target)
+        folder = bundles_dir / recipe.bundle_name(target)
+        if (folder / "manifest.json").is_file():
+            subjects.append((from_manifest(read_manifest(folder)), predicted))
+        else:
+            subjects.append((predicted, None))
+    return recipe, subjects
+
+
+@app.command("fit")
+def fit_cmd(
+    bundles: Annotated[list[str], typer.Argument(help="Bundle folders (or names under $EDGEKIT_HOME/bundles).")] = None,
+    device: Annotated[list[str], typer.Option("--device", "-d", help="Device id or profile file (repeatable); default: every catalog device, or the recipe's devices.")] = None,
+    recipe: Annotated[Path, typer.Option("--recipe", help="Check a recipe's targets on its devices, before export or download.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context tokens per sequence (GGUF) or input tokens (ONNX); default: model's, at most 4096.")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once (GGUF) or batch size (ONNX).")] = 1,
+    min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Fail when predicted decode tokens/s is lower.")] = None,
+    max_latency_ms: Annotated[float, typer.Option("--max-latency-ms", help="Encoders: fail when predicted batch-1 latency is higher.")] = None,
+    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="llama.cpp flash attention at run time.")] = False,
+    daemon: Annotated[bool, typer.Option("--daemon/--no-daemon", help="Count edgekit serve's web stack.")] = True,
+    headroom: Annotated[float, typer.Option("--headroom", help="Warn above (1 - headroom) of usable RAM.")] = 0.15,
+    threads: Annotated[int, typer.Option("--threads", help="Inference threads; default: the device's cores.")] = None,
+    bundles_dir: Annotated[Path, typer.Option("--bundles-dir", help="Where --recipe looks for exported bundles (default $EDGEKIT_HOME/bundles).")] = None,
+    catalog: CatalogOpt = None,
+    as_json: JsonFlag = False,
+    junit: Annotated[Path, typer.Option("--junit", help="Also write a JUnit XML report here.")] = None,
+    github: Annotated[bool, typer.Option("--github", help="Print GitHub Actions ::error/::warning annotations and a step summary.")] = False,
+) -> None:
+    """Will these bundles fit these boards? Peak RAM, disk and speed from metadata; exit 1 if any fails."""
+    from edgekit.fit import fit
+    from edgekit.schema.device import load_catalog, load_device
+
+    if not bundles and recipe is None:
+        raise typer.BadParameter("give bundle folders or --recipe RECIPE")
+    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn, daemon, headroom, threads)
+    everything = load_catalog(catalog)
+    subjects = [(_manifest_of(ref), None) for ref in bundles or []]
+    device_ids = list(device or [])
+    if recipe is not None:
+        loaded, recipe_targets = recipe_subjects(recipe, bundles_dir)
+        subjects += recipe_targets
+        device_ids = device_ids or list(loaded.devices)
+        if not device_ids:
+            raise DeviceError(f"{recipe}: the recipe lists no devices", hint="add devices: [...] to the recipe or pass --device")
+    devices = [load_device(ref, catalog) for ref in device_ids] if device_ids else list(everything.values())
+    reports = [fit(subject, dev, settings, catalog=everything.values(), predicted=predicted)
+               for subject, predicted in subjects for dev in devices]
+    _emit(reports, as_json, junit, github)
+
+
+@app.command("plan")
+def plan_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    device: Annotated[str, typer.Option("--device", "-d", help="Device id or profile file.")],
+    ctx: Annotated[int, typer.Option("--ctx", help="Context tokens per sequence.")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once.")] = 1,
+    min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Speed floor for decode tokens/s.")] = None,
+    max_latency_ms: Annotated[float, typer.Option("--max-latency-ms", help="Encoders: latency ceiling.")] = None,
+    catalog: CatalogOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The best target (quant type) of a recipe that fits the board and meets the speed floor."""
+    from edgekit.fit import FitSettings
+    from edgekit.fit.plan import plan
+    from edgekit.schema.device import load_catalog, load_device
+    from edgekit.schema.recipe import load_recipe
+
+    loaded = load_recipe(recipe).recipe
+    settings = FitSettings(n_ctx=ctx, parallel=parallel, min_tok_s=min_tok_s, max_latency_ms=max_latency_ms)
+    everything = load_catalog(catalog)
+    result = plan(loaded, load_device(device, catalog), settings, everything.values())
+    if as_json:
+        emit_json(result.as_dict())
+    else:
+        table = Table("target", "quant", "in recipe", "RAM MB", "usable MB", "disk MB", "decode tok/s", "verdict", "reason",
+                      title=f"plan for {loaded.name} on {device}")
+        for c in result.candidates:
+            r = c.report
+            speed = f"{r.decode_tok_s:.1f}" if r.decode_tok_s is not None else f"{r.latency_ms:.1f} ms (b1)"
+            mark = " [bold]<- best[/bold]" if result.best is c else ""
+            table.add_row(c.target_name + mark, r.quant, "yes" if c.in_recipe else "no", _mb(r.memory["required"]),
+                          _mb(r.usable_ram_bytes), _mb(r.disk_bytes), speed, VERDICT_STYLE[r.verdict], r.reason)
+        out.print(table)
+        out.print(result.summary)
+    if result.best is None:
+        raise GateFailed(result.summary)
+
+
+# -- profile-host --------------------------------------------------------------------------------
+
+def measure_decode(bundle: Path, threads: int, n_tokens: int = 64, repeats: int = 3) -> dict[str, Any]:
+    """Prompt and decode tokens/s of a GGUF bundle with the runtime's settings (median of ``repeats``)."""
+    import statistics
+    import time
+
+    import llama_cpp
+
+    from edgekit.runtime.llm import PREFILL_CHUNK
+
+    manifest = _manifest_of(str(bundle))
+    model_file = Path(bundle) / manifest.file(".gguf").path
+    llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=1024, n_batch=PREFILL_CHUNK, n_ubatch=PREFILL_CHUNK,
+                          n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+    vocab = llm.n_vocab()
+    prompt = [(i * 7919) % (vocab - 1000) + 500 for i in range(256)]
+    prompt_rates, decode_rates = [], []
+    for _ in range(repeats):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prompt_rates.append(len(prompt) / (time.perf_counter() - start))
+        start, produced = time.perf_counter(), 0
+        for token in llm.generate(prompt[:8], temp=0.0, reset=True):
+            if produced == 0:
+                start = time.perf_counter()  # after the 8-token prompt is evaluated
+            produced += 1
+            if produced > n_tokens:
+                break
+        decode_rates.append(n_tokens / (time.perf_counter() - start))
+    return {"manifest": manifest, "bytes": manifest.file(".gguf").bytes, "prompt_tok_s": statistics.median(prompt_rates),
+            "decode_tok_s": statistics.median(decode_rates), "engine": f"llama-cpp-python {llama_cpp.__version__}"}
+
+
+def measure_encoder(bundle: Path, threads: int, repeats: int = 50) -> dict[str, Any]:
+    """Batch-1 latency of an ONNX encoder bundle on one short sentence (median of ``repeats``)."""
+    import statistics
+    import time
+
+    import onnxruntime
+
+    from edgekit.runtime.encoder import EncoderModel
+
+    manifest = _manifest_of(str(bundle))
+    model = EncoderModel(Path(bundle), manifest.runtime, threads=threads)
+    text = "A short sentence about running models on small boards."
+    seq_len = model.count_tokens([text])[0]
+    model.forward([text])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.forward([text])
+        times.append(1e3 * (time.perf_counter() - start))
+    return {"manifest": manifest, "bytes": manifest.file(".onnx").bytes, "latency_ms": statistics.median(times),
+            "seq_len": seq_len, "engine": f"onnxruntime {onnxruntime.__version__}"}
+
+
+@app.command("profile-host")
+def profile_host(
+    out_file: Annotated[Path, typer.Option("--out", help="Write the profile YAML here (default: print it).")] = None,
+    device_id: Annotated[str, typer.Option("--id", help="Id of the written profile.")] = "this-host",
+    bundle: Annotated[list[Path], typer.Option("--bundle", help="Also measure this bundle's speed (GGUF decode or ONNX latency); repeatable.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Threads for the speed measurements; default: all cores.")] = None,
+    bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", help="Array size per copy buffer for the bandwidth test.")] = 256,
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure this machine (cores, RAM, ISA flags, memory bandwidth, storage, sample speeds) into a device profile."""
+    import datetime
+    import platform
+
+    import yaml
+
+    from edgekit.fit import host
+    from edgekit.schema.device import CalibrationPoint, Device
+
+    with status("measuring this host") as progress:
+        progress("CPU and RAM")
+        cpu = host.cpu_spec()
+        memory = host.memory_spec()
+        progress("memory bandwidth (STREAM-like copy)")
+        bandwidth = host.bandwidth_spec(cpu.cores, bandwidth_mib)
+        progress("storage read speed")
+        storage = host.storage_spec(bundle[0] if bundle else None)
+        points = []
+        today = datetime.date.today().isoformat()
+        measured_on = f"{platform.node() or 'this host'}: {host.cpu_model_name()}"
+        for folder in bundle or []:
+            manifest = _manifest_of(str(folder))
+            n = threads or cpu.cores
+            progress(f"speed of {manifest.name} ({n} threads)")
+            common = dict(model=manifest.name, format=manifest.format, quant=manifest.quantization,
+                          parameters=manifest.parameters, threads=n, measured_on=measured_on,
+                          source=f"edgekit profile-host, {today}")
+            if manifest.format == "gguf":
+                m = measure_decode(folder, n)
+                g = manifest.gguf
+                points.append(CalibrationPoint(**common, weights_bytes=m["bytes"], n_layer=g.n_layer if g else None,
+                                               prompt_tok_s=round(m["prompt_tok_s"], 3), decode_tok_s=round(m["decode_tok_s"], 3),
+                                               engine=m["engine"], note="256-token prompt; 64 tokens decoded from an 8-token prompt; median of 3"))
+            else:
+                m = measure_encoder(folder, n)
+                o = manifest.onnx
+                points.append(CalibrationPoint(**common, weights_bytes=m["bytes"], n_layer=o.n_layer if o else None,
+                                               hidden_size=o.hidden_size if o else None, latency_ms=round(m["latency_ms"], 4),
+                                               seq_len=m["seq_len"], engine=m["engine"], note="batch 1, one short sentence; median of 50"))
+    profile = Device(id=device_id, name=f"This host ({host.cpu_model_name()})",
+                     description=f"Measured by edgekit profile-host on {today}.", cpu=cpu, memory=memory,
+                     memory_bandwidth=bandwidth, storage=storage, calibration=points)
+    data = json.loads(profile.model_dump_json(exclude_defaults=False))
+    text = yaml.safe_dump(data, sort_keys=False)
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(f"# Written by `edgekit profile-host` on {today}.\n" + text, encoding="utf-8")
+        err.print(f"wrote {out_file}")
+    if as_json:
+        emit_json(data)
+    elif out_file is None:
+        print(text, end="")

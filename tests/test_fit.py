@@ -1,0 +1,334 @@
+"""The fit estimator on golden bundle metadata: sizes, KV cache, compute buffers, verdicts, CI outputs.
+
+Golden manifests (tests/golden/bundles/) are the manifests of real exported bundles (SmolLM2-135M
+GGUF Q8_0 / Q4_K_M, all-MiniLM-L6-v2 ONNX int8); their fit reports on a few catalog boards are
+checked in as tests/golden/fit-*.json. Regenerate consciously with UPDATE_GOLDEN=1.
+Numbers asserted against llama.cpp come from its own logs (llama-cpp-python 0.3.36, this host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from edgekit.bundle import read_manifest
+from edgekit.fit import FitSettings, fit, from_manifest, from_recipe, kv_cache_bytes
+from edgekit.fit.facts import infer_n_ff
+from edgekit.fit.memory import RunSettings, compute_buffer_bytes, estimate_memory, repacked_bytes
+from edgekit.fit.quant import DecoderShape, gguf_tensor_bytes, quantized_tensors
+from edgekit.fit.report import github_annotations, junit_xml
+from edgekit.schema.device import IsaFeatures, load_catalog
+from edgekit.schema.recipe import Recipe
+from tests.conftest import REPO
+
+GOLDEN = REPO / "tests" / "golden"
+BUNDLES = GOLDEN / "bundles"
+Q8, Q4 = BUNDLES / "smollm2-135m-instruct-q8-0", BUNDLES / "smollm2-135m-instruct-q4-k-m"
+MINILM = BUNDLES / "all-minilm-l6-v2-int8-dynamic"
+MIB = 1 << 20
+SMOLLM2 = DecoderShape(n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3, head_dim=64, n_vocab=49152,
+                       tied_embeddings=True)
+AVX2 = IsaFeatures(avx2=True)
+A53 = IsaFeatures(neon=True)
+GOLDEN_DEVICES = ["rpi-zero-2w", "rpi-4-2gb", "rpi-5-8gb", "x86-64-avx2-generic"]
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog()
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+# -- sizes: llama.cpp's quantization rules as a table ----------------------------------------------
+
+@pytest.mark.parametrize(("file_type", "tensor_bytes"), [
+    # tensor data of the files llama.cpp's quantizer wrote for SmolLM2-135M (summed from their headers)
+    ("Q8_0", 143_025_408), ("Q4_K_M", 103_668_480), ("Q4_1", 96_576_768),
+])
+def test_predicted_tensor_bytes_equal_llama_cpp_files(file_type, tensor_bytes):
+    assert SMOLLM2.parameters == 134_515_008
+    assert gguf_tensor_bytes(SMOLLM2, file_type) == tensor_bytes
+
+
+def test_k_quant_fallbacks_for_576_wide_rows():
+    types = {t.name: t.ggml_type for t in quantized_tensors(SMOLLM2, "Q4_K_M")}
+    assert types["token_embd.weight"] == "Q8_0"  # tied output head, 576 % 256 != 0
+    assert types["blk.0.attn_q.weight"] == "Q5_0"  # Q4_K falls back to Q5_0
+    assert types["blk.0.attn_v.weight"] == "Q8_0"  # use_more_bits layer: Q6_K -> Q8_0
+    assert types["blk.3.ffn_down.weight"] == "Q4_K"  # 1536-wide rows keep Q4_K
+    assert types["blk.29.ffn_down.weight"] == "Q6_K"
+    assert sum(t == "Q4_K" for t in types.values()) == 16
+
+
+def test_manifest_bits_per_weight_agrees_with_prediction():
+    manifest = read_manifest(Q4)
+    assert manifest.gguf.bits_per_weight == pytest.approx(8 * 103_668_480 / 134_515_008, abs=1e-4)
+
+
+def test_feed_forward_width_is_recovered_from_parameters():
+    assert infer_n_ff(134_515_008, 30, 576, 9, 3, 64, 49152, qkv_bias=False) == (1536, True)
+    # Qwen2.5-0.5B: q/k/v biases, tied, 4864-wide feed-forward
+    assert infer_n_ff(494_032_768, 24, 896, 14, 2, 64, 151936, qkv_bias=True) == (4864, True)
+    assert infer_n_ff(134_515_009, 30, 576, 9, 3, 64, 49152, qkv_bias=False) is None
+
+
+# -- memory terms ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("n_ctx", "parallel", "expected"), [
+    (512, 1, 11_796_480),  # llama.cpp logs "KV buffer size = 11.25 MiB"
+    (8192, 1, 188_743_680),  # "180.00 MiB"
+    (1000, 1, 23_592_960),  # context padded to 1024 cells: "22.50 MiB"
+    (512, 4, 47_185_920),
+])
+def test_kv_cache_bytes(n_ctx, parallel, expected):
+    facts = from_manifest(read_manifest(Q8))
+    # 2 (K, V) x cells x 30 layers x 3 KV heads x 64 dims x 2 bytes (f16)
+    assert kv_cache_bytes(facts, n_ctx, parallel) == expected
+    assert expected == 2 * -(-n_ctx * parallel // 256) * 256 * 30 * 3 * 64 * 2
+
+
+@pytest.mark.parametrize(("n_ctx", "flash_attn", "logged_mib"), [
+    (512, False, 98.25), (2048, False, 99.38), (8192, False, 166.38), (8192, True, 98.25),
+])
+def test_reserved_compute_buffer_matches_llama_cpp_log(n_ctx, flash_attn, logged_mib):
+    facts = from_manifest(read_manifest(Q8))
+    settings = RunSettings(n_ctx=n_ctx, n_ubatch=512, flash_attn=flash_attn)
+    reserved = compute_buffer_bytes(facts, settings, n_outputs=512)
+    assert reserved / MIB == pytest.approx(logged_mib, rel=0.015)
+
+
+def test_repacked_weights_by_isa():
+    q4 = from_manifest(read_manifest(Q4))
+    assert repacked_bytes(q4, AVX2) == 7_962_624  # llama.cpp: "CPU_REPACK model buffer size = 7.59 MiB"
+    assert repacked_bytes(q4, A53) == 0  # no dotprod/i8mm: nothing is repacked
+    assert repacked_bytes(from_manifest(read_manifest(Q8)), AVX2) == 0
+
+
+def test_memory_sum_and_required():
+    q4 = from_manifest(read_manifest(Q4))
+    mem = estimate_memory(q4, RunSettings(n_ctx=2048, daemon=False), AVX2)
+    assert mem.weights == 105_453_856
+    assert mem.kv_cache == 47_185_920
+    assert mem.total == mem.weights + mem.repacked + mem.kv_cache + mem.compute + mem.runtime
+    assert mem.required == mem.total - mem.repacked
+    # daemon adds edgekit serve's web stack (26 MiB measured)
+    assert estimate_memory(q4, RunSettings(n_ctx=2048, daemon=True), AVX2).total - mem.total == 26 * MIB
+
+
+# -- golden reports --------------------------------------------------------------------------------
+
+def _reports(bundle: Path, catalog, settings: FitSettings) -> list[dict]:
+    manifest = read_manifest(bundle)
+    return [json.loads(fit(manifest, catalog[d], settings, catalog=catalog.values()).model_dump_json()) for d in GOLDEN_DEVICES]
+
+
+def _assert_close(actual, expected, where="report"):
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{where}: keys differ"
+        for key in expected:
+            _assert_close(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), f"{where}: length differs"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_close(a, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-6), where
+    else:
+        assert actual == expected, where
+
+
+@pytest.mark.parametrize(("bundle", "settings"), [
+    (Q8, FitSettings(n_ctx=2048)),
+    (Q4, FitSettings(n_ctx=8192, min_tok_s=20)),
+    (MINILM, FitSettings(parallel=8)),
+], ids=["q8-0-ctx2048", "q4-k-m-ctx8192-floor20", "minilm-batch8"])
+def test_golden_fit_reports(bundle, settings, catalog, request):
+    golden = GOLDEN / f"fit-{request.node.callspec.id}.json"
+    reports = _reports(bundle, catalog, settings)
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        golden.write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
+    _assert_close(reports, json.loads(golden.read_text()))
+
+
+def test_golden_verdicts_and_numbers(catalog):
+    q8 = read_manifest(Q8)
+    zero, pi5 = catalog["rpi-zero-2w"], catalog["rpi-5-8gb"]
+    tight = fit(q8, zero, FitSettings(n_ctx=2048), catalog.values())
+    assert tight.verdict == "warn" and tight.memory["required"] == 307_749_664
+    assert tight.usable_ram_bytes == (512 - 170) * MIB
+    failing = fit(q8, zero, FitSettings(n_ctx=8192), catalog.values())
+    assert failing.verdict == "fail" and "short" in failing.reason
+    roomy = fit(q8, pi5, FitSettings(n_ctx=2048), catalog.values())
+    assert roomy.verdict == "pass" and roomy.ram_share < 0.05
+    assert roomy.calibration["decode"]["scope"] == "device"
+    slow = fit(q8, pi5, FitSettings(n_ctx=2048, min_tok_s=1000), catalog.values())
+    assert slow.verdict == "fail" and [c.name for c in slow.checks if c.verdict == "fail"] == ["speed"]
+    near = fit(q8, pi5, FitSettings(n_ctx=2048, min_tok_s=roomy.decode_tok_s * 0.9), catalog.values())
+    assert near.verdict == "warn"
+    beyond = fit(q8, pi5, FitSettings(n_ctx=16384), catalog.values())
+    assert any(c.name == "context" and c.verdict == "warn" for c in beyond.checks)
+
+
+def test_decode_slows_as_context_fills(catalog):
+    report = fit(read_manifest(Q8), catalog["rpi-5-8gb"], FitSettings(n_ctx=8192), catalog.values())
+    assert report.decode_tok_s < report.decode_tok_s_short
+
+
+# -- before download: recipe predictions -----------------------------------------------------------
+
+def _smollm2_recipe() -> Recipe:
+    return Recipe.model_validate({
+        "name": "smollm2-135m-instruct", "source": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "task": "text-generation",
+        "targets": [{"format": "gguf", "name": "q8-0", "quant": "Q8_0"}, {"format": "gguf", "name": "q4-k-m", "quant": "Q4_K_M"}],
+        "architecture": {"source": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/blob/main/config.json",
+                         "parameters": 134_515_008, "n_layer": 30, "hidden_size": 576, "intermediate_size": 1536,
+                         "n_head": 9, "n_head_kv": 3, "vocab_size": 49152, "context_length": 8192, "tie_word_embeddings": True},
+    })
+
+
+@pytest.mark.parametrize(("index", "bundle"), [(0, Q8), (1, Q4)])
+def test_recipe_prediction_is_within_a_tenth_of_a_percent_of_the_bundle(index, bundle, catalog):
+    recipe = _smollm2_recipe()
+    predicted = from_recipe(recipe, recipe.targets[index])
+    measured = read_manifest(bundle)
+    assert abs(predicted.bundle_bytes - measured.total_bytes) / measured.total_bytes < 0.001
+    report = fit(measured, catalog["rpi-4-2gb"], FitSettings(n_ctx=2048), catalog.values(), predicted=predicted)
+    assert report.origin == "bundle"
+    assert abs(report.disk_prediction_error) < 0.001
+
+
+def test_onnx_recipe_prediction_close_to_bundle():
+    from edgekit.schema.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "all-minilm-l6-v2.yaml").recipe
+    target = next(t for t in recipe.targets if t.name == "int8-dynamic")
+    predicted = from_recipe(recipe, target)
+    measured = read_manifest(MINILM)
+    assert abs(predicted.weights_bytes - measured.onnx.initializer_bytes) / measured.onnx.initializer_bytes < 0.03
+    assert abs(predicted.bundle_bytes - measured.total_bytes) / measured.total_bytes < 0.03
+
+
+def test_every_recipe_has_facts_that_add_up(catalog):
+    from edgekit.schema.recipe import load_recipe
+
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path).recipe
+        if recipe.architecture is None:
+            continue
+        for target in recipe.targets:
+            facts = from_recipe(recipe, target)
+            layout_notes = [n for n in facts.notes if "add up" in n]
+            if recipe.name.startswith("phi-3"):
+                continue  # fused qkv / gate_up tensors: layout differs by design, noted in the report
+            assert not layout_notes, f"{path.name}: {layout_notes}"
+        for device in recipe.devices:
+            assert device in catalog, f"{path.name}: unknown device {device}"
+
+
+# -- CI outputs ------------------------------------------------------------------------------------
+
+def test_junit_xml_parses_and_counts_failures(catalog):
+    q8 = read_manifest(Q8)
+    reports = [fit(q8, catalog[d], FitSettings(n_ctx=8192), catalog.values()) for d in GOLDEN_DEVICES]
+    root = ET.fromstring(junit_xml(reports))
+    suite = root.find("testsuite")
+    assert suite.get("tests") == "4" and suite.get("failures") == "1"
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == GOLDEN_DEVICES
+    assert cases[0].find("failure") is not None and "rpi-zero-2w" in cases[0].find("failure").get("message")
+    props = {p.get("name"): p.get("value") for p in cases[1].find("properties")}
+    assert int(props["required_ram_bytes"]) == reports[1].memory["required"]
+
+
+def test_github_annotations(catalog):
+    q8 = read_manifest(Q8)
+    reports = [fit(q8, catalog[d], FitSettings(n_ctx=n), catalog.values()) for d, n in
+               (("rpi-zero-2w", 8192), ("rpi-zero-2w", 2048), ("rpi-5-8gb", 2048))]
+    lines = github_annotations(reports)
+    assert len(lines) == 2
+    assert lines[0].startswith("::error title=edgekit fit%3A smollm2-135m-instruct-q8-0 on rpi-zero-2w::needs ")
+    assert lines[1].startswith("::warning title=")
+
+
+def test_cli_fit_exit_codes_json_junit_github(tmp_path):
+    junit = tmp_path / "fit.xml"
+    done = run_cli("fit", str(Q8), "--device", "rpi-zero-2w", "--device", "rpi-5-8gb", "--ctx", "8192", "--json",
+                   "--junit", str(junit))
+    assert done.returncode == 1, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(r["device"], r["verdict"]) for r in rows] == [("rpi-zero-2w", "fail"), ("rpi-5-8gb", "pass")]
+    assert ET.parse(junit).getroot().find("testsuite").get("failures") == "1"
+    assert "1 of 2 fit checks failed" in done.stderr
+
+    summary = tmp_path / "summary.md"
+    done = run_cli("fit", str(Q8), "-d", "rpi-zero-2w", "--ctx", "8192", "--github", env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert done.returncode == 1
+    assert done.stdout.startswith("::error title=edgekit fit%3A smollm2-135m-instruct-q8-0 on rpi-zero-2w::")
+    assert "| smollm2-135m-instruct-q8-0 | rpi-zero-2w |" in summary.read_text()
+
+    done = run_cli("fit", str(Q8), "-d", "rpi-5-8gb", "--ctx", "2048", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["verdict"] == "pass"
+
+    done = run_cli("fit", str(Q8), "-d", "no-such-board")
+    assert done.returncode == 2 and "unknown device 'no-such-board'" in done.stderr
+
+
+def test_cli_fit_recipe_offline_then_with_bundle(tmp_path):
+    recipe = REPO / "recipes" / "all-minilm-l6-v2.yaml"
+    done = run_cli("fit", "--recipe", str(recipe), "--bundles-dir", str(tmp_path), "--json",
+                   env={"HF_HUB_OFFLINE": "1", "EDGEKIT_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert {r["origin"] for r in rows} == {"recipe"}
+    assert {r["device"] for r in rows} == {"rpi-zero-2w", "rpi-4-2gb", "rpi-5-4gb", "orange-pi-5-8gb"}
+    assert len(rows) == 8  # 2 targets x 4 devices
+
+    shutil.copytree(MINILM, tmp_path / MINILM.name)
+    done = run_cli("fit", "--recipe", str(recipe), "--bundles-dir", str(tmp_path), "--json", "-d", "rpi-4-2gb")
+    assert done.returncode == 0, done.stderr
+    measured = next(r for r in json.loads(done.stdout) if r["subject"] == MINILM.name)
+    assert measured["origin"] == "bundle"
+    assert measured["disk_bytes"] == read_manifest(MINILM).total_bytes
+    assert abs(measured["disk_prediction_error"]) < 0.03
+
+
+def test_cli_plan_picks_best_quant_that_fits():
+    done = run_cli("plan", str(REPO / "recipes" / "llama-3.2-3b-instruct.yaml"), "-d", "rpi-5-4gb", "--ctx", "2048",
+                   "--min-tok-s", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    verdicts = [(c["report"]["quant"], c["report"]["verdict"]) for c in plan["candidates"]]
+    best = plan["best"]["quant"]
+    # highest quality first; the best is the first that passes outright
+    assert verdicts[0][0] == "Q8_0"
+    assert best == next(q for q, v in verdicts if v == "pass")
+
+    done = run_cli("plan", str(REPO / "recipes" / "phi-3.5-mini-instruct.yaml"), "-d", "rpi-zero-2w", "--json")
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["best"] is None
+    assert "nothing fits rpi-zero-2w" in done.stderr
+
+
+def test_fit_is_pure():
+    heavy = ("torch", "transformers", "optimum", "llama_cpp", "onnxruntime", "onnx", "gguf")
+    code = ("import json, sys, edgekit.fit, edgekit.fit.plan, edgekit.fit.report; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == []
+
+
+def test_default_micro_batch_matches_the_runtime():
+    from edgekit.runtime.llm import PREFILL_CHUNK
+
+    assert FitSettings().n_ubatch == PREFILL_CHUNK
