@@ -55,8 +55,10 @@ def devices_list(catalog: CatalogOpt = None, as_json: JsonFlag = False) -> None:
                 table.add_row(row["id"], row["name"], row["cpu"], str(row["ram_mib"]), _mb(row["usable_ram_bytes"]),
                               f"{row['bandwidth_gb_s']:g}", row["storage"], str(row["calibration_points"]))
         out.print(table)
-    if any(row["error"] for row in rows):
-        raise typer.Exit(2)
+    invalid = [row["file"] for row in rows if row["error"]]
+    if invalid:
+        # An EdgekitError, not typer.Exit: with standalone_mode=False click returns Exit codes instead of exiting.
+        raise DeviceError(f"{len(invalid)} invalid device profile(s) in {directory}: {', '.join(invalid)}")
 
 
 @devices_app.command("show")

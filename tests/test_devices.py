@@ -1,0 +1,136 @@
+"""Device catalog: the shipped boards are valid and sourced; bad profiles fail with file:field messages (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgekit.errors import DeviceError
+from edgekit.fit.speed import CORE_TYPES
+from edgekit.schema.device import load_catalog, load_device, load_device_file
+from tests.conftest import REPO
+
+DEVICES = REPO / "devices"
+REQUIRED = {  # the boards the catalog promises, and the ids recipes already name
+    "rpi-zero-2w", "rpi-3b-plus", "rpi-4-2gb", "rpi-4-4gb", "rpi-4-8gb", "rpi-5-4gb", "rpi-5-8gb", "rpi-5-16gb",
+    "orange-pi-5-8gb", "jetson-orin-nano-8gb", "intel-n100-16gb", "x86-64-avx2-generic",
+}
+SPEC_BLOCKS = ("cpu", "memory", "memory_bandwidth", "storage")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("path", sorted(DEVICES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_profile_is_valid_and_sourced(path):
+    device = load_device_file(path)
+    assert device.id == path.stem
+    for block in SPEC_BLOCKS:
+        spec = getattr(device, block)
+        assert spec.source or (spec.estimate and spec.note), f"{path.name}: {block} has neither source nor estimate note"
+    assert device.cpu.core_type in CORE_TYPES
+    assert device.usable_ram_bytes == (device.memory.total_mib - device.memory.os_reserved_mib) * 2**20
+    for point in device.calibration:
+        assert point.source and point.measured_on
+    if device.cpu.arch == "x86_64":
+        assert device.cpu.isa.avx2 and not device.cpu.isa.neon
+    else:
+        assert device.cpu.isa.neon and not device.cpu.isa.avx2
+
+
+def test_catalog_has_the_promised_boards():
+    catalog = load_catalog()
+    assert len(catalog) >= 10
+    assert REQUIRED <= set(catalog)
+    # published calibration points from DEVICE_FACTS.md are all present, each with its source
+    decode_points = {(d, p.model, p.quant, p.decode_tok_s) for d, dev in catalog.items() for p in dev.calibration}
+    assert ("rpi-5-8gb", "Llama 3.2 3B", "Q4_K_M", 4.61) in decode_points
+    assert ("intel-n150-16gb", "Llama 3.2 3B", "Q4_K_M", 9.06) in decode_points
+    assert ("rpi-zero-2w", "SmolLM 360M", "Q4_K_M", 2.6) in decode_points
+    assert sum(len(d.calibration) for d in catalog.values()) == 12
+
+
+def test_load_device_by_id_or_file(tmp_path):
+    assert load_device("rpi-5-4gb").memory.total_mib == 4096
+    copy = tmp_path / "board.yaml"
+    shutil.copy(DEVICES / "rpi-5-4gb.yaml", copy)
+    data = yaml.safe_load(copy.read_text())
+    data["id"] = "board"
+    copy.write_text(yaml.safe_dump(data))
+    assert load_device(str(copy)).id == "board"
+    with pytest.raises(DeviceError, match="unknown device 'rpi-9'"):
+        load_device("rpi-9")
+
+
+def _bad_profile(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load((DEVICES / "rpi-4-2gb.yaml").read_text())
+    edit(data)
+    path = tmp_path / "rpi-4-2gb.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda d: d.update(colour="red"), "colour: unknown key"),
+    (lambda d: d["cpu"].update(clock_ghz="fast"), "cpu.clock_ghz: Input should be a valid number"),
+    (lambda d: d["memory_bandwidth"].pop("source"), "memory_bandwidth: Value error, give a 'source'"),
+    (lambda d: d["memory"].update(os_reserved_mib=4096), "memory: Value error, os_reserved_mib (4096) must be below total_mib (2048)"),
+    (lambda d: d["calibration"][0].pop("decode_tok_s"), "calibration.0: Value error, a calibration point needs"),
+    (lambda d: d["storage"].update(kind="floppy"), "storage.kind: Input should be"),
+    (lambda d: d["cpu"].pop("cores"), "cpu.cores: required field is missing"),
+    (lambda d: d.update(id="rpi-4-2-gb"), "id: 'rpi-4-2-gb' differs from the file name"),
+])
+def test_bad_profile_names_file_and_field(tmp_path, edit, expected):
+    path = _bad_profile(tmp_path, edit)
+    with pytest.raises(DeviceError) as caught:
+        load_device_file(path)
+    assert str(path) in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_cli_devices_list_exit_2_on_bad_profile(tmp_path):
+    shutil.copy(DEVICES / "rpi-5-8gb.yaml", tmp_path / "rpi-5-8gb.yaml")
+    _bad_profile(tmp_path, lambda d: d["cpu"].update(cores=0))
+    done = run_cli("devices", "list", "--catalog", str(tmp_path), "--json")
+    assert done.returncode == 2
+    rows = {r["file"]: r for r in json.loads(done.stdout)}
+    assert rows["rpi-5-8gb.yaml"]["error"] is None
+    assert "rpi-4-2gb.yaml: cpu.cores: Input should be greater than or equal to 1" in rows["rpi-4-2gb.yaml"]["error"]
+
+    done = run_cli("fit", str(REPO / "tests/golden/bundles/smollm2-135m-instruct-q8-0"), "--catalog", str(tmp_path))
+    assert done.returncode == 2 and "cpu.cores" in done.stderr
+
+
+def test_cli_devices_list_and_show():
+    done = run_cli("devices", "list", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert REQUIRED <= {r["id"] for r in rows}
+    done = run_cli("devices", "show", "rpi-zero-2w", "--json")
+    assert done.returncode == 0
+    shown = json.loads(done.stdout)
+    assert shown["usable_ram_bytes"] == (512 - 170) * 2**20
+    assert shown["calibration"][0]["decode_tok_s"] == 2.6
+    assert run_cli("devices", "show", "nope").returncode == 2
+
+
+def test_profile_host_writes_a_loadable_profile(tmp_path):
+    out = tmp_path / "this-host.yaml"
+    done = run_cli("profile-host", "--out", str(out), "--bandwidth-mib", "16")
+    assert done.returncode == 0, done.stderr
+    device = load_device(str(out))
+    assert device.id == "this-host"
+    assert device.cpu.cores == len(os.sched_getaffinity(0))
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    assert device.memory.total_mib == int(meminfo["MemTotal"].split()[0]) * 1024 // 2**20
+    assert device.memory_bandwidth.gb_s > 0.1 and device.storage.read_mb_s > 1
+    flags = Path("/proc/cpuinfo").read_text()
+    assert device.cpu.isa.avx2 == (" avx2" in flags and " fma" in flags)
