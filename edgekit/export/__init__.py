@@ -53,6 +53,8 @@ class ExportJob:
     target: OnnxTarget | GgufTarget
     source: ResolvedSource
     staging: Path
+    scratch: Path  # shared by the targets of one export: intermediate files reused across targets
+    memo: dict = field(default_factory=dict)  # shared by the targets of one export: e.g. the loaded reference model
     progress: Progress = field(default=lambda message: None)
 
     @property
@@ -93,7 +95,10 @@ def evaluate_gates(gates: Gates, metrics: dict[str, float]) -> list[GateResult]:
 @contextmanager
 def quiet_backend_logs() -> Iterator[None]:
     """Backends log per-node chatter (INFO/WARNING on the root and their own loggers); keep stderr for progress."""
+    import onnxruntime
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    onnxruntime.set_default_logger_severity(3)  # errors only from ORT's C++ graph cleanup notices
     loggers = [logging.getLogger(name) for name in ("", "onnxruntime", "onnxruntime.quantization.matmul_nbits_quantizer", "optimum")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -136,34 +141,44 @@ def export(
     remove_stale_staging(out_dir)
     source = resolve_source(loaded)
     published = []
-    for target in chosen:
-        name = recipe.bundle_name(target)
-        progress(f"{name}: building {target.format} target")
-        with staging_dir(out_dir, name) as staged:
-            job = ExportJob(loaded=loaded, target=target, source=source, staging=staged, progress=progress)
-            with quiet_backend_logs():
-                result: BuildResult = build_module(target.format).build(job)
-            gates = evaluate_gates(recipe.gates_for(target), result.metrics)
-            manifest = Manifest(
-                name=name,
-                recipe_name=recipe.name,
-                recipe_sha256=loaded.sha256,
-                source_id=source.label,
-                source_revision=source.revision,
-                task=recipe.task,
-                format=target.format,
-                quantization=result.quantization,
-                parameters=result.parameters,
-                files=file_entries(staged),
-                runtime=result.runtime,
-                onnx=result.onnx,
-                gguf=result.gguf,
-                metrics=result.metrics,
-                gates=gates,
-                passed=all(g.passed for g in gates),
-                tools=result.tools,
-                created=datetime.now(timezone.utc).replace(microsecond=0),
-            )
-            final = publish(staged, manifest, out_dir)
-        published.append((manifest, final))
+    memo: dict = {}
+    with staging_dir(out_dir, "scratch") as scratch:
+        for target in chosen:
+            published.append(_export_target(loaded, target, source, out_dir, scratch, memo, progress))
     return published
+
+
+def _export_target(
+    loaded: LoadedRecipe, target, source: ResolvedSource, out_dir: Path, scratch: Path, memo: dict, progress: Progress
+) -> tuple[Manifest, Path]:
+    """Build one target in a staging directory, gate it, and publish it under its final name."""
+    recipe = loaded.recipe
+    name = recipe.bundle_name(target)
+    progress(f"{name}: building {target.format} target")
+    with staging_dir(out_dir, name) as staged:
+        job = ExportJob(loaded=loaded, target=target, source=source, staging=staged, scratch=scratch, memo=memo, progress=progress)
+        with quiet_backend_logs():
+            result: BuildResult = build_module(target.format).build(job)
+        gates = evaluate_gates(recipe.gates_for(target), result.metrics)
+        manifest = Manifest(
+            name=name,
+            recipe_name=recipe.name,
+            recipe_sha256=loaded.sha256,
+            source_id=source.label,
+            source_revision=source.revision,
+            task=recipe.task,
+            format=target.format,
+            quantization=result.quantization,
+            parameters=result.parameters,
+            files=file_entries(staged),
+            runtime=result.runtime,
+            onnx=result.onnx,
+            gguf=result.gguf,
+            metrics=result.metrics,
+            gates=gates,
+            passed=all(g.passed for g in gates),
+            tools=result.tools,
+            created=datetime.now(timezone.utc).replace(microsecond=0),
+        )
+        final = publish(staged, manifest, out_dir)
+    return manifest, final

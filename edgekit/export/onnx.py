@@ -27,6 +27,16 @@ OPTIMUM_TASKS = {
 }
 
 
+def _exported_once(job: ExportJob, config: dict) -> Path:
+    """The optimum export of the source, shared by every target of the recipe with the same opset."""
+    key = ("optimum-export", job.target.opset)
+    if key not in job.memo:
+        job.progress("exporting with optimum")
+        work = job.scratch / f"optimum-opset-{job.target.opset or 'default'}"
+        job.memo[key] = _optimum_export(job.source.path, job.recipe.task, job.target.opset, work)
+    return job.memo[key]
+
+
 def _optimum_export(source: Path, task: str, opset: int | None, work: Path) -> Path:
     from optimum.exporters.onnx import main_export
 
@@ -177,15 +187,14 @@ def build(job: ExportJob) -> BuildResult:
     config = json.loads((source / "config.json").read_text())
     work = job.staging / ".work"
     work.mkdir()
-    job.progress("exporting with optimum")
-    exported = _optimum_export(source, recipe.task, target.opset, work / "export")
+    exported = _exported_once(job, config)
     job.progress(f"optimizing graph (level {target.optimization_level})")
     optimized = _optimize(exported, target.optimization_level, config, work / "optimized.onnx")
     runtime = runtime_config(job, config)
     from tokenizers import Tokenizer
 
     # Same tokenizer, written without pretty-printing: a third fewer bytes on the board.
-    Tokenizer.from_file(str(work / "export" / TOKENIZER_FILE)).save(str(job.staging / TOKENIZER_FILE), pretty=False)
+    Tokenizer.from_file(str(exported.parent / TOKENIZER_FILE)).save(str(job.staging / TOKENIZER_FILE), pretty=False)
     texts = validation_texts(job)
     final = job.staging / MODEL_FILE
     if target.quantization is None:
@@ -196,7 +205,7 @@ def build(job: ExportJob) -> BuildResult:
         feeds = None
         if spec.mode == "static":
             calibration_texts = _read_lines(job.loaded.resolve(spec.calibration.samples_file)) if spec.calibration.samples_file else texts
-            fp32 = EncoderModel(work, runtime, model_path=optimized, tokenizer_dir=work / "export")
+            fp32 = EncoderModel(work, runtime, model_path=optimized, tokenizer_dir=exported.parent)
             feeds = [fp32.feeds([t])[0] for t in calibration_texts[: spec.calibration.max_samples]]
         job.progress(f"quantizing ({spec.label})")
         _quantize(optimized, spec, work / MODEL_FILE, feeds)
@@ -205,7 +214,9 @@ def build(job: ExportJob) -> BuildResult:
     shutil.rmtree(work)
     job.progress("validating against the PyTorch reference")
     candidate = EncoderModel(job.staging, runtime)
-    metrics = reference.compare(source, recipe.task, runtime, candidate, texts, labelled_examples(job))
+    if ("reference", recipe.task) not in job.memo:
+        job.memo["reference", recipe.task] = reference.load_reference(source, recipe.task)
+    metrics = reference.compare(job.memo["reference", recipe.task], recipe.task, runtime, candidate, texts, labelled_examples(job))
     import onnx
 
     model = onnx.load(str(final), load_external_data=False)

@@ -91,10 +91,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def compare(
-    source: Path, task: str, runtime: RuntimeConfig, candidate: EncoderModel, texts: list[str], labelled: list[tuple[str, str]]
+    model, task: str, runtime: RuntimeConfig, candidate: EncoderModel, texts: list[str], labelled: list[tuple[str, str]]
 ) -> dict[str, float]:
-    """Metrics of ``candidate`` vs the PyTorch fp32 reference: cosine, top-1 agreement, accuracy drop."""
-    model = load_reference(source, task)
+    """Metrics of ``candidate`` vs the PyTorch fp32 reference ``model``: cosine, top-1 agreement, accuracy drop."""
     cosines, agreements = [], []
     for start, ref in zip(range(0, len(texts), REFERENCE_BATCH), reference_outputs(model, candidate, texts)):
         batch = texts[start : start + REFERENCE_BATCH]
