@@ -51,11 +51,14 @@ def main() -> None:
     from edgekit.cli import export  # noqa: F401  (registers its commands)
     from edgekit.cli import serve  # noqa: F401  (registers `serve` and `service`)
     from edgekit.cli import fit  # noqa: F401  (registers devices, fit, plan, profile-host)
+    from edgekit.cli import bench  # noqa: F401  (registers `bench`)
 
     try:
         app(standalone_mode=False)
     except EdgekitError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -1,0 +1,59 @@
+"""`edgekit bench`: size, quality and speed of bundles on this host, side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgekit.cli import JsonFlag, app, emit_json, err, out
+
+
+@app.command("bench")
+def bench_cmd(
+    bundles: Annotated[list[Path], typer.Argument(help="Bundle directories.")],
+    prompt_file: Annotated[Path, typer.Option(help="Prompt text (GGUF) or one text per line (ONNX).")] = None,
+    ctx: Annotated[int, typer.Option(help="Context window for GGUF bundles.")] = 2048,
+    threads: Annotated[int, typer.Option(help="CPU threads (default: all cores).")] = os.cpu_count() or 1,
+    runs: Annotated[int, typer.Option(min=1, help="Counted runs per bundle (after one warm-up run).")] = 5,
+    decode_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per GGUF run.")] = 64,
+    plot: Annotated[Path, typer.Option(help="Write a PNG of quality vs size vs speed.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Measure bundles, each in a fresh subprocess: load time, peak RSS, tok/s or latency; median of the runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgekit.bench.child import DEFAULT_PROMPT
+    from edgekit.bench.run import BenchConfig, bench_bundle
+
+    text = prompt_file.read_text(encoding="utf-8") if prompt_file else ""
+    config = BenchConfig(threads=threads, ctx=ctx, runs=runs, decode_tokens=decode_tokens,
+                         prompt=text or DEFAULT_PROMPT, texts=tuple(text.splitlines()))
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err) as bar:
+        task = bar.add_task("benchmarking", total=len(bundles))
+        for bundle in bundles:
+            bar.update(task, description=f"benchmarking {bundle.name}")
+            results.append(bench_bundle(bundle, config))
+            bar.advance(task)
+    if plot:
+        from edgekit.bench.plot import plot_results
+
+        plot_results(results, plot)
+        err.print(f"wrote {plot}")
+    if as_json:
+        emit_json({"config": dataclasses.asdict(config) | {"texts": len(config.texts)}, "results": [dataclasses.asdict(r) for r in results]})
+        return
+    table = Table("bundle", "quantization", "MB", "quality", "load s", "peak RSS MB", "speed (median [min–max])", title=f"bench on this host, {threads} threads")
+    for r in results:
+        speeds = []
+        for metric, stats in r.summary.items():
+            speeds.append(f"{metric} {stats['median']:.4g} [{stats['min']:.4g}–{stats['max']:.4g}]")
+        quality = f"{r.quality_metric} {r.quality:.4g}" if r.quality is not None else "-"
+        table.add_row(r.bundle, r.quantization, f"{r.bytes / 1e6:.1f}", quality, f"{r.load_seconds:.2f}",
+                      f"{r.peak_rss_bytes / 1e6:.0f}", "\n".join(speeds))
+    out.print(table)

@@ -1,0 +1,51 @@
+"""`edgekit bench`: fresh-subprocess measurements, JSON shape and the PNG plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgekit.export import export
+from edgekit.schema import load_recipe
+from tests.conftest import write_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, tiny_bert_dir):
+    tmp = tmp_path_factory.mktemp("bench")
+    [(_, where)] = export(load_recipe(write_recipe(tmp / "tiny.yaml", tiny_bert_dir)), tmp / "out")
+    return where
+
+
+def test_bench_measures_an_onnx_bundle_in_a_subprocess(tmp_path, tiny_bundle):
+    png = tmp_path / "plot.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "edgekit", "bench", str(tiny_bundle), "--runs", "2", "--threads", "1", "--json", "--plot", str(png)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    [result] = report["results"]
+    assert result["bundle"] == "tiny-int8" and result["format"] == "onnx"
+    assert len(result["runs"]) == 2
+    assert 0 < result["load_seconds"] < 60
+    assert 20e6 < result["peak_rss_bytes"] < 2e9  # a python process with onnxruntime loaded
+    stats = result["summary"]["batch1_p50_ms"]
+    assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+    assert result["summary"]["batch32_texts_per_s"]["median"] > 0
+    assert result["quality_metric"] == "cosine_mean" and 0.9 < result["quality"] <= 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_a_tampered_bundle(tmp_path, tiny_bundle):
+    import shutil
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "tokenizer.json").write_text("{}")
+    done = subprocess.run([sys.executable, "-m", "edgekit", "bench", str(copy), "--runs", "1"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "tokenizer.json has 2 bytes" in done.stderr
