@@ -168,6 +168,12 @@ class Validation(Strict):
     max_eval_tokens: int | None = Field(
         None, ge=64, description="Measure on at most this many tokens of text_file (GGUF); default: all of it."
     )
+    min_conversion_top1: float = Field(
+        0.99, ge=0, le=1,
+        description="GGUF from a checkpoint: share of positions where the f16 conversion's greedy next token must equal "
+        "PyTorch's; below it the export stops with a converter error. Lower it only for untrained (random) models, "
+        "whose near-tied logits flip under any rounding.",
+    )
 
 
 class ArchitectureFacts(Strict):

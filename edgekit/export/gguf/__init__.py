@@ -9,19 +9,21 @@ Two starting points:
   requantized; f32/f16/bf16/Q8_0 sources are accepted as they are, lower-bit ones only with the
   target's ``allow_requantize``, and the bundle is measured against the source file.
 
-The bundle holds ``model.gguf`` (tokenizer and chat template inside) and the manifest.
-Heavy imports (torch, transformers, llama_cpp) happen inside functions.
+The f16 reference, its PyTorch check and its logits on the eval text are made once per export
+in ``job.scratch`` and shared by the recipe's targets through ``job.memo``. The bundle holds
+``model.gguf`` (tokenizer and chat template inside) and the manifest. Heavy imports (torch, transformers, llama_cpp) happen inside functions.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.errors import BundleError, ExportError, RecipeError, SourceError
 from edgekit.export import BuildResult, ExportJob
 from edgekit.export.gguf import quality
-from edgekit.export.gguf.convert import OUTTYPES, convert_checkpoint
+from edgekit.export.gguf.convert import OUTTYPES, ConversionReport, convert_checkpoint
 from edgekit.export.gguf.quantize import LOSSLESS_ENOUGH, quantize
 from edgekit.export.gguf.vocab import normalization_for_pre
 from edgekit.runtime.gguf_file import GgufHeader, gguf_facts, read_gguf_header
@@ -29,8 +31,6 @@ from edgekit.schema.manifest import GgufFacts, RuntimeConfig
 from edgekit.schema.recipe import GgufTarget
 
 MODEL_FILE = "model.gguf"
-# The issue's conversion gate: greedy next token of the f16 GGUF vs PyTorch on the eval text.
-CONVERSION_MIN_TOP1 = 0.99
 
 
 def eval_text(job: ExportJob) -> str:
@@ -82,73 +82,97 @@ def _header(path: Path, error: type) -> GgufHeader:
         raise error(f"GGUF rejected before llama.cpp opened it: {exc.message}", hint=exc.hint) from exc
 
 
-def _measure(scorers: dict, pairs: list[tuple[str, str]], windows: list[list[int]], job: ExportJob) -> dict:
+def _measure(scorers: dict, pairs: list[tuple[str, str]], windows: list[list[int]], job: ExportJob, save=None) -> dict:
     try:
-        return quality.compare(scorers, pairs, windows, progress=job.progress)
+        return quality.compare(scorers, pairs, windows, progress=job.progress, save=save)
     finally:
         for scorer in scorers.values():
             scorer.close()
 
 
-def _from_checkpoint(job: ExportJob, work: Path) -> BuildResult:
+@dataclass(frozen=True)
+class Reference:
+    """The f16 conversion of a checkpoint and its measurements, made once per export and shared by its targets."""
+
+    path: Path
+    conversion: ConversionReport
+    text: str
+    windows: list[list[int]]
+    vs_torch: dict[str, float]
+    logits: Path  # directory of the reference's saved logits per window
+
+
+def _reference(job: ExportJob) -> Reference:
+    """Convert the checkpoint to f16 and hold it to PyTorch: greedy next token on >= 99 % of positions."""
+    key = ("gguf", "reference")
+    if key in job.memo:
+        return job.memo[key]
+    source = job.source.path
+    validation = job.recipe.validation
+    path = job.scratch / "reference-f16.gguf"
+    job.progress("converting the checkpoint to an f16 reference GGUF")
+    conversion = convert_checkpoint(
+        source, path, outtype="F16", name=job.recipe.name, allow_pickle=job.recipe.source.allow_pickle, progress=job.progress
+    )
+    text = eval_text(job)
+    windows = quality.text_windows(path, text, validation.context_window, validation.max_eval_tokens,
+                                   conversion.vocabulary.text_normalization)
+    job.progress("checking the f16 GGUF against PyTorch")
+    logits = job.scratch / "reference-logits"
+    scorers = {"torch": quality.TorchScorer(source), "reference": quality.GgufScorer(path, validation.context_window)}
+    vs_torch = _measure(scorers, [("torch", "reference")], windows, job, save={"reference": logits})[("torch", "reference")]
+    if vs_torch["top1_agreement"] < validation.min_conversion_top1:
+        raise ExportError(
+            f"conversion check failed: the f16 GGUF picks the same next token as PyTorch on only "
+            f"{vs_torch['top1_agreement']:.2%} of {int(vs_torch['eval_tokens'])} positions "
+            f"(need {validation.min_conversion_top1:.0%}, validation.min_conversion_top1)",
+            hint="the converter mishandles this checkpoint; report it with the model id",
+        )
+    job.memo[key] = Reference(path, conversion, text, windows, vs_torch, logits)
+    return job.memo[key]
+
+
+def _from_checkpoint(job: ExportJob) -> BuildResult:
     target: GgufTarget = job.target
     source = job.source.path
+    reference = _reference(job)
     final = job.staging / MODEL_FILE
-    job.progress("converting the checkpoint to an f16 reference GGUF")
-    reference = work / "reference-f16.gguf"
-    conversion = convert_checkpoint(
-        source, reference, outtype="F16", name=job.recipe.name, allow_pickle=job.recipe.source.allow_pickle, progress=job.progress
-    )
     if target.quant == "F16":
-        shutil.copy(reference, final)
+        shutil.copy(reference.path, final)
     elif target.quant in OUTTYPES:
         convert_checkpoint(source, final, outtype=target.quant, name=job.recipe.name,
                            allow_pickle=job.recipe.source.allow_pickle, progress=job.progress)
     else:
         job.progress(f"quantizing to {target.quant} with llama.cpp")
-        quantize(reference, final, target.quant)
+        quantize(reference.path, final, target.quant)
 
-    text = eval_text(job)
-    texts = probe_texts(text)
+    normalization = reference.conversion.vocabulary.text_normalization
+    texts = probe_texts(reference.text)
     job.progress(f"checking tokenization on {len(texts)} texts")
-    normalization = conversion.vocabulary.text_normalization
     _check_tokenizer(source, final, texts, normalization)
 
-    validation = job.recipe.validation
-    windows = quality.text_windows(reference, text, validation.context_window, validation.max_eval_tokens, normalization)
-    scorers = {"torch": quality.TorchScorer(source), "reference": quality.GgufScorer(reference, validation.context_window)}
-    pairs = [("torch", "reference")]
-    if target.quant != "F16":
-        scorers["candidate"] = quality.GgufScorer(final, validation.context_window)
-        pairs.append(("reference", "candidate"))
-    results = _measure(scorers, pairs, windows, job)
-    vs_torch = results[("torch", "reference")]
-    if vs_torch["top1_agreement"] < CONVERSION_MIN_TOP1:
-        raise ExportError(
-            f"conversion check failed: the f16 GGUF picks the same next token as PyTorch on only "
-            f"{vs_torch['top1_agreement']:.2%} of {int(vs_torch['eval_tokens'])} positions (need {CONVERSION_MIN_TOP1:.0%})",
-            hint="the converter mishandles this checkpoint; report it with the model id",
-        )
-    if ("reference", "candidate") in results:
-        vs_reference = results[("reference", "candidate")]
-    else:  # the f16 target is the reference itself: zero distance by construction
-        ppl = vs_torch["ppl"]
+    if target.quant == "F16":  # the reference itself: zero distance by construction
+        ppl = reference.vs_torch["ppl"]
         vs_reference = {"ppl_reference": ppl, "ppl": ppl, "ppl_increase": 0.0, "kld_mean": 0.0, "kld_p99": 0.0,
-                        "top1_agreement": 1.0, "eval_tokens": vs_torch["eval_tokens"]}
+                        "top1_agreement": 1.0, "eval_tokens": reference.vs_torch["eval_tokens"]}
+    else:
+        scorers = {"reference": quality.SavedScorer(reference.logits),
+                   "candidate": quality.GgufScorer(final, job.recipe.validation.context_window)}
+        vs_reference = _measure(scorers, [("reference", "candidate")], reference.windows, job)[("reference", "candidate")]
     metrics = {
         **vs_reference,
-        "torch_top1_agreement": vs_torch["top1_agreement"],
-        "torch_kld_mean": vs_torch["kld_mean"],
-        "torch_ppl": vs_torch["ppl_reference"],
+        "torch_top1_agreement": reference.vs_torch["top1_agreement"],
+        "torch_kld_mean": reference.vs_torch["kld_mean"],
+        "torch_ppl": reference.vs_torch["ppl_reference"],
         "tokenizer_texts": float(len(texts)),
         "tokenizer_mismatches": 0.0,
-        "conversion_seconds": round(conversion.seconds, 3),
+        "conversion_seconds": round(reference.conversion.seconds, 3),
     }
     header = _header(final, ExportError)
     facts = gguf_facts(header)
     return BuildResult(
         quantization=target.quant,
-        parameters=conversion.parameters,
+        parameters=reference.conversion.parameters,
         runtime=_runtime(job, header, facts, normalization),
         metrics=metrics,
         tools=quality_tools(),
@@ -156,7 +180,7 @@ def _from_checkpoint(job: ExportJob, work: Path) -> BuildResult:
     )
 
 
-def _from_gguf(job: ExportJob, work: Path) -> BuildResult:
+def _from_gguf(job: ExportJob) -> BuildResult:
     target: GgufTarget = job.target
     source_file = job.source.path / job.recipe.source.gguf_file
     if not source_file.is_file():
@@ -218,12 +242,7 @@ def quality_tools() -> dict[str, str]:
 
 
 def build(job: ExportJob) -> BuildResult:
-    """Build one gguf target into ``job.staging``."""
-    work = job.staging / ".work"
-    work.mkdir()
-    try:
-        if job.recipe.source.gguf_file is not None:
-            return _from_gguf(job, work)
-        return _from_checkpoint(job, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    """Build one gguf target into ``job.staging`` (intermediate files go to ``job.scratch``, shared by the targets)."""
+    if job.recipe.source.gguf_file is not None:
+        return _from_gguf(job)
+    return _from_checkpoint(job)

@@ -11,6 +11,7 @@ of each window rather than its second half, because the shipped text is short.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import unicodedata
 from collections.abc import Sequence
@@ -82,6 +83,23 @@ class TorchScorer:
 
     def close(self) -> None:
         self._model = None
+
+
+def window_key(tokens: Sequence[int]) -> str:
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()[:32]
+
+
+class SavedScorer:
+    """Replays logits that ``compare(..., save=...)`` wrote for the same windows (shared across targets)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        return np.load(self.directory / f"{window_key(tokens)}.npy", mmap_mode="r")
+
+    def close(self) -> None:
+        pass
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -188,11 +206,19 @@ def compare(
     pairs: Sequence[tuple[str, str]],
     windows: list[list[int]],
     progress=lambda message: None,
+    save: dict[str, Path] | None = None,
 ) -> dict[tuple[str, str], dict[str, float]]:
-    """Metrics of each (reference, candidate) pair of named scorers over the windows; each scorer runs once per window."""
+    """Metrics of each (reference, candidate) pair of named scorers over the windows; each scorer runs once per window.
+
+    ``save`` maps scorer names to directories where their logits are kept for ``SavedScorer``.
+    """
     tallies = {pair: Agreement() for pair in pairs}
+    for directory in (save or {}).values():
+        directory.mkdir(parents=True, exist_ok=True)
     for index, tokens in enumerate(windows, 1):
         logits = {name: scorer.logits(tokens) for name, scorer in scorers.items()}
+        for name, directory in (save or {}).items():
+            np.save(directory / f"{window_key(tokens)}.npy", logits[name])
         for reference, candidate in pairs:
             tallies[(reference, candidate)].add(logits[reference], logits[candidate], tokens)
         progress(f"measuring quality: window {index}/{len(windows)}")
