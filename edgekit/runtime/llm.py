@@ -133,7 +133,8 @@ class GgufModel:
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp returns NULL
             raise RuntimeBackendError(f"{model_path}: llama.cpp could not load the model: {exc}") from exc
         self.metadata: dict[str, str] = dict(self.llm.metadata)
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp pads the context it allocates (to 256); llama-cpp-python's token buffer has the size asked for.
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.n_ctx_train = self.llm._model.n_ctx_train()
         self._vocab = self.llm._model.vocab
         self.add_bos = self.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
