@@ -31,6 +31,7 @@ class ServeMetrics:
                                  ["model"], registry=r)
         self.loaded_models = Gauge("edgekit_models_loaded", "Models loaded in a worker now.", registry=r)
         self.queue_depth = Gauge("edgekit_queue_depth", "Requests waiting for a model.", ["model"], registry=r)
+        self.active = Gauge("edgekit_active_requests", "Requests holding or waiting for a model.", ["model"], registry=r)
         self.resident = Gauge("edgekit_resident_memory_bytes", "Resident memory of the daemon and of each model worker.",
                               ["process"], registry=r)
         self.worker_restarts = Counter("edgekit_worker_restarts", "Model workers that stopped unexpectedly.", ["model"],
@@ -44,6 +45,7 @@ class ServeMetrics:
         loaded = 0
         for entry in manager.entries.values():
             self.queue_depth.labels(model=entry.name).set(entry.queue_depth)
+            self.active.labels(model=entry.name).set(entry.active)
             if entry.worker is not None and entry.worker.alive:
                 loaded += 1
                 self.resident.labels(process=entry.name).set(entry.worker.rss())
