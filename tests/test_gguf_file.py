@@ -45,7 +45,9 @@ def gguf_bytes(*, n_tensors: int | None = None, n_kv: int | None = None, version
         tensors = [("a.weight", (4,), 0, 0), ("b.weight", (4, 2), 0, 32)]
     if data is None:
         data = np.arange(4, dtype=np.float32).tobytes().ljust(32, b"\0") + np.arange(8, dtype=np.float32).tobytes()
-    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv)
+    n_tensors = len(tensors) if n_tensors is None else n_tensors
+    n_kv = len(kvs) if n_kv is None else n_kv
+    head = b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
     body = b"".join(kvs)
     for name, shape, ggml_type, offset in tensors:
         body += _string(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in shape)
@@ -68,7 +70,8 @@ def test_well_formed_file_parses_and_matches_gguf_reader(tmp_path):
     header = read_gguf_header(path)
     reader = GGUFReader(str(path))
     assert [(t.name, t.shape, t.nbytes) for t in header.tensors] == [("a.weight", (4,), 16), ("b.weight", (4, 2), 32)]
-    assert [(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors] == [(t.name, t.offset, t.nbytes) for t in header.tensors]
+    ours = [(t.name, t.offset, t.nbytes) for t in header.tensors]
+    assert [(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors] == ours
     assert header.metadata["tokenizer.ggml.tokens"] == ["a", "b", "c", "d"]
     facts = gguf_facts(header)
     assert (facts.architecture, facts.context_length, facts.n_head, facts.n_head_kv, facts.n_vocab) == ("llama", 256, 2, 2, 4)
@@ -87,7 +90,8 @@ HOSTILE = {
     "string value past EOF": (
         lambda: gguf_bytes(kvs=[_string("general.architecture") + struct.pack("<IQ", 8, 1 << 31) + b"llama"]), "past the end"),
     "array of 2^40 strings": (
-        lambda: gguf_bytes(kvs=[_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 1 << 40)]), "claims 1099511627776 items"),
+        lambda: gguf_bytes(kvs=[_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 1 << 40)]),
+        "claims 1099511627776 items"),
     "array of arrays": (lambda: gguf_bytes(kvs=[_string("x") + struct.pack("<IIQ", 9, 9, 1)]), "array of arrays"),
     "unknown value type": (lambda: gguf_bytes(kvs=[_string("x") + struct.pack("<I", 99)]), "unknown value type 99"),
     "tensor offset past EOF": (lambda: gguf_bytes(tensors=[("a.weight", (4,), 0, 1 << 40)]), "extends past the end of the file"),
@@ -95,7 +99,8 @@ HOSTILE = {
     "overflowing shape": (lambda: gguf_bytes(tensors=[("a.weight", (1 << 40, 1 << 40), 0, 0)]), "absurd shape"),
     "misaligned offset": (lambda: gguf_bytes(tensors=[("a.weight", (4,), 0, 3)]), "not aligned"),
     "overlapping tensors": (lambda: gguf_bytes(tensors=[("a.weight", (4,), 0, 0), ("b.weight", (4, 2), 0, 0)]), "overlaps"),
-    "duplicate tensor name": (lambda: gguf_bytes(tensors=[("a.weight", (4,), 0, 0), ("a.weight", (4,), 0, 32)]), "duplicate name"),
+    "duplicate tensor name": (
+        lambda: gguf_bytes(tensors=[("a.weight", (4,), 0, 0), ("a.weight", (4,), 0, 32)]), "duplicate name"),
     "five dimensions": (lambda: gguf_bytes(tensors=[("a.weight", (1, 1, 1, 1, 4), 0, 0)]), "5 dimensions"),
     "unknown ggml type": (lambda: gguf_bytes(tensors=[("a.weight", (4,), 77, 0)]), "unknown ggml type 77"),
     "Q4_0 row not a block multiple": (lambda: gguf_bytes(tensors=[("a.weight", (4,), 2, 0)]), "not a multiple of the Q4_0 block"),
@@ -186,6 +191,7 @@ def test_board_side_modules_stay_light(module):
     import subprocess
     import sys
 
-    code = f"import json, sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'llama_cpp'))))"
+    heavy = ("torch", "transformers", "llama_cpp")
+    code = f"import json, sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == []

@@ -21,10 +21,12 @@ from tests.conftest import REPO, SMOLLM, SMOLLM_GGUF
 pytestmark = pytest.mark.slow
 
 UPSTREAM = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CORPUS = [json.loads(line)["text"] for line in (REPO / "tests/data/tokenizer-corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+CORPUS_FILE = REPO / "tests/data/tokenizer-corpus.jsonl"
+CORPUS = [json.loads(line)["text"] for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines()]
 TOKENIZER_KEYS = (
     "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+    "tokenizer.chat_template",
 )
 
 
@@ -137,7 +139,8 @@ def _job(recipe_path: Path, source_dir: Path, tmp_path: Path) -> ExportJob:
     loaded = load_recipe(recipe_path)
     (tmp_path / "stage").mkdir()
     (tmp_path / "scratch").mkdir()
-    return ExportJob(loaded=loaded, target=loaded.recipe.targets[0], source=ResolvedSource(source_dir, SMOLLM_GGUF, None, "store"),
+    return ExportJob(loaded=loaded, target=loaded.recipe.targets[0],
+                     source=ResolvedSource(source_dir, SMOLLM_GGUF, None, "store"),
                      staging=tmp_path / "stage", scratch=tmp_path / "scratch", memo={})
 
 

@@ -23,6 +23,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from edgekit.errors import BundleError, RuntimeBackendError
 
 DEFAULT_MAX_CHARS = 1_000_000
+# What a template's expressions raise on unexpected messages (missing keys, wrong types, ...).
+_EVALUATION_ERRORS = (
+    TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+)
 
 
 class ChatTemplateError(RuntimeBackendError):
@@ -147,7 +151,8 @@ class ChatTemplate:
                 f"{self.origin} tried an operation the sandbox forbids: {exc}", client_error=False,
                 hint="the model file carries an unsafe chat template; do not serve it",
             ) from exc
-        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as exc:
+        except _EVALUATION_ERRORS as exc:
             # Errors raised while the template evaluates expressions over the request's messages.
-            raise ChatTemplateError(f"{self.origin} failed on these messages: {type(exc).__name__}: {exc}", client_error=True) from exc
+            message = f"{self.origin} failed on these messages: {type(exc).__name__}: {exc}"
+            raise ChatTemplateError(message, client_error=True) from exc
         return "".join(out.parts)

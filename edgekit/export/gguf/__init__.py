@@ -11,7 +11,8 @@ Two starting points:
 
 The f16 reference, its PyTorch check and its logits on the eval text are made once per export
 in ``job.scratch`` and shared by the recipe's targets through ``job.memo``. The bundle holds
-``model.gguf`` (tokenizer and chat template inside) and the manifest. Heavy imports (torch, transformers, llama_cpp) happen inside functions.
+``model.gguf`` (tokenizer and chat template inside) and the manifest. Heavy imports (torch,
+transformers, llama_cpp) happen inside functions.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def _from_gguf(job: ExportJob) -> BuildResult:
         raise RecipeError(
             f"{job.loaded.path}: target '{target.name}': the source GGUF is {source_type}; requantizing an already "
             "low-bit file compounds the quantization error",
-            hint=f"start from an f16/bf16/Q8_0 GGUF or the checkpoint, or set allow_requantize: true on the target to accept the loss",
+            hint="start from an f16/bf16/Q8_0 GGUF or the checkpoint, "
+            "or set allow_requantize: true on the target to accept the loss",
         )
     final = job.staging / MODEL_FILE
     unchanged = target.quant == source_type

@@ -35,6 +35,7 @@ OUTTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
 # safetensors dtype -> numpy dtype holding the raw values (bf16 is read as uint16 bits).
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 F16_MAX = 65504.0
+NUMPY_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def convert_checkpoint(
         vocabulary.write(writer)
         for tensor in planned:
             raw_dtype = tensor.ggml_type if tensor.ggml_type == GGMLQuantizationType.BF16 else None
-            numpy_dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(tensor.ggml_type, np.uint16)
+            numpy_dtype = NUMPY_TYPES.get(tensor.ggml_type, np.uint16)  # bf16 travels as raw uint16
             writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(numpy_dtype), _gguf_nbytes(tensor.shape, tensor.ggml_type),
                                    raw_dtype=raw_dtype)
         writer.write_header_to_file()
@@ -260,4 +261,5 @@ def convert_checkpoint(
             if index % step == 0 or index == len(planned):
                 progress(f"converting to {outtype}: {index}/{len(planned)} tensors")
     parameters = sum(int(np.prod(t.shape, dtype=np.int64)) for t in planned if t.name != "rope_freqs.weight")
-    return ConversionReport(out_path, arch.gguf_name, outtype, len(planned), parameters, time.perf_counter() - started, vocabulary)
+    seconds = time.perf_counter() - started
+    return ConversionReport(out_path, arch.gguf_name, outtype, len(planned), parameters, seconds, vocabulary)

@@ -164,7 +164,7 @@ class GgufVocab:
         return bool(self._llama.llama_vocab_get_add_bos(self._vocab))
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        """Token ids; ``add_special`` adds BOS/EOS where the vocabulary says so, ``parse_special`` matches control tokens in text."""
+        """Token ids; ``add_special`` adds BOS/EOS as the vocabulary says, ``parse_special`` matches control tokens in text."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         buffer = (self._llama.llama_token * capacity)()
@@ -187,7 +187,9 @@ class GgufVocab:
         self.close()
 
 
-def text_windows(gguf_path: Path, text: str, window: int, max_tokens: int | None = None, normalization: str | None = None) -> list[list[int]]:
+def text_windows(
+    gguf_path: Path, text: str, window: int, max_tokens: int | None = None, normalization: str | None = None
+) -> list[list[int]]:
     """Tokenize ``text`` with the GGUF's vocabulary and cut it into evaluation windows (each led by BOS if the vocab adds one)."""
     if normalization:
         text = unicodedata.normalize(normalization, text)
@@ -243,7 +245,9 @@ def gguf_tokenize(gguf_path: Path, texts: Sequence[str], normalization: str | No
         return [vocab.tokenize(unicodedata.normalize(normalization, t) if normalization else t) for t in texts]
 
 
-def tokenization_mismatches(hf_dir: Path, gguf_path: Path, texts: Sequence[str], normalization: str | None = None) -> list[Mismatch]:
+def tokenization_mismatches(
+    hf_dir: Path, gguf_path: Path, texts: Sequence[str], normalization: str | None = None
+) -> list[Mismatch]:
     """Texts where llama.cpp on the GGUF (after ``normalization``) and the Hugging Face tokenizer disagree on a single id."""
     from transformers import AutoTokenizer
 

@@ -102,7 +102,8 @@ def _steps(pre_tokenizer: dict | None) -> tuple[tuple, ...]:
         return (("Digits", bool(pre_tokenizer.get("individual_digits", False))),)
     if kind == "Split":
         pattern = pre_tokenizer.get("pattern", {})
-        return (("Split", pattern.get("Regex", pattern.get("String")), pre_tokenizer.get("behavior"), pre_tokenizer.get("invert")),)
+        regex = pattern.get("Regex", pattern.get("String"))
+        return (("Split", regex, pre_tokenizer.get("behavior"), pre_tokenizer.get("invert")),)
     return ((kind,),)
 
 
