@@ -30,7 +30,7 @@ def test_tiny_bert_exports_a_verified_bundle(tmp_path, tiny_bert_dir):
     assert manifest.runtime.input_names == ["input_ids", "attention_mask", "token_type_ids"]
     # embeddings 30522*64 + 128*64 + 2*64 + LN 128 = 1,961,856; per layer 4*(64*64+64) + 2*128
     # + (64*128+128) + (128*64+64) = 33,472, two of them; pooler 64*64+64 = 4,160
-    assert manifest.parameters == 1_961_856 + 2 * 33_472 + 4_160
+    assert manifest.parameters == 1_961_856 + 2 * 33_472 + 4_160  # position_ids (int64 buffer) not counted
     assert manifest.metrics["samples"] == 3
     assert manifest.metrics["cosine_min"] > 0.9
     embedding = EncoderModel(where, manifest.runtime).embed(["hello world"])
@@ -117,12 +117,12 @@ def test_minilm_sample_recipe_meets_the_quality_and_size_targets(tmp_path, sampl
     assert manifest.metrics["samples"] == 240
     assert manifest.metrics["cosine_mean"] >= 0.99
     assert manifest.metrics["cosine_min"] >= 0.98
-    assert manifest.parameters == 22_713_728
+    assert manifest.parameters == 22_713_216  # float tensors only; config.json facts agree
     assert manifest.total_bytes <= 0.26 * 90.8e6  # fp32 bundle: 90.3 MB model + 0.5 MB tokenizer
     assert manifest.runtime.pooling == "mean" and manifest.runtime.normalize and manifest.runtime.max_length == 256
     assert manifest.onnx.n_layer == 6 and manifest.onnx.hidden_size == 384 and manifest.onnx.opset >= 14
     assert set(manifest.tools) >= {"torch", "transformers", "optimum", "onnxruntime"}
-    vectors = EncoderModel(where, manifest.runtime).embed(["The parcel arrived on time.", "My order came quickly.", "Ich mag Käse."])
+    vectors = EncoderModel(where, manifest.runtime).embed(["The parcel arrived on time.", "The package was delivered on time.", "Ich mag Käse."])
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     similar, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
-    assert similar > 0.5 > unrelated
+    assert similar > 0.7 and unrelated < 0.2  # measured 0.79 and 0.02

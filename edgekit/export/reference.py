@@ -46,14 +46,19 @@ def default_max_length(source: Path, config: dict) -> int:
 
 
 def parameter_count(source: Path) -> int:
-    """Parameters from safetensors headers, without loading any weights."""
+    """Parameters (floating-point tensors) from safetensors headers, without loading any weights.
+
+    Integer tensors are buffers such as BERT's ``position_ids``, not parameters.
+    """
     from safetensors import safe_open
 
     total = 0
     for path in source.rglob("*.safetensors"):
         with safe_open(str(path), framework="numpy") as handle:
             for key in handle.keys():
-                total += int(np.prod(handle.get_slice(key).get_shape()))
+                tensor = handle.get_slice(key)
+                if tensor.get_dtype().startswith(("F", "BF")):
+                    total += int(np.prod(tensor.get_shape()))
     return total
 
 
