@@ -1,0 +1,360 @@
+"""Truth for `edgekit fit`: its predictions side by side with measurements on this machine.
+
+1. Profiles this host (`edgekit profile-host` functions) and calibrates it with one measurement:
+   decode/prompt speed of the SmolLM2-135M Q8_0 bundle and batch-1 latency of the MiniLM int8 bundle.
+2. Peak RSS of a fresh subprocess that loads a bundle with the runtime's settings and fills the
+   context (prompt of n_ctx - 40 tokens, then 32 generated tokens) for GGUF Q8_0 / Q4_K_M x
+   n_ctx 512 / 2048 / 8192, and that classifies batches of 1 and 32 max-length inputs with the ONNX
+   encoder; vs `fit`'s prediction for this host (bare runtime, no daemon). Target: within +-10 %.
+3. Decode tokens/s predicted after host calibration vs measured (Q4_K_M short context, both quants
+   at the end of full contexts). Target: within +-20 %.
+4. Each published calibration point of the catalog predicted from the other points (leave one out:
+   the board's own other points, else boards with the same core, else the whole catalog). Target +-25 %.
+5. Recipe-time size predictions vs the bundles' measured sizes.
+
+Bundles come from $EDGEKIT_HOME/bundles (smollm2-135m-instruct-q8-0 / -q4-k-m, all-minilm-l6-v2-int8-dynamic);
+with --export-missing they are exported first. Without them, the upstream Q4_1 GGUF of the model store
+is requantized with llama.cpp's quantizer and wrapped as a bundle under $EDGEKIT_HOME/bench-fit.
+Prints a table and writes bench-results/fit.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgekit.bundle import read_manifest  # noqa: E402
+from edgekit.fit import FitSettings, fit, from_manifest, from_recipe  # noqa: E402
+from edgekit.fit import speed  # noqa: E402
+from edgekit.paths import kit_paths  # noqa: E402
+from edgekit.schema.device import CalibrationPoint, Device, load_catalog  # noqa: E402
+
+GGUF_BUNDLES = {"Q8_0": "smollm2-135m-instruct-q8-0", "Q4_K_M": "smollm2-135m-instruct-q4-k-m"}
+ONNX_BUNDLE = "all-minilm-l6-v2-int8-dynamic"
+CONTEXTS = (512, 2048, 8192)
+ENCODER_BATCHES = (1, 32)
+GENERATED = 32
+
+GGUF_CHILD = r"""
+import json, sys, time
+from edgekit.runtime.llm import GgufModel
+path, n_ctx, threads, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model = GgufModel(path, n_ctx=n_ctx, threads=threads)
+llm = model.llm
+vocab = llm.n_vocab()
+prompt = [(i * 7919) % (vocab - 1000) + 500 for i in range(n_ctx - n_gen - 8)]
+start = time.perf_counter()
+first = None
+produced = 0
+for token in llm.generate(prompt, temp=0.0):
+    produced += 1
+    if produced == 1:
+        first = time.perf_counter()
+    if produced > n_gen:
+        break
+end = time.perf_counter()
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"peak_rss": int(status["VmHWM"].split()[0]) * 1024, "prompt_s": first - start,
+                  "prompt_tokens": len(prompt), "decode_tok_s": n_gen / (end - first)}))
+"""
+
+ONNX_CHILD = r"""
+import json, sys
+from pathlib import Path
+from edgekit.bundle import read_manifest
+from edgekit.runtime.encoder import EncoderModel
+bundle, batch, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+manifest = read_manifest(bundle)
+model = EncoderModel(bundle, manifest.runtime, threads=threads)
+text = " ".join(["edge"] * (manifest.runtime.max_length + 16))  # truncated to max_length tokens
+for _ in range(3):
+    model.forward([text] * batch)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"peak_rss": int(status["VmHWM"].split()[0]) * 1024, "tokens": model.count_tokens([text])[0]}))
+"""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+# -- bundles ---------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def wrap_requantized(quant: str, out_dir: Path) -> Path:
+    """A bundle around llama.cpp's requantization of the store's upstream Q4_1 SmolLM2 GGUF (fallback only)."""
+    import ctypes
+
+    import llama_cpp
+
+    from edgekit.runtime.gguf_file import gguf_facts
+    from edgekit.schema.manifest import FileEntry, Manifest, RuntimeConfig
+
+    bundle = out_dir / f"{GGUF_BUNDLES[quant]}-requantized"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    bundle.mkdir(parents=True, exist_ok=True)
+    source = kit_paths().model_store / "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf"
+    target = bundle / "model.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not requantize {source} to {quant}")
+    facts = gguf_facts(target)
+    manifest = Manifest(
+        name=bundle.name, recipe_name="bench-fit", recipe_sha256="0" * 64, source_id=str(source), task="text-generation",
+        format="gguf", quantization=quant, parameters=134_515_008,
+        files=[FileEntry(path="model.gguf", bytes=target.stat().st_size, sha256=_sha256(target))],
+        runtime=RuntimeConfig(max_length=facts.context_length, context_length=facts.context_length),
+        gguf=facts, passed=True, created=datetime.now(timezone.utc), tools={"llama-cpp-python": llama_cpp.__version__},
+    )
+    (bundle / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    return bundle
+
+
+def find_bundles(export_missing: bool) -> tuple[dict[str, Path], Path | None, str]:
+    bundles = kit_paths().bundles
+    have = lambda name: (bundles / name / "manifest.json").is_file()  # noqa: E731
+    if export_missing:
+        for recipe, names in (("smollm2-135m-instruct.yaml", GGUF_BUNDLES.values()), ("all-minilm-l6-v2.yaml", [ONNX_BUNDLE])):
+            missing = [n for n in names if not have(n)]
+            if missing:
+                targets = [arg for n in missing for arg in ("--target", n.split("-", 3)[-1] if "smollm2" in n else "int8-dynamic")]
+                log(f"exporting {', '.join(missing)}")
+                subprocess.run([sys.executable, "-m", "edgekit", "export", str(ROOT / "recipes" / recipe), *targets],
+                               check=True, stdout=subprocess.DEVNULL)
+    if all(have(n) for n in GGUF_BUNDLES.values()):
+        gguf = {q: bundles / n for q, n in GGUF_BUNDLES.items()}
+        origin = "exported bundles in $EDGEKIT_HOME/bundles"
+    else:
+        log("GGUF bundles not exported yet: wrapping llama.cpp requantizations of the upstream Q4_1 file")
+        gguf = {q: wrap_requantized(q, kit_paths().home / "bench-fit") for q in GGUF_BUNDLES}
+        origin = "upstream Q4_1 GGUF requantized by llama.cpp (bundles not exported yet)"
+    onnx = bundles / ONNX_BUNDLE if have(ONNX_BUNDLE) else None
+    return gguf, onnx, origin
+
+
+# -- host profile ----------------------------------------------------------------------------------
+
+def host_profile(gguf_q8: Path, onnx: Path | None, threads: int) -> tuple[Device, dict]:
+    from edgekit.cli.fit import measure_decode, measure_encoder
+    from edgekit.fit import host
+
+    log("profiling this host (CPU, RAM, STREAM-like bandwidth, storage)")
+    cpu, memory = host.cpu_spec(), host.memory_spec()
+    bandwidth = host.bandwidth_spec(cpu.cores)
+    storage = host.storage_spec(gguf_q8)
+    manifest = read_manifest(gguf_q8)
+    log(f"calibration: decode speed of {manifest.name}")
+    d = measure_decode(gguf_q8, threads, n_tokens=64, repeats=5)
+    measured_on = f"{platform.node()}: {host.cpu_model_name()}"
+    points = [CalibrationPoint(model=manifest.name, quant=manifest.quantization, parameters=manifest.parameters,
+                               weights_bytes=d["bytes"], n_layer=manifest.gguf.n_layer, prompt_tok_s=d["prompt_tok_s"],
+                               decode_tok_s=d["decode_tok_s"], threads=threads, engine=d["engine"],
+                               measured_on=measured_on, source="scripts/bench_fit.py")]
+    calibration = {"decode_tok_s": d["decode_tok_s"], "prompt_tok_s": d["prompt_tok_s"]}
+    if onnx is not None:
+        log(f"calibration: batch-1 latency of {ONNX_BUNDLE}")
+        e = measure_encoder(onnx, threads, repeats=200)
+        om = read_manifest(onnx)
+        points.append(CalibrationPoint(model=om.name, format="onnx", quant=om.quantization, parameters=om.parameters,
+                                       weights_bytes=e["bytes"], n_layer=om.onnx.n_layer, hidden_size=om.onnx.hidden_size,
+                                       latency_ms=e["latency_ms"], seq_len=e["seq_len"], threads=threads,
+                                       engine=e["engine"], measured_on=measured_on, source="scripts/bench_fit.py"))
+        calibration.update(latency_ms=e["latency_ms"], seq_len=e["seq_len"])
+    device = Device(id="this-host", name=f"This host ({host.cpu_model_name()})", cpu=cpu, memory=memory,
+                    memory_bandwidth=bandwidth, storage=storage, calibration=points)
+    return device, calibration
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+def run_child(code: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise RuntimeError(f"child failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, threads: int) -> tuple[list[dict], list[dict]]:
+    rss, decode = [], []
+    for quant, bundle in gguf.items():
+        manifest = read_manifest(bundle)
+        facts = from_manifest(manifest)
+        work = speed.workload_of(facts)
+        factor = speed.calibrate(host, "decode").factor
+        for n_ctx in CONTEXTS:
+            log(f"RSS: {manifest.name} n_ctx={n_ctx} (prompt {n_ctx - GENERATED - 8} tokens, {GENERATED} generated)")
+            measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads), str(GENERATED))
+            report = fit(manifest, host, FitSettings(n_ctx=n_ctx, daemon=False, threads=threads), catalog)
+            predicted = report.memory["total"]
+            rss.append({"config": f"GGUF {quant} ctx {n_ctx}", "predicted_bytes": predicted, "measured_bytes": measured["peak_rss"],
+                        "error": predicted / measured["peak_rss"] - 1, "terms": report.memory})
+            n_past = measured["prompt_tokens"] + GENERATED // 2
+            pred_decode = speed.roofline_decode_tok_s(work, host, threads, n_past=n_past) * factor
+            decode.append({"config": f"{quant} decode at {n_past} tokens of context", "predicted": pred_decode,
+                           "measured": measured["decode_tok_s"], "error": pred_decode / measured["decode_tok_s"] - 1})
+    if onnx is not None:
+        manifest = read_manifest(onnx)
+        for batch in ENCODER_BATCHES:
+            log(f"RSS: {manifest.name} batch {batch} x {manifest.runtime.max_length} tokens")
+            measured = run_child(ONNX_CHILD, str(onnx), str(batch), str(threads))
+            report = fit(manifest, host, FitSettings(parallel=batch, daemon=False, threads=threads), catalog)
+            predicted = report.memory["total"]
+            rss.append({"config": f"ONNX int8 batch {batch} x {measured['tokens']} tokens", "predicted_bytes": predicted,
+                        "measured_bytes": measured["peak_rss"], "error": predicted / measured["peak_rss"] - 1, "terms": report.memory})
+    return rss, decode
+
+
+def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int) -> list[dict]:
+    """Q4_K_M decode at short context, predicted from the Q8_0 calibration (Q8_0 itself is the calibration point)."""
+    from edgekit.cli.fit import measure_decode
+
+    rows = []
+    factor = speed.calibrate(host, "decode").factor
+    for quant, bundle in gguf.items():
+        if quant == "Q8_0":
+            continue
+        facts = from_manifest(read_manifest(bundle))
+        log(f"decode speed of {bundle.name} (short context)")
+        measured = measure_decode(bundle, threads, n_tokens=64, repeats=5)["decode_tok_s"]
+        predicted = speed.roofline_decode_tok_s(speed.workload_of(facts), host, threads, n_past=0) * factor
+        rows.append({"config": f"{quant} decode, short context", "predicted": predicted, "measured": measured,
+                     "error": predicted / measured - 1})
+    return rows
+
+
+def published_rows(catalog) -> list[dict]:
+    """Every published point predicted without itself (leave one out), and by the bare roofline."""
+    devices = list(catalog.values())
+    rows = []
+    for device in devices:
+        for point in device.calibration:
+            for kind in speed.point_kinds(point):
+                ratio = speed.point_ratio(point, device, kind)  # measured / roofline (latency: roofline / measured)
+                cal = speed.calibrate(device, kind, devices, exclude=point)
+                measured = {"decode": point.decode_tok_s, "prompt": point.prompt_tok_s, "encoder": point.latency_ms}[kind]
+                roofline = measured * ratio if kind == "encoder" else measured / ratio
+                predicted = roofline / cal.factor if kind == "encoder" else roofline * cal.factor
+                rows.append({"device": device.id, "model": point.model, "quant": point.quant, "kind": kind,
+                             "measured": measured, "predicted": predicted, "error": predicted / measured - 1,
+                             "roofline": roofline, "roofline_error": roofline / measured - 1,
+                             "calibrated_from": cal.scope, "points_used": len(cal.points), "source": point.source})
+    return rows
+
+
+def size_rows(gguf: dict[str, Path], onnx: Path | None) -> list[dict]:
+    from edgekit.schema.recipe import Recipe, load_recipe
+
+    rows = []
+    smollm = load_recipe(ROOT / "recipes" / "smollm2-135m-instruct.yaml").recipe
+    if smollm.architecture is None:  # the sample recipe carries no facts; use its config.json's
+        data = smollm.model_dump(mode="json", exclude_none=True)
+        data["architecture"] = {"source": "config.json of HuggingFaceTB/SmolLM2-135M-Instruct", "parameters": 134_515_008,
+                                "n_layer": 30, "hidden_size": 576, "intermediate_size": 1536, "n_head": 9, "n_head_kv": 3,
+                                "vocab_size": 49152, "context_length": 8192, "tie_word_embeddings": True}
+        smollm = Recipe.model_validate(data)
+    for quant, bundle in gguf.items():
+        target = next(t for t in smollm.targets if getattr(t, "quant", None) == quant)
+        predicted, measured = from_recipe(smollm, target).bundle_bytes, read_manifest(bundle).total_bytes
+        rows.append({"bundle": bundle.name, "predicted_bytes": predicted, "measured_bytes": measured,
+                     "error": predicted / measured - 1})
+    if onnx is not None:
+        minilm = load_recipe(ROOT / "recipes" / "all-minilm-l6-v2.yaml").recipe
+        target = next(t for t in minilm.targets if t.name == "int8-dynamic")
+        predicted, measured = from_recipe(minilm, target).bundle_bytes, read_manifest(onnx).total_bytes
+        rows.append({"bundle": onnx.name, "predicted_bytes": predicted, "measured_bytes": measured, "error": predicted / measured - 1})
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def _mark(error: float, limit: float) -> str:
+    return "ok" if abs(error) <= limit else "MISS"
+
+
+def print_tables(result: dict) -> None:
+    print(f"\nhost: {result['host']['name']}, {result['host']['cpu']['cores']} cores, "
+          f"{result['host']['memory_bandwidth']['gb_s']} GB/s copy; load average {result['load_average_start']:.1f} -> "
+          f"{result['load_average_end']:.1f}; bundles: {result['bundles_origin']}")
+    print("\nPeak RSS (fresh process, bare runtime)       predicted    measured    error  (target +-10 %)")
+    for r in result["rss"]:
+        print(f"  {r['config']:<40} {r['predicted_bytes'] / 2**20:9.1f} MiB {r['measured_bytes'] / 2**20:8.1f} MiB "
+              f"{r['error']:+7.1%}  {_mark(r['error'], 0.10)}")
+    print("\nDecode tok/s after host calibration           predicted    measured    error  (target +-20 %)")
+    for r in result["decode"]:
+        print(f"  {r['config']:<40} {r['predicted']:10.1f} {r['measured']:11.1f} {r['error']:+8.1%}  {_mark(r['error'], 0.20)}")
+    print("\nPublished points, leave one out              measured   predicted    error  roofline err  from")
+    for r in result["published"]:
+        label = f"{r['device']} {r['model'][:18]} {r['quant']} {r['kind']}"
+        print(f"  {label:<42} {r['measured']:8.2f} {r['predicted']:10.2f} {r['error']:+8.1%} {r['roofline_error']:+9.1%}"
+              f"    {r['calibrated_from']}  {_mark(r['error'], 0.25)}")
+    print("\nBundle size predicted from recipe facts       predicted    measured    error")
+    for r in result["sizes"]:
+        print(f"  {r['bundle']:<40} {r['predicted_bytes'] / 1e6:9.2f} MB {r['measured_bytes'] / 1e6:8.2f} MB {r['error']:+8.3%}")
+    s = result["summary"]
+    print(f"\nwithin target: RSS {s['rss_within']}/{s['rss_total']}, decode {s['decode_within']}/{s['decode_total']}, "
+          f"published {s['published_within']}/{s['published_total']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export-missing", action="store_true", help="Export the sample bundles first if they are missing.")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fit.json")
+    args = parser.parse_args()
+
+    load_start = load_average()
+    catalog = load_catalog()
+    gguf, onnx, origin = find_bundles(args.export_missing)
+    host, calibration = host_profile(gguf["Q8_0"], onnx, args.threads)
+    everything = [*catalog.values(), host]
+    rss, deep_decode = rss_rows(gguf, onnx, host, everything, args.threads)
+    decode = short_decode_rows(gguf, host, args.threads) + deep_decode
+    published = published_rows(catalog)
+    sizes = size_rows(gguf, onnx)
+    result = {
+        "host": json.loads(host.model_dump_json()), "host_calibration": calibration, "threads": args.threads,
+        "bundles_origin": origin, "load_average_start": load_start, "load_average_end": load_average(),
+        "rss": rss, "decode": decode, "published": published, "sizes": sizes,
+        "summary": {
+            "rss_within": sum(abs(r["error"]) <= 0.10 for r in rss), "rss_total": len(rss),
+            "decode_within": sum(abs(r["error"]) <= 0.20 for r in decode), "decode_total": len(decode),
+            "published_within": sum(abs(r["error"]) <= 0.25 for r in published), "published_total": len(published),
+            "rss_abs_error_median": statistics.median(abs(r["error"]) for r in rss) if rss else None,
+        },
+        "created": datetime.now(timezone.utc).isoformat(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_tables(result)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
