@@ -325,7 +325,9 @@ def print_tables(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export-missing", action="store_true", help="Export the sample bundles first if they are missing.")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    # One thread by default: this machine's cores are shared with other work, and llama.cpp's spinning
+    # thread barriers make multi-threaded timings collapse under contention. Predictions use the same count.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fit.json")
     args = parser.parse_args()
 
