@@ -322,17 +322,22 @@ def smollm_manifest():
                     created=datetime(2025, 1, 1, tzinfo=timezone.utc))
 
 
-def test_kv_cache_and_footprint_of_smollm_manifest():
-    from edgekit.schema.manifest import GgufFacts
-    from edgekit.serve.budget import MIB, footprint_bytes, kv_cache_bytes
+def test_footprint_of_smollm_follows_the_fit_estimate():
+    """The daemon sizes a GGUF worker with edgekit.fit: one slot = the fit estimate; each extra slot adds its caches."""
+    from edgekit.fit import RunSettings, estimate_memory, from_manifest, kv_cache_bytes
+    from edgekit.fit.memory import LLAMA_VOCAB_BYTES_PER_TOKEN
+    from edgekit.serve.budget import footprint_bytes
 
     manifest = smollm_manifest()
-    assert isinstance(manifest.gguf, GgufFacts)
+    facts = from_manifest(manifest)
     # 2 (K,V) * 4096 ctx * 30 layers * 3 kv heads * 64 head dim * 2 bytes (f16)
-    assert kv_cache_bytes(manifest, 4096) == 2 * 4096 * 30 * 3 * 64 * 2 == 94_371_840
-    settings = ServeSettings(n_ctx=4096, slots=2)
-    expected = 40 * MIB + 98_362_432 + 2 * (94_371_840 + 256 * (49152 + 16 * 576) * 4)
-    assert footprint_bytes(manifest, settings) == expected
+    assert kv_cache_bytes(facts, 4096) == 2 * 4096 * 30 * 3 * 64 * 2 == 94_371_840
+    one = estimate_memory(facts, RunSettings(n_ctx=4096, parallel=1, n_ubatch=256, daemon=False))
+    assert footprint_bytes(manifest, ServeSettings(n_ctx=4096)) == one.total
+    two = footprint_bytes(manifest, ServeSettings(n_ctx=4096, slots=2))
+    assert two - one.total == 94_371_840 + one.compute + LLAMA_VOCAB_BYTES_PER_TOKEN * 49152
+    assert 150 * 2**20 < one.total < 400 * 2**20  # 94 MiB of weights, 90 MiB of KV, runtime and buffers
+    # n_ctx above the model's training context (8192) is capped at it
     assert footprint_bytes(manifest, ServeSettings(n_ctx=100_000)) == footprint_bytes(manifest, ServeSettings(n_ctx=8192))
 
 
@@ -365,8 +370,11 @@ def test_service_unit_command_sizes_memory_from_bundles(tmp_path):
     result = CliRunner().invoke(app, ["service", "unit", "--models", str(tmp_path / "bundles"), "--n-ctx", "2048", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    # 40 MiB + 98,362,432 B weights + KV 47,185,920 B (2048 ctx) + compute 59,768,832 B = 247,260,224 B -> 236 MiB
-    assert data["budget_bytes"] == 247_260_224
-    assert "MemoryMax=396M" in data["unit"]
+    from edgekit.serve.budget import MIB, footprint_bytes
+
+    expected = footprint_bytes(smollm_manifest(), ServeSettings(n_ctx=2048))
+    assert data["budget_bytes"] == expected and data["bundles"] == {"smollm": expected}
+    assert f"MemoryMax={-(-expected // MIB) + 160}M" in data["unit"]
+    assert f"--memory-budget-mb {-(-expected // MIB)}" in data["unit"]
     empty = CliRunner().invoke(app, ["service", "unit", "--models", str(tmp_path / "none")])
     assert empty.exit_code != 0

@@ -1,36 +1,24 @@
-"""Memory budget of the daemon and the footprint of one loaded model.
+"""Memory budget of the daemon and the footprint of one loaded model (estimated by ``edgekit.fit``).
 
-SEAM: ``footprint_bytes`` is a stand-in until ``edgekit.fit`` (the device-fit estimator) lands;
-then it should call that estimator with the same inputs (manifest, n_ctx, slots) and this module
-keeps only the budget side. The daemon only ever calls ``footprint_bytes`` and ``memory_budget``.
+A worker's footprint is ``edgekit.fit``'s peak-RSS estimate for one runtime process without the
+web stack (the worker does not import it). Generation slots are separate llama.cpp contexts over
+one mmapped file, so each slot past the first adds its KV cache, compute buffers and vocabulary.
 """
 
 from __future__ import annotations
 
-from edgekit.errors import DeviceError
+from edgekit.errors import ConfigError, DeviceError
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.settings import ServeSettings
 
 MIB = 1024 * 1024
-# Resident memory of a worker process before the model: Python + llama-cpp-python (+ numpy), or
-# Python + onnxruntime + tokenizers + numpy. Measured on this project's x86-64 host (RSS right after
-# the imports): 38 MiB and 62 MiB.
-WORKER_BASELINE = {"gguf": 40 * MIB, "onnx": 64 * MIB}
-# llama.cpp compute buffer per context: logits of one micro-batch (n_ubatch x n_vocab float32) plus
-# activations; PREFILL_CHUNK is the n_ubatch the runtime uses.
-KV_BYTES_PER_ELEMENT = 2  # f16 K and V cache (llama.cpp default type_k/type_v)
 # Share of the host's available RAM the daemon lets models use when no device or budget is given.
 HOST_SHARE = 0.85
-
-
-def kv_cache_bytes(manifest: Manifest, n_ctx: int) -> int:
-    """2 (K and V) * n_ctx * n_layer * n_head_kv * head_dim * bytes per element (DEVICE_FACTS memory model)."""
-    facts = manifest.gguf
-    if facts is None:
-        return 0
-    head_k = facts.key_length or facts.n_embd // facts.n_head
-    head_v = facts.value_length or facts.n_embd // facts.n_head
-    return n_ctx * facts.n_layer * facts.n_head_kv * (head_k + head_v) * KV_BYTES_PER_ELEMENT
+# The daemon process itself with no model loaded (web stack, no runtime): idle RSS measured by
+# scripts/bench_serve.py on this project's x86-64 host, rounded up.
+DAEMON_RSS = 80 * MIB
+# Bundles whose manifest lacks the facts the estimator needs (older exports): twice the files plus a runtime.
+FALLBACK_RUNTIME = 128 * MIB
 
 
 def effective_n_ctx(manifest: Manifest, settings: ServeSettings) -> int:
@@ -41,20 +29,22 @@ def effective_n_ctx(manifest: Manifest, settings: ServeSettings) -> int:
 
 def footprint_bytes(manifest: Manifest, settings: ServeSettings) -> int:
     """Peak resident bytes of a worker serving ``manifest`` with these settings (weights + caches + runtime)."""
+    from edgekit.fit import RunSettings, estimate_memory, from_manifest
+    from edgekit.fit.memory import LLAMA_VOCAB_BYTES_PER_TOKEN
     from edgekit.runtime.llm import PREFILL_CHUNK
 
-    weights = manifest.total_bytes
+    try:
+        facts = from_manifest(manifest)
+    except ConfigError:
+        return 2 * manifest.total_bytes + FALLBACK_RUNTIME
     if manifest.format == "gguf":
-        n_ctx = effective_n_ctx(manifest, settings)
-        n_vocab = manifest.gguf.n_vocab if manifest.gguf else 32000
-        n_embd = manifest.gguf.n_embd if manifest.gguf else 2048
-        compute = PREFILL_CHUNK * (n_vocab + 16 * n_embd) * 4
-        return WORKER_BASELINE["gguf"] + weights + settings.slots * (kv_cache_bytes(manifest, n_ctx) + compute)
-    # ONNX: onnxruntime keeps the initializers in RAM (plus pre-packed copies of MatMul weights) and the
-    # activations of one micro-batch: batch x max_length x hidden x ~16 live float32 tensors.
-    hidden = (manifest.onnx.hidden_size if manifest.onnx and manifest.onnx.hidden_size else 768)
-    activations = settings.batch_max * manifest.runtime.max_length * hidden * 4 * 16
-    return WORKER_BASELINE["onnx"] + 2 * weights + activations
+        one = estimate_memory(facts, RunSettings(n_ctx=effective_n_ctx(manifest, settings), parallel=1,
+                                                 n_ubatch=PREFILL_CHUNK, daemon=False))
+        per_extra_slot = one.kv_cache + one.compute + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
+        return one.total + (settings.slots - 1) * per_extra_slot
+    # Encoders: the worst micro-batch is batch_max texts of max_length tokens.
+    return estimate_memory(facts, RunSettings(n_ctx=manifest.runtime.max_length, parallel=settings.batch_max,
+                                              daemon=False)).total
 
 
 def memory_budget(settings: ServeSettings) -> tuple[int, str]:
@@ -70,10 +60,12 @@ def memory_budget(settings: ServeSettings) -> tuple[int, str]:
 
 
 def device_budget(device_id: str) -> tuple[int, str]:
-    """Usable RAM of a catalogued device (total minus what its OS keeps)."""
-    try:
-        from edgekit.schema import device as device_schema
-    except ImportError as exc:  # the device catalog is not part of this installation
-        raise DeviceError(f"--device {device_id}: no device catalog available", hint="use --memory-budget-mb") from exc
-    profile = device_schema.load_device(device_id)
-    return int(profile.usable_ram_bytes), f"usable RAM of device profile {device_id}"
+    """Usable RAM of a catalogued device (installed minus what its OS keeps) minus the daemon's own memory."""
+    from edgekit.schema.device import load_device
+
+    device = load_device(device_id)  # DeviceError (exit 2) names the known devices
+    budget = device.usable_ram_bytes - DAEMON_RSS
+    if budget <= 0:
+        raise DeviceError(f"device {device.id} has {device.usable_ram_bytes // MIB} MiB usable RAM, "
+                          f"less than the daemon itself needs ({DAEMON_RSS // MIB} MiB)")
+    return budget, f"usable RAM of device {device.id} minus the daemon"
