@@ -378,3 +378,17 @@ def test_service_unit_command_sizes_memory_from_bundles(tmp_path):
     assert f"--memory-budget-mb {-(-expected // MIB)}" in data["unit"]
     empty = CliRunner().invoke(app, ["service", "unit", "--models", str(tmp_path / "none")])
     assert empty.exit_code != 0
+
+
+def test_memory_budget_sources(empty_models):
+    """--memory-budget-mb wins; --device takes the catalog's usable RAM minus the daemon; unknown device is exit 2."""
+    from edgekit.errors import DeviceError
+    from edgekit.serve.budget import DAEMON_RSS, MIB, memory_budget
+
+    assert memory_budget(ServeSettings(models=empty_models, memory_budget_mb=300, device="rpi-4-2gb")) == (300 * MIB, "--memory-budget-mb")
+    budget, source = memory_budget(ServeSettings(models=empty_models, device="rpi-4-2gb"))
+    assert budget == (2048 - 250) * MIB - DAEMON_RSS and "rpi-4-2gb" in source
+    with pytest.raises(DeviceError, match="unknown device"):
+        memory_budget(ServeSettings(models=empty_models, device="no-such-board"))
+    host, source = memory_budget(ServeSettings(models=empty_models))
+    assert host > 0 and "available RAM" in source

@@ -1,0 +1,489 @@
+"""Benchmark `edgekit serve` side by side with in-process runtimes and llama-cpp-python's own server.
+
+Same bundle files, threads, context and prompts for every system, measured in alternating rounds in
+one run (the machine may be shared: alternating spreads any background load over all systems):
+
+- streamed decode tok/s: the daemon vs llama-cpp-python in-process (target >= 0.90) and vs
+  `python -m llama_cpp.server` on the same GGUF (target >= 1.2);
+- embeddings requests/s with 16 concurrent clients vs in-process onnxruntime in batches of 16 (>= 0.7);
+- idle RSS of the daemon with no model (<= 120 MB) and time from start to /health 200 with the GGUF preloaded;
+- cancellation: time from a client disconnect to the generation being stopped (RELIABILITY 17: <= 1 s);
+- a soak: 8 clients, mixed chat/embeddings(/classify), a few minutes: errors, RSS growth (< 5 %), p95 per window.
+
+Bundles: --gguf / --encoder / --classifier, or the defaults in $EDGEKIT_HOME/bundles
+(smollm2-135m-instruct-q4-k-m, all-minilm-l6-v2-int8-dynamic). llama_cpp.server needs the
+`llama-cpp-python[server]` extras: pip install "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4".
+
+Prints a table and writes bench-results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgekit.paths import kit_paths  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."}]
+TARGETS = {"decode_vs_inprocess": 0.90, "decode_vs_llama_cpp_server": 1.2, "embeddings_vs_inprocess": 0.7,
+           "idle_rss_mb": 120, "cancel_seconds": 1.0, "soak_rss_growth": 0.05}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on 127.0.0.1 (the daemon or llama_cpp.server)."""
+
+    def __init__(self, name: str, command: list[str], port: int, log_dir: Path) -> None:
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / f"{name}.log"
+        self.started = time.perf_counter()
+        with self.log_path.open("wb") as handle:
+            self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, path: str = "/health", timeout: float = 300.0) -> float:
+        """Seconds from start until ``path`` answers 200."""
+        while time.perf_counter() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.name} not ready after {timeout} s")
+
+    def rss(self, children: bool = True) -> int:
+        import psutil
+
+        process = psutil.Process(self.proc.pid)
+        total = process.memory_info().rss
+        if children:
+            total += sum(c.memory_info().rss for c in process.children(recursive=True))
+        return total
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def daemon(models: Path, log_dir: Path, threads: int, n_ctx: int, *extra: str, name: str = "edgekit") -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port), "--threads",
+               str(threads), "--n-ctx", str(n_ctx), "--idle-unload-s", "0", "--log-level", "warning", *extra]
+    return Server(name, command, port, log_dir)
+
+
+def models_dir(root: Path, *bundles: Path) -> Path:
+    """A models directory holding ``bundles`` as hard links (symlinks would leave the bundle; copies cost disk)."""
+    target = root / "models"
+    target.mkdir(parents=True, exist_ok=True)
+    for bundle in bundles:
+        if not (target / bundle.name).exists():
+            shutil.copytree(bundle, target / bundle.name, copy_function=_link_or_copy)
+    return target
+
+
+def _link_or_copy(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+# ---- decode ------------------------------------------------------------------------------------
+
+
+def decode_rate(times: list[float]) -> float:
+    """Tokens per second between the first and the last streamed token (prefill excluded)."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 else 0.0
+
+
+def stream_http(url: str, model: str, max_tokens: int) -> list[float]:
+    times = []
+    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    times.append(time.perf_counter())
+    return times
+
+
+class InProcess:
+    """llama-cpp-python in this process with the daemon's settings (the >= 0.90 reference)."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=256, n_ubatch=256, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+
+    def stream(self, max_tokens: int) -> list[float]:
+        times = []
+        for chunk in self.llm.create_chat_completion(MESSAGES, max_tokens=max_tokens, temperature=0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+        return times
+
+
+def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
+    gguf = gguf_bundle / "model.gguf"
+    name = gguf_bundle.name
+    models = models_dir(work / "decode", gguf_bundle)
+    ours = daemon(models, work, args.threads, args.n_ctx, "--preload", name)
+    systems: dict[str, object] = {}
+    try:
+        ours.wait_ready()
+        systems["edgekit serve"] = lambda: stream_http(ours.url, name, args.tokens)
+        reference = InProcess(gguf, args.threads, args.n_ctx)
+        systems["in-process llama-cpp-python"] = lambda: reference.stream(args.tokens)
+        theirs = None
+        try:
+            import llama_cpp.server  # noqa: F401
+            import sse_starlette  # noqa: F401
+            import starlette_context  # noqa: F401
+        except ImportError as exc:
+            log(f"llama_cpp.server unavailable ({exc}); install its extras: "
+                'pip install "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4"')
+        else:
+            port = free_port()
+            theirs = Server("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
+                                                 name, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.n_ctx),
+                                                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                                                 "--n_batch", "256", "--n_ubatch", "256"], port, work)
+            theirs.wait_ready("/v1/models")
+            systems["python -m llama_cpp.server"] = lambda: stream_http(theirs.url, name, args.tokens)
+        rates: dict[str, list[float]] = {key: [] for key in systems}
+        tokens: dict[str, list[int]] = {key: [] for key in systems}
+        for key, run in systems.items():  # warm-up: load pages, fill prompt caches
+            run()
+        for round_index in range(args.rounds):
+            order = list(systems) if round_index % 2 == 0 else list(reversed(systems))
+            for key in order:
+                times = systems[key]()
+                rates[key].append(decode_rate(times))
+                tokens[key].append(len(times))
+            log(f"decode round {round_index + 1}/{args.rounds}: " + ", ".join(f"{k} {rates[k][-1]:.1f}" for k in systems))
+        result = {key: {"tok_s_median": statistics.median(v), "tok_s": v, "tokens": tokens[key]} for key, v in rates.items()}
+        if theirs is not None:
+            theirs.stop()
+        return result
+    finally:
+        ours.stop()
+
+
+# ---- embeddings ----------------------------------------------------------------------------------
+
+
+def texts_for_embeddings(count: int) -> list[str]:
+    lines = [line.strip() for line in (ROOT / "recipes/data/validation-sentences.txt").read_text().splitlines() if line.strip()]
+    return [lines[i % len(lines)] for i in range(count)]
+
+
+def bench_embeddings(args, encoder_bundle: Path, work: Path) -> dict:
+    from edgekit.bundle import read_manifest
+    from edgekit.runtime.encoder import EncoderModel
+
+    texts = texts_for_embeddings(args.embed_requests)
+    model = EncoderModel(encoder_bundle, read_manifest(encoder_bundle).runtime, threads=args.threads)
+    model.embed(texts[:16])
+
+    def in_process() -> float:
+        started = time.perf_counter()
+        for start in range(0, len(texts), 16):
+            model.embed(texts[start : start + 16])
+        return len(texts) / (time.perf_counter() - started)
+
+    models = models_dir(work / "embed", encoder_bundle)
+    ours = daemon(models, work, args.threads, args.n_ctx, "--preload", encoder_bundle.name, "--batch-max", "16")
+
+    async def through_daemon() -> float:
+        queue = list(texts)
+        async with httpx.AsyncClient(base_url=ours.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=16, max_keepalive_connections=16)) as client:
+            async def worker() -> None:
+                while queue:
+                    text = queue.pop()
+                    response = await client.post("/v1/embeddings", json={"model": encoder_bundle.name, "input": text})
+                    response.raise_for_status()
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(16)))
+            return len(texts) / (time.perf_counter() - started)
+
+    try:
+        ours.wait_ready()
+        asyncio.run(through_daemon())  # warm-up
+        ours_rates, ref_rates = [], []
+        for round_index in range(args.rounds):
+            for key in (("ref", "ours") if round_index % 2 == 0 else ("ours", "ref")):
+                (ref_rates if key == "ref" else ours_rates).append(in_process() if key == "ref" else asyncio.run(through_daemon()))
+            log(f"embeddings round {round_index + 1}/{args.rounds}: daemon {ours_rates[-1]:.0f} req/s, in-process {ref_rates[-1]:.0f} texts/s")
+        return {"edgekit serve (16 clients, 1 text each)": {"req_s_median": statistics.median(ours_rates), "req_s": ours_rates},
+                "in-process onnxruntime (batches of 16)": {"req_s_median": statistics.median(ref_rates), "req_s": ref_rates}}
+    finally:
+        ours.stop()
+
+
+# ---- footprint, start-up, cancellation ---------------------------------------------------------
+
+
+def bench_idle_and_startup(args, gguf_bundle: Path, work: Path) -> dict:
+    empty = work / "empty-models"
+    empty.mkdir(exist_ok=True)
+    idle = daemon(empty, work, args.threads, args.n_ctx, name="edgekit-idle")
+    try:
+        idle.wait_ready()
+        time.sleep(2.0)
+        idle_rss = idle.rss(children=False)
+    finally:
+        idle.stop()
+    models = models_dir(work / "decode", gguf_bundle)
+    starts = []
+    for _ in range(args.rounds):
+        server = daemon(models, work, args.threads, args.n_ctx, "--preload", gguf_bundle.name, name="edgekit-start")
+        try:
+            starts.append(server.wait_ready())
+        finally:
+            server.stop()
+    return {"idle_rss_mb": idle_rss / 1e6, "time_to_health_200_s": statistics.median(starts), "time_to_health_200_all_s": starts}
+
+
+def bench_cancel(args, gguf_bundle: Path, work: Path) -> dict:
+    models = models_dir(work / "decode", gguf_bundle)
+    server = daemon(models, work, args.threads, args.n_ctx, "--preload", gguf_bundle.name, name="edgekit-cancel")
+
+    def cancelled() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith("edgekit_generations_total{") and 'finish_reason="cancelled"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    delays = []
+    try:
+        server.wait_ready()
+        for _ in range(args.rounds):
+            before = cancelled()
+            received = 0
+            with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
+                              json={"model": gguf_bundle.name, "messages": MESSAGES, "max_tokens": 500, "stream": True}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        received += 1
+                        if received == 5:
+                            break
+            closed = time.perf_counter()
+            while cancelled() < before + 1 and time.perf_counter() - closed < 30:
+                time.sleep(0.01)
+            delays.append(time.perf_counter() - closed)
+    finally:
+        server.stop()
+    return {"disconnect_to_stopped_s_median": statistics.median(delays), "all_s": delays}
+
+
+# ---- soak --------------------------------------------------------------------------------------------
+
+
+def bench_soak(args, gguf_bundle: Path, encoder_bundle: Path, classifier: Path | None, work: Path) -> dict:
+    bundles = [gguf_bundle, encoder_bundle] + ([classifier] if classifier else [])
+    models = models_dir(work / "soak", *bundles)
+    preload = [arg for b in bundles for arg in ("--preload", b.name)]
+    server = daemon(models, work, args.threads, args.n_ctx, *preload, name="edgekit-soak")
+    requests = [
+        ("/v1/chat/completions", {"model": gguf_bundle.name, "messages": MESSAGES, "max_tokens": 16}),
+        ("/v1/embeddings", {"model": encoder_bundle.name, "input": texts_for_embeddings(4)}),
+        ("/v1/embeddings", {"model": encoder_bundle.name, "input": "one sentence to embed"}),
+    ]
+    if classifier:
+        requests.append(("/v1/classify", {"model": classifier.name, "input": ["great", "awful"]}))
+    errors: list[str] = []
+    samples: list[tuple[float, float, str]] = []  # (finished at, seconds, path)
+    rss: list[tuple[float, int]] = []
+    try:
+        server.wait_ready()
+        started = time.perf_counter()
+        stop_at = started + args.soak_seconds
+
+        def client(index: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=300) as http:
+                turn = index
+                while time.perf_counter() < stop_at:
+                    path, body = requests[turn % len(requests)]
+                    turn += 1
+                    t0 = time.perf_counter()
+                    try:
+                        response = http.post(path, json=body)
+                        if response.status_code != 200:
+                            errors.append(f"{path} {response.status_code} {response.text[:120]}")
+                    except httpx.HTTPError as exc:
+                        errors.append(f"{path} {type(exc).__name__}")
+                    samples.append((time.perf_counter() - started, time.perf_counter() - t0, path))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads):
+            rss.append((time.perf_counter() - started, server.rss()))
+            time.sleep(5)
+        for thread in threads:
+            thread.join()
+    finally:
+        server.stop()
+    warm = [value for at, value in rss if at >= min(30.0, args.soak_seconds / 4)]
+    windows = []
+    width = max(args.soak_seconds / 6, 10)
+    for start in range(0, int(args.soak_seconds), int(width)):
+        values = sorted(s for at, s, _ in samples if start <= at < start + width)
+        if values:
+            windows.append(round(values[int(0.95 * (len(values) - 1))], 3))
+    return {"seconds": args.soak_seconds, "clients": 8, "requests": len(samples), "errors": len(errors),
+            "error_examples": errors[:5], "rss_start_mb": warm[0] / 1e6 if warm else None,
+            "rss_end_mb": warm[-1] / 1e6 if warm else None,
+            "rss_growth": (warm[-1] - warm[0]) / warm[0] if len(warm) > 1 else None,
+            "p95_s_per_window": windows, "mix": sorted({p for p, _ in requests})}
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+
+def find_bundle(explicit: Path | None, name: str) -> Path:
+    path = explicit or kit_paths().bundles / name
+    if not (path / "manifest.json").is_file():
+        raise SystemExit(f"no bundle at {path}: export it (`edgekit export recipes/...`) or pass its path")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, help="GGUF bundle (default: $EDGEKIT_HOME/bundles/smollm2-135m-instruct-q4-k-m)")
+    parser.add_argument("--encoder", type=Path, help="embeddings bundle (default: $EDGEKIT_HOME/bundles/all-minilm-l6-v2-int8-dynamic)")
+    parser.add_argument("--classifier", type=Path, help="optional classification bundle for the soak mix")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=128, help="max_tokens of each decode run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--embed-requests", type=int, default=512)
+    parser.add_argument("--soak-seconds", type=float, default=180.0)
+    parser.add_argument("--skip", action="append", default=[], choices=["decode", "embeddings", "idle", "cancel", "soak"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "serve.json")
+    args = parser.parse_args()
+    gguf = find_bundle(args.gguf, "smollm2-135m-instruct-q4-k-m")
+    encoder = find_bundle(args.encoder, "all-minilm-l6-v2-int8-dynamic")
+    results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg_start": os.getloadavg()},
+                     "settings": {"threads": args.threads, "n_ctx": args.n_ctx, "tokens": args.tokens, "rounds": args.rounds,
+                                  "gguf": str(gguf), "encoder": str(encoder)}, "targets": TARGETS}
+    kit_paths().home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-", dir=kit_paths().home) as tmp:
+        work = Path(tmp)
+        if "idle" not in args.skip:
+            results["footprint"] = bench_idle_and_startup(args, gguf, work)
+        if "decode" not in args.skip:
+            results["decode"] = bench_decode(args, gguf, work)
+        if "embeddings" not in args.skip:
+            results["embeddings"] = bench_embeddings(args, encoder, work)
+        if "cancel" not in args.skip:
+            results["cancel"] = bench_cancel(args, gguf, work)
+        if "soak" not in args.skip:
+            results["soak"] = bench_soak(args, gguf, encoder, args.classifier, work)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    results["ratios"] = ratios(results)
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    return 0
+
+
+def ratios(results: dict) -> dict:
+    out = {}
+    decode = results.get("decode", {})
+    ours = decode.get("edgekit serve", {}).get("tok_s_median")
+    if ours:
+        ref = decode.get("in-process llama-cpp-python", {}).get("tok_s_median")
+        out["decode_vs_inprocess"] = ours / ref if ref else None
+        theirs = decode.get("python -m llama_cpp.server", {}).get("tok_s_median")
+        out["decode_vs_llama_cpp_server"] = ours / theirs if theirs else None
+    embed = results.get("embeddings", {})
+    if embed:
+        values = [v["req_s_median"] for v in embed.values()]
+        out["embeddings_vs_inprocess"] = values[0] / values[1]
+    return out
+
+
+def print_table(results: dict) -> None:
+    rows = []
+    r = results.get("ratios", {})
+
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("pass" if ok else "MISS")
+
+    for key, label, higher in (("decode_vs_inprocess", "decode tok/s: daemon / in-process", True),
+                               ("decode_vs_llama_cpp_server", "decode tok/s: daemon / llama_cpp.server", True),
+                               ("embeddings_vs_inprocess", "embeddings req/s (16 clients) / in-process batched", True)):
+        value = r.get(key)
+        rows.append((label, f"{value:.2f}" if value else "-", f">= {TARGETS[key]}", verdict(value >= TARGETS[key] if value else None)))
+    for key, values in results.get("decode", {}).items():
+        rows.append((f"  {key}", f"{values['tok_s_median']:.1f} tok/s", "", ""))
+    for key, values in results.get("embeddings", {}).items():
+        rows.append((f"  {key}", f"{values['req_s_median']:.0f} req/s", "", ""))
+    footprint = results.get("footprint")
+    if footprint:
+        rows.append(("daemon idle RSS, no model", f"{footprint['idle_rss_mb']:.0f} MB", "<= 120 MB",
+                     verdict(footprint["idle_rss_mb"] <= TARGETS["idle_rss_mb"])))
+        rows.append(("start -> /health 200, GGUF preloaded", f"{footprint['time_to_health_200_s']:.2f} s", "", ""))
+    cancel = results.get("cancel")
+    if cancel:
+        rows.append(("disconnect -> generation stopped", f"{cancel['disconnect_to_stopped_s_median']:.2f} s", "<= 1 s",
+                     verdict(cancel["disconnect_to_stopped_s_median"] <= TARGETS["cancel_seconds"])))
+    soak = results.get("soak")
+    if soak:
+        rows.append((f"soak {soak['seconds']:.0f} s, 8 clients: errors", str(soak["errors"]), "0", verdict(soak["errors"] == 0)))
+        growth = soak["rss_growth"]
+        rows.append(("soak RSS growth (daemon + workers)", f"{growth:+.1%}" if growth is not None else "-", "< 5 %",
+                     verdict(growth < TARGETS["soak_rss_growth"] if growth is not None else None)))
+        rows.append(("soak p95 latency per window (s)", " ".join(f"{v:.2f}" for v in soak["p95_s_per_window"]), "stable", ""))
+    width = max(len(row[0]) for row in rows)
+    print(f"{'measure':<{width}}  {'value':>16}  {'target':>10}  verdict")
+    for label, value, target, ok in rows:
+        print(f"{label:<{width}}  {value:>16}  {target:>10}  {ok}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
