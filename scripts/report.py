@@ -1,0 +1,154 @@
+"""The comparison report: every benchmark side by side on this machine, as Markdown with PNG plots.
+
+Runs, one after the other on the same machine and inputs:
+  1. scripts/bench_encoder.py  — PyTorch fp32 vs ORT fp32 vs edgekit int8 (dynamic block-wise, static, per-tensor)
+  2. scripts/bench_gguf.py     — every quant type of SmolLM2-135M: size, PPL, KLD, top-1, decode tok/s
+  3. scripts/bench_serve.py    — the daemon vs in-process llama-cpp-python vs `python -m llama_cpp.server`
+  4. scripts/bench_fit.py      — fit truth: predicted vs measured RSS and tok/s
+  5. edgekit profile-host      — this host's memory bandwidth, for the decode roofline
+and writes docs/report.md and docs/report/*.png. Each section shows the command that produced it
+and the table that command printed; the JSON behind each is in bench-results/.
+
+    python scripts/report.py [--skip serve] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench-results"
+DOCS = ROOT / "docs"
+FIGURES = DOCS / "report"
+
+# name -> (title, command, extra args for --quick)
+SECTIONS: dict[str, tuple[str, list[str], list[str]]] = {
+    "encoder": ("Encoder: all-MiniLM-L6-v2, PyTorch fp32 vs ONNX fp32 vs int8",
+                [sys.executable, "scripts/bench_encoder.py"], ["--rounds", "5", "--iters", "20"]),
+    "gguf": ("Generator: SmolLM2-135M-Instruct, every quant type",
+             [sys.executable, "scripts/bench_gguf.py"], ["--conversion-runs", "1", "--max-eval-tokens", "1024"]),
+    "serve": ("Serving: the daemon vs in-process vs llama_cpp.server",
+              [sys.executable, "scripts/bench_serve.py"], ["--rounds", "2", "--soak-seconds", "30"]),
+    "fit": ("Fit truth: predicted vs measured", [sys.executable, "scripts/bench_fit.py", "--export-missing"], []),
+}
+
+
+def run(command: list[str]) -> tuple[str, float]:
+    """Run a benchmark, streaming its progress to stderr; returns its stdout (the table) and the seconds it took."""
+    print(f"\n$ {shlex.join(command)}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    sys.stderr.write(done.stdout)
+    if done.returncode != 0:
+        raise SystemExit(f"{shlex.join(command)} failed with exit {done.returncode}")
+    return done.stdout, time.monotonic() - start
+
+
+def host_bandwidth_gb_s() -> float:
+    done = subprocess.run([sys.executable, "-m", "edgekit", "profile-host", "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
+    profile = json.loads(done.stdout)
+    return float(profile["memory_bandwidth"]["gb_s"])
+
+
+def plot_encoder(data: dict) -> Path:
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"]
+    names = [r["variant"] for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(names, [r["short_ms"] for r in rows], color="tab:blue")
+    left.set_ylabel("batch-1 latency, short sentence (ms)")
+    left.tick_params(axis="x", rotation=25)
+    right.bar(names, [r["cosine_min"] for r in rows], color="tab:green")
+    right.set_ylim(min(r["cosine_min"] for r in rows) - 0.01, 1.0)
+    right.set_ylabel("worst cosine vs PyTorch (240 sentences)")
+    right.tick_params(axis="x", rotation=25)
+    figure.suptitle("all-MiniLM-L6-v2 on this host")
+    figure.tight_layout()
+    return save(figure, "encoder.png")
+
+
+def plot_gguf(data: dict, bandwidth_gb_s: float | None) -> Path:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["quants"] if r.get("kld_mean") is not None]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([r["bits_per_weight"] for r in rows], [r["kld_mean"] for r in rows], "o-")
+    for r in rows:
+        left.annotate(r["quant"], (r["bits_per_weight"], r["kld_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    left.set_xlabel("bits per weight")
+    left.set_ylabel("mean KL divergence vs f16")
+    left.set_yscale("log")
+    speeds = [r for r in data["quants"] if r.get("decode_tok_s")]
+    right.bar([r["quant"] for r in speeds], [r["decode_tok_s"] for r in speeds], color="tab:orange", label="measured")
+    if bandwidth_gb_s:
+        right.plot([r["quant"] for r in speeds], [bandwidth_gb_s * 1e9 / r["bytes"] for r in speeds], "k_", markersize=20,
+                   label="memory-bandwidth roofline")
+    right.set_ylabel("decode tokens/s")
+    right.legend()
+    figure.suptitle("SmolLM2-135M-Instruct: quality and speed per quant type")
+    figure.tight_layout()
+    return save(figure, "gguf.png")
+
+
+def save(figure, name: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / name
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--skip", action="append", default=[], choices=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="Fewer rounds: minutes instead of most of an hour.")
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    bandwidth = host_bandwidth_gb_s()
+    parts = [
+        "# edgekit comparison report",
+        "",
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/report.py {' '.join(sys.argv[1:])}` "
+        f"on {platform.machine()}, {platform.processor() or 'cpu'}, measured memory bandwidth {bandwidth:.1f} GB/s "
+        "(`edgekit profile-host`). Every section names the command that produced it; its JSON is in bench-results/.",
+    ]
+    for name, (title, command, quick_args) in SECTIONS.items():
+        if name in args.skip:
+            continue
+        full = command + (quick_args if args.quick else [])
+        table, seconds = run(full)
+        parts += ["", f"## {title}", "", f"Command: `{shlex.join(full[1:]) if full[0] == sys.executable else shlex.join(full)}` "
+                  f"({seconds / 60:.1f} min)", "", "```", table.rstrip(), "```"]
+        data_file = RESULTS / f"{name}.json"
+        if name == "encoder":
+            parts += ["", f"![encoder latency and quality](report/{plot_encoder(json.loads(data_file.read_text())).name})"]
+        if name == "gguf":
+            data = json.loads(data_file.read_text())
+            parts += ["", f"![quality and speed per quant type](report/{plot_gguf(data, bandwidth).name})", "",
+                      "Decode speed as a share of this host's memory-bandwidth roofline (bandwidth / model bytes per token):", "",
+                      "| quant | MB | decode tok/s | roofline tok/s | share |", "|---|---|---|---|---|"]
+            for row in data["quants"]:
+                if row.get("decode_tok_s"):
+                    roof = bandwidth * 1e9 / row["bytes"]
+                    parts.append(f"| {row['quant']} | {row['bytes'] / 1e6:.1f} | {row['decode_tok_s']:.1f} | {roof:.0f} | {row['decode_tok_s'] / roof:.0%} |")
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / "report.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
+    print(f"wrote {DOCS / 'report.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
