@@ -93,6 +93,36 @@ def same_tensors(a: Path, b: Path) -> dict:
     return {"tensors": len(ours), "byte_identical": identical, "same_names": sorted(ours) == sorted(theirs)}
 
 
+def weight_error(reference: Path, model: Path) -> dict:
+    """Relative RMS error of the quantized matrices vs the f16 ones, overall and per ggml type used."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+
+    ref = {t.name: t for t in GGUFReader(str(reference)).tensors}
+    err: dict[str, float] = {}
+    norm: dict[str, float] = {}
+    for tensor in GGUFReader(str(model)).tensors:
+        if len(tensor.shape) < 2:
+            continue
+        a = dequantize(ref[tensor.name].data, ref[tensor.name].tensor_type).astype(np.float64)
+        b = dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
+        kind = tensor.tensor_type.name
+        err[kind] = err.get(kind, 0.0) + float(((a - b) ** 2).sum())
+        norm[kind] = norm.get(kind, 0.0) + float((a**2).sum())
+    per_type = {kind: round((err[kind] / norm[kind]) ** 0.5, 5) for kind in err}
+    return {"weight_rel_error": round((sum(err.values()) / sum(norm.values())) ** 0.5, 5), "weight_rel_error_by_type": per_type}
+
+
+def source_levels(reference: Path) -> float:
+    """Median number of distinct values per block of 32 weights: at most 16 betrays a 4-bit origin."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+
+    tensor = next(t for t in GGUFReader(str(reference)).tensors if t.name == "blk.0.ffn_up.weight")
+    blocks = dequantize(tensor.data, tensor.tensor_type).reshape(-1, 32)[:4096]
+    return float(np.median([len(np.unique(block)) for block in blocks]))
+
+
 def decode_speed(model: Path, threads: int) -> dict:
     """Greedy generation after a chat prompt: time to first token and decode tokens per second."""
     from llama_cpp import Llama
@@ -164,6 +194,7 @@ def main() -> None:
                  "ppl": vs_torch["ppl"], "ppl_increase": 0.0, "kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0,
                  "quantize_seconds": 0.0, **decode_speed(f16, threads)}]
         result["f16_vs_pytorch"] = vs_torch
+        result["source_distinct_values_per_32_block_median"] = source_levels(f16)
         for quant in quants:
             print(f"{quant}: quantizing, measuring, decoding...", file=sys.stderr)
             model = work / f"{quant}.gguf"
@@ -177,7 +208,7 @@ def main() -> None:
             rows.append({"quant": quant, "bytes": model.stat().st_size, "bits_per_weight": facts.bits_per_weight,
                          "ppl": metrics["ppl"], "ppl_increase": metrics["ppl_increase"], "kld_mean": metrics["kld_mean"],
                          "kld_p99": metrics["kld_p99"], "top1_agreement": metrics["top1_agreement"],
-                         "quantize_seconds": round(seconds, 2), **decode_speed(model, threads)})
+                         "quantize_seconds": round(seconds, 2), **weight_error(f16, model), **decode_speed(model, threads)})
             model.unlink()
     result["eval_tokens"] = vs_torch["eval_tokens"]
     result["quants"] = rows
@@ -207,6 +238,9 @@ def main() -> None:
               f"{100 * row['ppl_increase']:7.2f} {row['kld_mean']:8.4f} {100 * row['top1_agreement']:8.2f} "
               f"{row['decode_tokens_per_second']:7.1f}")
     print(f"KLD rises monotonically as bits fall: {result['kld_monotonic_in_bits']}; wrote {args.out}")
+    print(f"weight error vs f16 (relative RMS): " + ", ".join(f"{r['quant']} {r['weight_rel_error']:.4f}" for r in rows[1:]))
+    print(f"source weights: median {result['source_distinct_values_per_32_block_median']:.0f} distinct values per block of 32 "
+          "(<= 16: the checkpoint carries 4-bit grid values, which some quant grids reproduce better than finer ones)")
 
 
 if __name__ == "__main__":
