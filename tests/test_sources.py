@@ -78,3 +78,17 @@ def test_fetch_is_idempotent_and_failure_leaves_no_entry(tmp_path, monkeypatch, 
         fetch_sample("test/broken", store=store)
     assert not (store / "test" / "broken").exists()
     assert [p.name for p in (store / "test").iterdir()] == ["ok"]
+
+
+def test_gguf_file_source_resolves_without_checkpoint_weights(tmp_path, sample_store):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path, task="text-generation",
+                          source={"id": "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+                          targets=[{"format": "gguf", "name": "q4", "quant": "Q4_K_M", "allow_requantize": True}])
+    resolved = resolve_source(load_recipe(recipe))
+    assert resolved.found_in == "store"
+    assert (resolved.path / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size == 98_362_432
+    missing = write_recipe(tmp_path / "m.yaml", tmp_path, task="text-generation",
+                           source={"id": "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", "gguf_file": "nope.gguf"},
+                           targets=[{"format": "gguf", "name": "q4", "quant": "Q4_K_M"}])
+    with pytest.raises(SourceError, match="no file nope.gguf"):
+        resolve_source(load_recipe(missing))

