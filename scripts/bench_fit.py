@@ -47,27 +47,31 @@ CONTEXTS = (512, 2048, 8192)
 ENCODER_BATCHES = (1, 32)
 GENERATED = 32
 
+# Speeds are timed in process CPU time with one inference thread: this machine's cores are shared, and
+# wall-clock rates of the same run varied 2x between runs minutes apart, while CPU time per token does
+# not include the time other processes hold the core. Wall-clock rates are recorded too.
 GGUF_CHILD = r"""
 import json, sys, time
 from edgekit.runtime.llm import GgufModel
-path, n_ctx, threads, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, n_ctx, threads, n_gen, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 model = GgufModel(path, n_ctx=n_ctx, threads=threads)
 llm = model.llm
 vocab = llm.n_vocab()
 prompt = [(i * 7919) % (vocab - 1000) + 500 for i in range(n_ctx - n_gen - 8)]
-start = time.perf_counter()
-first = None
-produced = 0
-for token in llm.generate(prompt, temp=0.0):
-    produced += 1
-    if produced == 1:
-        first = time.perf_counter()
-    if produced > n_gen:
-        break
-end = time.perf_counter()
+cpu_rates, wall_rates = [], []
+for _ in range(repeats):
+    produced = 0
+    for token in llm.generate(prompt, temp=0.0):  # later repeats reuse the cached prompt
+        produced += 1
+        if produced == 1:
+            cpu, wall = time.process_time(), time.perf_counter()
+        if produced > n_gen:
+            break
+    cpu_rates.append(n_gen / (time.process_time() - cpu))
+    wall_rates.append(n_gen / (time.perf_counter() - wall))
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(json.dumps({"peak_rss": int(status["VmHWM"].split()[0]) * 1024, "prompt_s": first - start,
-                  "prompt_tokens": len(prompt), "decode_tok_s": n_gen / (end - first)}))
+print(json.dumps({"peak_rss": int(status["VmHWM"].split()[0]) * 1024, "prompt_tokens": len(prompt),
+                  "decode_tok_s": max(cpu_rates), "decode_tok_s_wall": max(wall_rates)}))
 """
 
 ONNX_CHILD = r"""
@@ -160,8 +164,16 @@ def find_bundles(export_missing: bool) -> tuple[dict[str, Path], Path | None, st
 
 # -- host profile ----------------------------------------------------------------------------------
 
+SHORT_CTX, SHORT_GEN = 128, 64  # prompt of 56 tokens, 64 decoded
+
+
+def short_decode(bundle: Path, threads: int) -> dict:
+    gguf = bundle / read_manifest(bundle).file(".gguf").path
+    return run_child(GGUF_CHILD, str(gguf), str(SHORT_CTX), str(threads), str(SHORT_GEN), "5")
+
+
 def host_profile(gguf_q8: Path, onnx: Path | None, threads: int) -> tuple[Device, dict]:
-    from edgekit.cli.fit import measure_decode, measure_encoder
+    from edgekit.cli.fit import measure_encoder
     from edgekit.fit import host
 
     log("profiling this host (CPU, RAM, STREAM-like bandwidth, storage)")
@@ -169,14 +181,15 @@ def host_profile(gguf_q8: Path, onnx: Path | None, threads: int) -> tuple[Device
     bandwidth = host.bandwidth_spec(cpu.cores)
     storage = host.storage_spec(gguf_q8)
     manifest = read_manifest(gguf_q8)
-    log(f"calibration: decode speed of {manifest.name}")
-    d = measure_decode(gguf_q8, threads, n_tokens=64, repeats=5)
+    log(f"calibration: decode speed of {manifest.name} (short context, CPU time, best of 5)")
+    d = short_decode(gguf_q8, threads)
     measured_on = f"{platform.node()}: {host.cpu_model_name()}"
     points = [CalibrationPoint(model=manifest.name, quant=manifest.quantization, parameters=manifest.parameters,
-                               weights_bytes=d["bytes"], n_layer=manifest.gguf.n_layer, prompt_tok_s=d["prompt_tok_s"],
-                               decode_tok_s=d["decode_tok_s"], threads=threads, engine=d["engine"],
-                               measured_on=measured_on, source="scripts/bench_fit.py")]
-    calibration = {"decode_tok_s": d["decode_tok_s"], "prompt_tok_s": d["prompt_tok_s"]}
+                               weights_bytes=manifest.file(".gguf").bytes, n_layer=manifest.gguf.n_layer,
+                               decode_tok_s=d["decode_tok_s"], threads=threads, engine="llama.cpp (llama-cpp-python)",
+                               measured_on=measured_on, source="scripts/bench_fit.py",
+                               note=f"process CPU time; wall clock {d['decode_tok_s_wall']:.1f} tok/s")]
+    calibration = {"decode_tok_s": d["decode_tok_s"], "decode_tok_s_wall": d["decode_tok_s_wall"]}
     if onnx is not None:
         log(f"calibration: batch-1 latency of {ONNX_BUNDLE}")
         e = measure_encoder(onnx, threads, repeats=200)
@@ -210,7 +223,7 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
         factor = speed.calibrate(host, "decode").factor
         for n_ctx in CONTEXTS:
             log(f"RSS: {manifest.name} n_ctx={n_ctx} (prompt {n_ctx - GENERATED - 8} tokens, {GENERATED} generated)")
-            measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads), str(GENERATED))
+            measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads), str(GENERATED), "3")
             report = fit(manifest, host, FitSettings(n_ctx=n_ctx, daemon=False, threads=threads), catalog)
             predicted = report.memory["total"]
             rss.append({"config": f"GGUF {quant} ctx {n_ctx}", "predicted_bytes": predicted, "measured_bytes": measured["peak_rss"],
@@ -235,16 +248,14 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
 
 def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int) -> list[dict]:
     """Q4_K_M decode at short context, predicted from the Q8_0 calibration (Q8_0 itself is the calibration point)."""
-    from edgekit.cli.fit import measure_decode
-
     rows = []
     factor = speed.calibrate(host, "decode").factor
     for quant, bundle in gguf.items():
         if quant == "Q8_0":
             continue
         facts = from_manifest(read_manifest(bundle))
-        log(f"decode speed of {bundle.name} (short context)")
-        measured = measure_decode(bundle, threads, n_tokens=64, repeats=5)["decode_tok_s"]
+        log(f"decode speed of {bundle.name} (short context, CPU time, best of 5)")
+        measured = short_decode(bundle, threads)["decode_tok_s"]
         predicted = speed.roofline_decode_tok_s(speed.workload_of(facts), host, threads, n_past=0) * factor
         rows.append({"config": f"{quant} decode, short context", "predicted": predicted, "measured": measured,
                      "error": predicted / measured - 1})

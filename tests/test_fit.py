@@ -330,8 +330,9 @@ def test_cli_plan_picks_best_quant_that_fits():
 
 
 def test_fit_is_pure():
-    heavy = ("torch", "transformers", "optimum", "llama_cpp", "onnxruntime", "onnx", "gguf")
-    code = ("import json, sys, edgekit.fit, edgekit.fit.plan, edgekit.fit.report; "
+    # numpy too: `edgekit fit` runs on a CI runner with only the core install (no numpy).
+    heavy = ("torch", "transformers", "optimum", "llama_cpp", "onnxruntime", "onnx", "gguf", "numpy")
+    code = ("import json, sys, edgekit.fit, edgekit.fit.plan, edgekit.fit.report, edgekit.bundle, edgekit.cli.fit; "
             f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == []
