@@ -128,6 +128,17 @@ def test_bad_bundles_are_skipped_and_the_rest_serve(client):
     assert chat(client, max_tokens=2).status_code == 200
 
 
+def test_bad_bundle_in_the_preload_list_is_refused_by_its_worker(models_dir):
+    """Preloaded bundles are verified by their own worker (in parallel with discovery): a tampered one is rejected."""
+    settings = settings_for(models_dir, preload=["tampered-gguf", SMOLLM_NAME])
+    with TestClient(create_app(settings), base_url=BASE) as c:
+        health = wait_ready(c)
+        assert "tampered-gguf" in health["rejected"] and health["loaded"] == [SMOLLM_NAME]
+        assert "tampered-gguf" not in model_states(c)
+        response = chat(c, "tampered-gguf", max_tokens=2)
+        assert response.status_code == 503 and "sha256 differs" in response.json()["error"]["message"]
+
+
 # ---- generation ---------------------------------------------------------------------------------
 
 

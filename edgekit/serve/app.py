@@ -81,22 +81,41 @@ class Generation:
         """Cancel the generation if unfinished, wait briefly for the worker to stop it, release the slot."""
         if self.released:
             return
+        late = False
         try:
             if not self.stream.finished:
                 self.stream.cancel()
                 try:
                     async with asyncio.timeout(CANCEL_WAIT_S):
-                        while not self.stream.finished:
-                            header, _ = await self.stream.next()
-                            if header["type"] == "done":
-                                self.record(header)
-                except (TimeoutError, ApiError):
+                        await self._drain()
+                except TimeoutError:
+                    # The worker is slow to stop (an overloaded machine): free the slot now, count the
+                    # generation when its last frame arrives; the worker runs the next request after it.
+                    late = True
+                    self.manager.spawn(self._drain_late(), f"late-cancel-{self.stream.id}")
+                except ApiError:
                     pass
         finally:
-            self.stream.close()
+            if not late:
+                self.stream.close()
             if not self.released:
                 self.released = True
                 self.manager.release_slot(self.entry)
+
+    async def _drain(self) -> None:
+        while not self.stream.finished:
+            header, _ = await self.stream.next()
+            if header["type"] == "done":
+                self.record(header)
+
+    async def _drain_late(self) -> None:
+        try:
+            async with asyncio.timeout(self.manager.settings.request_timeout_s):
+                await self._drain()
+        except (TimeoutError, ApiError):
+            pass
+        finally:
+            self.stream.close()
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -349,7 +368,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             what = ", ".join(loading) if loading else "starting"
             return JSONResponse({"status": "loading", "error": {"message": f"Loading model ({what})", "type": "unavailable_error",
                                  "param": None, "code": "loading"}}, status_code=503, headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ok", "models": len(manager.entries), "loaded": [e.name for e in manager.loaded],
+        return JSONResponse({"status": "ok", "models": len(manager.entries), "loaded": sorted(e.name for e in manager.loaded),
                              "rejected": sorted(manager.rejected)})
 
     @app.get("/metrics")

@@ -59,6 +59,7 @@ class ModelEntry:
     crashes: deque[float] = field(default_factory=deque)
     loads: int = 0
     preload: bool = False
+    verified: bool = True  # False for a preloaded bundle until its worker has verified and loaded it
 
     @property
     def task(self) -> str:
@@ -120,9 +121,9 @@ class ModelManager:
 
     # ---- discovery -------------------------------------------------------------------------
 
-    async def discover(self) -> None:
-        """Verify every bundle under the models directory and register the good ones."""
-        paths = bundle_dirs(self.settings.models)
+    async def discover(self, skip: set[Path] = frozenset()) -> None:
+        """Verify every bundle under the models directory (except ``skip``) and register the good ones."""
+        paths = [p for p in bundle_dirs(self.settings.models) if p not in skip]
         for row in await asyncio.to_thread(verify_in_subprocess, paths):
             self._register(Path(row["dir"]), row)
         log.info("serving %d model(s) from %s: %s; memory budget %d MiB (%s)", len(self.entries), self.settings.models,
@@ -200,10 +201,11 @@ class ModelManager:
                 raise ApiError(503, f"model {entry.name!r} is unavailable: {entry.error}", param="model",
                                code="model_unavailable")
             if entry.load_task is None or entry.load_task.done():
-                entry.load_task = self._spawn(self._load(entry), f"load-{entry.name}")
+                entry.load_task = self.spawn(self._load(entry), f"load-{entry.name}")
             await asyncio.shield(entry.load_task)
 
-    def _spawn(self, coroutine, name: str) -> asyncio.Task:
+    def spawn(self, coroutine, name: str) -> asyncio.Task:
+        """Run ``coroutine`` as a task the manager owns (cancelled at shutdown)."""
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -222,6 +224,9 @@ class ModelManager:
             try:
                 await worker.start(self.settings.load_timeout_s)
             except BundleError as exc:
+                if not entry.verified:  # a preloaded bundle its worker refused: not served, like at discovery
+                    self.entries.pop(entry.name, None)
+                    self.rejected[entry.path.name] = str(exc)
                 entry.state, entry.error = "failed", f"bundle failed verification at load: {exc}"
                 entry.crashes.append(time.monotonic())
                 log.error("model %s: %s", entry.name, entry.error)
@@ -235,7 +240,7 @@ class ModelManager:
                 await worker.kill()
                 entry.state = "available"
                 raise
-            entry.worker, entry.state, entry.loads = worker, "ready", entry.loads + 1
+            entry.worker, entry.state, entry.loads, entry.verified = worker, "ready", entry.loads + 1, True
             entry.last_used = time.monotonic()
             if entry.task != "text-generation" and entry.batcher is None:
                 entry.batcher = MicroBatcher(lambda texts, e=entry: self._run_batch(e, texts),
@@ -301,7 +306,7 @@ class ModelManager:
             self.metrics.worker_restarts.labels(model=entry.name).inc()
         if entry.state == "available" and not self._closing:
             log.info("restarting the worker of model %s", entry.name)
-            entry.load_task = self._spawn(self._load_quietly(entry), f"restart-{entry.name}")
+            entry.load_task = self.spawn(self._load_quietly(entry), f"restart-{entry.name}")
 
     async def _load_quietly(self, entry: ModelEntry) -> None:
         try:
@@ -345,10 +350,15 @@ class ModelManager:
             raise ApiError(503, "the daemon is shutting down", code="shutting_down")
         entry.active += 1
         try:
-            await self.ensure_loaded(entry)
-            while entry.batcher is None:  # unloaded between the load and now
+            async with asyncio.timeout(self.settings.request_timeout_s):
                 await self.ensure_loaded(entry)
-            return await entry.batcher.submit(texts)
+                while entry.batcher is None:  # unloaded between the load and now
+                    await asyncio.sleep(0)
+                    await self.ensure_loaded(entry)
+                return await entry.batcher.submit(texts)
+        except TimeoutError:
+            raise ApiError(504, f"the request did not finish within {self.settings.request_timeout_s:.0f} s",
+                           code="timeout") from None
         finally:
             entry.active -= 1
             entry.last_used = time.monotonic()
@@ -399,19 +409,34 @@ class ModelManager:
                     await self.unload(entry)
 
     async def startup(self) -> None:
-        """Discover bundles, then load the preload list; /health is 503 until both are done."""
+        """Discover bundles and load the preload list at the same time; /health is 503 until both are done.
+
+        A preloaded bundle is registered from its manifest and verified by its own worker, which
+        checks hashes and headers before llama.cpp or onnxruntime opens a file (and refuses to load
+        otherwise); the other bundles are verified by the discovery pass meanwhile.
+        """
+        provisional = set()
+        candidates = set(bundle_dirs(self.settings.models))
+        for name in self.settings.preload:
+            path = self.settings.models / name
+            if path in candidates:
+                entry = self._register(path, {"ok": True})
+                if entry is not None:
+                    entry.verified = False
+                    provisional.add(path)
+        preloading = self.spawn(self.preload(), "preload")
         try:
-            await self.discover()
+            await self.discover(skip=provisional)
         finally:
             self.discovered.set()
         try:
-            await self.preload()
+            await preloading
         finally:
             self.starting = False
 
     def start_background(self) -> None:
-        self._spawn(self.startup(), "startup")
-        self._spawn(self.reap_idle(), "idle-reaper")
+        self.spawn(self.startup(), "startup")
+        self.spawn(self.reap_idle(), "idle-reaper")
 
     async def close(self) -> None:
         """Stop every worker (each finishes or is killed within the grace period)."""
