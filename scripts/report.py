@@ -9,7 +9,10 @@ Runs, one after the other on the same machine and inputs:
 and writes docs/report.md and docs/report/*.png. Each section shows the command that produced it
 and the table that command printed; the JSON behind each is in bench-results/.
 
-    python scripts/report.py [--skip serve] [--quick]
+    python scripts/report.py [--skip serve] [--quick] [--reuse]
+
+Each benchmark's printed table is kept next to its JSON (bench-results/NAME.txt, first line the
+command); --reuse takes a section from there instead of running it again.
 """
 
 from __future__ import annotations
@@ -41,15 +44,26 @@ SECTIONS: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 
-def run(command: list[str]) -> tuple[str, float]:
-    """Run a benchmark, streaming its progress to stderr; returns its stdout (the table) and the seconds it took."""
-    print(f"\n$ {shlex.join(command)}", file=sys.stderr, flush=True)
+def shown(command: list[str]) -> str:
+    return shlex.join(["python", *command[1:]] if command[0] == sys.executable else command)
+
+
+def run(name: str, command: list[str], reuse: bool) -> tuple[str, str]:
+    """A benchmark's printed table and the command that printed it: run now, or reused from bench-results/NAME.txt."""
+    kept = RESULTS / f"{name}.txt"
+    if reuse and kept.is_file():
+        first, _, table = kept.read_text(encoding="utf-8").partition("\n")
+        return table, first.removeprefix("$ ")
+    print(f"\n$ {shown(command)}", file=sys.stderr, flush=True)
     start = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     sys.stderr.write(done.stdout)
     if done.returncode != 0:
-        raise SystemExit(f"{shlex.join(command)} failed with exit {done.returncode}")
-    return done.stdout, time.monotonic() - start
+        raise SystemExit(f"{shown(command)} failed with exit {done.returncode}")
+    note = f"{shown(command)}  # {(time.monotonic() - start) / 60:.1f} min, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    RESULTS.mkdir(exist_ok=True)
+    kept.write_text(f"$ {note}\n{done.stdout}", encoding="utf-8")
+    return done.stdout, note
 
 
 def host_bandwidth_gb_s() -> float:
@@ -113,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip", action="append", default=[], choices=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="Fewer rounds: minutes instead of most of an hour.")
+    parser.add_argument("--reuse", action="store_true", help="Reuse tables kept in bench-results/ from earlier runs.")
     args = parser.parse_args()
     import matplotlib
 
@@ -129,10 +144,8 @@ def main() -> None:
     for name, (title, command, quick_args) in SECTIONS.items():
         if name in args.skip:
             continue
-        full = command + (quick_args if args.quick else [])
-        table, seconds = run(full)
-        parts += ["", f"## {title}", "", f"Command: `{shlex.join(full[1:]) if full[0] == sys.executable else shlex.join(full)}` "
-                  f"({seconds / 60:.1f} min)", "", "```", table.rstrip(), "```"]
+        table, note = run(name, command + (quick_args if args.quick else []), args.reuse)
+        parts += ["", f"## {title}", "", f"Command: `{note}`", "", "```", table.rstrip(), "```"]
         data_file = RESULTS / f"{name}.json"
         if name == "encoder":
             parts += ["", f"![encoder latency and quality](report/{plot_encoder(json.loads(data_file.read_text())).name})"]
