@@ -178,7 +178,9 @@ def host_profile(gguf_q8: Path, onnx: Path | None, threads: int) -> tuple[Device
 
     log("profiling this host (CPU, RAM, STREAM-like bandwidth, storage)")
     cpu, memory = host.cpu_spec(), host.memory_spec()
-    bandwidth = host.bandwidth_spec(cpu.cores)
+    # One thread timed in CPU time, like the decode measurements (the copy rate of 2 threads in wall
+    # time varied from 3.6 to 16 GB/s between runs on this shared machine).
+    bandwidth = host.bandwidth_spec(threads, cpu_clock=threads == 1)
     storage = host.storage_spec(gguf_q8)
     manifest = read_manifest(gguf_q8)
     log(f"calibration: decode speed of {manifest.name} (short context, CPU time, best of 5)")
@@ -220,7 +222,7 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
         manifest = read_manifest(bundle)
         facts = from_manifest(manifest)
         work = speed.workload_of(facts)
-        factor = speed.calibrate(host, "decode").factor
+        calibration = speed.calibrate(host, "decode")
         for n_ctx in CONTEXTS:
             log(f"RSS: {manifest.name} n_ctx={n_ctx} (prompt {n_ctx - GENERATED - 8} tokens, {GENERATED} generated)")
             measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads), str(GENERATED), "3")
@@ -229,7 +231,7 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
             rss.append({"config": f"GGUF {quant} ctx {n_ctx}", "predicted_bytes": predicted, "measured_bytes": measured["peak_rss"],
                         "error": predicted / measured["peak_rss"] - 1, "terms": report.memory})
             n_past = measured["prompt_tokens"] + GENERATED // 2
-            pred_decode = speed.roofline_decode_tok_s(work, host, threads, n_past=n_past) * factor
+            pred_decode = speed.roofline_decode_tok_s(work, host, threads, n_past=n_past, calibration=calibration)
             # speed.ATTENTION_DECODE_EFFICIENCY was fitted on the 8k-context rows: label them in-sample.
             decode.append({"config": f"{quant} decode at {n_past} tokens of context" + (" (in-sample)" if n_ctx == 8192 else ""),
                            "predicted": pred_decode, "measured": measured["decode_tok_s"],
@@ -249,14 +251,14 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
 def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int) -> list[dict]:
     """Q4_K_M decode at short context, predicted from the Q8_0 calibration (Q8_0 itself is the calibration point)."""
     rows = []
-    factor = speed.calibrate(host, "decode").factor
+    calibration = speed.calibrate(host, "decode")
     for quant, bundle in gguf.items():
         if quant == "Q8_0":
             continue
         facts = from_manifest(read_manifest(bundle))
         log(f"decode speed of {bundle.name} (short context, CPU time, best of 5)")
         measured = short_decode(bundle, threads)["decode_tok_s"]
-        predicted = speed.roofline_decode_tok_s(speed.workload_of(facts), host, threads, n_past=0) * factor
+        predicted = speed.roofline_decode_tok_s(speed.workload_of(facts), host, threads, n_past=0, calibration=calibration)
         rows.append({"config": f"{quant} decode, short context", "predicted": predicted, "measured": measured,
                      "error": predicted / measured - 1})
     return rows
@@ -269,11 +271,10 @@ def published_rows(catalog) -> list[dict]:
     for device in devices:
         for point in device.calibration:
             for kind in speed.point_kinds(point):
-                ratio = speed.point_ratio(point, device, kind)  # measured / roofline (latency: roofline / measured)
                 cal = speed.calibrate(device, kind, devices, exclude=point)
                 measured = {"decode": point.decode_tok_s, "prompt": point.prompt_tok_s, "encoder": point.latency_ms}[kind]
-                roofline = measured * ratio if kind == "encoder" else measured / ratio
-                predicted = roofline / cal.factor if kind == "encoder" else roofline * cal.factor
+                roofline = speed.point_prediction(point, device, kind)
+                predicted = speed.point_prediction(point, device, kind, cal)
                 rows.append({"device": device.id, "model": point.model, "quant": point.quant, "kind": kind,
                              "measured": measured, "predicted": predicted, "error": predicted / measured - 1,
                              "roofline": roofline, "roofline_error": roofline / measured - 1,

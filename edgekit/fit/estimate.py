@@ -79,7 +79,9 @@ class FitReport(BaseModel):
     decode_tok_s_short: float | None = Field(None, description="Predicted generation speed at the start of a conversation (how benchmarks report it).")
     prompt_tok_s: float | None = None
     latency_ms: float | None = None
-    calibration: dict[str, dict] = Field(default_factory=dict, description="Per speed kind: factor, scope and points used.")
+    calibration: dict[str, dict] = Field(
+        default_factory=dict, description="Per speed kind: factor (and decode's compute_factor), scope and points used."
+    )
     checks: list[Check]
     verdict: Verdict
     reason: str
@@ -140,10 +142,11 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         cal_d = speed.calibrate(device, "decode", catalog)
         cal_p = speed.calibrate(device, "prompt", catalog)
         # Decode speed at the middle of the context: the KV cache read grows as the context fills.
-        decode = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2) * cal_d.factor
-        decode_short = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=0) * cal_d.factor
+        decode = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2, calibration=cal_d)
+        decode_short = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=0, calibration=cal_d)
         prompt = speed.roofline_prompt_tok_s(work, device, settings.threads, n_ctx_avg=min(n_ctx, 512) // 2) * cal_p.factor
         calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
+        calibrations["decode"]["compute_factor"] = cal_d.compute_factor
         if settings.min_tok_s is not None:
             checks.append(_speed_check("speed", decode, settings.min_tok_s, settings.speed_margin, higher_is_better=True,
                                        unit="tok/s", what="decode"))
@@ -184,7 +187,9 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         decode_tok_s_short=None if decode_short is None else round(decode_short, 4),
         prompt_tok_s=None if prompt is None else round(prompt, 4),
         latency_ms=None if latency is None else round(latency, 4),
-        calibration={k: {**v, "factor": round(v["factor"], 6)} for k, v in calibrations.items()},
+        calibration={k: {**v, "factor": round(v["factor"], 6), **({"compute_factor": round(v["compute_factor"], 6)}
+                                                                  if "compute_factor" in v else {})}
+                     for k, v in calibrations.items()},
         checks=checks, verdict=verdict, reason=reason, notes=notes,
     )
 

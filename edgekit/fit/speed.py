@@ -54,11 +54,11 @@ DECODE_BANDWIDTH_EFFICIENCY = 0.7  # decode streams weights at ~70 % of STREAM c
 DECODE_COMPUTE_EFFICIENCY = 0.12  # matrix-vector kernels reach a small share of peak MAC rate
 PROMPT_COMPUTE_EFFICIENCY = 0.15  # matrix-matrix kernels (prompt, encoders)
 # Decode attention without flash attention is float work in short pieces: one 64-to-128-long f16 dot
-# product per cached token and head for the scores, then the f16 product with V. It reaches ~7 % of the
-# fp32 peak: fitted to SmolLM2-135M Q8_0 decoding at 8,168 tokens of context on this project's x86-64
-# host (scripts/bench_fit.py, one thread, process CPU time: 11.9 tok/s). The 2,024-token rows of the
-# benchmark are the out-of-sample check.
-ATTENTION_DECODE_EFFICIENCY = 0.07
+# product per cached token and head for the scores, then the f16 product with V. It reaches ~13 % of
+# the fp32 peak: fitted to SmolLM2-135M Q8_0 decoding at 8,168 tokens of context on this project's
+# x86-64 host (scripts/bench_fit.py, one thread, process CPU time: 11.9 and 15.2 tok/s in two runs,
+# i.e. 0.11 and 0.16). The benchmark's 2,024-token rows are the out-of-sample check.
+ATTENTION_DECODE_EFFICIENCY = 0.13
 # Per-token work outside the matrix kernels: thread barriers per graph node (~10 nodes per layer)
 # and the Python generate loop; in microseconds at 1 GHz, scaled by the clock.
 OVERHEAD_US_GHZ_PER_LAYER = 20.0
@@ -143,15 +143,41 @@ def _peak_ops(device: Device, threads: int | None, float_path: bool) -> float:
     return cores * device.cpu.clock_ghz * 1e9 * per_cycle
 
 
-def roofline_decode_tok_s(work: Workload, device: Device, threads: int | None = None, n_past: int = 0) -> float:
-    """Uncalibrated tokens/s generating one token at context position ``n_past``."""
+@dataclass(frozen=True)
+class DecodeTerms:
+    """Seconds per generated token: streaming bytes, computing, and fixed per-token work."""
+
+    memory_s: float
+    compute_s: float
+    overhead_s: float
+
+    @property
+    def binding(self) -> Literal["memory", "compute"]:
+        return "memory" if self.memory_s >= self.compute_s else "compute"
+
+
+def decode_terms(work: Workload, device: Device, threads: int | None = None, n_past: int = 0) -> DecodeTerms:
+    """The roofline terms of generating one token at context position ``n_past``."""
     bytes_per_token = work.streamed_bytes + work.kv_bytes_per_token * n_past
     memory_s = bytes_per_token / (device.memory_bandwidth.gb_s * 1e9 * DECODE_BANDWIDTH_EFFICIENCY)
     matrix_s = 2 * work.matrix_weights * work.dequant_cost / (_peak_ops(device, threads, work.float_path) * DECODE_COMPUTE_EFFICIENCY)
     attention_s = work.attention_ops_per_ctx_token * n_past / (_peak_ops(device, threads, True) * ATTENTION_DECODE_EFFICIENCY)
-    compute_s = matrix_s + attention_s
     overhead_s = (OVERHEAD_US_GHZ_PER_LAYER * work.n_layer + OVERHEAD_US_GHZ_PER_TOKEN) * 1e-6 / device.cpu.clock_ghz
-    return 1.0 / (max(memory_s, compute_s) + overhead_s)
+    return DecodeTerms(memory_s=memory_s, compute_s=matrix_s + attention_s, overhead_s=overhead_s)
+
+
+def roofline_decode_tok_s(work: Workload, device: Device, threads: int | None = None, n_past: int = 0,
+                          calibration: Calibration | None = None) -> float:
+    """Tokens/s generating one token at context position ``n_past``.
+
+    A calibration scales the throughput of the resource that bound its points (memory bandwidth
+    for nearly all published decode measurements), not the whole rate: a board measured at short
+    context says nothing about the float work of attention over a long one.
+    """
+    t = decode_terms(work, device, threads, n_past)
+    k_memory = calibration.factor if calibration else 1.0
+    k_compute = calibration.compute_factor if calibration else 1.0
+    return 1.0 / (max(t.memory_s / k_memory, t.compute_s / k_compute) + t.overhead_s)
 
 
 def roofline_prompt_tok_s(work: Workload, device: Device, threads: int | None = None, n_ctx_avg: int = 0) -> float:
@@ -174,12 +200,18 @@ def roofline_encoder_ms(work: Workload, device: Device, seq_len: int, batch: int
 
 @dataclass(frozen=True)
 class Calibration:
-    """Scale applied to the roofline of one kind of speed on one board, and what it rests on."""
+    """Scale applied to the roofline of one kind of speed on one board, and what it rests on.
+
+    ``factor`` multiplies the throughput of the binding resource: memory bandwidth for decode,
+    compute for prompt processing and encoders; ``compute_factor`` is decode's compute-side scale,
+    set only by points whose decode the roofline finds compute-bound.
+    """
 
     kind: Kind
     factor: float
     scope: Literal["device", "core", "catalog", "none"]
     points: tuple[str, ...]
+    compute_factor: float = 1.0
 
 
 def point_kinds(point: CalibrationPoint) -> list[Kind]:
@@ -193,27 +225,45 @@ def point_kinds(point: CalibrationPoint) -> list[Kind]:
     return kinds
 
 
-def point_ratio(point: CalibrationPoint, device: Device, kind: Kind) -> float:
-    """measured / roofline for one published point on its board (>1: the board is faster than modelled)."""
+def point_ratio(point: CalibrationPoint, device: Device, kind: Kind) -> tuple[str, float]:
+    """Which resource bound a measured point in the roofline, and measured / roofline throughput of it."""
     work = workload_of_point(point)
     if kind == "decode":
-        return point.decode_tok_s / roofline_decode_tok_s(work, device, point.threads)
+        t = decode_terms(work, device, point.threads)
+        available = max(1.0 / point.decode_tok_s - t.overhead_s, 1e-9)
+        binding = t.binding
+        return binding, (t.memory_s if binding == "memory" else t.compute_s) / available
     if kind == "prompt":
-        return point.prompt_tok_s / roofline_prompt_tok_s(work, device, point.threads)
-    return roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / point.latency_ms
+        return "compute", point.prompt_tok_s / roofline_prompt_tok_s(work, device, point.threads)
+    return "compute", roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / point.latency_ms
+
+
+def point_prediction(point: CalibrationPoint, device: Device, kind: Kind, calibration: Calibration | None = None) -> float:
+    """A point's speed as the (calibrated) model predicts it: tok/s, or ms for encoders."""
+    work = workload_of_point(point)
+    factor = calibration.factor if calibration else 1.0
+    if kind == "decode":
+        return roofline_decode_tok_s(work, device, point.threads, 0, calibration)
+    if kind == "prompt":
+        return roofline_prompt_tok_s(work, device, point.threads) * factor
+    return roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / factor
 
 
 def point_label(device: Device, point: CalibrationPoint) -> str:
     return f"{device.id}: {point.model} {point.quant}"
 
 
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclude: CalibrationPoint | None = None) -> Calibration:
-    """The geometric mean of measured / roofline over the points that apply to ``device``.
+    """Geometric means of measured / roofline throughput over the points that apply to ``device``.
 
     Own points first; else points of boards with the same core type; else all boards; else 1.
     ``exclude`` leaves one point out (used to test the model on the points themselves).
     """
-    def ratios(devices: Iterable[Device]) -> tuple[list[float], list[str]]:
+    def ratios(devices: Iterable[Device]) -> tuple[list[tuple[str, float]], list[str]]:
         values, labels = [], []
         for d in devices:
             for p in d.calibration:
@@ -230,7 +280,12 @@ def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclud
         ("catalog", others),
     ):
         values, labels = ratios(devices)
-        if values:
-            factor = math.exp(sum(math.log(v) for v in values) / len(values))
-            return Calibration(kind=kind, factor=factor, scope=scope, points=tuple(labels))
+        if not values:
+            continue
+        if kind != "decode":
+            return Calibration(kind=kind, factor=_geomean([v for _, v in values]), scope=scope, points=tuple(labels))
+        memory = [v for binding, v in values if binding == "memory"]
+        compute = [v for binding, v in values if binding == "compute"]
+        return Calibration(kind=kind, factor=_geomean(memory) if memory else 1.0, scope=scope, points=tuple(labels),
+                           compute_factor=_geomean(compute) if compute else 1.0)
     return Calibration(kind=kind, factor=1.0, scope="none", points=())
