@@ -49,3 +49,23 @@ def test_bench_refuses_a_tampered_bundle(tmp_path, tiny_bundle):
     done = subprocess.run([sys.executable, "-m", "edgekit", "bench", str(copy), "--runs", "1"], capture_output=True, text=True)
     assert done.returncode == 1
     assert "tokenizer.json has 2 bytes" in done.stderr
+
+
+def test_bench_writes_calibration_points_that_fit_can_load(tmp_path, tiny_bundle):
+    from edgekit.schema.device import load_device_file
+
+    profile = tmp_path / "this-host.yaml"
+    done = subprocess.run([sys.executable, "-m", "edgekit", "profile-host", "--out", str(profile), "--bandwidth-mib", "16"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    before = len(load_device_file(profile).calibration)
+    for _ in range(2):  # a second run replaces its own point instead of adding another
+        done = subprocess.run([sys.executable, "-m", "edgekit", "bench", str(tiny_bundle), "--runs", "1", "--threads", "1",
+                               "--calibrate", str(profile)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    points = load_device_file(profile).calibration
+    assert len(points) == before + 1
+    point = points[-1]
+    assert (point.model, point.format, point.quant) == ("tiny-int8", "onnx", "int8-dynamic-block128")
+    assert point.parameters == 2_032_960 and point.n_layer == 2 and point.hidden_size == 64
+    assert point.seq_len == 5 and point.latency_ms > 0 and point.source.startswith("edgekit bench")

@@ -55,7 +55,7 @@ def measure_onnx(bundle: Path, manifest, config: dict) -> dict:
             "batch32_p95_ms": many[int(len(many) * 0.95) - 1] * 1000,
             "batch32_texts_per_s": 32 / many[len(many) // 2],
         })
-    return {"load_seconds": load_seconds, "runs": runs}
+    return {"load_seconds": load_seconds, "runs": runs, "seq_len": encoder.count_tokens(one)[0]}
 
 
 def measure_gguf(bundle: Path, manifest, config: dict) -> dict:

@@ -47,6 +47,7 @@ class BenchResult:
     peak_rss_bytes: int
     summary: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> median, min, max, stdev
     runs: list[dict[str, float]] = field(default_factory=list)
+    seq_len: int | None = None  # ONNX: tokens of the batch-1 input
 
     @property
     def headline(self) -> tuple[str, float]:
@@ -88,4 +89,5 @@ def bench_bundle(bundle: Path, config: BenchConfig) -> BenchResult:
         peak_rss_bytes=measured["peak_rss_bytes"],
         summary=summarize(measured["runs"], SPEED_METRICS[manifest.format]),
         runs=measured["runs"],
+        seq_len=measured.get("seq_len"),
     )

@@ -22,9 +22,13 @@ def bench_cmd(
     runs: Annotated[int, typer.Option(min=1, help="Counted runs per bundle (after one warm-up run).")] = 5,
     decode_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per GGUF run.")] = 64,
     plot: Annotated[Path, typer.Option(help="Write a PNG of quality vs size vs speed.")] = None,
+    calibrate: Annotated[Path, typer.Option(help="Write the results as calibration points into this device profile (YAML).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Measure bundles, each in a fresh subprocess: load time, peak RSS, tok/s or latency; median of the runs."""
+    """Measure bundles, each in a fresh subprocess: load time, peak RSS, tok/s or latency; median of the runs.
+
+    With --calibrate, the medians become calibration points of a device profile, which `edgekit fit` uses.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edgekit.bench.child import DEFAULT_PROMPT
@@ -40,6 +44,11 @@ def bench_cmd(
             bar.update(task, description=f"benchmarking {bundle.name}")
             results.append(bench_bundle(bundle, config))
             bar.advance(task)
+    if calibrate:
+        from edgekit.bench.calibrate import write_calibration
+
+        device = write_calibration(calibrate, results, threads)
+        err.print(f"wrote {len(results)} calibration point(s) into {calibrate} ({len(device.calibration)} in all)")
     if plot:
         from edgekit.bench.plot import plot_results
 
