@@ -68,3 +68,13 @@ def test_cli_recipes_list_json():
     names = {row["name"] for row in rows}
     assert "all-minilm-l6-v2" in names
     assert all(row["error"] is None for row in rows)
+
+
+def test_cli_recipes_list_exits_2_when_a_recipe_is_invalid(tmp_path):
+    write_recipe(tmp_path / "good.yaml", tmp_path)
+    write_recipe(tmp_path / "bad.yaml", tmp_path, task="summarization")
+    done = subprocess.run([sys.executable, "-m", "edgekit", "recipes", "list", "--dir", str(tmp_path), "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    rows = {row["file"]: row for row in json.loads(done.stdout)}
+    assert rows["good.yaml"]["error"] is None and "task: Input should be" in rows["bad.yaml"]["error"]

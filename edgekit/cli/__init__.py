@@ -54,7 +54,8 @@ def main() -> None:
     from edgekit.cli import bench  # noqa: F401  (registers `bench`)
 
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of typer.Exit.
+        code = app(standalone_mode=False)
     except EdgekitError as exc:
         from rich.markup import escape
 
@@ -68,3 +69,4 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
