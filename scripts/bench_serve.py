@@ -60,13 +60,14 @@ def free_port() -> int:
 class Server:
     """A server subprocess on 127.0.0.1 (the daemon or llama_cpp.server)."""
 
-    def __init__(self, name: str, command: list[str], port: int, log_dir: Path) -> None:
+    def __init__(self, name: str, command: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / f"{name}.log"
         self.started = time.perf_counter()
         with self.log_path.open("wb") as handle:
-            self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **(env or {})})
 
     def wait_ready(self, path: str = "/health", timeout: float = 300.0) -> float:
         """Seconds from start until ``path`` answers 200."""
@@ -147,20 +148,39 @@ def stream_http(url: str, model: str, max_tokens: int) -> list[float]:
 
 
 class InProcess:
-    """llama-cpp-python in this process with the daemon's settings (the >= 0.90 reference)."""
+    """llama-cpp-python in a plain child process with the daemon's settings, driven over stdin/stdout."""
 
-    def __init__(self, gguf: Path, threads: int, n_ctx: int) -> None:
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=256, n_ubatch=256, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--inprocess-child", str(gguf), str(threads), str(n_ctx)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
 
     def stream(self, max_tokens: int) -> list[float]:
+        self.proc.stdin.write(json.dumps({"max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def inprocess_child(gguf: str, threads: int, n_ctx: int) -> None:
+    """The in-process reference: Llama.create_chat_completion(stream=True), timestamps of each token chunk."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_batch=256, n_ubatch=256, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    for line in sys.stdin:
+        request = json.loads(line)
         times = []
-        for chunk in self.llm.create_chat_completion(MESSAGES, max_tokens=max_tokens, temperature=0, stream=True):
+        for chunk in llm.create_chat_completion(MESSAGES, max_tokens=request["max_tokens"], temperature=0, stream=True):
             if chunk["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
-        return times
+        print(json.dumps(times), flush=True)
+
+
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # what `edgekit serve` gives its workers (--omp-wait-policy passive)
+DEFAULT = {}  # OMP_WAIT_POLICY unset: libgomp spins at barriers
 
 
 def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
@@ -169,12 +189,14 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
     models = models_dir(work / "decode", gguf_bundle)
     ours = daemon(models, work, args.threads, args.n_ctx, "--preload", name)
     systems: dict[str, object] = {}
+    closers = [ours.stop]
     try:
         ours.wait_ready()
         systems["edgekit serve"] = lambda: stream_http(ours.url, name, args.tokens)
-        reference = InProcess(gguf, args.threads, args.n_ctx)
-        systems["in-process llama-cpp-python"] = lambda: reference.stream(args.tokens)
-        theirs = None
+        for label, env in (("in-process llama-cpp-python, OMP passive", PASSIVE), ("in-process llama-cpp-python, default", DEFAULT)):
+            child = InProcess(gguf, args.threads, args.n_ctx, env)
+            closers.append(child.close)
+            systems[label] = (lambda c: lambda: c.stream(args.tokens))(child)
         try:
             import llama_cpp.server  # noqa: F401
             import sse_starlette  # noqa: F401
@@ -183,17 +205,19 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
             log(f"llama_cpp.server unavailable ({exc}); install its extras: "
                 'pip install "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4"')
         else:
-            port = free_port()
-            theirs = Server("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
-                                                 name, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.n_ctx),
-                                                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-                                                 "--n_batch", "256", "--n_ubatch", "256"], port, work)
-            theirs.wait_ready("/v1/models")
-            systems["python -m llama_cpp.server"] = lambda: stream_http(theirs.url, name, args.tokens)
+            for label, env in (("python -m llama_cpp.server, default", DEFAULT), ("python -m llama_cpp.server, OMP passive", PASSIVE)):
+                port = free_port()
+                command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
+                           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.n_ctx), "--n_threads",
+                           str(args.threads), "--n_threads_batch", str(args.threads), "--n_batch", "256", "--n_ubatch", "256"]
+                server = Server(label.replace(" ", "_").replace(",", ""), command, port, work, env=env)
+                closers.append(server.stop)
+                server.wait_ready("/v1/models")
+                systems[label] = (lambda url: lambda: stream_http(url, name, args.tokens))(server.url)
+        for run in systems.values():  # warm-up: load pages, fill prompt caches
+            run()
         rates: dict[str, list[float]] = {key: [] for key in systems}
         tokens: dict[str, list[int]] = {key: [] for key in systems}
-        for key, run in systems.items():  # warm-up: load pages, fill prompt caches
-            run()
         for round_index in range(args.rounds):
             order = list(systems) if round_index % 2 == 0 else list(reversed(systems))
             for key in order:
@@ -201,12 +225,10 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
                 rates[key].append(decode_rate(times))
                 tokens[key].append(len(times))
             log(f"decode round {round_index + 1}/{args.rounds}: " + ", ".join(f"{k} {rates[k][-1]:.1f}" for k in systems))
-        result = {key: {"tok_s_median": statistics.median(v), "tok_s": v, "tokens": tokens[key]} for key, v in rates.items()}
-        if theirs is not None:
-            theirs.stop()
-        return result
+        return {key: {"tok_s_median": statistics.median(v), "tok_s": v, "tokens": tokens[key]} for key, v in rates.items()}
     finally:
-        ours.stop()
+        for close in reversed(closers):
+            close()
 
 
 # ---- embeddings ----------------------------------------------------------------------------------
@@ -391,6 +413,9 @@ def find_bundle(explicit: Path | None, name: str) -> Path:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--inprocess-child"]:
+        inprocess_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, help="GGUF bundle (default: $EDGEKIT_HOME/bundles/smollm2-135m-instruct-q4-k-m)")
     parser.add_argument("--encoder", type=Path, help="embeddings bundle (default: $EDGEKIT_HOME/bundles/all-minilm-l6-v2-int8-dynamic)")
@@ -432,14 +457,16 @@ def main() -> int:
 
 
 def ratios(results: dict) -> dict:
+    """Targets: the daemon vs in-process with the same settings (OpenMP policy included), and vs llama_cpp.server as shipped."""
     out = {}
-    decode = results.get("decode", {})
-    ours = decode.get("edgekit serve", {}).get("tok_s_median")
+    decode = {k: v["tok_s_median"] for k, v in results.get("decode", {}).items()}
+    ours = decode.get("edgekit serve")
     if ours:
-        ref = decode.get("in-process llama-cpp-python", {}).get("tok_s_median")
-        out["decode_vs_inprocess"] = ours / ref if ref else None
-        theirs = decode.get("python -m llama_cpp.server", {}).get("tok_s_median")
-        out["decode_vs_llama_cpp_server"] = ours / theirs if theirs else None
+        for key, label in (("decode_vs_inprocess", "in-process llama-cpp-python, OMP passive"),
+                           ("decode_vs_inprocess_default_policy", "in-process llama-cpp-python, default"),
+                           ("decode_vs_llama_cpp_server", "python -m llama_cpp.server, default"),
+                           ("decode_vs_llama_cpp_server_passive", "python -m llama_cpp.server, OMP passive")):
+            out[key] = ours / decode[label] if decode.get(label) else None
     embed = results.get("embeddings", {})
     if embed:
         values = [v["req_s_median"] for v in embed.values()]
@@ -454,11 +481,15 @@ def print_table(results: dict) -> None:
     def verdict(ok: bool | None) -> str:
         return "-" if ok is None else ("pass" if ok else "MISS")
 
-    for key, label, higher in (("decode_vs_inprocess", "decode tok/s: daemon / in-process", True),
-                               ("decode_vs_llama_cpp_server", "decode tok/s: daemon / llama_cpp.server", True),
-                               ("embeddings_vs_inprocess", "embeddings req/s (16 clients) / in-process batched", True)):
+    for key, label in (("decode_vs_inprocess", "decode tok/s: daemon / in-process (same OMP policy)"),
+                       ("decode_vs_inprocess_default_policy", "decode tok/s: daemon / in-process (default OMP)"),
+                       ("decode_vs_llama_cpp_server", "decode tok/s: daemon / llama_cpp.server (as shipped)"),
+                       ("decode_vs_llama_cpp_server_passive", "decode tok/s: daemon / llama_cpp.server (OMP passive)"),
+                       ("embeddings_vs_inprocess", "embeddings req/s (16 clients) / in-process batched")):
         value = r.get(key)
-        rows.append((label, f"{value:.2f}" if value else "-", f">= {TARGETS[key]}", verdict(value >= TARGETS[key] if value else None)))
+        target = TARGETS.get(key)
+        rows.append((label, f"{value:.2f}" if value else "-", f">= {target}" if target else "",
+                     verdict(value >= target if value and target else None)))
     for key, values in results.get("decode", {}).items():
         rows.append((f"  {key}", f"{values['tok_s_median']:.1f} tok/s", "", ""))
     for key, values in results.get("embeddings", {}).items():

@@ -220,7 +220,7 @@ class ModelManager:
             await self._make_room(entry)
             entry.state = "loading"
             started = time.perf_counter()
-            worker = WorkerProcess(entry.name, entry.path, self._worker_config(entry), self._worker_exited)
+            worker = WorkerProcess(entry.name, entry.path, self._worker_config(entry), self._worker_exited, self._worker_env())
             try:
                 await worker.start(self.settings.load_timeout_s)
             except BundleError as exc:
@@ -248,6 +248,12 @@ class ModelManager:
                                              max_queue=self.settings.queue_size, retry_after=RETRY_AFTER_S)
             log.info("model %s loaded in %.2f s (worker pid %s, footprint estimate %d MiB)", entry.name,
                      time.perf_counter() - started, worker.pid, entry.footprint // MIB)
+
+    def _worker_env(self) -> dict[str, str]:
+        # llama.cpp's CPU backend runs its threads as an OpenMP team; spinning at its barriers while another
+        # worker (or any process) holds the cores slows decoding 10-20x (measured: scripts/bench_serve.py soak).
+        policy = self.settings.omp_wait_policy
+        return {} if policy == "inherit" else {"OMP_WAIT_POLICY": policy.upper()}
 
     def _worker_config(self, entry: ModelEntry) -> dict[str, Any]:
         s = self.settings

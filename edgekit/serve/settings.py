@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,12 @@ class ServeSettings(BaseSettings):
         2.0, ge=0, le=1000, description="How long a micro-batch waits for more requests once the model is free."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads per model worker (default: all cores).")
+    omp_wait_policy: Literal["passive", "active", "inherit"] = Field(
+        "passive",
+        description="OpenMP wait policy of model workers (llama.cpp's CPU threads): passive threads sleep at barriers, "
+        "which keeps decoding fast when other workers or processes share the cores (spinning threads starve each other "
+        "there); active spins; inherit leaves OMP_WAIT_POLICY as it is in the environment.",
+    )
     restart_max: int = Field(
         5, ge=0, description="Worker crashes tolerated per model within --restart-window-s before it is marked failed."
     )

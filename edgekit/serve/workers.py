@@ -83,8 +83,10 @@ class RequestStream:
 class WorkerProcess:
     """One model in its own process; ``on_exit`` is called when it dies without being asked to."""
 
-    def __init__(self, name: str, bundle_dir: Path, config: dict[str, Any], on_exit: Callable[[WorkerProcess], None]) -> None:
+    def __init__(self, name: str, bundle_dir: Path, config: dict[str, Any], on_exit: Callable[[WorkerProcess], None],
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.env = env or {}
         self.bundle_dir = Path(bundle_dir)
         self.config = config
         self.on_exit = on_exit
@@ -107,6 +109,7 @@ class WorkerProcess:
         env = dict(os.environ)
         env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(self.env)
         command = [sys.executable, "-m", "edgekit.serve.worker", "serve", "--fd", str(child.fileno()),
                    "--bundle", str(self.bundle_dir), "--config", json.dumps(self.config)]
         try:
