@@ -93,7 +93,7 @@ def plot_encoder(data: dict) -> Path:
 def plot_gguf(data: dict, bandwidth_gb_s: float | None) -> Path:
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["quants"] if r.get("kld_mean") is not None]
+    rows = [r for r in data["quants"] if r.get("kld_mean")]  # f16 (KLD 0) is the reference
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot([r["bits_per_weight"] for r in rows], [r["kld_mean"] for r in rows], "o-")
     for r in rows:
@@ -101,8 +101,8 @@ def plot_gguf(data: dict, bandwidth_gb_s: float | None) -> Path:
     left.set_xlabel("bits per weight")
     left.set_ylabel("mean KL divergence vs f16")
     left.set_yscale("log")
-    speeds = [r for r in data["quants"] if r.get("decode_tok_s")]
-    right.bar([r["quant"] for r in speeds], [r["decode_tok_s"] for r in speeds], color="tab:orange", label="measured")
+    speeds = [r for r in data["quants"] if r.get("decode_tokens_per_second")]
+    right.bar([r["quant"] for r in speeds], [r["decode_tokens_per_second"] for r in speeds], color="tab:orange", label="measured")
     if bandwidth_gb_s:
         right.plot([r["quant"] for r in speeds], [bandwidth_gb_s * 1e9 / r["bytes"] for r in speeds], "k_", markersize=20,
                    label="memory-bandwidth roofline")
@@ -155,9 +155,9 @@ def main() -> None:
                       "Decode speed as a share of this host's memory-bandwidth roofline (bandwidth / model bytes per token):", "",
                       "| quant | MB | decode tok/s | roofline tok/s | share |", "|---|---|---|---|---|"]
             for row in data["quants"]:
-                if row.get("decode_tok_s"):
+                if row.get("decode_tokens_per_second"):
                     roof = bandwidth * 1e9 / row["bytes"]
-                    parts.append(f"| {row['quant']} | {row['bytes'] / 1e6:.1f} | {row['decode_tok_s']:.1f} | {roof:.0f} | {row['decode_tok_s'] / roof:.0%} |")
+                    parts.append(f"| {row['quant']} | {row['bytes'] / 1e6:.1f} | {row['decode_tokens_per_second']:.1f} | {roof:.0f} | {row['decode_tokens_per_second'] / roof:.0%} |")
     DOCS.mkdir(exist_ok=True)
     (DOCS / "report.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
     print(f"wrote {DOCS / 'report.md'}", file=sys.stderr)
