@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import RuntimeBackendError
-from edgekit.runtime.checks import check_onnx_external_data
 from edgekit.schema.manifest import RuntimeConfig
 
 MODEL_FILE = "model.onnx"
@@ -36,7 +35,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class EncoderModel:
-    """A loaded ONNX encoder bundle. ``verify_bundle`` must have passed on ``bundle_dir`` first."""
+    """A loaded ONNX encoder bundle. ``edgekit.runtime.verify.verify_for_runtime`` must have passed on it first
+    (sha256 of every file, external-data paths inside the bundle)."""
 
     def __init__(self, bundle_dir: Path, config: RuntimeConfig, *, threads: int | None = None, model_path: Path | None = None, tokenizer_dir: Path | None = None
     ) -> None:
@@ -47,7 +47,6 @@ class EncoderModel:
         self.bundle_dir = Path(bundle_dir)
         self.config = config
         model_path = model_path or self.bundle_dir / MODEL_FILE
-        check_onnx_external_data(model_path, self.bundle_dir)
         self.tokenizer = Tokenizer.from_file(str((tokenizer_dir or self.bundle_dir) / TOKENIZER_FILE))
         self.tokenizer.enable_truncation(max_length=self.config.max_length)
         pad_id = self.tokenizer.token_to_id("[PAD]") or 0
