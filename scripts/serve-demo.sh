@@ -36,7 +36,7 @@ import sys
 from openai import OpenAI
 
 client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused-on-loopback")
-result = client.embeddings.create(model="all-minilm-l6-v2-int8-dynamic", input=["The parcel arrived on time.", "My order came quickly."])
+result = client.embeddings.create(model="all-minilm-l6-v2-int8-dynamic", input=["The parcel arrived on time.", "The package was delivered on time."])
 a, b = (item.embedding for item in result.data)
 print(f"{len(result.data)} embeddings of {len(a)} dims; cosine {sum(x * y for x, y in zip(a, b)):.3f}")
 PY
