@@ -250,10 +250,13 @@ class ModelManager:
                      time.perf_counter() - started, worker.pid, entry.footprint // MIB)
 
     def _worker_env(self) -> dict[str, str]:
-        # llama.cpp's CPU backend runs its threads as an OpenMP team; spinning at its barriers while another
-        # worker (or any process) holds the cores slows decoding 10-20x (measured: scripts/bench_serve.py soak).
-        policy = self.settings.omp_wait_policy
-        return {} if policy == "inherit" else {"OMP_WAIT_POLICY": policy.upper()}
+        # llama.cpp's CPU backend runs its threads as an OpenMP team. With libgomp's default spin count a chat
+        # generation next to an embeddings batch on 2 cores took 130 s instead of 3 s (median of 16-token chats in
+        # an 8-client soak); 10,000 spins keep single-stream decode at the default's speed (scripts/bench_serve.py).
+        count = self.settings.omp_spin_count
+        if count is None:
+            return {}
+        return {"GOMP_SPINCOUNT": str(count), **({"OMP_WAIT_POLICY": "PASSIVE"} if count == 0 else {})}
 
     def _worker_config(self, entry: ModelEntry) -> dict[str, Any]:
         s = self.settings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,7 +18,7 @@ from edgekit.paths import kit_paths
 class ServeSettings(BaseSettings):
     """Settings of `edgekit serve` (env prefix EDGEKIT_, e.g. EDGEKIT_PORT=9000)."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGEKIT_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="EDGEKIT_", extra="forbid", frozen=True, env_parse_none_str="null")
 
     models: Path = Field(
         default_factory=lambda: kit_paths().bundles,
@@ -65,11 +64,13 @@ class ServeSettings(BaseSettings):
         2.0, ge=0, le=1000, description="How long a micro-batch waits for more requests once the model is free."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads per model worker (default: all cores).")
-    omp_wait_policy: Literal["passive", "active", "inherit"] = Field(
-        "passive",
-        description="OpenMP wait policy of model workers (llama.cpp's CPU threads): passive threads sleep at barriers, "
-        "which keeps decoding fast when other workers or processes share the cores (spinning threads starve each other "
-        "there); active spins; inherit leaves OMP_WAIT_POLICY as it is in the environment.",
+    omp_spin_count: int | None = Field(
+        10_000,
+        ge=0,
+        description="GOMP_SPINCOUNT of model workers: how long llama.cpp's OpenMP threads spin at a barrier before they "
+        "sleep. Bounded spinning decodes as fast as libgomp's default on an idle machine and stays fast when other workers "
+        "or processes share the cores, where the default (300,000) makes threads starve each other; 0 sleeps at once; "
+        "EDGEKIT_OMP_SPIN_COUNT=null keeps the environment's GOMP_SPINCOUNT.",
     )
     restart_max: int = Field(
         5, ge=0, description="Worker crashes tolerated per model within --restart-window-s before it is marked failed."
