@@ -179,8 +179,8 @@ def inprocess_child(gguf: str, threads: int, n_ctx: int) -> None:
         print(json.dumps(times), flush=True)
 
 
-PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}  # what `edgekit serve` gives its workers (--omp-wait-policy passive)
-DEFAULT = {}  # OMP_WAIT_POLICY unset: libgomp spins at barriers
+SAME = {"GOMP_SPINCOUNT": "10000"}  # what `edgekit serve` gives its workers (--omp-spin-count default)
+DEFAULT = {}  # libgomp's default spin count (300,000)
 
 
 def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
@@ -193,7 +193,7 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
     try:
         ours.wait_ready()
         systems["edgekit serve"] = lambda: stream_http(ours.url, name, args.tokens)
-        for label, env in (("in-process llama-cpp-python, OMP passive", PASSIVE), ("in-process llama-cpp-python, default", DEFAULT)):
+        for label, env in (("in-process llama-cpp-python, same spin count", SAME), ("in-process llama-cpp-python, default", DEFAULT)):
             child = InProcess(gguf, args.threads, args.n_ctx, env)
             closers.append(child.close)
             systems[label] = (lambda c: lambda: c.stream(args.tokens))(child)
@@ -205,7 +205,7 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
             log(f"llama_cpp.server unavailable ({exc}); install its extras: "
                 'pip install "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4"')
         else:
-            for label, env in (("python -m llama_cpp.server, default", DEFAULT), ("python -m llama_cpp.server, OMP passive", PASSIVE)):
+            for label, env in (("python -m llama_cpp.server, default", DEFAULT), ("python -m llama_cpp.server, same spin count", SAME)):
                 port = free_port()
                 command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
                            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.n_ctx), "--n_threads",
@@ -457,15 +457,15 @@ def main() -> int:
 
 
 def ratios(results: dict) -> dict:
-    """Targets: the daemon vs in-process with the same settings (OpenMP policy included), and vs llama_cpp.server as shipped."""
+    """Targets: the daemon vs in-process with the same settings (OpenMP spin count included), and vs llama_cpp.server as shipped."""
     out = {}
     decode = {k: v["tok_s_median"] for k, v in results.get("decode", {}).items()}
     ours = decode.get("edgekit serve")
     if ours:
-        for key, label in (("decode_vs_inprocess", "in-process llama-cpp-python, OMP passive"),
-                           ("decode_vs_inprocess_default_policy", "in-process llama-cpp-python, default"),
+        for key, label in (("decode_vs_inprocess", "in-process llama-cpp-python, same spin count"),
+                           ("decode_vs_inprocess_default_spin", "in-process llama-cpp-python, default"),
                            ("decode_vs_llama_cpp_server", "python -m llama_cpp.server, default"),
-                           ("decode_vs_llama_cpp_server_passive", "python -m llama_cpp.server, OMP passive")):
+                           ("decode_vs_llama_cpp_server_same_spin", "python -m llama_cpp.server, same spin count")):
             out[key] = ours / decode[label] if decode.get(label) else None
     embed = results.get("embeddings", {})
     if embed:
@@ -481,10 +481,10 @@ def print_table(results: dict) -> None:
     def verdict(ok: bool | None) -> str:
         return "-" if ok is None else ("pass" if ok else "MISS")
 
-    for key, label in (("decode_vs_inprocess", "decode tok/s: daemon / in-process (same OMP policy)"),
-                       ("decode_vs_inprocess_default_policy", "decode tok/s: daemon / in-process (default OMP)"),
+    for key, label in (("decode_vs_inprocess", "decode tok/s: daemon / in-process (same spin count)"),
+                       ("decode_vs_inprocess_default_spin", "decode tok/s: daemon / in-process (default spin)"),
                        ("decode_vs_llama_cpp_server", "decode tok/s: daemon / llama_cpp.server (as shipped)"),
-                       ("decode_vs_llama_cpp_server_passive", "decode tok/s: daemon / llama_cpp.server (OMP passive)"),
+                       ("decode_vs_llama_cpp_server_same_spin", "decode tok/s: daemon / llama_cpp.server (same spin)"),
                        ("embeddings_vs_inprocess", "embeddings req/s (16 clients) / in-process batched")):
         value = r.get(key)
         target = TARGETS.get(key)
