@@ -194,13 +194,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
         parts: list[str] = []
 
         async def run() -> None:
-            while True:
-                header, _ = await generation.next()
-                if header["type"] == "delta":
-                    parts.append(header["text"])
-                elif header["type"] == "done":
-                    generation.record(header)
-                    return
+            try:
+                async with asyncio.timeout(generation.remaining()):
+                    while True:
+                        header, _ = await generation.stream.next()
+                        if header["type"] == "delta":
+                            parts.append(header["text"])
+                        elif header["type"] == "done":
+                            generation.record(header)
+                            return
+            except TimeoutError:
+                raise ApiError(504, f"the request did not finish within {settings.request_timeout_s:.0f} s and was "
+                               "cancelled", code="timeout") from None
 
         work = asyncio.create_task(run())
         gone = asyncio.create_task(wait_disconnect(request))
@@ -220,23 +225,31 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     def stream_response(generation: Generation, first: dict[str, Any] | None, chunk, include_usage: bool) -> StreamingResponse:
         """SSE: one chunk per text delta, then the finish chunk, optional usage chunk, and [DONE]."""
+        # Text chunks differ only in their text: render the JSON once, splice each delta in (the per-token path).
+        marker = "\x00delta\x00"
+        prefix, suffix = _dumps(chunk(marker, None)).split(_dumps(marker))
+        timeout = ApiError(504, f"the request did not finish within {settings.request_timeout_s:.0f} s and was cancelled",
+                           code="timeout")
 
         async def events() -> AsyncIterator[str]:
             try:
                 if first is not None:
                     yield f"data: {_dumps(chunk(first, None))}\n\n"
-                while True:
-                    header, _ = await generation.next()
-                    if header["type"] == "delta":
-                        yield f"data: {_dumps(chunk(header['text'], None))}\n\n"
-                    elif header["type"] == "done":
-                        generation.record(header)
-                        yield f"data: {_dumps(chunk(None, generation.finish_reason))}\n\n"
-                        if include_usage:
-                            yield f"data: {_dumps(chunk(None, None, usage=generation.usage))}\n\n"
-                        yield "data: [DONE]\n\n"
-                        return
-            except ApiError as exc:  # the worker crashed or the request timed out mid-stream
+                async with asyncio.timeout(generation.remaining()):  # one timer for the whole stream
+                    while True:
+                        header, _ = await generation.stream.next()
+                        if header["type"] == "delta":
+                            yield f"data: {prefix}{_dumps(header['text'])}{suffix}\n\n"
+                        elif header["type"] == "done":
+                            generation.record(header)
+                            yield f"data: {_dumps(chunk(None, generation.finish_reason))}\n\n"
+                            if include_usage:
+                                yield f"data: {_dumps(chunk(None, None, usage=generation.usage))}\n\n"
+                            yield "data: [DONE]\n\n"
+                            return
+            except TimeoutError:
+                yield f"data: {_dumps(timeout.body())}\n\n"
+            except ApiError as exc:  # the worker crashed mid-stream
                 yield f"data: {_dumps(exc.body())}\n\n"
             finally:
                 generation.stream.cancel()  # no await here: this may run inside a cancelled scope
