@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -402,3 +403,34 @@ def test_workers_get_a_bounded_openmp_spin_count(empty_models):
     assert ModelManager(ServeSettings(models=empty_models, omp_spin_count=0))._worker_env() == {
         "GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
     assert ModelManager(ServeSettings(models=empty_models, omp_spin_count=None))._worker_env() == {}
+
+
+def test_encoder_micro_batches_are_split_by_padded_tokens(minilm_dir):
+    """A worker never runs more than batch_max_tokens (texts x longest) at once: that bounds its activation memory."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from edgekit.schema.manifest import RuntimeConfig
+    from edgekit.serve.worker import EncoderRunner
+
+    tokenizer = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=64)
+    tokenizer.enable_padding()
+    runner = EncoderRunner.__new__(EncoderRunner)
+    runner.model = SimpleNamespace(tokenizer=tokenizer)
+    runner.config = RuntimeConfig(max_length=64)
+    runner.batch_max, runner.batch_tokens = 4, 40
+    texts = ["a b", "a b c", "word " * 100, "x", "y", "z", "w", "v"]  # 4, 5, 64 (truncated), then 3 each
+    assert runner.chunks(texts) == [(0, 2), (2, 3), (3, 7), (7, 8)]
+    assert runner.chunks([]) == []
+
+
+def test_service_unit_prints_long_lines_verbatim(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "edgekit", "service", "unit", "--models", str(tmp_path),
+                           "--memory-budget-mb", "500", "--preload", "a-model-with-a-rather-long-bundle-name-q4-k-m",
+                           "--exec", "/opt/edgekit/.venv/bin/edgekit"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "60"})
+    assert done.returncode == 0, done.stderr
+    exec_lines = [line for line in done.stdout.splitlines() if line.startswith("ExecStart=")]
+    assert len(exec_lines) == 1 and exec_lines[0].endswith("--preload a-model-with-a-rather-long-bundle-name-q4-k-m")

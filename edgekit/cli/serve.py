@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from edgekit.cli import JsonFlag, app, emit_json, err, out
+from edgekit.cli import JsonFlag, app, emit_json, err
 from edgekit.errors import ConfigError
 from edgekit.serve.settings import ServeSettings
 
@@ -119,4 +119,4 @@ def service_unit(
     if as_json:
         emit_json({"unit": unit, "budget_bytes": budget, "bundles": dict(rows), "source": source})
     elif output is None:
-        out.print(unit, markup=False, highlight=False, end="")
+        sys.stdout.write(unit)  # verbatim: a console would wrap the long ExecStart line

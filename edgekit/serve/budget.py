@@ -42,9 +42,10 @@ def footprint_bytes(manifest: Manifest, settings: ServeSettings) -> int:
                                                  n_ubatch=PREFILL_CHUNK, daemon=False))
         per_extra_slot = one.kv_cache + one.compute + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
         return one.total + (settings.slots - 1) * per_extra_slot
-    # Encoders: the worst micro-batch is batch_max texts of max_length tokens.
-    return estimate_memory(facts, RunSettings(n_ctx=manifest.runtime.max_length, parallel=settings.batch_max,
-                                              daemon=False)).total
+    # Encoders: the worst run is batch_max_tokens tokens (the worker splits micro-batches to stay within it).
+    max_length = manifest.runtime.max_length
+    texts = max(1, min(settings.batch_max, settings.batch_max_tokens // max_length))
+    return estimate_memory(facts, RunSettings(n_ctx=max_length, parallel=texts, daemon=False)).total
 
 
 def memory_budget(settings: ServeSettings) -> tuple[int, str]:

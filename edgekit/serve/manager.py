@@ -262,6 +262,7 @@ class ModelManager:
         s = self.settings
         return {"n_ctx": effective_n_ctx(entry.manifest, s), "threads": s.threads,
                 "slots": s.slots if entry.task == "text-generation" else 1, "batch_max": s.batch_max,
+                "batch_max_tokens": s.batch_max_tokens,
                 "max_prompt_chars": 4 * s.max_input_chars + 65536}
 
     async def _make_room(self, entry: ModelEntry) -> None:

@@ -60,6 +60,9 @@ class ServeSettings(BaseSettings):
         4096, ge=64, description="Context window allocated per generation slot (capped at the model's training context)."
     )
     batch_max: int = Field(32, ge=1, le=1024, description="Largest micro-batch of embeddings/classify texts run together.")
+    batch_max_tokens: int = Field(
+        4096, ge=16, description="Most tokens (texts x longest text, padded) an encoder runs at once; bounds its activation memory."
+    )
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a micro-batch waits for more requests once the model is free."
     )

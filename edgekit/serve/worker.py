@@ -101,6 +101,7 @@ class EncoderRunner:
         self.task = manifest.task
         self.config = manifest.runtime
         self.batch_max = config.get("batch_max", 32)
+        self.batch_tokens = config.get("batch_max_tokens", 4096)
         self.model = EncoderModel(bundle_dir, manifest.runtime, threads=config.get("threads"),
                                   model_path=model_file(bundle_dir, manifest))
         self.facts = {"max_length": manifest.runtime.max_length, "labels": list(manifest.runtime.labels)}
@@ -112,8 +113,8 @@ class EncoderRunner:
 
         rid, texts = header["id"], header["texts"]
         outputs, tokens = [], []
-        for start in range(0, len(texts), self.batch_max):
-            chunk = texts[start : start + self.batch_max]
+        for start, end in self.chunks(texts):
+            chunk = texts[start:end]
             hidden, mask = self.model.forward(chunk)
             tokens.extend(int(n) for n in mask.sum(axis=1))
             if header["op"] == "embed":
@@ -127,6 +128,23 @@ class EncoderRunner:
             send({"type": "result", "id": rid, "shape": list(array.shape), "tokens": tokens}, array.tobytes())
         else:
             send({"type": "result", "id": rid, "entities": outputs, "tokens": tokens})
+
+    def chunks(self, texts: list[str]) -> list[tuple[int, int]]:
+        """Consecutive runs of texts whose padded batch (count x longest) stays within ``batch_tokens`` and ``batch_max``.
+
+        Activation memory grows with batch x padded length, so this is what bounds a worker's peak RSS.
+        """
+        lengths = [sum(e.attention_mask) for e in self.model.tokenizer.encode_batch(texts)]  # truncated, unpadded
+        spans, start, longest = [], 0, 0
+        for index, length in enumerate(lengths):
+            count = index - start
+            if count and (count + 1 > self.batch_max or (count + 1) * max(longest, length) > self.batch_tokens):
+                spans.append((start, index))
+                start, longest = index, 0
+            longest = max(longest, length)
+        if texts:
+            spans.append((start, len(texts)))
+        return spans
 
     def _token_labels(self, texts: list[str], probs, mask) -> list[list[dict[str, Any]]]:
         """Per text: each real token (special tokens skipped) with its character span, top label and score."""
