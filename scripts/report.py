@@ -2,7 +2,7 @@
 
 Runs, one after the other on the same machine and inputs:
   1. scripts/bench_encoder.py  — PyTorch fp32 vs ORT fp32 vs edgekit int8 (dynamic block-wise, static, per-tensor)
-  2. scripts/bench_gguf.py     — every quant type of SmolLM2-135M: size, PPL, KLD, top-1, decode tok/s
+  2. scripts/bench_gguf.py     — every quant type of SmolLM2-135M: size, PPL, KLD, top-1, prompt and decode tok/s
   3. scripts/bench_serve.py    — the daemon vs in-process llama-cpp-python vs `python -m llama_cpp.server`
   4. scripts/bench_fit.py      — fit truth: predicted vs measured RSS and tok/s
   5. edgekit profile-host      — this host's memory bandwidth, for the decode roofline
@@ -77,14 +77,16 @@ def plot_encoder(data: dict) -> Path:
 
     rows = data["rows"]
     names = [r["variant"] for r in rows]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4))
     left.bar(names, [r["short_ms"] for r in rows], color="tab:blue")
-    left.set_ylabel("batch-1 latency, short sentence (ms)")
-    left.tick_params(axis="x", rotation=25)
+    left.set_ylabel("batch-1 latency, short sentence (ms, p50)")
+    middle.bar(names, [r["batch32_texts_per_second"] for r in rows], color="tab:purple")
+    middle.set_ylabel("batch-32 throughput (texts/s, p50)")
     right.bar(names, [r["cosine_min"] for r in rows], color="tab:green")
     right.set_ylim(min(r["cosine_min"] for r in rows) - 0.01, 1.0)
-    right.set_ylabel("worst cosine vs PyTorch (240 sentences)")
-    right.tick_params(axis="x", rotation=25)
+    right.set_ylabel(f"worst cosine vs PyTorch ({data['validation_sentences']} sentences)")
+    for axis in (left, middle, right):
+        axis.tick_params(axis="x", rotation=25)
     figure.suptitle("all-MiniLM-L6-v2 on this host")
     figure.tight_layout()
     return save(figure, "encoder.png")
@@ -153,11 +155,11 @@ def main() -> None:
             data = json.loads(data_file.read_text())
             parts += ["", f"![quality and speed per quant type](report/{plot_gguf(data, bandwidth).name})", "",
                       "Decode speed as a share of this host's memory-bandwidth roofline (bandwidth / model bytes per token):", "",
-                      "| quant | MB | decode tok/s | roofline tok/s | share |", "|---|---|---|---|---|"]
+                      "| quant | MB | prompt tok/s | decode tok/s | roofline tok/s | decode share of roofline |", "|---|---|---|---|---|---|"]
             for row in data["quants"]:
                 if row.get("decode_tokens_per_second"):
                     roof = bandwidth * 1e9 / row["bytes"]
-                    parts.append(f"| {row['quant']} | {row['bytes'] / 1e6:.1f} | {row['decode_tokens_per_second']:.1f} | {roof:.0f} | {row['decode_tokens_per_second'] / roof:.0%} |")
+                    parts.append(f"| {row['quant']} | {row['bytes'] / 1e6:.1f} | {row['prompt_tokens_per_second']:.0f} | {row['decode_tokens_per_second']:.1f} | {roof:.0f} | {row['decode_tokens_per_second'] / roof:.0%} |")
     DOCS.mkdir(exist_ok=True)
     (DOCS / "report.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
     print(f"wrote {DOCS / 'report.md'}", file=sys.stderr)
