@@ -12,6 +12,9 @@
    the board's own other points, else boards with the same core, else the whole catalog). Target +-25 %.
 5. Recipe-time size predictions vs the bundles' measured sizes.
 
+With --reuse-measurements the measured values of an earlier run (its bench-results/fit.json) are read
+back and only the predictions and the table are recomputed: for iterating on the model without timing.
+
 Bundles come from $EDGEKIT_HOME/bundles (smollm2-135m-instruct-q8-0 / -q4-k-m, all-minilm-l6-v2-int8-dynamic);
 with --export-missing they are exported first. Without them, the upstream Q4_1 GGUF of the model store
 is requantized with llama.cpp's quantizer and wrapped as a bundle under $EDGEKIT_HOME/bench-fit.
@@ -172,7 +175,9 @@ def short_decode(bundle: Path, threads: int) -> dict:
     return run_child(GGUF_CHILD, str(gguf), str(SHORT_CTX), str(threads), str(SHORT_GEN), "5")
 
 
-def host_profile(gguf_q8: Path, onnx: Path | None, threads: int) -> tuple[Device, dict]:
+def host_profile(gguf_q8: Path, onnx: Path | None, threads: int, recorded: Recorded | None = None) -> tuple[Device, dict]:
+    if recorded is not None:
+        return recorded.host()
     from edgekit.cli.fit import measure_encoder
     from edgekit.fit import host
 
@@ -216,7 +221,48 @@ def run_child(code: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, threads: int) -> tuple[list[dict], list[dict]]:
+class Recorded:
+    """The measurements of an earlier run (its fit.json), handed out as the live measurements would be."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text())
+        self.raw = self.data.get("measurements") or self._from_rows()
+
+    def _from_rows(self) -> dict:
+        """Raw measurements of a fit.json written before the raw values were kept (rebuilt from its rows)."""
+        rss = {r["config"]: r for r in self.data["rss"]}
+        decode = {r["config"].removesuffix(" (in-sample)"): r["measured"] for r in self.data["decode"]}
+        raw: dict = {"gguf": {}, "short": {}, "onnx": {}}
+        for quant in GGUF_BUNDLES:
+            for n_ctx in CONTEXTS:
+                prompt = n_ctx - GENERATED - 8
+                raw["gguf"][f"{quant} {n_ctx}"] = {
+                    "peak_rss": rss[f"GGUF {quant} ctx {n_ctx}"]["measured_bytes"], "prompt_tokens": prompt,
+                    "decode_tok_s": decode[f"{quant} decode at {prompt + GENERATED // 2} tokens of context"]}
+            if f"{quant} decode, short context" in decode:
+                raw["short"][quant] = {"decode_tok_s": decode[f"{quant} decode, short context"]}
+        for config, r in rss.items():
+            if config.startswith("ONNX"):
+                batch, tokens = config.split()[3], int(config.split()[5])
+                raw["onnx"][batch] = {"peak_rss": r["measured_bytes"], "tokens": tokens}
+        return raw
+
+    def host(self) -> tuple[Device, dict]:
+        return Device.model_validate(self.data["host"]), self.data["host_calibration"]
+
+    def gguf(self, quant: str, n_ctx: int) -> dict:
+        return self.raw["gguf"][f"{quant} {n_ctx}"]
+
+    def short(self, quant: str) -> dict:
+        return self.raw["short"][quant]
+
+    def onnx(self, batch: int) -> dict:
+        return self.raw["onnx"][str(batch)]
+
+
+def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, threads: int,
+             recorded: Recorded | None, raw: dict) -> tuple[list[dict], list[dict]]:
     rss, decode = [], []
     for quant, bundle in gguf.items():
         manifest = read_manifest(bundle)
@@ -224,8 +270,12 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
         work = speed.workload_of(facts)
         calibration = speed.calibrate(host, "decode")
         for n_ctx in CONTEXTS:
-            log(f"RSS: {manifest.name} n_ctx={n_ctx} (prompt {n_ctx - GENERATED - 8} tokens, {GENERATED} generated)")
-            measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads), str(GENERATED), "3")
+            if recorded is not None:
+                measured = recorded.gguf(quant, n_ctx)
+            else:
+                log(f"RSS: {manifest.name} n_ctx={n_ctx} (prompt {n_ctx - GENERATED - 8} tokens, {GENERATED} generated)")
+                measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads), str(GENERATED), "3")
+            raw["gguf"][f"{quant} {n_ctx}"] = measured
             report = fit(manifest, host, FitSettings(n_ctx=n_ctx, daemon=False, threads=threads), catalog)
             predicted = report.memory["total"]
             rss.append({"config": f"GGUF {quant} ctx {n_ctx}", "predicted_bytes": predicted, "measured_bytes": measured["peak_rss"],
@@ -239,8 +289,12 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
     if onnx is not None:
         manifest = read_manifest(onnx)
         for batch in ENCODER_BATCHES:
-            log(f"RSS: {manifest.name} batch {batch} x {manifest.runtime.max_length} tokens")
-            measured = run_child(ONNX_CHILD, str(onnx), str(batch), str(threads))
+            if recorded is not None:
+                measured = recorded.onnx(batch)
+            else:
+                log(f"RSS: {manifest.name} batch {batch} x {manifest.runtime.max_length} tokens")
+                measured = run_child(ONNX_CHILD, str(onnx), str(batch), str(threads))
+            raw["onnx"][str(batch)] = measured
             report = fit(manifest, host, FitSettings(parallel=batch, daemon=False, threads=threads), catalog)
             predicted = report.memory["total"]
             rss.append({"config": f"ONNX int8 batch {batch} x {measured['tokens']} tokens", "predicted_bytes": predicted,
@@ -248,7 +302,7 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
     return rss, decode
 
 
-def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int) -> list[dict]:
+def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int, recorded: Recorded | None, raw: dict) -> list[dict]:
     """Q4_K_M decode at short context, predicted from the Q8_0 calibration (Q8_0 itself is the calibration point)."""
     rows = []
     calibration = speed.calibrate(host, "decode")
@@ -256,8 +310,13 @@ def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int) -> list
         if quant == "Q8_0":
             continue
         facts = from_manifest(read_manifest(bundle))
-        log(f"decode speed of {bundle.name} (short context, CPU time, best of 5)")
-        measured = short_decode(bundle, threads)["decode_tok_s"]
+        if recorded is not None:
+            measured_run = recorded.short(quant)
+        else:
+            log(f"decode speed of {bundle.name} (short context, CPU time, best of 5)")
+            measured_run = short_decode(bundle, threads)
+        raw["short"][quant] = measured_run
+        measured = measured_run["decode_tok_s"]
         predicted = speed.roofline_decode_tok_s(speed.workload_of(facts), host, threads, n_past=0, calibration=calibration)
         rows.append({"config": f"{quant} decode, short context", "predicted": predicted, "measured": measured,
                      "error": predicted / measured - 1})
@@ -343,21 +402,31 @@ def main() -> None:
     # thread barriers make multi-threaded timings collapse under contention. Predictions use the same count.
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fit.json")
+    parser.add_argument("--reuse-measurements", action="store_true",
+                        help="Read the measured values from the existing --out file and recompute only the predictions.")
     args = parser.parse_args()
 
+    recorded = Recorded(args.out) if args.reuse_measurements else None
     load_start = load_average()
     catalog = load_catalog()
-    gguf, onnx, origin = find_bundles(args.export_missing)
-    host, calibration = host_profile(gguf["Q8_0"], onnx, args.threads)
+    gguf, onnx, origin = find_bundles(args.export_missing and recorded is None)
+    if recorded is not None:
+        threads = recorded.data["threads"]
+        if threads != args.threads:
+            log(f"using the recorded run's {threads} thread(s)")
+        args.threads = threads
+        origin = recorded.data["bundles_origin"]
+    host, calibration = host_profile(gguf["Q8_0"], onnx, args.threads, recorded)
     everything = [*catalog.values(), host]
-    rss, deep_decode = rss_rows(gguf, onnx, host, everything, args.threads)
-    decode = short_decode_rows(gguf, host, args.threads) + deep_decode
+    raw: dict = {"gguf": {}, "short": {}, "onnx": {}}
+    rss, deep_decode = rss_rows(gguf, onnx, host, everything, args.threads, recorded, raw)
+    decode = short_decode_rows(gguf, host, args.threads, recorded, raw) + deep_decode
     published = published_rows(catalog)
     sizes = size_rows(gguf, onnx)
     result = {
         "host": json.loads(host.model_dump_json()), "host_calibration": calibration, "threads": args.threads,
         "bundles_origin": origin, "load_average_start": load_start, "load_average_end": load_average(),
-        "rss": rss, "decode": decode, "published": published, "sizes": sizes,
+        "rss": rss, "decode": decode, "published": published, "sizes": sizes, "measurements": raw,
         "summary": {
             "rss_within": sum(abs(r["error"]) <= 0.10 for r in rss), "rss_total": len(rss),
             "decode_within": sum(abs(r["error"]) <= 0.20 for r in decode), "decode_total": len(decode),
@@ -366,6 +435,11 @@ def main() -> None:
         },
         "created": datetime.now(timezone.utc).isoformat(),
     }
+    if recorded is not None:
+        result["load_average_start"] = recorded.data["load_average_start"]
+        result["load_average_end"] = recorded.data["load_average_end"]
+        result["created"] = recorded.data["created"]  # when the measurements were taken
+        result["predictions_recomputed"] = datetime.now(timezone.utc).isoformat()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_tables(result)
