@@ -80,7 +80,7 @@ class FitReport(BaseModel):
     prompt_tok_s: float | None = None
     latency_ms: float | None = None
     calibration: dict[str, dict] = Field(
-        default_factory=dict, description="Per speed kind: factor (and decode's compute_factor), scope and points used."
+        default_factory=dict, description="Per speed kind: factor (measured / modelled speed), scope and points used."
     )
     checks: list[Check]
     verdict: Verdict
@@ -146,7 +146,6 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         decode_short = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=0, calibration=cal_d)
         prompt = speed.roofline_prompt_tok_s(work, device, settings.threads, n_ctx_avg=min(n_ctx, 512) // 2) * cal_p.factor
         calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
-        calibrations["decode"]["compute_factor"] = cal_d.compute_factor
         if settings.min_tok_s is not None:
             checks.append(_speed_check("speed", decode, settings.min_tok_s, settings.speed_margin, higher_is_better=True,
                                        unit="tok/s", what="decode"))
@@ -187,9 +186,7 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         decode_tok_s_short=None if decode_short is None else round(decode_short, 4),
         prompt_tok_s=None if prompt is None else round(prompt, 4),
         latency_ms=None if latency is None else round(latency, 4),
-        calibration={k: {**v, "factor": round(v["factor"], 6), **({"compute_factor": round(v["compute_factor"], 6)}
-                                                                  if "compute_factor" in v else {})}
-                     for k, v in calibrations.items()},
+        calibration={k: {**v, "factor": round(v["factor"], 6)} for k, v in calibrations.items()},
         checks=checks, verdict=verdict, reason=reason, notes=notes,
     )
 

@@ -1,11 +1,14 @@
-"""Speed from a roofline, calibrated by measured points.
+"""Speed from a model of the kernels, calibrated by measured points.
 
-Decode reads every streamed weight (and the KV cache so far) once per token: its time is the larger
-of bytes / memory bandwidth and operations / compute, plus a per-token overhead. Prompt processing
-and encoders are matrix-matrix work and bound by compute. The roofline gives the shape; a board's
-calibration points give the scale: predictions are multiplied by the geometric mean of
-measured / roofline over the points that apply (the board's own, else boards with the same core,
-else all boards of the catalog).
+Decode reads every streamed weight (and the KV cache so far) once per token and runs ggml-cpu's
+matrix-vector kernels over them: its time is bytes / memory bandwidth plus the cycles those kernels
+spend per weight (a table per instruction set and weight type, counted from the kernels), plus a
+per-token overhead. The two are added, not overlapped: in these loops a core that unpacks and
+multiplies a block is not streaming the next one fast enough to hide it (on this project's x86 host
+Q4_K_M, 0.72x the bytes of Q8_0, decodes only 1.14x faster). Prompt processing and encoders are
+matrix-matrix work and bound by compute. The model gives the shape; a board's calibration points
+give the scale: predicted times are divided by the geometric mean of model / measured time over the
+points that apply (the board's own, else boards with the same core, else all boards of the catalog).
 """
 
 from __future__ import annotations
@@ -16,32 +19,85 @@ from dataclasses import dataclass
 from typing import Literal
 
 from edgekit.fit.facts import ModelFacts
-from edgekit.fit.quant import FILE_TYPES, GGML_TYPES, PUBLISHED_BPW
+from edgekit.fit.quant import FALLBACK, FILE_TYPES, GGML_TYPES, PUBLISHED_BPW
 from edgekit.schema.device import CalibrationPoint, Device
 
 # Peak multiply-accumulate throughput per core and cycle, counted as 2 operations per MAC:
 # int8 dot products (the path ggml's quantized matmuls and ORT's int8 kernels take) and fp32 FMA.
 # Derived from each core's SIMD width and issue rate (Arm Software Optimization Guides; Intel
 # optimization manual for Gracemont), so they are estimates; calibration absorbs the rest.
+#
+# ``kernel_ops_per_cycle``: instructions per cycle a core sustains in ggml's dot-product loops (SIMD,
+# loads and the scalar scale arithmetic together), from the same guides' issue widths and pipes.
 @dataclass(frozen=True)
 class CoreType:
     int8_ops_per_cycle: float
     f32_ops_per_cycle: float
+    kernel_ops_per_cycle: float
     note: str
 
 
 CORE_TYPES: dict[str, CoreType] = {
-    "cortex-a53": CoreType(16, 4, "in-order, one 64-bit-wide NEON issue per cycle for MAC; no SDOT"),
-    "cortex-a72": CoreType(32, 8, "two 64-bit NEON pipes (128-bit ops every other cycle); no SDOT"),
-    "cortex-a76": CoreType(64, 16, "two 128-bit NEON pipes, SDOT = 16 int8 MACs per instruction"),
-    "cortex-a78ae": CoreType(64, 16, "same NEON back end as Cortex-A76/A78"),
-    "gracemont": CoreType(64, 16, "two 128-bit vector FMA/dot units (AVX2 256-bit ops split in halves), AVX-VNNI"),
-    "x86-64-v3": CoreType(128, 32, "two 256-bit FMA ports, AVX2 int8 via vpmaddubsw (Skylake/Zen 2 class and newer)"),
+    # A53: 128-bit NEON ops take two cycles on its 64-bit datapath and are ~60 % of the kernels'
+    # instructions; loads and scalar work pair with them: 1 / (2 x 0.6) = ~0.8 instructions per cycle.
+    "cortex-a53": CoreType(16, 4, 0.8, "in-order dual issue, 64-bit NEON datapath (128-bit ops every other cycle); no SDOT"),
+    "cortex-a72": CoreType(32, 8, 2.0, "3-wide decode, two 64-bit NEON pipes (128-bit ops every other cycle), "
+                                       "integer multiplies on one of them; no SDOT"),
+    "cortex-a76": CoreType(64, 16, 3.0, "4-wide decode, two 128-bit NEON pipes plus two load pipes; SDOT = 16 int8 MACs per instruction"),
+    "cortex-a78ae": CoreType(64, 16, 3.0, "same NEON back end as Cortex-A76/A78"),
+    # Gracemont: a 256-bit AVX2 op runs as two 128-bit halves on three vector pipes (1.5 per cycle)
+    # while loads use two load ports beside them; ~30 % of the kernels' instructions are loads: ~2 per cycle.
+    "gracemont": CoreType(64, 16, 2.0, "two 128-bit vector FMA/dot units (AVX2 256-bit ops split in halves), AVX-VNNI"),
+    # x86-64-v3: Zen 2/3 dispatch 6 instructions per cycle to 4 vector pipes, 3 load ports and the
+    # integer ALUs (scalar scale look-ups); Skylake renames 4 (5 with fusion): ~5 sustained.
+    "x86-64-v3": CoreType(128, 32, 5.0, "two 256-bit FMA ports, AVX2 int8 via vpmaddubsw (Skylake/Zen 2 class and newer)"),
 }
 
-# Operations per weight relative to Q8_0 when a core multiplies quantized blocks: unpacking
-# sub-byte weights and K-quant scales costs instructions (ggml-cpu quants.c vec_dot kernels).
-# Estimates; they matter only where decode is compute-bound (Cortex-A53/A72).
+# Instructions ggml-cpu's matrix-vector kernels execute per 32 weights, by kernel family (picked from
+# the ISA flags, as ggml does) and weight type: the block loads, the unpacking of sub-byte weights and
+# their high bits, the int8 dot products and the float scale arithmetic, per-super-block work amortized.
+# Counted from ggml/src/ggml-cpu/arch/x86/quants.c and arch/arm/quants.c (ggml_vec_dot_*_q8_*) and
+# repack.cpp (the interleaved gemv kernels of the types memory.repack_rows names); rounded estimates.
+# Without SDOT (Cortex-A53/A72) ggml emulates each vdotq_s32 with 2 SMULL + 2 SADDLP + 2 ADD: +5 per
+# emulated dot, two per 32 weights. Q5_0/Q5_1 on NEON spread the high bits through a 256-entry table,
+# eight scalar look-ups per block. F16 without Arm FP16 arithmetic converts both sides to f32 first.
+KERNEL_OPS: dict[str, dict[str, float]] = {
+    "avx2": {  # Q4_0, IQ4_NL, Q4_K: 8x8 interleaved gemv after repacking
+        "Q8_0": 16, "Q4_0": 14, "Q4_1": 22, "Q5_0": 27, "Q5_1": 28, "IQ4_NL": 14,
+        "Q2_K": 14, "Q3_K": 18, "Q4_K": 10, "Q5_K": 14, "Q6_K": 15, "F16": 16, "BF16": 16, "F32": 12,
+    },
+    "neon-dotprod": {  # Q4_0, IQ4_NL, Q4_K: interleaved gemv after repacking
+        "Q8_0": 12, "Q4_0": 8, "Q4_1": 14, "Q5_0": 32, "Q5_1": 33, "IQ4_NL": 9,
+        "Q2_K": 13, "Q3_K": 18, "Q4_K": 9, "Q5_K": 14, "Q6_K": 18, "F16": 12, "BF16": 24, "F32": 16,
+    },
+    "neon": {  # no repacking without SDOT
+        "Q8_0": 22, "Q4_0": 22, "Q4_1": 24, "Q5_0": 42, "Q5_1": 43, "IQ4_NL": 22,
+        "Q2_K": 23, "Q3_K": 28, "Q4_K": 21, "Q5_K": 24, "Q6_K": 28, "F16": 32, "BF16": 32, "F32": 16,
+    },
+}
+# The AVX2 kernels of these types accumulate every block into one register with a fused multiply-add:
+# a block cannot finish faster than the FMA latency, 4 cycles on Skylake/Zen 3 (Agner Fog, instruction
+# tables). The NEON kernels use two accumulators and the repacked/K-quant kernels integer adds.
+SERIAL_FMA_TYPES = {"Q8_0", "Q4_1", "Q5_0", "Q5_1"}
+FMA_LATENCY_CYCLES = 4.0
+# Attention without flash attention, per layer, head and cached token: a head_dim-long f16 dot product
+# for the score (one kernel call per cached token: reducing four accumulators and the call cost about
+# VEC_DOT_CALL_OPS instructions on top of the dot), head_dim multiply-adds of the softmaxed score with V
+# (long f16 dots over the context), and the softmax itself (scale, mask, max, exp via ggml_v_expf at
+# ~3 instructions per element, sum, normalize, conversion to f16: ~SOFTMAX_OPS). ggml-cpu ops.cpp.
+VEC_DOT_CALL_OPS = 20.0
+SOFTMAX_OPS = 4.0
+
+
+def kernel_family(device: Device) -> str:
+    """Which of ggml-cpu's kernel sets runs on this CPU."""
+    isa = device.cpu.isa
+    if isa.avx2:
+        return "avx2"
+    return "neon-dotprod" if isa.dotprod else "neon"
+
+# Prompt processing: operations per weight relative to Q8_0 when a core multiplies quantized blocks
+# matrix by matrix (unpacking sub-byte weights and K-quant scales). Estimates.
 DEQUANT_COST: dict[str, float] = {
     "Q8_0": 1.0, "Q4_0": 1.3, "Q4_1": 1.35, "Q5_0": 1.6, "Q5_1": 1.65, "IQ4_NL": 1.4,
     "Q2_K": 1.8, "Q3_K": 1.9, "Q4_K": 1.5, "Q5_K": 1.7, "Q6_K": 1.8,
@@ -50,15 +106,11 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 # Roofline efficiencies (share of the peak a real engine reaches). Chosen once against the catalog's
 # published points (scripts/bench_fit.py prints each point's error with and without them) and kept fixed.
-DECODE_BANDWIDTH_EFFICIENCY = 0.7  # decode streams weights at ~70 % of STREAM copy bandwidth
-DECODE_COMPUTE_EFFICIENCY = 0.12  # matrix-vector kernels reach a small share of peak MAC rate
+# Decode reads weights at about the STREAM copy rate (a copy also pays write-allocate traffic that a
+# read stream does not): Raspberry Pi 5 decodes TinyLlama Q8_0 at 9 tok/s x 1.17 GB = 10.5 GB/s against
+# 10.2 GB/s STREAM copy (DEVICE_FACTS.md; sci-pi.org.uk STREAM). Kernel time is modelled separately.
+DECODE_BANDWIDTH_EFFICIENCY = 1.0
 PROMPT_COMPUTE_EFFICIENCY = 0.15  # matrix-matrix kernels (prompt, encoders)
-# Decode attention without flash attention is float work in short pieces: one 64-to-128-long f16 dot
-# product per cached token and head for the scores, then the f16 product with V. It reaches ~13 % of
-# the fp32 peak: fitted to SmolLM2-135M Q8_0 decoding at 8,168 tokens of context on this project's
-# x86-64 host (scripts/bench_fit.py, one thread, process CPU time: 11.9 and 15.2 tok/s in two runs,
-# i.e. 0.11 and 0.16). The benchmark's 2,024-token rows are the out-of-sample check.
-ATTENTION_DECODE_EFFICIENCY = 0.13
 # Per-token work outside the matrix kernels: thread barriers per graph node (~10 nodes per layer)
 # and the Python generate loop; in microseconds at 1 GHz, scaled by the clock.
 OVERHEAD_US_GHZ_PER_LAYER = 20.0
@@ -76,10 +128,17 @@ class Workload:
     streamed_bytes: float  # weights read per decoded token
     matrix_weights: float  # weights multiplied per token
     float_path: bool  # F16/F32 weights: float kernels instead of int8 dot products
-    dequant_cost: float  # ops per weight relative to Q8_0
+    dequant_cost: float  # prompt processing: ops per weight relative to Q8_0
     n_layer: int
+    weights_by_type: tuple[tuple[str, float], ...] = ()  # (ggml type, weights) multiplied per decoded token
     kv_bytes_per_token: float = 0.0
-    attention_ops_per_ctx_token: float = 0.0  # ops per token of context attended to
+    attention_heads: int = 0  # layers x query heads: score dot products per token of context
+    head_dim: int = 0
+
+    @property
+    def attention_ops_per_ctx_token(self) -> float:
+        """Multiply-add operations (2 per MAC) of attention per token of context, for prompt processing."""
+        return 4.0 * self.attention_heads * self.head_dim
 
 
 def _file_type_cost(quant: str) -> tuple[bool, float]:
@@ -89,6 +148,16 @@ def _file_type_cost(quant: str) -> tuple[bool, float]:
     return False, DEQUANT_COST.get(base, 1.5)
 
 
+def _main_type(quant: str, row: int | None = None) -> str:
+    """The ggml type most matrices of a file type get; with a known row width, after llama.cpp's block fallback."""
+    base = FILE_TYPES.get(quant, quant)
+    if base not in GGML_TYPES:
+        return "F16"
+    if row and row % GGML_TYPES[base][0]:
+        base = FALLBACK.get(base, base)
+    return base
+
+
 def workload_of(facts: ModelFacts) -> Workload:
     """The per-token work of a model from its facts (per-tensor types when known)."""
     if facts.tensors:
@@ -96,15 +165,20 @@ def workload_of(facts: ModelFacts) -> Workload:
         weights = sum(t.n_elements for t in streamed)
         float_path = all(t.ggml_type in FLOAT_TYPES for t in streamed)
         cost = sum(t.n_elements * DEQUANT_COST.get(t.ggml_type, 1.0) for t in streamed) / max(weights, 1)
+        by_type: dict[str, float] = {}
+        for t in streamed:
+            by_type[t.ggml_type] = by_type.get(t.ggml_type, 0) + t.n_elements
     else:
         float_path, cost = _file_type_cost(facts.quant)
         weights = facts.matrix_parameters
         if facts.format == "onnx":
             float_path, cost = (facts.quant == "fp32"), 1.0
+        by_type = {_main_type(facts.quant, facts.n_embd): weights}
     return Workload(
         streamed_bytes=facts.streamed_bytes_per_token, matrix_weights=weights, float_path=float_path,
-        dequant_cost=cost, n_layer=facts.n_layer, kv_bytes_per_token=facts.kv_bytes_per_token(),
-        attention_ops_per_ctx_token=4.0 * facts.n_layer * facts.n_head * facts.head_dim_k,
+        dequant_cost=cost, n_layer=facts.n_layer, weights_by_type=tuple(sorted(by_type.items())),
+        kv_bytes_per_token=facts.kv_bytes_per_token(), attention_heads=facts.n_layer * facts.n_head,
+        head_dim=facts.head_dim_k,
     )
 
 
@@ -132,8 +206,11 @@ def workload_of_point(point: CalibrationPoint) -> Workload:
     matrix_weights = point.parameters
     if point.format == "onnx" and point.n_layer and point.hidden_size:
         matrix_weights = 12 * point.n_layer * point.hidden_size**2  # BERT-style: embeddings are lookups
+    # A GGUF point's hidden size tells which matrices fall back from K-quant blocks (a 960-wide
+    # SmolLM-360M row does not divide into 256: Q4_K_M is mostly Q5_0 there).
+    main = _main_type(point.quant, point.hidden_size if point.format == "gguf" else None)
     return Workload(streamed_bytes=weights_bytes, matrix_weights=matrix_weights, float_path=float_path,
-                    dequant_cost=cost, n_layer=n_layer)
+                    dequant_cost=cost, n_layer=n_layer, weights_by_type=((main, matrix_weights),))
 
 
 def _peak_ops(device: Device, threads: int | None, float_path: bool) -> float:
@@ -145,39 +222,49 @@ def _peak_ops(device: Device, threads: int | None, float_path: bool) -> float:
 
 @dataclass(frozen=True)
 class DecodeTerms:
-    """Seconds per generated token: streaming bytes, computing, and fixed per-token work."""
+    """Seconds per generated token: streaming bytes, the kernels' cycles, and fixed per-token work (they add up)."""
 
     memory_s: float
     compute_s: float
     overhead_s: float
 
-    @property
-    def binding(self) -> Literal["memory", "compute"]:
-        return "memory" if self.memory_s >= self.compute_s else "compute"
+
+def block_cycles(ggml_type: str, device: Device) -> float:
+    """Cycles one core spends on 32 weights of ``ggml_type`` in ggml-cpu's matrix-vector kernel."""
+    family = kernel_family(device)
+    ops = KERNEL_OPS[family].get(ggml_type, KERNEL_OPS[family]["F16"])
+    cycles = ops / CORE_TYPES[device.cpu.core_type].kernel_ops_per_cycle
+    if family == "avx2" and ggml_type in SERIAL_FMA_TYPES:
+        cycles = max(cycles, FMA_LATENCY_CYCLES)
+    return cycles
 
 
 def decode_terms(work: Workload, device: Device, threads: int | None = None, n_past: int = 0) -> DecodeTerms:
-    """The roofline terms of generating one token at context position ``n_past``."""
+    """The model's terms of generating one token at context position ``n_past``."""
     bytes_per_token = work.streamed_bytes + work.kv_bytes_per_token * n_past
     memory_s = bytes_per_token / (device.memory_bandwidth.gb_s * 1e9 * DECODE_BANDWIDTH_EFFICIENCY)
-    matrix_s = 2 * work.matrix_weights * work.dequant_cost / (_peak_ops(device, threads, work.float_path) * DECODE_COMPUTE_EFFICIENCY)
-    attention_s = work.attention_ops_per_ctx_token * n_past / (_peak_ops(device, threads, True) * ATTENTION_DECODE_EFFICIENCY)
+    by_type = work.weights_by_type or (("F16" if work.float_path else "Q8_0", work.matrix_weights),)
+    matrix_cycles = sum(n / 32 * block_cycles(t, device) for t, n in by_type)
+    f16_ops = KERNEL_OPS[kernel_family(device)]["F16"]
+    per_head_ops = 2 * f16_ops * work.head_dim / 32 + VEC_DOT_CALL_OPS + SOFTMAX_OPS
+    attention_cycles = work.attention_heads * n_past * per_head_ops / CORE_TYPES[device.cpu.core_type].kernel_ops_per_cycle
+    cores = min(threads or device.cpu.cores, device.cpu.cores)
+    compute_s = (matrix_cycles + attention_cycles) / (cores * device.cpu.clock_ghz * 1e9)
     overhead_s = (OVERHEAD_US_GHZ_PER_LAYER * work.n_layer + OVERHEAD_US_GHZ_PER_TOKEN) * 1e-6 / device.cpu.clock_ghz
-    return DecodeTerms(memory_s=memory_s, compute_s=matrix_s + attention_s, overhead_s=overhead_s)
+    return DecodeTerms(memory_s=memory_s, compute_s=compute_s, overhead_s=overhead_s)
 
 
 def roofline_decode_tok_s(work: Workload, device: Device, threads: int | None = None, n_past: int = 0,
                           calibration: Calibration | None = None) -> float:
     """Tokens/s generating one token at context position ``n_past``.
 
-    A calibration scales the throughput of the resource that bound its points (memory bandwidth
-    for nearly all published decode measurements), not the whole rate: a board measured at short
-    context says nothing about the float work of attention over a long one.
+    Memory and kernel time add; a calibration divides both by the board's measured factor (its
+    bandwidth and its kernels' speed are not told apart by a measured rate). The fixed per-token
+    overhead is not scaled.
     """
     t = decode_terms(work, device, threads, n_past)
-    k_memory = calibration.factor if calibration else 1.0
-    k_compute = calibration.compute_factor if calibration else 1.0
-    return 1.0 / (max(t.memory_s / k_memory, t.compute_s / k_compute) + t.overhead_s)
+    k = calibration.factor if calibration else 1.0
+    return 1.0 / ((t.memory_s + t.compute_s) / k + t.overhead_s)
 
 
 def roofline_prompt_tok_s(work: Workload, device: Device, threads: int | None = None, n_ctx_avg: int = 0) -> float:
@@ -200,18 +287,16 @@ def roofline_encoder_ms(work: Workload, device: Device, seq_len: int, batch: int
 
 @dataclass(frozen=True)
 class Calibration:
-    """Scale applied to the roofline of one kind of speed on one board, and what it rests on.
+    """Scale applied to the model of one kind of speed on one board, and what it rests on.
 
-    ``factor`` multiplies the throughput of the binding resource: memory bandwidth for decode,
-    compute for prompt processing and encoders; ``compute_factor`` is decode's compute-side scale,
-    set only by points whose decode the roofline finds compute-bound.
+    ``factor`` is measured / modelled speed: decode's memory and kernel time, prompt processing's and
+    encoders' compute, are divided by it.
     """
 
     kind: Kind
     factor: float
     scope: Literal["device", "core", "catalog", "none"]
     points: tuple[str, ...]
-    compute_factor: float = 1.0
 
 
 def point_kinds(point: CalibrationPoint) -> list[Kind]:
@@ -225,17 +310,16 @@ def point_kinds(point: CalibrationPoint) -> list[Kind]:
     return kinds
 
 
-def point_ratio(point: CalibrationPoint, device: Device, kind: Kind) -> tuple[str, float]:
-    """Which resource bound a measured point in the roofline, and measured / roofline throughput of it."""
+def point_ratio(point: CalibrationPoint, device: Device, kind: Kind) -> float:
+    """Measured / modelled speed of a point (for decode: of its memory and kernel time, overhead aside)."""
     work = workload_of_point(point)
     if kind == "decode":
         t = decode_terms(work, device, point.threads)
         available = max(1.0 / point.decode_tok_s - t.overhead_s, 1e-9)
-        binding = t.binding
-        return binding, (t.memory_s if binding == "memory" else t.compute_s) / available
+        return (t.memory_s + t.compute_s) / available
     if kind == "prompt":
-        return "compute", point.prompt_tok_s / roofline_prompt_tok_s(work, device, point.threads)
-    return "compute", roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / point.latency_ms
+        return point.prompt_tok_s / roofline_prompt_tok_s(work, device, point.threads)
+    return roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / point.latency_ms
 
 
 def point_prediction(point: CalibrationPoint, device: Device, kind: Kind, calibration: Calibration | None = None) -> float:
@@ -258,12 +342,12 @@ def _geomean(values: list[float]) -> float:
 
 
 def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclude: CalibrationPoint | None = None) -> Calibration:
-    """Geometric means of measured / roofline throughput over the points that apply to ``device``.
+    """Geometric mean of measured / modelled speed over the points that apply to ``device``.
 
     Own points first; else points of boards with the same core type; else all boards; else 1.
     ``exclude`` leaves one point out (used to test the model on the points themselves).
     """
-    def ratios(devices: Iterable[Device]) -> tuple[list[tuple[str, float]], list[str]]:
+    def ratios(devices: Iterable[Device]) -> tuple[list[float], list[str]]:
         values, labels = [], []
         for d in devices:
             for p in d.calibration:
@@ -282,10 +366,5 @@ def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclud
         values, labels = ratios(devices)
         if not values:
             continue
-        if kind != "decode":
-            return Calibration(kind=kind, factor=_geomean([v for _, v in values]), scope=scope, points=tuple(labels))
-        memory = [v for binding, v in values if binding == "memory"]
-        compute = [v for binding, v in values if binding == "compute"]
-        return Calibration(kind=kind, factor=_geomean(memory) if memory else 1.0, scope=scope, points=tuple(labels),
-                           compute_factor=_geomean(compute) if compute else 1.0)
+        return Calibration(kind=kind, factor=_geomean(values), scope=scope, points=tuple(labels))
     return Calibration(kind=kind, factor=1.0, scope="none", points=())

@@ -99,7 +99,8 @@ class CalibrationPoint(Strict):
     weights_bytes: int | None = Field(None, ge=1, description="Size of the weights file when published; default: parameters x bits per weight.")
     n_layer: int | None = Field(None, ge=1, description="Transformer blocks, when known (per-token overhead term).")
     hidden_size: int | None = Field(
-        None, ge=1, description="Encoders: embedding width; the matrix work per token is then 12 x n_layer x hidden_size^2."
+        None, ge=1, description="Embedding width. Encoders: the matrix work per token is then 12 x n_layer x hidden_size^2; "
+        "GGUF: rows that do not divide into the quant's blocks fall back to llama.cpp's fallback type."
     )
     prompt_tok_s: float | None = Field(None, gt=0, description="Prompt processing speed, tokens/s.")
     decode_tok_s: float | None = Field(None, gt=0, description="Generation speed, tokens/s.")
