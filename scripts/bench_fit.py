@@ -275,7 +275,8 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
                 measured = recorded.gguf(quant, n_ctx)
             else:
                 log(f"RSS: {manifest.name} n_ctx={n_ctx} (prompt {n_ctx - GENERATED - 8} tokens, {GENERATED} generated)")
-                measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads), str(GENERATED), "3")
+                measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads),
+                                     str(GENERATED), "3")
             raw["gguf"][f"{quant} {n_ctx}"] = measured
             report = fit(manifest, host, FitSettings(n_ctx=n_ctx, daemon=False, threads=threads), catalog)
             predicted = report.memory["total"]
@@ -319,7 +320,8 @@ def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int, recorde
         raw["short"][quant] = measured_run
         measured = measured_run["decode_tok_s"]
         predicted = speed.roofline_decode_tok_s(speed.workload_of(facts), host, threads, n_past=0, calibration=calibration)
-        rows.append({"config": f"{quant} decode, short context", "quant": quant, "n_past": 0, "predicted": predicted, "measured": measured,
+        rows.append({"config": f"{quant} decode, short context", "quant": quant, "n_past": 0,
+                     "predicted": predicted, "measured": measured,
                      "error": predicted / measured - 1})
     return rows
 
@@ -383,7 +385,7 @@ def print_tables(result: dict) -> None:
     print("\nDecode tok/s after host calibration                       predicted    measured    error  (target +-20 %)")
     for r in result["decode"]:
         print(f"  {r['config']:<52} {r['predicted']:10.1f} {r['measured']:11.1f} {r['error']:+8.1%}  {_mark(r['error'], 0.20)}")
-    print("\nPublished points, leave one out              measured   predicted    error  roofline err  from")
+    print("\nPublished points, leave one out              measured   predicted    error  uncalibrated  from")
     for r in result["published"]:
         label = f"{r['device']} {r['model'][:18]} {r['quant']} {r['kind']}"
         print(f"  {label:<42} {r['measured']:8.2f} {r['predicted']:10.2f} {r['error']:+8.1%} {r['roofline_error']:+9.1%}"

@@ -43,7 +43,8 @@ CORE_TYPES: dict[str, CoreType] = {
     "cortex-a53": CoreType(16, 4, 0.8, "in-order dual issue, 64-bit NEON datapath (128-bit ops every other cycle); no SDOT"),
     "cortex-a72": CoreType(32, 8, 2.0, "3-wide decode, two 64-bit NEON pipes (128-bit ops every other cycle), "
                                        "integer multiplies on one of them; no SDOT"),
-    "cortex-a76": CoreType(64, 16, 3.0, "4-wide decode, two 128-bit NEON pipes plus two load pipes; SDOT = 16 int8 MACs per instruction"),
+    "cortex-a76": CoreType(64, 16, 3.0, "4-wide decode, two 128-bit NEON pipes plus two load pipes; "
+                                        "SDOT = 16 int8 MACs per instruction"),
     "cortex-a78ae": CoreType(64, 16, 3.0, "same NEON back end as Cortex-A76/A78"),
     # Gracemont: a 256-bit AVX2 op runs as two 128-bit halves on three vector pipes (1.5 per cycle)
     # while loads use two load ports beside them; ~30 % of the kernels' instructions are loads: ~2 per cycle.
@@ -96,6 +97,7 @@ def kernel_family(device: Device) -> str:
         return "avx2"
     return "neon-dotprod" if isa.dotprod else "neon"
 
+
 # Prompt processing: operations per weight relative to Q8_0 when a core multiplies quantized blocks
 # matrix by matrix (unpacking sub-byte weights and K-quant scales). Estimates.
 DEQUANT_COST: dict[str, float] = {
@@ -104,13 +106,14 @@ DEQUANT_COST: dict[str, float] = {
 }
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
-# Roofline efficiencies (share of the peak a real engine reaches). Chosen once against the catalog's
-# published points (scripts/bench_fit.py prints each point's error with and without them) and kept fixed.
 # Decode reads weights at about the STREAM copy rate (a copy also pays write-allocate traffic that a
 # read stream does not): Raspberry Pi 5 decodes TinyLlama Q8_0 at 9 tok/s x 1.17 GB = 10.5 GB/s against
 # 10.2 GB/s STREAM copy (DEVICE_FACTS.md; sci-pi.org.uk STREAM). Kernel time is modelled separately.
 DECODE_BANDWIDTH_EFFICIENCY = 1.0
-PROMPT_COMPUTE_EFFICIENCY = 0.15  # matrix-matrix kernels (prompt, encoders)
+# Share of the peak MAC rate matrix-matrix kernels reach (prompt, encoders). Chosen once against the
+# catalog's published prompt points (scripts/bench_fit.py prints each point's error with and without
+# calibration) and kept fixed.
+PROMPT_COMPUTE_EFFICIENCY = 0.15
 # Per-token work outside the matrix kernels: thread barriers per graph node (~10 nodes per layer)
 # and the Python generate loop; in microseconds at 1 GHz, scaled by the clock.
 OVERHEAD_US_GHZ_PER_LAYER = 20.0
