@@ -72,6 +72,22 @@ def host_bandwidth_gb_s() -> float:
     return float(profile["memory_bandwidth"]["gb_s"])
 
 
+def encoder_reading(data: dict) -> str:
+    """Which variant to pick for which job, read off the table: only variants `edgekit export` would publish."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "all-minilm-l6-v2.yaml").read_text(encoding="utf-8"))
+    gate = recipe["validation"]["gates"]["min_cosine_each"]
+    passing = [r for r in data["rows"] if r["cosine_min"] >= gate]
+    latency = min(passing, key=lambda r: r["short_ms"])
+    throughput = max(passing, key=lambda r: r["batch32_texts_per_second"])
+    failing = ", ".join(f"{r['variant']} (worst {r['cosine_min']:.3f})" for r in data["rows"] if r["cosine_min"] < gate)
+    return (f"Reading: among variants whose worst sentence keeps cosine ≥ {gate}, the lowest batch-1 latency is "
+            f"**{latency['variant']}** ({latency['short_ms']:.2f} ms, {latency['speedup_vs_pytorch_short']:.2f}× PyTorch) and the "
+            f"highest batch-32 throughput is **{throughput['variant']}** ({throughput['batch32_texts_per_second']:.0f} texts/s, "
+            f"{throughput['speedup_vs_pytorch_batch32']:.2f}× PyTorch)" + (f"; below the gate: {failing}." if failing else "."))
+
+
 def plot_encoder(data: dict) -> Path:
     import matplotlib.pyplot as plt
 
@@ -150,7 +166,8 @@ def main() -> None:
         parts += ["", f"## {title}", "", f"Command: `{note}`", "", "```", table.rstrip(), "```"]
         data_file = RESULTS / f"{name}.json"
         if name == "encoder":
-            parts += ["", f"![encoder latency and quality](report/{plot_encoder(json.loads(data_file.read_text())).name})"]
+            data = json.loads(data_file.read_text())
+            parts += ["", encoder_reading(data), "", f"![encoder latency and quality](report/{plot_encoder(data).name})"]
         if name == "gguf":
             data = json.loads(data_file.read_text())
             parts += ["", f"![quality and speed per quant type](report/{plot_gguf(data, bandwidth).name})", "",
