@@ -1,7 +1,10 @@
 """Truth for `edgekit fit`: its predictions side by side with measurements on this machine.
 
+0. Measures first, everything below, each configuration in a fresh process, in interleaved rounds
+   (--rounds, default 3): one round runs every configuration once; medians are compared, the
+   spread over the rounds is printed.
 1. Profiles this host (`edgekit profile-host` functions) and calibrates it with one measurement:
-   decode/prompt speed of the SmolLM2-135M Q8_0 bundle and batch-1 latency of the MiniLM int8 bundle.
+   decode speed of the SmolLM2-135M Q8_0 bundle at short context and batch-1 latency of the MiniLM int8 bundle.
 2. Peak RSS of a fresh subprocess that loads a bundle with the runtime's settings and fills the
    context (prompt of n_ctx - 40 tokens, then 32 generated tokens) for GGUF Q8_0 / Q4_K_M x
    n_ctx 512 / 2048 / 8192, and that classifies batches of 1 and 32 max-length inputs with the ONNX
@@ -171,12 +174,8 @@ def find_bundles(export_missing: bool) -> tuple[dict[str, Path], Path | None, st
 SHORT_CTX, SHORT_GEN = 128, 64  # prompt of 56 tokens, 64 decoded
 
 
-def short_decode(bundle: Path, threads: int) -> dict:
-    gguf = bundle / read_manifest(bundle).file(".gguf").path
-    return run_child(GGUF_CHILD, str(gguf), str(SHORT_CTX), str(threads), str(SHORT_GEN), "5")
-
-
-def host_profile(gguf_q8: Path, onnx: Path | None, threads: int, recorded: Recorded | None = None) -> tuple[Device, dict]:
+def host_profile(gguf_q8: Path, onnx: Path | None, threads: int, d: dict, recorded: Recorded | None = None) -> tuple[Device, dict]:
+    """This host as a device profile, calibrated by the Q8_0 short-context decode measurement ``d``."""
     if recorded is not None:
         return recorded.host()
     from edgekit.cli.fit import measure_encoder
@@ -189,14 +188,12 @@ def host_profile(gguf_q8: Path, onnx: Path | None, threads: int, recorded: Recor
     bandwidth = host.bandwidth_spec(threads, cpu_clock=threads == 1)
     storage = host.storage_spec(gguf_q8)
     manifest = read_manifest(gguf_q8)
-    log(f"calibration: decode speed of {manifest.name} (short context, CPU time, best of 5)")
-    d = short_decode(gguf_q8, threads)
     measured_on = f"{platform.node()}: {host.cpu_model_name()}"
     points = [CalibrationPoint(model=manifest.name, quant=manifest.quantization, parameters=manifest.parameters,
                                weights_bytes=manifest.file(".gguf").bytes, n_layer=manifest.gguf.n_layer,
                                decode_tok_s=d["decode_tok_s"], threads=threads, engine="llama.cpp (llama-cpp-python)",
                                measured_on=measured_on, source="scripts/bench_fit.py",
-                               note=f"process CPU time; wall clock {d['decode_tok_s_wall']:.1f} tok/s")]
+                               note=f"process CPU time, median of {len(d['rounds'])} rounds; wall clock {d['decode_tok_s_wall']:.1f} tok/s")]
     calibration = {"decode_tok_s": d["decode_tok_s"], "decode_tok_s_wall": d["decode_tok_s_wall"]}
     if onnx is not None:
         log(f"calibration: batch-1 latency of {ONNX_BUNDLE}")
@@ -220,6 +217,35 @@ def run_child(code: str, *args: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"child failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(gguf: dict[str, Path], onnx: Path | None, threads: int, rounds: int) -> dict:
+    """Every measurement of the benchmark, each in a fresh process, in interleaved rounds.
+
+    One round runs every configuration once, so a burst of load from another tenant of this shared
+    machine hits all of them alike instead of one; each value is the median over the rounds, and
+    the rounds are kept so the spread is visible.
+    """
+    jobs: dict[tuple[str, str], list[str]] = {}
+    for quant, bundle in gguf.items():
+        path = str(bundle / read_manifest(bundle).file(".gguf").path)
+        jobs["short", quant] = [GGUF_CHILD, path, str(SHORT_CTX), str(threads), str(SHORT_GEN), "5"]
+        for n_ctx in CONTEXTS:
+            jobs["gguf", f"{quant} {n_ctx}"] = [GGUF_CHILD, path, str(n_ctx), str(threads), str(GENERATED), "3"]
+    for batch in ENCODER_BATCHES if onnx is not None else ():
+        jobs["onnx", str(batch)] = [ONNX_CHILD, str(onnx), str(batch), str(threads)]
+    runs: dict[tuple[str, str], list[dict]] = {key: [] for key in jobs}
+    for round_ in range(1, rounds + 1):
+        for (group, name), argv in jobs.items():
+            log(f"round {round_}/{rounds}: {group} {name}")
+            runs[group, name].append(run_child(*argv))
+    raw: dict = {"gguf": {}, "short": {}, "onnx": {}}
+    for (group, name), results in runs.items():
+        merged = {key: statistics.median(r[key] for r in results) for key in results[0] if key != "prompt_tokens"}
+        merged.update({key: results[0][key] for key in ("prompt_tokens", "tokens") if key in results[0]})
+        merged["rounds"] = results
+        raw[group][name] = merged
+    return raw
 
 
 class Recorded:
@@ -252,18 +278,15 @@ class Recorded:
     def host(self) -> tuple[Device, dict]:
         return Device.model_validate(self.data["host"]), self.data["host_calibration"]
 
-    def gguf(self, quant: str, n_ctx: int) -> dict:
-        return self.raw["gguf"][f"{quant} {n_ctx}"]
 
-    def short(self, quant: str) -> dict:
-        return self.raw["short"][quant]
-
-    def onnx(self, batch: int) -> dict:
-        return self.raw["onnx"][str(batch)]
+def spread(measured: dict) -> dict:
+    """Lowest and highest decode rate over the rounds of one configuration (none for older recordings)."""
+    rates = [r["decode_tok_s"] for r in measured.get("rounds", [])]
+    return {"measured_min": min(rates), "measured_max": max(rates)} if rates else {}
 
 
 def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, threads: int,
-             recorded: Recorded | None, raw: dict) -> tuple[list[dict], list[dict]]:
+             raw: dict) -> tuple[list[dict], list[dict]]:
     rss, decode = [], []
     for quant, bundle in gguf.items():
         manifest = read_manifest(bundle)
@@ -271,13 +294,7 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
         work = speed.workload_of(facts)
         calibration = speed.calibrate(host, "decode")
         for n_ctx in CONTEXTS:
-            if recorded is not None:
-                measured = recorded.gguf(quant, n_ctx)
-            else:
-                log(f"RSS: {manifest.name} n_ctx={n_ctx} (prompt {n_ctx - GENERATED - 8} tokens, {GENERATED} generated)")
-                measured = run_child(GGUF_CHILD, str(bundle / manifest.file('.gguf').path), str(n_ctx), str(threads),
-                                     str(GENERATED), "3")
-            raw["gguf"][f"{quant} {n_ctx}"] = measured
+            measured = raw["gguf"][f"{quant} {n_ctx}"]
             report = fit(manifest, host, FitSettings(n_ctx=n_ctx, daemon=False, threads=threads), catalog)
             predicted = report.memory["total"]
             rss.append({"config": f"GGUF {quant} ctx {n_ctx}", "predicted_bytes": predicted, "measured_bytes": measured["peak_rss"],
@@ -286,17 +303,12 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
             pred_decode = speed.roofline_decode_tok_s(work, host, threads, n_past=n_past, calibration=calibration)
             # No constant of the speed model is fitted on these rows: all are out of sample.
             decode.append({"config": f"{quant} decode at {n_past} tokens of context", "quant": quant, "n_past": n_past,
-                           "predicted": pred_decode, "measured": measured["decode_tok_s"],
+                           "predicted": pred_decode, "measured": measured["decode_tok_s"], **spread(measured),
                            "error": pred_decode / measured["decode_tok_s"] - 1})
     if onnx is not None:
         manifest = read_manifest(onnx)
         for batch in ENCODER_BATCHES:
-            if recorded is not None:
-                measured = recorded.onnx(batch)
-            else:
-                log(f"RSS: {manifest.name} batch {batch} x {manifest.runtime.max_length} tokens")
-                measured = run_child(ONNX_CHILD, str(onnx), str(batch), str(threads))
-            raw["onnx"][str(batch)] = measured
+            measured = raw["onnx"][str(batch)]
             report = fit(manifest, host, FitSettings(parallel=batch, daemon=False, threads=threads), catalog)
             predicted = report.memory["total"]
             rss.append({"config": f"ONNX int8 batch {batch} x {measured['tokens']} tokens", "predicted_bytes": predicted,
@@ -304,7 +316,7 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
     return rss, decode
 
 
-def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int, recorded: Recorded | None, raw: dict) -> list[dict]:
+def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int, raw: dict) -> list[dict]:
     """Q4_K_M decode at short context, predicted from the Q8_0 calibration (Q8_0 itself is the calibration point)."""
     rows = []
     calibration = speed.calibrate(host, "decode")
@@ -312,16 +324,11 @@ def short_decode_rows(gguf: dict[str, Path], host: Device, threads: int, recorde
         if quant == "Q8_0":
             continue
         facts = from_manifest(read_manifest(bundle))
-        if recorded is not None:
-            measured_run = recorded.short(quant)
-        else:
-            log(f"decode speed of {bundle.name} (short context, CPU time, best of 5)")
-            measured_run = short_decode(bundle, threads)
-        raw["short"][quant] = measured_run
-        measured = measured_run["decode_tok_s"]
+        measured = raw["short"][quant]["decode_tok_s"]
+        extra = spread(raw["short"][quant])
         predicted = speed.roofline_decode_tok_s(speed.workload_of(facts), host, threads, n_past=0, calibration=calibration)
         rows.append({"config": f"{quant} decode, short context", "quant": quant, "n_past": 0,
-                     "predicted": predicted, "measured": measured,
+                     "predicted": predicted, "measured": measured, **extra,
                      "error": predicted / measured - 1})
     return rows
 
@@ -382,9 +389,11 @@ def print_tables(result: dict) -> None:
     for r in result["rss"]:
         print(f"  {r['config']:<40} {r['predicted_bytes'] / 2**20:9.1f} MiB {r['measured_bytes'] / 2**20:8.1f} MiB "
               f"{r['error']:+7.1%}  {_mark(r['error'], 0.10)}")
-    print("\nDecode tok/s after host calibration                       predicted    measured    error  (target +-20 %)")
+    print(f"\nDecode tok/s after host calibration                       predicted    measured    error  (target +-20 %)"
+          f"  rounds: min-max of {result.get('rounds', 1)}")
     for r in result["decode"]:
-        print(f"  {r['config']:<52} {r['predicted']:10.1f} {r['measured']:11.1f} {r['error']:+8.1%}  {_mark(r['error'], 0.20)}")
+        span = f"{r['measured_min']:.1f}-{r['measured_max']:.1f}" if "measured_min" in r else ""
+        print(f"  {r['config']:<52} {r['predicted']:10.1f} {r['measured']:11.1f} {r['error']:+8.1%}  {_mark(r['error'], 0.20):4}  {span}")
     print("\nPublished points, leave one out              measured   predicted    error  uncalibrated  from")
     for r in result["published"]:
         label = f"{r['device']} {r['model'][:18]} {r['quant']} {r['kind']}"
@@ -404,6 +413,7 @@ def main() -> None:
     # One thread by default: this machine's cores are shared with other work, and llama.cpp's spinning
     # thread barriers make multi-threaded timings collapse under contention. Predictions use the same count.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of every measurement; medians are compared.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fit.json")
     parser.add_argument("--reuse-measurements", action="store_true",
                         help="Read the measured values from the existing --out file and recompute only the predictions.")
@@ -419,16 +429,17 @@ def main() -> None:
             log(f"using the recorded run's {threads} thread(s)")
         args.threads = threads
         origin = recorded.data["bundles_origin"]
-    host, calibration = host_profile(gguf["Q8_0"], onnx, args.threads, recorded)
+    raw = recorded.raw if recorded is not None else measure(gguf, onnx, args.threads, args.rounds)
+    host, calibration = host_profile(gguf["Q8_0"], onnx, args.threads, raw["short"].get("Q8_0"), recorded)
     everything = [*catalog.values(), host]
-    raw: dict = {"gguf": {}, "short": {}, "onnx": {}}
-    rss, deep_decode = rss_rows(gguf, onnx, host, everything, args.threads, recorded, raw)
-    decode = short_decode_rows(gguf, host, args.threads, recorded, raw) + deep_decode
+    rss, deep_decode = rss_rows(gguf, onnx, host, everything, args.threads, raw)
+    decode = short_decode_rows(gguf, host, args.threads, raw) + deep_decode
     published = published_rows(catalog)
     sizes = size_rows(gguf, onnx)
     result = {
         "host": json.loads(host.model_dump_json()), "host_calibration": calibration, "threads": args.threads,
-        "bundles_origin": origin, "load_average_start": load_start, "load_average_end": load_average(),
+        "bundles_origin": origin, "rounds": recorded.data.get("rounds", 1) if recorded is not None else args.rounds,
+        "load_average_start": load_start, "load_average_end": load_average(),
         "rss": rss, "decode": decode, "published": published, "sizes": sizes, "measurements": raw,
         "summary": {
             "rss_within": sum(abs(r["error"]) <= 0.10 for r in rss), "rss_total": len(rss),

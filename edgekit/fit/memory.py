@@ -17,8 +17,9 @@ MIB = 1 << 20
 # Resident set of a fresh process after importing the runtime stack, plus what the runtime allocates
 # outside the terms below (llama.cpp context bookkeeping; ONNX Runtime's library pages touched at
 # session creation). Measured on this project's x86-64 host, Python 3.12: `import llama_cpp` 41 MiB,
-# +3 MiB at context creation; `import edgekit.runtime.encoder` 44 MiB, +29 MiB file-backed at session start.
-RUNTIME_BASE = {"gguf": 44 * MIB, "onnx": 73 * MIB}
+# +3 MiB at context creation; `import edgekit.runtime.encoder` 44 MiB, +25 MiB file-backed (RssFile)
+# at session start (re-measured after bbf7a81: the session no longer re-parses the model file).
+RUNTIME_BASE = {"gguf": 44 * MIB, "onnx": 69 * MIB}
 # edgekit serve's web stack (fastapi, uvicorn, prometheus-client, jinja2) on top of the runtime:
 # 67 MiB vs 41 MiB RSS after importing it with llama_cpp, same host.
 DAEMON_EXTRA = 26 * MIB
@@ -30,9 +31,9 @@ KV_TYPE_BYTES = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32}
 # llama.cpp rounds the context (KV cells) up to a multiple of 256 (n_ctx 1000 -> 1024, measured).
 KV_PAD = 256
 # ONNX Runtime keeps the initializers plus a pre-packed copy of the MatMul weights (MLAS layouts):
-# all-MiniLM-L6-v2 int8 (23.0 MB of initializers) adds 59 MiB of anonymous memory at session start.
+# all-MiniLM-L6-v2 int8 (23.5 MB file, 22.4 MiB) adds 47.0 MiB of anonymous memory (RssAnon) at session start.
 ORT_WEIGHT_COPIES = 2.0
-ORT_SESSION_EXTRA = 15 * MIB
+ORT_SESSION_EXTRA = 2 * MIB
 # ONNX Runtime's arena after a few runs grows by ~52 KB per token of batch x sequence on
 # all-MiniLM-L6-v2 (hidden 384, feed-forward 1536), linear in tokens from 512 to 8,192 tokens:
 # modelled as 6 float32 activations of (2 x hidden + feed-forward) per token.
