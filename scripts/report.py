@@ -155,7 +155,7 @@ def main() -> None:
     parts = [
         "# edgekit comparison report",
         "",
-        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/report.py {' '.join(sys.argv[1:])}` "
+        f"Generated {{generated}} UTC by `python scripts/report.py {' '.join(sys.argv[1:])}` "
         f"on {platform.machine()}, {platform.processor() or 'cpu'}, measured memory bandwidth {bandwidth:.1f} GB/s "
         "(`edgekit profile-host`). Every section names the command that produced it; its JSON is in bench-results/.",
     ]
@@ -178,7 +178,8 @@ def main() -> None:
                     roof = bandwidth * 1e9 / row["bytes"]
                     parts.append(f"| {row['quant']} | {row['bytes'] / 1e6:.1f} | {row['prompt_tokens_per_second']:.0f} | {row['decode_tokens_per_second']:.1f} | {roof:.0f} | {row['decode_tokens_per_second'] / roof:.0%} |")
     DOCS.mkdir(exist_ok=True)
-    (DOCS / "report.md").write_text("\n".join(parts) + "\n", encoding="utf-8")
+    generated = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}"  # when the last section finished
+    (DOCS / "report.md").write_text("\n".join(parts).replace("{generated}", generated, 1) + "\n", encoding="utf-8")
     print(f"wrote {DOCS / 'report.md'}", file=sys.stderr)
 
 
