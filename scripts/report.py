@@ -171,7 +171,8 @@ def main() -> None:
         if name == "gguf":
             data = json.loads(data_file.read_text())
             parts += ["", f"![quality and speed per quant type](report/{plot_gguf(data, bandwidth).name})", "",
-                      "Decode speed as a share of this host's memory-bandwidth roofline (bandwidth / model bytes per token):", "",
+                      f"Decode speed ({data['threads']} thread(s), as printed above) as a share of this host's memory-bandwidth "
+                      "roofline (copy bandwidth of all cores / model bytes per token):", "",
                       "| quant | MB | prompt tok/s | decode tok/s | roofline tok/s | decode share of roofline |", "|---|---|---|---|---|---|"]
             for row in data["quants"]:
                 if row.get("decode_tokens_per_second"):

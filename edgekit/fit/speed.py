@@ -5,7 +5,8 @@ matrix-vector kernels over them: its time is bytes / memory bandwidth plus the c
 spend per weight (a table per instruction set and weight type, counted from the kernels), plus a
 per-token overhead. The two are added, not overlapped: in these loops a core that unpacks and
 multiplies a block is not streaming the next one fast enough to hide it (on this project's x86 host
-Q4_K_M, 0.72x the bytes of Q8_0, decodes only 1.14x faster). Prompt processing and encoders are
+Q4_K_M, 0.73x the bytes of Q8_0, decodes only 1.10x faster at short context:
+scripts/bench_fit.py, medians of 3 interleaved rounds). Prompt processing and encoders are
 matrix-matrix work and bound by compute. The model gives the shape; a board's calibration points
 give the scale: predicted times are divided by the geometric mean of model / measured time over the
 points that apply (the board's own, else boards with the same core, else all boards of the catalog).
