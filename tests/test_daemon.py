@@ -34,6 +34,9 @@ pytestmark = pytest.mark.slow
 
 KEY = "daemon-test-key-0123456789abcdef"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# For cancellation tests: an answer that cannot end on its own before the client goes away, even on a
+# fast idle machine (the capital-of-France answer ends in ~10 tokens, under 0.2 s at 65 tok/s).
+STORY = [{"role": "user", "content": "Write a long story, at least 600 words, about a lighthouse keeper."}]
 
 
 def free_port() -> int:
@@ -201,7 +204,7 @@ def test_disconnect_cancels_streamed_generation(daemon):
     received = 0
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", f"{daemon.url}/v1/chat/completions", headers=daemon.headers,
-                           json={"model": SMOLLM_NAME, "messages": QUESTION, "max_tokens": 200, "stream": True}) as response:
+                           json={"model": SMOLLM_NAME, "messages": STORY, "max_tokens": 1000, "stream": True}) as response:
             for line in response.iter_lines():
                 if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                     received += 1
@@ -209,7 +212,7 @@ def test_disconnect_cancels_streamed_generation(daemon):
                         break
     _wait_for(lambda: daemon.metric("edgekit_generations_total", model=SMOLLM_NAME, finish_reason="cancelled") == cancelled + 1)
     generated = daemon.metric("edgekit_tokens_generated_total", model=SMOLLM_NAME) - tokens
-    assert 3 <= generated <= 3 + 10, generated  # stopped within a few tokens of the disconnect, far from 200
+    assert 3 <= generated <= 3 + 10, generated  # stopped within a few tokens of the disconnect, far from 1000
     after = httpx.post(f"{daemon.url}/v1/chat/completions", headers=daemon.headers, timeout=120,
                        json={"model": SMOLLM_NAME, "messages": QUESTION, "max_tokens": 2, "temperature": 0})
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
@@ -219,7 +222,7 @@ def test_disconnect_cancels_non_streamed_generation(daemon):
     """RELIABILITY 17 (non-streamed): the client gives up before any byte of the answer; the generation stops."""
     cancelled = daemon.metric("edgekit_generations_total", model=SMOLLM_NAME, finish_reason="cancelled")
     tokens = daemon.metric("edgekit_tokens_generated_total", model=SMOLLM_NAME)
-    body = json.dumps({"model": SMOLLM_NAME, "messages": QUESTION, "max_tokens": 200}).encode()
+    body = json.dumps({"model": SMOLLM_NAME, "messages": STORY, "max_tokens": 1000}).encode()
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\nAuthorization: Bearer {KEY}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
@@ -229,7 +232,7 @@ def test_disconnect_cancels_non_streamed_generation(daemon):
         time.sleep(0.5)  # a few tokens into the generation
     _wait_for(lambda: daemon.metric("edgekit_generations_total", model=SMOLLM_NAME, finish_reason="cancelled") == cancelled + 1)
     generated = daemon.metric("edgekit_tokens_generated_total", model=SMOLLM_NAME) - tokens
-    assert generated < 200, generated
+    assert generated < 1000, generated
 
 
 def test_short_soak_mixed_clients(daemon):
@@ -313,7 +316,6 @@ def test_sigterm_finishes_in_flight_work_and_exits_0(models: Path):
 def test_sigterm_cancels_what_outlasts_the_grace_period(models: Path):
     """RELIABILITY 22: a generation longer than --grace-s is cancelled at the end of the grace period; exit code 0."""
     server = Daemon(models, "--preload", SMOLLM_NAME, "--grace-s", "0.5")
-    story = [{"role": "user", "content": "Write a long story, at least 600 words, about a lighthouse keeper."}]
     events: list[str] = []
     try:
         server.wait_ready()
@@ -322,7 +324,7 @@ def test_sigterm_cancels_what_outlasts_the_grace_period(models: Path):
         def stream() -> None:
             try:
                 with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=120,
-                                  json={"model": SMOLLM_NAME, "messages": story, "max_tokens": 1000, "stream": True}) as response:
+                                  json={"model": SMOLLM_NAME, "messages": STORY, "max_tokens": 1000, "stream": True}) as response:
                     for line in response.iter_lines():
                         if line.startswith("data: "):
                             events.append(line[6:])
