@@ -147,6 +147,14 @@ def wrap_requantized(quant: str, out_dir: Path) -> Path:
     return bundle
 
 
+def bundle_identities(gguf: dict[str, Path], onnx: Path | None) -> dict[str, str]:
+    """Bundle name -> SHA-256 of its model file (from the manifest): which bundles a run measured."""
+    identities = {}
+    for bundle, suffix in [*((b, ".gguf") for b in gguf.values()), *([(onnx, ".onnx")] if onnx else [])]:
+        identities[bundle.name] = read_manifest(bundle).file(suffix).sha256
+    return identities
+
+
 def find_bundles(export_missing: bool) -> tuple[dict[str, Path], Path | None, str]:
     bundles = kit_paths().bundles
     have = lambda name: (bundles / name / "manifest.json").is_file()  # noqa: E731
@@ -301,7 +309,8 @@ def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, th
                         "error": predicted / measured["peak_rss"] - 1, "terms": report.memory})
             n_past = measured["prompt_tokens"] + GENERATED // 2
             pred_decode = speed.roofline_decode_tok_s(work, host, threads, n_past=n_past, calibration=calibration)
-            # No constant of the speed model is fitted on these rows: all are out of sample.
+            # No constant of the speed model is fitted on these rows (the form of the model, memory and
+            # kernel time added, was chosen with the Q4_K_M short-context row of an earlier run in view).
             decode.append({"config": f"{quant} decode at {n_past} tokens of context", "quant": quant, "n_past": n_past,
                            "predicted": pred_decode, "measured": measured["decode_tok_s"], **spread(measured),
                            "error": pred_decode / measured["decode_tok_s"] - 1})
@@ -423,12 +432,18 @@ def main() -> None:
     load_start = load_average()
     catalog = load_catalog()
     gguf, onnx, origin = find_bundles(args.export_missing and recorded is None)
+    bundles = bundle_identities(gguf, onnx)
     if recorded is not None:
         threads = recorded.data["threads"]
         if threads != args.threads:
             log(f"using the recorded run's {threads} thread(s)")
         args.threads = threads
         origin = recorded.data["bundles_origin"]
+        if recorded.data.get("bundles", bundles) != bundles:  # runs before this check was added carry none
+            sys.exit(f"{args.out} measured other bundles than $EDGEKIT_HOME/bundles holds now: "
+                     "run without --reuse-measurements to measure these")
+        if not recorded.raw["onnx"]:
+            onnx = None
     raw = recorded.raw if recorded is not None else measure(gguf, onnx, args.threads, args.rounds)
     host, calibration = host_profile(gguf["Q8_0"], onnx, args.threads, raw["short"].get("Q8_0"), recorded)
     everything = [*catalog.values(), host]
@@ -438,7 +453,7 @@ def main() -> None:
     sizes = size_rows(gguf, onnx)
     result = {
         "host": json.loads(host.model_dump_json()), "host_calibration": calibration, "threads": args.threads,
-        "bundles_origin": origin, "rounds": recorded.data.get("rounds", 1) if recorded is not None else args.rounds,
+        "bundles_origin": origin, "bundles": bundles, "rounds": recorded.data.get("rounds", 1) if recorded is not None else args.rounds,
         "load_average_start": load_start, "load_average_end": load_average(),
         "rss": rss, "decode": decode, "published": published, "sizes": sizes, "measurements": raw,
         "summary": {

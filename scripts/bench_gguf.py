@@ -126,7 +126,7 @@ def source_levels(reference: Path) -> float:
 
 
 def speeds(model: Path, threads: int, text: str) -> dict:
-    """Prompt processing (a block of the eval text, best of three) and greedy decoding after a chat prompt."""
+    """Prompt processing (a block of the eval text, median of three) and greedy decoding after a chat prompt."""
     import statistics
 
     from llama_cpp import Llama

@@ -232,7 +232,8 @@ def test_disconnect_cancels_non_streamed_generation(daemon):
         time.sleep(0.5)  # a few tokens into the generation
     _wait_for(lambda: daemon.metric("edgekit_generations_total", model=SMOLLM_NAME, finish_reason="cancelled") == cancelled + 1)
     generated = daemon.metric("edgekit_tokens_generated_total", model=SMOLLM_NAME) - tokens
-    assert generated < 1000, generated
+    # 0.5 s plus the time to notice the disconnect: ~40 tokens at this machine's ~65 tok/s, far from a whole story.
+    assert 1 <= generated <= 150, generated
 
 
 def test_short_soak_mixed_clients(daemon):

@@ -5,7 +5,7 @@ matrix-vector kernels over them: its time is bytes / memory bandwidth plus the c
 spend per weight (a table per instruction set and weight type, counted from the kernels), plus a
 per-token overhead. The two are added, not overlapped: in these loops a core that unpacks and
 multiplies a block is not streaming the next one fast enough to hide it (on this project's x86 host
-Q4_K_M, 0.73x the bytes of Q8_0, decodes only 1.10x faster at short context:
+Q4_K_M, 0.73x the file bytes of Q8_0, decodes only 1.10x faster at short context:
 scripts/bench_fit.py, medians of 3 interleaved rounds). Prompt processing and encoders are
 matrix-matrix work and bound by compute. The model gives the shape; a board's calibration points
 give the scale: predicted times are divided by the geometric mean of model / measured time over the
@@ -108,8 +108,9 @@ DEQUANT_COST: dict[str, float] = {
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 # Decode reads weights at about the STREAM copy rate (a copy also pays write-allocate traffic that a
-# read stream does not): Raspberry Pi 5 decodes TinyLlama Q8_0 at 9 tok/s x 1.17 GB = 10.5 GB/s against
-# 10.2 GB/s STREAM copy (DEVICE_FACTS.md; sci-pi.org.uk STREAM). Kernel time is modelled separately.
+# read stream does not): Raspberry Pi 5 decodes TinyLlama Q8_0 at 9 tok/s x 1.17 GB = 10.5 GB/s
+# (DEVICE_FACTS.md) against the 10.2 GB/s copy rate its profile assumes (devices/rpi-5-8gb.yaml: an
+# estimate, 60 % of the LPDDR4X peak, not a measurement). Kernel time is modelled separately.
 DECODE_BANDWIDTH_EFFICIENCY = 1.0
 # Share of the peak MAC rate matrix-matrix kernels reach (prompt, encoders). Chosen once against the
 # catalog's published prompt points (scripts/bench_fit.py prints each point's error with and without
