@@ -407,22 +407,18 @@ def test_workers_get_a_bounded_openmp_spin_count(empty_models):
 
 def test_encoder_micro_batches_are_split_by_padded_tokens(minilm_dir):
     """A worker never runs more than batch_max_tokens (texts x longest) at once: that bounds its activation memory."""
-    from types import SimpleNamespace
-
     from tokenizers import Tokenizer
 
-    from edgekit.schema.manifest import RuntimeConfig
     from edgekit.serve.worker import EncoderRunner
 
     tokenizer = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
     tokenizer.enable_truncation(max_length=64)
     tokenizer.enable_padding()
     runner = EncoderRunner.__new__(EncoderRunner)
-    runner.model = SimpleNamespace(tokenizer=tokenizer)
-    runner.config = RuntimeConfig(max_length=64)
     runner.batch_max, runner.batch_tokens = 4, 40
     texts = ["a b", "a b c", "word " * 100, "x", "y", "z", "w", "v"]  # 4, 5, 64 (truncated), then 3 each
-    assert runner.chunks(texts) == [(0, 2), (2, 3), (3, 7), (7, 8)]
+    lengths = [sum(e.attention_mask) for e in tokenizer.encode_batch(texts)]
+    assert runner.chunks(lengths) == [(0, 2), (2, 3), (3, 7), (7, 8)]
     assert runner.chunks([]) == []
 
 

@@ -65,17 +65,24 @@ class EncoderModel:
         finally:
             self.tokenizer.enable_truncation(max_length=self.config.max_length)
 
-    def feeds(self, texts: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Token ids, attention mask and type ids, truncated and right-padded to the longest text."""
         encodings = self.tokenizer.encode_batch(texts)
-        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
-        available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64)}
-        return {name: available[name] for name in self.input_names}, mask
+        return {"input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+                "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64)}
+
+    def feeds(self, texts: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        batch = self.tokenize(texts)
+        return {name: batch[name] for name in self.input_names}, batch["attention_mask"]
+
+    def run(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """First output of the graph on a tokenized batch, and its attention mask."""
+        return self.session.run(None, {name: batch[name] for name in self.input_names})[0], batch["attention_mask"]
 
     def forward(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """First output of the graph (hidden states or logits) and the attention mask."""
-        feeds, mask = self.feeds(texts)
-        return self.session.run(None, feeds)[0], mask
+        return self.run(self.tokenize(texts))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Sentence embeddings, pooled and normalized as at export."""

@@ -58,13 +58,16 @@ class Generation:
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
+    def timed_out(self) -> ApiError:
+        return ApiError(504, f"the request did not finish within {self.manager.settings.request_timeout_s:.0f} s "
+                        "and was cancelled", code="timeout")
+
     async def next(self) -> tuple[dict[str, Any], bytes]:
         try:
             async with asyncio.timeout(self.remaining()):
                 return await self.stream.next()
         except TimeoutError:
-            raise ApiError(504, f"the request did not finish within {self.manager.settings.request_timeout_s:.0f} s "
-                           "and was cancelled", code="timeout") from None
+            raise self.timed_out() from None
 
     def record(self, done: dict[str, Any]) -> None:
         self.finish_reason = done["finish_reason"]
@@ -204,8 +207,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                             generation.record(header)
                             return
             except TimeoutError:
-                raise ApiError(504, f"the request did not finish within {settings.request_timeout_s:.0f} s and was "
-                               "cancelled", code="timeout") from None
+                raise generation.timed_out() from None
 
         work = asyncio.create_task(run())
         gone = asyncio.create_task(wait_disconnect(request))
@@ -228,8 +230,6 @@ def create_app(settings: ServeSettings) -> FastAPI:
         # Text chunks differ only in their text: render the JSON once, splice each delta in (the per-token path).
         marker = "\x00delta\x00"
         prefix, suffix = _dumps(chunk(marker, None)).split(_dumps(marker))
-        timeout = ApiError(504, f"the request did not finish within {settings.request_timeout_s:.0f} s and was cancelled",
-                           code="timeout")
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -248,7 +248,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                             yield "data: [DONE]\n\n"
                             return
             except TimeoutError:
-                yield f"data: {_dumps(timeout.body())}\n\n"
+                yield f"data: {_dumps(generation.timed_out().body())}\n\n"
             except ApiError as exc:  # the worker crashed mid-stream
                 yield f"data: {_dumps(exc.body())}\n\n"
             finally:

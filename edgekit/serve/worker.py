@@ -100,8 +100,8 @@ class EncoderRunner:
 
         self.task = manifest.task
         self.config = manifest.runtime
-        self.batch_max = config.get("batch_max", 32)
-        self.batch_tokens = config.get("batch_max_tokens", 4096)
+        self.batch_max = config["batch_max"]
+        self.batch_tokens = config["batch_max_tokens"]
         self.model = EncoderModel(bundle_dir, manifest.runtime, threads=config.get("threads"),
                                   model_path=model_file(bundle_dir, manifest))
         self.facts = {"max_length": manifest.runtime.max_length, "labels": list(manifest.runtime.labels)}
@@ -113,10 +113,13 @@ class EncoderRunner:
 
         rid, texts = header["id"], header["texts"]
         outputs, tokens = [], []
-        for start, end in self.chunks(texts):
+        batch = self.model.tokenize(texts)  # once; each micro-batch is a slice, cut to its own longest text
+        lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)] if texts else []
+        for start, end in self.chunks(lengths):
             chunk = texts[start:end]
-            hidden, mask = self.model.forward(chunk)
-            tokens.extend(int(n) for n in mask.sum(axis=1))
+            longest = max(lengths[start:end])
+            hidden, mask = self.model.run({name: array[start:end, :longest] for name, array in batch.items()})
+            tokens.extend(lengths[start:end])
             if header["op"] == "embed":
                 outputs.append(pool(hidden, mask, self.config.pooling, self.config.normalize).astype(np.float32))
             elif self.task == "text-classification":
@@ -129,12 +132,12 @@ class EncoderRunner:
         else:
             send({"type": "result", "id": rid, "entities": outputs, "tokens": tokens})
 
-    def chunks(self, texts: list[str]) -> list[tuple[int, int]]:
-        """Consecutive runs of texts whose padded batch (count x longest) stays within ``batch_tokens`` and ``batch_max``.
+    def chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
+        """Consecutive runs of texts (given by their token counts after truncation) whose padded batch
+        (count x longest) stays within ``batch_tokens`` and ``batch_max``.
 
         Activation memory grows with batch x padded length, so this is what bounds a worker's peak RSS.
         """
-        lengths = [sum(e.attention_mask) for e in self.model.tokenizer.encode_batch(texts)]  # truncated, unpadded
         spans, start, longest = [], 0, 0
         for index, length in enumerate(lengths):
             count = index - start
@@ -142,8 +145,8 @@ class EncoderRunner:
                 spans.append((start, index))
                 start, longest = index, 0
             longest = max(longest, length)
-        if texts:
-            spans.append((start, len(texts)))
+        if lengths:
+            spans.append((start, len(lengths)))
         return spans
 
     def _token_labels(self, texts: list[str], probs, mask) -> list[list[dict[str, Any]]]:
