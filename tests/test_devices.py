@@ -16,6 +16,7 @@ from edgekit.errors import DeviceError
 from edgekit.fit.speed import CORE_TYPES
 from edgekit.schema.device import load_catalog, load_device, load_device_file
 from tests.conftest import REPO
+from tests.test_serve_bundles import bundle_cache, smollm_bundle  # noqa: F401  (session fixtures)
 
 DEVICES = REPO / "devices"
 REQUIRED = {  # the boards the catalog promises, and the ids recipes already name
@@ -55,7 +56,9 @@ def test_catalog_has_the_promised_boards():
     assert ("rpi-5-8gb", "Llama 3.2 3B", "Q4_K_M", 4.61) in decode_points
     assert ("intel-n150-16gb", "Llama 3.2 3B", "Q4_K_M", 9.06) in decode_points
     assert ("rpi-zero-2w", "SmolLM 360M", "Q4_K_M", 2.6) in decode_points
-    assert sum(len(d.calibration) for d in catalog.values()) == 12
+    encoder_points = {(d, p.quant, p.latency_ms) for d, dev in catalog.items() for p in dev.calibration if p.format == "onnx"}
+    assert encoder_points == {("x86-64-avx2-generic", "int8-dynamic", 2.22), ("x86-64-avx2-generic", "fp32", 3.04)}
+    assert sum(len(d.calibration) for d in catalog.values()) == 13
 
 
 def test_load_device_by_id_or_file(tmp_path):
@@ -134,3 +137,21 @@ def test_profile_host_writes_a_loadable_profile(tmp_path):
     assert device.memory_bandwidth.gb_s > 0.1 and device.storage.read_mb_s > 1
     flags = Path("/proc/cpuinfo").read_text()
     assert device.cpu.isa.avx2 == (" avx2" in flags and " fma" in flags)
+
+
+def test_profile_host_times_gguf_decode_short_and_deep(tmp_path, smollm_bundle):
+    from edgekit.fit import speed
+
+    out = tmp_path / "this-host.yaml"
+    done = run_cli("profile-host", "--out", str(out), "--bandwidth-mib", "16", "--bundle", str(smollm_bundle),
+                   "--threads", "1", "--depth", "96")
+    assert done.returncode == 0, done.stderr
+    device = load_device(str(out))
+    short, deep = device.calibration
+    assert (short.context_tokens, short.n_layer, short.threads) == (0, 30, 1)
+    assert short.decode_tok_s > 0 and short.prompt_tok_s > 0
+    assert (deep.context_tokens, deep.n_head, deep.n_head_kv, deep.head_dim) == (96 + 32, 9, 3, 64)
+    assert deep.decode_tok_s > 0 and deep.prompt_tok_s is None
+    calibration = speed.calibrate(device, "decode")
+    assert calibration.points == (f"this-host: {short.model} {short.quant}",)
+    assert calibration.attention_points == (f"this-host: {deep.model} {deep.quant} at 128 tokens of context",)

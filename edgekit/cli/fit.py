@@ -258,8 +258,15 @@ def plan_cmd(
 
 # -- profile-host --------------------------------------------------------------------------------
 
-def measure_decode(bundle: Path, threads: int, n_tokens: int = 64, repeats: int = 3) -> dict[str, Any]:
-    """Prompt and decode tokens/s of a GGUF bundle with the runtime's settings (median of ``repeats``)."""
+# Context depth of profile-host's second decode measurement (llama-bench's -d): deep enough that
+# attention over the KV cache is a large share of a token's time, short enough to fill in about a
+# minute on a Pi-class board with the sample model.
+DECODE_DEPTH = 2048
+
+
+def measure_decode(bundle: Path, threads: int, n_tokens: int = 64, repeats: int = 3, depth: int = DECODE_DEPTH) -> dict[str, Any]:
+    """Prompt and decode tokens/s of a GGUF bundle with the runtime's settings (median of ``repeats``),
+    and decode tokens/s ``depth`` tokens into a context (once; 0 skips it)."""
     import statistics
     import time
 
@@ -269,26 +276,35 @@ def measure_decode(bundle: Path, threads: int, n_tokens: int = 64, repeats: int 
 
     manifest = _manifest_of(str(bundle))
     model_file = Path(bundle) / manifest.file(".gguf").path
-    llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=1024, n_batch=PREFILL_CHUNK, n_ubatch=PREFILL_CHUNK,
-                          n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=max(1024, depth + n_tokens + 16), n_batch=PREFILL_CHUNK,
+                          n_ubatch=PREFILL_CHUNK, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
     vocab = llm.n_vocab()
-    prompt = [(i * 7919) % (vocab - 1000) + 500 for i in range(256)]
+    prompt = [(i * 7919) % (vocab - 1000) + 500 for i in range(max(256, depth))]
+
+    def decode_rate(context: list[int]) -> float:
+        start, produced = time.perf_counter(), 0
+        for _ in llm.generate(context, temp=0.0, reset=True):
+            if produced == 0:
+                start = time.perf_counter()  # after the context is evaluated
+            produced += 1
+            if produced > n_tokens:
+                break
+        return n_tokens / (time.perf_counter() - start)
+
     prompt_rates, decode_rates = [], []
     for _ in range(repeats):
         llm.reset()
         start = time.perf_counter()
-        llm.eval(prompt)
-        prompt_rates.append(len(prompt) / (time.perf_counter() - start))
-        start, produced = time.perf_counter(), 0
-        for token in llm.generate(prompt[:8], temp=0.0, reset=True):
-            if produced == 0:
-                start = time.perf_counter()  # after the 8-token prompt is evaluated
-            produced += 1
-            if produced > n_tokens:
-                break
-        decode_rates.append(n_tokens / (time.perf_counter() - start))
-    return {"manifest": manifest, "bytes": manifest.file(".gguf").bytes, "prompt_tok_s": statistics.median(prompt_rates),
-            "decode_tok_s": statistics.median(decode_rates), "engine": f"llama-cpp-python {llama_cpp.__version__}"}
+        llm.eval(prompt[:256])
+        prompt_rates.append(256 / (time.perf_counter() - start))
+        llm.reset()
+        decode_rates.append(decode_rate(prompt[:8]))
+    result = {"manifest": manifest, "bytes": manifest.file(".gguf").bytes, "prompt_tok_s": statistics.median(prompt_rates),
+              "decode_tok_s": statistics.median(decode_rates), "engine": f"llama-cpp-python {llama_cpp.__version__}"}
+    if depth:
+        llm.reset()
+        result.update(deep_decode_tok_s=decode_rate(prompt[:depth]), context_tokens=depth + n_tokens // 2)
+    return result
 
 
 def measure_encoder(bundle: Path, threads: int, repeats: int = 50) -> dict[str, Any]:
@@ -321,6 +337,8 @@ def profile_host(
     bundle: Annotated[list[Path], typer.Option("--bundle", help="Also measure this bundle's speed (GGUF decode or ONNX latency); repeatable.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Threads for the speed measurements; default: all cores.")] = None,
     bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", help="Array size per copy buffer for the bandwidth test.")] = 256,
+    depth: Annotated[int, typer.Option("--depth", min=0, help="GGUF: also time decode this many tokens into a context "
+                                       "(calibrates attention over the KV cache); 0 skips it.")] = DECODE_DEPTH,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure this machine (cores, RAM, ISA flags, memory bandwidth, storage, sample speeds) into a device profile."""
@@ -351,11 +369,17 @@ def profile_host(
                           parameters=manifest.parameters, threads=n, measured_on=measured_on,
                           source=f"edgekit profile-host, {today}")
             if manifest.format == "gguf":
-                m = measure_decode(folder, n)
+                m = measure_decode(folder, n, depth=depth)
                 g = manifest.gguf
                 points.append(CalibrationPoint(**common, weights_bytes=m["bytes"], n_layer=g.n_layer if g else None,
                                                prompt_tok_s=round(m["prompt_tok_s"], 3), decode_tok_s=round(m["decode_tok_s"], 3),
                                                engine=m["engine"], note="256-token prompt; 64 tokens decoded from an 8-token prompt; median of 3"))
+                if g is not None and "deep_decode_tok_s" in m:  # attention cost: the same decode deep into a context
+                    points.append(CalibrationPoint(
+                        **common, weights_bytes=m["bytes"], n_layer=g.n_layer, n_head=g.n_head, n_head_kv=g.n_head_kv,
+                        head_dim=g.key_length or g.n_embd // g.n_head, context_tokens=m["context_tokens"],
+                        decode_tok_s=round(m["deep_decode_tok_s"], 3), engine=m["engine"],
+                        note=f"64 tokens decoded after a {depth}-token prompt; once"))
             else:
                 m = measure_encoder(folder, n)
                 o = manifest.onnx

@@ -6,9 +6,10 @@ spend per weight (a table per instruction set and weight type, counted from the 
 per-token overhead. The two are added, not overlapped: in these loops a core that unpacks and
 multiplies a block is not streaming the next one fast enough to hide it (on this project's x86 host
 Q4_K_M, 0.73x the file bytes of Q8_0, decodes only 1.10x faster at short context:
-scripts/bench_fit.py, medians of 3 interleaved rounds). Prompt processing and encoders are
-matrix-matrix work and bound by compute. The model gives the shape; a board's calibration points
-give the scale: predicted times are divided by the geometric mean of model / measured time over the
+scripts/bench_fit.py, medians of 3 interleaved rounds). Prompt processing is matrix-matrix work and
+bound by compute. ONNX Runtime encoders pay a pass over the weights per call plus work per token, at
+costs that depend on how the model was quantized. The model gives the shape; a board's calibration
+points give the scale: predicted times are divided by the geometric mean of model / measured time over the
 points that apply (the board's own, else boards with the same core, else all boards of the catalog).
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from edgekit.fit.facts import ModelFacts
@@ -112,8 +113,8 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 # (DEVICE_FACTS.md) against the 10.2 GB/s copy rate its profile assumes (devices/rpi-5-8gb.yaml: an
 # estimate, 60 % of the LPDDR4X peak, not a measurement). Kernel time is modelled separately.
 DECODE_BANDWIDTH_EFFICIENCY = 1.0
-# Share of the peak MAC rate matrix-matrix kernels reach (prompt, encoders). Chosen once against the
-# catalog's published prompt points (scripts/bench_fit.py prints each point's error with and without
+# Share of the peak MAC rate llama.cpp's matrix-matrix kernels reach in prompt processing. Chosen once
+# against the catalog's published prompt points (scripts/bench_fit.py prints each point's error with and without
 # calibration) and kept fixed.
 PROMPT_COMPUTE_EFFICIENCY = 0.15
 # Per-token work outside the matrix kernels: thread barriers per graph node (~10 nodes per layer)
@@ -122,6 +123,47 @@ OVERHEAD_US_GHZ_PER_LAYER = 20.0
 OVERHEAD_US_GHZ_PER_TOKEN = 600.0
 # onnxruntime session.run fixed cost (input binding, thread pool wake-up), microseconds at 1 GHz.
 ENCODER_OVERHEAD_US_GHZ = 600.0
+
+
+@dataclass(frozen=True)
+class OnnxScheme:
+    """ONNX Runtime's matrix kernels for one quantization scheme of an encoder.
+
+    A call costs ``call_cycles_per_weight`` (quantizing or packing activations against every weight,
+    dispatching the scheme's graph nodes) plus, per token, 2 operations per weight at
+    ``efficiency`` x the core's peak for the path the kernels take (int8 dot products or fp32 FMA).
+    """
+
+    int8: bool
+    call_cycles_per_weight: float
+    efficiency: float
+    note: str
+
+
+# Measured on this project's x86-64 AVX2 host (no VNNI): scripts/bench_encoder.py, 2 threads, batch-1
+# latency of a 5- and a 23-token sentence in interleaved rounds (docs/report.md). The slope between
+# the two gives the per-token cost, the intercept less ENCODER_OVERHEAD_US_GHZ the per-call cost,
+# both in cycles summed over the threads for all-MiniLM-L6-v2's 10.6 M matrix weights. Other cores
+# keep the efficiencies (their own peaks differ), an estimate their calibration points correct.
+ONNX_SCHEMES: dict[str, OnnxScheme] = {
+    "fp32": OnnxScheme(False, 0.92, 0.71, "MatMul: MLAS SGEMM"),
+    "int8-dynamic": OnnxScheme(True, 0.42, 0.24, "DynamicQuantizeLinear + MatMulInteger (per-tensor or per-channel "
+                                                "weights): MLAS u8s8 GEMM, 32 graph nodes per layer"),
+    "int8-dynamic-block": OnnxScheme(True, 0.44, 0.13, "MatMulNBits, 8-bit blocks, int8 compute (accuracy level 4): "
+                                                      "activations quantized per block"),
+    "int8-static": OnnxScheme(False, 3.06, 0.54, "QDQ: DequantizeLinear of every weight per call, then fp32 MatMul"),
+}
+
+
+def onnx_scheme(quant: str) -> OnnxScheme:
+    """The kernels of an ONNX quantization label (``int8-dynamic-block128``, ``int8-static-per-channel``, ``fp32``)."""
+    if quant.startswith("int8-dynamic-block"):
+        return ONNX_SCHEMES["int8-dynamic-block"]
+    if quant.startswith("int8-static"):
+        return ONNX_SCHEMES["int8-static"]
+    if quant.startswith("int8"):  # "int8", "int8-dynamic", "int8-dynamic-per-channel": quantize_dynamic's MatMulInteger
+        return ONNX_SCHEMES["int8-dynamic"]
+    return ONNX_SCHEMES["fp32"]
 
 Kind = Literal["decode", "prompt", "encoder"]
 
@@ -139,6 +181,7 @@ class Workload:
     kv_bytes_per_token: float = 0.0
     attention_heads: int = 0  # layers x query heads: score dot products per token of context
     head_dim: int = 0
+    onnx_quant: str = ""  # ONNX encoders: the quantization label (selects ONNX_SCHEMES)
 
     @property
     def attention_ops_per_ctx_token(self) -> float:
@@ -183,7 +226,7 @@ def workload_of(facts: ModelFacts) -> Workload:
         streamed_bytes=facts.streamed_bytes_per_token, matrix_weights=weights, float_path=float_path,
         dequant_cost=cost, n_layer=facts.n_layer, weights_by_type=tuple(sorted(by_type.items())),
         kv_bytes_per_token=facts.kv_bytes_per_token(), attention_heads=facts.n_layer * facts.n_head,
-        head_dim=facts.head_dim_k,
+        head_dim=facts.head_dim_k, onnx_quant=facts.quant if facts.format == "onnx" else "",
     )
 
 
@@ -211,11 +254,17 @@ def workload_of_point(point: CalibrationPoint) -> Workload:
     matrix_weights = point.parameters
     if point.format == "onnx" and point.n_layer and point.hidden_size:
         matrix_weights = 12 * point.n_layer * point.hidden_size**2  # BERT-style: embeddings are lookups
+        weights_bytes = weights_bytes * matrix_weights / point.parameters  # the matrices' share, as for bundles
     # A GGUF point's hidden size tells which matrices fall back from K-quant blocks (a 960-wide
     # SmolLM-360M row does not divide into 256: Q4_K_M is mostly Q5_0 there).
     main = _main_type(point.quant, point.hidden_size if point.format == "gguf" else None)
+    attention = {}
+    if point.context_tokens:  # the schema requires the attention shape then; K and V cached as f16
+        attention = dict(kv_bytes_per_token=n_layer * point.n_head_kv * 2 * point.head_dim * 2.0,
+                         attention_heads=n_layer * point.n_head, head_dim=point.head_dim)
     return Workload(streamed_bytes=weights_bytes, matrix_weights=matrix_weights, float_path=float_path,
-                    dequant_cost=cost, n_layer=n_layer, weights_by_type=((main, matrix_weights),))
+                    dequant_cost=cost, n_layer=n_layer, weights_by_type=((main, matrix_weights),),
+                    onnx_quant=point.quant if point.format == "onnx" else "", **attention)
 
 
 def _peak_ops(device: Device, threads: int | None, float_path: bool) -> float:
@@ -227,10 +276,12 @@ def _peak_ops(device: Device, threads: int | None, float_path: bool) -> float:
 
 @dataclass(frozen=True)
 class DecodeTerms:
-    """Seconds per generated token: streaming bytes, the kernels' cycles, and fixed per-token work (they add up)."""
+    """Seconds per generated token (they add up): streaming the weights, the weight kernels' cycles,
+    attention over the context so far (reading its KV cache and the attention kernels), fixed work."""
 
     memory_s: float
     compute_s: float
+    attention_s: float
     overhead_s: float
 
 
@@ -246,17 +297,16 @@ def block_cycles(ggml_type: str, device: Device) -> float:
 
 def decode_terms(work: Workload, device: Device, threads: int | None = None, n_past: int = 0) -> DecodeTerms:
     """The model's terms of generating one token at context position ``n_past``."""
-    bytes_per_token = work.streamed_bytes + work.kv_bytes_per_token * n_past
-    memory_s = bytes_per_token / (device.memory_bandwidth.gb_s * 1e9 * DECODE_BANDWIDTH_EFFICIENCY)
+    bandwidth = device.memory_bandwidth.gb_s * 1e9 * DECODE_BANDWIDTH_EFFICIENCY
     by_type = work.weights_by_type or (("F16" if work.float_path else "Q8_0", work.matrix_weights),)
     matrix_cycles = sum(n / 32 * block_cycles(t, device) for t, n in by_type)
     f16_ops = KERNEL_OPS[kernel_family(device)]["F16"]
     per_head_ops = 2 * f16_ops * work.head_dim / 32 + VEC_DOT_CALL_OPS + SOFTMAX_OPS
     attention_cycles = work.attention_heads * n_past * per_head_ops / CORE_TYPES[device.cpu.core_type].kernel_ops_per_cycle
-    cores = min(threads or device.cpu.cores, device.cpu.cores)
-    compute_s = (matrix_cycles + attention_cycles) / (cores * device.cpu.clock_ghz * 1e9)
+    hz = min(threads or device.cpu.cores, device.cpu.cores) * device.cpu.clock_ghz * 1e9
     overhead_s = (OVERHEAD_US_GHZ_PER_LAYER * work.n_layer + OVERHEAD_US_GHZ_PER_TOKEN) * 1e-6 / device.cpu.clock_ghz
-    return DecodeTerms(memory_s=memory_s, compute_s=compute_s, overhead_s=overhead_s)
+    return DecodeTerms(memory_s=work.streamed_bytes / bandwidth, compute_s=matrix_cycles / hz,
+                       attention_s=work.kv_bytes_per_token * n_past / bandwidth + attention_cycles / hz, overhead_s=overhead_s)
 
 
 def roofline_decode_tok_s(work: Workload, device: Device, threads: int | None = None, n_past: int = 0,
@@ -264,12 +314,12 @@ def roofline_decode_tok_s(work: Workload, device: Device, threads: int | None = 
     """Tokens/s generating one token at context position ``n_past``.
 
     Memory and kernel time add; a calibration divides both by the board's measured factor (its
-    bandwidth and its kernels' speed are not told apart by a measured rate). The fixed per-token
-    overhead is not scaled.
+    bandwidth and its kernels' speed are not told apart by a measured rate) and the attention time by
+    its attention factor. The fixed per-token overhead is not scaled.
     """
     t = decode_terms(work, device, threads, n_past)
-    k = calibration.factor if calibration else 1.0
-    return 1.0 / ((t.memory_s + t.compute_s) / k + t.overhead_s)
+    k, k_attention = (calibration.factor, calibration.attention_factor) if calibration else (1.0, 1.0)
+    return 1.0 / ((t.memory_s + t.compute_s) / k + t.attention_s / k_attention + t.overhead_s)
 
 
 def roofline_prompt_tok_s(work: Workload, device: Device, threads: int | None = None, n_ctx_avg: int = 0) -> float:
@@ -279,10 +329,15 @@ def roofline_prompt_tok_s(work: Workload, device: Device, threads: int | None = 
 
 
 def roofline_encoder_ms(work: Workload, device: Device, seq_len: int, batch: int = 1, threads: int | None = None) -> float:
-    """Uncalibrated milliseconds of one encoder call on ``batch`` inputs of ``seq_len`` tokens."""
+    """Uncalibrated milliseconds of one ONNX Runtime encoder call on ``batch`` inputs of ``seq_len`` tokens."""
+    scheme = onnx_scheme(work.onnx_quant)
     tokens = batch * seq_len
-    ops = tokens * (2 * work.matrix_weights * work.dequant_cost + work.attention_ops_per_ctx_token * seq_len)
-    compute_s = ops / (_peak_ops(device, threads, work.float_path) * PROMPT_COMPUTE_EFFICIENCY)
+    ops = tokens * (2 * work.matrix_weights + work.attention_ops_per_ctx_token * seq_len)
+    core = CORE_TYPES[device.cpu.core_type]
+    cores = min(threads or device.cpu.cores, device.cpu.cores)
+    peak_per_cycle = core.int8_ops_per_cycle if scheme.int8 else core.f32_ops_per_cycle
+    cycles = work.matrix_weights * scheme.call_cycles_per_weight + ops / (peak_per_cycle * scheme.efficiency)
+    compute_s = cycles / (cores * device.cpu.clock_ghz * 1e9)
     memory_s = work.streamed_bytes / (device.memory_bandwidth.gb_s * 1e9 * DECODE_BANDWIDTH_EFFICIENCY)
     overhead_s = ENCODER_OVERHEAD_US_GHZ * 1e-6 / device.cpu.clock_ghz
     return 1e3 * (max(compute_s, memory_s) + overhead_s)
@@ -295,13 +350,17 @@ class Calibration:
     """Scale applied to the model of one kind of speed on one board, and what it rests on.
 
     ``factor`` is measured / modelled speed: decode's memory and kernel time, prompt processing's and
-    encoders' compute, are divided by it.
+    encoders' compute, are divided by it. Decode's attention time is divided by ``attention_factor``:
+    fitted on the board's own points measured deep into a context when it has some (how fast a board
+    attends over a long KV cache depends on its caches more than on its weight kernels), else ``factor``.
     """
 
     kind: Kind
     factor: float
     scope: Literal["device", "core", "catalog", "none"]
     points: tuple[str, ...]
+    attention_factor: float = 1.0
+    attention_points: tuple[str, ...] = ()
 
 
 def point_kinds(point: CalibrationPoint) -> list[Kind]:
@@ -313,6 +372,13 @@ def point_kinds(point: CalibrationPoint) -> list[Kind]:
     if point.latency_ms is not None:
         kinds.append("encoder")
     return kinds
+
+
+def attention_ratio(point: CalibrationPoint, device: Device, factor: float) -> float:
+    """Measured / modelled attention speed of a deep decode point, once ``factor`` has priced its weights' part."""
+    t = decode_terms(workload_of_point(point), device, point.threads, point.context_tokens)
+    available = 1.0 / point.decode_tok_s - t.overhead_s - (t.memory_s + t.compute_s) / factor
+    return t.attention_s / max(available, 1e-9)
 
 
 def point_ratio(point: CalibrationPoint, device: Device, kind: Kind) -> float:
@@ -332,14 +398,15 @@ def point_prediction(point: CalibrationPoint, device: Device, kind: Kind, calibr
     work = workload_of_point(point)
     factor = calibration.factor if calibration else 1.0
     if kind == "decode":
-        return roofline_decode_tok_s(work, device, point.threads, 0, calibration)
+        return roofline_decode_tok_s(work, device, point.threads, point.context_tokens, calibration)
     if kind == "prompt":
         return roofline_prompt_tok_s(work, device, point.threads) * factor
     return roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / factor
 
 
 def point_label(device: Device, point: CalibrationPoint) -> str:
-    return f"{device.id}: {point.model} {point.quant}"
+    depth = f" at {point.context_tokens} tokens of context" if point.context_tokens else ""
+    return f"{device.id}: {point.model} {point.quant}{depth}"
 
 
 def _geomean(values: list[float]) -> float:
@@ -350,13 +417,14 @@ def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclud
     """Geometric mean of measured / modelled speed over the points that apply to ``device``.
 
     Own points first; else points of boards with the same core type; else all boards; else 1.
+    Decode points measured deep into a context set the attention factor, from the board's own only.
     ``exclude`` leaves one point out (used to test the model on the points themselves).
     """
     def ratios(devices: Iterable[Device]) -> tuple[list[float], list[str]]:
         values, labels = [], []
         for d in devices:
             for p in d.calibration:
-                if p is exclude or kind not in point_kinds(p):
+                if p is exclude or kind not in point_kinds(p) or (kind == "decode" and p.context_tokens):
                     continue
                 values.append(point_ratio(p, d, kind))
                 labels.append(point_label(d, p))
@@ -369,7 +437,18 @@ def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclud
         ("catalog", others),
     ):
         values, labels = ratios(devices)
-        if not values:
-            continue
-        return Calibration(kind=kind, factor=_geomean(values), scope=scope, points=tuple(labels))
-    return Calibration(kind=kind, factor=1.0, scope="none", points=())
+        if values:
+            factor = _geomean(values)
+            calibration = Calibration(kind=kind, factor=factor, scope=scope, points=tuple(labels), attention_factor=factor)
+            return _with_attention(calibration, device, exclude)
+    return _with_attention(Calibration(kind=kind, factor=1.0, scope="none", points=()), device, exclude)
+
+
+def _with_attention(calibration: Calibration, device: Device, exclude: CalibrationPoint | None) -> Calibration:
+    if calibration.kind != "decode":
+        return calibration
+    deep = [p for p in device.calibration if p.context_tokens and p is not exclude]
+    if not deep:
+        return calibration
+    factor = _geomean([attention_ratio(p, device, calibration.factor) for p in deep])
+    return replace(calibration, attention_factor=factor, attention_points=tuple(point_label(device, p) for p in deep))

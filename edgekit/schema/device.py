@@ -107,6 +107,14 @@ class CalibrationPoint(Strict):
     latency_ms: float | None = Field(None, gt=0, description="Encoder: batch-1 latency of one short input, ms.")
     seq_len: int | None = Field(None, ge=1, description="Encoder: tokens in the measured input.")
     threads: int | None = Field(None, ge=1, description="Threads used, when published.")
+    context_tokens: int = Field(
+        0, ge=0, description="Decode: tokens already in the context while decode_tok_s was measured (llama-bench's "
+        "depth). 0 for a short prompt; a deeper point calibrates the board's attention cost per token of context "
+        "and needs the attention shape (n_layer, n_head, n_head_kv, head_dim)."
+    )
+    n_head: int | None = Field(None, ge=1, description="Attention heads (query), for a point with context_tokens.")
+    n_head_kv: int | None = Field(None, ge=1, description="Key/value heads, for a point with context_tokens.")
+    head_dim: int | None = Field(None, ge=1, description="Width of one head, for a point with context_tokens.")
     engine: str = Field("llama.cpp", description="Engine that measured it (llama.cpp, ollama, llamafile, onnxruntime).")
     measured_on: str = Field(description="The exact board the source measured (variant, RAM).")
     source: str = Field(min_length=4, description="URL or citation of the measurement.")
@@ -118,6 +126,10 @@ class CalibrationPoint(Strict):
             raise ValueError("a calibration point needs prompt_tok_s, decode_tok_s or latency_ms")
         if self.latency_ms is not None and self.seq_len is None:
             raise ValueError("latency_ms needs seq_len (tokens in the measured input)")
+        if self.context_tokens:
+            missing = [f for f in ("decode_tok_s", "n_layer", "n_head", "n_head_kv", "head_dim") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"context_tokens needs {', '.join(missing)}")
         return self
 
 
