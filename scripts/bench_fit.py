@@ -6,9 +6,10 @@
    of them alike. Timed in separate processes, the same configuration differed by up to 40 % from
    one process to the next, and Q8_0 at 8,168 tokens of context ran 0.84x Q4_K_M in one run;
    interleaved in one process the two ran 0.99x.
-1. Profiles this host (`edgekit profile-host` functions) and calibrates it as profile-host does: decode
-   speed of the SmolLM2-135M Q8_0 bundle at short context and 2,024 tokens into a context (its
-   attention cost), batch-1 latency of the MiniLM int8 bundle.
+1. Profiles this host (`edgekit profile-host` functions) and calibrates it with the same kinds of
+   points profile-host writes: decode speed of the SmolLM2-135M Q8_0 bundle at short context and
+   2,024 tokens into a context (its attention cost; taken from the interleaved run, in CPU time, one
+   thread) and batch-1 latency of the MiniLM int8 bundle.
 2. Peak RSS of a fresh subprocess that loads a bundle with the runtime's settings and fills the
    context (prompt of n_ctx - 40 tokens, then 32 generated tokens) for GGUF Q8_0 / Q4_K_M x
    n_ctx 512 / 2048 / 8192, and that classifies batches of 1 and 32 max-length inputs with the ONNX
@@ -319,9 +320,9 @@ class Recorded:
 
 
 def spread(measured: dict) -> dict:
-    """Lowest and highest decode rate over the rounds of one configuration (none for older recordings)."""
-    rates = [r["decode_tok_s"] for r in measured.get("rounds", [])]
-    return {"measured_min": min(rates), "measured_max": max(rates)} if rates else {}
+    """Lowest and highest decode rate over the rounds of one configuration."""
+    rates = [r["decode_tok_s"] for r in measured["rounds"]]
+    return {"measured_min": min(rates), "measured_max": max(rates)}
 
 
 def rss_rows(gguf: dict[str, Path], onnx: Path | None, host: Device, catalog, threads: int,
@@ -434,9 +435,9 @@ def print_tables(result: dict) -> None:
     print(f"\nDecode tok/s after host calibration                       predicted    measured    error  (target +-20 %)"
           f"  rounds: min-max of {result.get('rounds', 1)}")
     for r in result["decode"]:
-        span = f"{r['measured_min']:.1f}-{r['measured_max']:.1f}" if "measured_min" in r else ""
+        span = f"{r['measured_min']:.1f}-{r['measured_max']:.1f}"
         mark = "in-sample" if r["in_sample"] else _mark(r["error"], 0.20)
-        print(f"  {r['config']:<52} {r['predicted']:10.1f} {r['measured']:11.1f} {r['error']:+8.1%}  {mark:4}  {span}")
+        print(f"  {r['config']:<52} {r['predicted']:10.1f} {r['measured']:11.1f} {r['error']:+8.1%}  {mark:9}  {span}")
     print("\nPublished points, leave one out              measured   predicted    error  uncalibrated  from")
     for r in result["published"]:
         label = f"{r['device']} {r['model'][:18]} {r['quant']} {r['kind']}"

@@ -143,15 +143,19 @@ def test_profile_host_times_gguf_decode_short_and_deep(tmp_path, smollm_bundle):
     from edgekit.fit import speed
 
     out = tmp_path / "this-host.yaml"
+    shallow = run_cli("profile-host", "--bundle", str(smollm_bundle), "--depth", "96")
+    assert shallow.returncode == 2 and "--depth 96: use 512.." in shallow.stderr
     done = run_cli("profile-host", "--out", str(out), "--bandwidth-mib", "16", "--bundle", str(smollm_bundle),
-                   "--threads", "1", "--depth", "96")
+                   "--threads", "1", "--depth", "512")
     assert done.returncode == 0, done.stderr
     device = load_device(str(out))
     short, deep = device.calibration
     assert (short.context_tokens, short.n_layer, short.threads) == (0, 30, 1)
     assert short.decode_tok_s > 0 and short.prompt_tok_s > 0
-    assert (deep.context_tokens, deep.n_head, deep.n_head_kv, deep.head_dim) == (96 + 32, 9, 3, 64)
-    assert deep.decode_tok_s > 0 and deep.prompt_tok_s is None
+    assert (deep.context_tokens, deep.n_head, deep.n_head_kv, deep.head_dim) == (512 + 32, 9, 3, 64)
+    assert 0 < deep.decode_tok_s < short.decode_tok_s and deep.prompt_tok_s is None
     calibration = speed.calibrate(device, "decode")
     assert calibration.points == (f"this-host: {short.model} {short.quant}",)
-    assert calibration.attention_points == (f"this-host: {deep.model} {deep.quant} at 128 tokens of context",)
+    if calibration.attention_points:  # priced only when attention was a large enough share of the deep time
+        assert calibration.attention_points == (f"this-host: {deep.model} {deep.quant} at 544 tokens of context",)
+        assert speed.point_prediction(deep, device, "decode", calibration) == pytest.approx(deep.decode_tok_s)

@@ -141,7 +141,7 @@ def test_a_deep_point_sets_the_attention_factor_and_only_that(catalog, works):
                  threads=1, measured_on="test", source="tests")
     short = CalibrationPoint(**shape, decode_tok_s=40.0)
     base = speed.calibrate(_with_points(x86, short), "decode")
-    assert base.attention_factor == base.factor and base.attention_points == ()
+    assert base.attention_scale == base.factor and base.attention_points == ()
     work = speed.workload_of_point(short)
     # The speed at depth the short point's factor predicts, and a board where attention is 2x slower than that.
     deep_shape = dict(shape, n_head=9, n_head_kv=3, head_dim=64, context_tokens=2000)
@@ -153,10 +153,20 @@ def test_a_deep_point_sets_the_attention_factor_and_only_that(catalog, works):
     board = _with_points(x86, short, deep)
     calibration = speed.calibrate(board, "decode")
     assert calibration.factor == pytest.approx(base.factor)
-    assert calibration.attention_factor == pytest.approx(base.factor / 2)
+    assert calibration.attention_scale == pytest.approx(base.factor / 2)
     assert calibration.attention_points == ("x86-64-avx2-generic: SmolLM2-135M Q8_0 at 2000 tokens of context",)
     assert speed.point_prediction(deep, board, "decode", calibration) == pytest.approx(slow)
     assert speed.roofline_decode_tok_s(work, board, 1, 0, calibration) == pytest.approx(40.0)  # short speed unchanged
+    # Left out, the deep point prices nothing; the short one left out, the deep one prices everything.
+    without_deep = speed.calibrate(board, "decode", exclude=deep)
+    assert (without_deep.factor, without_deep.attention_scale, without_deep.attention_points) == (base.factor, base.factor, ())
+    deep_only = speed.calibrate(board, "decode", exclude=short)
+    assert deep_only.scope == "device" and deep_only.attention_points == ()
+    assert deep_only.attention_scale == deep_only.factor
+    assert speed.point_prediction(deep, board, "decode", deep_only) == pytest.approx(slow)
+    # A deep point where attention is a sliver of the time (timing noise) is not used to price it.
+    noisy = CalibrationPoint(**dict(deep_shape, context_tokens=20), decode_tok_s=40.5)
+    assert speed.calibrate(_with_points(x86, short, noisy), "decode").attention_points == ()
 
 
 def test_a_deep_point_needs_the_attention_shape():

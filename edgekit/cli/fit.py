@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from edgekit.cli import JsonFlag, app, emit_json, err, out, status
-from edgekit.errors import BundleError, DeviceError, EdgekitError, GateFailed
+from edgekit.errors import BundleError, ConfigError, DeviceError, EdgekitError, GateFailed
 
 devices_app = typer.Typer(no_args_is_help=True, help="The device catalog: boards, their specs and measured speeds.")
 app.add_typer(devices_app, name="devices")
@@ -86,10 +86,11 @@ def devices_show(device: Annotated[str, typer.Argument(help="Device id or profil
         where = ("estimate: " if block.estimate else "") + (block.source or "") + (f" ({block.note})" if block.note else "")
         specs.add_row(label, value, where)
     out.print(specs)
-    points = Table("model", "quant", "prompt tok/s", "decode tok/s", "latency ms", "measured on", "source", title="calibration points")
+    points = Table("model", "quant", "context", "prompt tok/s", "decode tok/s", "latency ms", "measured on", "source",
+                   title="calibration points")
     for p in d.calibration:
-        points.add_row(p.model, p.quant, f"{p.prompt_tok_s or ''}", f"{p.decode_tok_s or ''}", f"{p.latency_ms or ''}",
-                       p.measured_on, p.source)
+        points.add_row(p.model, p.quant, f"{p.context_tokens or ''}", f"{p.prompt_tok_s or ''}", f"{p.decode_tok_s or ''}",
+                       f"{p.latency_ms or ''}", p.measured_on, p.source)
     out.print(points)
 
 
@@ -262,6 +263,8 @@ def plan_cmd(
 # attention over the KV cache is a large share of a token's time, short enough to fill in about a
 # minute on a Pi-class board with the sample model.
 DECODE_DEPTH = 2048
+# Shallower, attention is too small a share of a token's time to be priced (speed.MIN_ATTENTION_SHARE).
+MIN_DEPTH = 512
 
 
 def measure_decode(bundle: Path, threads: int, n_tokens: int = 64, repeats: int = 3, depth: int = DECODE_DEPTH) -> dict[str, Any]:
@@ -302,8 +305,9 @@ def measure_decode(bundle: Path, threads: int, n_tokens: int = 64, repeats: int 
     result = {"manifest": manifest, "bytes": manifest.file(".gguf").bytes, "prompt_tok_s": statistics.median(prompt_rates),
               "decode_tok_s": statistics.median(decode_rates), "engine": f"llama-cpp-python {llama_cpp.__version__}"}
     if depth:
-        llm.reset()
-        result.update(deep_decode_tok_s=decode_rate(prompt[:depth]), context_tokens=depth + n_tokens // 2)
+        llm.reset()  # the first repeat fills the context; the others keep it and decode again from its end
+        deep = statistics.median(decode_rate(prompt[:depth]) for _ in range(repeats))
+        result.update(deep_decode_tok_s=deep, context_tokens=depth + n_tokens // 2)
     return result
 
 
@@ -337,8 +341,8 @@ def profile_host(
     bundle: Annotated[list[Path], typer.Option("--bundle", help="Also measure this bundle's speed (GGUF decode or ONNX latency); repeatable.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Threads for the speed measurements; default: all cores.")] = None,
     bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", help="Array size per copy buffer for the bandwidth test.")] = 256,
-    depth: Annotated[int, typer.Option("--depth", min=0, help="GGUF: also time decode this many tokens into a context "
-                                       "(calibrates attention over the KV cache); 0 skips it.")] = DECODE_DEPTH,
+    depth: Annotated[int, typer.Option("--depth", min=0, help=f"GGUF: also time decode this many tokens into a context "
+                                       f"(calibrates attention over the KV cache; at least {MIN_DEPTH}); 0 skips it.")] = DECODE_DEPTH,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure this machine (cores, RAM, ISA flags, memory bandwidth, storage, sample speeds) into a device profile."""
@@ -369,17 +373,20 @@ def profile_host(
                           parameters=manifest.parameters, threads=n, measured_on=measured_on,
                           source=f"edgekit profile-host, {today}")
             if manifest.format == "gguf":
-                m = measure_decode(folder, n, depth=depth)
                 g = manifest.gguf
+                if depth and g is not None and not MIN_DEPTH <= depth <= g.context_length - 96:
+                    raise ConfigError(f"--depth {depth}: use {MIN_DEPTH}..{g.context_length - 96} for {manifest.name} "
+                                      f"(its context is {g.context_length} tokens), or 0 to skip")
+                m = measure_decode(folder, n, depth=depth if g is not None else 0)
                 points.append(CalibrationPoint(**common, weights_bytes=m["bytes"], n_layer=g.n_layer if g else None,
                                                prompt_tok_s=round(m["prompt_tok_s"], 3), decode_tok_s=round(m["decode_tok_s"], 3),
                                                engine=m["engine"], note="256-token prompt; 64 tokens decoded from an 8-token prompt; median of 3"))
-                if g is not None and "deep_decode_tok_s" in m:  # attention cost: the same decode deep into a context
+                if "deep_decode_tok_s" in m:  # attention cost: the same decode deep into a context
                     points.append(CalibrationPoint(
                         **common, weights_bytes=m["bytes"], n_layer=g.n_layer, n_head=g.n_head, n_head_kv=g.n_head_kv,
                         head_dim=g.key_length or g.n_embd // g.n_head, context_tokens=m["context_tokens"],
                         decode_tok_s=round(m["deep_decode_tok_s"], 3), engine=m["engine"],
-                        note=f"64 tokens decoded after a {depth}-token prompt; once"))
+                        note=f"64 tokens decoded after a {depth}-token prompt; median of 3"))
             else:
                 m = measure_encoder(folder, n)
                 o = manifest.onnx

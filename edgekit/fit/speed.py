@@ -1,16 +1,20 @@
 """Speed from a model of the kernels, calibrated by measured points.
 
-Decode reads every streamed weight (and the KV cache so far) once per token and runs ggml-cpu's
-matrix-vector kernels over them: its time is bytes / memory bandwidth plus the cycles those kernels
-spend per weight (a table per instruction set and weight type, counted from the kernels), plus a
-per-token overhead. The two are added, not overlapped: in these loops a core that unpacks and
-multiplies a block is not streaming the next one fast enough to hide it (on this project's x86 host
-Q4_K_M, 0.73x the file bytes of Q8_0, decodes only 1.10x faster at short context:
-scripts/bench_fit.py, medians of 3 interleaved rounds). Prompt processing is matrix-matrix work and
-bound by compute. ONNX Runtime encoders pay a pass over the weights per call plus work per token, at
-costs that depend on how the model was quantized. The model gives the shape; a board's calibration
-points give the scale: predicted times are divided by the geometric mean of model / measured time over the
-points that apply (the board's own, else boards with the same core, else all boards of the catalog).
+Decode reads every streamed weight once per token and runs ggml-cpu's matrix-vector kernels over
+them: its time is bytes / memory bandwidth plus the cycles those kernels spend per weight (a table
+per instruction set and weight type, counted from the kernels), plus attention over the context so
+far (its KV cache bytes and kernels), plus a per-token overhead. Memory and kernel time are added,
+not overlapped: in these loops a core that unpacks and multiplies a block is not streaming the next
+one fast enough to hide it (on this project's x86 host Q4_K_M, 0.73x the file bytes of Q8_0, decodes
+only 1.11-1.16x faster at short context: two runs of scripts/bench_fit.py, medians of 5 rounds
+interleaved in one process). Prompt processing is matrix-matrix work and bound by compute. ONNX
+Runtime encoders pay a pass over the weights per call plus work per token, at costs that depend on
+how the model was quantized.
+
+The model gives the shape; a board's calibration points give the scale: predicted times are divided
+by the geometric mean of model / measured time over the points that apply (the board's own, else
+boards with the same core, else all boards of the catalog). A board's decode points measured deep
+into a context scale the attention term on their own.
 """
 
 from __future__ import annotations
@@ -318,7 +322,7 @@ def roofline_decode_tok_s(work: Workload, device: Device, threads: int | None = 
     its attention factor. The fixed per-token overhead is not scaled.
     """
     t = decode_terms(work, device, threads, n_past)
-    k, k_attention = (calibration.factor, calibration.attention_factor) if calibration else (1.0, 1.0)
+    k, k_attention = (calibration.factor, calibration.attention_scale) if calibration else (1.0, 1.0)
     return 1.0 / ((t.memory_s + t.compute_s) / k + t.attention_s / k_attention + t.overhead_s)
 
 
@@ -359,8 +363,17 @@ class Calibration:
     factor: float
     scope: Literal["device", "core", "catalog", "none"]
     points: tuple[str, ...]
-    attention_factor: float = 1.0
+    attention_factor: float | None = None  # None: the same as ``factor``
     attention_points: tuple[str, ...] = ()
+
+    @property
+    def attention_scale(self) -> float:
+        return self.factor if self.attention_factor is None else self.attention_factor
+
+
+# A deep point prices attention only when attention is at least this share of its measured time:
+# below it, timing noise in the weights' part would land several times over in the attention factor.
+MIN_ATTENTION_SHARE = 0.15
 
 
 def point_kinds(point: CalibrationPoint) -> list[Kind]:
@@ -374,20 +387,24 @@ def point_kinds(point: CalibrationPoint) -> list[Kind]:
     return kinds
 
 
-def attention_ratio(point: CalibrationPoint, device: Device, factor: float) -> float:
-    """Measured / modelled attention speed of a deep decode point, once ``factor`` has priced its weights' part."""
+def attention_ratio(point: CalibrationPoint, device: Device, factor: float) -> float | None:
+    """Measured / modelled attention speed of a deep decode point, once ``factor`` has priced its weights'
+    part; None when attention is under MIN_ATTENTION_SHARE of the measured time (too little to price)."""
     t = decode_terms(workload_of_point(point), device, point.threads, point.context_tokens)
-    available = 1.0 / point.decode_tok_s - t.overhead_s - (t.memory_s + t.compute_s) / factor
-    return t.attention_s / max(available, 1e-9)
+    measured = 1.0 / point.decode_tok_s
+    available = measured - t.overhead_s - (t.memory_s + t.compute_s) / factor
+    if available < MIN_ATTENTION_SHARE * measured:
+        return None
+    return t.attention_s / available
 
 
 def point_ratio(point: CalibrationPoint, device: Device, kind: Kind) -> float:
-    """Measured / modelled speed of a point (for decode: of its memory and kernel time, overhead aside)."""
+    """Measured / modelled speed of a point (for decode: of its memory, kernel and attention time, overhead aside)."""
     work = workload_of_point(point)
     if kind == "decode":
-        t = decode_terms(work, device, point.threads)
+        t = decode_terms(work, device, point.threads, point.context_tokens)
         available = max(1.0 / point.decode_tok_s - t.overhead_s, 1e-9)
-        return (t.memory_s + t.compute_s) / available
+        return (t.memory_s + t.compute_s + t.attention_s) / available
     if kind == "prompt":
         return point.prompt_tok_s / roofline_prompt_tok_s(work, device, point.threads)
     return roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / point.latency_ms
@@ -417,14 +434,17 @@ def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclud
     """Geometric mean of measured / modelled speed over the points that apply to ``device``.
 
     Own points first; else points of boards with the same core type; else all boards; else 1.
-    Decode points measured deep into a context set the attention factor, from the board's own only.
+    Decode points measured deep into a context set the attention factor, from the board's own only;
+    a board with no short-context decode point uses them for its single factor instead.
     ``exclude`` leaves one point out (used to test the model on the points themselves).
     """
     def ratios(devices: Iterable[Device]) -> tuple[list[float], list[str]]:
         values, labels = [], []
         for d in devices:
             for p in d.calibration:
-                if p is exclude or kind not in point_kinds(p) or (kind == "decode" and p.context_tokens):
+                if p is exclude or kind not in point_kinds(p):
+                    continue
+                if kind == "decode" and p.context_tokens and _short_decode_points(d, exclude):
                     continue
                 values.append(point_ratio(p, d, kind))
                 labels.append(point_label(d, p))
@@ -438,17 +458,22 @@ def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclud
     ):
         values, labels = ratios(devices)
         if values:
-            factor = _geomean(values)
-            calibration = Calibration(kind=kind, factor=factor, scope=scope, points=tuple(labels), attention_factor=factor)
+            calibration = Calibration(kind=kind, factor=_geomean(values), scope=scope, points=tuple(labels))
             return _with_attention(calibration, device, exclude)
     return _with_attention(Calibration(kind=kind, factor=1.0, scope="none", points=()), device, exclude)
 
 
+def _short_decode_points(device: Device, exclude: CalibrationPoint | None) -> list[CalibrationPoint]:
+    return [p for p in device.calibration if p.decode_tok_s is not None and not p.context_tokens and p is not exclude]
+
+
 def _with_attention(calibration: Calibration, device: Device, exclude: CalibrationPoint | None) -> Calibration:
-    if calibration.kind != "decode":
+    """The board's deep decode points price attention, when its short ones priced the weights."""
+    if calibration.kind != "decode" or not _short_decode_points(device, exclude):
         return calibration
     deep = [p for p in device.calibration if p.context_tokens and p is not exclude]
-    if not deep:
+    priced = [(p, r) for p in deep if (r := attention_ratio(p, device, calibration.factor)) is not None]
+    if not priced:
         return calibration
-    factor = _geomean([attention_ratio(p, device, calibration.factor) for p in deep])
-    return replace(calibration, attention_factor=factor, attention_points=tuple(point_label(device, p) for p in deep))
+    return replace(calibration, attention_factor=_geomean([r for _, r in priced]),
+                   attention_points=tuple(point_label(device, p) for p, _ in priced))
