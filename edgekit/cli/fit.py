@@ -268,8 +268,8 @@ MIN_DEPTH = 512
 
 
 def measure_decode(bundle: Path, threads: int, n_tokens: int = 64, repeats: int = 3, depth: int = DECODE_DEPTH) -> dict[str, Any]:
-    """Prompt and decode tokens/s of a GGUF bundle with the runtime's settings (median of ``repeats``),
-    and decode tokens/s ``depth`` tokens into a context (once; 0 skips it)."""
+    """Prompt and decode tokens/s of a GGUF bundle with the runtime's settings, and decode tokens/s
+    ``depth`` tokens into a context (0 skips it); each the median of ``repeats``."""
     import statistics
     import time
 
@@ -374,8 +374,9 @@ def profile_host(
                           source=f"edgekit profile-host, {today}")
             if manifest.format == "gguf":
                 g = manifest.gguf
-                if depth and g is not None and not MIN_DEPTH <= depth <= g.context_length - 96:
-                    raise ConfigError(f"--depth {depth}: use {MIN_DEPTH}..{g.context_length - 96} for {manifest.name} "
+                deepest = g.context_length - 96 if g is not None else 0  # room for the 64 decoded tokens
+                if depth and g is not None and not MIN_DEPTH <= depth <= deepest:
+                    raise ConfigError(f"--depth {depth}: use {MIN_DEPTH}..{deepest} for {manifest.name} "
                                       f"(its context is {g.context_length} tokens), or 0 to skip")
                 m = measure_decode(folder, n, depth=depth if g is not None else 0)
                 points.append(CalibrationPoint(**common, weights_bytes=m["bytes"], n_layer=g.n_layer if g else None,

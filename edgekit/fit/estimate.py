@@ -147,7 +147,8 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         prompt = speed.roofline_prompt_tok_s(work, device, settings.threads, n_ctx_avg=min(n_ctx, 512) // 2) * cal_p.factor
         calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
         if cal_d.attention_points:  # the board was measured deep into a context too
-            calibrations["decode"].update(attention_factor=round(cal_d.attention_scale, 6), attention_points=list(cal_d.attention_points))
+            calibrations["decode"].update(attention_factor=round(cal_d.attention_scale, 6),
+                                          attention_points=list(cal_d.attention_points))
         if settings.min_tok_s is not None:
             checks.append(_speed_check("speed", decode, settings.min_tok_s, settings.speed_margin, higher_is_better=True,
                                        unit="tok/s", what="decode"))
