@@ -153,7 +153,7 @@ def test_profile_host_times_gguf_decode_short_and_deep(tmp_path, smollm_bundle):
     assert (short.context_tokens, short.n_layer, short.threads) == (0, 30, 1)
     assert short.decode_tok_s > 0 and short.prompt_tok_s > 0
     assert (deep.context_tokens, deep.n_head, deep.n_head_kv, deep.head_dim) == (512 + 32, 9, 3, 64)
-    assert 0 < deep.decode_tok_s < short.decode_tok_s and deep.prompt_tok_s is None
+    assert deep.decode_tok_s > 0 and deep.prompt_tok_s is None  # no speed comparison: timings are the benchmark's
     calibration = speed.calibrate(device, "decode")
     assert calibration.points == (f"this-host: {short.model} {short.quant}",)
     if calibration.attention_points:  # priced only when attention was a large enough share of the deep time
