@@ -221,10 +221,8 @@ def workload_of(facts: ModelFacts) -> Workload:
         for t in streamed:
             by_type[t.ggml_type] = by_type.get(t.ggml_type, 0) + t.n_elements
     else:
-        float_path, cost = _file_type_cost(facts.quant)
+        float_path, cost = _file_type_cost(facts.quant)  # GGUF; ONNX encoders are costed by onnx_quant
         weights = facts.matrix_parameters
-        if facts.format == "onnx":
-            float_path, cost = (facts.quant == "fp32"), 1.0
         by_type = {_main_type(facts.quant, facts.n_embd): weights}
     return Workload(
         streamed_bytes=facts.streamed_bytes_per_token, matrix_weights=weights, float_path=float_path,
@@ -248,10 +246,7 @@ def bits_per_weight_of(quant: str) -> float:
 def workload_of_point(point: CalibrationPoint) -> Workload:
     """The work of a published measurement, from what the source reports (size, parameters, quant)."""
     weights_bytes = point.weights_bytes or point.parameters * bits_per_weight_of(point.quant) / 8
-    if point.format == "onnx":
-        float_path, cost = point.quant.startswith("fp32"), 1.0
-    else:
-        float_path, cost = _file_type_cost(point.quant)
+    float_path, cost = _file_type_cost(point.quant)  # GGUF; ONNX encoders are costed by onnx_quant
     # Layer count when the source does not give it: ~4.5 per doubling of size above 10M (SmolLM2-135M: 30,
     # TinyLlama-1.1B: 22, Llama-3.2-3B: 28 are given; this is only the per-token overhead term).
     n_layer = point.n_layer or max(int(round(4.5 * math.log2(point.parameters / 1e7))), 4)

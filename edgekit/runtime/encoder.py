@@ -67,7 +67,11 @@ class EncoderModel:
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Token ids, attention mask and type ids, truncated and right-padded to the longest text."""
-        encodings = self.tokenizer.encode_batch(texts)
+        return self.arrays(self.tokenizer.encode_batch(texts))
+
+    @staticmethod
+    def arrays(encodings) -> dict[str, np.ndarray]:
+        """The model inputs of a batch of ``tokenizers`` encodings."""
         return {"input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
                 "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
                 "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64)}

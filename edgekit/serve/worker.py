@@ -113,10 +113,10 @@ class EncoderRunner:
 
         rid, texts = header["id"], header["texts"]
         outputs, tokens = [], []
-        batch = self.model.tokenize(texts)  # once; each micro-batch is a slice, cut to its own longest text
+        encodings = self.model.tokenizer.encode_batch(texts)  # once; each micro-batch is a slice of it
+        batch = self.model.arrays(encodings)
         lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)] if texts else []
         for start, end in self.chunks(lengths):
-            chunk = texts[start:end]
             longest = max(lengths[start:end])
             hidden, mask = self.model.run({name: array[start:end, :longest] for name, array in batch.items()})
             tokens.extend(lengths[start:end])
@@ -125,7 +125,7 @@ class EncoderRunner:
             elif self.task == "text-classification":
                 outputs.append(softmax(hidden.astype(np.float64)).astype(np.float32))
             else:
-                outputs.extend(self._token_labels(chunk, softmax(hidden.astype(np.float64)), mask))
+                outputs.extend(self._token_labels(encodings[start:end], softmax(hidden.astype(np.float64)), mask))
         if header["op"] == "embed" or self.task == "text-classification":
             array = np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
             send({"type": "result", "id": rid, "shape": list(array.shape), "tokens": tokens}, array.tobytes())
@@ -149,9 +149,8 @@ class EncoderRunner:
             spans.append((start, len(lengths)))
         return spans
 
-    def _token_labels(self, texts: list[str], probs, mask) -> list[list[dict[str, Any]]]:
+    def _token_labels(self, encodings, probs, mask) -> list[list[dict[str, Any]]]:
         """Per text: each real token (special tokens skipped) with its character span, top label and score."""
-        encodings = self.model.tokenizer.encode_batch(texts)
         labels = self.config.labels
         result = []
         for row, encoding in enumerate(encodings):
