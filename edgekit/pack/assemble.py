@@ -236,6 +236,7 @@ def make_pack(request: PackRequest, paths: KitPaths, progress: Progress) -> Pack
         else:
             raise ConfigError("edgekit is not running from a source checkout, so it cannot build its own wheel",
                               hint="pass --edgekit-wheel FILE (the edgekit wheel to install on the board)")
+        edgekit_version = wheel_version(edgekit_wheel)
 
         llama = llama_wheel(target, llama_version(checkout), builds=paths.llama_builds, downloads=paths.downloads,
                             progress=progress, rebuild=request.rebuild)
@@ -263,7 +264,7 @@ def make_pack(request: PackRequest, paths: KitPaths, progress: Progress) -> Pack
         (staged / "install.sh").chmod(0o755)
 
         entries = pack_entries(staged)
-        versions = Versions(edgekit=wheel_version(edgekit_wheel), llama_cpp_python=llama.version,
+        versions = Versions(edgekit=edgekit_version, llama_cpp_python=llama.version,
                             onnxruntime=next((w.version for w in resolved if w.name.lower() == "onnxruntime"), "absent"))
         manifest = PackManifest(
             pack_id=pack_id(request.device, request.python, entries),
