@@ -162,8 +162,10 @@ def check_libraries(lib_dir: Path, target: BuildTarget, readelf_tool: str) -> st
 
 
 def host_runs(target: BuildTarget) -> bool:
-    """Whether this workstation can load the target's build (same machine, every required CPU feature)."""
-    if target.machine != host_machine():
+    """Whether this workstation can load the target's build (same machine, every required CPU feature, llama_cpp's imports)."""
+    import importlib.util
+
+    if target.machine != host_machine() or not all(importlib.util.find_spec(m) for m in ("numpy", "jinja2", "diskcache")):
         return False
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
