@@ -257,7 +257,9 @@ def test_pack_manifest_lists_every_file_with_its_hash(x86_pack):
     wheels = [f["path"] for f in manifest["files"] if f["path"].startswith("wheels/")]
     assert not [w for w in wheels if any(h in w.lower() for h in ("torch", "transformers", "optimum"))]
     assert manifest["service"]["threads"] == 4 and manifest["service"]["memory_budget_mb"] >= 16
-    with tarfile.open(x86_pack.with_name("x86-pack.tar.gz")) as tar:
+    archive = x86_pack.with_name("x86-pack.tar.gz")
+    assert archive.with_name("x86-pack.tar.gz.sha256").read_text() == f"{pack_check.sha256_file(str(archive))}  x86-pack.tar.gz\n"
+    with tarfile.open(archive) as tar:
         member = tar.getmember("x86-pack/install.sh")
         assert member.mode & 0o111 and len([m for m in tar.getmembers() if m.isfile()]) == len(manifest["files"]) + 1
 

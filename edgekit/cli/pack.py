@@ -83,5 +83,6 @@ def pack_cmd(
     table.add_row("archive", f"{result.archive} ({result.archive_bytes / MB:.1f} MB)")
     cached = "cached" if manifest.build.llama_build_cached else "built now"
     table.add_row("time", f"{manifest.build.pack_seconds:.0f} s (llama-cpp-python {cached}, {manifest.build.llama_build_seconds:.0f} s to build)")
-    table.add_row("on the board", f"tar xzf {result.archive.name} && sudo ./{result.out_dir.name}/install.sh [--prefix {DEFAULT_PREFIX}]")
+    table.add_row("on the board", f"sha256sum -c {result.archive.name}.sha256 && tar xzf {result.archive.name} && "
+                                  f"sudo ./{result.out_dir.name}/install.sh [--prefix {DEFAULT_PREFIX}]")
     out.print(table)

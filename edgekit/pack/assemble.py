@@ -214,7 +214,7 @@ def pack_id(device: Device, python: str, files: list) -> str:
 
 
 def write_archive(pack_dir: Path) -> Path:
-    """DIR.tar.gz beside DIR, written under a temporary name and renamed."""
+    """DIR.tar.gz beside DIR, written under a temporary name and renamed, and DIR.tar.gz.sha256 (sha256sum -c) for the copy."""
     archive = pack_dir.with_name(pack_dir.name + ".tar.gz")
     fd, tmp = tempfile.mkstemp(prefix=f".{pack_dir.name}-", suffix=".tar.gz", dir=pack_dir.parent)
     os.close(fd)
@@ -228,6 +228,7 @@ def write_archive(pack_dir: Path) -> Path:
             for path in [pack_dir, *sorted(pack_dir.rglob("*"))]:
                 tar.add(path, arcname=str(Path(pack_dir.name) / path.relative_to(pack_dir)), recursive=False, filter=owner)
         os.replace(tmp, archive)
+        archive.with_name(archive.name + ".sha256").write_text(f"{sha256_file(archive)}  {archive.name}\n")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
