@@ -76,7 +76,8 @@ def fake_pack(root: Path, *, features: dict[str, str] | None = None, machine: st
     (root / "install.sh").write_text("#!/bin/sh\n")
     files = [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": pack_check.sha256_file(str(p))}
              for p in sorted(root.rglob("*")) if p.is_file()]
-    manifest = {"schema_version": 1, "pack_id": "demo-cp313-0123456789ab", "files": files, "python": "%d.%d" % sys.version_info[:2],
+    manifest = {"schema_version": 1, "pack_id": "demo-cp313-0123456789ab", "files": files,
+                "python": "%d.%d" % sys.version_info[:2],
                 "glibc_min": "2.17", "requirement": "edgekit[runtime]", "device": {"id": "rpi-5-8gb", "cpu": {"cores": 4}},
                 "service": {"unit": "edgekit.service", "threads": 4, "memory_budget_mb": 300, "together": True},
                 "target": {"name": "armv8.2-a-dotprod", "machine": machine,
@@ -84,6 +85,17 @@ def fake_pack(root: Path, *, features: dict[str, str] | None = None, machine: st
                                                                                   "asimddp": "Arm dot product, Armv8.2-A"}}}
     (root / "pack.json").write_text(json.dumps(manifest))
     return root
+
+
+def test_pack_check_runs_on_the_standard_library_alone(tmp_path):
+    """It runs on the board before edgekit is installed: no site-packages (-S), no environment (-I)."""
+    pack = fake_pack(tmp_path / "pack", machine=os.uname().machine, features={})
+    script = REPO / "edgekit" / "pack" / "board" / "pack_check.py"
+    done = subprocess.run([sys.executable, "-I", "-S", str(script), "check", str(pack), "--prefix", str(tmp_path / "prefix")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "PACK_ID=demo-cp313-0123456789ab" in done.stdout.splitlines()
+    assert "PACK_PIP_WHEEL=''" in done.stdout.splitlines()
 
 
 def test_pack_check_passes_an_intact_pack_and_names_each_changed_missing_or_extra_file(tmp_path):
@@ -136,7 +148,8 @@ def test_install_sh_refuses_a_tampered_pack_before_writing_anything(tmp_path):
     (pack / "install.sh").write_text(script)
     manifest = json.loads((pack / "pack.json").read_text())
     manifest["files"] = [e for e in manifest["files"] if e["path"] != "install.sh"] + [
-        {"path": p, "bytes": (pack / p).stat().st_size, "sha256": pack_check.sha256_file(str(pack / p))} for p in ("install.sh", "pack_check.py")]
+        {"path": p, "bytes": (pack / p).stat().st_size, "sha256": pack_check.sha256_file(str(pack / p))}
+        for p in ("install.sh", "pack_check.py")]
     (pack / "pack.json").write_text(json.dumps(manifest))
     (pack / "wheels" / "demo-1.0-py3-none-any.whl").write_bytes(b"tampered")
     prefix = tmp_path / "prefix"
@@ -228,7 +241,8 @@ def x86_pack(tmp_path_factory, smollm_bundle) -> Path:
         pytest.skip("the x86 pack test builds with the host compiler")
     out = tmp_path_factory.mktemp("pack") / "x86-pack"
     python = "%d.%d" % sys.version_info[:2]
-    done = edgekit("pack", "--device", X86_BOARD, str(smollm_bundle), "--out", str(out), "--python", python, "--json", timeout=3600)
+    done = edgekit("pack", "--device", X86_BOARD, str(smollm_bundle), "--out", str(out), "--python", python, "--json",
+                   timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["target"] == "x86-64-v3" and summary["device"] == X86_BOARD
@@ -275,7 +289,7 @@ def test_llama_wheel_carries_each_library_once_plus_libgomp(x86_pack):
 
 
 @pytest.mark.slow
-def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root, smollm_bundle, tmp_path):
+def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root, tmp_path):
     prefix = tmp_path / "opt-edgekit"
     manifest = json.loads((x86_pack / "pack.json").read_text())
     release = f"releases/{manifest['pack_id']}"
@@ -284,12 +298,12 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert done.returncode == 0, done.stderr
     assert os.readlink(prefix / "current") == release
     installed = prefix / "current" / "venv" / "bin"
-    inspect = subprocess.run([str(installed / "edgekit"), "inspect", str(prefix / "current" / "bundles" / "smollm2-135m-q4_1"), "--json"],
-                             capture_output=True, text=True)
+    bundle = prefix / "current" / "bundles" / "smollm2-135m-q4_1"
+    inspect = subprocess.run([str(installed / "edgekit"), "inspect", str(bundle), "--json"], capture_output=True, text=True)
     assert inspect.returncode == 0, inspect.stderr
     assert json.loads(inspect.stdout)["name"] == "smollm2-135m-q4_1"
-    version = subprocess.run([str(installed / "python"), "-c", "import edgekit, llama_cpp; print(edgekit.__version__, llama_cpp.__version__)"],
-                             capture_output=True, text=True)
+    version = subprocess.run([str(installed / "python"), "-c", "import edgekit, llama_cpp; print(edgekit.__version__, "
+                              "llama_cpp.__version__)"], capture_output=True, text=True)
     assert version.stdout.split() == [manifest["versions"]["edgekit"], "0.3.36"]
     unit = (prefix / "current" / "edgekit.service").read_text()
     assert f"ExecStart={prefix}/current/venv/bin/edgekit serve --models {prefix}/current/bundles" in unit
@@ -317,8 +331,7 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert "current is unchanged" in failed.stderr
     assert os.readlink(prefix / "current") == release
     assert not (prefix / "releases" / data["pack_id"]).exists()
-    still = subprocess.run([str(installed / "edgekit"), "inspect", str(prefix / "current" / "bundles" / "smollm2-135m-q4_1")],
-                           capture_output=True, text=True)
+    still = subprocess.run([str(installed / "edgekit"), "inspect", str(bundle)], capture_output=True, text=True)
     assert still.returncode == 0, still.stderr
 
     # A tampered file: refused before anything is written.
