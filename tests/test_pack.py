@@ -141,6 +141,23 @@ def test_pack_check_names_the_missing_cpu_feature_and_the_board_the_pack_is_for(
     assert code == 2 and lines == ["this machine is x86_64: this pack is for rpi-5-8gb (armv8.2-a-dotprod), a aarch64 board"]
 
 
+def test_pack_check_prefers_edgekits_own_cpu_check_from_the_packed_wheel(tmp_path, monkeypatch):
+    pack = fake_pack(tmp_path / "pack")
+    stub = ("import sys\nneed = sys.argv[sys.argv.index('--require') + 1].split(',')\n"
+            "sys.exit('this CPU lacks asimddp (Arm dot product, Armv8.2-A)') if 'asimddp' in need else sys.exit(0)\n")
+    with zipfile.ZipFile(pack / "wheels" / "edgekit-0.1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("edgekit/__init__.py", "")
+        wheel.writestr("edgekit/runtime/__init__.py", "")
+        wheel.writestr("edgekit/runtime/cpu.py", stub)
+    manifest = pack_check.load_manifest(str(pack))
+    manifest["files"].append({"path": "wheels/edgekit-0.1.0-py3-none-any.whl"})
+    monkeypatch.setattr(pack_check.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(pack_check, "cpu_features_here", lambda: pytest.fail("the fallback ran"))
+    lines, code = pack_check.cpu_problems(str(pack), manifest)
+    assert (lines, code) == (["this CPU lacks asimddp (Arm dot product, Armv8.2-A)",
+                              "this pack is for rpi-5-8gb (armv8.2-a-dotprod)"], 3)
+
+
 def test_install_sh_refuses_a_tampered_pack_before_writing_anything(tmp_path):
     pack = fake_pack(tmp_path / "pack", machine=os.uname().machine, features={})
     shutil.copy(REPO / "edgekit" / "pack" / "board" / "pack_check.py", pack / "pack_check.py")

@@ -150,12 +150,13 @@ def cpu_problems(pack_dir: str, manifest: dict) -> tuple[list[str], int]:
     wheel = edgekit_wheel(pack_dir, manifest)
     if wheel and "edgekit/runtime/cpu.py" in zipfile.ZipFile(wheel).namelist():
         # edgekit's own check, run from the (verified) wheel: a wheel is a zip, importable as is.
-        done = subprocess.run([sys.executable, "-m", "edgekit.runtime.cpu", "--require", ",".join(required)],
-                              env={**os.environ, "PYTHONPATH": wheel}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+        # -S and cwd: no installed edgekit (site-packages) or folder named edgekit may shadow the packed one.
+        done = subprocess.run([sys.executable, "-S", "-m", "edgekit.runtime.cpu", "--require", ",".join(required)],
+                              env={**os.environ, "PYTHONPATH": wheel}, cwd=pack_dir, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
         if done.returncode == 0:
             return [], 0
-        said = [line for line in done.stderr.splitlines() if line.strip()] or [f"edgekit.runtime.cpu exited {done.returncode}"]
+        said = [line for line in done.stdout.splitlines() if line.strip()] or [f"edgekit.runtime.cpu exited {done.returncode}"]
         return [*said, meant], 3
     features = cpu_features_here()
     if features is None:
