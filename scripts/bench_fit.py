@@ -3,9 +3,7 @@
 0. Measures first. Peak RSS: each configuration in a fresh process. Decode speed: every decode
    configuration in one process, interleaved token by token over --rounds rounds (default 5), so a
    burst of load from another tenant of this shared machine, or a slow stretch of the host, hits all
-   of them alike. Timed in separate processes, the same configuration differed by up to 40 % from
-   one process to the next, and Q8_0 at 8,168 tokens of context ran 0.84x Q4_K_M in one run;
-   interleaved in one process the two ran 0.99x.
+   of them alike (timed in separate processes, one configuration differed by up to 40 % between runs).
 1. Profiles this host (`edgekit profile-host` functions) and calibrates it with the same kinds of
    points profile-host writes: decode speed of the SmolLM2-135M Q8_0 bundle at short context and
    2,024 tokens into a context (its attention cost; taken from the interleaved run, in CPU time, one
@@ -249,8 +247,7 @@ def host_profile(gguf_q8: Path, onnx: Path | None, threads: int, raw: dict, reco
 
     log("profiling this host (CPU, RAM, STREAM-like bandwidth, storage)")
     cpu, memory = host.cpu_spec(), host.memory_spec()
-    # One thread timed in CPU time, like the decode measurements (the copy rate of 2 threads in wall
-    # time varied from 3.6 to 16 GB/s between runs on this shared machine).
+    # One thread timed in CPU time, like the decode measurements: wall-clock copy rates of shared cores vary several-fold.
     bandwidth = host.bandwidth_spec(threads, cpu_clock=threads == 1)
     storage = host.storage_spec(gguf_q8)
     measured_on = f"{platform.node()}: {host.cpu_model_name()}"

@@ -8,7 +8,7 @@ one run (the machine may be shared: alternating spreads any background load over
   spinning (GOMP_SPINCOUNT=10000); the baselines run both with that and with libgomp's default;
 - embeddings requests/s with 16 concurrent clients vs in-process onnxruntime in batches of 16 (>= 0.7);
 - idle RSS of the daemon with no model (<= 120 MB) and time from start to /health 200 with the GGUF preloaded;
-- cancellation: time from a client disconnect to the generation being stopped (RELIABILITY 17: <= 1 s);
+- cancellation: time from a client disconnect to the generation being stopped (docs/reliability.md case 17: <= 1 s);
 - a soak: 8 clients, mixed chat/embeddings(/classify), a few minutes: errors, RSS growth (< 5 %), p95 per window.
 
 Bundles: --gguf / --encoder / --classifier, or the defaults in $EDGEKIT_HOME/bundles

@@ -51,7 +51,7 @@ def test_catalog_has_the_promised_boards():
     catalog = load_catalog()
     assert len(catalog) >= 10
     assert REQUIRED <= set(catalog)
-    # published calibration points from DEVICE_FACTS.md are all present, each with its source
+    # the published calibration points of docs/device-facts.md are all present, each with its source
     decode_points = {(d, p.model, p.quant, p.decode_tok_s) for d, dev in catalog.items() for p in dev.calibration}
     assert ("rpi-5-8gb", "Llama 3.2 3B", "Q4_K_M", 4.61) in decode_points
     assert ("intel-n150-16gb", "Llama 3.2 3B", "Q4_K_M", 9.06) in decode_points

@@ -113,7 +113,7 @@ def reference_llm(smollm_bundle):
     return GgufModel(smollm_bundle / "model.gguf", n_ctx=N_CTX, threads=THREADS)
 
 
-# ---- discovery: bad bundles skipped, the rest serve (RELIABILITY 1, 3, 5) -------------------
+# ---- discovery: bad bundles skipped, the rest serve (docs/reliability.md cases 1, 3, 5) ----
 
 
 def test_bad_bundles_are_skipped_and_the_rest_serve(client):
@@ -207,7 +207,7 @@ def test_text_completion(client):
 
 
 def test_context_length_exceeded_and_length_at_context_end(client):
-    """RELIABILITY 12: a prompt over the context -> 400 context_length_exceeded; running into the end -> 'length'."""
+    """docs/reliability.md case 12: a prompt over the context -> 400 context_length_exceeded; running into the end -> 'length'."""
     long_prompt = [{"role": "user", "content": "word " * 200}]
     response = client.post("/v1/chat/completions", json={"model": SMOLLM_NAME, "messages": long_prompt})
     error = response.json()["error"]
@@ -219,7 +219,7 @@ def test_context_length_exceeded_and_length_at_context_end(client):
 
 
 def test_streamed_utf8_split_across_tokens(client, reference_llm):
-    """RELIABILITY 20: emoji are 3 byte-level tokens in SmolLM2's vocab; every SSE chunk carries whole characters."""
+    """docs/reliability.md case 20: emoji are 3 byte-level tokens in SmolLM2's vocab; every SSE chunk carries whole characters."""
     assert len(reference_llm.tokenize("🎉")) == 3
     prompt = "Emoji party: 🎉🎉🎉🎉🎉🎉🎉🎉 日本語 日本語 日本語 🎉🎉🎉"
     with client.stream("POST", "/v1/completions", json={"model": SMOLLM_NAME, "prompt": prompt, "max_tokens": 24,
@@ -238,7 +238,7 @@ def test_streamed_utf8_split_across_tokens(client, reference_llm):
 
 
 def test_two_concurrent_streams_both_complete_in_order(client):
-    """RELIABILITY 23: with one slot the second stream waits; both arrive whole and in order."""
+    """docs/reliability.md case 23: with one slot the second stream waits; both arrive whole and in order."""
     expected = chat(client, max_tokens=16).json()["choices"][0]["message"]["content"]
     results: dict[int, tuple[str, str | None, bool]] = {}
 
@@ -258,7 +258,7 @@ def test_two_concurrent_streams_both_complete_in_order(client):
 
 
 def test_queue_full_gives_503_with_retry_after(models_dir):
-    """RELIABILITY 18: 1 slot + queue of 1: of 4 concurrent requests 2 finish, 2 get 503 + Retry-After."""
+    """docs/reliability.md case 18: 1 slot + queue of 1: of 4 concurrent requests 2 finish, 2 get 503 + Retry-After."""
     settings = settings_for(models_dir, preload=[SMOLLM_NAME], queue_size=1)
     with TestClient(create_app(settings), base_url=BASE) as c:
         wait_ready(c)
@@ -314,7 +314,7 @@ def reference_tokens(bundle: Path, text: str) -> list[int]:
 
 
 def test_embedding_edge_cases(client):
-    """RELIABILITY 15: "" -> 200; [] -> 400; a text over the bundle's 256 tokens is truncated to 256 (documented)."""
+    """docs/reliability.md case 15: "" -> 200; [] -> 400; a text over the bundle's 256 tokens is truncated to 256 (documented)."""
     empty = client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": ""})
     assert empty.status_code == 200 and len(empty.json()["data"][0]["embedding"]) == 384
     assert client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": []}).status_code == 400
@@ -400,7 +400,7 @@ def test_native_abort_in_a_worker_fails_only_its_request(client):
 
 
 def test_chat_template_escape_is_contained(client):
-    """RELIABILITY 2: a template reaching for __class__.__mro__ fails in the sandbox; the model is refused, the daemon lives."""
+    """docs/reliability.md case 2: a template reaching for __class__.__mro__ fails in the sandbox; model refused, daemon lives."""
     response = chat(client, ESCAPE_NAME, max_tokens=2)
     assert response.status_code == 503
     error = response.json()["error"]
@@ -412,7 +412,7 @@ def test_chat_template_escape_is_contained(client):
 
 
 def test_health_is_503_while_loading_then_200(models_dir):
-    """RELIABILITY 19."""
+    """docs/reliability.md case 19."""
     with TestClient(create_app(settings_for(models_dir, preload=[SMOLLM_NAME])), base_url=BASE) as c:
         first = c.get("/health")
         assert first.status_code == 503 and first.headers["retry-after"] == "1"
@@ -423,7 +423,7 @@ def test_health_is_503_while_loading_then_200(models_dir):
 
 
 def test_memory_budget_refuses_and_evicts_lru(models_dir):
-    """RELIABILITY 21: too big for the budget -> 507 insufficient_memory; otherwise idle models are evicted LRU first."""
+    """docs/reliability.md case 21: too big for the budget -> 507 insufficient_memory; else idle models are evicted LRU first."""
     from edgekit.bundle import read_manifest
     from edgekit.serve.budget import MIB, footprint_bytes
 

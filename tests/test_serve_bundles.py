@@ -177,7 +177,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def hostile_bundles(root: Path, good_gguf_bundle: Path, good_onnx_bundle: Path) -> dict[str, Path]:
-    """Bundles that must be rejected at verification (RELIABILITY 1, 3, 5), each next to good ones."""
+    """Bundles that must be rejected at verification (docs/reliability.md cases 1, 3, 5), each next to good ones."""
     from edgekit.bundle import MANIFEST_NAME
 
     bundles: dict[str, Path] = {}
@@ -237,7 +237,7 @@ def _point_external_data(model_path: Path, location: str) -> None:
 
 
 def test_verifier_subprocess_accepts_good_and_rejects_hostile(tmp_path, smollm_bundle, minilm_bundle):
-    """RELIABILITY 1, 3, 5: each hostile bundle is rejected with its reason; the good ones pass."""
+    """docs/reliability.md cases 1, 3, 5: each hostile bundle is rejected with its reason; the good ones pass."""
     from edgekit.serve.manager import bundle_dirs, verify_in_subprocess
 
     models = link_bundles(tmp_path / "models", smollm_bundle, minilm_bundle)
