@@ -154,8 +154,15 @@ def test_installed_cli_lists_the_shipped_catalog(install, version):
     where = env.python("from edgekit.library import shipped_folder as f; print(f('devices')); print(f('recipes'))").stdout.split()
     assert [Path(p).relative_to(env.venv).parts[-3:] for p in where] == [("edgekit", "shipped", "devices"),
                                                                           ("edgekit", "shipped", "recipes")]
+    recipes = env.run("recipes", "list", "--json")
+    assert recipes.returncode == 0, recipes.stderr
+    assert sorted(row["file"] for row in json.loads(recipes.stdout) if row["error"] is None) == \
+        sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
+
     version_line = env.run("--version")
     assert version_line.returncode == 0 and version_line.stdout == f"edgekit {wheel_version(env)}\n"
+    typo = env.run("devicez")
+    assert typo.returncode == 2 and "Did you mean 'devices'" in typo.stderr and "Traceback" not in typo.stdout + typo.stderr
 
 
 def wheel_version(env: Installed) -> str:

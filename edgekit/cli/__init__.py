@@ -56,7 +56,8 @@ def _top_level(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print edgekit's version and exit.")] = False,
 ) -> None:
-    pass
+    # Only global options live here; each command module registers its own commands on ``app``.
+    return None
 
 
 def main() -> None:
