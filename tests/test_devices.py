@@ -16,7 +16,6 @@ from edgekit.errors import DeviceError
 from edgekit.fit.speed import CORE_TYPES
 from edgekit.schema.device import load_catalog, load_device, load_device_file
 from tests.conftest import REPO
-from tests.test_serve_bundles import bundle_cache, smollm_bundle  # noqa: F401  (session fixtures)
 
 DEVICES = REPO / "devices"
 REQUIRED = {  # the boards the catalog promises, and the ids recipes already name

@@ -409,7 +409,7 @@ def test_encoder_micro_batches_are_split_by_padded_tokens(minilm_dir):
     """A worker never runs more than batch_max_tokens (texts x longest) at once: that bounds its activation memory."""
     from tokenizers import Tokenizer
 
-    from edgekit.serve.worker import EncoderRunner
+    from edgekit.serve.runners import EncoderRunner
 
     tokenizer = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
     tokenizer.enable_truncation(max_length=64)
