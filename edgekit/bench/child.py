@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import edgekit
 from edgekit.bench import measure
-from edgekit.bundle import read_manifest
+
+if TYPE_CHECKING:
+    import subprocess
 
 PACKAGE_ROOT = Path(edgekit.__file__).resolve().parent.parent
 
@@ -36,6 +38,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run(*args: str) -> subprocess.CompletedProcess:
     """Run a child measurement to the end; its JSON is the last line of stdout (see ``result``)."""
+    import subprocess  # parent side only: a child's peak RSS should not count it
+
     return subprocess.run(command(*args), capture_output=True, text=True, env=child_env())
 
 
@@ -91,6 +95,8 @@ BENCH = {"onnx": bench_onnx, "gguf": bench_gguf}
 
 
 def bench_bundle(bundle: Path, config: dict) -> dict:
+    from edgekit.bundle import read_manifest  # here only: the schemas add ~15 MiB that gguf-rss must not count
+
     manifest = read_manifest(bundle)  # the parent ran verify_for_runtime before starting this process
     measured = BENCH[manifest.format](bundle, manifest, config)
     return {**measured, "peak_rss_bytes": measure.peak_rss_bytes()}

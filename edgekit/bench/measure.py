@@ -9,7 +9,6 @@ side: no torch. Anything that needs a fresh process runs ``python -m edgekit.ben
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -111,6 +110,8 @@ def time_generation(model: GgufModel, context: list[int], n_decode: int, *, fres
 def profile_gguf(model_path: Path, threads: int, *, n_tokens: int = 64, repeats: int = 3, depth: int = 0) -> dict[str, float]:
     """profile-host's GGUF speeds, each the median of ``repeats``: prompt tokens/s of one prefill chunk,
     decode tokens/s after an 8-token prompt, and (``depth`` > 0) decode tokens/s ``depth`` tokens into a context."""
+    import statistics  # imported where used: the peak-RSS children stay as lean as the runtime
+
     model = load_gguf(model_path, n_ctx=max(1024, depth + n_tokens + 16), threads=threads)
     prompt = synthetic_prompt(model.llm.n_vocab(), max(PROFILE_PROMPT_TOKENS, depth))
     chunk = prompt[:PROFILE_PROMPT_TOKENS]
@@ -198,6 +199,8 @@ def call_seconds(call: Callable[[], object], repeats: int) -> list[float]:
 
 def encoder_latency_ms(model: EncoderModel, task: str, text: str = PROFILE_TEXT, repeats: int = 50) -> float:
     """Batch-1 latency of one text: median of ``repeats`` calls after one warm-up call."""
+    import statistics
+
     run = encoder_call(model, task)
     run([text])
     return 1e3 * statistics.median(call_seconds(lambda: run([text]), repeats))
