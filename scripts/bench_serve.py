@@ -190,9 +190,9 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
         ours.wait_ready()
         systems["edgekit serve"] = lambda: stream_http(ours.url, name, args.tokens)
         for label, env in (("in-process llama-cpp-python, same spin count", SAME), ("in-process llama-cpp-python, default", DEFAULT)):
-            child = InProcess(gguf, args.threads, args.n_ctx, env)
-            closers.append(child.close)
-            systems[label] = (lambda c: lambda: c.stream(args.tokens))(child)
+            reference = InProcess(gguf, args.threads, args.n_ctx, env)
+            closers.append(reference.close)
+            systems[label] = (lambda c: lambda: c.stream(args.tokens))(reference)
         try:
             import llama_cpp.server  # noqa: F401
             import sse_starlette  # noqa: F401
