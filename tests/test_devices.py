@@ -138,6 +138,24 @@ def test_profile_host_writes_a_loadable_profile(tmp_path):
     assert device.cpu.isa.avx2 == (" avx2" in flags and " fma" in flags)
 
 
+def test_profile_host_id_follows_the_output_file_name(tmp_path):
+    """A profile written to F is accepted by `fit --device F`: its id is F's name; a name that is no id is exit 2."""
+    out = tmp_path / "my-board.yaml"
+    done = run_cli("profile-host", "--out", str(out), "--bandwidth-mib", "16")
+    assert done.returncode == 0, done.stderr
+    assert load_device(str(out)).id == "my-board"
+    done = run_cli("fit", str(REPO / "tests/golden/bundles/smollm2-135m-instruct-q8-0"), "--device", str(out), "--json")
+    assert done.returncode in (0, 1), done.stderr  # a verdict on the board, not a refused profile
+    assert [r["device"] for r in json.loads(done.stdout)] == ["my-board"]
+
+    bad = tmp_path / "My Board.yaml"
+    done = run_cli("profile-host", "--out", str(bad), "--bandwidth-mib", "16")
+    assert done.returncode == 2 and "'My Board' is not a valid device id" in " ".join(done.stderr.split())
+    assert not bad.exists()
+    done = run_cli("profile-host", "--out", str(out), "--id", "other-board")
+    assert done.returncode == 2 and "--id other-board differs from the file name" in " ".join(done.stderr.split())
+
+
 def test_profile_host_times_gguf_decode_short_and_deep(tmp_path, smollm_bundle):
     from edgekit.fit import speed
 
