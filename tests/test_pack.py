@@ -24,7 +24,6 @@ from conftest import REPO
 from edgekit.pack.board import pack_check
 from edgekit.pack.targets import CPU_FEATURES, PLATFORMS, TARGETS, select_target
 from edgekit.schema.device import load_catalog
-from test_serve_bundles import bundle_cache, smollm_bundle  # noqa: F401  (fixtures)
 
 EDGEKIT = [str(Path(sys.executable).with_name("edgekit"))]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -322,6 +321,8 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     version = subprocess.run([str(installed / "python"), "-c", "import edgekit, llama_cpp; print(edgekit.__version__, "
                               "llama_cpp.__version__)"], capture_output=True, text=True)
     assert version.stdout.split() == [manifest["versions"]["edgekit"], "0.3.36"]
+    cli_version = subprocess.run([str(installed / "edgekit"), "--version"], capture_output=True, text=True)
+    assert cli_version.returncode == 0 and manifest["versions"]["edgekit"] in cli_version.stdout
     unit = (prefix / "current" / "edgekit.service").read_text()
     assert f"ExecStart={prefix}/current/venv/bin/edgekit serve --models {prefix}/current/bundles" in unit
     assert f"--memory-budget-mb {manifest['service']['memory_budget_mb']}" in unit and "--threads 4" in unit
