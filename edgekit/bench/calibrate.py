@@ -12,6 +12,7 @@ import yaml
 
 from edgekit.bench.run import BenchResult
 from edgekit.bundle import read_manifest
+from edgekit.formats import FORMATS
 from edgekit.schema.device import CalibrationPoint, Device, load_device_file
 from edgekit.schema.manifest import Manifest
 
@@ -20,9 +21,8 @@ SOURCE_PREFIX = "edgekit bench"
 
 def engine(fmt: str) -> str:
     """The engine (with its version) that runs a bundle of this format here."""
-    if fmt == "gguf":
-        return f"llama.cpp (llama-cpp-python {metadata.version('llama-cpp-python')})"
-    return f"onnxruntime {metadata.version('onnxruntime')}"
+    label, distribution = FORMATS[fmt].engine
+    return label.format(version=metadata.version(distribution))
 
 
 def gguf_point(manifest: Manifest, *, decode_tok_s: float, threads: int, measured_on: str, source: str,

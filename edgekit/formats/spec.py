@@ -1,0 +1,42 @@
+"""The shape of a format's registry entry; see edgekit.formats."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from edgekit.formats.tasks import tasks_of
+
+
+def load(dotted: str) -> Any:
+    """Import ``package.module:attribute`` (or a whole module when there is no ``:``)."""
+    module, _, attribute = dotted.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """What edgekit knows about one bundle format; hooks are dotted paths, imported on first use."""
+
+    name: str  # registry key: recipe target `format:`, manifest `format`
+    model_suffix: str  # the bundle's one model file ends with this
+    target: str  # recipe target model (edgekit.schema.recipe)
+    facts: str  # manifest facts model (edgekit.schema.manifest), stored under manifest.<name>
+    build: str  # module exposing build(job) -> BuildResult (workstation: imports torch)
+    runtime_check: str  # (bundle_dir, manifest) -> None, before the backend opens the file
+    runner: str  # worker runner class (edgekit.serve.runners)
+    bench: str  # child-process benchmark (bundle, manifest, config) -> dict
+    engine: tuple[str, str]  # (engine label, distribution whose version is reported)
+    speed_metrics: tuple[str, ...]  # bench metrics summarized; the first is the headline speed
+    quality_metric: tuple[str, str]  # manifest metric shown next to speed: (metric, label)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Tasks a bundle of this format serves (from the task table)."""
+        return tasks_of(self.name)
+
+    def hook(self, name: str) -> Any:
+        """The object a dotted-path field names, imported now."""
+        return load(getattr(self, name))

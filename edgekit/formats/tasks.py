@@ -1,0 +1,32 @@
+"""Tasks as one table: which bundle format serves each, the worker op that answers it and its HTTP endpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task a recipe can declare."""
+
+    name: str
+    format: str  # the bundle format that serves it (key of edgekit.formats.FORMATS)
+    op: str  # worker op that answers it
+    endpoints: tuple[str, ...]  # OpenAI-style routes of the daemon that answer it
+
+
+# Task name -> spec. Encoders run on onnxruntime, decoders on llama.cpp.
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("feature-extraction", format="onnx", op="embed", endpoints=("/v1/embeddings",)),
+        TaskSpec("text-classification", format="onnx", op="classify", endpoints=("/v1/classify",)),
+        TaskSpec("token-classification", format="onnx", op="classify", endpoints=("/v1/classify",)),
+        TaskSpec("text-generation", format="gguf", op="generate", endpoints=("/v1/chat/completions", "/v1/completions")),
+    )
+}
+
+
+def tasks_of(fmt: str) -> tuple[str, ...]:
+    """Tasks served by bundles of format ``fmt``, in table order."""
+    return tuple(name for name, task in TASKS.items() if task.format == fmt)

@@ -1,0 +1,52 @@
+"""The format, task and quant-type registries: complete, resolvable, and in step with the gguf package."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from edgekit.formats import FORMATS, TASKS, load
+from edgekit.formats.gguf import FILE_TYPES, GGML_TYPES
+from edgekit.schema.recipe import GgufTarget, OnnxTarget
+
+HOOKS = ("target", "facts", "runtime_check", "bench")  # build and runner import torch / the daemon
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_hook_resolves(name):
+    spec = FORMATS[name]
+    assert spec.name == name
+    for hook in HOOKS:
+        assert callable(spec.hook(hook)), hook
+
+
+def test_targets_are_keyed_by_format():
+    assert {name: load(spec.target) for name, spec in FORMATS.items()} == {"onnx": OnnxTarget, "gguf": GgufTarget}
+    assert all(spec.model_suffix == f".{name}" for name, spec in FORMATS.items())
+
+
+def test_each_task_is_served_by_exactly_one_format():
+    assert set(TASKS) == {"feature-extraction", "text-classification", "token-classification", "text-generation"}
+    served = [task for spec in FORMATS.values() for task in spec.tasks]
+    assert sorted(served) == sorted(TASKS)
+    assert FORMATS["gguf"].tasks == ("text-generation",)
+
+
+def test_file_types_are_llama_file_types():
+    """Every recipe quant is a llama.cpp file type, under the name gguf-py gives it."""
+    for name, file_type in FILE_TYPES.items():
+        assert file_type.ftype.startswith("LLAMA_FTYPE_")
+        member = LlamaFileType[file_type.ftype.removeprefix("LLAMA_FTYPE_")]
+        assert member.name.endswith(name)
+        assert file_type.main_type in GGML_TYPES
+
+
+def test_ggml_block_sizes_match_gguf():
+    for name, (block, size) in GGML_TYPES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (block, size), name
+
+
+def test_spec_fields_are_all_declared():
+    assert {f.name for f in fields(next(iter(FORMATS.values())))} >= {"name", "build", "runner", *HOOKS}
