@@ -11,7 +11,10 @@ from edgekit.formats import FORMATS, TASKS, load
 from edgekit.formats.gguf import FILE_TYPES, GGML_TYPES
 from edgekit.schema.recipe import GgufTarget, OnnxTarget
 
-HOOKS = ("target", "facts", "runtime_check", "bench")  # build and runner import torch / the daemon
+HOOKS = (
+    "target", "facts", "runtime_check", "facts_from_manifest", "facts_from_recipe", "matrix_parameters", "fit_n_ctx",
+    "memory", "workload", "point_workload", "speed", "plan_candidates", "bench",
+)  # build and runner import torch / the daemon
 
 
 @pytest.mark.parametrize("name", list(FORMATS))

@@ -27,7 +27,16 @@ class FormatSpec:
     build: str  # module exposing build(job) -> BuildResult (workstation: imports torch)
     runtime_check: str  # (bundle_dir, manifest) -> None, before the backend opens the file
     runner: str  # worker runner class (edgekit.serve.runners)
-    bench: str  # child-process benchmark (bundle, manifest, config) -> dict
+    facts_from_manifest: str  # fit: (manifest) -> ModelFacts
+    facts_from_recipe: str  # fit: (recipe, target, architecture facts) -> ModelFacts
+    matrix_parameters: str  # fit: (facts) -> weights multiplied per token
+    fit_n_ctx: str  # fit: (facts, settings) -> the context the fit is made at
+    memory: str  # fit: (facts, run settings, isa) -> (weights, repacked, kv, compute, reserved, runtime) bytes
+    workload: str  # fit: (facts) -> Workload
+    point_workload: str  # fit: (CalibrationPoint) -> Workload
+    speed: str  # fit: (facts, work, device, settings, n_ctx, catalog) -> SpeedPrediction
+    plan_candidates: str  # plan: (recipe) -> [(target, in_recipe)], best quality first
+    bench: str  # `edgekit bench` in a child process: (bundle, manifest, config) -> dict
     engine: tuple[str, str]  # (engine label, distribution whose version is reported)
     speed_metrics: tuple[str, ...]  # bench metrics summarized; the first is the headline speed
     quality_metric: tuple[str, str]  # manifest metric shown next to speed: (metric, label)
