@@ -14,6 +14,7 @@ from edgekit.schema.recipe import GgufTarget, OnnxTarget
 HOOKS = (
     "target", "facts", "runtime_check", "facts_from_manifest", "facts_from_recipe", "matrix_parameters", "fit_n_ctx",
     "memory", "workload", "point_workload", "speed", "plan_candidates", "bench",
+    "calibration_point", "profile_points",
 )  # build and runner import torch / the daemon
 
 

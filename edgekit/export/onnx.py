@@ -15,6 +15,7 @@ import numpy as np
 from edgekit.errors import ExportError, RecipeError
 from edgekit.export import BuildResult, ExportJob
 from edgekit.export import reference
+from edgekit.formats.onnx import SPEC as ONNX
 from edgekit.runtime.encoder import MODEL_FILE, TOKENIZER_FILE, EncoderModel
 from edgekit.schema.manifest import OnnxFacts, RuntimeConfig
 from edgekit.schema.recipe import OnnxQuantization, OnnxTarget
@@ -225,7 +226,7 @@ def build(job: ExportJob) -> BuildResult:
         parameters=reference.parameter_count(source),
         runtime=runtime.model_copy(update={"input_names": candidate.input_names}),
         metrics=metrics,
-        tools=reference.tool_versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"),
+        tools=reference.tool_versions(*ONNX.build_tools),
         onnx=OnnxFacts(
             opset=max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
             optimization_level=target.optimization_level,

@@ -37,6 +37,9 @@ class FormatSpec:
     speed: str  # fit: (facts, work, device, settings, n_ctx, catalog) -> SpeedPrediction
     plan_candidates: str  # plan: (recipe) -> [(target, in_recipe)], best quality first
     bench: str  # `edgekit bench` in a child process: (bundle, manifest, config) -> dict
+    calibration_point: str  # `edgekit bench --calibrate`: (manifest, BenchResult, common fields) -> CalibrationPoint
+    profile_points: str  # `edgekit profile-host`: (folder, manifest, depth, common fields) -> [CalibrationPoint]
+    build_tools: tuple[str, ...]  # distributions whose versions the manifest records (``tools``)
     engine: tuple[str, str]  # (engine label, distribution whose version is reported)
     speed_metrics: tuple[str, ...]  # bench metrics summarized; the first is the headline speed
     quality_metric: tuple[str, str]  # manifest metric shown next to speed: (metric, label)
