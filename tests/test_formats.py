@@ -54,3 +54,10 @@ def test_ggml_block_sizes_match_gguf():
 
 def test_spec_fields_are_all_declared():
     assert {f.name for f in fields(next(iter(FORMATS.values())))} >= {"name", "build", "runner", *HOOKS}
+
+
+def test_task_reference_models_are_transformers_auto_classes():
+    import transformers
+
+    for task in TASKS.values():
+        assert task.auto_model.startswith("Auto") and hasattr(transformers, task.auto_model), task.name

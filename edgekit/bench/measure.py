@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgekit.formats import TASKS
+
 if TYPE_CHECKING:
     from edgekit.runtime.encoder import EncoderModel
     from edgekit.runtime.llm import GgufModel
@@ -184,7 +186,7 @@ def load_encoder(bundle: Path, threads: int | None) -> EncoderModel:
 
 def encoder_call(model: EncoderModel, task: str) -> Callable[[list[str]], object]:
     """The call the daemon makes for a bundle's task: embeddings, or class probabilities."""
-    return model.embed if task == "feature-extraction" else model.classify
+    return getattr(model, TASKS[task].op)
 
 
 def call_seconds(call: Callable[[], object], repeats: int) -> list[float]:

@@ -20,14 +20,6 @@ from edgekit.runtime.encoder import MODEL_FILE, TOKENIZER_FILE, EncoderModel
 from edgekit.schema.manifest import OnnxFacts, RuntimeConfig
 from edgekit.schema.recipe import OnnxQuantization, OnnxTarget
 
-# recipe task -> optimum export task (the head that is exported)
-OPTIMUM_TASKS = {
-    "feature-extraction": "feature-extraction",
-    "text-classification": "text-classification",
-    "token-classification": "token-classification",
-}
-
-
 def _exported_once(job: ExportJob, config: dict) -> Path:
     """The optimum export of the source, shared by every target of the recipe with the same opset."""
     key = ("optimum-export", job.target.opset)
@@ -45,7 +37,8 @@ def _optimum_export(source: Path, task: str, opset: int | None, work: Path) -> P
         # library_name="transformers": export the bare encoder even for sentence-transformers
         # checkpoints; pooling and normalization are done by the runtime from the manifest.
         main_export(
-            str(source), output=work, task=OPTIMUM_TASKS[task], opset=opset, library_name="transformers",
+            # recipe task names are optimum's export task names (the head that is exported)
+            str(source), output=work, task=task, opset=opset, library_name="transformers",
             do_validation=False, device="cpu",
         )
     except (ValueError, KeyError, RuntimeError, OSError) as exc:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edgekit.errors import ConfigError
-from edgekit.formats import FORMATS
+from edgekit.formats import FORMATS, TASKS
 from edgekit.fit.quant import (
     FILE_TYPES,
     GGML_TYPES,
@@ -239,7 +239,7 @@ def onnx_weight_bytes(arch: ArchitectureFacts, target: OnnxTarget, task: str) ->
     matrices = arch.n_layer * (4 * h * h + 2 * h * ff)
     embeddings = (arch.vocab_size + arch.context_length) * h
     rest = max(arch.parameters - matrices - embeddings, 0)
-    if task in ("feature-extraction", "token-classification") and rest >= h * h + h:
+    if not TASKS[task].reads_pooler and rest >= h * h + h:
         # A BERT pooler (h x h + h) in the checkpoint is unused by these heads and pruned from the graph
         # (all-MiniLM-L6-v2: 147,840 of its 22.7M parameters).
         rest -= h * h + h

@@ -13,16 +13,21 @@ class TaskSpec:
     format: str  # the bundle format that serves it (key of edgekit.formats.FORMATS)
     op: str  # worker op that answers it
     endpoints: tuple[str, ...]  # OpenAI-style routes of the daemon that answer it
+    auto_model: str  # transformers Auto class of the reference model the bundle is compared with
+    reads_pooler: bool = False  # the head reads BERT's pooler; otherwise export prunes it from the graph
 
 
 # Task name -> spec. Encoders run on onnxruntime, decoders on llama.cpp.
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("feature-extraction", format="onnx", op="embed", endpoints=("/v1/embeddings",)),
-        TaskSpec("text-classification", format="onnx", op="classify", endpoints=("/v1/classify",)),
-        TaskSpec("token-classification", format="onnx", op="classify", endpoints=("/v1/classify",)),
-        TaskSpec("text-generation", format="gguf", op="generate", endpoints=("/v1/chat/completions", "/v1/completions")),
+        TaskSpec("feature-extraction", format="onnx", op="embed", endpoints=("/v1/embeddings",), auto_model="AutoModel"),
+        TaskSpec("text-classification", format="onnx", op="classify", endpoints=("/v1/classify",),
+                 auto_model="AutoModelForSequenceClassification", reads_pooler=True),
+        TaskSpec("token-classification", format="onnx", op="classify", endpoints=("/v1/classify",),
+                 auto_model="AutoModelForTokenClassification"),
+        TaskSpec("text-generation", format="gguf", op="generate", endpoints=("/v1/chat/completions", "/v1/completions"),
+                 auto_model="AutoModelForCausalLM"),
     )
 }
 
