@@ -61,3 +61,17 @@ def test_task_reference_models_are_transformers_auto_classes():
 
     for task in TASKS.values():
         assert task.auto_model.startswith("Auto") and hasattr(transformers, task.auto_model), task.name
+
+
+def test_file_types_are_llama_cpp_constants():
+    """The quantizer is called with these constants: llama-cpp-python's values equal gguf-py's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    for name, file_type in FILE_TYPES.items():
+        assert getattr(llama_cpp, file_type.ftype) == LlamaFileType[file_type.ftype.removeprefix("LLAMA_FTYPE_")].value, name
+
+
+def test_plan_ladder_is_ranked():
+    ladder = [t for t in FILE_TYPES.values() if t.in_plan_ladder]
+    assert all(t.kld_rank is not None for t in ladder)
+    ranks = [t.kld_rank for t in FILE_TYPES.values() if t.kld_rank is not None]
+    assert sorted(ranks) == list(range(len(ranks)))

@@ -15,28 +15,35 @@ NAME = "gguf"
 
 @dataclass(frozen=True)
 class FileType:
-    """A llama.cpp file type: its ``llama_ftype`` constant and the ggml type of most of its matrices."""
+    """A llama.cpp file type (recipe ``quant:``) and what edgekit relies on about it."""
 
     ftype: str  # llama.h enum llama_ftype (llama_cpp.LLAMA_FTYPE_*; gguf.LlamaFileType without the prefix)
     main_type: str  # default ggml type of the matrices; source: llama.cpp src/llama-quant.cpp (switch on ftype)
+    kld_rank: int | None = None  # rank by mean KL divergence vs FP16, Llama-3-8B (llama.cpp tools/perplexity/README.md)
+    published_bpw: float | None = None  # whole-file bits per weight, Llama-3.1-8B (llama.cpp tools/quantize/README.md)
+    in_plan_ladder: bool = False  # `edgekit plan` tries it on a GGUF recipe
+    lossless_enough: bool = False  # precise enough to start a quantization from without opting in
+    converter_output: bool = False  # written directly by the checkpoint converter (gguf writer), no quantizer
 
 
 # Recipe quant name -> file type, in the order recipes list them. The K-quant mixes (_M/_S) are
 # llama.cpp's per-tensor recipes: e.g. Q4_K_M keeps half of attn_v/ffn_down in Q6_K.
+# Ranks and published bits per weight: also docs/device-facts.md.
 FILE_TYPES: dict[str, FileType] = {
-    "F32": FileType("LLAMA_FTYPE_ALL_F32", "F32"),
-    "F16": FileType("LLAMA_FTYPE_MOSTLY_F16", "F16"),
-    "BF16": FileType("LLAMA_FTYPE_MOSTLY_BF16", "BF16"),
-    "Q8_0": FileType("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0"),
-    "Q6_K": FileType("LLAMA_FTYPE_MOSTLY_Q6_K", "Q6_K"),
-    "Q5_K_M": FileType("LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q5_K"),
+    "F32": FileType("LLAMA_FTYPE_ALL_F32", "F32", lossless_enough=True, converter_output=True),
+    "F16": FileType("LLAMA_FTYPE_MOSTLY_F16", "F16", kld_rank=0, lossless_enough=True, converter_output=True),
+    "BF16": FileType("LLAMA_FTYPE_MOSTLY_BF16", "BF16", kld_rank=1, lossless_enough=True, converter_output=True),
+    "Q8_0": FileType("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0", kld_rank=2, published_bpw=8.50, in_plan_ladder=True,
+                     lossless_enough=True),
+    "Q6_K": FileType("LLAMA_FTYPE_MOSTLY_Q6_K", "Q6_K", kld_rank=3, published_bpw=6.56, in_plan_ladder=True),
+    "Q5_K_M": FileType("LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q5_K", kld_rank=4, published_bpw=5.70, in_plan_ladder=True),
     "Q5_0": FileType("LLAMA_FTYPE_MOSTLY_Q5_0", "Q5_0"),
-    "Q4_K_M": FileType("LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K"),
-    "Q4_K_S": FileType("LLAMA_FTYPE_MOSTLY_Q4_K_S", "Q4_K"),
-    "Q4_0": FileType("LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_0"),
-    "Q4_1": FileType("LLAMA_FTYPE_MOSTLY_Q4_1", "Q4_1"),
-    "Q3_K_M": FileType("LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q3_K"),
-    "Q2_K": FileType("LLAMA_FTYPE_MOSTLY_Q2_K", "Q2_K"),
+    "Q4_K_M": FileType("LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K", kld_rank=5, published_bpw=4.89, in_plan_ladder=True),
+    "Q4_K_S": FileType("LLAMA_FTYPE_MOSTLY_Q4_K_S", "Q4_K", kld_rank=6),
+    "Q4_0": FileType("LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_0", kld_rank=8, in_plan_ladder=True),
+    "Q4_1": FileType("LLAMA_FTYPE_MOSTLY_Q4_1", "Q4_1", kld_rank=7),
+    "Q3_K_M": FileType("LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q3_K", kld_rank=9, in_plan_ladder=True),
+    "Q2_K": FileType("LLAMA_FTYPE_MOSTLY_Q2_K", "Q2_K", kld_rank=10, in_plan_ladder=True),
 }
 
 # ggml type -> (weights per block, bytes per block). Source: ggml/src/ggml-common.h block structs

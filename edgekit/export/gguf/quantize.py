@@ -17,7 +17,7 @@ from edgekit.formats.gguf import FILE_TYPES
 # Recipe quant name -> llama_ftype constant in llama_cpp (the file-type table of edgekit.formats.gguf).
 QUANT_FTYPES: dict[str, str] = {name: file_type.ftype for name, file_type in FILE_TYPES.items()}
 # Source file types that are precise enough to start from without opting in (issue 3).
-LOSSLESS_ENOUGH = ("F32", "F16", "BF16", "Q8_0")
+LOSSLESS_ENOUGH = tuple(name for name, file_type in FILE_TYPES.items() if file_type.lossless_enough)
 
 
 def default_threads() -> int:
