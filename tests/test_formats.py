@@ -13,7 +13,7 @@ from edgekit.schema.recipe import GgufTarget, OnnxTarget
 
 HOOKS = (
     "target", "facts", "runtime_check", "facts_from_manifest", "facts_from_recipe", "matrix_parameters", "fit_n_ctx",
-    "memory", "workload", "point_workload", "speed", "plan_candidates", "bench",
+    "memory", "workload", "point_workload", "speed", "plan_candidates", "bench", "worker_bytes",
     "calibration_point", "profile_points",
 )  # build and runner import torch / the daemon
 
@@ -75,3 +75,25 @@ def test_plan_ladder_is_ranked():
     assert all(t.kld_rank is not None for t in ladder)
     ranks = [t.kld_rank for t in FILE_TYPES.values() if t.kld_rank is not None]
     assert sorted(ranks) == list(range(len(ranks)))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"slots": 3, "n_ctx": 1024}, {"batch_max": 4, "batch_max_tokens": 512}])
+def test_worker_bytes_hook_equals_the_daemon_budget(overrides):
+    """The hook the daemon's footprint will call gives the daemon's current figure for every golden bundle."""
+    from pathlib import Path
+
+    from edgekit.bundle import read_manifest
+    from edgekit.fit import from_manifest
+    from edgekit.runtime.llm import PREFILL_CHUNK
+    from edgekit.serve.budget import effective_n_ctx, footprint_bytes
+    from edgekit.serve.settings import ServeSettings
+
+    settings = ServeSettings(**overrides)
+    bundles = sorted(p for p in (Path(__file__).parent / "golden" / "bundles").iterdir() if (p / "manifest.json").exists())
+    assert {read_manifest(b).format for b in bundles} == set(FORMATS)
+    for bundle in bundles:
+        manifest = read_manifest(bundle)
+        hook = FORMATS[manifest.format].hook("worker_bytes")
+        predicted = hook(from_manifest(manifest), effective_n_ctx(manifest, settings), PREFILL_CHUNK, settings.slots,
+                         settings.batch_max, settings.batch_max_tokens)
+        assert predicted == footprint_bytes(manifest, settings), bundle.name

@@ -178,3 +178,21 @@ def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures |
     required = total - repacked
     return MemoryEstimate(weights=weights, repacked=repacked, kv_cache=kv, compute=compute, runtime=runtime,
                           total=total, required=required, compute_reserved=reserved)
+
+
+def llama_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
+                       batch_max_tokens: int) -> int:
+    """A daemon worker serving a GGUF bundle: ``slots`` llama.cpp contexts over one mmapped file, so each slot
+    past the first adds its KV cache, compute buffers and vocabulary."""
+    one = estimate_memory(facts, RunSettings(n_ctx=n_ctx, parallel=1, n_ubatch=n_ubatch, daemon=False))
+    per_extra_slot = one.kv_cache + one.compute + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
+    return one.total + (slots - 1) * per_extra_slot
+
+
+def ort_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
+                     batch_max_tokens: int) -> int:
+    """A daemon worker serving an ONNX bundle: the worst run is ``batch_max_tokens`` tokens (the worker splits
+    micro-batches to stay within it) of inputs up to the bundle's max_length."""
+    max_length = facts.max_length or facts.context_length
+    texts = max(1, min(batch_max, batch_max_tokens // max_length))
+    return estimate_memory(facts, RunSettings(n_ctx=max_length, parallel=texts, daemon=False)).total

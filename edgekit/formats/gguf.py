@@ -81,6 +81,7 @@ SPEC = FormatSpec(
     workload="edgekit.fit.speed:gguf_workload",
     point_workload="edgekit.fit.speed:gguf_point_workload",
     speed="edgekit.fit.estimate:decoder_speed",
+    worker_bytes="edgekit.fit.memory:llama_worker_bytes",
     plan_candidates="edgekit.fit.plan:quant_ladder",
     bench="edgekit.bench.measure:bench_gguf",
     calibration_point="edgekit.bench.calibrate:gguf_bench_point",

@@ -22,6 +22,7 @@ SPEC = FormatSpec(
     workload="edgekit.fit.speed:onnx_workload",
     point_workload="edgekit.fit.speed:onnx_point_workload",
     speed="edgekit.fit.estimate:encoder_speed",
+    worker_bytes="edgekit.fit.memory:ort_worker_bytes",
     plan_candidates="edgekit.fit.plan:recipe_targets",
     bench="edgekit.bench.measure:bench_onnx",
     calibration_point="edgekit.bench.calibrate:onnx_bench_point",

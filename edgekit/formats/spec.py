@@ -35,6 +35,7 @@ class FormatSpec:
     workload: str  # fit: (facts) -> Workload
     point_workload: str  # fit: (CalibrationPoint) -> Workload
     speed: str  # fit: (facts, work, device, settings, n_ctx, catalog) -> SpeedPrediction
+    worker_bytes: str  # serve: (facts, n_ctx, n_ubatch, slots, batch_max, batch_max_tokens) -> peak RSS of a worker
     plan_candidates: str  # plan: (recipe) -> [(target, in_recipe)], best quality first
     bench: str  # `edgekit bench` in a child process: (bundle, manifest, config) -> dict
     calibration_point: str  # `edgekit bench --calibrate`: (manifest, BenchResult, common fields) -> CalibrationPoint
