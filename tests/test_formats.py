@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-from edgekit.formats import FORMATS, TASKS, load
+from edgekit.formats import FORMATS, TASKS, load, tasks_for
 from edgekit.formats.gguf import FILE_TYPES, GGML_TYPES
 from edgekit.schema.recipe import GgufTarget, OnnxTarget
 
@@ -97,3 +97,15 @@ def test_worker_bytes_hook_equals_the_daemon_budget(overrides):
         predicted = hook(from_manifest(manifest), effective_n_ctx(manifest, settings), PREFILL_CHUNK, settings.slots,
                          settings.batch_max, settings.batch_max_tokens)
         assert predicted == footprint_bytes(manifest, settings), bundle.name
+
+
+def test_routes_answer_the_tasks_the_daemon_serves_today():
+    """The task sets edgekit/serve/app.py routes by, as the task table gives them."""
+    assert tasks_for("/v1/chat/completions") == tasks_for("/v1/completions") == ("text-generation",)
+    assert tasks_for("/v1/embeddings") == ("feature-extraction",)
+    assert tasks_for("/v1/classify") == ("text-classification", "token-classification")
+    assert [name for name, task in TASKS.items() if not task.batched] == ["text-generation"]
+    assert {name: task.op for name, task in TASKS.items()} == {
+        "feature-extraction": "embed", "text-classification": "classify", "token-classification": "classify",
+        "text-generation": "generate",
+    }

@@ -9,7 +9,7 @@ runtime check, worker runner, fit hooks and measurement. This package imports no
 from __future__ import annotations
 
 from edgekit.formats.spec import FormatSpec, load
-from edgekit.formats.tasks import TASKS, TaskSpec, tasks_of
+from edgekit.formats.tasks import TASKS, TaskSpec, tasks_for, tasks_of
 
 
 def _registry() -> dict[str, FormatSpec]:
@@ -30,4 +30,4 @@ def format_spec(name: str) -> FormatSpec:
         raise KeyError(f"unknown bundle format {name!r} (known: {', '.join(FORMATS)})") from None
 
 
-__all__ = ["FORMATS", "TASKS", "FormatSpec", "TaskSpec", "format_spec", "load", "tasks_of"]
+__all__ = ["FORMATS", "TASKS", "FormatSpec", "TaskSpec", "format_spec", "load", "tasks_for", "tasks_of"]

@@ -14,6 +14,7 @@ class TaskSpec:
     op: str  # worker op that answers it
     endpoints: tuple[str, ...]  # OpenAI-style routes of the daemon that answer it
     auto_model: str  # transformers Auto class of the reference model the bundle is compared with
+    batched: bool = False  # the daemon micro-batches its texts; otherwise requests run in generation slots
     reads_pooler: bool = False  # the head reads BERT's pooler; otherwise export prunes it from the graph
 
 
@@ -21,11 +22,12 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("feature-extraction", format="onnx", op="embed", endpoints=("/v1/embeddings",), auto_model="AutoModel"),
+        TaskSpec("feature-extraction", format="onnx", op="embed", endpoints=("/v1/embeddings",), auto_model="AutoModel",
+                 batched=True),
         TaskSpec("text-classification", format="onnx", op="classify", endpoints=("/v1/classify",),
-                 auto_model="AutoModelForSequenceClassification", reads_pooler=True),
+                 auto_model="AutoModelForSequenceClassification", batched=True, reads_pooler=True),
         TaskSpec("token-classification", format="onnx", op="classify", endpoints=("/v1/classify",),
-                 auto_model="AutoModelForTokenClassification"),
+                 auto_model="AutoModelForTokenClassification", batched=True),
         TaskSpec("text-generation", format="gguf", op="generate", endpoints=("/v1/chat/completions", "/v1/completions"),
                  auto_model="AutoModelForCausalLM"),
     )
@@ -35,3 +37,8 @@ TASKS: dict[str, TaskSpec] = {
 def tasks_of(fmt: str) -> tuple[str, ...]:
     """Tasks served by bundles of format ``fmt``, in table order."""
     return tuple(name for name, task in TASKS.items() if task.format == fmt)
+
+
+def tasks_for(endpoint: str) -> tuple[str, ...]:
+    """Tasks a daemon route answers, in table order."""
+    return tuple(name for name, task in TASKS.items() if endpoint in task.endpoints)
