@@ -12,6 +12,7 @@ import yaml
 
 from edgekit.bench.run import BenchResult
 from edgekit.bundle import read_manifest
+from edgekit.formats import FORMATS
 from edgekit.schema.device import CalibrationPoint, Device, load_device_file
 from edgekit.schema.manifest import Manifest
 
@@ -20,9 +21,8 @@ SOURCE_PREFIX = "edgekit bench"
 
 def engine(fmt: str) -> str:
     """The engine (with its version) that runs a bundle of this format here."""
-    if fmt == "gguf":
-        return f"llama.cpp (llama-cpp-python {metadata.version('llama-cpp-python')})"
-    return f"onnxruntime {metadata.version('onnxruntime')}"
+    label, distribution = FORMATS[fmt].engine
+    return label.format(version=metadata.version(distribution))
 
 
 def gguf_point(manifest: Manifest, *, decode_tok_s: float, threads: int, measured_on: str, source: str,
@@ -34,9 +34,9 @@ def gguf_point(manifest: Manifest, *, decode_tok_s: float, threads: int, measure
         attention = dict(context_tokens=context_tokens, n_head=g.n_head, n_head_kv=g.n_head_kv,
                          head_dim=g.key_length or g.n_embd // g.n_head)
     return CalibrationPoint(
-        model=manifest.name, format="gguf", quant=manifest.quantization, parameters=manifest.parameters,
-        weights_bytes=manifest.file(".gguf").bytes, n_layer=g.n_layer if g else None, threads=threads,
-        prompt_tok_s=prompt_tok_s, decode_tok_s=decode_tok_s, engine=engine("gguf"), measured_on=measured_on,
+        model=manifest.name, format=manifest.format, quant=manifest.quantization, parameters=manifest.parameters,
+        weights_bytes=manifest.file(FORMATS[manifest.format].model_suffix).bytes, n_layer=g.n_layer if g else None, threads=threads,
+        prompt_tok_s=prompt_tok_s, decode_tok_s=decode_tok_s, engine=engine(manifest.format), measured_on=measured_on,
         source=source, note=note, **attention,
     )
 
@@ -46,10 +46,10 @@ def encoder_point(manifest: Manifest, *, latency_ms: float, seq_len: int, thread
     """An ONNX encoder bundle's batch-1 latency on an input of ``seq_len`` tokens."""
     o = manifest.onnx
     return CalibrationPoint(
-        model=manifest.name, format="onnx", quant=manifest.quantization, parameters=manifest.parameters,
-        weights_bytes=manifest.file(".onnx").bytes, n_layer=o.n_layer if o else None,
+        model=manifest.name, format=manifest.format, quant=manifest.quantization, parameters=manifest.parameters,
+        weights_bytes=manifest.file(FORMATS[manifest.format].model_suffix).bytes, n_layer=o.n_layer if o else None,
         hidden_size=o.hidden_size if o else None, latency_ms=latency_ms, seq_len=seq_len, threads=threads,
-        engine=engine("onnx"), measured_on=measured_on, source=source, note=note,
+        engine=engine(manifest.format), measured_on=measured_on, source=source, note=note,
     )
 
 
@@ -58,9 +58,17 @@ def calibration_point(result: BenchResult, device: Device, threads: int) -> Cali
     manifest = read_manifest(Path(result.path))
     common = dict(threads=threads, measured_on=device.name,
                   source=f"{SOURCE_PREFIX} on {platform.node() or 'this host'}, {datetime.now(timezone.utc):%Y-%m-%d}")
-    if manifest.format == "gguf":
-        return gguf_point(manifest, prompt_tok_s=result.summary["prompt_tok_s"]["median"],
-                          decode_tok_s=result.summary["decode_tok_s"]["median"], **common)
+    return FORMATS[manifest.format].hook("calibration_point")(manifest, result, common)
+
+
+def gguf_bench_point(manifest: Manifest, result: BenchResult, common: dict) -> CalibrationPoint:
+    """GGUF: median prompt and decode speed."""
+    return gguf_point(manifest, prompt_tok_s=result.summary["prompt_tok_s"]["median"],
+                      decode_tok_s=result.summary["decode_tok_s"]["median"], **common)
+
+
+def onnx_bench_point(manifest: Manifest, result: BenchResult, common: dict) -> CalibrationPoint:
+    """ONNX: median batch-1 latency at the benchmark's input length."""
     return encoder_point(manifest, latency_ms=result.summary["batch1_p50_ms"]["median"], seq_len=result.seq_len, **common)
 
 

@@ -49,56 +49,13 @@ def result(done: subprocess.CompletedProcess) -> dict:
 
 # -- edgekit bench: one bundle -------------------------------------------------------------------
 
-def bench_onnx(bundle: Path, manifest, config: dict) -> dict:
-    start = time.perf_counter()
-    model = measure.load_encoder(bundle, config["threads"])
-    load_seconds = time.perf_counter() - start
-    texts = [line for line in config["texts"] if line.strip()] or [measure.SHORT_TEXT]
-    one = [measure.SHORT_TEXT]
-    batch = (texts * 32)[:32]
-    call = measure.encoder_call(model, manifest.task)
-    for _ in range(config["warmup"]):
-        call(one)
-        call(batch)
-    runs = []
-    for _ in range(config["runs"]):
-        single = sorted(measure.call_seconds(lambda: call(one), config["iters"]))
-        many = sorted(measure.call_seconds(lambda: call(batch), max(3, config["iters"] // 8)))
-        runs.append({
-            "batch1_p50_ms": single[len(single) // 2] * 1000,
-            "batch1_p95_ms": single[int(len(single) * 0.95) - 1] * 1000,
-            "batch32_p50_ms": many[len(many) // 2] * 1000,
-            "batch32_p95_ms": many[int(len(many) * 0.95) - 1] * 1000,
-            "batch32_texts_per_s": 32 / many[len(many) // 2],
-        })
-    return {"load_seconds": load_seconds, "runs": runs, "seq_len": model.count_tokens(one)[0]}
-
-
-def bench_gguf(bundle: Path, manifest, config: dict) -> dict:
-    start = time.perf_counter()
-    model = measure.load_gguf(bundle / manifest.file(".gguf").path, n_ctx=config["ctx"], threads=config["threads"])
-    load_seconds = time.perf_counter() - start
-    prompt = model.tokenize(config["prompt"])[: config["ctx"] // 2]
-    n_decode = min(config["decode_tokens"], config["ctx"] - len(prompt) - 1)
-
-    def one_run() -> dict:
-        t = measure.time_generation(model, prompt, n_decode)
-        return {"prompt_tokens": t.prompt_tokens, "decode_tokens": t.decoded, "ttft_ms": t.first_token_s * 1000,
-                "prompt_tok_s": t.prompt_tok_s, "decode_tok_s": t.decode_tok_s}
-
-    for _ in range(config["warmup"]):
-        one_run()
-    return {"load_seconds": load_seconds, "runs": [one_run() for _ in range(config["runs"])]}
-
-
-BENCH = {"onnx": bench_onnx, "gguf": bench_gguf}
-
-
 def bench_bundle(bundle: Path, config: dict) -> dict:
     from edgekit.bundle import read_manifest  # here only: the schemas add ~15 MiB that gguf-rss must not count
 
+    from edgekit.formats import FORMATS
+
     manifest = read_manifest(bundle)  # the parent ran verify_for_runtime before starting this process
-    measured = BENCH[manifest.format](bundle, manifest, config)
+    measured = FORMATS[manifest.format].hook("bench")(bundle, manifest, config)
     return {**measured, "peak_rss_bytes": measure.peak_rss_bytes()}
 
 

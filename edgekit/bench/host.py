@@ -169,7 +169,9 @@ def read_speed_mb_s(path: Path) -> float:
 def storage_spec(sample: Path | None = None, scratch: Path | None = None) -> StorageSpec:
     """Read speed of a bundle's model file, or of a 128 MiB scratch file written (and synced) for the purpose."""
     if sample is not None:
-        files = sorted(Path(sample).glob("*.gguf")) + sorted(Path(sample).glob("*.onnx"))
+        from edgekit.formats import FORMATS
+
+        files = [f for spec in FORMATS.values() for f in sorted(Path(sample).glob(f"*{spec.model_suffix}"))]
         target = files[0] if files else None
     else:
         target = None

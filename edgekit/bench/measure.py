@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgekit.formats import TASKS
+
 if TYPE_CHECKING:
     from edgekit.runtime.encoder import EncoderModel
     from edgekit.runtime.llm import GgufModel
@@ -184,7 +186,7 @@ def load_encoder(bundle: Path, threads: int | None) -> EncoderModel:
 
 def encoder_call(model: EncoderModel, task: str) -> Callable[[list[str]], object]:
     """The call the daemon makes for a bundle's task: embeddings, or class probabilities."""
-    return model.embed if task == "feature-extraction" else model.classify
+    return getattr(model, TASKS[task].op)
 
 
 def call_seconds(call: Callable[[], object], repeats: int) -> list[float]:
@@ -243,3 +245,49 @@ def peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+# -- edgekit bench: one bundle (the `bench` hook of each format spec) ------------------------------
+
+def bench_onnx(bundle: Path, manifest, config: dict) -> dict:
+    """`edgekit bench` of an ONNX bundle: load time, batch-1 and batch-32 latency per run."""
+    start = time.perf_counter()
+    model = load_encoder(bundle, config["threads"])
+    load_seconds = time.perf_counter() - start
+    texts = [line for line in config["texts"] if line.strip()] or [SHORT_TEXT]
+    one = [SHORT_TEXT]
+    batch = (texts * 32)[:32]
+    call = encoder_call(model, manifest.task)
+    for _ in range(config["warmup"]):
+        call(one)
+        call(batch)
+    runs = []
+    for _ in range(config["runs"]):
+        single = sorted(call_seconds(lambda: call(one), config["iters"]))
+        many = sorted(call_seconds(lambda: call(batch), max(3, config["iters"] // 8)))
+        runs.append({
+            "batch1_p50_ms": single[len(single) // 2] * 1000,
+            "batch1_p95_ms": single[int(len(single) * 0.95) - 1] * 1000,
+            "batch32_p50_ms": many[len(many) // 2] * 1000,
+            "batch32_p95_ms": many[int(len(many) * 0.95) - 1] * 1000,
+            "batch32_texts_per_s": 32 / many[len(many) // 2],
+        })
+    return {"load_seconds": load_seconds, "runs": runs, "seq_len": model.count_tokens(one)[0]}
+
+
+def bench_gguf(bundle: Path, manifest, config: dict) -> dict:
+    """`edgekit bench` of a GGUF bundle: load time, prompt and decode speed per run."""
+    start = time.perf_counter()
+    model = load_gguf(bundle / manifest.file(".gguf").path, n_ctx=config["ctx"], threads=config["threads"])
+    load_seconds = time.perf_counter() - start
+    prompt = model.tokenize(config["prompt"])[: config["ctx"] // 2]
+    n_decode = min(config["decode_tokens"], config["ctx"] - len(prompt) - 1)
+
+    def one_run() -> dict:
+        t = time_generation(model, prompt, n_decode)
+        return {"prompt_tokens": t.prompt_tokens, "decode_tokens": t.decoded, "ttft_ms": t.first_token_s * 1000,
+                "prompt_tok_s": t.prompt_tok_s, "decode_tok_s": t.decode_tok_s}
+
+    for _ in range(config["warmup"]):
+        one_run()
+    return {"load_seconds": load_seconds, "runs": [one_run() for _ in range(config["runs"])]}

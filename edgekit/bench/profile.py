@@ -38,21 +38,36 @@ def check_depth(manifest: Manifest, depth: int) -> None:
 def bundle_points(folder: Path, manifest: Manifest, threads: int, depth: int, measured_on: str,
                   source: str) -> list[CalibrationPoint]:
     """A bundle's speed on this host as calibration points: GGUF prompt and decode (and decode ``depth`` deep), ONNX latency."""
-    from edgekit.bench import measure
-    from edgekit.bench.calibrate import encoder_point, gguf_point
+    from edgekit.formats import FORMATS
 
     common = dict(threads=threads, measured_on=measured_on, source=source)
-    if manifest.format == "gguf":
-        m = measure.profile_gguf(folder / manifest.file(".gguf").path, threads, n_tokens=DECODE_TOKENS, repeats=REPEATS,
-                                 depth=depth if manifest.gguf is not None else 0)
-        points = [gguf_point(manifest, prompt_tok_s=round(m["prompt_tok_s"], 3), decode_tok_s=round(m["decode_tok_s"], 3),
-                             note=f"{measure.PROFILE_PROMPT_TOKENS}-token prompt; {DECODE_TOKENS} tokens decoded from an "
-                                  f"8-token prompt; median of {REPEATS}", **common)]
-        if "deep_decode_tok_s" in m:  # attention cost: the same decode deep into a context
-            points.append(gguf_point(manifest, decode_tok_s=round(m["deep_decode_tok_s"], 3), context_tokens=m["context_tokens"],
-                                     note=f"{DECODE_TOKENS} tokens decoded after a {depth}-token prompt; median of {REPEATS}",
-                                     **common))
-        return points
+    return FORMATS[manifest.format].hook("profile_points")(folder, manifest, depth, common)
+
+
+def gguf_profile_points(folder: Path, manifest: Manifest, depth: int, common: dict) -> list[CalibrationPoint]:
+    """GGUF: prompt and decode speed, and decode ``depth`` deep when the manifest gives the attention shape."""
+    from edgekit.bench import measure
+    from edgekit.bench.calibrate import gguf_point
+
+    threads = common["threads"]
+    m = measure.profile_gguf(folder / manifest.file(".gguf").path, threads, n_tokens=DECODE_TOKENS, repeats=REPEATS,
+                             depth=depth if manifest.gguf is not None else 0)
+    points = [gguf_point(manifest, prompt_tok_s=round(m["prompt_tok_s"], 3), decode_tok_s=round(m["decode_tok_s"], 3),
+                         note=f"{measure.PROFILE_PROMPT_TOKENS}-token prompt; {DECODE_TOKENS} tokens decoded from an "
+                              f"8-token prompt; median of {REPEATS}", **common)]
+    if "deep_decode_tok_s" in m:  # attention cost: the same decode deep into a context
+        points.append(gguf_point(manifest, decode_tok_s=round(m["deep_decode_tok_s"], 3), context_tokens=m["context_tokens"],
+                                 note=f"{DECODE_TOKENS} tokens decoded after a {depth}-token prompt; median of {REPEATS}",
+                                 **common))
+    return points
+
+
+def onnx_profile_points(folder: Path, manifest: Manifest, depth: int, common: dict) -> list[CalibrationPoint]:
+    """ONNX: batch-1 latency of one short sentence."""
+    from edgekit.bench import measure
+    from edgekit.bench.calibrate import encoder_point
+
+    threads = common["threads"]
     model = measure.load_encoder(folder, threads)
     latency = measure.encoder_latency_ms(model, manifest.task, repeats=ENCODER_REPEATS)
     return [encoder_point(manifest, latency_ms=round(latency, 4), seq_len=model.count_tokens([measure.PROFILE_TEXT])[0],

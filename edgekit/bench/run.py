@@ -9,16 +9,14 @@ from pathlib import Path
 
 from edgekit.bench import child
 from edgekit.errors import RuntimeBackendError
+from edgekit.formats import FORMATS
 from edgekit.runtime.verify import verify_for_runtime
 from edgekit.schema.manifest import Manifest
 
 # Metrics summarized per format; the first is the headline speed used in tables and plots.
-SPEED_METRICS: dict[str, tuple[str, ...]] = {
-    "gguf": ("decode_tok_s", "prompt_tok_s", "ttft_ms"),
-    "onnx": ("batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms", "batch32_texts_per_s"),
-}
+SPEED_METRICS: dict[str, tuple[str, ...]] = {name: spec.speed_metrics for name, spec in FORMATS.items()}
 # Quality figure from the manifest shown next to speed: (metric, label).
-QUALITY_METRICS: dict[str, tuple[str, str]] = {"gguf": ("kld_mean", "KLD"), "onnx": ("cosine_mean", "cosine")}
+QUALITY_METRICS: dict[str, tuple[str, str]] = {name: spec.quality_metric for name, spec in FORMATS.items()}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Workstation side: turn a recipe into verified bundles.
 
 ``export(loaded_recipe, out_dir)`` resolves the source once, then hands each target to the
-module registered for its ``format`` in ``FORMATS``. A format module exposes
+module named by the ``build`` field of its format's spec (``edgekit.formats``). A format module exposes
 ``build(job: ExportJob) -> BuildResult``; it writes its files into ``job.staging`` and
 measures itself against the original model. This module turns that into a manifest,
 checks the gates and publishes the bundle atomically.
@@ -9,7 +9,6 @@ checks the gates and publishes the bundle atomically.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import warnings
@@ -22,15 +21,9 @@ from pathlib import Path
 from edgekit.bundle import file_entries, publish, remove_stale_staging, staging_dir
 from edgekit.errors import RecipeError
 from edgekit.export.sources import ResolvedSource, resolve_source
+from edgekit.formats import FORMATS
 from edgekit.schema.manifest import GateResult, GgufFacts, Manifest, OnnxFacts, RuntimeConfig
 from edgekit.schema.recipe import Gates, GgufTarget, LoadedRecipe, OnnxTarget
-
-# Registry: recipe `format:` value -> module exposing build(job) -> BuildResult.
-# Modules are imported only when a target of that format is exported (they pull in torch).
-FORMATS: dict[str, str] = {
-    "onnx": "edgekit.export.onnx",
-    "gguf": "edgekit.export.gguf",
-}
 
 # Gate name -> (metric it reads, True when the metric must stay at or above the threshold).
 GATE_METRICS: dict[str, tuple[str, bool]] = {
@@ -114,8 +107,8 @@ def quiet_backend_logs() -> Iterator[None]:
 
 
 def build_module(fmt: str):
-    """Import the format module registered for ``fmt``."""
-    return importlib.import_module(FORMATS[fmt])
+    """Import the build module of format ``fmt``; only now, since it pulls in torch."""
+    return FORMATS[fmt].hook("build")
 
 
 def export(

@@ -15,17 +15,10 @@ import numpy as np
 from edgekit.errors import ExportError, RecipeError
 from edgekit.export import BuildResult, ExportJob
 from edgekit.export import reference
+from edgekit.formats.onnx import SPEC as ONNX
 from edgekit.runtime.encoder import MODEL_FILE, TOKENIZER_FILE, EncoderModel
 from edgekit.schema.manifest import OnnxFacts, RuntimeConfig
 from edgekit.schema.recipe import OnnxQuantization, OnnxTarget
-
-# recipe task -> optimum export task (the head that is exported)
-OPTIMUM_TASKS = {
-    "feature-extraction": "feature-extraction",
-    "text-classification": "text-classification",
-    "token-classification": "token-classification",
-}
-
 
 def _exported_once(job: ExportJob, config: dict) -> Path:
     """The optimum export of the source, shared by every target of the recipe with the same opset."""
@@ -44,7 +37,8 @@ def _optimum_export(source: Path, task: str, opset: int | None, work: Path) -> P
         # library_name="transformers": export the bare encoder even for sentence-transformers
         # checkpoints; pooling and normalization are done by the runtime from the manifest.
         main_export(
-            str(source), output=work, task=OPTIMUM_TASKS[task], opset=opset, library_name="transformers",
+            # recipe task names are optimum's export task names (the head that is exported)
+            str(source), output=work, task=task, opset=opset, library_name="transformers",
             do_validation=False, device="cpu",
         )
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
@@ -225,7 +219,7 @@ def build(job: ExportJob) -> BuildResult:
         parameters=reference.parameter_count(source),
         runtime=runtime.model_copy(update={"input_names": candidate.input_names}),
         metrics=metrics,
-        tools=reference.tool_versions("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"),
+        tools=reference.tool_versions(*ONNX.build_tools),
         onnx=OnnxFacts(
             opset=max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
             optimization_level=target.optimization_level,

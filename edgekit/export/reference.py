@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekit.formats import TASKS
 from edgekit.runtime.encoder import EncoderModel, pool
 from edgekit.schema.manifest import RuntimeConfig
 
@@ -65,13 +66,9 @@ def parameter_count(source: Path) -> int:
 def load_reference(source: Path, task: str):
     """The PyTorch fp32 model that bundles are compared with."""
     import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    import transformers
 
-    loader = {
-        "feature-extraction": AutoModel,
-        "text-classification": AutoModelForSequenceClassification,
-        "token-classification": AutoModelForTokenClassification,
-    }[task]
+    loader = getattr(transformers, TASKS[task].auto_model)
     model = loader.from_pretrained(source, dtype=torch.float32, use_safetensors=any(source.rglob("*.safetensors")))
     return model.eval()
 

@@ -8,12 +8,14 @@ number it rests on and the reason.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgekit.fit import memory, speed
 from edgekit.fit.facts import ModelFacts, bits_per_weight, from_manifest
+from edgekit.formats import FORMATS
 from edgekit.schema.device import Device
 from edgekit.schema.manifest import Manifest
 
@@ -97,9 +99,67 @@ def _mb(n: float) -> str:
 
 
 def resolve_n_ctx(facts: ModelFacts, settings: FitSettings) -> int:
-    if facts.format == "onnx":
-        return settings.n_ctx or facts.max_length or facts.context_length
+    """The context the fit is made at: the setting, else the format's default."""
+    return FORMATS[facts.format].hook("fit_n_ctx")(facts, settings)
+
+
+def decoder_n_ctx(facts: ModelFacts, settings: FitSettings) -> int:
+    """GGUF: the model's training context, at most 4096."""
     return settings.n_ctx or min(facts.context_length, 4096)
+
+
+def encoder_n_ctx(facts: ModelFacts, settings: FitSettings) -> int:
+    """ONNX: the longest input the bundle accepts."""
+    return settings.n_ctx or facts.max_length or facts.context_length
+
+
+@dataclass
+class SpeedPrediction:
+    """A format's predicted speeds, the calibrations they rest on and the checks they add."""
+
+    calibrations: dict[str, dict]
+    checks: list[Check] = field(default_factory=list)
+    decode_tok_s: float | None = None
+    decode_tok_s_short: float | None = None
+    prompt_tok_s: float | None = None
+    latency_ms: float | None = None
+
+
+def decoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, settings: FitSettings, n_ctx: int,
+                  catalog: list[Device]) -> SpeedPrediction:
+    """GGUF: decode (mid-context and short) and prompt speed; speed and context checks."""
+    checks: list[Check] = []
+    cal_d = speed.calibrate(device, "decode", catalog)
+    cal_p = speed.calibrate(device, "prompt", catalog)
+    # Decode speed at the middle of the context: the KV cache read grows as the context fills.
+    decode = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2, calibration=cal_d)
+    decode_short = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=0, calibration=cal_d)
+    prompt = speed.roofline_prompt_tok_s(work, device, settings.threads, n_ctx_avg=min(n_ctx, 512) // 2) * cal_p.factor
+    calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
+    if cal_d.attention_points:  # the board was measured deep into a context too
+        calibrations["decode"].update(attention_factor=round(cal_d.attention_scale, 6),
+                                      attention_points=list(cal_d.attention_points))
+    if settings.min_tok_s is not None:
+        checks.append(_speed_check("speed", decode, settings.min_tok_s, settings.speed_margin, higher_is_better=True,
+                                   unit="tok/s", what="decode"))
+    if n_ctx > facts.context_length:
+        checks.append(Check(name="context", verdict="warn", value=n_ctx, limit=facts.context_length,
+                            message=f"context {n_ctx} exceeds the model's training context {facts.context_length}"))
+    return SpeedPrediction(calibrations, checks, decode, decode_short, prompt)
+
+
+def encoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, settings: FitSettings, n_ctx: int,
+                  catalog: list[Device]) -> SpeedPrediction:
+    """ONNX: batch-1 latency of an ``encoder_seq_len``-token input; latency check."""
+    checks: list[Check] = []
+    cal_e = speed.calibrate(device, "encoder", catalog)
+    seq = min(settings.encoder_seq_len, n_ctx)
+    latency = speed.roofline_encoder_ms(work, device, seq, 1, settings.threads) / cal_e.factor
+    calibrations = {"encoder": {"factor": cal_e.factor, "scope": cal_e.scope, "points": list(cal_e.points)}}
+    if settings.max_latency_ms is not None:
+        checks.append(_speed_check("latency", latency, settings.max_latency_ms, settings.speed_margin,
+                                   higher_is_better=False, unit="ms", what=f"batch-1 latency ({seq} tokens)"))
+    return SpeedPrediction(calibrations, checks, latency_ms=latency)
 
 
 def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | None = None,
@@ -136,33 +196,11 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
     checks.append(ram)
 
     work = speed.workload_of(facts)
-    calibrations: dict[str, dict] = {}
-    decode = decode_short = prompt = latency = None
-    if facts.format == "gguf":
-        cal_d = speed.calibrate(device, "decode", catalog)
-        cal_p = speed.calibrate(device, "prompt", catalog)
-        # Decode speed at the middle of the context: the KV cache read grows as the context fills.
-        decode = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2, calibration=cal_d)
-        decode_short = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=0, calibration=cal_d)
-        prompt = speed.roofline_prompt_tok_s(work, device, settings.threads, n_ctx_avg=min(n_ctx, 512) // 2) * cal_p.factor
-        calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
-        if cal_d.attention_points:  # the board was measured deep into a context too
-            calibrations["decode"].update(attention_factor=round(cal_d.attention_scale, 6),
-                                          attention_points=list(cal_d.attention_points))
-        if settings.min_tok_s is not None:
-            checks.append(_speed_check("speed", decode, settings.min_tok_s, settings.speed_margin, higher_is_better=True,
-                                       unit="tok/s", what="decode"))
-        if n_ctx > facts.context_length:
-            checks.append(Check(name="context", verdict="warn", value=n_ctx, limit=facts.context_length,
-                                message=f"context {n_ctx} exceeds the model's training context {facts.context_length}"))
-    else:
-        cal_e = speed.calibrate(device, "encoder", catalog)
-        seq = min(settings.encoder_seq_len, n_ctx)
-        latency = speed.roofline_encoder_ms(work, device, seq, 1, settings.threads) / cal_e.factor
-        calibrations = {"encoder": {"factor": cal_e.factor, "scope": cal_e.scope, "points": list(cal_e.points)}}
-        if settings.max_latency_ms is not None:
-            checks.append(_speed_check("latency", latency, settings.max_latency_ms, settings.speed_margin,
-                                       higher_is_better=False, unit="ms", what=f"batch-1 latency ({seq} tokens)"))
+    predicted_speed = FORMATS[facts.format].hook("speed")(facts, work, device, settings, n_ctx, catalog)
+    checks += predicted_speed.checks
+    calibrations = predicted_speed.calibrations
+    decode, decode_short = predicted_speed.decode_tok_s, predicted_speed.decode_tok_s_short
+    prompt, latency = predicted_speed.prompt_tok_s, predicted_speed.latency_ms
     for kind, cal in calibrations.items():
         if cal["scope"] in ("catalog", "none"):
             notes.append(f"{kind} speed: {device.id} has no calibration point of its own or of its core type; "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edgekit.errors import ConfigError
+from edgekit.formats import FORMATS, TASKS
 from edgekit.fit.quant import (
     FILE_TYPES,
     GGML_TYPES,
@@ -38,7 +39,7 @@ class ModelFacts:
     """A model as the estimator sees it; sizes in bytes."""
 
     name: str
-    format: Literal["gguf", "onnx"]
+    format: str  # key of edgekit.formats.FORMATS
     task: str
     quant: str
     parameters: int
@@ -62,14 +63,7 @@ class ModelFacts:
     @property
     def matrix_parameters(self) -> int:
         """Weights multiplied per token: everything but the token-embedding lookup (unless it is also the output head)."""
-        if self.format == "onnx":
-            # BERT-like: embeddings are a lookup; 4 attention + 2 feed-forward matrices per layer.
-            n_ff = self.n_ff or 4 * self.n_embd
-            return self.n_layer * (4 * self.n_embd * self.n_embd + 2 * self.n_embd * n_ff)
-        if self.tensors:
-            return sum(t.n_elements for t in self.tensors if self.tied_embeddings or t.name != "token_embd.weight")
-        embedding = self.n_vocab * self.n_embd
-        return self.parameters - (0 if self.tied_embeddings else embedding)
+        return FORMATS[self.format].hook("matrix_parameters")(self)
 
     @property
     def streamed_bytes_per_token(self) -> int:
@@ -129,14 +123,27 @@ def infer_n_ff(parameters: int, n_layer: int, n_embd: int, n_head: int, n_head_k
     return None
 
 
+def decoder_matrix_parameters(facts: ModelFacts) -> int:
+    """GGUF: every tensor but the token-embedding lookup, unless that is also the output head."""
+    if facts.tensors:
+        return sum(t.n_elements for t in facts.tensors if facts.tied_embeddings or t.name != "token_embd.weight")
+    embedding = facts.n_vocab * facts.n_embd
+    return facts.parameters - (0 if facts.tied_embeddings else embedding)
+
+
+def encoder_matrix_parameters(facts: ModelFacts) -> int:
+    """ONNX, BERT-like: embeddings are a lookup; 4 attention + 2 feed-forward matrices per layer."""
+    n_ff = facts.n_ff or 4 * facts.n_embd
+    return facts.n_layer * (4 * facts.n_embd * facts.n_embd + 2 * facts.n_embd * n_ff)
+
+
 def from_manifest(manifest: Manifest) -> ModelFacts:
     """Facts of an existing bundle: sizes as measured, shapes from the manifest's format facts."""
-    if manifest.format == "gguf":
-        return _gguf_from_manifest(manifest)
-    return _onnx_from_manifest(manifest)
+    return FORMATS[manifest.format].hook("facts_from_manifest")(manifest)
 
 
-def _gguf_from_manifest(manifest: Manifest) -> ModelFacts:
+def gguf_from_manifest(manifest: Manifest) -> ModelFacts:
+    """GGUF bundle: shapes from the manifest's gguf facts, per-tensor types from llama.cpp's quantization rules."""
     g = manifest.gguf
     if g is None:
         raise ConfigError(f"bundle {manifest.name}: GGUF manifest without 'gguf' facts; re-export it")
@@ -155,7 +162,7 @@ def _gguf_from_manifest(manifest: Manifest) -> ModelFacts:
     else:
         notes.append("per-tensor types unknown (not a llama-style layout or file type); weight repacking not estimated")
     return ModelFacts(
-        name=manifest.name, format="gguf", task=manifest.task, quant=g.quant_type, parameters=manifest.parameters,
+        name=manifest.name, format=manifest.format, task=manifest.task, quant=g.quant_type, parameters=manifest.parameters,
         n_layer=g.n_layer, n_embd=g.n_embd, n_head=g.n_head, n_head_kv=g.n_head_kv, head_dim_k=head_k, head_dim_v=head_v,
         n_vocab=g.n_vocab, context_length=g.context_length, weights_bytes=manifest.file(".gguf").bytes,
         bundle_bytes=manifest.total_bytes, origin="bundle", n_ff=n_ff, tied_embeddings=tied, tensors=tensors,
@@ -163,13 +170,14 @@ def _gguf_from_manifest(manifest: Manifest) -> ModelFacts:
     )
 
 
-def _onnx_from_manifest(manifest: Manifest) -> ModelFacts:
+def onnx_from_manifest(manifest: Manifest) -> ModelFacts:
+    """ONNX bundle: shapes from the manifest's onnx facts, weights as the initializers' bytes."""
     o = manifest.onnx
     if o is None or not o.hidden_size or not o.n_layer:
         raise ConfigError(f"bundle {manifest.name}: ONNX manifest without layer count and hidden size; re-export it")
     n_head = max(o.hidden_size // 64, 1)  # 64-wide heads, as in every BERT-family config in the recipe library
     return ModelFacts(
-        name=manifest.name, format="onnx", task=manifest.task, quant=manifest.quantization, parameters=manifest.parameters,
+        name=manifest.name, format=manifest.format, task=manifest.task, quant=manifest.quantization, parameters=manifest.parameters,
         n_layer=o.n_layer, n_embd=o.hidden_size, n_head=n_head, n_head_kv=n_head, head_dim_k=64, head_dim_v=64,
         n_vocab=0, context_length=manifest.runtime.max_length, weights_bytes=o.initializer_bytes,
         bundle_bytes=manifest.total_bytes, origin="bundle", max_length=manifest.runtime.max_length,
@@ -185,31 +193,43 @@ def from_recipe(recipe: Recipe, target: OnnxTarget | GgufTarget) -> ModelFacts:
             f"recipe {recipe.name}: no 'architecture:' facts, so sizes cannot be predicted before download",
             hint="add an architecture: block with the source's config.json facts (see recipes/ for examples)",
         )
-    name = recipe.bundle_name(target)
+    return FORMATS[target.format].hook("facts_from_recipe")(recipe, target, arch)
+
+
+def _common_recipe_facts(recipe: Recipe, target: OnnxTarget | GgufTarget, arch: ArchitectureFacts) -> dict:
     head_dim = arch.head_dim or arch.hidden_size // arch.n_head
-    common = dict(
-        name=name, task=recipe.task, parameters=arch.parameters, n_layer=arch.n_layer, n_embd=arch.hidden_size,
-        n_head=arch.n_head, n_head_kv=arch.n_head_kv, head_dim_k=head_dim, head_dim_v=head_dim, n_vocab=arch.vocab_size,
-        n_ff=arch.intermediate_size, tied_embeddings=arch.tie_word_embeddings, origin="recipe",
+    return dict(
+        name=recipe.bundle_name(target), format=target.format, task=recipe.task, parameters=arch.parameters,
+        n_layer=arch.n_layer, n_embd=arch.hidden_size, n_head=arch.n_head, n_head_kv=arch.n_head_kv,
+        head_dim_k=head_dim, head_dim_v=head_dim, n_vocab=arch.vocab_size, n_ff=arch.intermediate_size,
+        tied_embeddings=arch.tie_word_embeddings, origin="recipe",
     )
-    if target.format == "gguf":
-        shape, notes = _closest_shape(arch)
-        tensors = tuple(quantized_tensors(shape, target.quant))
-        tensor_bytes = gguf_tensor_bytes(shape, target.quant)
-        # Sizes scale to the recorded parameter count when the layout is not exactly llama-style.
-        scale = arch.parameters / shape.parameters
-        weights = int(tensor_bytes * scale + GGUF_HEADER_BYTES_PER_TOKEN * arch.vocab_size)
-        return ModelFacts(
-            format="gguf", quant=target.quant, context_length=recipe.max_length or arch.context_length,
-            weights_bytes=weights, bundle_bytes=weights, tensors=tensors, notes=tuple(notes), **common,
-        )
+
+
+def gguf_from_recipe(recipe: Recipe, target: GgufTarget, arch: ArchitectureFacts) -> ModelFacts:
+    """GGUF target: tensor types and file size from llama.cpp's quantization rules over the closest llama shape."""
+    shape, notes = _closest_shape(arch)
+    tensors = tuple(quantized_tensors(shape, target.quant))
+    tensor_bytes = gguf_tensor_bytes(shape, target.quant)
+    # Sizes scale to the recorded parameter count when the layout is not exactly llama-style.
+    scale = arch.parameters / shape.parameters
+    weights = int(tensor_bytes * scale + GGUF_HEADER_BYTES_PER_TOKEN * arch.vocab_size)
+    return ModelFacts(
+        quant=target.quant, context_length=recipe.max_length or arch.context_length,
+        weights_bytes=weights, bundle_bytes=weights, tensors=tensors, notes=tuple(notes),
+        **_common_recipe_facts(recipe, target, arch),
+    )
+
+
+def onnx_from_recipe(recipe: Recipe, target: OnnxTarget, arch: ArchitectureFacts) -> ModelFacts:
+    """ONNX target: initializer bytes of the quantized encoder plus its tokenizer.json."""
     weights = onnx_weight_bytes(arch, target, recipe.task)
     max_length = min(recipe.max_length or arch.context_length, arch.context_length)
     tokenizer = int(TOKENIZER_JSON_BYTES_PER_TOKEN * arch.vocab_size)
     quant = target.quantization.label if target.quantization else "fp32"
     return ModelFacts(
-        format="onnx", quant=quant, context_length=max_length, weights_bytes=weights, bundle_bytes=weights + tokenizer,
-        max_length=max_length, **common,
+        quant=quant, context_length=max_length, weights_bytes=weights, bundle_bytes=weights + tokenizer,
+        max_length=max_length, **_common_recipe_facts(recipe, target, arch),
     )
 
 
@@ -219,7 +239,7 @@ def onnx_weight_bytes(arch: ArchitectureFacts, target: OnnxTarget, task: str) ->
     matrices = arch.n_layer * (4 * h * h + 2 * h * ff)
     embeddings = (arch.vocab_size + arch.context_length) * h
     rest = max(arch.parameters - matrices - embeddings, 0)
-    if task in ("feature-extraction", "token-classification") and rest >= h * h + h:
+    if not TASKS[task].reads_pooler and rest >= h * h + h:
         # A BERT pooler (h x h + h) in the checkpoint is unused by these heads and pruned from the graph
         # (all-MiniLM-L6-v2: 147,840 of its 22.7M parameters).
         rest -= h * h + h

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from edgekit.fit.facts import ModelFacts
+from edgekit.formats import FORMATS
 from edgekit.schema.device import IsaFeatures
 
 MIB = 1 << 20
@@ -17,7 +18,8 @@ MIB = 1 << 20
 # Resident set of a fresh process after importing the runtime stack, plus what the runtime allocates
 # outside the terms below (llama.cpp context bookkeeping; ONNX Runtime's library pages touched at
 # session creation). Measured on x86-64: docs/device-facts.md, "Constants edgekit measured itself".
-RUNTIME_BASE = {"gguf": 44 * MIB, "onnx": 69 * MIB}
+LLAMA_RUNTIME_BASE = 44 * MIB
+ORT_RUNTIME_BASE = 69 * MIB
 # edgekit serve's web stack (fastapi, uvicorn, prometheus-client, jinja2) on top of the runtime (measured).
 DAEMON_EXTRA = 26 * MIB
 # llama.cpp's vocabulary in RAM (token strings, lookup maps, BPE merge ranks): 17 MiB for SmolLM2's
@@ -146,27 +148,51 @@ def repacked_bytes(facts: ModelFacts, isa: IsaFeatures | None) -> int:
     return total
 
 
+def llama_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int]:
+    """llama.cpp's terms: (weights, repacked, kv_cache, compute, compute_reserved, runtime without the daemon)."""
+    repacked = repacked_bytes(facts, isa)
+    kv = kv_cache_bytes(facts, settings.n_ctx, settings.parallel, settings.kv_type)
+    compute = compute_buffer_bytes(facts, settings) + work_buffer_bytes(facts, settings)
+    reserved = compute_buffer_bytes(facts, settings, n_outputs=min(settings.n_ubatch, settings.n_ctx * settings.parallel))
+    runtime = LLAMA_RUNTIME_BASE + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
+    return facts.weights_bytes, repacked, kv, compute, reserved, runtime
+
+
+def ort_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int]:
+    """ONNX Runtime's terms (no KV cache, nothing repacked out of a mapping), in the order of ``llama_memory``."""
+    n_ff = facts.n_ff or 4 * facts.n_embd
+    tokens = settings.parallel * min(settings.n_ctx, facts.max_length or settings.n_ctx)
+    compute = int(tokens * ORT_FLOATS_PER_TOKEN_UNIT * (2 * facts.n_embd + n_ff) * 4)
+    weights = int(facts.weights_bytes * ORT_WEIGHT_COPIES)
+    return weights, 0, 0, compute, compute, ORT_RUNTIME_BASE + ORT_SESSION_EXTRA
+
+
 def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None = None) -> MemoryEstimate:
     """Peak resident bytes of one runtime process serving ``facts`` with ``settings`` on a CPU with ``isa``."""
     daemon = DAEMON_EXTRA if settings.daemon else 0
-    if facts.format == "gguf":
-        repacked = repacked_bytes(facts, isa)
-        kv = kv_cache_bytes(facts, settings.n_ctx, settings.parallel, settings.kv_type)
-        compute = compute_buffer_bytes(facts, settings) + work_buffer_bytes(facts, settings)
-        reserved = compute_buffer_bytes(facts, settings, n_outputs=min(settings.n_ubatch, settings.n_ctx * settings.parallel))
-        runtime = RUNTIME_BASE["gguf"] + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab + daemon
-        weights = facts.weights_bytes
-    else:
-        repacked, kv = 0, 0
-        n_ff = facts.n_ff or 4 * facts.n_embd
-        tokens = settings.parallel * min(settings.n_ctx, facts.max_length or settings.n_ctx)
-        compute = int(tokens * ORT_FLOATS_PER_TOKEN_UNIT * (2 * facts.n_embd + n_ff) * 4)
-        reserved = compute
-        weights = int(facts.weights_bytes * ORT_WEIGHT_COPIES)
-        runtime = RUNTIME_BASE["onnx"] + ORT_SESSION_EXTRA + daemon
+    weights, repacked, kv, compute, reserved, runtime = FORMATS[facts.format].hook("memory")(facts, settings, isa)
+    runtime += daemon
     total = weights + repacked + kv + compute + runtime
     # Repacked tensors are copied out of the mapping at load; the kernel can drop those clean file
     # pages under memory pressure without any cost, so they do not count against the board's RAM.
     required = total - repacked
     return MemoryEstimate(weights=weights, repacked=repacked, kv_cache=kv, compute=compute, runtime=runtime,
                           total=total, required=required, compute_reserved=reserved)
+
+
+def llama_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
+                       batch_max_tokens: int) -> int:
+    """A daemon worker serving a GGUF bundle: ``slots`` llama.cpp contexts over one mmapped file, so each slot
+    past the first adds its KV cache, compute buffers and vocabulary."""
+    one = estimate_memory(facts, RunSettings(n_ctx=n_ctx, parallel=1, n_ubatch=n_ubatch, daemon=False))
+    per_extra_slot = one.kv_cache + one.compute + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
+    return one.total + (slots - 1) * per_extra_slot
+
+
+def ort_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
+                     batch_max_tokens: int) -> int:
+    """A daemon worker serving an ONNX bundle: the worst run is ``batch_max_tokens`` tokens (the worker splits
+    micro-batches to stay within it) of inputs up to the bundle's max_length."""
+    max_length = facts.max_length or facts.context_length
+    texts = max(1, min(batch_max, batch_max_tokens // max_length))
+    return estimate_memory(facts, RunSettings(n_ctx=max_length, parallel=texts, daemon=False)).total

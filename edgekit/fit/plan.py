@@ -9,7 +9,9 @@ from edgekit.fit.estimate import FitReport, FitSettings, fit
 from edgekit.fit.facts import from_recipe
 from edgekit.fit.quant import PLAN_LADDER, QUALITY_ORDER
 from edgekit.schema.device import Device
-from edgekit.schema.recipe import GgufTarget, Recipe
+from edgekit.formats import FORMATS, TASKS
+from edgekit.formats.gguf import NAME as GGUF
+from edgekit.schema.recipe import GgufTarget, OnnxTarget, Recipe
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,21 @@ def _quality_rank(quant: str) -> int:
     return QUALITY_ORDER.index(quant) if quant in QUALITY_ORDER else len(QUALITY_ORDER)
 
 
+def recipe_targets(recipe: Recipe) -> list[tuple[OnnxTarget | GgufTarget, bool]]:
+    """ONNX: the recipe's own targets, in recipe order."""
+    return [(t, True) for t in recipe.targets]
+
+
+def quant_ladder(recipe: Recipe) -> list[tuple[GgufTarget, bool]]:
+    """GGUF: the recipe's targets plus the usual quant ladder, best quality first."""
+    targets = recipe_targets(recipe)
+    present = {t.quant for t in recipe.targets}
+    targets += [(GgufTarget(format=GGUF, name=q.lower().replace("_", "-"), quant=q), False)
+                for q in PLAN_LADDER if q not in present]
+    targets.sort(key=lambda item: _quality_rank(item[0].quant))
+    return targets
+
+
 def plan(recipe: Recipe, device: Device, settings: FitSettings, catalog: Iterable[Device] = ()) -> Plan:
     """Fit every target (and, for GGUF, the usual quant ladder) and pick the highest quality that passes.
 
@@ -46,12 +63,7 @@ def plan(recipe: Recipe, device: Device, settings: FitSettings, catalog: Iterabl
     A candidate that only passes inside the headroom or speed margin (warn) is chosen when nothing passes.
     """
     catalog = list(catalog)
-    targets = [(t, True) for t in recipe.targets]
-    if recipe.task == "text-generation":
-        present = {t.quant for t in recipe.targets if t.format == "gguf"}
-        targets += [(GgufTarget(format="gguf", name=q.lower().replace("_", "-"), quant=q), False)
-                    for q in PLAN_LADDER if q not in present]
-        targets.sort(key=lambda item: _quality_rank(item[0].quant))
+    targets = FORMATS[TASKS[recipe.task].format].hook("plan_candidates")(recipe)
     candidates = [Candidate(target.name, in_recipe, fit(from_recipe(recipe, target), device, settings, catalog))
                   for target, in_recipe in targets]
     best = next((c for c in candidates if c.report.verdict == "pass"), None)

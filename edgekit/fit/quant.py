@@ -9,55 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# ggml type -> (weights per block, bytes per block). Source: ggml/src/ggml-common.h block structs
-# (block_q4_0 = f16 scale + 16 bytes, block_q4_K = 2 f16 + 12 scale bytes + 128 quant bytes, ...).
-GGML_TYPES: dict[str, tuple[int, int]] = {
-    "F32": (1, 4),
-    "F16": (1, 2),
-    "BF16": (1, 2),
-    "Q8_0": (32, 34),
-    "Q5_0": (32, 22),
-    "Q5_1": (32, 24),
-    "Q4_0": (32, 18),
-    "Q4_1": (32, 20),
-    "IQ4_NL": (32, 18),
-    "Q2_K": (256, 84),
-    "Q3_K": (256, 110),
-    "Q4_K": (256, 144),
-    "Q5_K": (256, 176),
-    "Q6_K": (256, 210),
-}
+from edgekit.formats.gguf import FILE_TYPES as GGUF_FILE_TYPES
+from edgekit.formats.gguf import GGML_TYPES
 
 # llama.cpp file type (recipe `quant:`) -> default ggml type of its matrices.
-# Source: llama.cpp src/llama-quant.cpp, llama_model_quantize_impl (switch on ftype).
-FILE_TYPES: dict[str, str] = {
-    "F32": "F32",
-    "F16": "F16",
-    "BF16": "BF16",
-    "Q8_0": "Q8_0",
-    "Q6_K": "Q6_K",
-    "Q5_K_M": "Q5_K",
-    "Q5_0": "Q5_0",
-    "Q4_K_M": "Q4_K",
-    "Q4_K_S": "Q4_K",
-    "Q4_0": "Q4_0",
-    "Q4_1": "Q4_1",
-    "Q3_K_M": "Q3_K",
-    "Q2_K": "Q2_K",
-}
+FILE_TYPES: dict[str, str] = {name: file_type.main_type for name, file_type in GGUF_FILE_TYPES.items()}
 
-# Published bits per weight of whole files (Llama-3.1-8B; llama.cpp tools/quantize/README.md,
-# docs/device-facts.md). Shown next to the per-model prediction; small models differ (see module doc).
-PUBLISHED_BPW: dict[str, float] = {"Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56, "Q8_0": 8.50}
+# Published bits per weight of whole files (Llama-3.1-8B). Shown next to the per-model prediction;
+# small models differ (see module doc).
+PUBLISHED_BPW: dict[str, float] = {name: t.published_bpw for name, t in GGUF_FILE_TYPES.items() if t.published_bpw}
 
 # When a tensor's row width is not a multiple of the chosen type's block, llama.cpp falls back.
 # Source: llama-quant.cpp, llama_tensor_get_type, `convert_incompatible_tensor`.
 FALLBACK: dict[str, str] = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
-# Quality order for `edgekit plan`: the first that fits wins. Mean KL divergence vs FP16 on
-# Llama-3-8B rises down this list (llama.cpp tools/perplexity/README.md; docs/device-facts.md).
-QUALITY_ORDER = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K"]
-PLAN_LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+# Quality order for `edgekit plan`: the first that fits wins (mean KL divergence vs FP16 rises down the list).
+QUALITY_ORDER = sorted((name for name, t in GGUF_FILE_TYPES.items() if t.kld_rank is not None),
+                       key=lambda name: GGUF_FILE_TYPES[name].kld_rank)
+PLAN_LADDER = [name for name, t in GGUF_FILE_TYPES.items() if t.in_plan_ladder]
 
 
 def tensor_bytes(ggml_type: str, n_elements: int, row: int) -> int:

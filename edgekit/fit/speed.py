@@ -25,6 +25,7 @@ from typing import Literal
 
 from edgekit.fit.facts import ModelFacts
 from edgekit.fit.quant import FALLBACK, FILE_TYPES, GGML_TYPES, PUBLISHED_BPW
+from edgekit.formats import FORMATS
 from edgekit.schema.device import CalibrationPoint, Device
 
 # Peak multiply-accumulate throughput per core and cycle, counted as 2 operations per MAC:
@@ -210,6 +211,16 @@ def _main_type(quant: str, row: int | None = None) -> str:
 
 
 def workload_of(facts: ModelFacts) -> Workload:
+    """The per-token work of a model from its facts, as its format costs it."""
+    return FORMATS[facts.format].hook("workload")(facts)
+
+
+def onnx_workload(facts: ModelFacts) -> Workload:
+    """ONNX encoders: the matrix work, with kernels chosen by the quantization label (ONNX_SCHEMES)."""
+    return replace(gguf_workload(facts), onnx_quant=facts.quant)
+
+
+def gguf_workload(facts: ModelFacts) -> Workload:
     """The per-token work of a model from its facts (per-tensor types when known)."""
     if facts.tensors:
         streamed = [t for t in facts.tensors if facts.tied_embeddings or t.name != "token_embd.weight"]
@@ -227,7 +238,7 @@ def workload_of(facts: ModelFacts) -> Workload:
         streamed_bytes=facts.streamed_bytes_per_token, matrix_weights=weights, float_path=float_path,
         dequant_cost=cost, n_layer=facts.n_layer, weights_by_type=tuple(sorted(by_type.items())),
         kv_bytes_per_token=facts.kv_bytes_per_token(), attention_heads=facts.n_layer * facts.n_head,
-        head_dim=facts.head_dim_k, onnx_quant=facts.quant if facts.format == "onnx" else "",
+        head_dim=facts.head_dim_k,
     )
 
 
@@ -244,25 +255,38 @@ def bits_per_weight_of(quant: str) -> float:
 
 def workload_of_point(point: CalibrationPoint) -> Workload:
     """The work of a published measurement, from what the source reports (size, parameters, quant)."""
+    return FORMATS[point.format].hook("point_workload")(point)
+
+
+def gguf_point_workload(point: CalibrationPoint) -> Workload:
+    """A GGUF point: its hidden size tells which matrices fall back from K-quant blocks (a 960-wide
+    SmolLM-360M row does not divide into 256: Q4_K_M is mostly Q5_0 there)."""
     weights_bytes = point.weights_bytes or point.parameters * bits_per_weight_of(point.quant) / 8
+    return _point_workload(point, weights_bytes, point.parameters, _main_type(point.quant, point.hidden_size))
+
+
+def onnx_point_workload(point: CalibrationPoint) -> Workload:
+    """An ONNX encoder point: BERT-style, embeddings are lookups; kernels from the quantization label."""
+    weights_bytes = point.weights_bytes or point.parameters * bits_per_weight_of(point.quant) / 8
+    matrix_weights = point.parameters
+    if point.n_layer and point.hidden_size:
+        matrix_weights = 12 * point.n_layer * point.hidden_size**2
+        weights_bytes = weights_bytes * matrix_weights / point.parameters  # the matrices' share, as for bundles
+    work = _point_workload(point, weights_bytes, matrix_weights, _main_type(point.quant))
+    return replace(work, onnx_quant=point.quant)
+
+
+def _point_workload(point: CalibrationPoint, weights_bytes: float, matrix_weights: float, main: str) -> Workload:
     float_path, cost = _file_type_cost(point.quant)  # GGUF; ONNX encoders are costed by onnx_quant
     # Layer count when the source does not give it: ~4.5 per doubling of size above 10M (SmolLM2-135M: 30,
     # TinyLlama-1.1B: 22, Llama-3.2-3B: 28 are given; this is only the per-token overhead term).
     n_layer = point.n_layer or max(int(round(4.5 * math.log2(point.parameters / 1e7))), 4)
-    matrix_weights = point.parameters
-    if point.format == "onnx" and point.n_layer and point.hidden_size:
-        matrix_weights = 12 * point.n_layer * point.hidden_size**2  # BERT-style: embeddings are lookups
-        weights_bytes = weights_bytes * matrix_weights / point.parameters  # the matrices' share, as for bundles
-    # A GGUF point's hidden size tells which matrices fall back from K-quant blocks (a 960-wide
-    # SmolLM-360M row does not divide into 256: Q4_K_M is mostly Q5_0 there).
-    main = _main_type(point.quant, point.hidden_size if point.format == "gguf" else None)
     attention = {}
     if point.context_tokens:  # the schema requires the attention shape then; K and V cached as f16
         attention = dict(kv_bytes_per_token=n_layer * point.n_head_kv * 2 * point.head_dim * 2.0,
                          attention_heads=n_layer * point.n_head, head_dim=point.head_dim)
     return Workload(streamed_bytes=weights_bytes, matrix_weights=matrix_weights, float_path=float_path,
-                    dequant_cost=cost, n_layer=n_layer, weights_by_type=((main, matrix_weights),),
-                    onnx_quant=point.quant if point.format == "onnx" else "", **attention)
+                    dequant_cost=cost, n_layer=n_layer, weights_by_type=((main, matrix_weights),), **attention)
 
 
 def _peak_ops(device: Device, threads: int | None, float_path: bool) -> float:

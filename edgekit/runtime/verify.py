@@ -1,42 +1,41 @@
 """Check a bundle completely before any backend opens it: manifest hashes, then the format's own header checks.
 
 ``verify_for_runtime(bundle_dir)`` is what the daemon runs (in a subprocess) for every bundle it
-finds and again, inside the worker, right before loading. A new format is one row in
-``FORMAT_CHECKS``.
+finds and again, inside the worker, right before loading. Each format's check is the
+``runtime_check`` hook of its spec in ``edgekit.formats``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from edgekit.bundle import bundle_path_inside, verify_bundle
 from edgekit.errors import BundleError
+from edgekit.formats import FORMATS
 from edgekit.schema.manifest import Manifest
 
-# Tasks the runtime can serve, by bundle format.
-SERVABLE_TASKS: dict[str, tuple[str, ...]] = {
-    "gguf": ("text-generation",),
-    "onnx": ("feature-extraction", "text-classification", "token-classification"),
-}
+# Tasks the runtime can serve, by bundle format (from the task table).
+SERVABLE_TASKS: dict[str, tuple[str, ...]] = {name: spec.tasks for name, spec in FORMATS.items()}
 
 
 def model_file(bundle_dir: Path, manifest: Manifest) -> Path:
     """The bundle's model file (the one ``.gguf`` or ``.onnx`` file of the manifest), inside the bundle."""
     try:
-        entry = manifest.file(f".{manifest.format}")
+        entry = manifest.file(FORMATS[manifest.format].model_suffix)
     except KeyError as exc:
         raise BundleError(f"{bundle_dir}: {exc.args[0]}", hint="a bundle holds exactly one model file") from exc
     return bundle_path_inside(bundle_dir, entry.path)
 
 
-def _check_gguf(bundle_dir: Path, manifest: Manifest) -> None:
+def check_gguf_bundle(bundle_dir: Path, manifest: Manifest) -> None:
+    """Header counts, string lengths and tensor extents vs file size (docs/reliability.md case 1)."""
     from edgekit.runtime.gguf_file import read_gguf_header
 
     read_gguf_header(model_file(bundle_dir, manifest))
 
 
-def _check_onnx(bundle_dir: Path, manifest: Manifest) -> None:
+def check_onnx_bundle(bundle_dir: Path, manifest: Manifest) -> None:
+    """External-data locations stay in the bundle (docs/reliability.md case 3); the tokenizer is listed."""
     from edgekit.runtime.checks import check_onnx_external_data
 
     check_onnx_external_data(model_file(bundle_dir, manifest), Path(bundle_dir))
@@ -44,11 +43,6 @@ def _check_onnx(bundle_dir: Path, manifest: Manifest) -> None:
         raise BundleError(f"{bundle_dir}: no tokenizer.json listed in the manifest")
 
 
-# Bundle format -> checks of the model file that run before the backend sees it.
-FORMAT_CHECKS: dict[str, Callable[[Path, Manifest], None]] = {
-    "gguf": _check_gguf,  # header counts, string lengths and tensor extents vs file size (docs/reliability.md case 1)
-    "onnx": _check_onnx,  # external-data locations stay in the bundle (docs/reliability.md case 3)
-}
 
 
 def verify_for_runtime(bundle_dir: Path) -> Manifest:
@@ -59,5 +53,5 @@ def verify_for_runtime(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{bundle_dir}: its quality gates failed at export; it is not served")
     if manifest.task not in SERVABLE_TASKS.get(manifest.format, ()):
         raise BundleError(f"{bundle_dir}: task {manifest.task!r} is not servable from a {manifest.format} bundle")
-    FORMAT_CHECKS[manifest.format](bundle_dir, manifest)
+    FORMATS[manifest.format].hook("runtime_check")(bundle_dir, manifest)
     return manifest

@@ -1,8 +1,8 @@
 """Recipe: how one source model becomes one or more verified bundles.
 
 A recipe's ``targets`` are a discriminated union on ``format``; the format value is also the
-key of the exporter registry in ``edgekit.export``, so a new format is one schema class here
-and one module there.
+key of the format registry in ``edgekit.formats``, so a new format is one schema class here
+and one spec module there. Task and quant names come from the registry's tables.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, model_validator
 
 from edgekit.errors import RecipeError
+from edgekit.formats import TASKS, tasks_of
+from edgekit.formats.gguf import FILE_TYPES
 from edgekit.schema.loading import Strict, load_yaml_model
 
-Task = Literal["feature-extraction", "text-classification", "token-classification", "text-generation"]
-ENCODER_TASKS = ("feature-extraction", "text-classification", "token-classification")
+Task = Literal[tuple(TASKS)]
 
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=80)]
 
@@ -130,7 +131,7 @@ class OnnxTarget(Strict):
     gates: Gates | None = Field(None, description="Replaces validation.gates for this target.")
 
 
-GgufQuant = Literal["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1", "Q3_K_M", "Q2_K"]
+GgufQuant = Literal[tuple(FILE_TYPES)]
 
 
 class GgufTarget(Strict):
@@ -213,10 +214,9 @@ class Recipe(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"target names must be unique, got {names}")
         for target in self.targets:
-            if target.format == "onnx" and self.task not in ENCODER_TASKS:
-                raise ValueError(f"target '{target.name}': format onnx is for {', '.join(ENCODER_TASKS)}, not {self.task}")
-            if target.format == "gguf" and self.task != "text-generation":
-                raise ValueError(f"target '{target.name}': format gguf is for text-generation, not {self.task}")
+            served = tasks_of(target.format)
+            if self.task not in served:
+                raise ValueError(f"target '{target.name}': format {target.format} is for {', '.join(served)}, not {self.task}")
         return self
 
     def bundle_name(self, target: OnnxTarget | GgufTarget) -> str:

@@ -27,6 +27,7 @@ from edgekit.export.gguf import quality
 from edgekit.export.gguf.convert import OUTTYPES, ConversionReport, convert_checkpoint
 from edgekit.export.gguf.quantize import LOSSLESS_ENOUGH, quantize
 from edgekit.export.gguf.vocab import normalization_for_pre
+from edgekit.formats.gguf import SPEC as GGUF
 from edgekit.runtime.gguf_file import GgufHeader, gguf_facts, read_gguf_header
 from edgekit.schema.manifest import GgufFacts, RuntimeConfig
 from edgekit.schema.recipe import GgufTarget
@@ -105,7 +106,7 @@ class Reference:
 
 def _reference(job: ExportJob) -> Reference:
     """Convert the checkpoint to f16 and hold it to PyTorch: greedy next token on >= 99 % of positions."""
-    key = ("gguf", "reference")
+    key = (GGUF.name, "reference")
     if key in job.memo:
         return job.memo[key]
     source = job.source.path
@@ -240,7 +241,7 @@ def _from_gguf(job: ExportJob) -> BuildResult:
 def quality_tools() -> dict[str, str]:
     from edgekit.export.reference import tool_versions
 
-    return tool_versions("gguf", "llama_cpp_python", "numpy", "torch", "transformers")
+    return tool_versions(*GGUF.build_tools)
 
 
 def build(job: ExportJob) -> BuildResult:

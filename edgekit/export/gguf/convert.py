@@ -23,14 +23,14 @@ from gguf import GGML_QUANT_VERSION, MODEL_TENSORS, GGMLQuantizationType, GGUFWr
 from edgekit.errors import ExportError, SourceError
 from edgekit.export.gguf.architectures import Architecture, architecture_for
 from edgekit.export.gguf.vocab import Vocabulary, build_vocabulary
+from edgekit.formats.gguf import FILE_TYPES
 
 Progress = Callable[[str], None]
 
 # Output type of the weight matrices -> (ggml type, llama.cpp file type).
 OUTTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
-    "F32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-    "F16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-    "BF16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+    name: (GGMLQuantizationType[t.main_type], LlamaFileType[t.ftype.removeprefix("LLAMA_FTYPE_")])
+    for name, t in FILE_TYPES.items() if t.converter_output
 }
 # safetensors dtype -> numpy dtype holding the raw values (bf16 is read as uint16 bits).
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}

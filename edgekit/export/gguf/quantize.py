@@ -12,26 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgekit.errors import ExportError
+from edgekit.formats.gguf import FILE_TYPES
 
-# Recipe quant name -> llama_ftype constant in llama_cpp (llama.h enum llama_ftype). The K-quant
-# mixes (_M/_S) are llama.cpp's per-tensor recipes: e.g. Q4_K_M keeps half of attn_v/ffn_down in Q6_K.
-QUANT_FTYPES: dict[str, str] = {
-    "F32": "LLAMA_FTYPE_ALL_F32",
-    "F16": "LLAMA_FTYPE_MOSTLY_F16",
-    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
-    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
-    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
-    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
-}
+# Recipe quant name -> llama_ftype constant in llama_cpp (the file-type table of edgekit.formats.gguf).
+QUANT_FTYPES: dict[str, str] = {name: file_type.ftype for name, file_type in FILE_TYPES.items()}
 # Source file types that are precise enough to start from without opting in (issue 3).
-LOSSLESS_ENOUGH = ("F32", "F16", "BF16", "Q8_0")
+LOSSLESS_ENOUGH = tuple(name for name, file_type in FILE_TYPES.items() if file_type.lossless_enough)
 
 
 def default_threads() -> int:
