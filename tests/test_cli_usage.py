@@ -58,3 +58,25 @@ def test_h_is_help_everywhere(args, tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr
     assert f"Usage: edgekit {' '.join(a for a in args if not a.startswith('-'))}".rstrip() in done.stdout
     assert "-h" in done.stdout and "--help" in done.stdout
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("fit", "--recipe", RECIPE, "--ctx", "0"), "--ctx 0: must be at least 1"),
+    (("fit", "--recipe", RECIPE, "--ctx", "-5"), "--ctx -5: must be at least 1"),
+    (("fit", "--recipe", RECIPE, "--parallel", "0"), "--parallel 0: must be at least 1 and at most 256"),
+    (("fit", "--recipe", RECIPE, "--headroom", "2"), "--headroom 2.0: must be at least 0 and less than 1"),
+    (("fit", "--recipe", RECIPE, "--threads", "0"), "--threads 0: must be at least 1"),
+    (("fit", "--recipe", RECIPE, "--min-tok-s", "-1"), "--min-tok-s -1.0: must be greater than 0"),
+    (("plan", RECIPE, "-d", "rpi-5-8gb", "--ctx", "0"), "--ctx 0: must be at least 1"),
+    (("plan", RECIPE, "-d", "rpi-5-8gb", "--max-latency-ms", "0"), "--max-latency-ms 0.0: must be greater than 0"),
+    (("serve", "--port", "70000"), "--port 70000: must be at least 0 and at most 65535"),
+    (("profile-host", "--id", "My Host"), "--id 'My Host' is not a valid device id"),
+    (("profile-host", "--bandwidth-mib", "0"), "Invalid value for '--bandwidth-mib'"),
+    (("bench", "x", "--threads", "0"), "Invalid value for '--threads'"),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_out_of_range_values_name_the_flag_and_range(args, expected, tmp_path):
+    done = edgekit_cli(*args, tmp_path=tmp_path)
+    text = done.stdout + done.stderr
+    assert done.returncode == 2, text
+    assert "Traceback" not in text and "pydantic" not in text
+    assert expected in text

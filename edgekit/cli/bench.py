@@ -17,8 +17,8 @@ from edgekit.cli import JsonFlag, app, emit_json, err, out
 def bench_cmd(
     bundles: Annotated[list[Path], typer.Argument(help="Bundle directories.")],
     prompt_file: Annotated[Path, typer.Option(help="Prompt text (GGUF) or one text per line (ONNX).")] = None,
-    ctx: Annotated[int, typer.Option(help="Context window for GGUF bundles.")] = 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads (default: all cores).")] = os.cpu_count() or 1,
+    ctx: Annotated[int, typer.Option(min=1, help="Context window for GGUF bundles.")] = 2048,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads (default: all cores).")] = os.cpu_count() or 1,
     runs: Annotated[int, typer.Option(min=1, help="Counted runs per bundle (after one warm-up run).")] = 5,
     decode_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per GGUF run.")] = 64,
     plot: Annotated[Path, typer.Option(help="Write a PNG of quality vs size vs speed.")] = None,

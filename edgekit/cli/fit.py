@@ -12,6 +12,7 @@ from rich.table import Table
 
 from edgekit.bench.profile import DECODE_DEPTH, MIN_DEPTH
 from edgekit.cli import JsonFlag, app, emit_json, err, out, status
+from edgekit.cli.flags import build_settings
 from edgekit.errors import BundleError, ConfigError, DeviceError, EdgekitError, GateFailed
 
 devices_app = typer.Typer(no_args_is_help=True, help="The device catalog: boards, their specs and measured speeds.")
@@ -114,12 +115,16 @@ def _manifest_of(ref: str):
     return read_manifest(path)
 
 
-def _settings(ctx: int | None, parallel: int, min_tok_s: float | None, max_latency_ms: float | None, flash_attn: bool,
-              daemon: bool, headroom: float, threads: int | None):
+# The FitSettings fields whose flag is not simply --<field-name>.
+FIT_FLAGS = {"n_ctx": "--ctx"}
+
+
+def _settings(ctx: int | None, parallel: int, min_tok_s: float | None, max_latency_ms: float | None, **more):
+    """FitSettings from the flags of fit and plan; an out-of-range value exits 2 naming its flag and range."""
     from edgekit.fit import FitSettings
 
-    return FitSettings(n_ctx=ctx, parallel=parallel, min_tok_s=min_tok_s, max_latency_ms=max_latency_ms,
-                       flash_attn=flash_attn, daemon=daemon, headroom=headroom, threads=threads)
+    return build_settings(FitSettings, dict(n_ctx=ctx, parallel=parallel, min_tok_s=min_tok_s,
+                                                 max_latency_ms=max_latency_ms, **more), FIT_FLAGS)
 
 
 def _report_rows(reports) -> None:
@@ -204,7 +209,8 @@ def fit_cmd(
 
     if not bundles and recipe is None:
         raise typer.BadParameter("give bundle folders or --recipe RECIPE")
-    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn, daemon, headroom, threads)
+    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn=flash_attn, daemon=daemon, headroom=headroom,
+                         threads=threads)
     everything = load_catalog(catalog)
     subjects = [(_manifest_of(ref), None) for ref in bundles or []]
     device_ids = list(device or [])
@@ -232,13 +238,12 @@ def plan_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """The best target (quant type) of a recipe that fits the board and meets the speed floor."""
-    from edgekit.fit import FitSettings
     from edgekit.fit.plan import plan
     from edgekit.schema.device import load_catalog, load_device
     from edgekit.schema.recipe import load_recipe
 
     loaded = load_recipe(recipe).recipe
-    settings = FitSettings(n_ctx=ctx, parallel=parallel, min_tok_s=min_tok_s, max_latency_ms=max_latency_ms)
+    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms)
     everything = load_catalog(catalog)
     result = plan(loaded, load_device(device, catalog), settings, everything.values())
     if as_json:
@@ -289,8 +294,8 @@ def profile_host(
                                            "its id is the file name.")] = None,
     device_id: Annotated[str, typer.Option("--id", help="Id of the profile when it is printed (default: this-host).")] = None,
     bundle: Annotated[list[Path], typer.Option("--bundle", help="Also measure this bundle's speed (GGUF decode or ONNX latency); repeatable.")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="Threads for the speed measurements; default: all cores.")] = None,
-    bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", help="Array size per copy buffer for the bandwidth test.")] = 256,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads for the speed measurements; default: all cores.")] = None,
+    bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", min=1, help="Array size per copy buffer for the bandwidth test.")] = 256,
     depth: Annotated[int, typer.Option("--depth", min=0, help=f"GGUF: also time decode this many tokens into a context "
                                        f"(calibrates attention over the KV cache; at least {MIN_DEPTH}); 0 skips it.")] = DECODE_DEPTH,
     as_json: JsonFlag = False,

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-
 from edgekit.cli import JsonFlag, app, emit_json, err
+from edgekit.cli.flags import build_settings
 from edgekit.errors import ConfigError
 from edgekit.serve.settings import ServeSettings
 
@@ -62,11 +61,7 @@ def settings_parameters() -> list[inspect.Parameter]:
 def settings_from_flags(flags: dict[str, Any]) -> ServeSettings:
     """ServeSettings from the flags that were given (others: environment, then defaults); errors exit 2."""
     given = {k: v for k, v in flags.items() if k in ServeSettings.model_fields and v is not None and v != [] and v != ()}
-    try:
-        return ServeSettings(**given)
-    except ValidationError as exc:
-        lines = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("invalid serve settings:\n  " + "\n  ".join(lines)) from exc
+    return build_settings(ServeSettings, given)
 
 
 def with_settings_flags(function):
