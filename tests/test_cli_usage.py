@@ -80,3 +80,44 @@ def test_out_of_range_values_name_the_flag_and_range(args, expected, tmp_path):
     assert done.returncode == 2, text
     assert "Traceback" not in text and "pydantic" not in text
     assert expected in text
+
+
+GOLDEN_Q8 = REPO / "tests" / "golden" / "bundles" / "smollm2-135m-instruct-q8-0"
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("fit", GOLDEN_Q8, "--junit", "{tmp}"), "--junit {tmp}: is a folder; a file path is expected"),
+    (("fit", GOLDEN_Q8, "--junit", "{tmp}/missing/fit.xml"), "folder {tmp}/missing does not exist"),
+    (("service", "unit", "--memory-budget-mb", "100", "--output", "{tmp}"), "--output {tmp}: is a folder"),
+    (("service", "unit", "--memory-budget-mb", "100", "--output", "{tmp}/missing/u.service"), "folder {tmp}/missing does not exist"),
+    (("bench", GOLDEN_Q8, "--plot", "{tmp}"), "--plot {tmp}: is a folder"),
+    (("bench", GOLDEN_Q8, "--plot", "{tmp}/missing/p.png"), "folder {tmp}/missing does not exist"),
+    (("profile-host", "--out", "{tmp}"), "--out {tmp}: is a folder"),
+    (("profile-host", "--out", "{tmp}/missing/board.yaml"), "folder {tmp}/missing does not exist"),
+    (("bundles", "/no/such/dir"), "/no/such/dir: no such folder"),
+    (("inspect", "/no/such/path"), "/no/such/path: no such bundle"),
+    (("bench", "/no/such/path"), "/no/such/path: no such bundle"),
+    (("fit", "/no/such/path"), "/no/such/path: no such bundle"),
+    (("fit", RECIPE), f"for a recipe, use `edgekit fit --recipe {RECIPE}`"),
+    (("export", RECIPE, "--target", "typo", "--dry-run"), "no target named typo\n  fix: targets are: q8-0, q4-k-m"),
+    (("plan", RECIPE, "-d", "rpi-5-8gb", "-d", "rpi-4-2gb"), "plan takes one --device, got 2: rpi-5-8gb, rpi-4-2gb"),
+], ids=lambda v: " ".join(map(str, v)).replace(str(REPO), "") if isinstance(v, tuple) else None)
+def test_bad_paths_exit_2_with_one_clear_line(args, expected, tmp_path):
+    tmp = str(tmp_path)
+    env_wide = os.environ | {"COLUMNS": "300"}
+    done = subprocess.run([sys.executable, "-m", "edgekit", *(str(a).replace("{tmp}", tmp) for a in args)], cwd=tmp_path,
+                          env=env_wide | {"EDGEKIT_HOME": tmp}, capture_output=True, text=True)
+    text = done.stdout + done.stderr
+    assert done.returncode == 2, text
+    assert "Traceback" not in text
+    assert expected.replace("{tmp}", tmp) in text
+    assert not (tmp_path / "missing").exists()  # missing parent folders are never created
+
+
+def test_github_annotations_stay_out_of_json_on_stdout(tmp_path):
+    import json
+
+    done = edgekit_cli("fit", str(GOLDEN_Q8), "-d", "rpi-zero-2w", "--ctx", "8192", "--github", "--json", tmp_path=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert [r["verdict"] for r in json.loads(done.stdout)] == ["fail"]
+    assert "::error title=edgekit fit%3A smollm2-135m-instruct-q8-0 on rpi-zero-2w::" in done.stderr

@@ -11,11 +11,13 @@ import typer
 from rich.table import Table
 
 from edgekit.cli import JsonFlag, app, emit_json, err, out
+from edgekit.cli.flags import output_file
+from edgekit.library import resolve_bundle
 
 
 @app.command("bench")
 def bench_cmd(
-    bundles: Annotated[list[Path], typer.Argument(help="Bundle directories.")],
+    bundles: Annotated[list[str], typer.Argument(help="Bundle folders (or names under $EDGEKIT_HOME/bundles).")],
     prompt_file: Annotated[Path, typer.Option(help="Prompt text (GGUF) or one text per line (ONNX).")] = None,
     ctx: Annotated[int, typer.Option(min=1, help="Context window for GGUF bundles.")] = 2048,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads (default: all cores).")] = os.cpu_count() or 1,
@@ -34,6 +36,8 @@ def bench_cmd(
     from edgekit.bench.measure import DEFAULT_PROMPT
     from edgekit.bench.run import BenchConfig, bench_bundle
 
+    bundles = [resolve_bundle(ref) for ref in bundles]
+    output_file(plot, "--plot")
     text = prompt_file.read_text(encoding="utf-8") if prompt_file else ""
     config = BenchConfig(threads=threads, ctx=ctx, runs=runs, decode_tokens=decode_tokens,
                          prompt=text or DEFAULT_PROMPT, texts=tuple(text.splitlines()))

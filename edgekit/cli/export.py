@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from edgekit.cli import JsonFlag, app, emit_json, out, status
-from edgekit.errors import EdgekitError, GateFailed
-from edgekit.library import shipped_folder
+from edgekit.errors import ConfigError, EdgekitError, GateFailed, RecipeError
+from edgekit.library import resolve_bundle, shipped_folder
 
 samples_app = typer.Typer(no_args_is_help=True, help="The packaged sample models.")
 recipes_app = typer.Typer(no_args_is_help=True, help="Recipes: how models are exported.")
@@ -113,6 +113,10 @@ def export_cmd(
     from edgekit.schema.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    unknown = sorted(set(target or ()) - {t.name for t in loaded.recipe.targets})
+    if unknown:
+        raise RecipeError(f"{recipe}: no target named {', '.join(unknown)}",
+                          hint=f"targets are: {', '.join(t.name for t in loaded.recipe.targets)}")
     out_dir = out_dir or kit_paths().bundles
     if dry_run:
         from edgekit.export.sources import resolve_source
@@ -136,13 +140,14 @@ def export_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    bundle: Annotated[str, typer.Argument(help="Bundle folder (or name under $EDGEKIT_HOME/bundles).")],
     verify: Annotated[bool, typer.Option(help="Check every file's sha256 against the manifest.")] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """Show a bundle's manifest; with --verify (default) exit 1 if any file differs from it."""
     from edgekit.bundle import read_manifest, verify_bundle
 
+    bundle = resolve_bundle(bundle)
     manifest = verify_bundle(bundle) if verify else read_manifest(bundle)
     if as_json:
         emit_json(json.loads(manifest.model_dump_json()))
@@ -163,6 +168,9 @@ def bundles_cmd(
     from edgekit.bundle import REJECTED_SUFFIX, verify_bundle
     from edgekit.paths import kit_paths
 
+    if directory is not None and not directory.is_dir():
+        problem = "is a file, not a folder of bundles" if directory.exists() else "no such folder"
+        raise ConfigError(f"{directory}: {problem}", hint="pass the folder bundles were exported to (default: $EDGEKIT_HOME/bundles)")
     directory = directory or kit_paths().bundles
     rows, broken = [], []
     for path in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")) if directory.is_dir() else []:

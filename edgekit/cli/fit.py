@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,8 +13,9 @@ from rich.table import Table
 
 from edgekit.bench.profile import DECODE_DEPTH, MIN_DEPTH
 from edgekit.cli import JsonFlag, app, emit_json, err, out, status
-from edgekit.cli.flags import build_settings
-from edgekit.errors import BundleError, ConfigError, DeviceError, EdgekitError, GateFailed
+from edgekit.cli.flags import build_settings, output_file
+from edgekit.errors import ConfigError, DeviceError, EdgekitError, GateFailed
+from edgekit.library import resolve_bundle
 
 devices_app = typer.Typer(no_args_is_help=True, help="The device catalog: boards, their specs and measured speeds.")
 app.add_typer(devices_app, name="devices")
@@ -99,20 +101,10 @@ def devices_show(device: Annotated[str, typer.Argument(help="Device id or profil
 # -- fit -----------------------------------------------------------------------------------------
 
 def _manifest_of(ref: str):
-    """A bundle directory, a manifest.json, or a bundle name under $EDGEKIT_HOME/bundles."""
+    """The manifest of a bundle given as a folder, its manifest.json, or a bundle name under $EDGEKIT_HOME/bundles."""
     from edgekit.bundle import read_manifest
-    from edgekit.paths import kit_paths
 
-    path = Path(ref)
-    if path.is_file() and path.name.endswith(".json"):
-        path = path.parent
-    if not path.exists():
-        candidate = kit_paths().bundles / ref
-        if candidate.exists():
-            path = candidate
-        else:
-            raise BundleError(f"{ref}: no such bundle directory (nor {candidate})", hint="pass a bundle folder or export it first")
-    return read_manifest(path)
+    return read_manifest(resolve_bundle(ref))
 
 
 # The FitSettings fields whose flag is not simply --<field-name>.
@@ -147,8 +139,10 @@ def _emit(reports, as_json: bool, junit: Path | None, github: bool) -> None:
     elif not github:
         _report_rows(reports)
     if github:
+        # GitHub documents workflow commands on stdout; with --json they go to stderr (which the runner also scans)
+        # so stdout stays one JSON document.
         for line in github_annotations(reports):
-            print(line)
+            print(line, file=sys.stderr if as_json else sys.stdout)
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8") as handle:
@@ -156,7 +150,6 @@ def _emit(reports, as_json: bool, junit: Path | None, github: bool) -> None:
         if not as_json:
             _report_rows(reports)
     if junit is not None:
-        junit.parent.mkdir(parents=True, exist_ok=True)
         junit.write_text(junit_xml(reports), encoding="utf-8")
         err.print(f"wrote {junit}")
     failed = [f"{r.subject} on {r.device}" for r in reports if r.verdict == "fail"]
@@ -209,6 +202,7 @@ def fit_cmd(
 
     if not bundles and recipe is None:
         raise typer.BadParameter("give bundle folders or --recipe RECIPE")
+    output_file(junit, "--junit")
     settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn=flash_attn, daemon=daemon, headroom=headroom,
                          threads=threads)
     everything = load_catalog(catalog)
@@ -229,7 +223,7 @@ def fit_cmd(
 @app.command("plan")
 def plan_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    device: Annotated[str, typer.Option("--device", "-d", help="Device id or profile file.")],
+    device: Annotated[list[str], typer.Option("--device", "-d", help="Device id or profile file (one).")],
     ctx: Annotated[int, typer.Option("--ctx", help="Context tokens per sequence.")] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once.")] = 1,
     min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Speed floor for decode tokens/s.")] = None,
@@ -242,6 +236,10 @@ def plan_cmd(
     from edgekit.schema.device import load_catalog, load_device
     from edgekit.schema.recipe import load_recipe
 
+    if len(device) > 1:
+        raise ConfigError(f"plan takes one --device, got {len(device)}: {', '.join(device)}",
+                          hint=f"run plan once per device, or compare them with `edgekit fit --recipe {recipe} -d A -d B`")
+    device = device[0]
     loaded = load_recipe(recipe).recipe
     settings = _settings(ctx, parallel, min_tok_s, max_latency_ms)
     everything = load_catalog(catalog)
@@ -307,6 +305,7 @@ def profile_host(
 
     from edgekit.bench.profile import profile_host as measure_host
 
+    output_file(out_file, "--out")
     device_id = profile_id(out_file, device_id)
     bundles = [(folder, _manifest_of(str(folder))) for folder in bundle or []]
     with status("measuring this host") as progress:
@@ -314,7 +313,6 @@ def profile_host(
     data = json.loads(profile.model_dump_json(exclude_defaults=False))
     text = yaml.safe_dump(data, sort_keys=False)
     if out_file is not None:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
         written = f"# Written by `edgekit profile-host` on {datetime.date.today().isoformat()}.\n"
         out_file.write_text(written + text, encoding="utf-8")
         err.print(f"wrote {out_file}")

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from edgekit.cli import JsonFlag, app, emit_json, err
-from edgekit.cli.flags import build_settings
+from edgekit.cli.flags import build_settings, output_file
 from edgekit.errors import ConfigError
 from edgekit.serve.settings import ServeSettings
 
@@ -94,6 +94,7 @@ def service_unit(
     from edgekit.serve.budget import MIB
     from edgekit.serve.systemd import STATE_DIR, bundles_footprint, render_unit
 
+    output_file(output, "--output")
     if flags.get("models") is None:
         flags["models"] = STATE_DIR / "bundles"
     settings = settings_from_flags(flags)
