@@ -121,3 +121,63 @@ def test_github_annotations_stay_out_of_json_on_stdout(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert [r["verdict"] for r in json.loads(done.stdout)] == ["fail"]
     assert "::error title=edgekit fit%3A smollm2-135m-instruct-q8-0 on rpi-zero-2w::" in done.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("fit", "--recipe", "smollm2-135m-instruct", "-d", "rpi-5-8gb", "--json"),
+    ("plan", "smollm2-135m-instruct", "-d", "rpi-5-8gb", "--json"),
+], ids=" ".join)
+def test_recipe_names_resolve_against_the_library(args, tmp_path):
+    import json
+
+    by_name = edgekit_cli(*args, tmp_path=tmp_path)
+    by_path = edgekit_cli(*(RECIPE if a == "smollm2-135m-instruct" else a for a in args), tmp_path=tmp_path)
+    assert by_name.returncode == by_path.returncode == 0, by_name.stderr
+    assert json.loads(by_name.stdout) == json.loads(by_path.stdout)
+
+
+def test_export_takes_a_recipe_name(tmp_path):
+    # The test's model store is empty, so a dry run stops at the source; a bad target shows the recipe was loaded.
+    done = edgekit_cli("export", "smollm2-135m-instruct", "--target", "typo", "--dry-run", tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "smollm2-135m-instruct.yaml: no target named typo\n  fix: targets are: q8-0, q4-k-m" in done.stderr
+    done = edgekit_cli("export", "smollm2-135m-instruct", "--dry-run", tmp_path=tmp_path)
+    assert done.returncode == 2 and "HuggingFaceTB/SmolLM2-135M-Instruct: not in the model store" in done.stderr
+
+
+def test_an_unknown_recipe_name_suggests_the_closest(tmp_path):
+    done = edgekit_cli("plan", "smollm2-135m-instrct", "-d", "rpi-5-8gb", tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "smollm2-135m-instrct: no such recipe file" in done.stderr
+    assert "did you mean 'smollm2-135m-instruct'?" in done.stderr
+
+
+@pytest.mark.parametrize("command", [("fit", "-d", "rpi-5-8gb", "--json"), ("inspect", "--no-verify", "--json")], ids=" ".join)
+def test_bundle_names_resolve_against_the_bundles_folder(command, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(GOLDEN_Q8, tmp_path / "bundles" / GOLDEN_Q8.name)
+    name = edgekit_cli(command[0], GOLDEN_Q8.name, *command[1:], tmp_path=tmp_path)
+    path = edgekit_cli(command[0], str(GOLDEN_Q8), *command[1:], tmp_path=tmp_path)
+    assert name.returncode == path.returncode == 0, name.stderr
+    assert json.loads(name.stdout) == json.loads(path.stdout)
+    typo = edgekit_cli(command[0], GOLDEN_Q8.name[:-1], *command[1:], tmp_path=tmp_path)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert f"did you mean '{GOLDEN_Q8.name}'?" in typo.stderr
+
+
+def test_resolvers_take_paths_names_and_manifest_files(tmp_path, monkeypatch):
+    from edgekit.errors import ConfigError
+    from edgekit.library import resolve_bundle, resolve_recipe, shipped_folder
+
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path))
+    (tmp_path / "bundles" / "b1").mkdir(parents=True)
+    assert resolve_bundle("b1") == tmp_path / "bundles" / "b1"
+    assert resolve_bundle(GOLDEN_Q8 / "manifest.json") == GOLDEN_Q8
+    assert resolve_recipe("smollm2-135m-instruct") == shipped_folder("recipes") / "smollm2-135m-instruct.yaml"
+    assert resolve_recipe("smollm2-135m-instruct.yaml") == shipped_folder("recipes") / "smollm2-135m-instruct.yaml"
+    with pytest.raises(ConfigError, match="is a recipe, not a bundle"):
+        resolve_bundle(RECIPE)
+    with pytest.raises(ConfigError, match="no such bundle"):
+        resolve_bundle("sub/b1")  # a name is a bare name, never a path into the bundles folder

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from edgekit.cli import JsonFlag, app, emit_json, out, status
 from edgekit.errors import ConfigError, EdgekitError, GateFailed, RecipeError
-from edgekit.library import resolve_bundle, shipped_folder
+from edgekit.library import resolve_bundle, resolve_recipe, shipped_folder
 
 samples_app = typer.Typer(no_args_is_help=True, help="The packaged sample models.")
 recipes_app = typer.Typer(no_args_is_help=True, help="Recipes: how models are exported.")
@@ -102,7 +102,7 @@ def print_summaries(rows: list[dict[str, Any]], title: str) -> None:
 
 @app.command("export")
 def export_cmd(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a name of `edgekit recipes list`.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where bundles are written (default: $EDGEKIT_HOME/bundles).")] = None,
     target: Annotated[list[str], typer.Option("--target", help="Export only this target (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and locate the source; export nothing.")] = False,
@@ -112,6 +112,7 @@ def export_cmd(
     from edgekit.paths import kit_paths
     from edgekit.schema.recipe import load_recipe
 
+    recipe = resolve_recipe(recipe)
     loaded = load_recipe(recipe)
     unknown = sorted(set(target or ()) - {t.name for t in loaded.recipe.targets})
     if unknown:

@@ -15,7 +15,7 @@ from edgekit.bench.profile import DECODE_DEPTH, MIN_DEPTH
 from edgekit.cli import JsonFlag, app, emit_json, err, out, status
 from edgekit.cli.flags import build_settings, output_file
 from edgekit.errors import ConfigError, DeviceError, EdgekitError, GateFailed
-from edgekit.library import resolve_bundle
+from edgekit.library import resolve_bundle, resolve_recipe
 
 devices_app = typer.Typer(no_args_is_help=True, help="The device catalog: boards, their specs and measured speeds.")
 app.add_typer(devices_app, name="devices")
@@ -181,7 +181,7 @@ def recipe_subjects(recipe_path: Path, bundles_dir: Path | None):
 def fit_cmd(
     bundles: Annotated[list[str], typer.Argument(help="Bundle folders (or names under $EDGEKIT_HOME/bundles).")] = None,
     device: Annotated[list[str], typer.Option("--device", "-d", help="Device id or profile file (repeatable); default: every catalog device, or the recipe's devices.")] = None,
-    recipe: Annotated[Path, typer.Option("--recipe", help="Check a recipe's targets on its devices, before export or download.")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="Check a recipe's targets (a file, or a name of `edgekit recipes list`) on its devices, before export or download.")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context tokens per sequence (GGUF) or input tokens (ONNX); default: model's, at most 4096.")] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once (GGUF) or batch size (ONNX).")] = 1,
     min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Fail when predicted decode tokens/s is lower.")] = None,
@@ -209,6 +209,7 @@ def fit_cmd(
     subjects = [(_manifest_of(ref), None) for ref in bundles or []]
     device_ids = list(device or [])
     if recipe is not None:
+        recipe = resolve_recipe(recipe)
         loaded, recipe_targets = recipe_subjects(recipe, bundles_dir)
         subjects += recipe_targets
         device_ids = device_ids or list(loaded.devices)
@@ -222,7 +223,7 @@ def fit_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a name of `edgekit recipes list`.")],
     device: Annotated[list[str], typer.Option("--device", "-d", help="Device id or profile file (one).")],
     ctx: Annotated[int, typer.Option("--ctx", help="Context tokens per sequence.")] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once.")] = 1,
@@ -240,7 +241,7 @@ def plan_cmd(
         raise ConfigError(f"plan takes one --device, got {len(device)}: {', '.join(device)}",
                           hint=f"run plan once per device, or compare them with `edgekit fit --recipe {recipe} -d A -d B`")
     device = device[0]
-    loaded = load_recipe(recipe).recipe
+    loaded = load_recipe(resolve_recipe(recipe)).recipe
     settings = _settings(ctx, parallel, min_tok_s, max_latency_ms)
     everything = load_catalog(catalog)
     result = plan(loaded, load_device(device, catalog), settings, everything.values())
