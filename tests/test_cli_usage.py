@@ -101,6 +101,11 @@ GOLDEN_Q8 = REPO / "tests" / "golden" / "bundles" / "smollm2-135m-instruct-q8-0"
     (("fit", RECIPE), f"for a recipe, use `edgekit fit --recipe {RECIPE}`"),
     (("export", RECIPE, "--target", "typo", "--dry-run"), "no target named typo\n  fix: targets are: q8-0, q4-k-m"),
     (("plan", RECIPE, "-d", "rpi-5-8gb", "-d", "rpi-4-2gb"), "plan takes one --device, got 2: rpi-5-8gb, rpi-4-2gb"),
+    (("bench", GOLDEN_Q8, "--prompt-file", "{tmp}/missing/prompt.txt"), "Invalid value for '--prompt-file'"),
+    (("bench", GOLDEN_Q8, "--calibrate", "{tmp}"), "Invalid value for '--calibrate'"),
+    (("recipes", "list", "--dir", "{tmp}/missing"), "Invalid value for '--dir'"),
+    (("export", RECIPE, "--out", RECIPE, "--dry-run"), f"--out {RECIPE}: is a file; bundles are written into a folder"),
+    (("serve", "--models", "{tmp}/missing"), "--models {tmp}/missing: no such folder"),
 ], ids=lambda v: " ".join(map(str, v)).replace(str(REPO), "") if isinstance(v, tuple) else None)
 def test_bad_paths_exit_2_with_one_clear_line(args, expected, tmp_path):
     tmp = str(tmp_path)

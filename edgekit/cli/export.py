@@ -46,7 +46,7 @@ def default_recipe_dir() -> Path:
 
 @recipes_app.command("list")
 def recipes_list(
-    directory: Annotated[Path, typer.Option("--dir", help="Folder of recipe files.")] = None,
+    directory: Annotated[Path, typer.Option("--dir", exists=True, file_okay=False, help="Folder of recipe files.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """List the recipes in a folder and whether each one is valid."""
@@ -119,6 +119,8 @@ def export_cmd(
         raise RecipeError(f"{recipe}: no target named {', '.join(unknown)}",
                           hint=f"targets are: {', '.join(t.name for t in loaded.recipe.targets)}")
     out_dir = out_dir or kit_paths().bundles
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: is a file; bundles are written into a folder", hint="pass a folder (created if missing)")
     if dry_run:
         from edgekit.export.sources import resolve_source
 
