@@ -106,6 +106,8 @@ GOLDEN_Q8 = REPO / "tests" / "golden" / "bundles" / "smollm2-135m-instruct-q8-0"
     (("recipes", "list", "--dir", "{tmp}/missing"), "Invalid value for '--dir'"),
     (("export", RECIPE, "--out", RECIPE, "--dry-run"), f"--out {RECIPE}: is a file; bundles are written into a folder"),
     (("serve", "--models", "{tmp}/missing"), "--models {tmp}/missing: no such folder"),
+    (("fit", "--recipe", RECIPE, "--bundles-dir", "{tmp}/missing"), "Invalid value for '--bundles-dir'"),
+    (("service", "unit", "--device", "no-such-board", "--memory-budget-mb", "100"), "unknown device 'no-such-board'"),
 ], ids=lambda v: " ".join(map(str, v)).replace(str(REPO), "") if isinstance(v, tuple) else None)
 def test_bad_paths_exit_2_with_one_clear_line(args, expected, tmp_path):
     tmp = str(tmp_path)

@@ -190,7 +190,7 @@ def fit_cmd(
     daemon: Annotated[bool, typer.Option("--daemon/--no-daemon", help="Count edgekit serve's web stack.")] = True,
     headroom: Annotated[float, typer.Option("--headroom", help="Warn above (1 - headroom) of usable RAM.")] = 0.15,
     threads: Annotated[int, typer.Option("--threads", help="Inference threads; default: the device's cores.")] = None,
-    bundles_dir: Annotated[Path, typer.Option("--bundles-dir", help="Where --recipe looks for exported bundles (default $EDGEKIT_HOME/bundles).")] = None,
+    bundles_dir: Annotated[Path, typer.Option("--bundles-dir", exists=True, file_okay=False, help="Where --recipe looks for exported bundles (default $EDGEKIT_HOME/bundles).")] = None,
     catalog: CatalogOpt = None,
     as_json: JsonFlag = False,
     junit: Annotated[Path, typer.Option("--junit", help="Also write a JUnit XML report here.")] = None,

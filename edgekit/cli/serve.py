@@ -101,6 +101,10 @@ def service_unit(
     if flags.get("models") is None:
         flags["models"] = STATE_DIR / "bundles"
     settings = settings_from_flags(flags)
+    if settings.device is not None:
+        from edgekit.schema.device import load_device
+
+        load_device(settings.device)  # an unknown id exits 2 here rather than in the board's service log
     if settings.memory_budget_mb is not None:
         budget, source = settings.memory_budget_mb * MIB, "--memory-budget-mb"
         rows: list[tuple[str, int]] = []
