@@ -120,7 +120,8 @@ def export_cmd(
                           hint=f"targets are: {', '.join(t.name for t in loaded.recipe.targets)}")
     out_dir = out_dir or kit_paths().bundles
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: is a file; bundles are written into a folder", hint="pass a folder (created if missing)")
+        raise ConfigError(f"--out {out_dir}: is a file; bundles are written into a folder",
+                          hint="pass a folder (created if missing)")
     if dry_run:
         from edgekit.export.sources import resolve_source
 
@@ -173,7 +174,8 @@ def bundles_cmd(
 
     if directory is not None and not directory.is_dir():
         problem = "is a file, not a folder of bundles" if directory.exists() else "no such folder"
-        raise ConfigError(f"{directory}: {problem}", hint="pass the folder bundles were exported to (default: $EDGEKIT_HOME/bundles)")
+        raise ConfigError(f"{directory}: {problem}",
+                          hint="pass the folder bundles were exported to (default: $EDGEKIT_HOME/bundles)")
     directory = directory or kit_paths().bundles
     rows, broken = [], []
     for path in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")) if directory.is_dir() else []:

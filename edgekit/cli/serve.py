@@ -80,7 +80,8 @@ def serve_cmd(**flags: Any) -> None:
     settings = settings_from_flags(flags)
     if not settings.models.is_dir():
         # A daemon serving nothing would look healthy to systemd and to a quick curl; refuse instead.
-        raise ConfigError(f"--models {settings.models}: no such folder", hint="pass the folder `edgekit export` wrote the bundles to")
+        raise ConfigError(f"--models {settings.models}: no such folder",
+                          hint="pass the folder `edgekit export` wrote the bundles to")
     code = run(settings)
     raise typer.Exit(code)
 
