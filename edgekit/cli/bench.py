@@ -11,18 +11,20 @@ import typer
 from rich.table import Table
 
 from edgekit.cli import JsonFlag, app, emit_json, err, out
+from edgekit.cli.flags import output_file
+from edgekit.library import resolve_bundle
 
 
 @app.command("bench")
 def bench_cmd(
-    bundles: Annotated[list[Path], typer.Argument(help="Bundle directories.")],
-    prompt_file: Annotated[Path, typer.Option(help="Prompt text (GGUF) or one text per line (ONNX).")] = None,
-    ctx: Annotated[int, typer.Option(help="Context window for GGUF bundles.")] = 2048,
-    threads: Annotated[int, typer.Option(help="CPU threads (default: all cores).")] = os.cpu_count() or 1,
+    bundles: Annotated[list[str], typer.Argument(help="Bundle folders (or names under $EDGEKIT_HOME/bundles).")],
+    prompt_file: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Prompt text (GGUF) or one text per line (ONNX).")] = None,
+    ctx: Annotated[int, typer.Option(min=1, help="Context window for GGUF bundles.")] = 2048,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads (default: all cores).")] = os.cpu_count() or 1,
     runs: Annotated[int, typer.Option(min=1, help="Counted runs per bundle (after one warm-up run).")] = 5,
     decode_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per GGUF run.")] = 64,
     plot: Annotated[Path, typer.Option(help="Write a PNG of quality vs size vs speed.")] = None,
-    calibrate: Annotated[Path, typer.Option(help="Write the results as calibration points into this device profile (YAML).")] = None,
+    calibrate: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Write the results as calibration points into this device profile (YAML).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure bundles, each in a fresh subprocess: load time, peak RSS, tok/s or latency; median of the runs.
@@ -34,6 +36,12 @@ def bench_cmd(
     from edgekit.bench.measure import DEFAULT_PROMPT
     from edgekit.bench.run import BenchConfig, bench_bundle
 
+    bundles = [resolve_bundle(ref) for ref in bundles]
+    output_file(plot, "--plot")
+    if calibrate:
+        from edgekit.schema.device import load_device_file
+
+        load_device_file(calibrate)  # an invalid profile is reported before minutes of benchmarking, not after
     text = prompt_file.read_text(encoding="utf-8") if prompt_file else ""
     config = BenchConfig(threads=threads, ctx=ctx, runs=runs, decode_tokens=decode_tokens,
                          prompt=text or DEFAULT_PROMPT, texts=tuple(text.splitlines()))

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from edgekit.cli import JsonFlag, app, emit_json, out, status
-from edgekit.errors import EdgekitError, GateFailed
-from edgekit.library import shipped_folder
+from edgekit.errors import ConfigError, EdgekitError, GateFailed, RecipeError
+from edgekit.library import resolve_bundle, resolve_recipe, shipped_folder
 
 samples_app = typer.Typer(no_args_is_help=True, help="The packaged sample models.")
 recipes_app = typer.Typer(no_args_is_help=True, help="Recipes: how models are exported.")
@@ -46,7 +46,7 @@ def default_recipe_dir() -> Path:
 
 @recipes_app.command("list")
 def recipes_list(
-    directory: Annotated[Path, typer.Option("--dir", help="Folder of recipe files.")] = None,
+    directory: Annotated[Path, typer.Option("--dir", exists=True, file_okay=False, help="Folder of recipe files.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """List the recipes in a folder and whether each one is valid."""
@@ -102,7 +102,7 @@ def print_summaries(rows: list[dict[str, Any]], title: str) -> None:
 
 @app.command("export")
 def export_cmd(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a name of `edgekit recipes list`.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where bundles are written (default: $EDGEKIT_HOME/bundles).")] = None,
     target: Annotated[list[str], typer.Option("--target", help="Export only this target (repeatable).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and locate the source; export nothing.")] = False,
@@ -112,8 +112,16 @@ def export_cmd(
     from edgekit.paths import kit_paths
     from edgekit.schema.recipe import load_recipe
 
+    recipe = resolve_recipe(recipe)
     loaded = load_recipe(recipe)
+    unknown = sorted(set(target or ()) - {t.name for t in loaded.recipe.targets})
+    if unknown:
+        raise RecipeError(f"{recipe}: no target named {', '.join(unknown)}",
+                          hint=f"targets are: {', '.join(t.name for t in loaded.recipe.targets)}")
     out_dir = out_dir or kit_paths().bundles
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: is a file; bundles are written into a folder",
+                          hint="pass a folder (created if missing)")
     if dry_run:
         from edgekit.export.sources import resolve_source
 
@@ -136,13 +144,14 @@ def export_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    bundle: Annotated[str, typer.Argument(help="Bundle folder (or name under $EDGEKIT_HOME/bundles).")],
     verify: Annotated[bool, typer.Option(help="Check every file's sha256 against the manifest.")] = True,
     as_json: JsonFlag = False,
 ) -> None:
     """Show a bundle's manifest; with --verify (default) exit 1 if any file differs from it."""
     from edgekit.bundle import read_manifest, verify_bundle
 
+    bundle = resolve_bundle(bundle)
     manifest = verify_bundle(bundle) if verify else read_manifest(bundle)
     if as_json:
         emit_json(json.loads(manifest.model_dump_json()))
@@ -163,6 +172,10 @@ def bundles_cmd(
     from edgekit.bundle import REJECTED_SUFFIX, verify_bundle
     from edgekit.paths import kit_paths
 
+    if directory is not None and not directory.is_dir():
+        problem = "is a file, not a folder of bundles" if directory.exists() else "no such folder"
+        raise ConfigError(f"{directory}: {problem}",
+                          hint="pass the folder bundles were exported to (default: $EDGEKIT_HOME/bundles)")
     directory = directory or kit_paths().bundles
     rows, broken = [], []
     for path in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")) if directory.is_dir() else []:

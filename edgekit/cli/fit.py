@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +13,9 @@ from rich.table import Table
 
 from edgekit.bench.profile import DECODE_DEPTH, MIN_DEPTH
 from edgekit.cli import JsonFlag, app, emit_json, err, out, status
-from edgekit.errors import BundleError, ConfigError, DeviceError, EdgekitError, GateFailed
+from edgekit.cli.flags import build_settings, output_file
+from edgekit.errors import ConfigError, DeviceError, EdgekitError, GateFailed
+from edgekit.library import resolve_bundle, resolve_recipe
 
 devices_app = typer.Typer(no_args_is_help=True, help="The device catalog: boards, their specs and measured speeds.")
 app.add_typer(devices_app, name="devices")
@@ -98,28 +101,22 @@ def devices_show(device: Annotated[str, typer.Argument(help="Device id or profil
 # -- fit -----------------------------------------------------------------------------------------
 
 def _manifest_of(ref: str):
-    """A bundle directory, a manifest.json, or a bundle name under $EDGEKIT_HOME/bundles."""
+    """The manifest of a bundle given as a folder, its manifest.json, or a bundle name under $EDGEKIT_HOME/bundles."""
     from edgekit.bundle import read_manifest
-    from edgekit.paths import kit_paths
 
-    path = Path(ref)
-    if path.is_file() and path.name.endswith(".json"):
-        path = path.parent
-    if not path.exists():
-        candidate = kit_paths().bundles / ref
-        if candidate.exists():
-            path = candidate
-        else:
-            raise BundleError(f"{ref}: no such bundle directory (nor {candidate})", hint="pass a bundle folder or export it first")
-    return read_manifest(path)
+    return read_manifest(resolve_bundle(ref))
 
 
-def _settings(ctx: int | None, parallel: int, min_tok_s: float | None, max_latency_ms: float | None, flash_attn: bool,
-              daemon: bool, headroom: float, threads: int | None):
+# The FitSettings fields whose flag is not simply --<field-name>.
+FIT_FLAGS = {"n_ctx": "--ctx"}
+
+
+def _settings(ctx: int | None, parallel: int, min_tok_s: float | None, max_latency_ms: float | None, **more):
+    """FitSettings from the flags of fit and plan; an out-of-range value exits 2 naming its flag and range."""
     from edgekit.fit import FitSettings
 
-    return FitSettings(n_ctx=ctx, parallel=parallel, min_tok_s=min_tok_s, max_latency_ms=max_latency_ms,
-                       flash_attn=flash_attn, daemon=daemon, headroom=headroom, threads=threads)
+    return build_settings(FitSettings, dict(n_ctx=ctx, parallel=parallel, min_tok_s=min_tok_s,
+                                                 max_latency_ms=max_latency_ms, **more), FIT_FLAGS)
 
 
 def _report_rows(reports) -> None:
@@ -142,8 +139,10 @@ def _emit(reports, as_json: bool, junit: Path | None, github: bool) -> None:
     elif not github:
         _report_rows(reports)
     if github:
+        # GitHub documents workflow commands on stdout; with --json they go to stderr (which the runner also scans)
+        # so stdout stays one JSON document.
         for line in github_annotations(reports):
-            print(line)
+            print(line, file=sys.stderr if as_json else sys.stdout)
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             with open(summary, "a", encoding="utf-8") as handle:
@@ -151,7 +150,6 @@ def _emit(reports, as_json: bool, junit: Path | None, github: bool) -> None:
         if not as_json:
             _report_rows(reports)
     if junit is not None:
-        junit.parent.mkdir(parents=True, exist_ok=True)
         junit.write_text(junit_xml(reports), encoding="utf-8")
         err.print(f"wrote {junit}")
     failed = [f"{r.subject} on {r.device}" for r in reports if r.verdict == "fail"]
@@ -183,7 +181,7 @@ def recipe_subjects(recipe_path: Path, bundles_dir: Path | None):
 def fit_cmd(
     bundles: Annotated[list[str], typer.Argument(help="Bundle folders (or names under $EDGEKIT_HOME/bundles).")] = None,
     device: Annotated[list[str], typer.Option("--device", "-d", help="Device id or profile file (repeatable); default: every catalog device, or the recipe's devices.")] = None,
-    recipe: Annotated[Path, typer.Option("--recipe", help="Check a recipe's targets on its devices, before export or download.")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="Check a recipe's targets (a file, or a name of `edgekit recipes list`) on its devices, before export or download.")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context tokens per sequence (GGUF) or input tokens (ONNX); default: model's, at most 4096.")] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once (GGUF) or batch size (ONNX).")] = 1,
     min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Fail when predicted decode tokens/s is lower.")] = None,
@@ -192,7 +190,7 @@ def fit_cmd(
     daemon: Annotated[bool, typer.Option("--daemon/--no-daemon", help="Count edgekit serve's web stack.")] = True,
     headroom: Annotated[float, typer.Option("--headroom", help="Warn above (1 - headroom) of usable RAM.")] = 0.15,
     threads: Annotated[int, typer.Option("--threads", help="Inference threads; default: the device's cores.")] = None,
-    bundles_dir: Annotated[Path, typer.Option("--bundles-dir", help="Where --recipe looks for exported bundles (default $EDGEKIT_HOME/bundles).")] = None,
+    bundles_dir: Annotated[Path, typer.Option("--bundles-dir", exists=True, file_okay=False, help="Where --recipe looks for exported bundles (default $EDGEKIT_HOME/bundles).")] = None,
     catalog: CatalogOpt = None,
     as_json: JsonFlag = False,
     junit: Annotated[Path, typer.Option("--junit", help="Also write a JUnit XML report here.")] = None,
@@ -204,11 +202,14 @@ def fit_cmd(
 
     if not bundles and recipe is None:
         raise typer.BadParameter("give bundle folders or --recipe RECIPE")
-    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn, daemon, headroom, threads)
+    output_file(junit, "--junit")
+    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn=flash_attn, daemon=daemon, headroom=headroom,
+                         threads=threads)
     everything = load_catalog(catalog)
     subjects = [(_manifest_of(ref), None) for ref in bundles or []]
     device_ids = list(device or [])
     if recipe is not None:
+        recipe = resolve_recipe(recipe)
         loaded, recipe_targets = recipe_subjects(recipe, bundles_dir)
         subjects += recipe_targets
         device_ids = device_ids or list(loaded.devices)
@@ -222,8 +223,8 @@ def fit_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    device: Annotated[str, typer.Option("--device", "-d", help="Device id or profile file.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a name of `edgekit recipes list`.")],
+    device: Annotated[list[str], typer.Option("--device", "-d", help="Device id or profile file (one).")],
     ctx: Annotated[int, typer.Option("--ctx", help="Context tokens per sequence.")] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once.")] = 1,
     min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Speed floor for decode tokens/s.")] = None,
@@ -232,13 +233,16 @@ def plan_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """The best target (quant type) of a recipe that fits the board and meets the speed floor."""
-    from edgekit.fit import FitSettings
     from edgekit.fit.plan import plan
     from edgekit.schema.device import load_catalog, load_device
     from edgekit.schema.recipe import load_recipe
 
-    loaded = load_recipe(recipe).recipe
-    settings = FitSettings(n_ctx=ctx, parallel=parallel, min_tok_s=min_tok_s, max_latency_ms=max_latency_ms)
+    if len(device) > 1:
+        raise ConfigError(f"plan takes one --device, got {len(device)}: {', '.join(device)}",
+                          hint=f"run plan once per device, or compare them with `edgekit fit --recipe {recipe} -d A -d B`")
+    device = device[0]
+    loaded = load_recipe(resolve_recipe(recipe)).recipe
+    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms)
     everything = load_catalog(catalog)
     result = plan(loaded, load_device(device, catalog), settings, everything.values())
     if as_json:
@@ -289,8 +293,8 @@ def profile_host(
                                            "its id is the file name.")] = None,
     device_id: Annotated[str, typer.Option("--id", help="Id of the profile when it is printed (default: this-host).")] = None,
     bundle: Annotated[list[Path], typer.Option("--bundle", help="Also measure this bundle's speed (GGUF decode or ONNX latency); repeatable.")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="Threads for the speed measurements; default: all cores.")] = None,
-    bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", help="Array size per copy buffer for the bandwidth test.")] = 256,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads for the speed measurements; default: all cores.")] = None,
+    bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", min=1, help="Array size per copy buffer for the bandwidth test.")] = 256,
     depth: Annotated[int, typer.Option("--depth", min=0, help=f"GGUF: also time decode this many tokens into a context "
                                        f"(calibrates attention over the KV cache; at least {MIN_DEPTH}); 0 skips it.")] = DECODE_DEPTH,
     as_json: JsonFlag = False,
@@ -302,6 +306,7 @@ def profile_host(
 
     from edgekit.bench.profile import profile_host as measure_host
 
+    output_file(out_file, "--out")
     device_id = profile_id(out_file, device_id)
     bundles = [(folder, _manifest_of(str(folder))) for folder in bundle or []]
     with status("measuring this host") as progress:
@@ -309,7 +314,6 @@ def profile_host(
     data = json.loads(profile.model_dump_json(exclude_defaults=False))
     text = yaml.safe_dump(data, sort_keys=False)
     if out_file is not None:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
         written = f"# Written by `edgekit profile-host` on {datetime.date.today().isoformat()}.\n"
         out_file.write_text(written + text, encoding="utf-8")
         err.print(f"wrote {out_file}")

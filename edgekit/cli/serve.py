@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-
 from edgekit.cli import JsonFlag, app, emit_json, err
+from edgekit.cli.flags import build_settings, output_file
 from edgekit.errors import ConfigError
 from edgekit.serve.settings import ServeSettings
 
@@ -62,11 +61,7 @@ def settings_parameters() -> list[inspect.Parameter]:
 def settings_from_flags(flags: dict[str, Any]) -> ServeSettings:
     """ServeSettings from the flags that were given (others: environment, then defaults); errors exit 2."""
     given = {k: v for k, v in flags.items() if k in ServeSettings.model_fields and v is not None and v != [] and v != ()}
-    try:
-        return ServeSettings(**given)
-    except ValidationError as exc:
-        lines = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("invalid serve settings:\n  " + "\n  ".join(lines)) from exc
+    return build_settings(ServeSettings, given)
 
 
 def with_settings_flags(function):
@@ -83,6 +78,10 @@ def serve_cmd(**flags: Any) -> None:
     from edgekit.serve.server import run
 
     settings = settings_from_flags(flags)
+    if not settings.models.is_dir():
+        # A daemon serving nothing would look healthy to systemd and to a quick curl; refuse instead.
+        raise ConfigError(f"--models {settings.models}: no such folder",
+                          hint="pass the folder `edgekit export` wrote the bundles to")
     code = run(settings)
     raise typer.Exit(code)
 
@@ -99,9 +98,14 @@ def service_unit(
     from edgekit.serve.budget import MIB
     from edgekit.serve.systemd import STATE_DIR, bundles_footprint, render_unit
 
+    output_file(output, "--output")
     if flags.get("models") is None:
         flags["models"] = STATE_DIR / "bundles"
     settings = settings_from_flags(flags)
+    if settings.device is not None:
+        from edgekit.schema.device import load_device
+
+        load_device(settings.device)  # an unknown id exits 2 here rather than in the board's service log
     if settings.memory_budget_mb is not None:
         budget, source = settings.memory_budget_mb * MIB, "--memory-budget-mb"
         rows: list[tuple[str, int]] = []
