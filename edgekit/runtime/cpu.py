@@ -108,9 +108,13 @@ def parse_cpuinfo(text: str) -> frozenset[str]:
     return frozenset(set.intersection(*per_cpu)) if per_cpu else frozenset()
 
 
+def feature_names(value: str) -> list[str]:
+    """``asimd, asimddp`` or ``asimd asimddp`` -> ['asimd', 'asimddp'] (lower case, in order, blanks dropped)."""
+    return [part.strip().lower() for part in value.replace(",", " ").split() if part.strip()]
+
+
 def parse_feature_list(value: str) -> frozenset[str]:
-    """``asimd, asimddp`` or ``asimd asimddp`` -> {'asimd', 'asimddp'} (lower case, blanks dropped)."""
-    return frozenset(part.strip().lower() for part in value.replace(",", " ").split() if part.strip())
+    return frozenset(feature_names(value))
 
 
 def read_hwcaps() -> tuple[int, int] | None:
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for name in sorted(found.features):
             print(name)
-    absent = missing(parse_feature_list(args.require), found.features)
+    absent = missing(feature_names(args.require), found.features)
     for feature in absent:
         print(missing_message(feature, args.target_name, found.source), file=sys.stderr)
     return EXIT_MISSING if absent else 0
