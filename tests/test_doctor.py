@@ -39,10 +39,16 @@ def unwrapped(text: str) -> str:
     return " ".join(text.split())
 
 
-def write_pack(folder: Path, features: list[str], device: str = "x86-64-avx2-generic", target: str = "x86-64-v3") -> Path:
+def write_pack(folder: Path, features: list[str], machine: str = "x86_64", target: str = "x86-64-v3") -> Path:
+    """A pack.json as `edgekit pack` writes it, with the parts doctor reads (the rest of the file is the installer's)."""
+    from edgekit.schema.device import load_device
+
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / doctor.PACK_MANIFEST
-    path.write_text(json.dumps({"device": device, "target": {"name": target, "cpu_features": features}}))
+    device = json.loads(load_device("x86-64-avx2-generic").model_dump_json())
+    target_record = {"name": target, "machine": machine, "cpu_features": {f: cpu.FEATURE_DESCRIPTIONS.get(f, f) for f in features},
+                     "cmake_args": []}
+    path.write_text(json.dumps({"schema_version": 1, "device": device, "target": target_record}))
     return path
 
 
@@ -91,8 +97,8 @@ def test_a_missing_cpu_feature_exits_3_before_anything_loads(tmp_path, smollm2_q
     pack = write_pack(tmp_path / "release", ["sse2", "avx2", "fma"])
     done = run_doctor(str(smollm2_q4km), "--pack", str(pack), "--json", features="sse2 fma")
     assert done.returncode == 3
-    assert ("this CPU lacks avx2 (x86 AVX2 (256-bit integer SIMD)), which the runtime built for x86-64-v3 needs "
-            "(features from EDGEKIT_CPU_FEATURES)") in done.stderr
+    assert ("this CPU lacks avx2 (x86 AVX2 (256-bit integer SIMD)), which the runtime built for x86-64-avx2-generic "
+            "(x86-64-v3) needs (features from EDGEKIT_CPU_FEATURES)\n") in done.stderr
     assert "nothing was loaded (1 missing feature(s): avx2)" in unwrapped(done.stderr)
     report = json.loads(done.stdout)
     assert report["cpu"]["missing"] == ["avx2"] and report["cpu"]["source"] == cpu.FEATURES_ENV
@@ -107,14 +113,23 @@ def test_the_pack_next_to_the_prefix_supplies_bundles_device_and_target(tmp_path
     assert doctor.find_pack(release / "venv" / "lib" / "python3") == pack  # 3 levels up
     assert doctor.find_pack(release / "venv" / "lib" / "python3" / "site-packages") is None  # 4: too far
     info = doctor.read_pack(release)
-    assert (info.device, info.target_name, info.required_features, info.bundles) == (
-        "x86-64-avx2-generic", "x86-64-v3", ("sse2",), release / "bundles")
+    assert (info.device.id, info.target_name, info.machine, info.required_features, info.bundles) == (
+        "x86-64-avx2-generic", "x86-64-v3", "x86_64", ("sse2",), release / "bundles")
     done = run_doctor("--pack", str(pack), "--no-speed", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["cpu"]["required"] == ["sse2"] and report["cpu"]["missing"] == []
     assert [b["name"] for b in report["bundles"]] == [MINILM_NAME]
     assert report["device"] == "x86-64-avx2-generic"
+
+
+def test_a_pack_for_another_machine_exits_3_before_anything_loads(tmp_path):
+    pack = write_pack(tmp_path / "release", ["asimd", "asimddp"], machine="aarch64", target="armv8.2-a-dotprod")
+    done = run_doctor("--pack", str(pack), "--json")
+    assert done.returncode == 3
+    assert unwrapped(done.stderr) == (f"error: this machine is {os.uname().machine}; the installed pack (x86-64-avx2-generic, "
+                                      "armv8.2-a-dotprod) is for aarch64 boards; nothing was loaded")
+    assert json.loads(done.stdout)["runtimes"] == []
 
 
 def test_a_runtime_killed_by_sigill_is_reported_not_shared():
@@ -129,3 +144,10 @@ def test_a_runtime_killed_by_sigill_is_reported_not_shared():
     missing = doctor.run_probe("nosuchruntime", "import nosuchruntime", found, None)
     assert (missing.ok, missing.returncode) == (False, doctor.PROBE_NOT_INSTALLED)
     assert missing.detail == "nosuchruntime is not installed or does not import: No module named 'nosuchruntime'"
+
+
+def test_doctor_imports_nothing_heavy():
+    code = ("import json, sys, edgekit.cli.doctor; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'transformers', 'optimum', 'llama_cpp', 'onnxruntime') or m.startswith('edgekit.export'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == []

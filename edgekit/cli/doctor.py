@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,11 +58,12 @@ BENCH_CTX = 512
 
 @dataclass(frozen=True)
 class Pack:
-    """What doctor reads from an installed pack's pack.json."""
+    """What doctor reads from an installed pack's pack.json (written by `edgekit pack`, copied into the release)."""
 
     path: Path
-    device: str | None
-    target_name: str | None
+    device: Any  # edgekit.schema.device.Device: the board's profile the pack was made for
+    target_name: str
+    machine: str
     required_features: tuple[str, ...]
     bundles: Path | None
 
@@ -97,18 +98,26 @@ def find_pack(prefix: Path | None = None) -> Path | None:
 
 
 def read_pack(path: Path) -> Pack:
-    """The keys doctor uses: device (id), target.name, target.cpu_features, bundles (folder, relative to the file)."""
+    """The parts of pack.json doctor uses: device (the profile), target.name/.machine/.cpu_features; bundles/ beside it."""
+    from pydantic import ValidationError
+
+    from edgekit.schema.device import Device
+    from edgekit.schema.loading import describe_validation_error
+
     path = Path(path)
     if path.is_dir():
         path = path / PACK_MANIFEST
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the pack manifest: {exc}") from exc
-    target = data.get("target") or {}
-    bundles = path.parent / data.get("bundles", "bundles")
-    return Pack(path=path, device=data.get("device"), target_name=target.get("name"),
-                required_features=tuple(target.get("cpu_features") or ()), bundles=bundles if bundles.is_dir() else None)
+        target = data["target"]
+        device = Device.model_validate(data["device"])
+        pack = Pack(path=path, device=device, target_name=target["name"], machine=target["machine"],
+                    required_features=tuple(target["cpu_features"]), bundles=path.parent / "bundles")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a readable pack manifest ({type(exc).__name__}: {exc})") from exc
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, exc)) from exc
+    return pack if pack.bundles.is_dir() else replace(pack, bundles=None)
 
 
 def likely_missing(features: frozenset[str], machine: str) -> list[str]:
@@ -123,7 +132,8 @@ def describe_exit(module: str, returncode: int, found: cpu.CpuFeatures, pack: Pa
                      "the pack's target is wrong for this board")
         else:
             candidates = likely_missing(found.features, found.machine)
-            lacks = ("this CPU lacks " + ", ".join(cpu.describe(f) for f in candidates)) if candidates else "the build needs more than this CPU has"
+            lacks = ("this CPU lacks " + ", ".join(cpu.describe(f) for f in candidates)) if candidates \
+                else "the build needs more than this CPU has"
         return f"{module} died with SIGILL (illegal instruction): it was built for instructions this CPU does not have; {lacks}"
     if returncode < 0:
         return f"{module} was killed by signal {signal.Signals(-returncode).name}"
@@ -203,7 +213,9 @@ def measure(bundle: Path, result: BundleResult, device, catalog) -> None:
     settings = FitSettings(n_ctx=BENCH_CTX, threads=config.threads, daemon=False,
                            encoder_seq_len=bench.seq_len or FitSettings().encoder_seq_len)
     report = fit(read_manifest(bundle), device, settings, catalog=catalog)
-    predicted = {"decode_tok_s": report.decode_tok_s_short, "prompt_tok_s": report.prompt_tok_s, "batch1_p50_ms": report.latency_ms}
+    # Decode right after a short prompt, as bench measures it: fit's short-context decode speed.
+    predicted = {"decode_tok_s": report.decode_tok_s_short, "prompt_tok_s": report.prompt_tok_s,
+                 "batch1_p50_ms": report.latency_ms}
     result.predicted = {k: round(v, 3) for k, v in predicted.items() if k in keys and v is not None}
 
 
@@ -245,7 +257,8 @@ def _print(summary: dict[str, Any], results: list[BundleResult]) -> None:
             table.add_column(name)
         for r in results:
             verdict, details = _golden_cell(r)
-            table.add_row(r.name, verdict, details, _speed(r, "decode_tok_s"), _speed(r, "prompt_tok_s"), _speed(r, "batch1_p50_ms"))
+            speeds = (_speed(r, "decode_tok_s"), _speed(r, "prompt_tok_s"), _speed(r, "batch1_p50_ms"))
+            table.add_row(r.name, verdict, details, *speeds)
         out.print(table)
     for note in summary["notes"]:
         out.print(f"note: {note}")
@@ -291,10 +304,14 @@ def doctor_cmd(
         "cpu": {"machine": found.machine, "source": found.source, "features": notable, "required": required, "missing": absent,
                 "target": installed.target_name if installed else None},
         "pack": str(installed.path) if installed else None, "device": None, "runtimes": [], "notes": []}
+    if installed and installed.machine != found.machine:
+        _finish(summary, [], as_json, 3, f"this machine is {found.machine}; the installed pack ({installed.device.id}, "
+                                         f"{installed.target_name}) is for {installed.machine} boards; nothing was loaded")
+        return
     if absent:
-        lines = [cpu.missing_message(f, installed.target_name or installed.device, found.source) for f in absent]
-        for line in lines:
-            err.print(line, highlight=False, soft_wrap=True)  # one line per feature, never wrapped
+        for feature in absent:  # one line per feature, never wrapped
+            err.print(cpu.missing_message(feature, f"{installed.device.id} ({installed.target_name})", found.source),
+                      highlight=False, soft_wrap=True)
         _finish(summary, [], as_json, 3, f"this CPU cannot run the installed runtime; nothing was loaded ({len(absent)} "
                                          f"missing feature(s): {', '.join(absent)})")
         return
@@ -352,14 +369,13 @@ def _device(ref: str | None, installed: Pack | None, summary: dict[str, Any]):
     from edgekit.errors import DeviceError
     from edgekit.schema.device import load_catalog, load_device
 
-    ref = ref or (installed.device if installed else None)
-    if ref is None:
+    if ref is None and installed is None:
         summary["notes"].append("no --device and no installed pack: speeds are shown without fit's prediction")
         return None, []
     try:
         catalog = list(load_catalog().values())
     except DeviceError:
         catalog = []
-    device = load_device(ref)
+    device = load_device(ref) if ref is not None else installed.device
     summary["device"] = device.id
     return device, catalog
