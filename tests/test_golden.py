@@ -114,7 +114,7 @@ def test_export_records_greedy_tokens_and_top_logprobs(smollm2_q4km):
     golden = manifest.golden
     assert isinstance(golden, GreedyGolden)
     assert golden.recorded_on == f"{platform.machine()}, llama_cpp_python {metadata.version('llama_cpp_python')}"
-    assert (golden.min_top1_agreement, golden.max_kld) == (0.8, 0.05)
+    assert (golden.min_top1_agreement, golden.max_kld) == (0.5, 0.02)
     assert [p.prompt for p in golden.prompts] == ["Write a short story about a robot who learns to paint.",
                                                  "Explain how a bicycle works.", "Give three tips for learning a new language."]
     for prompt in golden.prompts:
@@ -142,7 +142,7 @@ def test_the_same_machine_reproduces_the_record_exactly(smollm2_q4km, q4km_model
 
 @pytest.mark.slow
 def test_one_differing_step_passes_within_the_bound(smollm2_q4km, q4km_model):
-    """The last recorded id replaced: 15 of 16 steps agree (0.9375 >= 0.8), the KLD is unchanged."""
+    """The last recorded id replaced: 15 of 16 steps agree (0.9375 >= 0.5), the KLD is unchanged (< 0.02)."""
     from edgekit.runtime.golden import check_golden
 
     manifest = read_manifest(smollm2_q4km)
@@ -153,22 +153,23 @@ def test_one_differing_step_passes_within_the_bound(smollm2_q4km, q4km_model):
     assert (check.ids_equal, check.first_difference, check.top1_agreement) == (False, 15, 0.9375)
     assert check.kld < 1e-4
     assert check.detail.startswith(f"greedy tokens differ from step 15 (this machine {ids[15]}, recorded {RARE_TOKEN}); "
-                                   "teacher-forced top-1 0.938 (bound >= 0.8)")
+                                   "teacher-forced top-1 0.938 (bound >= 0.5), KLD ")
 
 
 @pytest.mark.slow
-def test_four_differing_steps_fail_the_top1_bound(smollm2_q4km, q4km_model):
-    """The last 4 ids replaced by a token the model never picks: 12 of 16 steps agree, 0.75 < 0.8."""
+def test_nine_differing_steps_fail_the_top1_floor(smollm2_q4km, q4km_model):
+    """The last 9 ids replaced by a token the model never picks: 7 of 16 steps agree, 0.4375 < 0.5."""
     from edgekit.runtime.golden import check_golden
 
     manifest = read_manifest(smollm2_q4km)
     ids = list(manifest.golden.prompts[1].ids)
-    report = check_golden(with_prompt(manifest, 1, ids=ids[:12] + [RARE_TOKEN] * 4), q4km_model)
+    report = check_golden(with_prompt(manifest, 1, ids=ids[:7] + [RARE_TOKEN] * 9), q4km_model)
     assert not report.passed
     assert [c.passed for c in report.checks] == [True, False, True]
     check = report.checks[1]
-    assert (check.first_difference, check.top1_agreement) == (12, 0.75)
-    assert report.reason.startswith(f"golden check failed for {Q4KM}: prompt 2: greedy tokens differ from step 12")
+    assert (check.first_difference, check.top1_agreement) == (7, 0.4375)
+    assert report.reason.startswith(f"golden check failed for {Q4KM}: prompt 2: greedy tokens differ from step 7 (this machine "
+                                    f"{ids[7]}, recorded {RARE_TOKEN}); teacher-forced top-1 0.438 (bound >= 0.5)")
     assert report.reason.endswith(": outside the bound")
 
 
@@ -186,7 +187,7 @@ def test_a_distribution_far_from_the_record_fails_the_kld_bound(smollm2_q4km, q4
                             feed=prompt.ids[:15] + [RARE_TOKEN])
     expected = float(np.mean([binned_kld(top, lp) for top, lp in zip(flat, steps)]))
     assert check.top1_agreement == 0.9375 and check.kld == pytest.approx(expected, rel=1e-6)
-    assert check.kld > 0.05 and not check.passed and not report.passed
+    assert check.kld > 0.02 and not check.passed and not report.passed
     assert report.reason.startswith(f"golden check failed for {Q4KM}: prompt 3: ")
 
 
@@ -221,7 +222,7 @@ def test_minilm_records_three_embeddings_and_reproduces_them(minilm_bundle):  # 
 
     golden = read_manifest(minilm_bundle).golden
     assert isinstance(golden, EncoderGolden)
-    assert (golden.min_cosine, golden.max_probability_diff) == (0.999, None)
+    assert (golden.min_cosine, golden.max_probability_diff) == (0.99, None)
     assert len(golden.texts) == 3 and all(t.shape == [384] and t.labels == [] for t in golden.texts)
     lengths = [len(t.text) for t in golden.texts]
     assert lengths[1] == min(lengths) and lengths[2] == max(lengths)  # first, shortest, longest validation sentence
@@ -255,7 +256,7 @@ def test_a_different_embedding_fails_the_cosine_bound(minilm_bundle):  # noqa: F
     assert not report.passed and [c.passed for c in report.checks] == [True, False, True]
     assert report.checks[1].cosine == pytest.approx(cosine, abs=1e-3) and cosine < 0.9
     assert report.reason == (f"golden check failed for all-minilm-l6-v2-int8-dynamic: text 2: cosine {report.checks[1].cosine:.6f} "
-                             "(bound >= 0.999): outside the bound")
+                             "(bound >= 0.99): outside the bound")
 
 
 @pytest.mark.slow
@@ -265,7 +266,7 @@ def test_classifier_records_labels_and_probabilities(classifier_bundles):  # noq
     for task, bundle in classifier_bundles.items():
         manifest = read_manifest(bundle)
         golden = manifest.golden
-        assert isinstance(golden, EncoderGolden) and golden.max_probability_diff == 0.01 and golden.min_cosine is None
+        assert isinstance(golden, EncoderGolden) and golden.max_probability_diff == 0.02 and golden.min_cosine is None
         labels = set(manifest.runtime.labels)
         for text in golden.texts:
             assert set(text.labels) <= labels
@@ -281,10 +282,10 @@ def test_classifier_records_labels_and_probabilities(classifier_bundles):  # noq
     shifted = text.model_copy(update={"output": pack_f16(probabilities + np.array([0.05, -0.05], dtype=np.float32))})
     report = check_golden(manifest.model_copy(update={"golden": manifest.golden.model_copy(update={"texts": [shifted]})}), model)
     assert not report.passed and report.checks[0].max_probability_diff == pytest.approx(0.05, abs=1e-3)
-    # A swapped label passes only when the recorded top two are within twice the bound (0.02): a near tie.
+    # A swapped label passes only when the recorded top two are within twice the bound (0.04): a near tie.
     other = [label for label in manifest.runtime.labels if label != text.labels[0]]
     swapped = text.model_copy(update={"labels": other})
     report = check_golden(manifest.model_copy(update={"golden": manifest.golden.model_copy(update={"texts": [swapped]})}), model)
     margin = float(abs(probabilities[0] - probabilities[1]))
     assert report.checks[0].labels_equal is False
-    assert report.passed == (margin < 0.02)
+    assert report.passed == (margin < 0.04)

@@ -132,8 +132,8 @@ def describe_exit(module: str, returncode: int, found: cpu.CpuFeatures, pack: Pa
                      "the pack's target is wrong for this board")
         else:
             candidates = likely_missing(found.features, found.machine)
-            lacks = ("this CPU lacks " + ", ".join(cpu.describe(f) for f in candidates)) if candidates \
-                else "the build needs more than this CPU has"
+            lacks = ("features builds for newer cores use that this CPU lacks: " + ", ".join(cpu.describe(f) for f in candidates)
+                     if candidates else "the build needs more than this CPU has")
         return f"{module} died with SIGILL (illegal instruction): it was built for instructions this CPU does not have; {lacks}"
     if returncode < 0:
         return f"{module} was killed by signal {signal.Signals(-returncode).name}"

@@ -40,12 +40,11 @@ TOP_K = 4
 MIN_PROB = 0.01  # rarer tokens share the rest bin; 4 tokens of >= 1 % keep a 16-step prompt's record under 2 KB
 ENCODER_TEXTS = 3
 
-# Bounds a GGUF board must meet when its greedy tokens differ from the record, per prompt (docs/golden-checks.md).
-MIN_TOP1_AGREEMENT = 0.8  # of 16 steps, 3 may flip
-MAX_KLD = 0.05
-# ONNX bounds.
-MIN_COSINE = 0.999
-MAX_PROBABILITY_DIFF = 0.01
+# Bounds a board must meet where its kernels round differently from the recording machine's (docs/golden-checks.md).
+MAX_KLD = 0.02  # per GGUF prompt; an emulated Cortex-A76 measured up to 0.0051 against x86
+MIN_TOP1_AGREEMENT = 0.5  # a floor against garbage: near-tie flips are the KLD's to judge (the A76 flipped 3 of 16)
+MIN_COSINE = 0.99  # per text; the A76's int8 kernels gave 0.9968 on a two-letter text
+MAX_PROBABILITY_DIFF = 0.02
 
 
 def _recorded_on(package: str) -> str:
