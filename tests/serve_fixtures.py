@@ -33,7 +33,7 @@ import pytest
 from conftest import REPO, SMOLLM_GGUF, write_recipe
 
 from edgekit.bundle import file_entries, publish, staging_dir
-from edgekit.schema.manifest import Manifest, RuntimeConfig
+from edgekit.schema.manifest import MANIFEST_NAME, Manifest, RuntimeConfig
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_NAME = "smollm2-135m-q4_1"
@@ -393,3 +393,28 @@ def refused(url: str) -> bool:
     except httpx.TransportError:
         return True
     return False
+
+
+Q4KM = "smollm2-135m-instruct-q4-k-m"
+RARE_TOKEN = 49151  # the last id of SmolLM2's vocabulary: never the most likely next token of these prompts
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4km(tmp_path_factory, sample_store) -> Path:
+    """The shipped SmolLM2 recipe's q4-k-m target, exported by the real exporter once per session."""
+    from edgekit.export import export
+    from edgekit.schema.recipe import load_recipe
+
+    base = tmp_path_factory.getbasetemp() / "golden-smollm2"
+    bundle = base / "bundles" / Q4KM
+    if not (bundle / MANIFEST_NAME).is_file():
+        import yaml
+
+        recipe = yaml.safe_load((REPO / "recipes/smollm2-135m-instruct.yaml").read_text())
+        recipe["validation"]["text_file"] = str(REPO / "recipes" / recipe["validation"]["text_file"])
+        recipe["validation"]["max_eval_tokens"] = 1024
+        base.mkdir(parents=True, exist_ok=True)
+        path = base / "smollm2-135m-instruct.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        export(load_recipe(path), base / "bundles", targets=["q4-k-m"])
+    return bundle

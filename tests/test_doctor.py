@@ -14,15 +14,7 @@ import pytest
 from edgekit.bundle import MANIFEST_NAME
 from edgekit.cli import doctor
 from edgekit.runtime import cpu
-from test_golden import Q4KM, RARE_TOKEN, smollm2_q4km  # noqa: F401  (fixture)
-from test_serve_bundles import (  # noqa: F401  (fixtures)
-    MINILM_NAME,
-    SMOLLM_NAME,
-    bundle_cache,
-    link_bundles,
-    minilm_bundle,
-    smollm_bundle,
-)
+from serve_fixtures import MINILM_NAME, Q4KM, RARE_TOKEN, SMOLLM_NAME, link_bundles
 
 pytestmark = pytest.mark.slow
 

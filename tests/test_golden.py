@@ -17,37 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from edgekit.bundle import MANIFEST_NAME, read_manifest
 from edgekit.schema.manifest import EncoderGolden, GreedyGolden, Manifest
-from tests.conftest import REPO
-from test_serve_bundles import bundle_cache, classifier_bundles, minilm_bundle  # noqa: F401  (fixtures)
+from conftest import REPO
+from serve_fixtures import Q4KM, RARE_TOKEN
 
 GOLDEN_BUNDLES = REPO / "tests" / "golden" / "bundles"
-Q4KM = "smollm2-135m-instruct-q4-k-m"
-RARE_TOKEN = 49151  # the last id of SmolLM2's vocabulary: never the most likely next token of these prompts
-
-
-@pytest.fixture(scope="session")
-def smollm2_q4km(tmp_path_factory, sample_store) -> Path:
-    """The shipped SmolLM2 recipe's q4-k-m target, exported by the real exporter once per session."""
-    from edgekit.export import export
-    from edgekit.schema.recipe import load_recipe
-
-    base = tmp_path_factory.getbasetemp() / "golden-smollm2"
-    bundle = base / "bundles" / Q4KM
-    if not (bundle / MANIFEST_NAME).is_file():
-        recipe = yaml.safe_load((REPO / "recipes/smollm2-135m-instruct.yaml").read_text())
-        recipe["validation"]["text_file"] = str(REPO / "recipes" / recipe["validation"]["text_file"])
-        recipe["validation"]["max_eval_tokens"] = 1024
-        base.mkdir(parents=True, exist_ok=True)
-        path = base / "smollm2-135m-instruct.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        export(load_recipe(path), base / "bundles", targets=["q4-k-m"])
-    return bundle
-
-
 @pytest.fixture(scope="module")
 def q4km_model(smollm2_q4km):
     from edgekit.runtime.golden import load_model

@@ -196,7 +196,7 @@ def check_in_subprocess(bundle: Path, found: cpu.CpuFeatures, pack: Pack | None)
 
 def measure(bundle: Path, result: BundleResult, device, catalog) -> None:
     """Speed of the bundle here (bench's child process) and, with a device, fit's prediction for the same input."""
-    from edgekit.bench.child import DEFAULT_PROMPT
+    from edgekit.bench.measure import DEFAULT_PROMPT
     from edgekit.bench.run import BenchConfig, bench_bundle
 
     config = BenchConfig(threads=os.cpu_count() or 1, ctx=BENCH_CTX, runs=BENCH_RUNS, decode_tokens=BENCH_DECODE_TOKENS,
