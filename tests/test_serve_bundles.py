@@ -19,12 +19,12 @@ def test_verifier_subprocess_accepts_good_and_rejects_hostile(tmp_path, smollm_b
 
     models = link_bundles(tmp_path / "models", smollm_bundle, minilm_bundle)
     hostile = hostile_bundles(models, smollm_bundle, minilm_bundle)
-    rows = {Path(r["dir"]).name: r for r in verify_in_subprocess(bundle_dirs(models))}
-    assert rows[SMOLLM_NAME]["ok"] and rows[SMOLLM_NAME]["task"] == "text-generation"
-    assert rows[MINILM_NAME]["ok"] and rows[MINILM_NAME]["task"] == "feature-extraction"
-    assert not rows[hostile["tampered"].name]["ok"] and "sha256 differs" in rows[hostile["tampered"].name]["error"]
-    assert not rows[hostile["absurd-counts"].name]["ok"] and "4294967303 tensors" in rows[hostile["absurd-counts"].name]["error"]
-    assert not rows[hostile["truncated"].name]["ok"] and "past the end" in rows[hostile["truncated"].name]["error"]
+    rows = {Path(r.dir).name: r for r in verify_in_subprocess(bundle_dirs(models))}
+    assert rows[SMOLLM_NAME].ok and rows[SMOLLM_NAME].task == "text-generation"
+    assert rows[MINILM_NAME].ok and rows[MINILM_NAME].task == "feature-extraction"
+    assert not rows[hostile["tampered"].name].ok and "sha256 differs" in rows[hostile["tampered"].name].error
+    assert not rows[hostile["absurd-counts"].name].ok and "4294967303 tensors" in rows[hostile["absurd-counts"].name].error
+    assert not rows[hostile["truncated"].name].ok and "past the end" in rows[hostile["truncated"].name].error
     escape = rows[hostile["onnx-escape"].name]
-    assert not escape["ok"] and "outside the bundle" in escape["error"]
+    assert not escape.ok and "outside the bundle" in escape.error
     assert len(rows) == 6

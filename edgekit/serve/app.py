@@ -13,8 +13,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,10 +23,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edgekit.runtime.llm import PromptTooLong
 from edgekit.serve.errors import ApiError, bad_param
 from edgekit.serve.guard import Guard, read_api_key, read_body
 from edgekit.serve.manager import ModelEntry, ModelManager
 from edgekit.serve.metrics import ServeMetrics
+from edgekit.serve.protocol import DeltaMessage, Done, Generate, Proceed, Prompt, ProtocolError, ToDaemon
 from edgekit.serve.schemas import ChatBody, ClassifyBody, CompletionBody, EmbeddingsBody, parse_body
 from edgekit.serve.settings import ServeSettings
 from edgekit.serve.workers import RequestStream
@@ -62,23 +65,41 @@ class Generation:
         return ApiError(504, f"the request did not finish within {self.manager.settings.request_timeout_s:.0f} s "
                         "and was cancelled", code="timeout")
 
-    async def next(self) -> tuple[dict[str, Any], bytes]:
+    async def next(self) -> tuple[ToDaemon, bytes]:
         try:
             async with asyncio.timeout(self.remaining()):
                 return await self.stream.next()
         except TimeoutError:
             raise self.timed_out() from None
 
-    def record(self, done: dict[str, Any]) -> None:
-        self.finish_reason = done["finish_reason"]
-        prompt, completion = done.get("prompt_tokens", 0), done.get("completion_tokens", 0)
+    async def admit(self, param: str) -> None:
+        """Wait for the worker's ``Prompt``; decide whether it fits the context (400 if not), then let it generate."""
+        prompt, _ = await self.next()
+        if not isinstance(prompt, Prompt):
+            raise ProtocolError(f"model {self.entry.name!r}: the worker sent {prompt.type!r} instead of the prompt")
+        n_ctx = self.stream.worker.facts.n_ctx
+        error = None
+        if prompt.tokens == 0:
+            error = ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+        elif prompt.tokens >= n_ctx:
+            error = ApiError(400, str(PromptTooLong(prompt.tokens, n_ctx)), param=param, code="context_length_exceeded")
+        if error is not None:
+            self.stream.close()  # refused: the worker's "cancelled" answer is not a generation
+            raise error
+        self.prompt_tokens = prompt.tokens
+        self.stream.worker.send(Proceed(id=self.stream.id))
+
+    def record(self, done: Done) -> None:
+        finish = done.finish
+        self.finish_reason = finish.reason
+        prompt, completion = finish.prompt_tokens, finish.completion_tokens
         self.usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         metrics = self.manager.metrics
         metrics.generations.labels(model=self.entry.name, finish_reason=self.finish_reason).inc()
         metrics.tokens_generated.labels(model=self.entry.name).inc(completion)
         metrics.prompt_tokens.labels(model=self.entry.name).inc(prompt)
-        if done.get("decode_seconds") and completion > 1:
-            metrics.decode_rate.labels(model=self.entry.name).set(completion / done["decode_seconds"])
+        if finish.decode_seconds and completion > 1:
+            metrics.decode_rate.labels(model=self.entry.name).set(completion / finish.decode_seconds)
 
     async def finish(self) -> None:
         """Cancel the generation if unfinished, wait briefly for the worker to stop it, release the slot."""
@@ -107,9 +128,9 @@ class Generation:
 
     async def _drain(self) -> None:
         while not self.stream.finished:
-            header, _ = await self.stream.next()
-            if header["type"] == "done":
-                self.record(header)
+            message, _ = await self.stream.next()
+            if isinstance(message, Done):
+                self.record(message)
 
     async def _drain_late(self) -> None:
         try:
@@ -173,8 +194,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     # ---- generation -------------------------------------------------------------------------
 
-    async def start_generation(request: Request, entry: ModelEntry, job: dict[str, Any]) -> Generation:
-        """Take a slot, send the job, wait for the worker's 'start' (errors such as context length come before it)."""
+    async def start_generation(request: Request, entry: ModelEntry, job: Callable[..., Generate], param: str) -> Generation:
+        """Take a slot, send the job, admit its prompt (errors such as context length come before any token)."""
         deadline = time.monotonic() + settings.request_timeout_s
         await manager.acquire_slot(entry, timeout=settings.request_timeout_s)
         try:
@@ -185,8 +206,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise
         generation = Generation(manager, entry, stream, deadline)
         try:
-            header, _ = await generation.next()
-            generation.prompt_tokens = header.get("prompt_tokens", 0)
+            await generation.admit(param)
         except BaseException:
             await generation.finish()
             raise
@@ -200,11 +220,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
             try:
                 async with asyncio.timeout(generation.remaining()):
                     while True:
-                        header, _ = await generation.stream.next()
-                        if header["type"] == "delta":
-                            parts.append(header["text"])
-                        elif header["type"] == "done":
-                            generation.record(header)
+                        message, _ = await generation.stream.next()
+                        if isinstance(message, DeltaMessage):
+                            parts.append(message.delta.text)
+                        elif isinstance(message, Done):
+                            generation.record(message)
                             return
             except TimeoutError:
                 raise generation.timed_out() from None
@@ -237,11 +257,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     yield f"data: {_dumps(chunk(first, None))}\n\n"
                 async with asyncio.timeout(generation.remaining()):  # one timer for the whole stream
                     while True:
-                        header, _ = await generation.stream.next()
-                        if header["type"] == "delta":
-                            yield f"data: {prefix}{_dumps(header['text'])}{suffix}\n\n"
-                        elif header["type"] == "done":
-                            generation.record(header)
+                        message, _ = await generation.stream.next()
+                        if isinstance(message, DeltaMessage):
+                            yield f"data: {prefix}{_dumps(message.delta.text)}{suffix}\n\n"
+                        elif isinstance(message, Done):
+                            generation.record(message)
                             yield f"data: {_dumps(chunk(None, generation.finish_reason))}\n\n"
                             if include_usage:
                                 yield f"data: {_dumps(chunk(None, None, usage=generation.usage))}\n\n"
@@ -264,8 +284,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         body.check_supported(settings.max_tokens_cap)
         check_chars(body.chars(), "messages")
         entry = await model_entry(request, body.model, GENERATION_TASKS, "/v1/chat/completions")
-        job = {"type": "generate", "op": "generate", "messages": body.template_messages(), "sampling": body.sampling()}
-        generation = await start_generation(request, entry, job)
+        job = partial(Generate, messages=body.template_messages(), sampling=body.sampling())
+        generation = await start_generation(request, entry, job, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:
@@ -295,8 +315,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         body.check_supported(settings.max_tokens_cap)
         check_chars(len(body.text), "prompt")
         entry = await model_entry(request, body.model, GENERATION_TASKS, "/v1/completions")
-        job = {"type": "generate", "op": "generate", "prompt": body.text, "sampling": body.sampling()}
-        generation = await start_generation(request, entry, job)
+        job = partial(Generate, prompt=body.text, sampling=body.sampling())
+        generation = await start_generation(request, entry, job, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:

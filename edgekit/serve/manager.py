@@ -15,15 +15,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import subprocess
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from edgekit.bundle import REJECTED_SUFFIX, STAGING_PREFIX, read_manifest
 from edgekit.errors import BundleError, EdgekitError
@@ -31,6 +33,7 @@ from edgekit.schema.manifest import MANIFEST_NAME, Manifest
 from edgekit.serve.batching import MicroBatcher
 from edgekit.serve.budget import MIB, effective_n_ctx, footprint_bytes, memory_budget
 from edgekit.serve.errors import ApiError
+from edgekit.serve.protocol import Encode, FileIdentity, Verified, WorkerConfig
 from edgekit.serve.settings import ServeSettings
 from edgekit.serve.workers import WorkerProcess
 
@@ -60,6 +63,7 @@ class ModelEntry:
     loads: int = 0
     preload: bool = False
     verified: bool = True  # False for a preloaded bundle until its worker has verified and loaded it
+    verified_files: list[FileIdentity] | None = None  # the files as they were when last hashed in full
 
     @property
     def task(self) -> str:
@@ -81,26 +85,25 @@ def bundle_dirs(models_dir: Path) -> list[Path]:
     )
 
 
-def verify_in_subprocess(paths: list[Path], timeout: float = 600.0) -> list[dict[str, Any]]:
+def verify_in_subprocess(paths: list[Path], timeout: float = 600.0) -> list[Verified]:
     """Run the full bundle checks in a child process; a parser crash there cannot take the daemon down."""
     if not paths:
         return []
     done = subprocess.run(
         [sys.executable, "-m", "edgekit.serve.worker", "verify", *map(str, paths)],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
     )
-    rows = {}
+    rows: dict[str, Verified] = {}
     for line in done.stdout.splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "dir" in row:
-            rows[row["dir"]] = row
+            row = Verified.model_validate_json(line)
+        except ValidationError:
+            continue  # not a result line (a library printed something)
+        rows[row.dir] = row
     results = []
     for path in paths:  # a bundle the verifier did not report on crashed it
-        results.append(rows.get(str(path)) or {"dir": str(path), "ok": False, "name": path.name,
-                                               "error": f"the verifier stopped (exit {done.returncode}) on this bundle"})
+        results.append(rows.get(str(path)) or Verified(dir=str(path), ok=False, name=path.name,
+                                                       error=f"the verifier stopped (exit {done.returncode}) on this bundle"))
     return results
 
 
@@ -125,14 +128,15 @@ class ModelManager:
         """Verify every bundle under the models directory (except ``skip``) and register the good ones."""
         paths = [p for p in bundle_dirs(self.settings.models) if p not in skip]
         for row in await asyncio.to_thread(verify_in_subprocess, paths):
-            self._register(Path(row["dir"]), row)
+            self._register(Path(row.dir), row)
         log.info("serving %d model(s) from %s: %s; memory budget %d MiB (%s)", len(self.entries), self.settings.models,
                  ", ".join(sorted(self.entries)) or "none", self.budget // MIB, self.budget_source)
 
-    def _register(self, path: Path, row: dict[str, Any]) -> ModelEntry | None:
-        if not row.get("ok"):
-            self.rejected[path.name] = row.get("error") or "verification failed"
-            log.error("skipping bundle %s: %s", path, row.get("error"))
+    def _register(self, path: Path, row: Verified | None) -> ModelEntry | None:
+        """Serve the bundle at ``path`` (``row``: its verification, None: its worker verifies it at load)."""
+        if row is not None and not row.ok:
+            self.rejected[path.name] = row.error or "verification failed"
+            log.error("skipping bundle %s: %s", path, row.error)
             return None
         try:
             manifest = read_manifest(path)
@@ -145,7 +149,8 @@ class ModelManager:
                       self.entries[manifest.name].path)
             return None
         entry = ModelEntry(manifest.name, path, manifest, footprint_bytes(manifest, self.settings),
-                           slots=asyncio.Semaphore(self.settings.slots))
+                           slots=asyncio.Semaphore(self.settings.slots), verified=row is not None,
+                           verified_files=row.files if row is not None else None)
         self.entries[entry.name] = entry
         return entry
 
@@ -222,8 +227,9 @@ class ModelManager:
             started = time.perf_counter()
             worker = WorkerProcess(entry.name, entry.path, self._worker_config(entry), self._worker_exited, self._worker_env())
             try:
-                await worker.start(self.settings.load_timeout_s)
+                ready = await worker.start(self.settings.load_timeout_s)
             except BundleError as exc:
+                entry.verified_files = None
                 if not entry.verified:  # a preloaded bundle its worker refused: not served, like at discovery
                     self.entries.pop(entry.name, None)
                     self.rejected[entry.path.name] = str(exc)
@@ -241,6 +247,8 @@ class ModelManager:
                 entry.state = "available"
                 raise
             entry.worker, entry.state, entry.loads, entry.verified = worker, "ready", entry.loads + 1, True
+            if ready.files is not None:  # the worker hashed the bundle: later loads may trust these files
+                entry.verified_files = ready.files
             entry.last_used = time.monotonic()
             if entry.task != "text-generation" and entry.batcher is None:
                 entry.batcher = MicroBatcher(lambda texts, e=entry: self._run_batch(e, texts),
@@ -258,12 +266,12 @@ class ModelManager:
             return {}
         return {"GOMP_SPINCOUNT": str(count), **({"OMP_WAIT_POLICY": "PASSIVE"} if count == 0 else {})}
 
-    def _worker_config(self, entry: ModelEntry) -> dict[str, Any]:
+    def _worker_config(self, entry: ModelEntry) -> WorkerConfig:
         s = self.settings
-        return {"n_ctx": effective_n_ctx(entry.manifest, s), "threads": s.threads,
-                "slots": s.slots if entry.task == "text-generation" else 1, "batch_max": s.batch_max,
-                "batch_max_tokens": s.batch_max_tokens,
-                "max_prompt_chars": 4 * s.max_input_chars + 65536, "plugins": list(s.worker_plugins)}
+        return WorkerConfig(n_ctx=effective_n_ctx(entry.manifest, s), threads=s.threads,
+                            slots=s.slots if entry.task == "text-generation" else 1, batch_max=s.batch_max,
+                            batch_max_tokens=s.batch_max_tokens, max_prompt_chars=4 * s.max_input_chars + 65536,
+                            plugins=list(s.worker_plugins), verified=entry.verified_files)
 
     async def _make_room(self, entry: ModelEntry) -> None:
         need = entry.footprint
@@ -378,15 +386,15 @@ class ModelManager:
 
         worker = await self.ensure_loaded(entry)
         op = "embed" if entry.task == "feature-extraction" else "classify"
-        stream = await worker.submit({"type": op, "op": op, "texts": texts})
+        stream = await worker.submit(partial(Encode, type=op, texts=texts))
         try:
-            header, payload = await stream.next()
+            result, payload = await stream.next()
         finally:
             stream.close()
-        tokens = header["tokens"]
-        if "entities" in header:
-            return [(items, n) for items, n in zip(header["entities"], tokens)]
-        rows, width = header["shape"] if header["shape"] else (0, 0)
+        tokens = result.tokens
+        if result.entities is not None:
+            return [([label.model_dump() for label in labels], n) for labels, n in zip(result.entities, tokens)]
+        rows, width = result.shape if result.shape else (0, 0)
         values = array.array("f")
         values.frombytes(payload)
         return [(values[i * width : (i + 1) * width], n) for i, n in zip(range(rows), tokens)]
@@ -429,11 +437,8 @@ class ModelManager:
         candidates = set(bundle_dirs(self.settings.models))
         for name in self.settings.preload:
             path = self.settings.models / name
-            if path in candidates:
-                entry = self._register(path, {"ok": True})
-                if entry is not None:
-                    entry.verified = False
-                    provisional.add(path)
+            if path in candidates and self._register(path, None) is not None:
+                provisional.add(path)
         preloading = self.spawn(self.preload(), "preload")
         try:
             await self.discover(skip=provisional)

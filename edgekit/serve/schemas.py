@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgekit.runtime.llm import Sampling
 from edgekit.serve.errors import ApiError, bad_param
 
 M = TypeVar("M", bound=BaseModel)
@@ -92,9 +93,9 @@ class GenerationBody(Body):
     def limit_param(self) -> str:
         return "max_tokens"
 
-    def sampling(self) -> dict[str, Any]:
-        return {"max_tokens": self.limit, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "stop": self.stops()}
+    def sampling(self) -> Sampling:
+        return Sampling(max_tokens=self.limit, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                        stop=tuple(self.stops()))
 
 
 class ChatBody(GenerationBody):
