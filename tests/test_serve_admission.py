@@ -368,17 +368,18 @@ def test_discovered_bundle_is_not_hashed_again_at_load_unless_it_changed(app_cli
     """Discovery hashed the bundle; its worker trusts that while the files keep their identity, and re-checks a change."""
     with app_client(preload=[OTHER]) as c:
         wait_ready(c)
-        manager = c.app.state.manager
-        assert manager.entries[OTHER].worker.facts.files is not None  # a preloaded bundle is hashed by its worker
+        services = c.app.state.services
+        entries = services.catalog.entries
+        assert entries[OTHER].worker.facts.files is not None  # a preloaded bundle is hashed by its worker
         assert chat(c, "first", max_tokens=2).status_code == 200
-        assert manager.entries[FAKE].worker.facts.files is None  # discovered: not read again at load
+        assert entries[FAKE].worker.facts.files is None  # discovered: not read again at load
         model = fake_models / FAKE / "model.gguf"
         data = bytearray(model.read_bytes())
         data[-1] ^= 0xFF
         tampered = model.with_suffix(".tmp")
         tampered.write_bytes(bytes(data))
         tampered.replace(model)
-        c.portal.call(manager.unload, manager.entries[FAKE])  # on the app's event loop
+        c.portal.call(services.lifecycle.unload, entries[FAKE])  # on the app's event loop
         assert states(c)[FAKE] == "available"
         response = chat(c, "second", max_tokens=2)
         error = response.json()["error"]

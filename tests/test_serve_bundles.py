@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 def test_verifier_subprocess_accepts_good_and_rejects_hostile(tmp_path, smollm_bundle, minilm_bundle):
     """RELIABILITY 1, 3, 5: each hostile bundle is rejected with its reason; the good ones pass."""
-    from edgekit.serve.manager import bundle_dirs, verify_in_subprocess
+    from edgekit.serve.discovery import bundle_dirs, verify_in_subprocess
 
     models = link_bundles(tmp_path / "models", smollm_bundle, minilm_bundle)
     hostile = hostile_bundles(models, smollm_bundle, minilm_bundle)

@@ -397,12 +397,16 @@ def test_memory_budget_sources(empty_models):
 
 def test_workers_get_a_bounded_openmp_spin_count(empty_models):
     """llama.cpp's OpenMP threads must not spin long while other workers share the cores (measured 40x slower chats)."""
-    from edgekit.serve.manager import ModelManager
+    from edgekit.serve.discovery import Catalog
+    from edgekit.serve.lifecycle import Lifecycle
 
-    assert ModelManager(ServeSettings(models=empty_models))._worker_env() == {"GOMP_SPINCOUNT": "10000"}
-    assert ModelManager(ServeSettings(models=empty_models, omp_spin_count=0))._worker_env() == {
-        "GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
-    assert ModelManager(ServeSettings(models=empty_models, omp_spin_count=None))._worker_env() == {}
+    def env(**settings) -> dict[str, str]:
+        values = ServeSettings(models=empty_models, **settings)
+        return Lifecycle(values, Catalog(values)).worker_env()
+
+    assert env() == {"GOMP_SPINCOUNT": "10000"}
+    assert env(omp_spin_count=0) == {"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert env(omp_spin_count=None) == {}
 
 
 def test_encoder_micro_batches_are_split_by_padded_tokens(minilm_dir):
