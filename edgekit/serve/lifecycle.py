@@ -29,7 +29,7 @@ from edgekit.serve.budget import MIB, effective_n_ctx, memory_budget
 from edgekit.serve.errors import ApiError
 from edgekit.serve.protocol import FileIdentity, WorkerConfig
 from edgekit.serve.settings import ServeSettings
-from edgekit.serve.workers import WorkerProcess, describe_exit
+from edgekit.serve.workers import GoldenCheckFailed, WorkerProcess, describe_exit
 
 log = logging.getLogger("edgekit.serve")
 
@@ -117,6 +117,11 @@ class Lifecycle:
     def loaded(self) -> list[ModelEntry]:
         return [e for e in self.catalog.entries.values() if e.state is ModelState.READY]
 
+    @property
+    def failed(self) -> dict[str, str]:
+        """Failed models and why (refused at load, golden check failed, or crashed too often)."""
+        return {e.name: e.error or "failed" for e in self.catalog.entries.values() if e.state is ModelState.FAILED}
+
     def used_bytes(self, excluding: ModelEntry | None = None) -> int:
         return sum(e.footprint for e in self.catalog.entries.values()
                    if e.state in (ModelState.READY, ModelState.LOADING) and e is not excluding)
@@ -174,6 +179,12 @@ class Lifecycle:
                 entry.move(ModelState.FAILED, f"bundle failed verification at load: {exc}")
                 entry.crashes.append(time.monotonic())
                 log.error("model %s: %s", entry.name, entry.error)
+                raise ApiError(503, f"model {entry.name!r} is unavailable: {entry.error}", param="model",
+                               code="model_unavailable") from exc
+            except GoldenCheckFailed as exc:
+                entry.move(ModelState.FAILED, str(exc))
+                entry.crashes.append(time.monotonic())  # retried after the crash window, like any failed load
+                log.error("model %s is not served: %s", entry.name, entry.error)
                 raise ApiError(503, f"model {entry.name!r} is unavailable: {entry.error}", param="model",
                                code="model_unavailable") from exc
             except EdgekitError as exc:

@@ -10,8 +10,8 @@ A generation: daemon ``Generate`` -> worker ``Prompt`` (token count of the rende
 ``Proceed`` (the prompt fits the context; the daemon decides) or ``Cancel`` -> worker ``DeltaMessage``\\*
 then exactly one ``Done`` or ``Error``. An encoder job: ``Encode`` -> ``Result`` (+ payload) or ``Error``.
 ``Cancel`` may come at any time; a job cancelled before it produced anything ends with a ``Done``
-whose finish reason is "cancelled". A load: the worker starts, then sends ``Ready`` or ``LoadError``
-(and exits). ``Shutdown`` asks the worker to finish what it runs; it answers ``Bye`` and exits.
+whose finish reason is "cancelled". A load: the worker starts, verifies and loads the bundle, reruns
+its golden checks if it has any, then sends ``Ready`` or ``LoadError`` (and exits). ``Shutdown`` asks the worker to finish what it runs; it answers ``Bye`` and exits.
 
 Besides the pipe, the worker receives its ``WorkerConfig`` as JSON on its command line, and the
 bundle verifier subprocess prints one ``Verified`` line per bundle.
@@ -149,11 +149,13 @@ class Ready(Message):
 
 
 class LoadError(Message):
-    """The worker could not load the bundle; it exits after sending this."""
+    """The worker could not load the bundle, or the loaded model failed its golden checks; it exits after sending this."""
 
     type: Literal["load_error"] = "load_error"
     message: str
-    bundle: bool = Field(description="The bundle failed verification (True) or the backend failed (False).")
+    kind: Literal["bundle", "backend", "golden"] = Field(
+        description="bundle: it failed verification; backend: the runtime could not load it; golden: it loaded but does "
+        "not reproduce the outputs recorded at export on this machine.")
 
 
 class Prompt(Message):

@@ -343,4 +343,4 @@ async def health(svc: Svc) -> Response | Health:
         return JSONResponse({"status": "loading", "error": {"message": f"Loading model ({what})", "type": "unavailable_error",
                              "param": None, "code": "loading"}}, status_code=503, headers={"Retry-After": "1"})
     return Health(models=len(svc.catalog.entries), loaded=sorted(e.name for e in svc.lifecycle.loaded),
-                  rejected=sorted(svc.catalog.rejected))
+                  rejected=sorted(svc.catalog.rejected), failed=svc.lifecycle.failed)

@@ -83,6 +83,11 @@ class GenerationRunner:
     def slots(self) -> int:
         return len(self.models)
 
+    @property
+    def golden_model(self):
+        """The model the golden checks run on (they reset its context; the first request rebuilds it)."""
+        return self.models[0]
+
     def handle(self, slot: int, job: Job, send: Send) -> None:
         """Prompt -> the daemon's decision -> deltas -> one Done (or one Error instead)."""
         from edgekit.runtime.chat_template import ChatTemplateError
@@ -122,6 +127,10 @@ class EncoderRunner:
         self.model = EncoderModel(bundle_dir, manifest.runtime, threads=config.threads,
                                   model_path=model_file(bundle_dir, manifest))
         self.facts = {"max_length": manifest.runtime.max_length, "labels": list(manifest.runtime.labels)}
+
+    @property
+    def golden_model(self):
+        return self.model
 
     def handle(self, slot: int, job: Job, send: Send) -> None:
         import numpy as np

@@ -356,7 +356,8 @@ class Health(Reply):
     status: Literal["ok"] = "ok"
     models: int
     loaded: list[str]
-    rejected: list[str]
+    rejected: list[str] = Field(description="Bundle folders refused at verification.")
+    failed: dict[str, str] = Field(description="Models that are not served now, with the reason (e.g. a failed golden check).")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}

@@ -2,7 +2,8 @@
 
 Run by the daemon as ``python -m edgekit.serve.worker serve --fd N --bundle DIR --config JSON``
 with one end of a Unix socket pair; it verifies the bundle again unless its files are the ones the
-daemon's verifier hashed (unchanged identity), loads it, says ``Ready`` and then answers jobs (see
+daemon's verifier hashed (unchanged identity), loads it, reruns the golden checks recorded at export
+(a model that does not reproduce them is refused), says ``Ready`` and then answers jobs (see
 ``protocol.py``). ``python -m edgekit.serve.worker verify DIR...`` checks bundles and prints one
 ``Verified`` line each, so the daemon never parses a model file in its own process.
 
@@ -95,8 +96,15 @@ def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
         load_plugins(config.plugins)
         manifest, hashed = verify_bundle_once(bundle_dir, config.verified)
         runner = runner_for(manifest.format)(bundle_dir, manifest, config)
+        if manifest.golden is not None:  # before Ready: a model that computes something else is never served
+            from edgekit.runtime.golden import check_golden
+
+            report = check_golden(manifest, runner.golden_model)
+            if not report.passed:
+                send(LoadError(message=report.reason, kind="golden"))
+                return 1
     except EdgekitError as exc:
-        send(LoadError(message=str(exc), bundle=isinstance(exc, BundleError)))
+        send(LoadError(message=str(exc), kind="bundle" if isinstance(exc, BundleError) else "backend"))
         return 1
     send(Ready(pid=os.getpid(), task=manifest.task, load_seconds=time.perf_counter() - started, files=hashed, **runner.facts))
 

@@ -57,6 +57,10 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
+class GoldenCheckFailed(RuntimeBackendError):
+    """The model loaded but does not reproduce its golden record on this machine."""
+
+
 class WorkerCrashed(ApiError):
     """The worker died while this request was in flight."""
 
@@ -154,7 +158,7 @@ class WorkerProcess:
         message, _ = frame
         if isinstance(message, LoadError):
             await self._reap(5.0)
-            raise (BundleError if message.bundle else RuntimeBackendError)(message.message)
+            raise {"bundle": BundleError, "backend": RuntimeBackendError, "golden": GoldenCheckFailed}[message.kind](message.message)
         if not isinstance(message, Ready):
             await self.kill()
             raise RuntimeBackendError(f"model {self.name!r}: the worker sent {message.type!r} before it was ready")
