@@ -118,10 +118,10 @@ class FakeGenerationRunner(GenerationRunner):
     """The real generation runner (slots, prompt checks, message flow) over fake models."""
 
     @staticmethod
-    def open_model(path: Path, manifest, n_ctx: int, config: dict[str, Any]) -> FakeModel:
+    def open_model(path: Path, manifest, config) -> FakeModel:
         if (gates_dir() / f"load-{manifest.name}.hold").exists():
             pass_gate(f"load-{manifest.name}")
-        return FakeModel(n_ctx)
+        return FakeModel(config.n_ctx)
 
 
 register_runner("gguf", FakeGenerationRunner, replace=True)

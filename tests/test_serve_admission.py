@@ -341,3 +341,47 @@ def test_sigterm_cancels_what_outlasts_the_grace_period(fake_daemon_models: Path
     finally:
         server.stop()
     assert "[DONE]" not in events
+
+
+# ---- verification: a bundle is read in full once per change -------------------------------------------------
+
+
+def test_worker_hashes_only_files_changed_since_they_were_verified(fake_models, monkeypatch):
+    import edgekit.bundle
+    from edgekit.serve.worker import verify_bundle_once
+
+    hashed: list[str] = []
+    real = edgekit.bundle.sha256_file
+    monkeypatch.setattr(edgekit.bundle, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    bundle = fake_models / FAKE
+    manifest, files = verify_bundle_once(bundle, None)
+    assert hashed == ["model.gguf"] and [f.path for f in files] == ["manifest.json", "model.gguf"]
+    assert verify_bundle_once(bundle, files) == (manifest, None) and hashed == ["model.gguf"]  # unchanged: not read again
+    model = bundle / "model.gguf"
+    copy = bundle / "copy.tmp"
+    copy.write_bytes(model.read_bytes())
+    copy.replace(model)  # same bytes, new file: its identity changed, so it is hashed again
+    assert verify_bundle_once(bundle, files)[1] is not None and hashed == ["model.gguf"] * 2
+
+
+def test_discovered_bundle_is_not_hashed_again_at_load_unless_it_changed(app_client, fake_models):
+    """Discovery hashed the bundle; its worker trusts that while the files keep their identity, and re-checks a change."""
+    with app_client(preload=[OTHER]) as c:
+        wait_ready(c)
+        services = c.app.state.services
+        entries = services.catalog.entries
+        assert entries[OTHER].worker.facts.files is not None  # a preloaded bundle is hashed by its worker
+        assert chat(c, "first", max_tokens=2).status_code == 200
+        assert entries[FAKE].worker.facts.files is None  # discovered: not read again at load
+        model = fake_models / FAKE / "model.gguf"
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF
+        tampered = model.with_suffix(".tmp")
+        tampered.write_bytes(bytes(data))
+        tampered.replace(model)
+        c.portal.call(services.lifecycle.unload, entries[FAKE])  # on the app's event loop
+        assert states(c)[FAKE] == "available"
+        response = chat(c, "second", max_tokens=2)
+        error = response.json()["error"]
+        assert response.status_code == 503 and error["code"] == "model_unavailable" and "sha256 differs" in error["message"]
+        assert chat(c, "other", OTHER, max_tokens=2).status_code == 200

@@ -271,6 +271,32 @@ def test_llama_cpp_generation_stops_at_the_cancel_flag(reference_llm):
     assert before_prefill == [Finish("cancelled", 37, 0)]
 
 
+def test_golden_check_failure_keeps_a_model_from_serving(tmp_path, minilm_bundle):
+    """The worker reruns the bundle's golden record before it reports ready: a tampered record fails on the real model,
+    so that model is not served (503 naming the check; /health lists it as failed); the intact bundle passes and serves."""
+    from edgekit.bundle import MANIFEST_NAME
+
+    name = "minilm-tampered-golden"
+    models = link_bundles(tmp_path / "models", minilm_bundle)
+    tampered = models / name
+    shutil.copytree(minilm_bundle, tampered)
+    manifest = json.loads((tampered / MANIFEST_NAME).read_text())
+    texts = manifest["golden"]["texts"]
+    assert len(texts) == 3 and texts[0]["shape"] == [384]
+    texts[0]["output"] = texts[1]["output"]  # another text's embedding: far below the cosine bound
+    manifest["name"] = name
+    (tampered / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with TestClient(create_app(settings_for(models, preload=[MINILM_NAME, name])), base_url=BASE) as c:
+        health = wait_ready(c)
+        assert health["loaded"] == [MINILM_NAME] and health["rejected"] == []
+        reason = health["failed"][name]
+        assert reason.startswith(f"golden check failed for {name}: text 1: cosine ") and reason.endswith("outside the bound")
+        refused = c.post("/v1/embeddings", json={"model": name, "input": "hello"})
+        error = refused.json()["error"]
+        assert refused.status_code == 503 and error["code"] == "model_unavailable" and reason in error["message"]
+        assert c.post("/v1/embeddings", json={"model": MINILM_NAME, "input": "hello"}).status_code == 200
+
+
 # ---- encoders -----------------------------------------------------------------------------------
 
 

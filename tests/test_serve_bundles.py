@@ -5,9 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve_fixtures import MINILM_NAME, SMOLLM_NAME, hostile_bundles, link_bundles
+from serve_fixtures import (  # noqa: F401  (fixtures: see below)
+    MINILM_NAME,
+    SMOLLM_NAME,
+    bundle_cache,
+    classifier_bundles,
+    hostile_bundles,
+    link_bundles,
+    minilm_bundle,
+    smollm_bundle,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+# The fixtures come from the serve_fixtures plugin; they are imported here only because test_golden.py and
+# test_doctor.py still import them from this module. Drop them from the import once those files stop.
 
 
 # ---- tests of the verification the daemon relies on ------------------------------------------
@@ -15,16 +26,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 def test_verifier_subprocess_accepts_good_and_rejects_hostile(tmp_path, smollm_bundle, minilm_bundle):
     """docs/reliability.md case 1, 3, 5: each hostile bundle is rejected with its reason; the good ones pass."""
-    from edgekit.serve.manager import bundle_dirs, verify_in_subprocess
+    from edgekit.serve.discovery import bundle_dirs, verify_in_subprocess
 
     models = link_bundles(tmp_path / "models", smollm_bundle, minilm_bundle)
     hostile = hostile_bundles(models, smollm_bundle, minilm_bundle)
-    rows = {Path(r["dir"]).name: r for r in verify_in_subprocess(bundle_dirs(models))}
-    assert rows[SMOLLM_NAME]["ok"] and rows[SMOLLM_NAME]["task"] == "text-generation"
-    assert rows[MINILM_NAME]["ok"] and rows[MINILM_NAME]["task"] == "feature-extraction"
-    assert not rows[hostile["tampered"].name]["ok"] and "sha256 differs" in rows[hostile["tampered"].name]["error"]
-    assert not rows[hostile["absurd-counts"].name]["ok"] and "4294967303 tensors" in rows[hostile["absurd-counts"].name]["error"]
-    assert not rows[hostile["truncated"].name]["ok"] and "past the end" in rows[hostile["truncated"].name]["error"]
+    rows = {Path(r.dir).name: r for r in verify_in_subprocess(bundle_dirs(models))}
+    assert rows[SMOLLM_NAME].ok and rows[SMOLLM_NAME].task == "text-generation"
+    assert rows[MINILM_NAME].ok and rows[MINILM_NAME].task == "feature-extraction"
+    assert not rows[hostile["tampered"].name].ok and "sha256 differs" in rows[hostile["tampered"].name].error
+    assert not rows[hostile["absurd-counts"].name].ok and "4294967303 tensors" in rows[hostile["absurd-counts"].name].error
+    assert not rows[hostile["truncated"].name].ok and "past the end" in rows[hostile["truncated"].name].error
     escape = rows[hostile["onnx-escape"].name]
-    assert not escape["ok"] and "outside the bundle" in escape["error"]
+    assert not escape.ok and "outside the bundle" in escape.error
     assert len(rows) == 6

@@ -258,7 +258,7 @@ def test_parse_body_prefers_the_deepest_union_error():
                                             "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                                      {"type": "text", "text": "b"}]}]}).encode())
     assert body.limit == 7 and body.stops() == ["##"] and body.template_messages() == [{"role": "user", "content": "ab"}]
-    assert parse_body(CompletionBody, b'{"model": "m", "prompt": ["p"]}').sampling()["max_tokens"] == 16
+    assert parse_body(CompletionBody, b'{"model": "m", "prompt": ["p"]}').sampling().max_tokens == 16
 
 
 # ---- generation helpers ------------------------------------------------------------------------
@@ -397,12 +397,16 @@ def test_memory_budget_sources(empty_models):
 
 def test_workers_get_a_bounded_openmp_spin_count(empty_models):
     """llama.cpp's OpenMP threads must not spin long while other workers share the cores (measured 40x slower chats)."""
-    from edgekit.serve.manager import ModelManager
+    from edgekit.serve.discovery import Catalog
+    from edgekit.serve.lifecycle import Lifecycle
 
-    assert ModelManager(ServeSettings(models=empty_models))._worker_env() == {"GOMP_SPINCOUNT": "10000"}
-    assert ModelManager(ServeSettings(models=empty_models, omp_spin_count=0))._worker_env() == {
-        "GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
-    assert ModelManager(ServeSettings(models=empty_models, omp_spin_count=None))._worker_env() == {}
+    def env(**settings) -> dict[str, str]:
+        values = ServeSettings(models=empty_models, **settings)
+        return Lifecycle(values, Catalog(values)).worker_env()
+
+    assert env() == {"GOMP_SPINCOUNT": "10000"}
+    assert env(omp_spin_count=0) == {"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert env(omp_spin_count=None) == {}
 
 
 def test_encoder_micro_batches_are_split_by_padded_tokens(minilm_dir):
@@ -430,3 +434,46 @@ def test_service_unit_prints_long_lines_verbatim(tmp_path):
     assert done.returncode == 0, done.stderr
     exec_lines = [line for line in done.stdout.splitlines() if line.startswith("ExecStart=")]
     assert len(exec_lines) == 1 and exec_lines[0].endswith("--preload a-model-with-a-rather-long-bundle-name-q4-k-m")
+
+
+def test_protocol_messages_are_typed_and_validated_at_the_boundary():
+    """Daemon <-> worker frames carry one message of a discriminated union; anything else is a ProtocolError."""
+    import io
+    import struct
+
+    from edgekit.runtime.llm import Delta, Finish, Sampling
+    from edgekit.serve.protocol import (
+        DeltaMessage,
+        Done,
+        Generate,
+        ProtocolError,
+        encode_frame,
+        read_frame,
+        read_frame_sync,
+    )
+
+    job = Generate(id="r1", messages=[{"role": "user", "content": "hi"}], sampling=Sampling(max_tokens=3, stop=("x",)))
+    message, payload = read_frame_sync(io.BytesIO(encode_frame(job)))
+    assert message == job and payload == b"" and message.sampling == Sampling(max_tokens=3, stop=("x",))
+
+    async def from_worker(data: bytes):
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await read_frame(reader)
+
+    done = Done(id="r1", finish=Finish("length", 5, 3))
+    frames = encode_frame(DeltaMessage(id="r1", delta=Delta("é", 1))) + encode_frame(done, b"\x00\x01")
+    assert asyncio.run(from_worker(frames))[0].delta == Delta("é", 1)
+
+    def raw(header: dict) -> bytes:
+        head = json.dumps(header).encode()
+        return struct.pack("!II", len(head), 0) + head
+
+    for bad in ({"type": "start", "id": "r1", "prompt_tokens": 3},  # undocumented type
+                {"type": "delta", "id": "r1", "text": "x", "tokens": 1},  # fields outside the Delta
+                {"type": "done", "id": "r1", "finish": {"reason": "eos", "prompt_tokens": 1, "completion_tokens": 0}}):
+        with pytest.raises(ProtocolError):
+            asyncio.run(from_worker(raw(bad)))
+    with pytest.raises(ProtocolError):  # a worker message is not a job
+        read_frame_sync(io.BytesIO(encode_frame(done)))

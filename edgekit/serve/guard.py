@@ -1,15 +1,14 @@
-"""The daemon's front door, as plain ASGI middleware: Host check, API key, body size, per-request metrics.
+"""The daemon's front door: Host check, API key and body size as route dependencies; per-request metrics.
 
-Runs before any route reads the body: a 10 MB body with a Content-Length over the cap is refused
-(413) without reading it; a chunked body is counted as it streams in (``read_body``). The Host
-check refuses DNS-rebinding requests to a loopback daemon (Ollama CVE-2024-28224); the key is
+The checks run before any route reads the body: a 10 MB body with a Content-Length over the cap is
+refused (413) without reading it; a chunked body is counted as it streams in (``read_body``). The
+Host check refuses DNS-rebinding requests to a loopback daemon (Ollama CVE-2024-28224); the key is
 compared in constant time (``hmac.compare_digest``); ``/health`` stays open for probes.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from edgekit.errors import ConfigError
 from edgekit.serve.errors import ApiError
 from edgekit.serve.settings import ServeSettings
 
-OPEN_PATHS = ("/health",)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # Endpoint label values of the metrics (anything else is "other", so paths cannot blow up label cardinality).
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/models", "/health", "/metrics")
@@ -53,49 +51,67 @@ def host_name(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
-async def send_error(send, error: ApiError) -> None:
-    body = json.dumps(error.body()).encode("utf-8")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 class Guard:
-    """ASGI middleware: 403 wrong Host (loopback binds), 401 bad key, 413 declared body too large; metrics."""
+    """The checks every API route depends on: Host (loopback binds), API key, declared body size."""
 
-    def __init__(self, app, *, settings: ServeSettings, api_key: str | None, metrics) -> None:
-        self.app = app
+    def __init__(self, settings: ServeSettings, api_key: str | None) -> None:
         self.settings = settings
         self.api_key = api_key.encode("utf-8") if api_key else None
-        self.metrics = metrics
         self.allowed_hosts = {h.lower() for h in (*LOOPBACK_NAMES, settings.host, *settings.allowed_hosts)}
 
-    def check(self, scope) -> None:
-        headers = {}
-        for name, value in scope["headers"]:
-            headers.setdefault(name.lower(), value)
-        if self.settings.loopback and b"host" in headers:
-            host = host_name(headers[b"host"].decode("latin-1"))
+    def check_host(self, request: Request) -> None:
+        """403 for a Host header a loopback daemon does not answer to (DNS rebinding)."""
+        value = request.headers.get("host")
+        if self.settings.loopback and value is not None:
+            host = host_name(value)
             if host not in self.allowed_hosts:
                 raise ApiError(403, f"Host {host!r} is not allowed on this loopback daemon (DNS rebinding protection)",
                                code="host_not_allowed")
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
-            auth = headers.get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not token:
-                raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-            if not hmac.compare_digest(token.strip(), self.api_key):
-                raise ApiError(401, "incorrect API key", code="invalid_api_key")
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                raise ApiError(400, "Content-Length is not a number", code="invalid_request") from None
-            if declared > self.settings.max_body_bytes:
-                raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {self.settings.max_body_bytes}",
-                               code="request_too_large")
+
+    def check_key(self, request: Request) -> None:
+        """401 without the right 'Authorization: Bearer KEY' when the daemon has a key."""
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "").encode("latin-1")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+        if not hmac.compare_digest(token.strip(), self.api_key):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    def check_length(self, request: Request) -> None:
+        """413 for a declared body over the cap, before anything reads it."""
+        length = request.headers.get("content-length")
+        if length is None:
+            return
+        try:
+            declared = int(length)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number", code="invalid_request") from None
+        if declared > self.settings.max_body_bytes:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {self.settings.max_body_bytes}",
+                           code="request_too_large")
+
+
+# Route dependencies (FastAPI ``Depends``); the app's Guard is ``app.state.guard``.
+def allowed_host(request: Request) -> None:
+    request.app.state.guard.check_host(request)
+
+
+def authenticated(request: Request) -> None:
+    request.app.state.guard.check_key(request)
+
+
+def body_within_limit(request: Request) -> None:
+    request.app.state.guard.check_length(request)
+
+
+class RequestMetrics:
+    """ASGI middleware: count every HTTP request by model, endpoint and status, and time it."""
+
+    def __init__(self, app, *, metrics) -> None:
+        self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -110,11 +126,6 @@ class Guard:
             await send(message)
 
         try:
-            try:
-                self.check(scope)
-            except ApiError as error:
-                await send_error(send_recording, error)
-                return
             await self.app(scope, receive, send_recording)
         finally:
             path = scope["path"]

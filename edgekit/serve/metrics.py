@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,13 +38,13 @@ class ServeMetrics:
         self.worker_restarts = Counter("edgekit_worker_restarts", "Model workers that stopped unexpectedly.", ["model"],
                                        registry=r)
 
-    def render(self, manager) -> bytes:
+    def render(self, entries: Iterable) -> bytes:
         """Refresh the gauges that are sampled (memory, queues, loaded models) and render the exposition text."""
         import psutil
 
         self.resident.labels(process="daemon").set(psutil.Process(os.getpid()).memory_info().rss)
         loaded = 0
-        for entry in manager.entries.values():
+        for entry in entries:
             self.queue_depth.labels(model=entry.name).set(entry.queue_depth)
             self.active.labels(model=entry.name).set(entry.active)
             if entry.worker is not None and entry.worker.alive:

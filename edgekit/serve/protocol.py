@@ -1,21 +1,33 @@
-"""The pipe protocol between the daemon and a model worker: length-prefixed frames on a Unix socket pair.
+"""The pipe protocol between the daemon and a model worker: typed messages in length-prefixed frames on a Unix socket pair.
 
-A frame is ``!II`` (header length, payload length), a JSON header and an optional binary payload
-(float32 arrays travel as raw bytes, not JSON numbers). Messages, by header ``type``:
+A frame is ``!II`` (header length, payload length), a JSON header holding one message below (tagged
+by ``type``) and an optional binary payload (float32 arrays travel as raw bytes, not JSON numbers).
+Every header is validated into its message class when it is read, on both sides; anything else is a
+``ProtocolError`` (a bug or a crashed peer, never user input). The runtime's own types travel inside
+the messages: ``Sampling`` in ``Generate``, ``Delta`` in ``DeltaMessage``, ``Finish`` in ``Done``.
 
-daemon -> worker: ``generate`` (id, prompt or messages, sampling), ``embed`` / ``classify`` (id, texts),
-``cancel`` (id), ``shutdown``.
-worker -> daemon: ``ready`` (model facts), ``start`` (id, prompt_tokens), ``delta`` (id, text, tokens),
-``done`` (id, finish_reason, usage), ``result`` (id, shape, payload), ``error`` (id, status, code, message).
+A generation: daemon ``Generate`` -> worker ``Prompt`` (token count of the rendered prompt) -> daemon
+``Proceed`` (the prompt fits the context; the daemon decides) or ``Cancel`` -> worker ``DeltaMessage``\\*
+then exactly one ``Done`` or ``Error``. An encoder job: ``Encode`` -> ``Result`` (+ payload) or ``Error``.
+``Cancel`` may come at any time; a job cancelled before it produced anything ends with a ``Done``
+whose finish reason is "cancelled". A load: the worker starts, verifies and loads the bundle, reruns
+its golden checks if it has any, then sends ``Ready`` or ``LoadError`` (and exits). ``Shutdown`` asks the worker to finish what it runs; it answers ``Bye`` and exits.
+
+Besides the pipe, the worker receives its ``WorkerConfig`` as JSON on its command line, and the
+bundle verifier subprocess prints one ``Verified`` line per bundle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import struct
-from typing import Any, BinaryIO
+import threading
+from typing import Annotated, Any, BinaryIO, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from edgekit.runtime.llm import Delta, Finish, Sampling
 
 _PREFIX = struct.Struct("!II")
 MAX_HEADER = 64 * 1024 * 1024  # a generate request carries the prompt in its header
@@ -23,22 +35,209 @@ MAX_PAYLOAD = 1024 * 1024 * 1024
 
 
 class ProtocolError(Exception):
-    """The peer sent something that is not a frame (a bug or a crashed peer, never user input)."""
+    """The peer sent something that is not a frame of this protocol (a bug or a crashed peer, never user input)."""
 
 
-def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- what the daemon and the worker know about a bundle ----------------------------------------------------
+
+
+class FileIdentity(Message):
+    """One file of a bundle as the filesystem identifies it; any write to the file changes ctime (and mtime)."""
+
+    path: str = Field(description="Path inside the bundle.")
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class Verified(Message):
+    """One line of the bundle verifier's output."""
+
+    dir: str = Field(description="The bundle directory as given.")
+    ok: bool
+    name: str = Field(description="Bundle name from its manifest (the directory name when unreadable).")
+    task: str | None = None
+    format: str | None = None
+    error: str | None = Field(None, description="Why the bundle is refused.")
+    files: list[FileIdentity] | None = Field(
+        None, description="Identity of the manifest and its files taken before they were hashed; a load whose files "
+        "still have this identity needs no second full read.")
+
+
+class WorkerConfig(Message):
+    """How the daemon runs one worker (``--config`` JSON)."""
+
+    n_ctx: int = Field(description="Context per generation slot, already capped at the model's training context.")
+    threads: int | None = None
+    slots: int = Field(1, description="Generation slots (encoders: 1).")
+    batch_max: int = Field(description="Most texts in one encoder run.")
+    batch_max_tokens: int = Field(description="Most padded tokens in one encoder run.")
+    max_prompt_chars: int = Field(description="Largest prompt a chat template may render.")
+    plugins: list[str] = Field(default_factory=list, description="Modules imported before loading (runner registry).")
+    verified: list[FileIdentity] | None = Field(
+        None, description="Identity of the bundle's files when they were last hashed in full; None: verify now.")
+
+
+# ---- daemon -> worker ------------------------------------------------------------------------------------
+
+
+class ChatTurn(Message):
+    role: str
+    content: str
+    name: str | None = None
+
+
+class Generate(Message):
+    """Render (chat) or take (completion) the prompt, tokenize it, answer ``Prompt`` and wait for ``Proceed``."""
+
+    type: Literal["generate"] = "generate"
+    id: str
+    prompt: str | None = None
+    messages: list[ChatTurn] | None = None
+    sampling: Sampling
+
+
+class Proceed(Message):
+    """The prompt fits: generate."""
+
+    type: Literal["proceed"] = "proceed"
+    id: str
+
+
+class Encode(Message):
+    """Embed or classify ``texts`` (one micro-batch of the daemon's batcher)."""
+
+    type: Literal["embed", "classify"]
+    id: str
+    texts: list[str]
+
+
+class Cancel(Message):
+    """Stop the job (between tokens for a generation); unknown or finished ids are ignored."""
+
+    type: Literal["cancel"] = "cancel"
+    id: str
+
+
+class Shutdown(Message):
+    """Finish the jobs that are running, answer ``Bye`` and exit."""
+
+    type: Literal["shutdown"] = "shutdown"
+
+
+# ---- worker -> daemon ------------------------------------------------------------------------------------
+
+
+class Ready(Message):
+    """The model is loaded and answers jobs."""
+
+    type: Literal["ready"] = "ready"
+    pid: int
+    task: str
+    load_seconds: float
+    files: list[FileIdentity] | None = Field(None, description="Identity of the files this worker hashed in full, if it did.")
+    n_ctx: int | None = Field(None, description="Context per generation slot (text generation).")
+    chat: bool = Field(False, description="The model has a chat template.")
+    max_length: int | None = Field(None, description="Tokens per text (encoders).")
+    labels: list[str] = Field(default_factory=list, description="Class names (classifiers).")
+
+
+class LoadError(Message):
+    """The worker could not load the bundle, or the loaded model failed its golden checks; it exits after sending this."""
+
+    type: Literal["load_error"] = "load_error"
+    message: str
+    kind: Literal["bundle", "backend", "golden"] = Field(
+        description="bundle: it failed verification; backend: the runtime could not load it; golden: it loaded but does "
+        "not reproduce the outputs recorded at export on this machine.")
+
+
+class Prompt(Message):
+    """The prompt is rendered and tokenized; the worker waits for ``Proceed`` or ``Cancel``."""
+
+    type: Literal["prompt"] = "prompt"
+    id: str
+    tokens: int = Field(ge=0, description="Prompt tokens.")
+
+
+class DeltaMessage(Message):
+    """New text of a generation."""
+
+    type: Literal["delta"] = "delta"
+    id: str
+    delta: Delta
+
+
+class Done(Message):
+    """A generation ended."""
+
+    type: Literal["done"] = "done"
+    id: str
+    finish: Finish
+
+
+class TokenLabel(Message):
+    """One token of a token-classification result."""
+
+    token: str
+    start: int
+    end: int
+    label: str
+    score: float
+
+
+class Result(Message):
+    """Encoder output: float32 rows in the payload (``shape``), or token labels per text (``entities``)."""
+
+    type: Literal["result"] = "result"
+    id: str
+    tokens: list[int] = Field(description="Tokens of each text after truncation.")
+    shape: list[int] | None = None
+    entities: list[list[TokenLabel]] | None = None
+
+
+class Error(Message):
+    """A job failed; ``status``, ``code`` and ``param`` are what the HTTP client gets."""
+
+    type: Literal["error"] = "error"
+    id: str | None
+    status: int
+    code: str
+    message: str
+    param: str | None = None
+
+
+class Bye(Message):
+    """The worker finished after ``Shutdown`` and exits."""
+
+    type: Literal["bye"] = "bye"
+
+
+ToWorker = Annotated[Generate | Proceed | Encode | Cancel | Shutdown, Field(discriminator="type")]
+ToDaemon = Annotated[Ready | LoadError | Prompt | DeltaMessage | Done | Result | Error | Bye, Field(discriminator="type")]
+TO_WORKER: TypeAdapter[ToWorker] = TypeAdapter(ToWorker)
+TO_DAEMON: TypeAdapter[ToDaemon] = TypeAdapter(ToDaemon)
+
+
+# ---- frames ----------------------------------------------------------------------------------------------
+
+
+def encode_frame(message: Message, payload: bytes = b"") -> bytes:
+    head = message.model_dump_json().encode("utf-8")
     return _PREFIX.pack(len(head), len(payload)) + head + payload
 
 
-def _decode(head: bytes) -> dict[str, Any]:
+def _decode(head: bytes, adapter: TypeAdapter) -> Any:
     try:
-        header = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return adapter.validate_json(head)
+    except ValidationError as exc:
         raise ProtocolError(f"bad frame header: {exc}") from exc
-    if not isinstance(header, dict) or "type" not in header:
-        raise ProtocolError("frame header is not an object with a type")
-    return header
 
 
 def _check(head_len: int, payload_len: int) -> None:
@@ -46,8 +245,8 @@ def _check(head_len: int, payload_len: int) -> None:
         raise ProtocolError(f"frame too large ({head_len} + {payload_len} bytes)")
 
 
-def read_frame_sync(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
-    """Blocking read of one frame; None at end of stream."""
+def read_frame_sync(stream: BinaryIO) -> tuple[ToWorker, bytes] | None:
+    """Blocking read of one frame from the daemon (inside the worker); None at end of stream."""
     prefix = stream.read(_PREFIX.size)
     if not prefix:
         return None
@@ -59,11 +258,11 @@ def read_frame_sync(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
     payload = stream.read(payload_len) if payload_len else b""
     if len(head) != head_len or len(payload) != payload_len:
         raise ProtocolError("truncated frame")
-    return _decode(head), payload
+    return _decode(head, TO_WORKER), payload
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes] | None:
-    """Read one frame; None at end of stream (the worker exited)."""
+async def read_frame(reader: asyncio.StreamReader) -> tuple[ToDaemon, bytes] | None:
+    """Read one frame from a worker; None at end of stream (the worker exited)."""
     try:
         prefix = await reader.readexactly(_PREFIX.size)
     except asyncio.IncompleteReadError as exc:
@@ -77,19 +276,17 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], byte
         payload = await reader.readexactly(payload_len) if payload_len else b""
     except asyncio.IncompleteReadError as exc:
         raise ProtocolError("truncated frame") from exc
-    return _decode(head), payload
+    return _decode(head, TO_DAEMON), payload
 
 
 class FrameSender:
     """Thread-safe blocking sender used inside the worker (slot threads share one socket)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        import threading
-
         self._sock = sock
         self._lock = threading.Lock()
 
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        data = encode_frame(header, payload)
+    def send(self, message: Message, payload: bytes = b"") -> None:
+        data = encode_frame(message, payload)
         with self._lock:
             self._sock.sendall(data)

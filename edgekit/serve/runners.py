@@ -1,7 +1,8 @@
 """What a model worker runs: one runner per bundle format, looked up in ``RUNNERS``.
 
-A runner loads a verified bundle in ``__init__`` and answers one request at a time per slot in
-``handle(slot, header, send, cancelled)``. Built-in runners are registered below; a worker plugin
+A runner loads a verified bundle in ``__init__`` (``WorkerConfig``), names the jobs it answers in
+``ops`` and answers one job at a time per slot in ``handle(slot, job, send)`` with the messages of
+``protocol.py``. Built-in runners are registered below; a worker plugin
 (``--worker-plugins``) registers more, or replaces one, with ``register_runner`` the same way, which
 is how the test suite swaps llama.cpp for a fake model while the daemon, worker and protocol stay real.
 """
@@ -9,73 +10,104 @@ is how the test suite swaps llama.cpp for a fake model while the daemon, worker 
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgekit.errors import ConfigError
+from edgekit.runtime.llm import Delta, Finish
+from edgekit.schema.manifest import Manifest
+from edgekit.serve.protocol import DeltaMessage, Done, Encode, Error, Generate, Prompt, Result, WorkerConfig
 
-Send = Callable[[dict[str, Any], bytes], None]
+Send = Callable[..., None]  # (message, payload=b"")
+
+# Jobs an encoder answers, by task.
+OPS: dict[str, tuple[str, ...]] = {
+    "feature-extraction": ("embed",),
+    "text-classification": ("classify",),
+    "token-classification": ("classify",),
+}
+
+
+class Job:
+    """One job inside the worker: its message, and what the daemon decided about it since."""
+
+    def __init__(self, message: Generate | Encode) -> None:
+        self.message = message
+        self._cancelled = threading.Event()
+        self._decided = threading.Event()
+
+    @property
+    def id(self) -> str:
+        return self.message.id
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._decided.set()
+
+    def proceed(self) -> None:
+        self._decided.set()
+
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def wait_proceed(self) -> bool:
+        """Block until the daemon answers the ``Prompt``: True to generate, False when it cancelled."""
+        self._decided.wait()
+        return not self._cancelled.is_set()
 
 
 class GenerationRunner:
     """text-generation: ``slots`` llama.cpp contexts over one mmapped GGUF, one thread each."""
 
-    def __init__(self, bundle_dir: Path, manifest, config: dict[str, Any]) -> None:
+    ops = ("generate",)
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, config: WorkerConfig) -> None:
         from edgekit.runtime.verify import model_file
 
         path = model_file(bundle_dir, manifest)
-        context_length = manifest.runtime.context_length or (manifest.gguf.context_length if manifest.gguf else None)
-        n_ctx = min(config["n_ctx"], context_length) if context_length else config["n_ctx"]
-        self.models = [self.open_model(path, manifest, n_ctx, config) for _ in range(config.get("slots", 1))]
+        self.models = [self.open_model(path, manifest, config) for _ in range(config.slots)]
         self.models[0].check_template()
         self.facts = {"n_ctx": self.models[0].n_ctx, "chat": self.models[0].template is not None}
 
     @staticmethod
-    def open_model(path: Path, manifest, n_ctx: int, config: dict[str, Any]):
+    def open_model(path: Path, manifest: Manifest, config: WorkerConfig):
         """One generation slot: a llama.cpp context over the mmapped file."""
         from edgekit.runtime.llm import GgufModel
 
-        return GgufModel(path, n_ctx=n_ctx, threads=config.get("threads"), chat_template=manifest.runtime.chat_template,
-                         max_prompt_chars=config["max_prompt_chars"])
+        return GgufModel(path, n_ctx=config.n_ctx, threads=config.threads, chat_template=manifest.runtime.chat_template,
+                         max_prompt_chars=config.max_prompt_chars)
 
     @property
     def slots(self) -> int:
         return len(self.models)
 
-    def handle(self, slot: int, header: dict[str, Any], send: Send, cancelled: Callable[[], bool]) -> None:
+    @property
+    def golden_model(self):
+        """The model the golden checks run on (they reset its context; the first request rebuilds it)."""
+        return self.models[0]
+
+    def handle(self, slot: int, job: Job, send: Send) -> None:
+        """Prompt -> the daemon's decision -> deltas -> one Done (or one Error instead)."""
         from edgekit.runtime.chat_template import ChatTemplateError
-        from edgekit.runtime.llm import Delta, PromptTooLong, Sampling
 
         model = self.models[slot]
-        rid = header["id"]
+        message = job.message
+        chat = message.messages is not None
         try:
-            text = model.render_chat(header["messages"]) if "messages" in header else header["prompt"]
+            text = model.render_chat([turn.model_dump(exclude_none=True) for turn in message.messages]) if chat else message.prompt
         except ChatTemplateError as exc:
-            send(error_frame(rid, 400 if exc.client_error else 500, "chat_template_error", str(exc), "messages"))
+            send(Error(id=job.id, status=400 if exc.client_error else 500, code="chat_template_error", message=str(exc),
+                       param="messages"))
             return
-        tokens = model.tokenize(text, chat="messages" in header)
-        if not tokens:
-            send(error_frame(rid, 400, "empty_prompt", "the prompt is empty", "prompt"))
+        tokens = model.tokenize(text, chat=chat)
+        send(Prompt(id=job.id, tokens=len(tokens)))
+        if not job.wait_proceed():
+            send(Done(id=job.id, finish=Finish("cancelled", len(tokens), 0)))
             return
-        if len(tokens) >= model.n_ctx:
-            exc = PromptTooLong(len(tokens), model.n_ctx)
-            send(error_frame(rid, 400, "context_length_exceeded", str(exc), "messages" if "messages" in header else "prompt"))
-            return
-        send({"type": "start", "id": rid, "prompt_tokens": len(tokens)})
-        s = header["sampling"]
-        sampling = Sampling(max_tokens=s.get("max_tokens"), temperature=s["temperature"], top_p=s["top_p"],
-                            seed=s.get("seed"), stop=tuple(s.get("stop") or ()))
-        try:
-            for event in model.generate(tokens, sampling, cancelled):
-                if isinstance(event, Delta):
-                    send({"type": "delta", "id": rid, "text": event.text, "tokens": event.tokens})
-                else:
-                    send({"type": "done", "id": rid, "finish_reason": event.reason, "prompt_tokens": event.prompt_tokens,
-                          "completion_tokens": event.completion_tokens, "cached_tokens": event.cached_tokens,
-                          "decode_seconds": event.decode_seconds})
-        except PromptTooLong as exc:
-            send(error_frame(rid, 400, "context_length_exceeded", str(exc), "messages"))
+        for event in model.generate(tokens, message.sampling, job.cancelled):
+            send(DeltaMessage(id=job.id, delta=event) if isinstance(event, Delta) else Done(id=job.id, finish=event))
 
 
 class EncoderRunner:
@@ -83,24 +115,29 @@ class EncoderRunner:
 
     slots = 1
 
-    def __init__(self, bundle_dir: Path, manifest, config: dict[str, Any]) -> None:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, config: WorkerConfig) -> None:
         from edgekit.runtime.encoder import EncoderModel
         from edgekit.runtime.verify import model_file
 
         self.task = manifest.task
+        self.ops = OPS[manifest.task]
         self.config = manifest.runtime
-        self.batch_max = config["batch_max"]
-        self.batch_tokens = config["batch_max_tokens"]
-        self.model = EncoderModel(bundle_dir, manifest.runtime, threads=config.get("threads"),
+        self.batch_max = config.batch_max
+        self.batch_tokens = config.batch_max_tokens
+        self.model = EncoderModel(bundle_dir, manifest.runtime, threads=config.threads,
                                   model_path=model_file(bundle_dir, manifest))
         self.facts = {"max_length": manifest.runtime.max_length, "labels": list(manifest.runtime.labels)}
 
-    def handle(self, slot: int, header: dict[str, Any], send: Send, cancelled: Callable[[], bool]) -> None:
+    @property
+    def golden_model(self):
+        return self.model
+
+    def handle(self, slot: int, job: Job, send: Send) -> None:
         import numpy as np
 
         from edgekit.runtime.encoder import pool, softmax
 
-        rid, texts = header["id"], header["texts"]
+        op, texts = job.message.type, job.message.texts
         outputs, tokens = [], []
         encodings = self.model.tokenizer.encode_batch(texts)  # once; each micro-batch is a slice of it
         batch = self.model.arrays(encodings)
@@ -109,17 +146,17 @@ class EncoderRunner:
             longest = max(lengths[start:end])
             hidden, mask = self.model.run({name: array[start:end, :longest] for name, array in batch.items()})
             tokens.extend(lengths[start:end])
-            if header["op"] == "embed":
+            if op == "embed":
                 outputs.append(pool(hidden, mask, self.config.pooling, self.config.normalize).astype(np.float32))
             elif self.task == "text-classification":
                 outputs.append(softmax(hidden.astype(np.float64)).astype(np.float32))
             else:
                 outputs.extend(self._token_labels(encodings[start:end], softmax(hidden.astype(np.float64)), mask))
-        if header["op"] == "embed" or self.task == "text-classification":
+        if op == "embed" or self.task == "text-classification":
             array = np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
-            send({"type": "result", "id": rid, "shape": list(array.shape), "tokens": tokens}, array.tobytes())
+            send(Result(id=job.id, shape=list(array.shape), tokens=tokens), array.tobytes())
         else:
-            send({"type": "result", "id": rid, "entities": outputs, "tokens": tokens})
+            send(Result(id=job.id, entities=outputs, tokens=tokens))
 
     def chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
         """Consecutive runs of texts (given by their token counts after truncation) whose padded batch
@@ -157,24 +194,11 @@ class EncoderRunner:
         return result
 
 
-def error_frame(rid: str | None, status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"type": "error", "id": rid, "status": status, "code": code, "message": message, "param": param}
-
-
 # Bundle format -> runner class (built-ins; plugins add rows with ``register_runner``).
 RUNNERS: dict[str, type] = {
     "gguf": GenerationRunner,
     "onnx": EncoderRunner,
 }
-
-# Ops a runner answers, by task.
-OPS: dict[str, tuple[str, ...]] = {
-    "text-generation": ("generate",),
-    "feature-extraction": ("embed",),
-    "text-classification": ("classify",),
-    "token-classification": ("classify",),
-}
-
 
 def register_runner(format: str, runner: type, *, replace: bool = False) -> None:
     """Serve bundles of ``format`` with ``runner``; replacing a registered one must be asked for."""

@@ -1,7 +1,8 @@
-"""Request bodies of the OpenAI-compatible API, validated strictly (a wrong type is a 400, never coerced).
+"""Wire types of the OpenAI-compatible API: request bodies, validated strictly, and response models.
 
-Unknown fields are ignored, as OpenAI clients send fields a small server does not know; known
-fields this server cannot honour (n > 1, tools, logprobs, ...) are refused naming the ``param``.
+Request bodies: a wrong type is a 400, never coerced. Unknown fields are ignored, as OpenAI clients
+send fields a small server does not know; known fields this server cannot honour (n > 1, tools,
+logprobs, ...) are refused naming the ``param``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgekit.runtime.llm import Sampling
 from edgekit.serve.errors import ApiError, bad_param
 
 M = TypeVar("M", bound=BaseModel)
@@ -92,9 +94,9 @@ class GenerationBody(Body):
     def limit_param(self) -> str:
         return "max_tokens"
 
-    def sampling(self) -> dict[str, Any]:
-        return {"max_tokens": self.limit, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "stop": self.stops()}
+    def sampling(self) -> Sampling:
+        return Sampling(max_tokens=self.limit, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                        stop=tuple(self.stops()))
 
 
 class ChatBody(GenerationBody):
@@ -188,6 +190,174 @@ class ClassifyBody(InputsBody):
     """POST /v1/classify."""
 
     top_k: int | None = Field(None, ge=1, description="Labels to return per text (default: all), highest score first.")
+
+
+# ---- responses ----------------------------------------------------------------------------------------
+
+
+class Reply(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(Reply):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Reply):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(Reply):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(Reply):
+    """Response of POST /v1/chat/completions."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatChunkChoice(Reply):
+    index: int = 0
+    delta: dict[str, str]
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Reply):
+    """One server-sent event of a streamed chat completion (``usage`` only in the last one, when asked for)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(Reply):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(Reply):
+    """Response of POST /v1/completions, and each streamed event (``usage`` only where it belongs)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class InputUsage(Reply):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(Reply):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 of float32 little-endian.")
+
+
+class EmbeddingList(Reply):
+    """Response of POST /v1/embeddings."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: InputUsage
+
+
+class LabelScore(Reply):
+    label: str
+    score: float
+
+
+class Classification(Reply):
+    index: int
+    object: Literal["classification"] = "classification"
+    label: str
+    score: float
+    labels: list[LabelScore]
+
+
+class TokenEntity(Reply):
+    token: str
+    start: int
+    end: int
+    label: str
+    score: float
+
+
+class TokenClassification(Reply):
+    index: int
+    object: Literal["token_classification"] = "token_classification"
+    entities: list[TokenEntity]
+
+
+class ClassificationList(Reply):
+    """Response of POST /v1/classify."""
+
+    object: Literal["list"] = "list"
+    data: list[Classification | TokenClassification]
+    model: str
+    usage: InputUsage
+
+
+class ModelInfo(Reply):
+    """Response of GET /v1/models/{name}."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: Literal["edgekit"] = "edgekit"
+    task: str
+    state: str
+
+
+class ModelCard(Reply):
+    """One model of GET /v1/models."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: Literal["edgekit"] = "edgekit"
+    task: str
+    format: str
+    quantization: str
+    state: str
+    footprint_bytes: int
+
+
+class ModelList(Reply):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(Reply):
+    """GET /health when every model that is listed can be asked for."""
+
+    status: Literal["ok"] = "ok"
+    models: int
+    loaded: list[str]
+    rejected: list[str] = Field(description="Bundle folders refused at verification.")
+    failed: dict[str, str] = Field(description="Models that are not served now, with the reason (e.g. a failed golden check).")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}

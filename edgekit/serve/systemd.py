@@ -25,7 +25,7 @@ def bundles_footprint(settings: ServeSettings) -> tuple[int, list[tuple[str, int
     """Sum of the footprint estimates of the servable bundles under ``settings.models`` (manifests only)."""
     from edgekit.bundle import read_manifest
     from edgekit.errors import BundleError
-    from edgekit.serve.manager import bundle_dirs
+    from edgekit.serve.discovery import bundle_dirs
 
     rows = []
     for path in bundle_dirs(Path(settings.models)):

@@ -1,10 +1,11 @@
 """A model worker: one subprocess per loaded model, so a native crash takes down only that model.
 
 Run by the daemon as ``python -m edgekit.serve.worker serve --fd N --bundle DIR --config JSON``
-with one end of a Unix socket pair; it verifies the bundle again (the files may have changed since
-the daemon listed them), loads it, says ``ready`` and then answers requests (see ``protocol.py``).
-``python -m edgekit.serve.worker verify DIR...`` checks bundles and prints one JSON line each,
-so the daemon never parses a model file in its own process.
+with one end of a Unix socket pair; it verifies the bundle again unless its files are the ones the
+daemon's verifier hashed (unchanged identity), loads it, reruns the golden checks recorded at export
+(a model that does not reproduce them is refused), says ``Ready`` and then answers jobs (see
+``protocol.py``). ``python -m edgekit.serve.worker verify DIR...`` checks bundles and prints one
+``Verified`` line each, so the daemon never parses a model file in its own process.
 
 The worker ignores SIGINT/SIGTERM: the daemon decides when it stops (after its grace period), and
 it exits by itself when the daemon's end of the socket closes.
@@ -13,7 +14,6 @@ it exits by itself when the daemon's end of the socket closes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import signal
@@ -23,41 +23,94 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
+from edgekit.bundle import bundle_path_inside, read_manifest
 from edgekit.errors import BundleError, EdgekitError
-from edgekit.serve.protocol import FrameSender, read_frame_sync
-from edgekit.serve.runners import OPS, error_frame, load_plugins, runner_for
+from edgekit.runtime.llm import Finish
+from edgekit.schema.manifest import MANIFEST_NAME, Manifest
+from edgekit.serve.protocol import (
+    Bye,
+    Cancel,
+    Done,
+    Error,
+    FileIdentity,
+    FrameSender,
+    LoadError,
+    Message,
+    Proceed,
+    Ready,
+    Shutdown,
+    Verified,
+    WorkerConfig,
+    read_frame_sync,
+)
+from edgekit.serve.runners import Job, load_plugins, runner_for
 
 
-def serve(fd: int, bundle_dir: Path, config: dict[str, Any]) -> int:
-    """Load the bundle and answer requests until the daemon says shutdown or goes away."""
+def file_identities(bundle_dir: Path) -> list[FileIdentity]:
+    """The manifest and every file it lists, as the filesystem identifies them now (OSError if one is gone)."""
+    names = [MANIFEST_NAME, *(entry.path for entry in read_manifest(bundle_dir).files)]
+    rows = []
+    for name in names:
+        st = bundle_path_inside(bundle_dir, name).stat()
+        rows.append(FileIdentity(path=name, device=st.st_dev, inode=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                 ctime_ns=st.st_ctime_ns))
+    return rows
+
+
+def _identities_or_none(bundle_dir: Path) -> list[FileIdentity] | None:
+    try:
+        return file_identities(bundle_dir)
+    except (BundleError, OSError, ValueError):  # ValueError: a path the OS refuses (NUL byte)
+        return None  # unreadable or incomplete: the full check says why, and nothing is trusted later
+
+
+def verify_bundle_once(bundle_dir: Path, verified: list[FileIdentity] | None) -> tuple[Manifest, list[FileIdentity] | None]:
+    """The bundle's manifest after the full runtime checks, unless its files are the ones already checked.
+
+    ``verified`` is what the files looked like when they were last hashed in full; a write to any of
+    them changes its ctime, so equal identities mean equal bytes and the second full read is skipped.
+    Returns the manifest and the identities this call hashed (None when it trusted ``verified``).
+    """
     from edgekit.runtime.verify import verify_for_runtime
 
+    if verified is not None and _identities_or_none(bundle_dir) == verified:
+        return read_manifest(bundle_dir), None
+    before = _identities_or_none(bundle_dir)  # taken first: a write during hashing shows at the next load
+    return verify_for_runtime(bundle_dir), before
+
+
+def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
+    """Load the bundle and answer jobs until the daemon says shutdown or goes away."""
     sock = socket.socket(fileno=fd)
     sender = FrameSender(sock)
 
-    def send(header: dict[str, Any], payload: bytes = b"") -> None:
+    def send(message: Message, payload: bytes = b"") -> None:
         try:
-            sender.send(header, payload)
+            sender.send(message, payload)
         except OSError:
             os._exit(0)  # the daemon is gone; nobody is waiting for this work
 
     started = time.perf_counter()
     try:
-        load_plugins(config.get("plugins", []))
-        manifest = verify_for_runtime(bundle_dir)
+        load_plugins(config.plugins)
+        manifest, hashed = verify_bundle_once(bundle_dir, config.verified)
         runner = runner_for(manifest.format)(bundle_dir, manifest, config)
-    except EdgekitError as exc:
-        send({"type": "load_error", "message": str(exc), "bundle": isinstance(exc, BundleError)})
-        return 1
-    send({"type": "ready", "pid": os.getpid(), "task": manifest.task, "load_seconds": time.perf_counter() - started,
-          **runner.facts})
+        if manifest.golden is not None:  # before Ready: a model that computes something else is never served
+            from edgekit.runtime.golden import check_golden
 
-    work: queue.Queue[dict[str, Any] | None] = queue.Queue()
-    cancelled: dict[str, threading.Event] = {}
+            report = check_golden(manifest, runner.golden_model)
+            if not report.passed:
+                send(LoadError(message=report.reason, kind="golden"))
+                return 1
+    except EdgekitError as exc:
+        send(LoadError(message=str(exc), kind="bundle" if isinstance(exc, BundleError) else "backend"))
+        return 1
+    send(Ready(pid=os.getpid(), task=manifest.task, load_seconds=time.perf_counter() - started, files=hashed, **runner.facts))
+
+    work: queue.Queue[Job | None] = queue.Queue()
+    jobs: dict[str, Job] = {}
     lock = threading.Lock()
-    allowed = OPS[manifest.task]
 
     def read_loop() -> None:
         stream = sock.makefile("rb")
@@ -65,42 +118,40 @@ def serve(fd: int, bundle_dir: Path, config: dict[str, Any]) -> int:
             frame = read_frame_sync(stream)
             if frame is None:
                 os._exit(0)  # the daemon closed its end (it exited or dropped this worker)
-            header, _ = frame
-            kind = header["type"]
-            if kind == "cancel":
-                with lock:
-                    event = cancelled.get(header["id"])
-                if event is not None:
-                    event.set()
-            elif kind == "shutdown":
+            message, _ = frame
+            if isinstance(message, Shutdown):
                 for _ in range(runner.slots):
                     work.put(None)
                 return
-            elif kind in allowed:
+            if isinstance(message, (Cancel, Proceed)):
                 with lock:
-                    cancelled[header["id"]] = threading.Event()
-                work.put(header)
+                    job = jobs.get(message.id)
+                if job is not None:
+                    job.cancel() if isinstance(message, Cancel) else job.proceed()
+            elif message.type in runner.ops:
+                job = Job(message)
+                with lock:
+                    jobs[job.id] = job
+                work.put(job)
             else:
-                send(error_frame(header.get("id"), 400, "unsupported_operation", f"this model does not do {kind!r}"))
+                send(Error(id=message.id, status=400, code="unsupported_operation",
+                           message=f"this model does not do {message.type!r}"))
 
     def slot_loop(slot: int) -> None:
-        while (header := work.get()) is not None:
-            rid = header["id"]
-            with lock:
-                event = cancelled.get(rid)
+        while (job := work.get()) is not None:
             try:
-                if event is None or not event.is_set():
-                    runner.handle(slot, header, send, event.is_set if event else (lambda: False))
+                if job.cancelled():
+                    send(Done(id=job.id, finish=Finish("cancelled", 0, 0)))
                 else:
-                    send({"type": "done", "id": rid, "finish_reason": "cancelled", "prompt_tokens": 0, "completion_tokens": 0})
+                    runner.handle(slot, job, send)
             except EdgekitError as exc:
-                send(error_frame(rid, 500, "model_error", str(exc)))
-            except Exception as exc:  # a bug: report it to this request and keep serving the others
+                send(Error(id=job.id, status=500, code="model_error", message=str(exc)))
+            except Exception as exc:  # a bug: report it to this job and keep serving the others
                 traceback.print_exc()
-                send(error_frame(rid, 500, "internal_error", f"{type(exc).__name__}: {exc}"))
+                send(Error(id=job.id, status=500, code="internal_error", message=f"{type(exc).__name__}: {exc}"))
             finally:
                 with lock:
-                    cancelled.pop(rid, None)
+                    jobs.pop(job.id, None)
 
     threads = [threading.Thread(target=slot_loop, args=(slot,), name=f"slot-{slot}", daemon=True) for slot in range(runner.slots)]
     for thread in threads:
@@ -108,22 +159,22 @@ def serve(fd: int, bundle_dir: Path, config: dict[str, Any]) -> int:
     read_loop()
     for thread in threads:
         thread.join()
-    send({"type": "bye"})
+    send(Bye())
     return 0
 
 
 def verify(paths: list[Path]) -> int:
-    """Check each bundle; print one JSON object per line: dir, ok, name, task, format, error."""
+    """Check each bundle; print one ``Verified`` JSON line per bundle."""
     from edgekit.runtime.verify import verify_for_runtime
 
     for path in paths:
-        row: dict[str, Any] = {"dir": str(path), "ok": False, "name": path.name, "task": None, "format": None, "error": None}
+        files = _identities_or_none(path)  # taken before hashing: a write during it shows at load
         try:
             manifest = verify_for_runtime(path)
-            row.update(ok=True, name=manifest.name, task=manifest.task, format=manifest.format)
+            row = Verified(dir=str(path), ok=True, name=manifest.name, task=manifest.task, format=manifest.format, files=files)
         except EdgekitError as exc:
-            row["error"] = str(exc)
-        print(json.dumps(row), flush=True)
+            row = Verified(dir=str(path), ok=False, name=path.name, error=str(exc))
+        print(row.model_dump_json(), flush=True)
     return 0
 
 
@@ -135,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd = commands.add_parser("serve")
     serve_cmd.add_argument("--fd", type=int, required=True)
     serve_cmd.add_argument("--bundle", type=Path, required=True)
-    serve_cmd.add_argument("--config", type=json.loads, default={})
+    serve_cmd.add_argument("--config", type=WorkerConfig.model_validate_json, required=True)
     verify_cmd = commands.add_parser("verify")
     verify_cmd.add_argument("bundles", type=Path, nargs="*")
     args = parser.parse_args(argv)

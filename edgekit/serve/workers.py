@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -12,16 +11,39 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edgekit.errors import BundleError, RuntimeBackendError
 from edgekit.serve.errors import ApiError
-from edgekit.serve.protocol import ProtocolError, encode_frame, read_frame
+from edgekit.serve.protocol import (
+    Bye,
+    Cancel,
+    Done,
+    Error,
+    LoadError,
+    Message,
+    ProtocolError,
+    Ready,
+    Result,
+    Shutdown,
+    ToDaemon,
+    WorkerConfig,
+    encode_frame,
+    read_frame,
+)
 
 log = logging.getLogger("edgekit.serve")
 
-Frame = tuple[dict[str, Any], bytes]
+
+@dataclass(frozen=True)
+class WorkerGone:
+    """Put on every open request stream when the worker's pipe closes (never sent by a worker)."""
+
+    returncode: int | None
+
+
+Frame = tuple[ToDaemon | WorkerGone, bytes]
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -33,6 +55,10 @@ def describe_exit(returncode: int | None) -> str:
         except ValueError:
             return f"signal {-returncode}"
     return f"exit code {returncode}"
+
+
+class GoldenCheckFailed(RuntimeBackendError):
+    """The model loaded but does not reproduce its golden record on this machine."""
 
 
 class WorkerCrashed(ApiError):
@@ -57,22 +83,22 @@ class RequestStream:
         self.queue: asyncio.Queue[Frame] = asyncio.Queue()
         self.finished = False
 
-    async def next(self) -> Frame:
-        header, payload = await self.queue.get()
-        kind = header["type"]
-        if kind == "crash":
+    async def next(self) -> tuple[ToDaemon, bytes]:
+        """The next message for this request; a worker's Error or death is raised as the client's error."""
+        message, payload = await self.queue.get()
+        if isinstance(message, WorkerGone):
             self.finished = True
-            raise WorkerCrashed(self.worker.name, header.get("returncode"))
-        if kind == "error":
+            raise WorkerCrashed(self.worker.name, message.returncode)
+        if isinstance(message, Error):
             self.finished = True
-            raise ApiError(header["status"], header["message"], param=header.get("param"), code=header.get("code"))
-        if kind in ("done", "result"):
+            raise ApiError(message.status, message.message, param=message.param, code=message.code)
+        if isinstance(message, (Done, Result)):
             self.finished = True
-        return header, payload
+        return message, payload
 
     def cancel(self) -> None:
         if not self.finished:
-            self.worker.send({"type": "cancel", "id": self.id})
+            self.worker.send(Cancel(id=self.id))
 
     def close(self) -> None:
         self.cancel()
@@ -83,7 +109,7 @@ class RequestStream:
 class WorkerProcess:
     """One model in its own process; ``on_exit`` is called when it dies without being asked to."""
 
-    def __init__(self, name: str, bundle_dir: Path, config: dict[str, Any], on_exit: Callable[[WorkerProcess], None],
+    def __init__(self, name: str, bundle_dir: Path, config: WorkerConfig, on_exit: Callable[[WorkerProcess], None],
                  env: dict[str, str] | None = None) -> None:
         self.name = name
         self.env = env or {}
@@ -91,7 +117,7 @@ class WorkerProcess:
         self.config = config
         self.on_exit = on_exit
         self.pending: dict[str, RequestStream] = {}
-        self.facts: dict[str, Any] = {}
+        self.facts: Ready | None = None
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
         self.alive = False
@@ -103,15 +129,15 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    async def start(self, timeout: float) -> dict[str, Any]:
-        """Spawn, wait for ``ready``; a load failure raises BundleError / RuntimeBackendError with the worker's reason."""
+    async def start(self, timeout: float) -> Ready:
+        """Spawn, wait for ``Ready``; a load failure raises BundleError / RuntimeBackendError with the worker's reason."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.update(self.env)
         command = [sys.executable, "-m", "edgekit.serve.worker", "serve", "--fd", str(child.fileno()),
-                   "--bundle", str(self.bundle_dir), "--config", json.dumps(self.config)]
+                   "--bundle", str(self.bundle_dir), "--config", self.config.model_dump_json()]
         try:
             self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
         finally:
@@ -129,32 +155,34 @@ class WorkerProcess:
         if frame is None:
             code = await self._reap(5.0)
             raise RuntimeBackendError(f"the worker for model {self.name!r} stopped with {describe_exit(code)} while loading")
-        header, _ = frame
-        if header["type"] == "load_error":
+        message, _ = frame
+        if isinstance(message, LoadError):
             await self._reap(5.0)
-            error = BundleError if header.get("bundle") else RuntimeBackendError
-            raise error(header["message"])
-        self.facts = header
+            raise {"bundle": BundleError, "backend": RuntimeBackendError, "golden": GoldenCheckFailed}[message.kind](message.message)
+        if not isinstance(message, Ready):
+            await self.kill()
+            raise RuntimeBackendError(f"model {self.name!r}: the worker sent {message.type!r} before it was ready")
+        self.facts = message
         self.alive = True
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"worker-{self.name}")
-        return header
+        return message
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while (frame := await read_frame(reader)) is not None:
-                header, payload = frame
-                stream = self.pending.get(header.get("id"))
-                if stream is not None:
-                    stream.queue.put_nowait((header, payload))
-                elif header["type"] == "bye":
+                message, payload = frame
+                if isinstance(message, Bye):
                     break
+                stream = self.pending.get(getattr(message, "id", None))
+                if stream is not None:  # else: a request that was closed; its late frames are dropped
+                    stream.queue.put_nowait((message, payload))
         except (ProtocolError, ConnectionError) as exc:
             log.error("model %s: worker protocol error: %s", self.name, exc)
         finally:
             self.alive = False
             code = await self._reap(2.0 if self.stopping else 10.0)
             for stream in list(self.pending.values()):
-                stream.queue.put_nowait(({"type": "crash", "returncode": code}, b""))
+                stream.queue.put_nowait((WorkerGone(code), b""))
             if not self.stopping:
                 log.error("model %s: worker (pid %s) stopped with %s", self.name, self.pid, describe_exit(code))
                 self.on_exit(self)
@@ -171,17 +199,18 @@ class WorkerProcess:
             self._writer.close()
         return self.returncode
 
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def send(self, message: Message, payload: bytes = b"") -> None:
         if self.alive and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode_frame(header, payload))
+            self._writer.write(encode_frame(message, payload))
 
-    async def submit(self, header: dict[str, Any], payload: bytes = b"") -> RequestStream:
-        """Send a request; its frames arrive on the returned stream."""
+    async def submit(self, job: Callable[..., Message], payload: bytes = b"") -> RequestStream:
+        """Send ``job(id=...)`` under a new request id (e.g. ``partial(Encode, type="embed", texts=...)``); its messages
+        arrive on the returned stream."""
         if not self.alive:
             raise WorkerCrashed(self.name, self.returncode)
         stream = RequestStream(self, uuid.uuid4().hex)
         self.pending[stream.id] = stream
-        self.send({**header, "id": stream.id}, payload)
+        self.send(job(id=stream.id), payload)
         await self._writer.drain()
         return stream
 
@@ -189,7 +218,7 @@ class WorkerProcess:
         """Ask the worker to finish what it runs and exit; kill it after ``grace`` seconds."""
         self.stopping = True
         if self.alive:
-            self.send({"type": "shutdown"})
+            self.send(Shutdown())
         if self._reader_task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._reader_task), grace)
