@@ -31,6 +31,7 @@ from rich.table import Table
 
 from edgekit.cli import JsonFlag, app, emit_json, err, out
 from edgekit.errors import BackendError, ConfigError, GateFailed
+from edgekit.formats import FORMATS
 from edgekit.runtime import cpu
 
 PACK_MANIFEST = "pack.json"
@@ -38,12 +39,14 @@ PACK_SEARCH_LEVELS = 3  # sys.prefix is the venv inside the release folder: look
 PROBE_TIMEOUT_S = 600  # imports under qemu emulation take minutes
 CHECK_TIMEOUT_S = 1800
 # Python module -> the bundle format it runs.
-RUNTIME_MODULES: dict[str, str] = {"llama_cpp": "gguf", "onnxruntime": "onnx"}
+RUNTIME_MODULES: dict[str, str] = {spec.runtime_module: name for name, spec in FORMATS.items()}
 # What the probe does after importing: enough to initialize the backend's CPU dispatch.
 PROBE_CODE: dict[str, str] = {
     "llama_cpp": "import llama_cpp; llama_cpp.llama_backend_init(); print(llama_cpp.__version__)",
     "onnxruntime": "import onnxruntime; print(onnxruntime.__version__)",
 }
+# Speeds fit predicts that doctor sets beside the measured ones.
+FIT_PREDICTS = ("decode_tok_s", "prompt_tok_s", "batch1_p50_ms")
 PROBE_NOT_INSTALLED = 9  # exit status of a probe whose import raised ImportError
 # Features newer cores have that runtime builds use, by machine: what a SIGILL most likely means this CPU lacks.
 LIKELY_FEATURES: dict[str, tuple[str, ...]] = {
@@ -203,7 +206,7 @@ def measure(bundle: Path, result: BundleResult, device, catalog) -> None:
                          prompt=DEFAULT_PROMPT)
     bench = bench_bundle(bundle, config)
     result.format = bench.format
-    keys = ("decode_tok_s", "prompt_tok_s") if bench.format == "gguf" else ("batch1_p50_ms",)
+    keys = [k for k in FORMATS[bench.format].speed_metrics if k in FIT_PREDICTS]
     result.measured = {k: round(bench.summary[k]["median"], 3) for k in keys}
     if device is None:
         return

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import ExportError, RuntimeBackendError
+from edgekit.formats import FORMATS
+from edgekit.formats.gguf import SPEC as GGUF
 from edgekit.runtime.golden import CHECK_N_CTX, encoder_output, greedy_logprobs, output_labels, pack_f16, prompt_tokens
 from edgekit.runtime.verify import SERVABLE_TASKS
 from edgekit.schema.manifest import EncoderGolden, EncoderText, GreedyGolden, GreedyPrompt, RuntimeConfig
@@ -118,10 +120,18 @@ def record_golden(loaded, fmt: str, task: str, runtime: RuntimeConfig, staged: P
     if task not in SERVABLE_TASKS.get(fmt, ()):
         return None
     try:
-        if fmt == "gguf":
-            [model_path] = staged.glob("*.gguf")
-            return record_greedy(model_path, runtime)
-        return record_encoder(staged, runtime, task, validation_samples(loaded))
+        record = FORMATS[fmt].hook("golden_record")
+        return record(staged, runtime, task, validation_samples(loaded))
     except RuntimeBackendError as exc:
         raise ExportError(f"the board-side runtime could not run the bundle it was given: {exc.message}",
                           hint="the exported files do not load in edgekit's runtime; report it with the recipe") from exc
+
+
+def record_gguf(staged: Path, runtime: RuntimeConfig, task: str, samples: list[str]) -> GreedyGolden:
+    """Greedy record of a staged GGUF bundle (fixed chat prompts: the recipe's samples are running text)."""
+    [model_path] = staged.glob("*" + GGUF.model_suffix)
+    return record_greedy(model_path, runtime)
+
+
+def record_onnx(staged: Path, runtime: RuntimeConfig, task: str, samples: list[str]) -> EncoderGolden | None:
+    return record_encoder(staged, runtime, task, samples)

@@ -231,15 +231,22 @@ def check_golden(manifest: Manifest, model) -> GoldenReport:
 
 def load_model(bundle_dir: Path, manifest: Manifest, *, threads: int | None = None, n_ctx: int = CHECK_N_CTX):
     """Load a verified bundle's model the way the daemon does."""
+    from edgekit.formats import FORMATS
     from edgekit.runtime.verify import model_file
 
-    path = model_file(bundle_dir, manifest)
-    if manifest.format == "gguf":
-        from edgekit.runtime.llm import GgufModel
+    loader = FORMATS[manifest.format].hook("load_model")
+    return loader(bundle_dir, manifest, model_file(bundle_dir, manifest), threads, n_ctx)
 
-        context = manifest.runtime.context_length or (manifest.gguf.context_length if manifest.gguf else None)
-        return GgufModel(path, n_ctx=min(n_ctx, context) if context else n_ctx, threads=threads,
-                         chat_template=manifest.runtime.chat_template)
+
+def load_gguf(bundle_dir: Path, manifest: Manifest, path: Path, threads: int | None, n_ctx: int):
+    from edgekit.runtime.llm import GgufModel
+
+    context = manifest.runtime.context_length or (manifest.gguf.context_length if manifest.gguf else None)
+    return GgufModel(path, n_ctx=min(n_ctx, context) if context else n_ctx, threads=threads,
+                     chat_template=manifest.runtime.chat_template)
+
+
+def load_onnx(bundle_dir: Path, manifest: Manifest, path: Path, threads: int | None, n_ctx: int):
     from edgekit.runtime.encoder import EncoderModel
 
     return EncoderModel(bundle_dir, manifest.runtime, threads=threads, model_path=path)

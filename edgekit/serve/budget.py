@@ -29,23 +29,17 @@ def effective_n_ctx(manifest: Manifest, settings: ServeSettings) -> int:
 
 def footprint_bytes(manifest: Manifest, settings: ServeSettings) -> int:
     """Peak resident bytes of a worker serving ``manifest`` with these settings (weights + caches + runtime)."""
-    from edgekit.fit import RunSettings, estimate_memory, from_manifest
-    from edgekit.fit.memory import LLAMA_VOCAB_BYTES_PER_TOKEN
+    from edgekit.fit import from_manifest
+    from edgekit.formats import FORMATS
     from edgekit.runtime.llm import PREFILL_CHUNK
 
     try:
         facts = from_manifest(manifest)
     except ConfigError:
         return 2 * manifest.total_bytes + FALLBACK_RUNTIME
-    if manifest.format == "gguf":
-        one = estimate_memory(facts, RunSettings(n_ctx=effective_n_ctx(manifest, settings), parallel=1,
-                                                 n_ubatch=PREFILL_CHUNK, daemon=False))
-        per_extra_slot = one.kv_cache + one.compute + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
-        return one.total + (settings.slots - 1) * per_extra_slot
-    # Encoders: the worst run is batch_max_tokens tokens (the worker splits micro-batches to stay within it).
-    max_length = manifest.runtime.max_length
-    texts = max(1, min(settings.batch_max, settings.batch_max_tokens // max_length))
-    return estimate_memory(facts, RunSettings(n_ctx=max_length, parallel=texts, daemon=False)).total
+    worker_bytes = FORMATS[manifest.format].hook("worker_bytes")
+    return worker_bytes(facts, effective_n_ctx(manifest, settings), PREFILL_CHUNK, settings.slots,
+                        settings.batch_max, settings.batch_max_tokens)
 
 
 def memory_budget(settings: ServeSettings) -> tuple[int, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import ConfigError
+from edgekit.formats import FORMATS
 from edgekit.runtime.llm import Delta, Finish
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.protocol import DeltaMessage, Done, Encode, Error, Generate, Prompt, Result, WorkerConfig
@@ -194,24 +195,29 @@ class EncoderRunner:
         return result
 
 
-# Bundle format -> runner class (built-ins; plugins add rows with ``register_runner``).
-RUNNERS: dict[str, type] = {
-    "gguf": GenerationRunner,
-    "onnx": EncoderRunner,
-}
+# Runners registered by worker plugins (tests' fake model); a format's own runner comes from its FormatSpec.
+RUNNERS: dict[str, type] = {}
+
 
 def register_runner(format: str, runner: type, *, replace: bool = False) -> None:
     """Serve bundles of ``format`` with ``runner``; replacing a registered one must be asked for."""
-    if format in RUNNERS and not replace and RUNNERS[format] is not runner:
-        raise ValueError(f"a runner for {format!r} is already registered ({RUNNERS[format].__name__})")
+    current = RUNNERS.get(format) or (_spec_runner(format) if format in FORMATS else None)
+    if current is not None and not replace and current is not runner:
+        raise ValueError(f"a runner for {format!r} is already registered ({current.__name__})")
     RUNNERS[format] = runner
 
 
+def _spec_runner(format: str) -> type:
+    return FORMATS[format].hook("runner")
+
+
 def runner_for(format: str) -> type:
-    try:
+    if format in RUNNERS:
         return RUNNERS[format]
-    except KeyError:
-        raise ConfigError(f"no runner is registered for {format!r} bundles (known: {', '.join(sorted(RUNNERS))})") from None
+    if format in FORMATS:
+        return _spec_runner(format)
+    known = ", ".join(sorted({*RUNNERS, *FORMATS}))
+    raise ConfigError(f"no runner is registered for {format!r} bundles (known: {known})")
 
 
 def load_plugins(modules: list[str]) -> None:
