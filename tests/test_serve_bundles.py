@@ -5,20 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve_fixtures import (  # noqa: F401  (fixtures: see below)
-    MINILM_NAME,
-    SMOLLM_NAME,
-    bundle_cache,
-    classifier_bundles,
-    hostile_bundles,
-    link_bundles,
-    minilm_bundle,
-    smollm_bundle,
-)
+from serve_fixtures import MINILM_NAME, SMOLLM_NAME, hostile_bundles, link_bundles
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
-# The fixtures come from the serve_fixtures plugin; they are imported here only because test_golden.py and
-# test_doctor.py still import them from this module. Drop them from the import once those files stop.
 
 
 # ---- tests of the verification the daemon relies on ------------------------------------------

@@ -39,7 +39,7 @@ PACK_SEARCH_LEVELS = 3  # sys.prefix is the venv inside the release folder: look
 PROBE_TIMEOUT_S = 600  # imports under qemu emulation take minutes
 CHECK_TIMEOUT_S = 1800
 # Python module -> the bundle format it runs.
-RUNTIME_MODULES: dict[str, str] = {spec.runtime_module: name for name, spec in FORMATS.items()}
+RUNTIME_MODULES: dict[str, str] = dict(sorted((spec.runtime_module, name) for name, spec in FORMATS.items()))
 # What the probe does after importing: enough to initialize the backend's CPU dispatch.
 PROBE_CODE: dict[str, str] = {
     "llama_cpp": "import llama_cpp; llama_cpp.llama_backend_init(); print(llama_cpp.__version__)",
