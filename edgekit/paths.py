@@ -33,6 +33,11 @@ class KitPaths(BaseSettings):
         """Package files fetched from the registry before extraction."""
         return self.home / "downloads"
 
+    @property
+    def llama_builds(self) -> Path:
+        """llama-cpp-python wheels built by `edgekit pack`, under <version>/<build target>/."""
+        return self.home / "llama-builds"
+
 
 def kit_paths() -> KitPaths:
     """Read the paths from the environment now (not at import time, so tests can override)."""

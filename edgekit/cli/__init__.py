@@ -52,6 +52,7 @@ def main() -> None:
     from edgekit.cli import serve  # noqa: F401  (registers `serve` and `service`)
     from edgekit.cli import fit  # noqa: F401  (registers devices, fit, plan, profile-host)
     from edgekit.cli import bench  # noqa: F401  (registers `bench`)
+    from edgekit.cli import pack  # noqa: F401  (registers `pack`)
 
     try:
         # Without standalone mode click returns (not raises) the code of typer.Exit.
