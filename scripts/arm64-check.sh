@@ -5,29 +5,46 @@
 # -> SIGTERM, exit 0; greedy token ids compared with x86. The Cortex-A76 pack must be refused on a
 # Cortex-A72, by install.sh and by doctor. Prints a table; writes bench-results/arm64-check.json.
 #
-# Usage (root): scripts/arm64-check.sh [--smoke] [--board ID]...
+# Usage (as root): scripts/arm64-check.sh [--smoke] [--board ID]...
 #   --smoke     only the harness: a hand-made aarch64 wheelhouse imports onnxruntime on every core
 #   --board ID  only this board (repeatable); default: every board of BOARDS below
+# Caches (root file system, sample bundles, packs, llama.cpp builds) live in ${EDGEKIT_HOME:-~/.cache/edgekit}.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HERE="$ROOT/scripts/arm64"
-CACHE="${EDGEKIT_HOME:-$HOME/.cache/edgekit}/arm64"
-RUN="$CACHE/run"                       # fresh roots and per-step logs of the last run
-RESULTS="$ROOT/bench-results"
+HOME_DIR="${EDGEKIT_HOME:-$HOME/.cache/edgekit}"
+CACHE="$HOME_DIR/arm64"
+RUN="$CACHE/run"                       # fresh roots and every step's output of the last run
+RESULTS="$ROOT/bench-results/arm64-check.json"
 MIRROR="${EDGEKIT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=trixie                           # Debian 13: Python 3.13, as Raspberry Pi OS on it
 BOARDS=(rpi-5-8gb rpi-4-4gb rpi-zero-2w)
 REFUSE_BOARD=rpi-5-8gb                 # its pack (Armv8.2 dot product) must be refused on ...
-REFUSE_CORE=cortex-a72                 # ... a core without it
-REFUSE_FEATURE=asimddp                 # the missing feature the refusal must name
-HOST_APT=(qemu-user-static binfmt-support mmdebstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu iproute2)
+REFUSE_CORE=cortex-a72                 # ... a core without it,
+REFUSE_FEATURE=asimddp                 # naming this feature
+# Sample bundles packed for every board, as RECIPE:TARGET; the names are the bundles they export to.
+SAMPLES=(recipes/smollm2-135m-instruct.yaml:q4-k-m recipes/all-minilm-l6-v2.yaml:int8-dynamic)
+CHAT_BUNDLE=smollm2-135m-instruct-q4-k-m
+EMBED_BUNDLE=all-minilm-l6-v2-int8-dynamic
+# Small requests: decode under TCG emulation is slow.
+PROMPT="Name one use of a Raspberry Pi in a sentence."
+MAX_TOKENS=16
+TEXTS=("The parcel arrived on time." "The package was delivered on time.")
+PORT=8080                              # on the namespace's own loopback
+PREFIX=/opt/edgekit                    # install.sh's default prefix
+HOST_APT=(qemu-user-static binfmt-support mmdebstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake ninja-build
+          iproute2)
 MMDEBSTRAP_OPTS=(--variant=apt --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-exclude=/usr/share/man/*
                  --dpkgopt=path-exclude=/usr/share/locale/*)
-STEP_TIMEOUT=900                       # seconds; every emulated step is bounded
+NAMESPACE_TIMEOUT=1500                 # seconds one board's emulated lane may take (then all of it is killed)
+READY_TIMEOUT=600                      # seconds the daemon may take to load both bundles under emulation
+STOP_TIMEOUT=120                       # seconds from SIGTERM to the daemon's exit
 BOARD_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 log() { printf '[arm64-check %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "FAILED: $*"; exit "${2:-1}"; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
 
 # The qemu cpu model of a board: the device profile's cpu.core_type (qemu names cores the same way).
 core_of() { awk '$1 == "core_type:" {print $2; exit}' "$ROOT/devices/$1.yaml"; }
@@ -95,12 +112,73 @@ except OSError as exc:
 sys.exit("reached the network from inside the namespace")'
 }
 
-# The auxiliary-vector hwcaps qemu gives this core (what edgekit's CPU check reads), by kernel name.
+# The auxiliary-vector hwcaps qemu gives this core (what edgekit's CPU checks read), by kernel name.
 HWCAP_PROBE='
 import ctypes
 names = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc dcpop sha3 sm3 sm4 asimddp".split()
 hwcap = ctypes.CDLL(None).getauxval(16)  # AT_HWCAP
 print(" ".join(n for i, n in enumerate(names) if hwcap >> i & 1))'
+
+# step NAME CMD...: run CMD, append "NAME seconds exit" to steps.tsv in the current folder.
+step() {
+  local name=$1 start rc=0
+  shift
+  start=$(now)
+  "$@" || rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$(since "$start")" "$rc" >> steps.tsv
+  log "  $name: exit $rc after $(since "$start") s" 2>&3  # fd 3: the terminal, whatever the step's output goes to
+  return $rc
+}
+
+# Start the daemon in the root, ask it from the host, SIGTERM it; the daemon's exit code goes to serve-exit.
+serve_and_ask() {
+  local board_id=$1 bin=$PREFIX/current/venv/bin pid rc=0 watchdog
+  QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 PATH="$BOARD_PATH" \
+    "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" --device "$board_id" \
+    --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" > serve.log 2>&1 &
+  pid=$!
+  "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$READY_TIMEOUT" \
+    --chat-model "$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
+    --embed-model "$EMBED_BUNDLE" "${TEXTS[@]/#/--text=}" > client.json 2> client.log || rc=$?
+  kill -TERM "$pid" 2>/dev/null || true
+  ( sleep "$STOP_TIMEOUT"; kill -KILL "$pid" 2>/dev/null ) &
+  watchdog=$!
+  local code=0
+  wait "$pid" || code=$?
+  kill "$watchdog" 2>/dev/null || true
+  echo "$code" > serve-exit
+  [ "$rc" = 0 ] && [ "$code" = 0 ]
+}
+
+ns_lane() {  # ROOTFS CORE CPUINFO OUT BOARD: install, doctor, greedy ids, serve; results in OUT
+  enter_root "$1" "$2" "$3"
+  cd "$4"
+  local board_id=$5 bin=$PREFIX/current/venv/bin
+  step offline assert_offline
+  board python3 -c "$HWCAP_PROBE" > hwcaps.txt
+  step install board /root/pack/install.sh --no-service > install.log 2>&1
+  step doctor board "$bin/edgekit" doctor --json > doctor.json 2> doctor.log
+  step greedy board "$bin/python" /root/board_probe.py greedy "$PREFIX/current/bundles/$CHAT_BUNDLE" \
+    --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" > greedy.json 2> greedy.log
+  step embed board "$bin/python" /root/board_probe.py embed "$PREFIX/current/bundles/$EMBED_BUNDLE" \
+    "${TEXTS[@]}" > embed.json 2> embed.log
+  step serve serve_and_ask "$board_id"
+}
+
+ns_refuse_doctor() {  # ROOTFS CORE CPUINFO OUT: doctor of an installed pack on a core it was not built for
+  enter_root "$1" "$2" "$3"
+  cd "$4"
+  board python3 -c "$HWCAP_PROBE" > refuse-hwcaps.txt
+  step refuse-doctor board "$PREFIX/current/venv/bin/edgekit" doctor --json > refuse-doctor.json 2> refuse-doctor.log \
+    || true  # the report reads its exit code and message
+}
+
+ns_refuse_install() {  # ROOTFS CORE CPUINFO OUT: install.sh of a pack on a core it was not built for
+  enter_root "$1" "$2" "$3"
+  cd "$4"
+  step refuse-install board /root/pack/install.sh --no-service > refuse-install.log 2>&1 || true
+  if [ -e "$ROOTFS$PREFIX" ]; then echo present; else echo absent; fi > refuse-install-prefix
+}
 
 ns_smoke() {  # ROOTFS CORE CPUINFO OUT: import the smoke wheelhouse's packages on CORE
   enter_root "$1" "$2" "$3"
@@ -124,7 +202,10 @@ ns_smoke_install() {  # ROOTFS CORE CPUINFO: a venv from the offline wheelhouse 
 }
 
 if [ "${1:-}" = --in-namespace ]; then
-  stage=$2; shift 2
+  exec 3>&2
+  stage=$2
+  HOST_PY=$3
+  shift 3
   "ns_$stage" "$@"
   exit
 fi
@@ -133,23 +214,24 @@ fi
 # On the host.
 # ---------------------------------------------------------------------------------------------
 
-# Run STAGE in fresh mount + net + pid namespaces (killed with everything in them on timeout).
+# Run STAGE in fresh mount + net + pid namespaces; on timeout everything in them is killed.
+# --mount-proc: /proc shows the namespace's processes, so the client sees the daemon's real state.
 in_namespace() {
-  timeout --kill-after=30 "$STEP_TIMEOUT" \
-    unshare --mount --net --pid --fork --kill-child -- "$0" --in-namespace "$@"
+  local stage=$1
+  shift
+  timeout --kill-after=30 "$NAMESPACE_TIMEOUT" \
+    unshare --mount --net --pid --fork --kill-child --mount-proc -- "$0" --in-namespace "$stage" "$HOST_PY" "$@"
 }
 
-declare -A STEP_SECONDS=()
-STEP_ORDER=()
-# timed NAME CMD...: run CMD, record its wall time under NAME (for the table and the JSON).
+HOST_STEPS=""  # set in main: host-steps.tsv of this run
+# timed NAME CMD...: run CMD on the host, record its wall time under NAME.
 timed() {
   local name=$1 start rc=0
   shift
-  start=$(date +%s.%N)
+  start=$(now)
   "$@" || rc=$?
-  STEP_SECONDS[$name]=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
-  STEP_ORDER+=("$name")
-  log "$name: ${STEP_SECONDS[$name]%.*} s (exit $rc)"
+  printf '%s\t%s\t%s\n' "$name" "$(since "$start")" "$rc" >> "$HOST_STEPS"
+  log "$name: exit $rc after $(since "$start") s"
   return $rc
 }
 
@@ -180,10 +262,10 @@ build_root() {
   local packages
   packages=$(grep -v '^#' "$HERE/root-packages.txt" | paste -sd, -)
   mkdir -p "$CACHE"
-  log "building the arm64 $SUITE root (packages: $packages); about 8 minutes"
+  log "building the arm64 $SUITE root (packages: $packages): about 10 minutes, log $CACHE/mmdebstrap.log"
   rm -f "$CACHE"/root-*.partial.tar
   mmdebstrap --arch=arm64 "${MMDEBSTRAP_OPTS[@]}" --include="$packages" \
-    "$SUITE" "$CACHE/root-$ROOT_KEY.partial.tar" "$MIRROR" 2> "$CACHE/mmdebstrap.log" \
+    "$SUITE" "$CACHE/root-$ROOT_KEY.partial.tar" "$MIRROR" > "$CACHE/mmdebstrap.log" 2>&1 \
     || { tail -20 "$CACHE/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $CACHE/mmdebstrap.log)"; }
   mv "$CACHE/root-$ROOT_KEY.partial.tar" "$ROOT_TAR"
   find "$CACHE" -maxdepth 1 -name 'root-*.tar' ! -name "root-$ROOT_KEY.tar" -delete  # stale keys
@@ -196,8 +278,71 @@ fresh_root() {
   tar -xf "$ROOT_TAR" -C "$1"
 }
 
+# The sample bundles, exported once per version of the code and recipes that make them.
+BUNDLES_KEY=$(cd "$ROOT" && find edgekit/export edgekit/schema edgekit/runtime edgekit/bundle.py recipes/data \
+  "${SAMPLES[@]%%:*}" -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.txt' -o -name '*.jsonl' \) -print0 \
+  | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+BUNDLES="$CACHE/bundles-$BUNDLES_KEY"
+
+export_samples() {
+  local spec recipe target
+  for spec in "${SAMPLES[@]}"; do
+    recipe=${spec%%:*} target=${spec#*:}
+    ls -d "$BUNDLES"/*-"$target" > /dev/null 2>&1 && continue
+    [ -n "${fetched:-}" ] || { (cd "$ROOT" && HF_HUB_OFFLINE=1 "$HOST_PY" -m edgekit samples fetch); fetched=1; }
+    (cd "$ROOT" && HF_HUB_OFFLINE=1 "$HOST_PY" -m edgekit export "$recipe" --target "$target" --out "$BUNDLES")
+  done
+  for spec in "$CHAT_BUNDLE" "$EMBED_BUNDLE"; do
+    [ -f "$BUNDLES/$spec/manifest.json" ] || die "export left no bundle $BUNDLES/$spec"
+  done
+  find "$CACHE" -maxdepth 1 -name 'bundles-*' ! -name "bundles-$BUNDLES_KEY" -exec rm -rf {} +  # stale keys
+}
+
+# x86 reference: the same probe on the host's CPU.
+x86_reference() {
+  "$HOST_PY" "$HERE/board_probe.py" greedy "$BUNDLES/$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
+    > "$RUN/x86-greedy.json"
+  "$HOST_PY" "$HERE/board_probe.py" embed "$BUNDLES/$EMBED_BUNDLE" "${TEXTS[@]}" > "$RUN/x86-embed.json"
+}
+
+pack_for() {  # BOARD: edgekit pack of the sample bundles for BOARD
+  local board_id=$1
+  (cd "$ROOT" && "$HOST_PY" -m edgekit pack "$BUNDLES/$CHAT_BUNDLE" "$BUNDLES/$EMBED_BUNDLE" \
+    --device "$board_id" --out "$CACHE/packs/$board_id" --json) > "$RUN/$board_id/pack.json"
+}
+
+# A fresh root with the pack and the probe copied in.
+root_with_pack() {  # DIR BOARD
+  fresh_root "$1"
+  cp -a "$CACHE/packs/$2" "$1/root/pack"
+  cp "$HERE/board_probe.py" "$1/root/board_probe.py"
+}
+
+lane() {  # BOARD: the whole proof on one board's core
+  local board_id=$1 core dir="$RUN/$1"
+  core=$(core_of "$board_id")
+  [ -f "$HERE/cpuinfo/$core" ] || die "no cpuinfo template for $core (board $board_id)" 2
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  echo "$core" > "$dir/core"
+  log "== $board_id ($core)"
+  timed "$board_id: pack" pack_for "$board_id" || return 1
+  timed "$board_id: fresh root" root_with_pack "$dir/root" "$board_id" || return 1
+  write_cpuinfo "$core" "$dir/cpuinfo"
+  timed "$board_id: emulated lane" in_namespace lane "$dir/root" "$core" "$dir/cpuinfo" "$dir" "$board_id" || return 1
+  if [ "$board_id" = "$REFUSE_BOARD" ]; then
+    write_cpuinfo "$REFUSE_CORE" "$dir/cpuinfo-refuse"
+    timed "$board_id: doctor on $REFUSE_CORE" in_namespace refuse_doctor "$dir/root" "$REFUSE_CORE" "$dir/cpuinfo-refuse" "$dir" || return 1
+    timed "$board_id: fresh root for the refusal" root_with_pack "$RUN/refuse-root" "$board_id" || return 1
+    timed "$board_id: install.sh on $REFUSE_CORE" in_namespace refuse_install "$RUN/refuse-root" "$REFUSE_CORE" "$dir/cpuinfo-refuse" "$dir" || return 1
+    rm -rf "$RUN/refuse-root"
+  fi
+  rm -rf "$dir/root"  # about 1 GB per board; every output the report needs is beside it
+}
+
 smoke() {
   local wheels="$CACHE/smoke-wheels" core rootfs="$RUN/smoke/root"
+  mkdir -p "$RUN/smoke"
   if [ ! -d "$wheels" ]; then
     # pip does not widen an explicit manylinux_2_28 to the older tags of abi3 wheels (tokenizers): name both.
     "$HOST_PY" -m pip download --quiet --only-binary=:all: --platform manylinux_2_28_aarch64 \
@@ -218,30 +363,52 @@ smoke() {
 }
 
 main() {
-  local smoke_only=0 boards=()
+  local smoke_only=0 boards=() started root_pid root_cached=false bundles_cached=false board_id failed=()
+  started=$(now)
   while [ $# -gt 0 ]; do
     case $1 in
       --smoke) smoke_only=1 ;;
-      --board) boards+=("$2"); shift ;;
+      --board) [ $# -ge 2 ] || die "--board needs a device id" 2; boards+=("$2"); shift ;;
       *) die "unknown argument $1 (usage: $0 [--smoke] [--board ID]...)" 2 ;;
     esac
     shift
   done
   [ ${#boards[@]} -gt 0 ] || boards=("${BOARDS[@]}")
+  for board_id in "${boards[@]}"; do
+    [ -f "$ROOT/devices/$board_id.yaml" ] || die "unknown board $board_id (devices/$board_id.yaml)" 2
+  done
   [ "$(id -u)" = 0 ] || die "run as root: it mounts binfmt_misc, chroots and creates namespaces" 2
   HOST_PY="${EDGEKIT_PYTHON:-}"
   if [ -z "$HOST_PY" ]; then
-    source "$ROOT/scripts/setup.sh"  # the host's venv (openai client, edgekit pack)
+    source "$ROOT/scripts/setup.sh"  # the host's venv: edgekit pack, the openai client
     HOST_PY=$(command -v python)
   fi
-  mkdir -p "$RUN" "$RESULTS"
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's edgekit, also in a shared venv
+  rm -rf "$RUN"
+  mkdir -p "$RUN" "$CACHE/packs" "$(dirname "$RESULTS")"
+  HOST_STEPS="$RUN/host-steps.tsv"
+  : > "$HOST_STEPS"
   timed host-tools install_host_tools
-  timed root build_root
+  [ -s "$ROOT_TAR" ] && root_cached=true
   if [ $smoke_only = 1 ]; then
+    timed root build_root
     smoke
     return
   fi
-  die "the full lane needs edgekit pack and edgekit doctor (not merged yet); run --smoke" 2
+  # The root builds (mostly emulated dpkg, one core) while the host exports and packs.
+  timed root build_root &
+  root_pid=$!
+  [ -f "$BUNDLES/$CHAT_BUNDLE/manifest.json" ] && [ -f "$BUNDLES/$EMBED_BUNDLE/manifest.json" ] && bundles_cached=true
+  timed "sample bundles" export_samples || die "exporting the sample bundles failed"
+  timed "x86 reference" x86_reference || die "the x86 reference run failed"
+  wait "$root_pid" || die "building the root failed"
+  for board_id in "${boards[@]}"; do
+    lane "$board_id" || { failed+=("$board_id"); log "$board_id: the lane stopped early (see $RUN/$board_id)"; }
+  done
+  "$HOST_PY" "$HERE/report.py" --run "$RUN" --out "$RESULTS" --boards "${boards[@]}" --refuse-board "$REFUSE_BOARD" \
+    --refuse-core "$REFUSE_CORE" --refuse-feature "$REFUSE_FEATURE" --root-cached "$root_cached" \
+    --bundles-cached "$bundles_cached" \
+    --total-seconds "$(since "$started")"
 }
 
 main "$@"

@@ -1,0 +1,178 @@
+"""Judge one run of scripts/arm64-check.sh from the files its steps left in the run folder.
+
+Prints a table (stdout) and writes the JSON result; exit 0 only when every check of every board
+passed. Checks: install.sh and doctor exit 0; greedy token ids of the GGUF sample on the emulated
+core equal x86's; the served chat completion's text equals x86's greedy text; embeddings (probe and
+served) have cosine >= COSINE_MIN with x86's; the daemon exits 0 on SIGTERM; and the refusal board's
+pack is refused on the other core by install.sh (nothing installed) and by doctor, naming the feature.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+COSINE_MIN = 0.999  # the ONNX golden-check bound of issue 11
+SIGNAL_EXIT = 128  # a shell reports death by signal N as 128 + N (SIGILL: 132)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def steps(path: Path) -> dict[str, dict]:
+    """NAME -> {seconds, exit} from a steps.tsv (the last record of a name wins)."""
+    table = {}
+    for line in read_text(path).splitlines():
+        name, seconds, code = line.rsplit("\t", 2)
+        table[name] = {"seconds": float(seconds), "exit": int(code)}
+    return table
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def min_cosine(vectors: list[list[float]] | None, reference: list[list[float]]) -> float | None:
+    if not vectors or len(vectors) != len(reference):
+        return None
+    return min(cosine(a, b) for a, b in zip(vectors, reference))
+
+
+def check(passed: bool | None, **facts) -> dict:
+    return {"passed": bool(passed), **facts}
+
+
+def judge_board(folder: Path, x86_greedy: dict, x86_embed: dict) -> dict:
+    ran = steps(folder / "steps.tsv")
+    exit_of = lambda name: ran.get(name, {}).get("exit")  # noqa: E731
+    pack = read_json(folder / "pack.json") or {}
+    greedy = read_json(folder / "greedy.json") or {}
+    embed = read_json(folder / "embed.json") or {}
+    client = read_json(folder / "client.json") or {}
+    served_text = (client.get("chat") or {}).get("text")
+    served_vectors = (client.get("embeddings") or {}).get("vectors")
+    serve_exit = read_text(folder / "serve-exit").strip()
+    probe_cos = min_cosine(embed.get("embeddings"), x86_embed["embeddings"])
+    served_cos = min_cosine(served_vectors, x86_embed["embeddings"])
+    checks = {
+        "offline": check(exit_of("offline") == 0),
+        "install": check(exit_of("install") == 0, exit=exit_of("install")),
+        "doctor": check(exit_of("doctor") == 0, exit=exit_of("doctor"), report=read_json(folder / "doctor.json")),
+        "greedy_ids_equal_x86": check(bool(greedy.get("ids")) and greedy.get("ids") == x86_greedy["ids"], ids=greedy.get("ids")),
+        "served_chat_equals_x86": check(served_text is not None and served_text == x86_greedy["text"], text=served_text,
+                                        usage=(client.get("chat") or {}).get("usage")),
+        "embeddings_cosine": check(probe_cos is not None and probe_cos >= COSINE_MIN, min_cosine=probe_cos),
+        "served_embeddings_cosine": check(served_cos is not None and served_cos >= COSINE_MIN, min_cosine=served_cos),
+        "sigterm_exit_0": check(serve_exit == "0", exit=int(serve_exit) if serve_exit.lstrip("-").isdigit() else None),
+    }
+    return {
+        "core": read_text(folder / "core").strip(),
+        "hwcaps": read_text(folder / "hwcaps.txt").split(),
+        "pack": {k: pack.get(k) for k in ("pack_id", "target", "cpu_features", "bytes", "seconds", "llama_build_cached")},
+        "steps": ran,
+        "checks": checks,
+        "client_seconds": {"ready": client.get("ready_s"), "chat": (client.get("chat") or {}).get("seconds"),
+                           "embeddings": (client.get("embeddings") or {}).get("seconds")},
+        "passed": all(c["passed"] for c in checks.values()),
+    }
+
+
+def judge_refusal(folder: Path, core: str, feature: str) -> dict:
+    ran = steps(folder / "steps.tsv")
+    install_log = read_text(folder / "refuse-install.log")
+    doctor_out = read_text(folder / "refuse-doctor.json") + read_text(folder / "refuse-doctor.log")
+    install_exit = ran.get("refuse-install", {}).get("exit")
+    doctor_exit = ran.get("refuse-doctor", {}).get("exit")
+    prefix = read_text(folder / "refuse-install-prefix").strip()
+    checks = {
+        # refused with a message, not by a signal (a SIGILL would be 132), and nothing installed
+        "install_refused": check(install_exit not in (None, 0) and install_exit < SIGNAL_EXIT and feature in install_log
+                                 and prefix == "absent", exit=install_exit, prefix=prefix,
+                                 message=[line for line in install_log.splitlines() if feature in line]),
+        "doctor_refused": check(doctor_exit == 3 and feature in doctor_out, exit=doctor_exit,
+                                message=[line for line in doctor_out.splitlines() if feature in line][:5]),
+    }
+    return {"core": core, "feature": feature, "hwcaps": read_text(folder / "refuse-hwcaps.txt").split(), "checks": checks,
+            "passed": all(c["passed"] for c in checks.values())}
+
+
+def mark(passed: bool) -> str:
+    return "ok" if passed else "FAIL"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--boards", nargs="+", required=True)
+    parser.add_argument("--refuse-board", required=True)
+    parser.add_argument("--refuse-core", required=True)
+    parser.add_argument("--refuse-feature", required=True)
+    parser.add_argument("--root-cached", choices=("true", "false"), required=True)
+    parser.add_argument("--bundles-cached", choices=("true", "false"), required=True)
+    parser.add_argument("--total-seconds", type=float, required=True)
+    args = parser.parse_args()
+
+    x86_greedy = read_json(args.run / "x86-greedy.json")
+    x86_embed = read_json(args.run / "x86-embed.json")
+    if not x86_greedy or not x86_embed:
+        print(f"no x86 reference in {args.run}", file=sys.stderr)
+        return 1
+    boards = {board: judge_board(args.run / board, x86_greedy, x86_embed) for board in args.boards}
+    refusal = (judge_refusal(args.run / args.refuse_board, args.refuse_core, args.refuse_feature)
+               if args.refuse_board in args.boards else None)
+    llama_cached = all(b["pack"].get("llama_build_cached") for b in boards.values())
+    cached = args.root_cached == "true" and args.bundles_cached == "true" and llama_cached
+    result = {
+        "when": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "host": f"{platform.machine()}, {platform.node()}",
+        "caches": {"root": args.root_cached == "true", "bundles": args.bundles_cached == "true", "llama_builds": llama_cached},
+        "run": "cached" if cached else "fresh (something was built)",
+        "total_seconds": round(args.total_seconds, 1),
+        "host_steps": steps(args.run / "host-steps.tsv"),
+        "x86": {"greedy_ids": x86_greedy["ids"], "text": x86_greedy["text"], "prompt_ids": x86_greedy["prompt_ids"]},
+        "boards": boards,
+        "refusal": refusal,
+        "passed": all(b["passed"] for b in boards.values()) and (refusal is None or refusal["passed"]),
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    names = list(next(iter(boards.values()))["checks"]) if boards else []
+    header = ["board", "core", "llama build", *names, "lane s"]
+    rows = [[board, b["core"], str(b["pack"].get("target")), *(mark(b["checks"][n]["passed"]) for n in names),
+             f"{sum(s['seconds'] for s in b['steps'].values()):.0f}"] for board, b in boards.items()]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    print(f"\nx86 greedy ids ({len(x86_greedy['ids'])}): {x86_greedy['ids']}")
+    for board, b in boards.items():
+        ids = b["checks"]["greedy_ids_equal_x86"]["ids"]
+        print(f"{board} ({b['core']}) ids: {ids}")
+    if refusal:
+        for name, c in refusal["checks"].items():
+            print(f"{args.refuse_board} pack on {args.refuse_core}: {name} {mark(c['passed'])} (exit {c['exit']}): "
+                  f"{' | '.join(c['message'][:2])}")
+    print(f"\n{result['run']}: {result['total_seconds']:.0f} s in all; result {mark(result['passed'])} -> {args.out}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
