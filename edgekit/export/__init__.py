@@ -151,7 +151,9 @@ def export(
 def _export_target(
     loaded: LoadedRecipe, target, source: ResolvedSource, out_dir: Path, scratch: Path, memo: dict, progress: Progress
 ) -> tuple[Manifest, Path]:
-    """Build one target in a staging directory, gate it, and publish it under its final name."""
+    """Build one target in a staging directory, gate it, record its golden checks, and publish it under its final name."""
+    from edgekit.export.golden import record_golden
+
     recipe = loaded.recipe
     name = recipe.bundle_name(target)
     progress(f"{name}: building {target.format} target")
@@ -160,6 +162,8 @@ def _export_target(
         with quiet_backend_logs():
             result: BuildResult = build_module(target.format).build(job)
         gates = evaluate_gates(recipe.gates_for(target), result.metrics)
+        progress(f"{name}: recording golden checks with the board-side runtime")
+        golden = record_golden(loaded, target.format, recipe.task, result.runtime, staged)
         manifest = Manifest(
             name=name,
             recipe_name=recipe.name,
@@ -179,6 +183,7 @@ def _export_target(
             passed=all(g.passed for g in gates),
             tools=result.tools,
             created=datetime.now(timezone.utc).replace(microsecond=0),
+            golden=golden,
         )
         final = publish(staged, manifest, out_dir)
     return manifest, final

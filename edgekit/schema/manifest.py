@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -76,6 +76,59 @@ class OnnxFacts(Strict):
     hidden_size: int | None = None
 
 
+class GreedyPrompt(Strict):
+    """One prompt of a GGUF bundle's golden check and what the bundle generated from it at export."""
+
+    prompt: str = Field(description="A user message: rendered as a one-turn chat through the bundle's chat template when it "
+                                    "has one (as the daemon serves it), else tokenized as is.")
+    prompt_ids: list[int] = Field(description="Token ids of the rendered prompt; the board must get exactly these.")
+    ids: list[int] = Field(description="Greedy continuation at export: at each step the most likely next token, fed back.")
+    top_logprobs: list[dict[int, float]] = Field(
+        description="Per step of ids, the most likely tokens at export -> natural-log probability (3 decimals); the "
+        "tokens not listed share the remaining probability.")
+
+
+class GreedyGolden(Strict):
+    """Golden check of a GGUF bundle: greedy tokens of a few prompts, with the bounds that apply when kernels differ."""
+
+    kind: Literal["greedy-tokens"] = "greedy-tokens"
+    recorded_on: str = Field(description="Machine and runtime that recorded it, e.g. 'x86_64, llama-cpp-python 0.3.16'.")
+    prompts: list[GreedyPrompt] = Field(min_length=1)
+    min_top1_agreement: float = Field(
+        ge=0, le=1, description="When a prompt's ids differ on the board: share of its steps where the board's most likely "
+        "token, fed the recorded ids (teacher forcing), equals the recorded id; at least this.")
+    max_kld: float = Field(
+        ge=0, description="When a prompt's ids differ on the board: mean per-step KL divergence (recorded || board) over the "
+        "recorded top tokens plus one bin for all other tokens (a lower bound of the full KL divergence); at most this.")
+
+
+class EncoderText(Strict):
+    """One text of an ONNX bundle's golden check and the bundle's output for it at export (batch of one)."""
+
+    text: str
+    labels: list[str] = Field(
+        default_factory=list, description="Classification: the most likely label (text-classification: one; "
+        "token-classification: one per token). Empty for embeddings.")
+    output: str = Field(description="The output as base64 of little-endian float16 values: the embedding "
+                                    "(feature-extraction) or the class probabilities (classification).")
+    shape: list[int] = Field(description="Shape of output: [dim], [labels] or [tokens, labels].")
+
+
+class EncoderGolden(Strict):
+    """Golden check of an ONNX bundle: outputs for a few texts and how close the board must come."""
+
+    kind: Literal["encoder-outputs"] = "encoder-outputs"
+    recorded_on: str = Field(description="Machine and runtime that recorded it, e.g. 'x86_64, onnxruntime 1.22.0'.")
+    texts: list[EncoderText] = Field(min_length=1)
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="Embeddings: cosine similarity with the recorded one, at least this.")
+    max_probability_diff: float | None = Field(
+        None, ge=0, le=1, description="Classification: largest absolute difference of any class probability, at most this; "
+        "labels must be equal except where the recorded top two are within twice this of each other (a near tie).")
+
+
+Golden = Annotated[GreedyGolden | EncoderGolden, Field(discriminator="kind")]
+
+
 class Manifest(Strict):
     """manifest.json at the root of every bundle."""
 
@@ -98,6 +151,9 @@ class Manifest(Strict):
     passed: bool = Field(description="All gates passed.")
     tools: dict[str, str] = Field(default_factory=dict, description="Versions of the tools that made the bundle.")
     created: datetime
+    golden: Golden | None = Field(
+        None, description="Outputs of the board-side runtime on the finished bundle at export; `edgekit doctor` and the "
+        "daemon rerun them on the board (edgekit.runtime.golden). Absent in bundles exported before golden checks.")
 
     @property
     def total_bytes(self) -> int:
