@@ -78,7 +78,7 @@ def fake_pack(root: Path, *, features: dict[str, str] | None = None, machine: st
              for p in sorted(root.rglob("*")) if p.is_file()]
     manifest = {"schema_version": 1, "pack_id": "demo-cp313-0123456789ab", "files": files, "python": "%d.%d" % sys.version_info[:2],
                 "glibc_min": "2.17", "requirement": "edgekit[runtime]", "device": {"id": "rpi-5-8gb", "cpu": {"cores": 4}},
-                "service": {"threads": 4, "memory_budget_mb": 300},
+                "service": {"unit": "edgekit.service", "threads": 4, "memory_budget_mb": 300, "together": True},
                 "target": {"name": "armv8.2-a-dotprod", "machine": machine,
                            "cpu_features": features if features is not None else {"asimd": "Arm Advanced SIMD (NEON), Armv8-A",
                                                                                   "asimddp": "Arm dot product, Armv8.2-A"}}}
@@ -145,6 +145,37 @@ def test_install_sh_refuses_a_tampered_pack_before_writing_anything(tmp_path):
     assert done.returncode == 1, done.stderr
     assert "wheels/demo-1.0-py3-none-any.whl: 8 bytes, pack.json says 11" in done.stderr
     assert not prefix.exists()
+
+
+# ---- the unit sized for the board ------------------------------------------------------------------
+
+
+def test_unit_is_sized_for_the_board_and_a_bundle_too_big_for_it_is_refused(smollm_bundle):
+    from edgekit.errors import GateFailed
+    from edgekit.pack.assemble import PackRequest, size_service, verify_bundles
+    from edgekit.schema.device import load_device
+    from edgekit.serve.settings import ServeSettings
+
+    manifests = [m for _, m in verify_bundles((smollm_bundle,))]
+
+    def sized(device: str, **settings):
+        request = PackRequest(device=load_device(device), device_ref=device, bundles=(smollm_bundle,), out_dir=Path("unused"),
+                              serve=ServeSettings(**settings))
+        return size_service(request, manifests)
+
+    record, unit = sized("rpi-5-8gb")
+    assert (record.memory_budget_mb, record.threads, record.together) == (307, 4, True)
+    assert "ExecStart=@PREFIX@/current/venv/bin/edgekit serve --models @PREFIX@/current/bundles" in unit
+    assert "--memory-budget-mb 307" in unit and "--threads 4" in unit and "MemoryMax=467M" in unit
+    assert "EDGEKIT_N_CTX" not in unit
+
+    with pytest.raises(GateFailed) as refused:
+        sized("rpi-zero-2w")
+    assert str(refused.value).startswith("rpi-zero-2w offers 262 MiB to models; smollm2-135m-q4_1 needs 306 MiB")
+    # Settings ExecStart does not carry reach the daemon through its environment.
+    record, unit = sized("rpi-zero-2w", n_ctx=2048, idle_unload_s=60)
+    assert (record.memory_budget_mb, record.together) == (233, True)
+    assert 'Environment="EDGEKIT_IDLE_UNLOAD_S=60.0" "EDGEKIT_N_CTX=2048"\nRestart=on-failure' in unit
 
 
 # ---- bad input of `edgekit pack` ------------------------------------------------------------------

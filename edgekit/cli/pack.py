@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from enum import Enum
 
@@ -16,9 +17,21 @@ from edgekit.pack.assemble import DEFAULT_PREFIX, DEFAULT_PYTHON, PYTHONS
 MB = 1e6
 # The --python choices, from the one list in edgekit.pack.assemble.
 PythonVersion = Enum("PythonVersion", {f"cp{v.replace('.', '')}": v for v in PYTHONS}, type=str)
+# Serve settings the pack decides itself: the bundles live under the install prefix, the board is --device.
+PACK_DECIDES = ("models", "device")
+
+
+def with_serve_flags(function):
+    """Give ``function`` the `edgekit serve` settings flags (for the unit on the board) besides its own parameters."""
+    from edgekit.cli.serve import settings_parameters
+
+    own = [p for p in inspect.signature(function, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    function.__signature__ = inspect.Signature([*own, *(p for p in settings_parameters() if p.name not in PACK_DECIDES)])
+    return function
 
 
 @app.command("pack")
+@with_serve_flags
 def pack_cmd(
     bundles: Annotated[list[Path], typer.Argument(help="Bundle folders to install on the board (each is verified first).")],
     device: Annotated[str, typer.Option("--device", "-d", help="The board: a catalog device id or a profile file.")],
@@ -29,15 +42,20 @@ def pack_cmd(
                                                        "source checkout.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build llama-cpp-python again even when a cached build exists.")] = False,
     as_json: JsonFlag = False,
+    **flags: Any,
 ) -> None:
-    """Make an offline installer for a board: wheels for its CPU and Python, the bundles, a systemd unit, install.sh."""
+    """Make an offline installer for a board: wheels for its CPU and Python, the bundles, a systemd unit, install.sh.
+
+    The `edgekit serve` flags set the daemon's settings on the board; the unit's memory budget is sized from them.
+    """
+    from edgekit.cli.serve import settings_from_flags
     from edgekit.pack.assemble import PackRequest, make_pack
     from edgekit.paths import kit_paths
     from edgekit.schema.device import load_device
 
     board = load_device(device)  # DeviceError (exit 2) lists the known ids
     request = PackRequest(device=board, device_ref=device, bundles=tuple(bundles), out_dir=out_dir, python=python.value,
-                          edgekit_wheel=edgekit_wheel, rebuild=rebuild)
+                          edgekit_wheel=edgekit_wheel, rebuild=rebuild, serve=settings_from_flags(flags))
     with status(f"packing for {board.id}") as progress:
         result = make_pack(request, kit_paths(), progress)
     manifest = result.manifest
@@ -59,6 +77,9 @@ def pack_cmd(
     table.add_row("Python / glibc", f"{manifest.python} / {manifest.glibc_min} or newer")
     table.add_row("wheels", f"{manifest.wheel_bytes / MB:.1f} MB (llama-cpp-python {result.llama_wheel_bytes / MB:.1f} MB)")
     table.add_row("bundles", f"{manifest.bundle_bytes / MB:.1f} MB: {', '.join(b.name for b in manifest.bundles)}")
+    service = manifest.service
+    turns = "all loaded at once" if service.together else "taking turns"
+    table.add_row("service", f"{service.unit}: {service.memory_budget_mb} MiB for models ({turns}), {service.threads} threads")
     table.add_row("archive", f"{result.archive} ({result.archive_bytes / MB:.1f} MB)")
     cached = "cached" if manifest.build.llama_build_cached else "built now"
     table.add_row("time", f"{manifest.build.pack_seconds:.0f} s (llama-cpp-python {cached}, {manifest.build.llama_build_seconds:.0f} s to build)")

@@ -44,9 +44,12 @@ from edgekit.pack.wheelhouse import build_edgekit_wheel, checkout_root, download
 from edgekit.paths import KitPaths
 from edgekit.schema.device import Device
 from edgekit.schema.manifest import FileEntry
+from edgekit.serve.settings import ServeSettings
 
-# Where install.sh installs unless told otherwise; the unit in the pack is rendered for it.
+# Where install.sh installs unless told otherwise.
 DEFAULT_PREFIX = Path("/opt/edgekit")
+# Stands for the install prefix in the pack's unit file; install.sh fills it in.
+PREFIX_PLACEHOLDER = "@PREFIX@"
 # Python versions of the boards' OSes: Debian 13 / Raspberry Pi OS (trixie) 3.13, Debian 12 (bookworm) 3.11.
 PYTHONS = ("3.11", "3.12", "3.13")
 DEFAULT_PYTHON = "3.13"
@@ -69,6 +72,7 @@ class PackRequest:
     python: str = DEFAULT_PYTHON
     edgekit_wheel: Path | None = None
     rebuild: bool = False
+    serve: ServeSettings | None = None  # the daemon's settings on the board (models and threads are set here)
 
 
 @dataclass(frozen=True)
@@ -99,25 +103,61 @@ def verify_bundles(bundles: tuple[Path, ...]) -> list[tuple[Path, object]]:
     return verified
 
 
-def size_service(request: PackRequest, manifests: list) -> tuple[ServiceRecord, str]:
-    """The unit sized for the board: MemoryMax from the bundles' footprints, which must fit the board's usable RAM."""
-    from edgekit.serve.budget import MIB, device_budget, footprint_bytes
+def board_settings(request: PackRequest):
+    """The daemon's settings on the board: as given, with the bundles under the install prefix and one thread per inference core."""
     from edgekit.serve.settings import ServeSettings
+
+    given = request.serve or ServeSettings()
+    update: dict = {"models": Path(PREFIX_PLACEHOLDER) / "current" / "bundles"}
+    if given.threads is None:
+        update["threads"] = request.device.cpu.cores
+    return given.model_copy(update=update)
+
+
+# ServeSettings fields render_unit writes on ExecStart itself (edgekit/serve/systemd.py).
+ON_EXEC_START = frozenset({"models", "host", "port", "memory_budget_mb", "grace_s", "api_key_file", "preload", "threads"})
+
+
+def settings_environment(settings) -> str:
+    """The settings given for the board that the unit's ExecStart does not carry, as an Environment= line (ServeSettings reads EDGEKIT_*)."""
+    pairs = []
+    for name in sorted(settings.model_fields_set - ON_EXEC_START):
+        value = getattr(settings, name)
+        text = "null" if value is None else value if isinstance(value, str) else json.dumps(value)
+        pairs.append(json.dumps(f"EDGEKIT_{name.upper()}={text}"))  # systemd unquotes C-style double quotes
+    return f"Environment={' '.join(pairs)}\n" if pairs else ""
+
+
+def size_service(request: PackRequest, manifests: list) -> tuple[ServiceRecord, str]:
+    """The unit sized for the board: every bundle must fit the RAM the board offers models on its own.
+
+    The budget is the sum of the bundles' footprints when they fit together, else what the board
+    offers (the daemon then unloads the least recently used model to load another).
+    """
+    from edgekit.serve.budget import MIB, device_budget, footprint_bytes
     from edgekit.serve.systemd import render_unit
 
-    threads = request.device.cpu.cores
-    settings = ServeSettings(models=DEFAULT_PREFIX / "current" / "bundles", threads=threads)
-    rows = [(m.name, footprint_bytes(m, settings)) for m in manifests]
-    need = sum(n for _, n in rows)
+    settings = board_settings(request)
     offered, _ = device_budget(request.device_ref)
-    if need > offered:
-        detail = ", ".join(f"{name} {n / MIB:.0f} MiB" for name, n in rows)
-        raise GateFailed(f"the bundles need {need / MIB:.0f} MiB together ({detail}); {request.device.id} offers {offered / MIB:.0f} MiB "
-                         "to models", hint="pack fewer or smaller bundles (edgekit fit shows each one's footprint)")
-    budget_mb = max(16, -(-need // MIB))
-    source = "sum of the footprint estimates of " + ", ".join(name for name, _ in rows)
-    unit = render_unit(settings, str(DEFAULT_PREFIX / "current" / "venv" / "bin" / "edgekit"), budget_mb * MIB, source)
-    return ServiceRecord(unit=SERVICE_FILE, memory_budget_mb=budget_mb, threads=threads), unit
+    rows = [(m.name, footprint_bytes(m, settings)) for m in manifests]
+    too_big = [f"{name} needs {n / MIB:.0f} MiB" for name, n in rows if n > offered]
+    if too_big:
+        raise GateFailed(f"{request.device.id} offers {offered / MIB:.0f} MiB to models; {', '.join(too_big)} with these settings",
+                         hint="pack a smaller bundle, or lower --n-ctx / --batch-max-tokens / --slots (edgekit fit shows footprints)")
+    if settings.memory_budget_mb is not None:
+        if settings.memory_budget_mb * MIB > offered:
+            raise GateFailed(f"--memory-budget-mb {settings.memory_budget_mb} is more than {request.device.id} offers "
+                             f"({offered // MIB} MiB)")
+        budget, source = settings.memory_budget_mb * MIB, "--memory-budget-mb"
+    elif sum(n for _, n in rows) <= offered:
+        budget, source = sum(n for _, n in rows), "sum of the footprint estimates of " + ", ".join(name for name, _ in rows)
+    else:
+        budget, source = offered, f"usable RAM of {request.device.id}; the bundles take turns (least recently used unloads)"
+    unit = render_unit(settings, PREFIX_PLACEHOLDER + "/current/venv/bin/edgekit", budget, source)
+    unit = unit.replace("\nRestart=", "\n" + settings_environment(settings) + "Restart=", 1)
+    record = ServiceRecord(unit=SERVICE_FILE, memory_budget_mb=max(16, -(-budget // MIB)), threads=settings.threads,
+                           together=sum(n for _, n in rows) <= budget)
+    return record, unit
 
 
 def llama_version(checkout: Path | None) -> str:
@@ -236,6 +276,7 @@ def make_pack(request: PackRequest, paths: KitPaths, progress: Progress) -> Pack
         else:
             raise ConfigError("edgekit is not running from a source checkout, so it cannot build its own wheel",
                               hint="pass --edgekit-wheel FILE (the edgekit wheel to install on the board)")
+        edgekit_version = wheel_version(edgekit_wheel)
 
         llama = llama_wheel(target, llama_version(checkout), builds=paths.llama_builds, downloads=paths.downloads,
                             progress=progress, rebuild=request.rebuild)
@@ -263,7 +304,7 @@ def make_pack(request: PackRequest, paths: KitPaths, progress: Progress) -> Pack
         (staged / "install.sh").chmod(0o755)
 
         entries = pack_entries(staged)
-        versions = Versions(edgekit=wheel_version(edgekit_wheel), llama_cpp_python=llama.version,
+        versions = Versions(edgekit=edgekit_version, llama_cpp_python=llama.version,
                             onnxruntime=next((w.version for w in resolved if w.name.lower() == "onnxruntime"), "absent"))
         manifest = PackManifest(
             pack_id=pack_id(request.device, request.python, entries),

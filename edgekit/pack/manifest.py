@@ -50,9 +50,10 @@ class Versions(Strict):
 class ServiceRecord(Strict):
     """The systemd unit the pack installs, sized for the board."""
 
-    unit: str = Field(description="File of the unit rendered for the default prefix (install.sh renders it for the prefix it installs to).")
-    memory_budget_mb: int = Field(ge=16, description="Memory for loaded models, MiB: the sum of the bundles' footprint estimates.")
-    threads: int = Field(ge=1, description="CPU threads per model worker: the board's inference cores.")
+    unit: str = Field(description="The unit file in the pack; install.sh puts the install prefix in place of @PREFIX@.")
+    memory_budget_mb: int = Field(ge=16, description="Memory for loaded models, MiB (the daemon's --memory-budget-mb).")
+    threads: int = Field(ge=1, description="CPU threads per model worker (default: the board's inference cores).")
+    together: bool = Field(description="Whether every bundle fits in the budget at once (else they take turns).")
 
 
 class BuildRecord(Strict):

@@ -33,6 +33,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 case $PREFIX in /*) ;; *) die 2 "--prefix must be an absolute path (got $PREFIX)" ;; esac
+case $PREFIX in *[!A-Za-z0-9/._-]*) die 2 "--prefix may hold only letters, digits and / . _ - (it goes into the systemd unit)" ;; esac
 PREFIX=${PREFIX%/}
 command -v "$PY" >/dev/null 2>&1 || die 2 "$PY not found: install the board's python3 (Debian: apt install python3)"
 
@@ -77,10 +78,8 @@ else
   cp "$HERE/$PACK_DEVICE.yaml" "$HERE/pack.json" "$REL/"
   "$REL/venv/bin/edgekit" bundles "$REL/bundles" >/dev/null \
     || die 1 "the copied bundles do not verify; $PREFIX/current is unchanged"
-  # The unit serves whatever `current` points to; MemoryMax comes from the pack's estimate for its bundles.
-  "$REL/venv/bin/edgekit" service unit --exec "$PREFIX/current/venv/bin/edgekit" --models "$PREFIX/current/bundles" \
-    --memory-budget-mb "$PACK_BUDGET_MB" --threads "$PACK_THREADS" --output "$REL/edgekit.service" >/dev/null 2>&1 \
-    || die 3 "could not write the systemd unit; $PREFIX/current is unchanged"
+  # The pack's unit (sized for the board when it was made) serves whatever `current` points to.
+  sed "s|@PREFIX@|$PREFIX|g" "$HERE/$PACK_UNIT" > "$REL/$PACK_UNIT"
   chmod -R a+rX "$REL"  # the service runs as a transient user (DynamicUser) that must read the release
   sync
   touch "$REL/.complete"
@@ -103,7 +102,7 @@ fi
 
 # Step 4: the service, when systemd is running.
 if [ "$SERVICE" = auto ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-  cp "$REL/edgekit.service" /etc/systemd/system/edgekit.service.new
+  cp "$REL/$PACK_UNIT" /etc/systemd/system/edgekit.service.new
   mv -f /etc/systemd/system/edgekit.service.new /etc/systemd/system/edgekit.service
   systemctl daemon-reload
   systemctl enable --quiet edgekit.service

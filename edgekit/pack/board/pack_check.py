@@ -198,8 +198,7 @@ def check(pack_dir: str, prefix: str, force_cpu: bool) -> dict:
         "PACK_TARGET": manifest["target"]["name"],
         "PACK_PYTHON": manifest["python"],
         "PACK_REQUIREMENT": manifest["requirement"],
-        "PACK_THREADS": str(manifest["service"]["threads"]),
-        "PACK_BUDGET_MB": str(manifest["service"]["memory_budget_mb"]),
+        "PACK_UNIT": manifest["service"]["unit"],
         "PACK_PIP_WHEEL": next((f["path"] for f in manifest["files"] if f["path"].startswith("wheels/pip-")), ""),
         "PACK_EDGEKIT_WHEEL": os.path.relpath(wheel, pack_dir) if wheel else "",
     }
