@@ -157,12 +157,15 @@ ns_lane() {  # ROOTFS CORE CPUINFO OUT BOARD: install, doctor, greedy ids, serve
   step offline assert_offline
   board python3 -c "$HWCAP_PROBE" > hwcaps.txt
   step install board /root/pack/install.sh --no-service > install.log 2>&1
-  step doctor board "$bin/edgekit" doctor --json > doctor.json 2> doctor.log
+  # Past the install every step runs even when one fails; the report judges each from steps.tsv.
+  local failed=0
+  step doctor board "$bin/edgekit" doctor --json > doctor.json 2> doctor.log || failed=1
   step greedy board "$bin/python" /root/board_probe.py greedy "$PREFIX/current/bundles/$CHAT_BUNDLE" \
-    --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" > greedy.json 2> greedy.log
+    --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" > greedy.json 2> greedy.log || failed=1
   step embed board "$bin/python" /root/board_probe.py embed "$PREFIX/current/bundles/$EMBED_BUNDLE" \
-    "${TEXTS[@]}" > embed.json 2> embed.log
-  step serve serve_and_ask "$board_id"
+    "${TEXTS[@]}" > embed.json 2> embed.log || failed=1
+  step serve serve_and_ask "$board_id" || failed=1
+  return $failed
 }
 
 ns_refuse_doctor() {  # ROOTFS CORE CPUINFO OUT: doctor of an installed pack on a core it was not built for
@@ -329,15 +332,17 @@ lane() {  # BOARD: the whole proof on one board's core
   timed "$board_id: pack" pack_for "$board_id" || return 1
   timed "$board_id: fresh root" root_with_pack "$dir/root" "$board_id" || return 1
   write_cpuinfo "$core" "$dir/cpuinfo"
-  timed "$board_id: emulated lane" in_namespace lane "$dir/root" "$core" "$dir/cpuinfo" "$dir" "$board_id" || return 1
-  if [ "$board_id" = "$REFUSE_BOARD" ]; then
+  local rc=0
+  timed "$board_id: emulated lane" in_namespace lane "$dir/root" "$core" "$dir/cpuinfo" "$dir" "$board_id" || rc=1
+  if [ "$board_id" = "$REFUSE_BOARD" ] && [ -e "$dir/root$PREFIX/current" ]; then
     write_cpuinfo "$REFUSE_CORE" "$dir/cpuinfo-refuse"
     timed "$board_id: doctor on $REFUSE_CORE" in_namespace refuse_doctor "$dir/root" "$REFUSE_CORE" "$dir/cpuinfo-refuse" "$dir" || return 1
     timed "$board_id: fresh root for the refusal" root_with_pack "$RUN/refuse-root" "$board_id" || return 1
     timed "$board_id: install.sh on $REFUSE_CORE" in_namespace refuse_install "$RUN/refuse-root" "$REFUSE_CORE" "$dir/cpuinfo-refuse" "$dir" || return 1
     rm -rf "$RUN/refuse-root"
   fi
-  rm -rf "$dir/root"  # about 1 GB per board; every output the report needs is beside it
+  [ $rc != 0 ] || rm -rf "$dir/root"  # about 1 GB per board (kept when a step failed, to look into)
+  return $rc
 }
 
 smoke() {
