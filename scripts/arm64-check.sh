@@ -134,7 +134,7 @@ step() {
 serve_and_ask() {
   local board_id=$1 bin=$PREFIX/current/venv/bin pid rc=0 watchdog
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 PATH="$BOARD_PATH" \
-    "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" --device "$board_id" \
+    "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" --device "$PREFIX/current/$board_id.yaml" \
     --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" > serve.log 2>&1 &
   pid=$!
   "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$READY_TIMEOUT" \
