@@ -24,6 +24,10 @@ REFUSE_CORE=cortex-a72                 # ... a core without it,
 REFUSE_FEATURE=asimddp                 # naming this feature
 # Sample bundles packed for every board, as RECIPE:TARGET; the names are the bundles they export to.
 SAMPLES=(recipes/smollm2-135m-instruct.yaml:q4-k-m recipes/all-minilm-l6-v2.yaml:int8-dynamic)
+# Serve settings a board needs beyond the defaults, given to `edgekit pack` (which sizes the unit with
+# them and refuses bundles that do not fit) and to `edgekit serve` in the root. The Zero 2 W offers
+# 262 MiB to models: the default 4096-token context and encoder batch do not fit it.
+declare -A SERVE_FLAGS=([rpi-zero-2w]="--n-ctx 1024 --batch-max-tokens 1024")
 CHAT_BUNDLE=smollm2-135m-instruct-q4-k-m
 EMBED_BUNDLE=all-minilm-l6-v2-int8-dynamic
 # Small requests: decode under TCG emulation is slow.
@@ -126,7 +130,7 @@ step() {
   start=$(now)
   "$@" || rc=$?
   printf '%s\t%s\t%s\n' "$name" "$(since "$start")" "$rc" >> steps.tsv
-  log "  $name: exit $rc after $(since "$start") s" 2>&3  # fd 3: the terminal, whatever the step's output goes to
+  log "${PWD##*/} $name: exit $rc after $(since "$start") s" 2>&3  # fd 3: the terminal, whatever the step's output goes to
   return $rc
 }
 
@@ -135,7 +139,7 @@ serve_and_ask() {
   local board_id=$1 bin=$PREFIX/current/venv/bin pid rc=0 watchdog
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 PATH="$BOARD_PATH" \
     "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" --device "$PREFIX/current/$board_id.yaml" \
-    --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" > serve.log 2>&1 &
+    --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" ${SERVE_FLAGS[$board_id]:-} > serve.log 2>&1 &
   pid=$!
   "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$READY_TIMEOUT" \
     --chat-model "$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
@@ -301,17 +305,183 @@ export_samples() {
   find "$CACHE" -maxdepth 1 -name 'bundles-*' ! -name "bundles-$BUNDLES_KEY" -exec rm -rf {} +  # stale keys
 }
 
-# x86 reference: the same probe on the host's CPU.
+# x86 reference: the same probe on the host's CPU, and the fp32 model the encoder was gated against.
 x86_reference() {
   "$HOST_PY" "$HERE/board_probe.py" greedy "$BUNDLES/$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
     > "$RUN/x86-greedy.json"
   "$HOST_PY" "$HERE/board_probe.py" embed "$BUNDLES/$EMBED_BUNDLE" "${TEXTS[@]}" > "$RUN/x86-embed.json"
+  HF_HUB_OFFLINE=1 "$HOST_PY" "$HERE/fp32_reference.py" "$BUNDLES/$EMBED_BUNDLE" "${TEXTS[@]}" > "$RUN/fp32-embed.json"
 }
 
 pack_for() {  # BOARD: edgekit pack of the sample bundles for BOARD
   local board_id=$1
   (cd "$ROOT" && "$HOST_PY" -m edgekit pack "$BUNDLES/$CHAT_BUNDLE" "$BUNDLES/$EMBED_BUNDLE" \
-    --device "$board_id" --out "$CACHE/packs/$board_id" --json) > "$RUN/$board_id/pack.json"
+    --device "$board_id" --out "$CACHE/packs/$board_id" ${SERVE_FLAGS[$board_id]:-} --json) > "$RUN/$board_id/pack.json"
+}
+
+# A fresh root with the pack and the probe copied in.
+root_with_pack() {  # DIR BOARD
+  fresh_root "$1"
+  cp -a "$CACHE/packs/$2" "$1/root/pack"
+  cp "$HERE/board_probe.py" "$1/root/board_probe.py"
+}
+
+pack_board() {  # BOARD: its run folder and its pack
+  local board_id=$1 core dir="$RUN/$1"
+  core=$(core_of "$board_id")
+  [ -f "$HERE/cpuinfo/$core" ] || die "no cpuinfo template for $core (board $board_id)" 2
+  mkdir -p "$dir"
+  echo "$core" > "$dir/core"
+  timed "$board_id: pack" pack_for "$board_id"
+}
+
+emulate() {  # BOARD: everything on the board's emulated core, then the refusal on the other core
+  local board_id=$1 dir="$RUN/$1" core rc=0
+  core=$(cat "$dir/core")
+  timed "$board_id: fresh root" root_with_pack "$dir/root" "$board_id" || return 1
+  write_cpuinfo "$core" "$dir/cpuinfo"
+  timed "$board_id: emulated lane on $core" in_namespace lane "$dir/root" "$core" "$dir/cpuinfo" "$dir" "$board_id" || rc=1
+  if [ "$board_id" = "$REFUSE_BOARD" ] && [ -e "$dir/root$PREFIX/current" ]; then
+    write_cpuinfo "$REFUSE_CORE" "$dir/cpuinfo-refuse"
+    timed "$board_id: doctor on $REFUSE_CORE" in_namespace refuse_doctor "$dir/root" "$REFUSE_CORE" "$dir/cpuinfo-refuse" "$dir" || rc=1
+    timed "$board_id: fresh root for the refusal" root_with_pack "$RUN/refuse-root" "$board_id" || return 1
+    timed "$board_id: install.sh on $REFUSE_CORE" in_namespace refuse_install "$RUN/refuse-root" "$REFUSE_CORE" "$dir/cpuinfo-refuse" "$dir" || rc=1
+    rm -rf "$RUN/refuse-root"
+  fi
+  [ $rc != 0 ] || rm -rf "$dir/root"  # about 1 GB per board (kept when a step failed, to look into)
+  return $rc
+}
+
+smoke() {  # ROOTFS CORE CPUINFO OUT: import the smoke wheelhouse's packages on CORE
+  enter_root "$1" "$2" "$3"
+  local out=$4
+  assert_offline
+  board python3 -c "$HWCAP_PROBE" > "$out.hwcap"
+  board /opt/smoke/bin/python -c '
+import json, sys
+import numpy, onnxruntime, tokenizers
+print(json.dumps({"onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+                  "tokenizers": tokenizers.__version__, "providers": onnxruntime.get_available_providers(),
+                  "python": sys.version.split()[0]}))' > "$out"
+}
+
+ns_smoke_install() {  # ROOTFS CORE CPUINFO: a venv from the offline wheelhouse copied into /root/wheels
+  enter_root "$1" "$2" "$3"
+  assert_offline
+  board python3 -m venv /opt/smoke
+  board /opt/smoke/bin/pip install --quiet --no-index --no-compile --find-links /root/wheels \
+    onnxruntime numpy tokenizers
+}
+
+if [ "${1:-}" = --in-namespace ]; then
+  exec 3>&2
+  stage=$2
+  HOST_PY=$3
+  shift 3
+  "ns_$stage" "$@"
+  exit
+fi
+
+# ---------------------------------------------------------------------------------------------
+# On the host.
+# ---------------------------------------------------------------------------------------------
+
+# Run STAGE in fresh mount + net + pid namespaces; on timeout everything in them is killed.
+# --mount-proc: /proc shows the namespace's processes, so the client sees the daemon's real state.
+in_namespace() {
+  local stage=$1
+  shift
+  timeout --kill-after=30 "$NAMESPACE_TIMEOUT" \
+    unshare --mount --net --pid --fork --kill-child --mount-proc -- "$0" --in-namespace "$stage" "$HOST_PY" "$@"
+}
+
+HOST_STEPS=""  # set in main: host-steps.tsv of this run
+# timed NAME CMD...: run CMD on the host, record its wall time under NAME.
+timed() {
+  local name=$1 start rc=0
+  shift
+  start=$(now)
+  "$@" || rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$(since "$start")" "$rc" >> "$HOST_STEPS"
+  log "$name: exit $rc after $(since "$start") s"
+  return $rc
+}
+
+install_host_tools() {
+  local missing=() pkg
+  for pkg in "${HOST_APT[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  local binfmt=/proc/sys/fs/binfmt_misc
+  [ -e "$binfmt/status" ] || mount -t binfmt_misc binfmt_misc "$binfmt"
+  update-binfmts --enable qemu-aarch64 2>/dev/null || true  # exits 1 when it is already enabled
+  grep -qx enabled "$binfmt/qemu-aarch64" || die "binfmt_misc: qemu-aarch64 is not enabled"
+  # F: the kernel opened the interpreter at registration, so it works inside a chroot without it.
+  grep -q '^flags: .*F' "$binfmt/qemu-aarch64" || die "binfmt_misc: qemu-aarch64 lacks the F (fix-binary) flag"
+}
+
+# The cached root: keyed by the package list and the build options, so a change rebuilds it.
+ROOT_KEY=$({ echo "$SUITE ${MMDEBSTRAP_OPTS[*]}"; grep -v '^#' "$HERE/root-packages.txt"; } | sha256sum | cut -c1-16)
+ROOT_TAR="$CACHE/root-$ROOT_KEY.tar"
+
+build_root() {
+  [ -s "$ROOT_TAR" ] && { log "cached root $ROOT_TAR"; return; }
+  local packages
+  packages=$(grep -v '^#' "$HERE/root-packages.txt" | paste -sd, -)
+  mkdir -p "$CACHE"
+  log "building the arm64 $SUITE root (packages: $packages): about 10 minutes, log $CACHE/mmdebstrap.log"
+  rm -f "$CACHE"/root-*.partial.tar
+  mmdebstrap --arch=arm64 "${MMDEBSTRAP_OPTS[@]}" --include="$packages" \
+    "$SUITE" "$CACHE/root-$ROOT_KEY.partial.tar" "$MIRROR" > "$CACHE/mmdebstrap.log" 2>&1 \
+    || { tail -20 "$CACHE/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $CACHE/mmdebstrap.log)"; }
+  mv "$CACHE/root-$ROOT_KEY.partial.tar" "$ROOT_TAR"
+  find "$CACHE" -maxdepth 1 -name 'root-*.tar' ! -name "root-$ROOT_KEY.tar" -delete  # stale keys
+}
+
+# A fresh copy of the cached root at DIR.
+fresh_root() {
+  rm -rf "$1"
+  mkdir -p "$1"
+  tar -xf "$ROOT_TAR" -C "$1"
+}
+
+# The sample bundles, exported once per version of the code and recipes that make them.
+BUNDLES_KEY=$(cd "$ROOT" && find edgekit/export edgekit/schema edgekit/runtime edgekit/bundle.py recipes/data \
+  "${SAMPLES[@]%%:*}" -type f \( -name '*.py' -o -name '*.yaml' -o -name '*.txt' -o -name '*.jsonl' \) -print0 \
+  | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+BUNDLES="$CACHE/bundles-$BUNDLES_KEY"
+
+export_samples() {
+  local spec recipe target
+  for spec in "${SAMPLES[@]}"; do
+    recipe=${spec%%:*} target=${spec#*:}
+    ls -d "$BUNDLES"/*-"$target" > /dev/null 2>&1 && continue
+    [ -n "${fetched:-}" ] || { (cd "$ROOT" && HF_HUB_OFFLINE=1 "$HOST_PY" -m edgekit samples fetch); fetched=1; }
+    (cd "$ROOT" && HF_HUB_OFFLINE=1 "$HOST_PY" -m edgekit export "$recipe" --target "$target" --out "$BUNDLES")
+  done
+  for spec in "$CHAT_BUNDLE" "$EMBED_BUNDLE"; do
+    [ -f "$BUNDLES/$spec/manifest.json" ] || die "export left no bundle $BUNDLES/$spec"
+  done
+  find "$CACHE" -maxdepth 1 -name 'bundles-*' ! -name "bundles-$BUNDLES_KEY" -exec rm -rf {} +  # stale keys
+}
+
+# x86 reference: the same probe on the host's CPU, and the fp32 model the encoder was gated against.
+x86_reference() {
+  "$HOST_PY" "$HERE/board_probe.py" greedy "$BUNDLES/$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
+    > "$RUN/x86-greedy.json"
+  "$HOST_PY" "$HERE/board_probe.py" embed "$BUNDLES/$EMBED_BUNDLE" "${TEXTS[@]}" > "$RUN/x86-embed.json"
+  HF_HUB_OFFLINE=1 "$HOST_PY" "$HERE/fp32_reference.py" "$BUNDLES/$EMBED_BUNDLE" "${TEXTS[@]}" > "$RUN/fp32-embed.json"
+}
+
+pack_for() {  # BOARD: edgekit pack of the sample bundles for BOARD
+  local board_id=$1
+  (cd "$ROOT" && "$HOST_PY" -m edgekit pack "$BUNDLES/$CHAT_BUNDLE" "$BUNDLES/$EMBED_BUNDLE" \
+    --device "$board_id" --out "$CACHE/packs/$board_id" ${SERVE_FLAGS[$board_id]:-} --json) > "$RUN/$board_id/pack.json"
 }
 
 # A fresh root with the pack and the probe copied in.
@@ -368,7 +538,7 @@ smoke() {
 }
 
 main() {
-  local smoke_only=0 boards=() started root_pid root_cached=false bundles_cached=false board_id failed=()
+  local smoke_only=0 boards=() started root_pid root_cached=false bundles_cached=false board_id
   started=$(now)
   while [ $# -gt 0 ]; do
     case $1 in
@@ -406,9 +576,18 @@ main() {
   [ -f "$BUNDLES/$CHAT_BUNDLE/manifest.json" ] && [ -f "$BUNDLES/$EMBED_BUNDLE/manifest.json" ] && bundles_cached=true
   timed "sample bundles" export_samples || die "exporting the sample bundles failed"
   timed "x86 reference" x86_reference || die "the x86 reference run failed"
-  wait "$root_pid" || die "building the root failed"
+  local packed=() pids=() i
   for board_id in "${boards[@]}"; do
-    lane "$board_id" || { failed+=("$board_id"); log "$board_id: the lane stopped early (see $RUN/$board_id)"; }
+    pack_board "$board_id" && packed+=("$board_id") || log "$board_id: edgekit pack failed"
+  done
+  wait "$root_pid" || die "building the root failed"
+  # The boards run side by side: much of an emulated lane is one thread (pip, imports, hashing).
+  for board_id in "${packed[@]}"; do
+    emulate "$board_id" &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || log "${packed[$i]}: a step failed (outputs in $RUN/${packed[$i]})"
   done
   "$HOST_PY" "$HERE/report.py" --run "$RUN" --out "$RESULTS" --boards "${boards[@]}" --refuse-board "$REFUSE_BOARD" \
     --refuse-core "$REFUSE_CORE" --refuse-feature "$REFUSE_FEATURE" --root-cached "$root_cached" \
