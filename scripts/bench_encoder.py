@@ -22,7 +22,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -59,21 +58,6 @@ def export_variants(scratch: Path) -> dict[str, Path]:
     return {manifest.name.removeprefix(data["name"] + "-"): where for manifest, where in published}
 
 
-def time_rounds(runners: dict, rounds: int, iters: int) -> dict[str, list[float]]:
-    """Interleave the variants: every round runs each one ``iters`` times; returns per-call seconds."""
-    samples = {name: [] for name in runners}
-    for run in runners.values():  # warm-up
-        for _ in range(10):
-            run()
-    for _ in range(rounds):
-        for name, run in runners.items():
-            for _ in range(iters):
-                start = time.perf_counter()
-                run()
-                samples[name].append(time.perf_counter() - start)
-    return samples
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -88,6 +72,7 @@ def main() -> None:
     import torch
     from transformers import AutoModel
 
+    from edgekit.bench import measure
     from edgekit.bundle import verify_bundle
     from edgekit.export.sources import store_dir
     from edgekit.runtime.encoder import EncoderModel
@@ -115,10 +100,9 @@ def main() -> None:
                     reference(**torch_feeds)
 
             runners = {"pytorch-fp32": run_torch}
-            for name, encoder in encoders.items():
-                encoder_feeds, _ = encoder.feeds(texts)
-                runners[name] = lambda session=encoder.session, f=encoder_feeds: session.run(None, f)
-            samples = time_rounds(runners, args.rounds, iters)
+            for name, encoder in encoders.items():  # the graph as the runtime runs it, on pre-tokenized input like PyTorch's
+                runners[name] = lambda e=encoder, batch=encoder.tokenize(texts): e.run(batch)
+            samples = measure.interleaved_rounds(runners, args.rounds, iters)
             results[label] = {name: statistics.median(values) * 1000 for name, values in samples.items()}
             results[label + "_p95"] = {name: float(np.percentile(values, 95)) * 1000 for name, values in samples.items()}
 

@@ -3,9 +3,7 @@
 0. Measures first. Peak RSS: each configuration in a fresh process. Decode speed: every decode
    configuration in one process, interleaved token by token over --rounds rounds (default 5), so a
    burst of load from another tenant of this shared machine, or a slow stretch of the host, hits all
-   of them alike. Timed in separate processes, the same configuration differed by up to 40 % from
-   one process to the next, and Q8_0 at 8,168 tokens of context ran 0.84x Q4_K_M in one run;
-   interleaved in one process the two ran 0.99x.
+   of them alike (timed in separate processes, one configuration differed by up to 40 % between runs).
 1. Profiles this host (`edgekit profile-host` functions) and calibrates it with the same kinds of
    points profile-host writes: decode speed of the SmolLM2-135M Q8_0 bundle at short context and
    2,024 tokens into a context (its attention cost; taken from the interleaved run, in CPU time, one
@@ -36,7 +34,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edgekit.bench import child  # noqa: E402
+from edgekit.bench.calibrate import encoder_point, gguf_point  # noqa: E402
 from edgekit.bundle import read_manifest  # noqa: E402
 from edgekit.fit import FitSettings, fit, from_manifest, from_recipe  # noqa: E402
 from edgekit.fit import speed  # noqa: E402
@@ -58,71 +57,6 @@ ONNX_BUNDLE = "all-minilm-l6-v2-int8-dynamic"
 CONTEXTS = (512, 2048, 8192)
 ENCODER_BATCHES = (1, 32)
 GENERATED = 32
-
-# Fills a context the way the decode measurements do and reports the peak RSS of the process.
-RSS_CHILD = r"""
-import json, sys
-from edgekit.runtime.llm import GgufModel
-path, n_ctx, threads, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-llm = GgufModel(path, n_ctx=n_ctx, threads=threads).llm
-vocab = llm.n_vocab()
-prompt = [(i * 7919) % (vocab - 1000) + 500 for i in range(n_ctx - n_gen - 8)]
-for produced, _ in enumerate(llm.generate(prompt, temp=0.0), 1):
-    if produced > n_gen:
-        break
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(json.dumps({"peak_rss": int(status["VmHWM"].split()[0]) * 1024, "prompt_tokens": len(prompt)}))
-"""
-
-# Every decode configuration in one process: each model loaded with the runtime's settings, its
-# context filled, then each round decodes n_gen tokens in every configuration, one token at a time in
-# turn (the order reversed every step). Speeds are in process CPU time with one inference thread:
-# this machine's cores are shared, and CPU time per token leaves out the time other processes hold
-# the core. Wall-clock rates are recorded too. A new round starts again from the filled prompt
-# (llama-cpp-python keeps the common prefix and drops the generated tokens from the KV cache).
-DECODE_CHILD = r"""
-import json, sys, time
-from edgekit.runtime.llm import GgufModel
-configs, threads, n_gen, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-runs = {}
-for name, (path, n_ctx, n_prompt) in configs.items():
-    llm = GgufModel(path, n_ctx=n_ctx, threads=threads).llm
-    prompt = [(i * 7919) % (llm.n_vocab() - 1000) + 500 for i in range(n_prompt)]
-    runs[name] = (llm, prompt)
-    next(llm.generate(prompt, temp=0.0))  # fills the context
-result = {name: {"prompt_tokens": len(prompt), "rounds": []} for name, (_, prompt) in runs.items()}
-for _ in range(rounds):
-    steps = {name: llm.generate(prompt, temp=0.0) for name, (llm, prompt) in runs.items()}
-    for step in steps.values():
-        next(step)  # re-evaluates the prompt's last token only
-    cpu, wall = dict.fromkeys(steps, 0.0), dict.fromkeys(steps, 0.0)
-    for i in range(n_gen):
-        for name in (list(steps) if i % 2 == 0 else list(reversed(steps))):
-            c, w = time.process_time(), time.perf_counter()
-            next(steps[name])
-            cpu[name] += time.process_time() - c
-            wall[name] += time.perf_counter() - w
-    for name in steps:
-        steps[name].close()
-        result[name]["rounds"].append({"decode_tok_s": n_gen / cpu[name], "decode_tok_s_wall": n_gen / wall[name]})
-print(json.dumps(result))
-"""
-
-ONNX_CHILD = r"""
-import json, sys
-from pathlib import Path
-from edgekit.bundle import read_manifest
-from edgekit.runtime.encoder import EncoderModel
-bundle, batch, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-manifest = read_manifest(bundle)
-model = EncoderModel(bundle, manifest.runtime, threads=threads)
-text = " ".join(["edge"] * (manifest.runtime.max_length + 16))  # truncated to max_length tokens
-for _ in range(3):
-    model.forward([text] * batch)
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(json.dumps({"peak_rss": int(status["VmHWM"].split()[0]) * 1024, "tokens": model.count_tokens([text])[0]}))
-"""
-
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -215,20 +149,14 @@ DEEP_CALIBRATION = "Q8_0 2048"
 def decode_points(gguf_q8: Path, threads: int, raw: dict, measured_on: str) -> list[CalibrationPoint]:
     """The host's decode calibration points: Q8_0 right after a short prompt, and deep into a context."""
     manifest = read_manifest(gguf_q8)
-    g = manifest.gguf
-    common = dict(model=manifest.name, quant=manifest.quantization, parameters=manifest.parameters,
-                  weights_bytes=manifest.file(".gguf").bytes, n_layer=g.n_layer, threads=threads,
-                  engine="llama.cpp (llama-cpp-python)", measured_on=measured_on, source="scripts/bench_fit.py")
     points = []
     for name in ("Q8_0 short", DEEP_CALIBRATION):
         d = raw["decode"][name]
-        depth = {}
-        if name == DEEP_CALIBRATION:
-            depth = dict(context_tokens=d["prompt_tokens"] + GENERATED // 2, n_head=g.n_head, n_head_kv=g.n_head_kv,
-                         head_dim=g.key_length or g.n_embd // g.n_head)
-        points.append(CalibrationPoint(**common, **depth, decode_tok_s=d["decode_tok_s"],
-                                       note=f"process CPU time, median of {len(d['rounds'])} interleaved rounds; "
-                                            f"wall clock {d['decode_tok_s_wall']:.1f} tok/s"))
+        depth = d["prompt_tokens"] + GENERATED // 2 if name == DEEP_CALIBRATION else 0
+        points.append(gguf_point(manifest, decode_tok_s=d["decode_tok_s"], context_tokens=depth, threads=threads,
+                                 measured_on=measured_on, source="scripts/bench_fit.py",
+                                 note=f"process CPU time, median of {len(d['rounds'])} interleaved rounds; "
+                                      f"wall clock {d['decode_tok_s_wall']:.1f} tok/s"))
     return points
 
 
@@ -244,26 +172,24 @@ def host_profile(gguf_q8: Path, onnx: Path | None, threads: int, raw: dict, reco
         points = decode_points(gguf_q8, threads, raw, device.calibration[0].measured_on) + encoder
         calibration.update({k: v for k, v in recorded_calibration.items() if k in ("latency_ms", "seq_len")})
         return device.model_copy(update={"calibration": points}), calibration
-    from edgekit.cli.fit import measure_encoder
-    from edgekit.fit import host
+    from edgekit.bench import host, measure
 
     log("profiling this host (CPU, RAM, STREAM-like bandwidth, storage)")
     cpu, memory = host.cpu_spec(), host.memory_spec()
-    # One thread timed in CPU time, like the decode measurements (the copy rate of 2 threads in wall
-    # time varied from 3.6 to 16 GB/s between runs on this shared machine).
+    # One thread timed in CPU time, like the decode measurements: wall-clock copy rates of shared cores vary several-fold.
     bandwidth = host.bandwidth_spec(threads, cpu_clock=threads == 1)
     storage = host.storage_spec(gguf_q8)
-    measured_on = f"{platform.node()}: {host.cpu_model_name()}"
+    measured_on = host.host_label()
     points = decode_points(gguf_q8, threads, raw, measured_on)
     if onnx is not None:
         log(f"calibration: batch-1 latency of {ONNX_BUNDLE}")
-        e = measure_encoder(onnx, threads, repeats=200)
         om = read_manifest(onnx)
-        points.append(CalibrationPoint(model=om.name, format="onnx", quant=om.quantization, parameters=om.parameters,
-                                       weights_bytes=e["bytes"], n_layer=om.onnx.n_layer, hidden_size=om.onnx.hidden_size,
-                                       latency_ms=e["latency_ms"], seq_len=e["seq_len"], threads=threads,
-                                       engine=e["engine"], measured_on=measured_on, source="scripts/bench_fit.py"))
-        calibration.update(latency_ms=e["latency_ms"], seq_len=e["seq_len"])
+        model = measure.load_encoder(onnx, threads)
+        latency_ms = measure.encoder_latency_ms(model, om.task, repeats=200)
+        seq_len = model.count_tokens([measure.PROFILE_TEXT])[0]
+        points.append(encoder_point(om, latency_ms=latency_ms, seq_len=seq_len, threads=threads, measured_on=measured_on,
+                                    source="scripts/bench_fit.py"))
+        calibration.update(latency_ms=latency_ms, seq_len=seq_len)
     device = Device(id="this-host", name=f"This host ({host.cpu_model_name()})", cpu=cpu, memory=memory,
                     memory_bandwidth=bandwidth, storage=storage, calibration=points)
     return device, calibration
@@ -271,12 +197,12 @@ def host_profile(gguf_q8: Path, onnx: Path | None, threads: int, raw: dict, reco
 
 # -- measurements ----------------------------------------------------------------------------------
 
-def run_child(code: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+def run_child(*args: str) -> dict:
+    """A measurement in a fresh process (python -m edgekit.bench.child)."""
+    done = child.run(*args)
     if done.returncode != 0:
-        raise RuntimeError(f"child failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"child {args[0]} failed: {done.stderr[-2000:]}")
+    return child.result(done)
 
 
 def measure(gguf: dict[str, Path], onnx: Path | None, threads: int, rounds: int) -> dict:
@@ -290,14 +216,14 @@ def measure(gguf: dict[str, Path], onnx: Path | None, threads: int, rounds: int)
         decode_configs[f"{quant} short"] = (path, SHORT_CTX, SHORT_PROMPT)
         for n_ctx in CONTEXTS:
             log(f"peak RSS: GGUF {quant} ctx {n_ctx}")
-            raw["gguf"][f"{quant} {n_ctx}"] = run_child(RSS_CHILD, path, str(n_ctx), str(threads), str(GENERATED))
+            raw["gguf"][f"{quant} {n_ctx}"] = run_child("gguf-rss", path, str(n_ctx), str(threads), str(GENERATED))
             decode_configs[f"{quant} {n_ctx}"] = (path, n_ctx, n_ctx - GENERATED - 8)
     for batch in ENCODER_BATCHES if onnx is not None else ():
         log(f"peak RSS: ONNX batch {batch}")
-        raw["onnx"][str(batch)] = run_child(ONNX_CHILD, str(onnx), str(batch), str(threads))
+        raw["onnx"][str(batch)] = run_child("encoder-rss", str(onnx), str(batch), str(threads))
     log(f"decode speed: {len(decode_configs)} configurations in one process, {rounds} interleaved rounds "
         f"(filling {sum(c[2] for c in decode_configs.values())} tokens of context first)")
-    decoded = run_child(DECODE_CHILD, json.dumps(decode_configs), str(threads), str(GENERATED), str(rounds))
+    decoded = run_child("decode-interleaved", json.dumps(decode_configs), str(threads), str(GENERATED), str(rounds))
     for name, d in decoded.items():
         rates = d["rounds"]
         raw["decode"][name] = {"prompt_tokens": d["prompt_tokens"], "rounds": rates,

@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edgekit.bench import measure  # noqa: E402
+from edgekit.bench.child import child_env  # noqa: E402
 from edgekit.export.gguf import quality  # noqa: E402
 from edgekit.export.gguf.convert import convert_checkpoint  # noqa: E402
 from edgekit.export.gguf.quantize import default_threads, quantize, quiet_llama  # noqa: E402
@@ -52,10 +54,8 @@ def timed_subprocess(command: list[str], env: dict | None = None) -> float:
 
 def our_conversion(source: Path, out: Path, runs: int) -> dict:
     """Wall time of a fresh `python` converting the checkpoint (imports included, as for llama.cpp's script)."""
-    code = ("import sys; from pathlib import Path; from edgekit.export.gguf.convert import convert_checkpoint; "
-            "convert_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), outtype='F16')")
-    walls = [timed_subprocess([sys.executable, "-c", code, str(source), str(out)], env={**os.environ, "PYTHONPATH": str(ROOT)})
-             for _ in range(runs)]
+    command = [sys.executable, "-m", "edgekit.bench.convert_gguf", str(source), str(out)]
+    walls = [timed_subprocess(command, env=child_env()) for _ in range(runs)]
     inside = convert_checkpoint(source, out, outtype="F16").seconds
     return {"wall_seconds": walls, "best_wall_seconds": min(walls), "in_process_seconds": round(inside, 3)}
 
@@ -125,37 +125,22 @@ def source_levels(reference: Path) -> float:
     return float(np.median([len(np.unique(block)) for block in blocks]))
 
 
-def speeds(model: Path, threads: int, text: str) -> dict:
+def speeds(model_path: Path, threads: int, text: str) -> dict:
     """Prompt processing (a block of the eval text, median of three) and greedy decoding after a chat prompt."""
     import statistics
 
-    from llama_cpp import Llama
-
     with quiet_llama():
-        llm = Llama(str(model), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+        model = measure.load_gguf(model_path, n_ctx=512, threads=threads)
     try:
-        block = llm.tokenize(text.encode(), add_bos=True)[:PROMPT_SPEED_TOKENS]
-        prompt_seconds = []
-        for _ in range(3):
-            llm.reset()
-            started = time.perf_counter()
-            llm.eval(block)  # one batch: n_batch >= len(block)
-            prompt_seconds.append(time.perf_counter() - started)
-        prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
-        started = time.perf_counter()
-        count = 0
-        for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            count += 1
-            if count == 1:
-                first = time.perf_counter()
-            if count == DECODE_TOKENS + 1:
-                break
-        done = time.perf_counter()
+        block = model.tokenize(text)[:PROMPT_SPEED_TOKENS]
+        prompt_seconds = statistics.median(measure.prompt_seconds(model, block) for _ in range(3))
+        prompt = model.tokenize(PROMPT, chat=True)
+        timing = measure.time_generation(model, prompt, DECODE_TOKENS)
     finally:
-        llm.close()
-    return {"prompt_speed_tokens": len(block), "prompt_tokens_per_second": round(len(block) / statistics.median(prompt_seconds), 1),
-            "prompt_tokens": len(prompt), "first_token_seconds": round(first - started, 3),
-            "decode_tokens_per_second": round(DECODE_TOKENS / (done - first), 2)}
+        model.llm.close()
+    return {"prompt_speed_tokens": len(block), "prompt_tokens_per_second": round(len(block) / prompt_seconds, 1),
+            "prompt_tokens": len(prompt), "first_token_seconds": round(timing.first_token_s, 3),
+            "decode_tokens_per_second": round(timing.decode_tok_s, 2)}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ one run (the machine may be shared: alternating spreads any background load over
   spinning (GOMP_SPINCOUNT=10000); the baselines run both with that and with libgomp's default;
 - embeddings requests/s with 16 concurrent clients vs in-process onnxruntime in batches of 16 (>= 0.7);
 - idle RSS of the daemon with no model (<= 120 MB) and time from start to /health 200 with the GGUF preloaded;
-- cancellation: time from a client disconnect to the generation being stopped (RELIABILITY 17: <= 1 s);
+- cancellation: time from a client disconnect to the generation being stopped (docs/reliability.md case 17: <= 1 s);
 - a soak: 8 clients, mixed chat/embeddings(/classify), a few minutes: errors, RSS growth (< 5 %), p95 per window.
 
 Bundles: --gguf / --encoder / --classifier, or the defaults in $EDGEKIT_HOME/bundles
@@ -41,6 +41,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edgekit.bench import child, measure  # noqa: E402
 from edgekit.paths import kit_paths  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."}]
@@ -130,11 +131,6 @@ def _link_or_copy(source: str, dest: str) -> None:
 # ---- decode ------------------------------------------------------------------------------------
 
 
-def decode_rate(times: list[float]) -> float:
-    """Tokens per second between the first and the last streamed token (prefill excluded)."""
-    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 2 else 0.0
-
-
 def stream_http(url: str, model: str, max_tokens: int) -> list[float]:
     times = []
     body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, "stream": True}
@@ -152,32 +148,17 @@ class InProcess:
     """llama-cpp-python in a plain child process with the daemon's settings, driven over stdin/stdout."""
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--inprocess-child", str(gguf), str(threads), str(n_ctx)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+        self.proc = subprocess.Popen(child.command("reference-chat", str(gguf), str(threads), str(n_ctx)),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child.child_env(env))
 
     def stream(self, max_tokens: int) -> list[float]:
-        self.proc.stdin.write(json.dumps({"max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.write(json.dumps({"messages": MESSAGES, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(30)
-
-
-def inprocess_child(gguf: str, threads: int, n_ctx: int) -> None:
-    """The in-process reference: Llama.create_chat_completion(stream=True), timestamps of each token chunk."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_batch=256, n_ubatch=256, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    for line in sys.stdin:
-        request = json.loads(line)
-        times = []
-        for chunk in llm.create_chat_completion(MESSAGES, max_tokens=request["max_tokens"], temperature=0, stream=True):
-            if chunk["choices"][0]["delta"].get("content"):
-                times.append(time.perf_counter())
-        print(json.dumps(times), flush=True)
 
 
 SAME = {"GOMP_SPINCOUNT": "10000"}  # what `edgekit serve` gives its workers (--omp-spin-count default)
@@ -192,22 +173,10 @@ def measure_rounds(systems: dict, rounds: int, what: str) -> dict:
         order = list(systems) if round_index % 2 == 0 else list(reversed(systems))
         for key in order:
             times = systems[key]()
-            rates[key].append(decode_rate(times))
+            rates[key].append(measure.tokens_per_second(times))
             tokens[key].append(len(times))
         log(f"{what} round {round_index + 1}/{rounds}: " + ", ".join(f"{k} {rates[k][-1]:.1f}" for k in systems))
     return {key: {"tok_s_median": statistics.median(v), "tok_s": v, "tokens": tokens[key]} for key, v in rates.items()}
-
-
-def embed_load_child(bundle: str, threads: int) -> None:
-    """Background load: onnxruntime embedding batches of 16 texts, back to back with 5 ms pauses (another model's traffic)."""
-    from edgekit.bundle import read_manifest
-    from edgekit.runtime.encoder import EncoderModel
-
-    model = EncoderModel(Path(bundle), read_manifest(Path(bundle)).runtime, threads=threads)
-    texts = texts_for_embeddings(16)
-    while True:
-        model.embed(texts)
-        time.sleep(0.005)
 
 
 def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
@@ -221,9 +190,9 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
         ours.wait_ready()
         systems["edgekit serve"] = lambda: stream_http(ours.url, name, args.tokens)
         for label, env in (("in-process llama-cpp-python, same spin count", SAME), ("in-process llama-cpp-python, default", DEFAULT)):
-            child = InProcess(gguf, args.threads, args.n_ctx, env)
-            closers.append(child.close)
-            systems[label] = (lambda c: lambda: c.stream(args.tokens))(child)
+            reference = InProcess(gguf, args.threads, args.n_ctx, env)
+            closers.append(reference.close)
+            systems[label] = (lambda c: lambda: c.stream(args.tokens))(reference)
         try:
             import llama_cpp.server  # noqa: F401
             import sse_starlette  # noqa: F401
@@ -246,8 +215,10 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
         results = {"idle machine": measure_rounds(systems, args.rounds, "decode")}
         if args.encoder_for_load is not None:
             # The board case the daemon is built for: an embeddings model busy on the same cores meanwhile.
-            load = subprocess.Popen([sys.executable, __file__, "--embed-load-child", str(args.encoder_for_load), str(args.threads)],
-                                    stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            # Another model's traffic: embedding batches of 16 texts, back to back with 5 ms pauses.
+            load = subprocess.Popen(child.command("embed-load", str(args.encoder_for_load), str(args.threads),
+                                                  json.dumps(texts_for_embeddings(16))),
+                                    stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=child.child_env())
             try:
                 time.sleep(3)
                 results["with a concurrent embeddings load"] = measure_rounds(systems, args.rounds, "decode under load")
@@ -269,11 +240,8 @@ def texts_for_embeddings(count: int) -> list[str]:
 
 
 def bench_embeddings(args, encoder_bundle: Path, work: Path) -> dict:
-    from edgekit.bundle import read_manifest
-    from edgekit.runtime.encoder import EncoderModel
-
     texts = texts_for_embeddings(args.embed_requests)
-    model = EncoderModel(encoder_bundle, read_manifest(encoder_bundle).runtime, threads=args.threads)
+    model = measure.load_encoder(encoder_bundle, args.threads)
     model.embed(texts[:16])
 
     def in_process() -> float:
@@ -442,12 +410,6 @@ def find_bundle(explicit: Path | None, name: str) -> Path:
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["--inprocess-child"]:
-        inprocess_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-        return 0
-    if sys.argv[1:2] == ["--embed-load-child"]:
-        embed_load_child(sys.argv[2], int(sys.argv[3]))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, help="GGUF bundle (default: $EDGEKIT_HOME/bundles/smollm2-135m-instruct-q4-k-m)")
     parser.add_argument("--encoder", type=Path, help="embeddings bundle (default: $EDGEKIT_HOME/bundles/all-minilm-l6-v2-int8-dynamic)")

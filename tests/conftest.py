@@ -2,7 +2,8 @@
 
 The sample models are fetched once into the real store (``$EDGEKIT_HOME``, default
 ~/.cache/edgekit) by ``fetch_samples``, which is idempotent; tests that write bundles write
-them under pytest's tmp_path.
+them under pytest's tmp_path. The serving tests' fixtures (bundles, the fake model, a daemon
+process) live in the ``serve_fixtures`` plugin.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM_GGUF = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+
+pytest_plugins = ["serve_fixtures"]
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "real_model: runs a real model in a worker (truth for what the fake model stands in for)")
 
 
 @pytest.fixture(scope="session")

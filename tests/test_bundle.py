@@ -1,4 +1,4 @@
-"""Bundle integrity: atomic publish, tamper detection, paths that leave the bundle (RELIABILITY cases 3, 5, 6)."""
+"""Bundle integrity: atomic publish, tamper detection, paths that leave the bundle (docs/reliability.md cases 3, 5, 6)."""
 
 from __future__ import annotations
 

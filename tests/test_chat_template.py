@@ -1,4 +1,4 @@
-"""RELIABILITY case 2: chat templates from model files render only in a sandbox; escapes fail, the process lives."""
+"""docs/reliability.md case 2: chat templates from model files render only in a sandbox; escapes fail, the process lives."""
 
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ from edgekit.errors import DeviceError
 from edgekit.fit.speed import CORE_TYPES
 from edgekit.schema.device import load_catalog, load_device, load_device_file
 from tests.conftest import REPO
-from tests.test_serve_bundles import bundle_cache, smollm_bundle  # noqa: F401  (session fixtures)
 
 DEVICES = REPO / "devices"
 REQUIRED = {  # the boards the catalog promises, and the ids recipes already name
@@ -51,7 +50,7 @@ def test_catalog_has_the_promised_boards():
     catalog = load_catalog()
     assert len(catalog) >= 10
     assert REQUIRED <= set(catalog)
-    # published calibration points from DEVICE_FACTS.md are all present, each with its source
+    # the published calibration points of docs/device-facts.md are all present, each with its source
     decode_points = {(d, p.model, p.quant, p.decode_tok_s) for d, dev in catalog.items() for p in dev.calibration}
     assert ("rpi-5-8gb", "Llama 3.2 3B", "Q4_K_M", 4.61) in decode_points
     assert ("intel-n150-16gb", "Llama 3.2 3B", "Q4_K_M", 9.06) in decode_points
@@ -137,6 +136,24 @@ def test_profile_host_writes_a_loadable_profile(tmp_path):
     assert device.memory_bandwidth.gb_s > 0.1 and device.storage.read_mb_s > 1
     flags = Path("/proc/cpuinfo").read_text()
     assert device.cpu.isa.avx2 == (" avx2" in flags and " fma" in flags)
+
+
+def test_profile_host_id_follows_the_output_file_name(tmp_path):
+    """A profile written to F is accepted by `fit --device F`: its id is F's name; a name that is no id is exit 2."""
+    out = tmp_path / "my-board.yaml"
+    done = run_cli("profile-host", "--out", str(out), "--bandwidth-mib", "16")
+    assert done.returncode == 0, done.stderr
+    assert load_device(str(out)).id == "my-board"
+    done = run_cli("fit", str(REPO / "tests/golden/bundles/smollm2-135m-instruct-q8-0"), "--device", str(out), "--json")
+    assert done.returncode in (0, 1), done.stderr  # a verdict on the board, not a refused profile
+    assert [r["device"] for r in json.loads(done.stdout)] == ["my-board"]
+
+    bad = tmp_path / "My Board.yaml"
+    done = run_cli("profile-host", "--out", str(bad), "--bandwidth-mib", "16")
+    assert done.returncode == 2 and "'My Board' is not a valid device id" in " ".join(done.stderr.split())
+    assert not bad.exists()
+    done = run_cli("profile-host", "--out", str(out), "--id", "other-board")
+    assert done.returncode == 2 and "--id other-board differs from the file name" in " ".join(done.stderr.split())
 
 
 def test_profile_host_times_gguf_decode_short_and_deep(tmp_path, smollm_bundle):

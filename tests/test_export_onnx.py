@@ -59,7 +59,7 @@ def test_gate_on_unmeasured_metric_is_a_recipe_error(tmp_path, tiny_bert_dir):
 
 
 def test_export_killed_midway_leaves_no_bundle_and_rerun_succeeds(tmp_path, tiny_bert_dir):
-    """RELIABILITY case 6: SIGKILL during the export; nothing appears under the final name."""
+    """docs/reliability.md case 6: SIGKILL during the export; nothing appears under the final name."""
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir)
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "edgekit", "export", str(recipe), "--out", str(out)],

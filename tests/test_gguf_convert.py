@@ -268,7 +268,7 @@ def test_unknown_pre_tokenizer_is_refused_not_guessed(llama_smollm_dir, tmp_path
 
 @pytest.mark.slow
 def test_pickle_only_checkpoint_needs_opt_in(llama_smollm_dir, tmp_path):
-    """RELIABILITY case 4 on the GGUF path: pickle weights are refused unless the recipe opts in."""
+    """docs/reliability.md case 4 on the GGUF path: pickle weights are refused unless the recipe opts in."""
     from transformers import AutoModelForCausalLM
 
     source = tmp_path / "pickled"

@@ -1,4 +1,4 @@
-"""RELIABILITY case 1: crafted or truncated GGUF files are rejected by the header check, before llama.cpp sees them."""
+"""docs/reliability.md case 1: crafted or truncated GGUF files are rejected by the header check, before llama.cpp sees them."""
 
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from conftest import REPO
 from edgekit.pack.board import pack_check
 from edgekit.pack.targets import CPU_FEATURES, PLATFORMS, TARGETS, select_target
 from edgekit.schema.device import load_catalog
-from test_serve_bundles import bundle_cache, smollm_bundle  # noqa: F401  (fixtures)
 
 EDGEKIT = [str(Path(sys.executable).with_name("edgekit"))]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -76,7 +75,8 @@ def fake_pack(root: Path, *, features: dict[str, str] | None = None, machine: st
     (root / "install.sh").write_text("#!/bin/sh\n")
     files = [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": pack_check.sha256_file(str(p))}
              for p in sorted(root.rglob("*")) if p.is_file()]
-    manifest = {"schema_version": 1, "pack_id": "demo-cp313-0123456789ab", "files": files, "python": "%d.%d" % sys.version_info[:2],
+    manifest = {"schema_version": 1, "pack_id": "demo-cp313-0123456789ab", "files": files,
+                "python": "%d.%d" % sys.version_info[:2],
                 "glibc_min": "2.17", "requirement": "edgekit[runtime]", "device": {"id": "rpi-5-8gb", "cpu": {"cores": 4}},
                 "service": {"unit": "edgekit.service", "threads": 4, "memory_budget_mb": 300, "together": True},
                 "target": {"name": "armv8.2-a-dotprod", "machine": machine,
@@ -84,6 +84,17 @@ def fake_pack(root: Path, *, features: dict[str, str] | None = None, machine: st
                                                                                   "asimddp": "Arm dot product, Armv8.2-A"}}}
     (root / "pack.json").write_text(json.dumps(manifest))
     return root
+
+
+def test_pack_check_runs_on_the_standard_library_alone(tmp_path):
+    """It runs on the board before edgekit is installed: no site-packages (-S), no environment (-I)."""
+    pack = fake_pack(tmp_path / "pack", machine=os.uname().machine, features={})
+    script = REPO / "edgekit" / "pack" / "board" / "pack_check.py"
+    done = subprocess.run([sys.executable, "-I", "-S", str(script), "check", str(pack), "--prefix", str(tmp_path / "prefix")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "PACK_ID=demo-cp313-0123456789ab" in done.stdout.splitlines()
+    assert "PACK_PIP_WHEEL=''" in done.stdout.splitlines()
 
 
 def test_pack_check_passes_an_intact_pack_and_names_each_changed_missing_or_extra_file(tmp_path):
@@ -129,6 +140,23 @@ def test_pack_check_names_the_missing_cpu_feature_and_the_board_the_pack_is_for(
     assert code == 2 and lines == ["this machine is x86_64: this pack is for rpi-5-8gb (armv8.2-a-dotprod), a aarch64 board"]
 
 
+def test_pack_check_prefers_edgekits_own_cpu_check_from_the_packed_wheel(tmp_path, monkeypatch):
+    pack = fake_pack(tmp_path / "pack")
+    stub = ("import sys\nneed = sys.argv[sys.argv.index('--require') + 1].split(',')\n"
+            "sys.exit('this CPU lacks asimddp (Arm dot product, Armv8.2-A)') if 'asimddp' in need else sys.exit(0)\n")
+    with zipfile.ZipFile(pack / "wheels" / "edgekit-0.1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("edgekit/__init__.py", "")
+        wheel.writestr("edgekit/runtime/__init__.py", "")
+        wheel.writestr("edgekit/runtime/cpu.py", stub)
+    manifest = pack_check.load_manifest(str(pack))
+    manifest["files"].append({"path": "wheels/edgekit-0.1.0-py3-none-any.whl"})
+    monkeypatch.setattr(pack_check.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(pack_check, "cpu_features_here", lambda: pytest.fail("the fallback ran"))
+    lines, code = pack_check.cpu_problems(str(pack), manifest)
+    assert (lines, code) == (["this CPU lacks asimddp (Arm dot product, Armv8.2-A)",
+                              "this pack is for rpi-5-8gb (armv8.2-a-dotprod)"], 3)
+
+
 def test_install_sh_refuses_a_tampered_pack_before_writing_anything(tmp_path):
     pack = fake_pack(tmp_path / "pack", machine=os.uname().machine, features={})
     shutil.copy(REPO / "edgekit" / "pack" / "board" / "pack_check.py", pack / "pack_check.py")
@@ -136,7 +164,8 @@ def test_install_sh_refuses_a_tampered_pack_before_writing_anything(tmp_path):
     (pack / "install.sh").write_text(script)
     manifest = json.loads((pack / "pack.json").read_text())
     manifest["files"] = [e for e in manifest["files"] if e["path"] != "install.sh"] + [
-        {"path": p, "bytes": (pack / p).stat().st_size, "sha256": pack_check.sha256_file(str(pack / p))} for p in ("install.sh", "pack_check.py")]
+        {"path": p, "bytes": (pack / p).stat().st_size, "sha256": pack_check.sha256_file(str(pack / p))}
+        for p in ("install.sh", "pack_check.py")]
     (pack / "pack.json").write_text(json.dumps(manifest))
     (pack / "wheels" / "demo-1.0-py3-none-any.whl").write_bytes(b"tampered")
     prefix = tmp_path / "prefix"
@@ -228,7 +257,8 @@ def x86_pack(tmp_path_factory, smollm_bundle) -> Path:
         pytest.skip("the x86 pack test builds with the host compiler")
     out = tmp_path_factory.mktemp("pack") / "x86-pack"
     python = "%d.%d" % sys.version_info[:2]
-    done = edgekit("pack", "--device", X86_BOARD, str(smollm_bundle), "--out", str(out), "--python", python, "--json", timeout=3600)
+    done = edgekit("pack", "--device", X86_BOARD, str(smollm_bundle), "--out", str(out), "--python", python, "--json",
+                   timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["target"] == "x86-64-v3" and summary["device"] == X86_BOARD
@@ -257,7 +287,9 @@ def test_pack_manifest_lists_every_file_with_its_hash(x86_pack):
     wheels = [f["path"] for f in manifest["files"] if f["path"].startswith("wheels/")]
     assert not [w for w in wheels if any(h in w.lower() for h in ("torch", "transformers", "optimum"))]
     assert manifest["service"]["threads"] == 4 and manifest["service"]["memory_budget_mb"] >= 16
-    with tarfile.open(x86_pack.with_name("x86-pack.tar.gz")) as tar:
+    archive = x86_pack.with_name("x86-pack.tar.gz")
+    assert archive.with_name("x86-pack.tar.gz.sha256").read_text() == f"{pack_check.sha256_file(str(archive))}  x86-pack.tar.gz\n"
+    with tarfile.open(archive) as tar:
         member = tar.getmember("x86-pack/install.sh")
         assert member.mode & 0o111 and len([m for m in tar.getmembers() if m.isfile()]) == len(manifest["files"]) + 1
 
@@ -273,7 +305,7 @@ def test_llama_wheel_carries_each_library_once_plus_libgomp(x86_pack):
 
 
 @pytest.mark.slow
-def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root, smollm_bundle, tmp_path):
+def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root, tmp_path):
     prefix = tmp_path / "opt-edgekit"
     manifest = json.loads((x86_pack / "pack.json").read_text())
     release = f"releases/{manifest['pack_id']}"
@@ -282,13 +314,15 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert done.returncode == 0, done.stderr
     assert os.readlink(prefix / "current") == release
     installed = prefix / "current" / "venv" / "bin"
-    inspect = subprocess.run([str(installed / "edgekit"), "inspect", str(prefix / "current" / "bundles" / "smollm2-135m-q4_1"), "--json"],
-                             capture_output=True, text=True)
+    bundle = prefix / "current" / "bundles" / "smollm2-135m-q4_1"
+    inspect = subprocess.run([str(installed / "edgekit"), "inspect", str(bundle), "--json"], capture_output=True, text=True)
     assert inspect.returncode == 0, inspect.stderr
     assert json.loads(inspect.stdout)["name"] == "smollm2-135m-q4_1"
-    version = subprocess.run([str(installed / "python"), "-c", "import edgekit, llama_cpp; print(edgekit.__version__, llama_cpp.__version__)"],
-                             capture_output=True, text=True)
+    version = subprocess.run([str(installed / "python"), "-c", "import edgekit, llama_cpp; print(edgekit.__version__, "
+                              "llama_cpp.__version__)"], capture_output=True, text=True)
     assert version.stdout.split() == [manifest["versions"]["edgekit"], "0.3.36"]
+    cli_version = subprocess.run([str(installed / "edgekit"), "--version"], capture_output=True, text=True)
+    assert cli_version.returncode == 0 and manifest["versions"]["edgekit"] in cli_version.stdout
     unit = (prefix / "current" / "edgekit.service").read_text()
     assert f"ExecStart={prefix}/current/venv/bin/edgekit serve --models {prefix}/current/bundles" in unit
     assert f"--memory-budget-mb {manifest['service']['memory_budget_mb']}" in unit and "--threads 4" in unit
@@ -315,8 +349,7 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert "current is unchanged" in failed.stderr
     assert os.readlink(prefix / "current") == release
     assert not (prefix / "releases" / data["pack_id"]).exists()
-    still = subprocess.run([str(installed / "edgekit"), "inspect", str(prefix / "current" / "bundles" / "smollm2-135m-q4_1")],
-                           capture_output=True, text=True)
+    still = subprocess.run([str(installed / "edgekit"), "inspect", str(bundle)], capture_output=True, text=True)
     assert still.returncode == 0, still.stderr
 
     # A tampered file: refused before anything is written.

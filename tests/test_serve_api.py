@@ -3,7 +3,9 @@
 One app serves SmolLM2 (GGUF), MiniLM (ONNX embeddings), two tiny classifiers, a bundle that
 aborts llama.cpp, a bundle with a hostile chat template and bundles that fail verification, so
 each case also shows the others keep serving. Outputs are compared with the runtime used
-in-process (same file, same settings), not just checked for shape.
+in-process (same file, same settings), not just checked for shape. Admission, queueing,
+cancellation and lifecycle cases that need no real model run on the fake model in
+test_serve_admission.py.
 """
 
 from __future__ import annotations
@@ -18,26 +20,23 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-
-from edgekit.serve.app import create_app
-from edgekit.serve.settings import ServeSettings
-from test_serve_bundles import (  # noqa: F401  (fixtures)
+from serve_fixtures import (
     CRASH_NAME,
     MINILM_NAME,
     NER_NAME,
     SENTIMENT_NAME,
     SMOLLM_NAME,
-    bundle_cache,
-    classifier_bundles,
-    crash_bundle,
     hostile_bundles,
     link_bundles,
-    minilm_bundle,
+    parse_metric,
     publish_gguf,
-    smollm_bundle,
+    wait_until,
 )
 
-pytestmark = pytest.mark.slow
+from edgekit.serve.app import create_app
+from edgekit.serve.settings import ServeSettings
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 BASE = "http://127.0.0.1:8080"
 N_CTX = 96
@@ -81,11 +80,7 @@ def sse_events(response) -> list:
 
 
 def metric(client: TestClient, name: str, **labels) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return parse_metric(client.get("/metrics").text, name, **labels)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +108,7 @@ def reference_llm(smollm_bundle):
     return GgufModel(smollm_bundle / "model.gguf", n_ctx=N_CTX, threads=THREADS)
 
 
-# ---- discovery: bad bundles skipped, the rest serve (RELIABILITY 1, 3, 5) -------------------
+# ---- discovery: bad bundles skipped, the rest serve (docs/reliability.md case 1, 3, 5) -------------------
 
 
 def test_bad_bundles_are_skipped_and_the_rest_serve(client):
@@ -207,7 +202,7 @@ def test_text_completion(client):
 
 
 def test_context_length_exceeded_and_length_at_context_end(client):
-    """RELIABILITY 12: a prompt over the context -> 400 context_length_exceeded; running into the end -> 'length'."""
+    """docs/reliability.md case 12: a prompt over the context -> 400 context_length_exceeded; running into the end -> 'length'."""
     long_prompt = [{"role": "user", "content": "word " * 200}]
     response = client.post("/v1/chat/completions", json={"model": SMOLLM_NAME, "messages": long_prompt})
     error = response.json()["error"]
@@ -219,7 +214,7 @@ def test_context_length_exceeded_and_length_at_context_end(client):
 
 
 def test_streamed_utf8_split_across_tokens(client, reference_llm):
-    """RELIABILITY 20: emoji are 3 byte-level tokens in SmolLM2's vocab; every SSE chunk carries whole characters."""
+    """docs/reliability.md case 20: emoji are 3 byte-level tokens in SmolLM2's vocab; every SSE chunk carries whole characters."""
     assert len(reference_llm.tokenize("🎉")) == 3
     prompt = "Emoji party: 🎉🎉🎉🎉🎉🎉🎉🎉 日本語 日本語 日本語 🎉🎉🎉"
     with client.stream("POST", "/v1/completions", json={"model": SMOLLM_NAME, "prompt": prompt, "max_tokens": 24,
@@ -238,7 +233,7 @@ def test_streamed_utf8_split_across_tokens(client, reference_llm):
 
 
 def test_two_concurrent_streams_both_complete_in_order(client):
-    """RELIABILITY 23: with one slot the second stream waits; both arrive whole and in order."""
+    """docs/reliability.md case 23: with one slot the second stream waits; both arrive whole and in order."""
     expected = chat(client, max_tokens=16).json()["choices"][0]["message"]["content"]
     results: dict[int, tuple[str, str | None, bool]] = {}
 
@@ -257,27 +252,23 @@ def test_two_concurrent_streams_both_complete_in_order(client):
     assert results == {0: (expected, "length", True), 1: (expected, "length", True)}
 
 
-def test_queue_full_gives_503_with_retry_after(models_dir):
-    """RELIABILITY 18: 1 slot + queue of 1: of 4 concurrent requests 2 finish, 2 get 503 + Retry-After."""
-    settings = settings_for(models_dir, preload=[SMOLLM_NAME], queue_size=1)
-    with TestClient(create_app(settings), base_url=BASE) as c:
-        wait_ready(c)
-        responses = []
+def test_llama_cpp_generation_stops_at_the_cancel_flag(reference_llm):
+    """What the fake model stands in for in the cancellation tests: llama.cpp stops at the next token once cancelled."""
+    from edgekit.runtime.llm import Delta, Finish, Sampling
 
-        def run() -> None:
-            responses.append(chat(c, max_tokens=40))
-
-        threads = [threading.Thread(target=run) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-            time.sleep(0.3)  # in order: the first holds the slot, the second waits, the rest find the queue full
-        for thread in threads:
-            thread.join(300)
-        codes = sorted(r.status_code for r in responses)
-        assert codes == [200, 200, 503, 503]
-        rejected = [r for r in responses if r.status_code == 503]
-        assert all(r.headers["retry-after"] == "2" and r.json()["error"]["code"] == "queue_full" for r in rejected)
-        assert all(r.json()["usage"]["completion_tokens"] == 40 for r in responses if r.status_code == 200)
+    prompt = reference_llm.tokenize(reference_llm.render_chat(QUESTION), chat=True)
+    deltas: list[Delta] = []
+    events = reference_llm.generate(prompt, Sampling(max_tokens=40, temperature=0), lambda: len(deltas) >= 3)
+    finish = None
+    for event in events:
+        if isinstance(event, Delta):
+            deltas.append(event)
+        else:
+            finish = event
+    assert isinstance(finish, Finish) and (finish.reason, finish.prompt_tokens, finish.completion_tokens) == ("cancelled", 37, 3)
+    assert [d.tokens for d in deltas] == [1, 2, 3]
+    before_prefill = list(reference_llm.generate(prompt, Sampling(max_tokens=40, temperature=0), lambda: True))
+    assert before_prefill == [Finish("cancelled", 37, 0)]
 
 
 # ---- encoders -----------------------------------------------------------------------------------
@@ -314,7 +305,7 @@ def reference_tokens(bundle: Path, text: str) -> list[int]:
 
 
 def test_embedding_edge_cases(client):
-    """RELIABILITY 15: "" -> 200; [] -> 400; a text over the bundle's 256 tokens is truncated to 256 (documented)."""
+    """docs/reliability.md case 15: "" -> 200; [] -> 400; a text over the bundle's 256 tokens is truncated to 256 (documented)."""
     empty = client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": ""})
     assert empty.status_code == 200 and len(empty.json()["data"][0]["embedding"]) == 384
     assert client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": []}).status_code == 400
@@ -326,7 +317,8 @@ def test_embedding_edge_cases(client):
 
 def test_concurrent_embeddings_are_micro_batched(client):
     before = metric(client, "edgekit_requests_total", model=MINILM_NAME, endpoint="/v1/embeddings", status="200")
-    texts = [f"sentence number {i} about batching" for i in range(24)]
+    # As many clients as the queue holds (16), so none can find it full however the requests interleave.
+    texts = [f"sentence number {i} about batching" for i in range(ServeSettings.model_fields["queue_size"].default)]
     results: dict[int, list[float]] = {}
 
     def run(i: int) -> None:
@@ -340,10 +332,10 @@ def test_concurrent_embeddings_are_micro_batched(client):
     together = client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": texts}).json()["data"]
     import numpy as np
 
-    assert len(results) == 24
-    assert max(np.abs(np.asarray(results[i]) - np.asarray(together[i]["embedding"])).max() for i in range(24)) < 1e-4
+    assert len(results) == len(texts) == 16
+    assert max(np.abs(np.asarray(results[i]) - np.asarray(together[i]["embedding"])).max() for i in range(16)) < 1e-4
     after = metric(client, "edgekit_requests_total", model=MINILM_NAME, endpoint="/v1/embeddings", status="200")
-    assert after - before == 25
+    assert after - before == 17
 
 
 def test_text_and_token_classification(client, classifier_bundles):
@@ -392,15 +384,13 @@ def test_native_abort_in_a_worker_fails_only_its_request(client):
     assert client.get("/health").status_code in (200, 503)
     assert chat(client, max_tokens=2).status_code == 200
     assert client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": "still here"}).status_code == 200
-    assert metric(client, "edgekit_worker_restarts_total", model=CRASH_NAME) == restarts + 1
-    deadline = time.monotonic() + 60
-    while model_states(client)[CRASH_NAME] != "ready" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert model_states(client)[CRASH_NAME] == "ready"  # restarted; its next request crashes it again, nothing else
+    wait_until(lambda: metric(client, "edgekit_worker_restarts_total", model=CRASH_NAME) == restarts + 1, "the crash is counted")
+    wait_until(lambda: model_states(client)[CRASH_NAME] == "ready", "the worker is restarted")
+    # restarted; its next request crashes it again, nothing else
 
 
 def test_chat_template_escape_is_contained(client):
-    """RELIABILITY 2: a template reaching for __class__.__mro__ fails in the sandbox; the model is refused, the daemon lives."""
+    """docs/reliability.md case 2: a template reaching for __class__.__mro__ fails in the sandbox; the model is refused, the daemon lives."""
     response = chat(client, ESCAPE_NAME, max_tokens=2)
     assert response.status_code == 503
     error = response.json()["error"]
@@ -411,19 +401,8 @@ def test_chat_template_escape_is_contained(client):
 # ---- lifecycle ------------------------------------------------------------------------------
 
 
-def test_health_is_503_while_loading_then_200(models_dir):
-    """RELIABILITY 19."""
-    with TestClient(create_app(settings_for(models_dir, preload=[SMOLLM_NAME])), base_url=BASE) as c:
-        first = c.get("/health")
-        assert first.status_code == 503 and first.headers["retry-after"] == "1"
-        assert first.json()["error"]["message"].startswith("Loading model")
-        during = chat(c, max_tokens=2)  # a request while loading waits for the load
-        assert during.status_code == 200
-        assert wait_ready(c)["loaded"] == [SMOLLM_NAME]
-
-
 def test_memory_budget_refuses_and_evicts_lru(models_dir):
-    """RELIABILITY 21: too big for the budget -> 507 insufficient_memory; otherwise idle models are evicted LRU first."""
+    """docs/reliability.md case 21: too big for the budget -> 507 insufficient_memory; otherwise idle models are evicted LRU first."""
     from edgekit.bundle import read_manifest
     from edgekit.serve.budget import MIB, footprint_bytes
 
@@ -467,18 +446,6 @@ def test_lru_eviction_order(models_dir):
         for name in (SENTIMENT_NAME, NER_NAME, SENTIMENT_NAME, "tiny-sentiment-copy"):
             assert c.post("/v1/classify", json={"model": name, "input": "x"}).status_code == 200
         assert model_states(c) == {SENTIMENT_NAME: "ready", NER_NAME: "available", "tiny-sentiment-copy": "ready"}
-
-
-def test_idle_models_unload(models_dir):
-    with TestClient(create_app(settings_for(models_dir, idle_unload_s=1.0)), base_url=BASE) as c:
-        wait_ready(c)
-        assert c.post("/v1/classify", json={"model": SENTIMENT_NAME, "input": "x"}).status_code == 200
-        assert model_states(c)[SENTIMENT_NAME] == "ready"
-        deadline = time.monotonic() + 15
-        while model_states(c)[SENTIMENT_NAME] != "available" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert model_states(c)[SENTIMENT_NAME] == "available"
-        assert metric(c, "edgekit_models_loaded") == 0
 
 
 def test_metrics_after_traffic(client):

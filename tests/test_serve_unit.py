@@ -76,7 +76,7 @@ def test_flags_override_environment_which_overrides_defaults(monkeypatch, tmp_pa
 
 
 def test_refuses_non_loopback_bind_without_key(tmp_path):
-    """RELIABILITY 9: `serve --host 0.0.0.0` without a key exits 2 and says why; with a key the app builds."""
+    """docs/reliability.md case 9: `serve --host 0.0.0.0` without a key exits 2 and says why; with a key the app builds."""
     done = subprocess.run([sys.executable, "-m", "edgekit", "serve", "--host", "0.0.0.0", "--models", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
@@ -102,7 +102,7 @@ def test_host_name(value, name):
 
 
 def test_host_header_checked_on_loopback(client):
-    """RELIABILITY 8: a DNS-rebinding Host gets 403; loopback names pass."""
+    """docs/reliability.md case 8: a DNS-rebinding Host gets 403; loopback names pass."""
     for host in ("evil.example", "evil.example:8080", "127.0.0.1.nip.io"):
         response = client.get("/v1/models", headers={"host": host})
         assert response.status_code == 403
@@ -112,7 +112,7 @@ def test_host_header_checked_on_loopback(client):
 
 
 def test_api_key_required_and_compared_in_constant_time(empty_models, tmp_path, monkeypatch):
-    """RELIABILITY 7: no key / wrong key -> 401 OpenAI error; /health stays open; hmac.compare_digest decides."""
+    """docs/reliability.md case 7: no key / wrong key -> 401 OpenAI error; /health stays open; hmac.compare_digest decides."""
     import edgekit.serve.guard as guard
 
     compared = []
@@ -133,7 +133,7 @@ def test_api_key_required_and_compared_in_constant_time(empty_models, tmp_path, 
 
 
 def test_body_cap_413_before_reading(client):
-    """RELIABILITY 13: a 10 MB body is refused by its Content-Length; a chunked one as soon as it passes the cap."""
+    """docs/reliability.md case 13: a 10 MB body is refused by its Content-Length; a chunked one as soon as it passes the cap."""
     big = b'{"model": "x", "input": "' + b"a" * (10 * 1024 * 1024) + b'"}'
     response = client.post("/v1/embeddings", content=big, headers={"content-type": "application/json"})
     assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
@@ -157,7 +157,7 @@ MALFORMED = [b"{:", b"[]", b"5", b"null", b'"text"', b"", b"\xff\xfe{}", b'{"mod
 
 @pytest.mark.parametrize("raw", MALFORMED, ids=range(len(MALFORMED)))
 def test_malformed_json_is_400(client, raw):
-    """RELIABILITY 10: broken JSON, non-objects, invalid UTF-8, lone surrogates, deep nesting."""
+    """docs/reliability.md case 10: broken JSON, non-objects, invalid UTF-8, lone surrogates, deep nesting."""
     response = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     error = error_of(response)
@@ -179,7 +179,7 @@ BAD_MESSAGES = [
 
 @pytest.mark.parametrize("body, param", BAD_MESSAGES, ids=range(len(BAD_MESSAGES)))
 def test_bad_messages_name_the_param(client, body, param):
-    """RELIABILITY 10: messages null / string / [123] / [{}] ... -> 400 with the param."""
+    """docs/reliability.md case 10: messages null / string / [123] / [{}] ... -> 400 with the param."""
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert error_of(response)["param"] == param
@@ -196,7 +196,7 @@ OUT_OF_RANGE = [
 
 @pytest.mark.parametrize("param, value", OUT_OF_RANGE, ids=[f"{p}={v!r}"[:40] for p, v in OUT_OF_RANGE])
 def test_out_of_range_parameters_name_the_param(client, param, value):
-    """RELIABILITY 11: temperature 1e6, top_p -1, max_tokens 0 or above the cap, n > 1, bad seeds, unsupported knobs."""
+    """docs/reliability.md case 11: temperature 1e6, top_p -1, max_tokens 0 or over the cap, n > 1, bad seeds, unknown knobs."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], param: value}
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
@@ -221,7 +221,7 @@ def test_completion_and_embedding_validation(client):
 
 
 def test_character_cap_before_tokenizing(empty_models):
-    """RELIABILITY 14: 5,000,000 characters are refused by the character cap (the body cap is raised to let them in)."""
+    """docs/reliability.md case 14: 5,000,000 characters are refused by the character cap (body cap raised to let them in)."""
     settings = ServeSettings(models=empty_models, max_body_bytes=16 * 1024 * 1024)
     text = "x" * 5_000_000
     with TestClient(create_app(settings), base_url=BASE) as c:
@@ -239,7 +239,7 @@ def test_character_cap_before_tokenizing(empty_models):
 
 
 def test_unknown_model_404_and_unknown_route(client):
-    """RELIABILITY 16."""
+    """docs/reliability.md case 16."""
     response = client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 404
     assert error_of(response) == {"message": "the model 'gpt-4' does not exist", "type": "invalid_request_error",
@@ -409,7 +409,7 @@ def test_encoder_micro_batches_are_split_by_padded_tokens(minilm_dir):
     """A worker never runs more than batch_max_tokens (texts x longest) at once: that bounds its activation memory."""
     from tokenizers import Tokenizer
 
-    from edgekit.serve.worker import EncoderRunner
+    from edgekit.serve.runners import EncoderRunner
 
     tokenizer = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
     tokenizer.enable_truncation(max_length=64)

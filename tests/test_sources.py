@@ -1,4 +1,4 @@
-"""Source resolution: local path, model store, offline errors, pickle refusal (RELIABILITY case 4)."""
+"""Source resolution: local path, model store, offline errors, pickle refusal (docs/reliability.md case 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Write bench results into a device profile as calibration points, closing the loop with `edgekit fit`."""
+"""Calibration points from measurements on this host, built in one place for `edgekit bench --calibrate`,
+`edgekit profile-host` and scripts/bench_fit.py; and writing them into a device profile for `edgekit fit`."""
 
 from __future__ import annotations
 
@@ -12,29 +13,55 @@ import yaml
 from edgekit.bench.run import BenchResult
 from edgekit.bundle import read_manifest
 from edgekit.schema.device import CalibrationPoint, Device, load_device_file
+from edgekit.schema.manifest import Manifest
 
 SOURCE_PREFIX = "edgekit bench"
 
 
-def calibration_point(result: BenchResult, device: Device, threads: int) -> CalibrationPoint:
-    manifest = read_manifest(Path(result.path))
-    model_file = manifest.file(f".{manifest.format}")
-    common = dict(
-        model=manifest.name, format=manifest.format, parameters=manifest.parameters, weights_bytes=model_file.bytes,
-        threads=threads, measured_on=device.name,
-        source=f"{SOURCE_PREFIX} on {platform.node() or 'this host'}, {datetime.now(timezone.utc):%Y-%m-%d}",
-    )
-    if manifest.format == "gguf":
-        return CalibrationPoint(
-            **common, quant=manifest.gguf.quant_type, n_layer=manifest.gguf.n_layer,
-            prompt_tok_s=result.summary["prompt_tok_s"]["median"], decode_tok_s=result.summary["decode_tok_s"]["median"],
-            engine=f"llama.cpp (llama-cpp-python {metadata.version('llama-cpp-python')})",
-        )
+def engine(fmt: str) -> str:
+    """The engine (with its version) that runs a bundle of this format here."""
+    if fmt == "gguf":
+        return f"llama.cpp (llama-cpp-python {metadata.version('llama-cpp-python')})"
+    return f"onnxruntime {metadata.version('onnxruntime')}"
+
+
+def gguf_point(manifest: Manifest, *, decode_tok_s: float, threads: int, measured_on: str, source: str,
+               prompt_tok_s: float | None = None, context_tokens: int = 0, note: str = "") -> CalibrationPoint:
+    """A GGUF bundle's decode (and prompt) speed; measured ``context_tokens`` deep, with the attention shape it prices."""
+    g = manifest.gguf
+    attention = {}
+    if context_tokens:
+        attention = dict(context_tokens=context_tokens, n_head=g.n_head, n_head_kv=g.n_head_kv,
+                         head_dim=g.key_length or g.n_embd // g.n_head)
     return CalibrationPoint(
-        **common, quant=manifest.quantization, n_layer=manifest.onnx.n_layer, hidden_size=manifest.onnx.hidden_size,
-        latency_ms=result.summary["batch1_p50_ms"]["median"], seq_len=result.seq_len,
-        engine=f"onnxruntime {metadata.version('onnxruntime')}",
+        model=manifest.name, format="gguf", quant=manifest.quantization, parameters=manifest.parameters,
+        weights_bytes=manifest.file(".gguf").bytes, n_layer=g.n_layer if g else None, threads=threads,
+        prompt_tok_s=prompt_tok_s, decode_tok_s=decode_tok_s, engine=engine("gguf"), measured_on=measured_on,
+        source=source, note=note, **attention,
     )
+
+
+def encoder_point(manifest: Manifest, *, latency_ms: float, seq_len: int, threads: int, measured_on: str, source: str,
+                  note: str = "") -> CalibrationPoint:
+    """An ONNX encoder bundle's batch-1 latency on an input of ``seq_len`` tokens."""
+    o = manifest.onnx
+    return CalibrationPoint(
+        model=manifest.name, format="onnx", quant=manifest.quantization, parameters=manifest.parameters,
+        weights_bytes=manifest.file(".onnx").bytes, n_layer=o.n_layer if o else None,
+        hidden_size=o.hidden_size if o else None, latency_ms=latency_ms, seq_len=seq_len, threads=threads,
+        engine=engine("onnx"), measured_on=measured_on, source=source, note=note,
+    )
+
+
+def calibration_point(result: BenchResult, device: Device, threads: int) -> CalibrationPoint:
+    """The point of one `edgekit bench` result: medians of its counted runs."""
+    manifest = read_manifest(Path(result.path))
+    common = dict(threads=threads, measured_on=device.name,
+                  source=f"{SOURCE_PREFIX} on {platform.node() or 'this host'}, {datetime.now(timezone.utc):%Y-%m-%d}")
+    if manifest.format == "gguf":
+        return gguf_point(manifest, prompt_tok_s=result.summary["prompt_tok_s"]["median"],
+                          decode_tok_s=result.summary["decode_tok_s"]["median"], **common)
+    return encoder_point(manifest, latency_ms=result.summary["batch1_p50_ms"]["median"], seq_len=result.seq_len, **common)
 
 
 def write_calibration(profile: Path, results: list[BenchResult], threads: int) -> Device:

@@ -1,53 +1,69 @@
-"""Measure one bundle inside a fresh process; prints one JSON object on stdout.
+"""Measurements that need a fresh process: ``python -m edgekit.bench.child COMMAND ARGS...``.
 
-Run as ``python -m edgekit.bench.child BUNDLE CONFIG_JSON``. A fresh process per bundle makes load
-time and peak RSS mean what they say: nothing else was loaded before.
+A fresh process makes load time and peak RSS mean what they say: nothing else was loaded before.
+Each command prints one JSON object on stdout (``reference-chat`` answers one JSON line per request
+line instead). Parents start them with ``command``/``run`` below, so the child imports the same
+edgekit as its parent (a script run from a checkout included).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import resource
+import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from edgekit.bundle import read_manifest
+import edgekit
+from edgekit.bench import measure
 
-DEFAULT_PROMPT = (
-    "The support team received a message from a customer whose order arrived damaged. "
-    "Write a short, friendly reply that apologises and explains how the replacement will be sent."
-)
-SHORT_TEXT = "Great service."
+if TYPE_CHECKING:
+    import subprocess
 
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+PACKAGE_ROOT = Path(edgekit.__file__).resolve().parent.parent
 
 
-def timed(call) -> float:
+def command(*args: str) -> list[str]:
+    """The command line of a child measurement."""
+    return [sys.executable, "-m", "edgekit.bench.child", *args]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The parent's environment with this edgekit first on the path (and ``extra`` variables)."""
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    """Run a child measurement to the end; its JSON is the last line of stdout (see ``result``)."""
+    import subprocess  # parent side only: a child's peak RSS should not count it
+
+    return subprocess.run(command(*args), capture_output=True, text=True, env=child_env())
+
+
+def result(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- edgekit bench: one bundle -------------------------------------------------------------------
+
+def bench_onnx(bundle: Path, manifest, config: dict) -> dict:
     start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
-def measure_onnx(bundle: Path, manifest, config: dict) -> dict:
-    from edgekit.runtime.encoder import EncoderModel
-
-    start = time.perf_counter()
-    encoder = EncoderModel(bundle, manifest.runtime, threads=config["threads"])
+    model = measure.load_encoder(bundle, config["threads"])
     load_seconds = time.perf_counter() - start
-    texts = [line for line in config["texts"] if line.strip()] or [SHORT_TEXT]
-    one = [SHORT_TEXT]
+    texts = [line for line in config["texts"] if line.strip()] or [measure.SHORT_TEXT]
+    one = [measure.SHORT_TEXT]
     batch = (texts * 32)[:32]
-    run = encoder.embed if manifest.task == "feature-extraction" else encoder.classify
+    call = measure.encoder_call(model, manifest.task)
     for _ in range(config["warmup"]):
-        run(one)
-        run(batch)
+        call(one)
+        call(batch)
     runs = []
     for _ in range(config["runs"]):
-        single = sorted(timed(lambda: run(one)) for _ in range(config["iters"]))
-        many = sorted(timed(lambda: run(batch)) for _ in range(max(3, config["iters"] // 8)))
+        single = sorted(measure.call_seconds(lambda: call(one), config["iters"]))
+        many = sorted(measure.call_seconds(lambda: call(batch), max(3, config["iters"] // 8)))
         runs.append({
             "batch1_p50_ms": single[len(single) // 2] * 1000,
             "batch1_p95_ms": single[int(len(single) * 0.95) - 1] * 1000,
@@ -55,53 +71,113 @@ def measure_onnx(bundle: Path, manifest, config: dict) -> dict:
             "batch32_p95_ms": many[int(len(many) * 0.95) - 1] * 1000,
             "batch32_texts_per_s": 32 / many[len(many) // 2],
         })
-    return {"load_seconds": load_seconds, "runs": runs, "seq_len": encoder.count_tokens(one)[0]}
+    return {"load_seconds": load_seconds, "runs": runs, "seq_len": model.count_tokens(one)[0]}
 
 
-def measure_gguf(bundle: Path, manifest, config: dict) -> dict:
-    from llama_cpp import Llama
-
-    model_path = bundle / manifest.file(".gguf").path
+def bench_gguf(bundle: Path, manifest, config: dict) -> dict:
     start = time.perf_counter()
-    llm = Llama(str(model_path), n_ctx=config["ctx"], n_threads=config["threads"], n_batch=512, verbose=False)
+    model = measure.load_gguf(bundle / manifest.file(".gguf").path, n_ctx=config["ctx"], threads=config["threads"])
     load_seconds = time.perf_counter() - start
-    prompt = llm.tokenize(config["prompt"].encode("utf-8"), add_bos=True, special=True)[: config["ctx"] // 2]
+    prompt = model.tokenize(config["prompt"])[: config["ctx"] // 2]
     n_decode = min(config["decode_tokens"], config["ctx"] - len(prompt) - 1)
 
     def one_run() -> dict:
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        token = llm.sample(temp=0.0)
-        first = time.perf_counter()
-        decoded = 0
-        while decoded < n_decode:
-            llm.eval([token])
-            token = llm.sample(temp=0.0)
-            decoded += 1
-        end = time.perf_counter()
-        return {
-            "prompt_tokens": len(prompt),
-            "decode_tokens": decoded,
-            "ttft_ms": (first - start) * 1000,
-            "prompt_tok_s": len(prompt) / (first - start),
-            "decode_tok_s": decoded / (end - first),
-        }
+        t = measure.time_generation(model, prompt, n_decode)
+        return {"prompt_tokens": t.prompt_tokens, "decode_tokens": t.decoded, "ttft_ms": t.first_token_s * 1000,
+                "prompt_tok_s": t.prompt_tok_s, "decode_tok_s": t.decode_tok_s}
 
     for _ in range(config["warmup"]):
         one_run()
     return {"load_seconds": load_seconds, "runs": [one_run() for _ in range(config["runs"])]}
 
 
-MEASURES = {"onnx": measure_onnx, "gguf": measure_gguf}
+BENCH = {"onnx": bench_onnx, "gguf": bench_gguf}
 
 
-def main() -> None:
-    bundle, config = Path(sys.argv[1]), json.loads(sys.argv[2])
+def bench_bundle(bundle: Path, config: dict) -> dict:
+    from edgekit.bundle import read_manifest  # here only: the schemas add ~15 MiB that gguf-rss must not count
+
     manifest = read_manifest(bundle)  # the parent ran verify_for_runtime before starting this process
-    result = MEASURES[manifest.format](bundle, manifest, config)
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    sys.stdout.write(json.dumps(result) + "\n")
+    measured = BENCH[manifest.format](bundle, manifest, config)
+    return {**measured, "peak_rss_bytes": measure.peak_rss_bytes()}
+
+
+# -- the in-process reference of scripts/bench_serve.py ------------------------------------------
+
+def reference_chat(model_path: str, threads: int, n_ctx: int) -> None:
+    """llama-cpp-python's own streamed chat completion with the daemon's settings, one request per stdin line
+    (``{"messages": [...], "max_tokens": N}``); answers the timestamps of the chunks that carry text."""
+    import llama_cpp
+
+    from edgekit.runtime.llm import PREFILL_CHUNK
+
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_batch=PREFILL_CHUNK, n_ubatch=PREFILL_CHUNK,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    for line in sys.stdin:
+        request = json.loads(line)
+        times = []
+        stream = llm.create_chat_completion(request["messages"], max_tokens=request["max_tokens"], temperature=0, stream=True)
+        for chunk in stream:
+            if chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+        print(json.dumps(times), flush=True)
+
+
+def embed_load(bundle: Path, threads: int, texts: list[str]) -> None:
+    """Background load until killed: embedding batches of ``texts``, back to back with 5 ms pauses."""
+    model = measure.load_encoder(bundle, threads)
+    while True:
+        model.embed(texts)
+        time.sleep(0.005)
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m edgekit.bench.child", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("bundle", help="edgekit bench: load time, speed and peak RSS of one verified bundle")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("config", type=json.loads, help="BenchConfig as JSON")
+    p = commands.add_parser("gguf-rss", help="peak RSS after filling a GGUF model's context")
+    p.add_argument("model", type=Path)
+    p.add_argument("n_ctx", type=int)
+    p.add_argument("threads", type=int)
+    p.add_argument("n_gen", type=int)
+    p = commands.add_parser("encoder-rss", help="peak RSS after encoder batches of maximum length")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("batch", type=int)
+    p.add_argument("threads", type=int)
+    p = commands.add_parser("decode-interleaved", help="decode tokens/s of several configurations, interleaved")
+    p.add_argument("configs", type=json.loads, help='{"name": [model path, n_ctx, prompt tokens], ...}')
+    p.add_argument("threads", type=int)
+    p.add_argument("n_gen", type=int)
+    p.add_argument("rounds", type=int)
+    p = commands.add_parser("reference-chat", help="llama-cpp-python's streamed chat completion, requests on stdin")
+    p.add_argument("model", type=Path)
+    p.add_argument("threads", type=int)
+    p.add_argument("n_ctx", type=int)
+    p = commands.add_parser("embed-load", help="embedding batches back to back until killed")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("threads", type=int)
+    p.add_argument("texts", type=json.loads, help="JSON list of the texts of one batch")
+    args = parser.parse_args(argv)
+
+    if args.command == "reference-chat":
+        reference_chat(str(args.model), args.threads, args.n_ctx)
+        return
+    if args.command == "embed-load":
+        embed_load(args.bundle, args.threads, args.texts)
+        return
+    if args.command == "bundle":
+        out = bench_bundle(args.bundle, args.config)
+    elif args.command == "gguf-rss":
+        out = measure.gguf_peak_rss(args.model, args.n_ctx, args.threads, args.n_gen)
+    elif args.command == "encoder-rss":
+        out = measure.encoder_peak_rss(args.bundle, args.batch, args.threads)
+    else:
+        out = measure.interleaved_decode(args.configs, args.threads, args.n_gen, args.rounds)
+    sys.stdout.write(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgekit.bench import child
 from edgekit.errors import RuntimeBackendError
 from edgekit.runtime.verify import verify_for_runtime
 from edgekit.schema.manifest import Manifest
@@ -72,10 +71,10 @@ def bench_bundle(bundle: Path, config: BenchConfig) -> BenchResult:
     """Verify one bundle, then measure it in a fresh subprocess."""
     manifest: Manifest = verify_for_runtime(bundle)
     payload = json.dumps({**config.__dict__, "texts": list(config.texts)})
-    done = subprocess.run([sys.executable, "-m", "edgekit.bench.child", str(bundle), payload], capture_output=True, text=True)
+    done = child.run("bundle", str(bundle), payload)
     if done.returncode != 0:
         raise RuntimeBackendError(f"{bundle}: bench process failed (exit {done.returncode}):\n{done.stderr.strip()[-1500:]}")
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = child.result(done)
     quality_metric, _ = QUALITY_METRICS[manifest.format]
     return BenchResult(
         bundle=manifest.name,

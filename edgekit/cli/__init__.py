@@ -11,22 +11,23 @@ import json
 import shutil
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from edgekit import __version__
 from edgekit.errors import EdgekitError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Edge deployment kit for small language models.")
+# -h is short for --help on every command (click passes help_option_names down to subcommands).
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Edge deployment kit for small language models.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 # Piped output (CI logs) gets a wide table instead of rich's 80-column default.
 out = Console(width=shutil.get_terminal_size((160, 24)).columns)
 err = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def emit_json(data: Any) -> None:
@@ -44,10 +45,23 @@ def status(message: str):
         bar.update(task, description=f"{message}: done")
 
 
-def main() -> None:
-    """Entry point: run the app and turn edgekit errors into messages and exit codes."""
-    import click
+def _print_version(requested: bool) -> None:
+    if requested:
+        sys.stdout.write(f"edgekit {__version__}\n")
+        raise typer.Exit()
 
+
+@app.callback()
+def _top_level(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print edgekit's version and exit.")] = False,
+) -> None:
+    # Only global options live here; each command module registers its own commands on ``app``.
+    return None
+
+
+def main() -> None:
+    """Entry point: typer reports usage errors itself (help or a message, exit 2); edgekit errors become a message and their exit code."""
     from edgekit.cli import export  # noqa: F401  (registers its commands)
     from edgekit.cli import serve  # noqa: F401  (registers `serve` and `service`)
     from edgekit.cli import fit  # noqa: F401  (registers devices, fit, plan, profile-host)
@@ -55,19 +69,10 @@ def main() -> None:
     from edgekit.cli import pack  # noqa: F401  (registers `pack`)
 
     try:
-        # Without standalone mode click returns (not raises) the code of typer.Exit.
-        code = app(standalone_mode=False)
+        # Standalone mode: typer exits itself, 0 on success, typer.Exit's code, or 2 for a usage error.
+        app(prog_name="edgekit")
     except EdgekitError as exc:
         from rich.markup import escape
 
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)

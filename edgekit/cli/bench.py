@@ -31,7 +31,7 @@ def bench_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgekit.bench.child import DEFAULT_PROMPT
+    from edgekit.bench.measure import DEFAULT_PROMPT
     from edgekit.bench.run import BenchConfig, bench_bundle
 
     text = prompt_file.read_text(encoding="utf-8") if prompt_file else ""

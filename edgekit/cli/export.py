@@ -9,8 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from edgekit.cli import REPO_ROOT, JsonFlag, app, emit_json, out, status
+from edgekit.cli import JsonFlag, app, emit_json, out, status
 from edgekit.errors import EdgekitError, GateFailed
+from edgekit.library import shipped_folder
 
 samples_app = typer.Typer(no_args_is_help=True, help="The packaged sample models.")
 recipes_app = typer.Typer(no_args_is_help=True, help="Recipes: how models are exported.")
@@ -39,7 +40,8 @@ def samples_fetch(
 
 
 def default_recipe_dir() -> Path:
-    return REPO_ROOT / "recipes"
+    """The shipped recipe library: inside the installed package, or recipes/ of a source checkout."""
+    return shipped_folder("recipes")
 
 
 @recipes_app.command("list")

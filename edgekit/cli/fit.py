@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from edgekit.bench.profile import DECODE_DEPTH, MIN_DEPTH
 from edgekit.cli import JsonFlag, app, emit_json, err, out, status
 from edgekit.errors import BundleError, ConfigError, DeviceError, EdgekitError, GateFailed
 
@@ -259,85 +260,34 @@ def plan_cmd(
 
 # -- profile-host --------------------------------------------------------------------------------
 
-# Context depth of profile-host's second decode measurement (llama-bench's -d): deep enough that
-# attention over the KV cache is a large share of a token's time, short enough to fill in about a
-# minute on a Pi-class board with the sample model.
-DECODE_DEPTH = 2048
-# Shallower, attention is too small a share of a token's time to be priced (speed.MIN_ATTENTION_SHARE).
-MIN_DEPTH = 512
+def profile_id(out_file: Path | None, device_id: str | None) -> str:
+    """The written profile's id: the output file's name (a profile's id must equal it), else --id, else 'this-host'."""
+    from pydantic import TypeAdapter, ValidationError
 
+    from edgekit.schema.device import DeviceId
 
-def measure_decode(bundle: Path, threads: int, n_tokens: int = 64, repeats: int = 3, depth: int = DECODE_DEPTH) -> dict[str, Any]:
-    """Prompt and decode tokens/s of a GGUF bundle with the runtime's settings, and decode tokens/s
-    ``depth`` tokens into a context (0 skips it); each the median of ``repeats``."""
-    import statistics
-    import time
-
-    import llama_cpp
-
-    from edgekit.runtime.llm import PREFILL_CHUNK
-
-    manifest = _manifest_of(str(bundle))
-    model_file = Path(bundle) / manifest.file(".gguf").path
-    llm = llama_cpp.Llama(model_path=str(model_file), n_ctx=max(1024, depth + n_tokens + 16), n_batch=PREFILL_CHUNK,
-                          n_ubatch=PREFILL_CHUNK, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
-    vocab = llm.n_vocab()
-    prompt = [(i * 7919) % (vocab - 1000) + 500 for i in range(max(256, depth))]
-
-    def decode_rate(context: list[int]) -> float:
-        start, produced = time.perf_counter(), 0
-        for _ in llm.generate(context, temp=0.0, reset=True):
-            if produced == 0:
-                start = time.perf_counter()  # after the context is evaluated
-            produced += 1
-            if produced > n_tokens:
-                break
-        return n_tokens / (time.perf_counter() - start)
-
-    prompt_rates, decode_rates = [], []
-    for _ in range(repeats):
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt[:256])
-        prompt_rates.append(256 / (time.perf_counter() - start))
-        llm.reset()
-        decode_rates.append(decode_rate(prompt[:8]))
-    result = {"manifest": manifest, "bytes": manifest.file(".gguf").bytes, "prompt_tok_s": statistics.median(prompt_rates),
-              "decode_tok_s": statistics.median(decode_rates), "engine": f"llama-cpp-python {llama_cpp.__version__}"}
-    if depth:
-        llm.reset()  # the first repeat fills the context; the others keep it and decode again from its end
-        deep = statistics.median(decode_rate(prompt[:depth]) for _ in range(repeats))
-        result.update(deep_decode_tok_s=deep, context_tokens=depth + n_tokens // 2)
-    return result
-
-
-def measure_encoder(bundle: Path, threads: int, repeats: int = 50) -> dict[str, Any]:
-    """Batch-1 latency of an ONNX encoder bundle on one short sentence (median of ``repeats``)."""
-    import statistics
-    import time
-
-    import onnxruntime
-
-    from edgekit.runtime.encoder import EncoderModel
-
-    manifest = _manifest_of(str(bundle))
-    model = EncoderModel(Path(bundle), manifest.runtime, threads=threads)
-    text = "A short sentence about running models on small boards."
-    seq_len = model.count_tokens([text])[0]
-    model.forward([text])
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.forward([text])
-        times.append(1e3 * (time.perf_counter() - start))
-    return {"manifest": manifest, "bytes": manifest.file(".onnx").bytes, "latency_ms": statistics.median(times),
-            "seq_len": seq_len, "engine": f"onnxruntime {onnxruntime.__version__}"}
+    if out_file is not None:
+        if device_id is not None and device_id != out_file.stem:
+            raise ConfigError(f"--id {device_id} differs from the file name of --out {out_file} "
+                              "(a profile's id is its file name)",
+                              hint=f"drop --id, or write to {out_file.with_name(device_id + (out_file.suffix or '.yaml'))}")
+        device_id = out_file.stem
+    device_id = device_id or "this-host"
+    try:
+        TypeAdapter(DeviceId).validate_python(device_id)
+    except ValidationError:
+        where = f"--out {out_file}: the file name" if out_file is not None else "--id"
+        raise ConfigError(f"{where} '{device_id}' is not a valid device id (lower-case letters, digits, '.', '_', '-'; "
+                          "starting with a letter or digit; at most 64 characters)",
+                          hint="e.g. --out my-board.yaml") from None
+    return device_id
 
 
 @app.command("profile-host")
 def profile_host(
-    out_file: Annotated[Path, typer.Option("--out", help="Write the profile YAML here (default: print it).")] = None,
-    device_id: Annotated[str, typer.Option("--id", help="Id of the written profile.")] = "this-host",
+    out_file: Annotated[Path, typer.Option("--out", help="Write the profile YAML here (default: print it); "
+                                           "its id is the file name.")] = None,
+    device_id: Annotated[str, typer.Option("--id", help="Id of the profile when it is printed (default: this-host).")] = None,
     bundle: Annotated[list[Path], typer.Option("--bundle", help="Also measure this bundle's speed (GGUF decode or ONNX latency); repeatable.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Threads for the speed measurements; default: all cores.")] = None,
     bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", help="Array size per copy buffer for the bandwidth test.")] = 256,
@@ -347,61 +297,21 @@ def profile_host(
 ) -> None:
     """Measure this machine (cores, RAM, ISA flags, memory bandwidth, storage, sample speeds) into a device profile."""
     import datetime
-    import platform
 
     import yaml
 
-    from edgekit.fit import host
-    from edgekit.schema.device import CalibrationPoint, Device
+    from edgekit.bench.profile import profile_host as measure_host
 
+    device_id = profile_id(out_file, device_id)
+    bundles = [(folder, _manifest_of(str(folder))) for folder in bundle or []]
     with status("measuring this host") as progress:
-        progress("CPU and RAM")
-        cpu = host.cpu_spec()
-        memory = host.memory_spec()
-        progress("memory bandwidth (STREAM-like copy)")
-        bandwidth = host.bandwidth_spec(cpu.cores, bandwidth_mib)
-        progress("storage read speed")
-        storage = host.storage_spec(bundle[0] if bundle else None)
-        points = []
-        today = datetime.date.today().isoformat()
-        measured_on = f"{platform.node() or 'this host'}: {host.cpu_model_name()}"
-        for folder in bundle or []:
-            manifest = _manifest_of(str(folder))
-            n = threads or cpu.cores
-            progress(f"speed of {manifest.name} ({n} threads)")
-            common = dict(model=manifest.name, format=manifest.format, quant=manifest.quantization,
-                          parameters=manifest.parameters, threads=n, measured_on=measured_on,
-                          source=f"edgekit profile-host, {today}")
-            if manifest.format == "gguf":
-                g = manifest.gguf
-                deepest = g.context_length - 96 if g is not None else 0  # room for the 64 decoded tokens
-                if depth and g is not None and not MIN_DEPTH <= depth <= deepest:
-                    raise ConfigError(f"--depth {depth}: use {MIN_DEPTH}..{deepest} for {manifest.name} "
-                                      f"(its context is {g.context_length} tokens), or 0 to skip")
-                m = measure_decode(folder, n, depth=depth if g is not None else 0)
-                points.append(CalibrationPoint(**common, weights_bytes=m["bytes"], n_layer=g.n_layer if g else None,
-                                               prompt_tok_s=round(m["prompt_tok_s"], 3), decode_tok_s=round(m["decode_tok_s"], 3),
-                                               engine=m["engine"], note="256-token prompt; 64 tokens decoded from an 8-token prompt; median of 3"))
-                if "deep_decode_tok_s" in m:  # attention cost: the same decode deep into a context
-                    points.append(CalibrationPoint(
-                        **common, weights_bytes=m["bytes"], n_layer=g.n_layer, n_head=g.n_head, n_head_kv=g.n_head_kv,
-                        head_dim=g.key_length or g.n_embd // g.n_head, context_tokens=m["context_tokens"],
-                        decode_tok_s=round(m["deep_decode_tok_s"], 3), engine=m["engine"],
-                        note=f"64 tokens decoded after a {depth}-token prompt; median of 3"))
-            else:
-                m = measure_encoder(folder, n)
-                o = manifest.onnx
-                points.append(CalibrationPoint(**common, weights_bytes=m["bytes"], n_layer=o.n_layer if o else None,
-                                               hidden_size=o.hidden_size if o else None, latency_ms=round(m["latency_ms"], 4),
-                                               seq_len=m["seq_len"], engine=m["engine"], note="batch 1, one short sentence; median of 50"))
-    profile = Device(id=device_id, name=f"This host ({host.cpu_model_name()})",
-                     description=f"Measured by edgekit profile-host on {today}.", cpu=cpu, memory=memory,
-                     memory_bandwidth=bandwidth, storage=storage, calibration=points)
+        profile = measure_host(device_id, bundles, threads=threads, bandwidth_mib=bandwidth_mib, depth=depth, progress=progress)
     data = json.loads(profile.model_dump_json(exclude_defaults=False))
     text = yaml.safe_dump(data, sort_keys=False)
     if out_file is not None:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(f"# Written by `edgekit profile-host` on {today}.\n" + text, encoding="utf-8")
+        written = f"# Written by `edgekit profile-host` on {datetime.date.today().isoformat()}.\n"
+        out_file.write_text(written + text, encoding="utf-8")
         err.print(f"wrote {out_file}")
     if as_json:
         emit_json(data)

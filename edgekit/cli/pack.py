@@ -40,7 +40,7 @@ def pack_cmd(
                                                   "Debian 12: 3.11).")] = PythonVersion(DEFAULT_PYTHON),
     edgekit_wheel: Annotated[Path | None, typer.Option("--edgekit-wheel", help="edgekit wheel to ship; default: built from this "
                                                        "source checkout.")] = None,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build llama-cpp-python again even when a cached build exists.")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build llama-cpp-python again even when it is cached.")] = False,
     as_json: JsonFlag = False,
     **flags: Any,
 ) -> None:
@@ -73,7 +73,8 @@ def pack_cmd(
         return
     table = Table("", "", title=f"pack {manifest.pack_id}", show_header=False)
     table.add_row("board", f"{board.id} ({board.name})")
-    table.add_row("llama.cpp build", f"{manifest.target.name}, needs {', '.join(manifest.target.cpu_features) or 'nothing extra'}")
+    needs = ", ".join(manifest.target.cpu_features) or "nothing extra"
+    table.add_row("llama.cpp build", f"{manifest.target.name}, needs {needs}")
     table.add_row("Python / glibc", f"{manifest.python} / {manifest.glibc_min} or newer")
     table.add_row("wheels", f"{manifest.wheel_bytes / MB:.1f} MB (llama-cpp-python {result.llama_wheel_bytes / MB:.1f} MB)")
     table.add_row("bundles", f"{manifest.bundle_bytes / MB:.1f} MB: {', '.join(b.name for b in manifest.bundles)}")
@@ -82,6 +83,8 @@ def pack_cmd(
     table.add_row("service", f"{service.unit}: {service.memory_budget_mb} MiB for models ({turns}), {service.threads} threads")
     table.add_row("archive", f"{result.archive} ({result.archive_bytes / MB:.1f} MB)")
     cached = "cached" if manifest.build.llama_build_cached else "built now"
-    table.add_row("time", f"{manifest.build.pack_seconds:.0f} s (llama-cpp-python {cached}, {manifest.build.llama_build_seconds:.0f} s to build)")
-    table.add_row("on the board", f"tar xzf {result.archive.name} && sudo ./{result.out_dir.name}/install.sh [--prefix {DEFAULT_PREFIX}]")
+    table.add_row("time", f"{manifest.build.pack_seconds:.0f} s (llama-cpp-python {cached}, "
+                          f"{manifest.build.llama_build_seconds:.0f} s to build)")
+    table.add_row("on the board", f"sha256sum -c {result.archive.name}.sha256 && tar xzf {result.archive.name} && "
+                                  f"sudo ./{result.out_dir.name}/install.sh [--prefix {DEFAULT_PREFIX}]")
     out.print(table)

@@ -16,12 +16,9 @@ MIB = 1 << 20
 
 # Resident set of a fresh process after importing the runtime stack, plus what the runtime allocates
 # outside the terms below (llama.cpp context bookkeeping; ONNX Runtime's library pages touched at
-# session creation). Measured on this project's x86-64 host, Python 3.12: `import llama_cpp` 41 MiB,
-# +3 MiB at context creation; `import edgekit.runtime.encoder` 44 MiB, +25 MiB file-backed (RssFile)
-# at session start (re-measured after bbf7a81: the session no longer re-parses the model file).
+# session creation). Measured on x86-64: docs/device-facts.md, "Constants edgekit measured itself".
 RUNTIME_BASE = {"gguf": 44 * MIB, "onnx": 69 * MIB}
-# edgekit serve's web stack (fastapi, uvicorn, prometheus-client, jinja2) on top of the runtime:
-# 67 MiB vs 41 MiB RSS after importing it with llama_cpp, same host.
+# edgekit serve's web stack (fastapi, uvicorn, prometheus-client, jinja2) on top of the runtime (measured).
 DAEMON_EXTRA = 26 * MIB
 # llama.cpp's vocabulary in RAM (token strings, lookup maps, BPE merge ranks): 17 MiB for SmolLM2's
 # 49,152 tokens, measured with Llama(vocab_only=True).
@@ -96,7 +93,7 @@ def kv_cells(n_ctx: int, parallel: int) -> int:
 
 
 def kv_cache_bytes(facts: ModelFacts, n_ctx: int, parallel: int = 1, kv_type: str = "f16") -> int:
-    """2 (K and V) x cells x n_layer x n_head_kv x head_dim x bytes per element (DEVICE_FACTS memory model)."""
+    """2 (K and V) x cells x n_layer x n_head_kv x head_dim x bytes per element (docs/device-facts.md, Memory)."""
     return int(kv_cells(n_ctx, parallel) * facts.kv_bytes_per_token(KV_TYPE_BYTES[kv_type]))
 
 

@@ -46,8 +46,8 @@ FILE_TYPES: dict[str, str] = {
     "Q2_K": "Q2_K",
 }
 
-# Published bits per weight of whole files (Llama-3.1-8B; llama.cpp tools/quantize/README.md, via
-# DEVICE_FACTS.md). Shown next to the per-model prediction; small models differ (see module doc).
+# Published bits per weight of whole files (Llama-3.1-8B; llama.cpp tools/quantize/README.md,
+# docs/device-facts.md). Shown next to the per-model prediction; small models differ (see module doc).
 PUBLISHED_BPW: dict[str, float] = {"Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56, "Q8_0": 8.50}
 
 # When a tensor's row width is not a multiple of the chosen type's block, llama.cpp falls back.
@@ -55,7 +55,7 @@ PUBLISHED_BPW: dict[str, float] = {"Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56,
 FALLBACK: dict[str, str] = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 # Quality order for `edgekit plan`: the first that fits wins. Mean KL divergence vs FP16 on
-# Llama-3-8B rises down this list (llama.cpp tools/perplexity/README.md, via DEVICE_FACTS.md).
+# Llama-3-8B rises down this list (llama.cpp tools/perplexity/README.md; docs/device-facts.md).
 QUALITY_ORDER = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K"]
 PLAN_LADDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 

@@ -5,9 +5,8 @@ them: its time is bytes / memory bandwidth plus the cycles those kernels spend p
 per instruction set and weight type, counted from the kernels), plus attention over the context so
 far (its KV cache bytes and kernels), plus a per-token overhead. Memory and kernel time are added,
 not overlapped: in these loops a core that unpacks and multiplies a block is not streaming the next
-one fast enough to hide it (on this project's x86 host Q4_K_M, 0.73x the file bytes of Q8_0, decodes
-only 1.11-1.16x faster at short context: two runs of scripts/bench_fit.py, medians of 5 rounds
-interleaved in one process). Prompt processing is matrix-matrix work and bound by compute. ONNX
+one fast enough to hide it (measured: Q4_K_M at 0.73x the bytes of Q8_0 decodes only ~1.1x faster;
+docs/device-facts.md). Prompt processing is matrix-matrix work and bound by compute. ONNX
 Runtime encoders pay a pass over the weights per call plus work per token, at costs that depend on
 how the model was quantized.
 
@@ -114,8 +113,8 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 # Decode reads weights at about the STREAM copy rate (a copy also pays write-allocate traffic that a
 # read stream does not): Raspberry Pi 5 decodes TinyLlama Q8_0 at 9 tok/s x 1.17 GB = 10.5 GB/s
-# (DEVICE_FACTS.md) against the 10.2 GB/s copy rate its profile assumes (devices/rpi-5-8gb.yaml: an
-# estimate, 60 % of the LPDDR4X peak, not a measurement). Kernel time is modelled separately.
+# (justine.lol/matmul; docs/device-facts.md) against the 10.2 GB/s copy rate its profile assumes
+# (devices/rpi-5-8gb.yaml: an estimate, 60 % of the LPDDR4X peak). Kernel time is modelled separately.
 DECODE_BANDWIDTH_EFFICIENCY = 1.0
 # Share of the peak MAC rate llama.cpp's matrix-matrix kernels reach in prompt processing. Chosen once
 # against the catalog's published prompt points (scripts/bench_fit.py prints each point's error with and without
@@ -144,8 +143,8 @@ class OnnxScheme:
     note: str
 
 
-# Measured on this project's x86-64 AVX2 host (no VNNI): scripts/bench_encoder.py, 2 threads, batch-1
-# latency of a 5- and a 23-token sentence in interleaved rounds (docs/report.md). The slope between
+# Measured on x86-64 AVX2 (no VNNI) with scripts/bench_encoder.py (docs/device-facts.md): batch-1
+# latency of a 5- and a 23-token sentence, 2 threads. The slope between
 # the two gives the per-token cost, the intercept less ENCODER_OVERHEAD_US_GHZ the per-call cost,
 # both in cycles summed over the threads for all-MiniLM-L6-v2's 10.6 M matrix weights. Other cores
 # keep the efficiencies (their own peaks differ), an estimate their calibration points correct.

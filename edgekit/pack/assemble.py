@@ -104,7 +104,7 @@ def verify_bundles(bundles: tuple[Path, ...]) -> list[tuple[Path, object]]:
 
 
 def board_settings(request: PackRequest):
-    """The daemon's settings on the board: as given, with the bundles under the install prefix and one thread per inference core."""
+    """The daemon's settings on the board: as given, bundles under the install prefix, a thread per inference core."""
     from edgekit.serve.settings import ServeSettings
 
     given = request.serve or ServeSettings()
@@ -119,7 +119,7 @@ ON_EXEC_START = frozenset({"models", "host", "port", "memory_budget_mb", "grace_
 
 
 def settings_environment(settings) -> str:
-    """The settings given for the board that the unit's ExecStart does not carry, as an Environment= line (ServeSettings reads EDGEKIT_*)."""
+    """Settings given for the board that ExecStart does not carry, as an Environment= line (ServeSettings reads EDGEKIT_*)."""
     pairs = []
     for name in sorted(settings.model_fields_set - ON_EXEC_START):
         value = getattr(settings, name)
@@ -142,8 +142,9 @@ def size_service(request: PackRequest, manifests: list) -> tuple[ServiceRecord, 
     rows = [(m.name, footprint_bytes(m, settings)) for m in manifests]
     too_big = [f"{name} needs {n / MIB:.0f} MiB" for name, n in rows if n > offered]
     if too_big:
-        raise GateFailed(f"{request.device.id} offers {offered / MIB:.0f} MiB to models; {', '.join(too_big)} with these settings",
-                         hint="pack a smaller bundle, or lower --n-ctx / --batch-max-tokens / --slots (edgekit fit shows footprints)")
+        raise GateFailed(f"{request.device.id} offers {offered / MIB:.0f} MiB to models; {', '.join(too_big)} with these "
+                         "settings", hint="pack a smaller bundle, or lower --n-ctx / --batch-max-tokens / --slots "
+                         "(edgekit fit shows footprints)")
     if settings.memory_budget_mb is not None:
         if settings.memory_budget_mb * MIB > offered:
             raise GateFailed(f"--memory-budget-mb {settings.memory_budget_mb} is more than {request.device.id} offers "
@@ -170,7 +171,8 @@ def llama_version(checkout: Path | None) -> str:
     try:
         return metadata.version(LLAMA_PACKAGE)
     except metadata.PackageNotFoundError as exc:
-        raise ConfigError(f"cannot tell which {LLAMA_PACKAGE} version to build: no constraints.txt pin and none installed") from exc
+        raise ConfigError(f"cannot tell which {LLAMA_PACKAGE} version to build: no constraints.txt pin and none "
+                          "installed") from exc
 
 
 def glibc_needed(wheels: list[Path], llama: LlamaWheel) -> str:
@@ -214,7 +216,7 @@ def pack_id(device: Device, python: str, files: list) -> str:
 
 
 def write_archive(pack_dir: Path) -> Path:
-    """DIR.tar.gz beside DIR, written under a temporary name and renamed."""
+    """DIR.tar.gz beside DIR, written under a temporary name and renamed, and DIR.tar.gz.sha256 (sha256sum -c) for the copy."""
     archive = pack_dir.with_name(pack_dir.name + ".tar.gz")
     fd, tmp = tempfile.mkstemp(prefix=f".{pack_dir.name}-", suffix=".tar.gz", dir=pack_dir.parent)
     os.close(fd)
@@ -228,6 +230,7 @@ def write_archive(pack_dir: Path) -> Path:
             for path in [pack_dir, *sorted(pack_dir.rglob("*"))]:
                 tar.add(path, arcname=str(Path(pack_dir.name) / path.relative_to(pack_dir)), recursive=False, filter=owner)
         os.replace(tmp, archive)
+        archive.with_name(archive.name + ".sha256").write_text(f"{sha256_file(archive)}  {archive.name}\n")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -285,7 +288,8 @@ def make_pack(request: PackRequest, paths: KitPaths, progress: Progress) -> Pack
         requirements = [f"{REQUIREMENT} @ {edgekit_wheel.resolve().as_uri()}", f"{LLAMA_PACKAGE} @ {llama.path.as_uri()}",
                         f"pip=={metadata.version('pip')}"]
         constraints = checkout / "constraints.txt" if checkout is not None and (checkout / "constraints.txt").is_file() else None
-        resolved = resolve(requirements, platform_tags=platform_tags, python=request.python, find_links=[], constraints=constraints)
+        resolved = resolve(requirements, platform_tags=platform_tags, python=request.python, find_links=[],
+                           constraints=constraints)
         progress(f"downloading {len(resolved)} wheels")
         files = download(resolved, paths.downloads / "wheels", platform_tags=platform_tags, python=request.python)
         for path in files:
@@ -297,7 +301,8 @@ def make_pack(request: PackRequest, paths: KitPaths, progress: Progress) -> Pack
         for path, manifest in verified:
             shutil.copytree(path, bundles_dir / manifest.name, copy_function=link_or_copy)
         device_file = f"{request.device.id}.yaml"
-        (staged / device_file).write_text(yaml.safe_dump(request.device.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        profile = request.device.model_dump(mode="json", exclude_none=True)
+        (staged / device_file).write_text(yaml.safe_dump(profile, sort_keys=False))
         (staged / SERVICE_FILE).write_text(unit_text)
         for name in BOARD_FILES:
             (staged / name).write_text(board_file(name))
@@ -318,7 +323,8 @@ def make_pack(request: PackRequest, paths: KitPaths, progress: Progress) -> Pack
             requirement=REQUIREMENT,
             bundles=[BundleRecord(name=m.name, format=m.format, task=m.task, bytes=m.total_bytes) for _, m in verified],
             service=service,
-            build=BuildRecord(created=datetime.now(timezone.utc).replace(microsecond=0), pack_seconds=round(time.monotonic() - started, 1),
+            build=BuildRecord(created=datetime.now(timezone.utc).replace(microsecond=0),
+                              pack_seconds=round(time.monotonic() - started, 1),
                               llama_build_seconds=llama.build_seconds, llama_build_cached=llama.cached,
                               host=f"{platform.machine()}, Python {platform.python_version()}"),
             files=entries,

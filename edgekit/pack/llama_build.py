@@ -108,8 +108,8 @@ def download_sdist(version: str, downloads: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     name = f"llama_cpp_python-{version}.tar.gz"
     if not (downloads / name).is_file():
-        run_pip(pip_command("download", "--no-deps", "--no-binary=:all:", "--quiet", "-d", str(downloads), f"{PACKAGE}=={version}"),
-                f"downloading the {PACKAGE} {version} sdist")
+        run_pip(pip_command("download", "--no-deps", "--no-binary=:all:", "--quiet", "-d", str(downloads),
+                            f"{PACKAGE}=={version}"), f"downloading the {PACKAGE} {version} sdist")
     if not (downloads / name).is_file():
         raise BackendError(f"pip download left no {name} in {downloads}")
     return downloads / name
@@ -120,7 +120,8 @@ def run_build(command: list[str], env: dict[str, str], log_path: Path, progress:
     with log_path.open("w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   errors="replace")
         assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
@@ -162,20 +163,23 @@ def check_libraries(lib_dir: Path, target: BuildTarget, readelf_tool: str) -> st
 
 
 def host_runs(target: BuildTarget) -> bool:
-    """Whether this workstation can load the target's build (same machine, every required CPU feature)."""
-    if target.machine != host_machine():
+    """Whether this workstation can load the target's build (same machine, every required CPU feature, llama_cpp's imports)."""
+    import importlib.util
+
+    if target.machine != host_machine() or not all(importlib.util.find_spec(m) for m in ("numpy", "jinja2", "diskcache")):
         return False
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")), [])
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.split(":")[0].strip() in ("flags", "Features")), [])
     return all(feature in flags for feature in target.cpu_features)
 
 
 def import_check(unpacked: Path) -> None:
     """Load the built libraries for real: import llama_cpp from the unpacked wheel and ask llama.cpp a question."""
-    code = ("import llama_cpp, pathlib; assert pathlib.Path(llama_cpp.__file__).is_relative_to(pathlib.Path(__import__('sys').argv[1])); "
+    code = ("import llama_cpp, pathlib, sys; assert pathlib.Path(llama_cpp.__file__).is_relative_to(pathlib.Path(sys.argv[1])); "
             "print(llama_cpp.llama_print_system_info().decode())")
     done = subprocess.run([sys.executable, "-c", code, str(unpacked)], env={**os.environ, "PYTHONPATH": str(unpacked)},
                           capture_output=True, text=True)
@@ -199,8 +203,8 @@ def repack(built: Path, target: BuildTarget, cc: str, readelf_tool: str, out_dir
             import_check(unpacked)
         subprocess.run([sys.executable, "-m", "wheel", "pack", "--dest-dir", tmp, str(unpacked)], check=True, capture_output=True)
         packed = next(Path(tmp).glob("*.whl"))
-        done = subprocess.run([sys.executable, "-m", "wheel", "tags", "--platform-tag", target.platform.wheel_platform, "--remove",
-                               str(packed)], check=True, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "wheel", "tags", "--platform-tag", target.platform.wheel_platform,
+                               "--remove", str(packed)], check=True, capture_output=True, text=True)
         tagged = Path(tmp) / Path(done.stdout.strip().splitlines()[-1]).name
         final = out_dir / tagged.name
         shutil.move(tagged, final)
@@ -266,7 +270,8 @@ def llama_wheel(target: BuildTarget, version: str, *, builds: Path, downloads: P
             if final_dir.exists():
                 shutil.rmtree(final_dir)
             os.replace(staging, final_dir)
-            return LlamaWheel(final_dir / wheel.name, version, target.name, tuple(recorded_args), seconds, glibc_min, cached=False)
+            return LlamaWheel(final_dir / wheel.name, version, target.name, tuple(recorded_args), seconds, glibc_min,
+                              cached=False)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

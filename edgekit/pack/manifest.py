@@ -25,7 +25,8 @@ class TargetRecord(Strict):
     name: str = Field(description="Build target (edgekit.pack.targets), e.g. 'armv8.2-a-dotprod'.")
     machine: Literal["aarch64", "x86_64"] = Field(description="Machine architecture (uname -m).")
     cpu_features: dict[str, str] = Field(
-        description="Linux CPU feature names (/proc/cpuinfo) the build uses -> what each is; install.sh refuses a CPU lacking one."
+        description="Linux CPU feature names (/proc/cpuinfo) the build uses -> what each is; install.sh refuses a CPU "
+        "lacking one."
     )
     cmake_args: list[str] = Field(description="CMake options llama-cpp-python was built with.")
 
@@ -61,7 +62,7 @@ class BuildRecord(Strict):
 
     created: datetime = Field(description="When the pack was assembled (UTC).")
     pack_seconds: float = Field(ge=0, description="Wall time of `edgekit pack`, seconds.")
-    llama_build_seconds: float = Field(ge=0, description="Wall time of the llama-cpp-python build (the original build when cached).")
+    llama_build_seconds: float = Field(ge=0, description="Wall time of the llama-cpp-python build (the first one when cached).")
     llama_build_cached: bool = Field(description="True when the llama-cpp-python wheel came from the build cache.")
     host: str = Field(description="Workstation the pack was made on (uname -m, Python).")
 
@@ -70,10 +71,11 @@ class PackManifest(Strict):
     """pack.json: an offline installer of edgekit and bundles for one board."""
 
     schema_version: Literal[1] = Field(PACK_SCHEMA_VERSION, description="Version of this schema.")
-    pack_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="<device>-cp<python>-<hash of the file list>; names the release on the board.")
+    pack_id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$",
+                         description="<device>-cp<python>-<hash of the file list>; names the release on the board.")
     device: Device = Field(description="The board's device profile (also in device.yaml).")
     target: TargetRecord = Field(description="The llama.cpp build target chosen from the profile.")
-    python: str = Field(pattern=r"^3\.\d+$", description="Python version (major.minor) of the board's python3 the wheels are for.")
+    python: str = Field(pattern=r"^3\.\d+$", description="Python (major.minor) of the board's python3 the wheels are for.")
     platform_tags: list[str] = Field(description="Wheel platform tags the wheelhouse was resolved for (pip --platform).")
     glibc_min: str = Field(description="Oldest C library (glibc) the wheels need.")
     versions: Versions = Field(description="Versions of edgekit, llama-cpp-python and onnxruntime.")

@@ -80,7 +80,8 @@ def build_edgekit_wheel(checkout: Path, out_dir: Path) -> Path:
         source = Path(tmp) / "edgekit"
         shutil.copytree(checkout, source, ignore=shutil.ignore_patterns(*CHECKOUT_IGNORE), symlinks=True)
         env = {**os.environ, "SOURCE_DATE_EPOCH": source_date_epoch(checkout)}
-        run_pip(pip_command("wheel", "--no-deps", "--quiet", "-w", str(out_dir), str(source)), "building edgekit's wheel", env=env)
+        run_pip(pip_command("wheel", "--no-deps", "--quiet", "-w", str(out_dir), str(source)), "building edgekit's wheel",
+                env=env)
     wheels = sorted(out_dir.glob("edgekit-*.whl"))
     if len(wheels) != 1:
         raise BackendError(f"building edgekit's wheel left {len(wheels)} wheels in {out_dir}")

@@ -1,4 +1,4 @@
-"""Board side: render a model's Jinja chat template in a sandbox (RELIABILITY case 2).
+"""Board side: render a model's Jinja chat template in a sandbox (docs/reliability.md case 2).
 
 A chat template comes from the model file, so it is untrusted code. It is compiled only in
 jinja2's ``ImmutableSandboxedEnvironment`` (the fix for llama-cpp-python CVE-2024-34359, and

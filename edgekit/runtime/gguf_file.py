@@ -2,7 +2,7 @@
 
 llama.cpp's GGUF parser has had a run of memory-safety bugs driven by crafted headers (huge
 tensor/kv counts that make it allocate, string lengths and tensor extents past the end of the
-file, integer overflows in size arithmetic; RELIABILITY case 1). This reader walks the header
+file, integer overflows in size arithmetic; docs/reliability.md case 1). This reader walks the header
 with every count and length checked against the bytes that are actually left in the file, so a
 hostile or truncated file is rejected with a ``BundleError`` naming the problem while nothing
 large has been allocated. It is plain Python over a read-only mmap and imports only ``gguf``'s

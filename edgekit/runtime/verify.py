@@ -46,8 +46,8 @@ def _check_onnx(bundle_dir: Path, manifest: Manifest) -> None:
 
 # Bundle format -> checks of the model file that run before the backend sees it.
 FORMAT_CHECKS: dict[str, Callable[[Path, Manifest], None]] = {
-    "gguf": _check_gguf,  # header counts, string lengths and tensor extents vs file size (RELIABILITY 1)
-    "onnx": _check_onnx,  # external-data locations stay in the bundle (RELIABILITY 3)
+    "gguf": _check_gguf,  # header counts, string lengths and tensor extents vs file size (docs/reliability.md case 1)
+    "onnx": _check_onnx,  # external-data locations stay in the bundle (docs/reliability.md case 3)
 }
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from edgekit.errors import DeviceError
+from edgekit.library import shipped_folder
 from edgekit.schema.loading import Strict, load_yaml_model
 
 DeviceId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=64)]
@@ -156,8 +157,8 @@ class Device(Strict):
 
 
 def default_device_dir() -> Path:
-    """The catalog shipped in the repository (devices/ next to recipes/)."""
-    return Path(__file__).resolve().parent.parent.parent / "devices"
+    """The shipped catalog: inside the installed package, or devices/ of a source checkout."""
+    return shipped_folder("devices")
 
 
 def load_device_file(path: Path) -> Device:

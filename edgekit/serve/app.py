@@ -132,7 +132,7 @@ async def wait_disconnect(request: Request) -> None:
 def create_app(settings: ServeSettings) -> FastAPI:
     """The daemon as an ASGI app; models are discovered and preloaded by its lifespan."""
     logging.getLogger("edgekit").setLevel(settings.log_level.upper())
-    api_key = read_api_key(settings)  # refuses a non-loopback bind without a key (RELIABILITY 9)
+    api_key = read_api_key(settings)  # refuses a non-loopback bind without a key (docs/reliability.md case 9)
     metrics = ServeMetrics()
     manager = ModelManager(settings, metrics)
 

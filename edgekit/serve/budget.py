@@ -15,7 +15,7 @@ MIB = 1024 * 1024
 # Share of the host's available RAM the daemon lets models use when no device or budget is given.
 HOST_SHARE = 0.85
 # The daemon process itself with no model loaded (web stack, no runtime): idle RSS measured by
-# scripts/bench_serve.py on this project's x86-64 host, rounded up.
+# scripts/bench_serve.py, rounded up (docs/device-facts.md).
 DAEMON_RSS = 80 * MIB
 # Bundles whose manifest lacks the facts the estimator needs (older exports): twice the files plus a runtime.
 FALLBACK_RUNTIME = 128 * MIB

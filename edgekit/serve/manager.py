@@ -263,7 +263,7 @@ class ModelManager:
         return {"n_ctx": effective_n_ctx(entry.manifest, s), "threads": s.threads,
                 "slots": s.slots if entry.task == "text-generation" else 1, "batch_max": s.batch_max,
                 "batch_max_tokens": s.batch_max_tokens,
-                "max_prompt_chars": 4 * s.max_input_chars + 65536}
+                "max_prompt_chars": 4 * s.max_input_chars + 65536, "plugins": list(s.worker_plugins)}
 
     async def _make_room(self, entry: ModelEntry) -> None:
         need = entry.footprint

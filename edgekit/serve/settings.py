@@ -75,6 +75,11 @@ class ServeSettings(BaseSettings):
         "or processes share the cores, where the default (300,000) makes threads starve each other; 0 sleeps at once; "
         "EDGEKIT_OMP_SPIN_COUNT=null keeps the environment's GOMP_SPINCOUNT.",
     )
+    worker_plugins: list[str] = Field(
+        default_factory=list,
+        description="Python modules each model worker imports before loading a bundle; a module may register a runner "
+        "for a bundle format (edgekit.serve.runners.register_runner). The test suite loads its fake model this way.",
+    )
     restart_max: int = Field(
         5, ge=0, description="Worker crashes tolerated per model within --restart-window-s before it is marked failed."
     )

@@ -37,9 +37,8 @@ LOSSLESS_ENOUGH = ("F32", "F16", "BF16", "Q8_0")
 def default_threads() -> int:
     """Threads for llama.cpp and torch: the cores not already busy, 1 to 4.
 
-    llama.cpp's threads spin at barriers, so oversubscribed cores cost more than they give:
-    on this project's 2-core machine with a load average of 4, a 512-token SmolLM2 window took
-    6.5 s with 1 thread and 14.1 s with 2 (PyTorch: 6.0 s and 20.3 s).
+    llama.cpp's threads spin at barriers, so oversubscribed cores cost more than they give
+    (on 2 busy cores, 2 threads took twice as long as 1 on a SmolLM2 window; PyTorch 3x).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0

@@ -33,7 +33,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 case $PREFIX in /*) ;; *) die 2 "--prefix must be an absolute path (got $PREFIX)" ;; esac
-case $PREFIX in *[!A-Za-z0-9/._-]*) die 2 "--prefix may hold only letters, digits and / . _ - (it goes into the systemd unit)" ;; esac
+case $PREFIX in
+  *[!A-Za-z0-9/._-]*) die 2 "--prefix may hold only letters, digits and / . _ - (it goes into the systemd unit)" ;;
+esac
 PREFIX=${PREFIX%/}
 command -v "$PY" >/dev/null 2>&1 || die 2 "$PY not found: install the board's python3 (Debian: apt install python3)"
 

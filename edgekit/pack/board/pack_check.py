@@ -93,7 +93,8 @@ def python_problem(manifest: dict) -> str | None:
     here = "%d.%d" % sys.version_info[:2]
     if here != manifest["python"]:
         return (f"this pack's wheels are for Python {manifest['python']}; {sys.executable} is Python {here}: "
-                f"make the pack with `edgekit pack --python {here}` (or run install.sh with EDGEKIT_PYTHON=python{manifest['python']})")
+                f"make the pack with `edgekit pack --python {here}` "
+                f"(or run install.sh with EDGEKIT_PYTHON=python{manifest['python']})")
     return None
 
 
@@ -102,7 +103,7 @@ def glibc_problem(manifest: dict) -> str | None:
     if name != "glibc":
         return "this system's C library is not glibc; the pack's wheels need glibc " + manifest["glibc_min"]
     if tuple(map(int, version.split(".")[:2])) < tuple(map(int, manifest["glibc_min"].split(".")[:2])):
-        return f"this system has glibc {version}; the pack's wheels need glibc {manifest['glibc_min']} or newer (Debian 12 or later)"
+        return f"this system has glibc {version}; the pack's wheels need glibc {manifest['glibc_min']} or newer"
     return None
 
 
@@ -149,11 +150,13 @@ def cpu_problems(pack_dir: str, manifest: dict) -> tuple[list[str], int]:
     wheel = edgekit_wheel(pack_dir, manifest)
     if wheel and "edgekit/runtime/cpu.py" in zipfile.ZipFile(wheel).namelist():
         # edgekit's own check, run from the (verified) wheel: a wheel is a zip, importable as is.
-        done = subprocess.run([sys.executable, "-m", "edgekit.runtime.cpu", "--require", ",".join(required)],
-                              env={**os.environ, "PYTHONPATH": wheel}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # -S and cwd: no installed edgekit (site-packages) or folder named edgekit may shadow the packed one.
+        done = subprocess.run([sys.executable, "-S", "-m", "edgekit.runtime.cpu", "--require", ",".join(required)],
+                              env={**os.environ, "PYTHONPATH": wheel}, cwd=pack_dir, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
         if done.returncode == 0:
             return [], 0
-        said = [line for line in done.stderr.splitlines() if line.strip()] or [f"edgekit.runtime.cpu exited {done.returncode}"]
+        said = [line for line in done.stdout.splitlines() if line.strip()] or [f"edgekit.runtime.cpu exited {done.returncode}"]
         return [*said, meant], 3
     features = cpu_features_here()
     if features is None:
@@ -187,7 +190,8 @@ def check(pack_dir: str, prefix: str, force_cpu: bool) -> dict:
     if not force_cpu:
         lines, code = cpu_problems(pack_dir, manifest)
         if lines:
-            raise PackRefused([*lines, "nothing was installed; make a pack for this board's device profile, or pass --force-cpu"], code)
+            advice = "nothing was installed; make a pack for this board's device profile, or pass --force-cpu"
+            raise PackRefused([*lines, advice], code)
     problem = space_problem(manifest, prefix)
     if problem:
         raise PackRefused([problem], 2)

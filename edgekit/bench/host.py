@@ -1,8 +1,9 @@
-"""Measure this machine into device-profile blocks (`edgekit profile-host`). Standard library + numpy only."""
+"""Measure this machine into device-profile blocks: CPU, RAM, memory bandwidth, storage. Standard library + numpy only."""
 
 from __future__ import annotations
 
 import os
+import platform
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,11 @@ def cpu_model_name() -> str:
     info = _cpuinfo()
     first = info[0] if info else {}
     return first.get("model name") or first.get("Hardware") or os.uname().machine
+
+
+def host_label() -> str:
+    """What a calibration point measured here names as its board: host name and CPU model."""
+    return f"{platform.node() or 'this host'}: {cpu_model_name()}"
 
 
 def isa_features(flags: set[str]) -> IsaFeatures:

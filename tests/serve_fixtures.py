@@ -1,0 +1,395 @@
+"""Fixtures of the serving tests (a pytest plugin loaded by conftest.py): bundles, the fake model, a daemon process.
+
+Bundles:
+- the MiniLM ONNX bundle, exported for real (``edgekit.export``, int8-dynamic, ~40 s once per session);
+- a SmolLM2 GGUF bundle that wraps the upstream Q4_1 GGUF from the model store (until the GGUF
+  exporter's bundle is used here, this keeps the serving tests independent of it);
+- tiny random BERT text/token classifiers exported through the real ONNX path (seconds);
+- hostile bundles built here: a GGUF whose tokenizer type does not match its tokens (llama.cpp
+  aborts with std::out_of_range when tokenizing), one with absurd header counts, one with a file
+  that differs from its manifest, an ONNX model whose external data points outside the bundle;
+- fake bundles: a tiny valid GGUF (one 16 x 8 tensor) that workers running the ``fake_runner`` plugin
+  serve with the fake model of ``fake_runner.py`` instead of llama.cpp (milliseconds, deterministic).
+
+Every real builder caches its bundle under pytest's session temp dir, so all modules share one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO, SMOLLM_GGUF, write_recipe
+
+from edgekit.bundle import file_entries, publish, staging_dir
+from edgekit.schema.manifest import Manifest, RuntimeConfig
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_NAME = "smollm2-135m-q4_1"
+MINILM_NAME = "all-minilm-l6-v2-int8-dynamic"
+SENTIMENT_NAME = "tiny-sentiment-int8"
+NER_NAME = "tiny-ner-int8"
+CRASH_NAME = "smollm2-bad-vocab"
+FAKE_NAMES = ("fake-a", "fake-b")
+FAKE_PLUGIN = "fake_runner"  # tests/fake_runner.py, imported by each worker
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _cached(base: Path, name: str, build) -> Path:
+    target = base / name
+    if not (target / "manifest.json").is_file():
+        build(base)
+    return target
+
+
+def publish_gguf(gguf_path: Path, out_dir: Path, name: str, *, chat_template: str | None = None) -> Path:
+    """Publish ``gguf_path`` as a text-generation bundle with a manifest filled from its header."""
+    from edgekit.runtime.gguf_file import gguf_facts, read_gguf_header
+
+    header = read_gguf_header(gguf_path)
+    facts = gguf_facts(header)
+    template = chat_template or header.get("tokenizer.chat_template")
+    with staging_dir(out_dir, name) as staged:
+        _link_or_copy(str(gguf_path), str(staged / "model.gguf"))
+        manifest = Manifest(
+            name=name, recipe_name=name, recipe_sha256="0" * 64, source_id=str(gguf_path), task="text-generation",
+            format="gguf", quantization=facts.quant_type, parameters=sum(t.n_elements for t in header.tensors),
+            files=file_entries(staged),
+            runtime=RuntimeConfig(max_length=facts.context_length, chat_template=template, context_length=facts.context_length),
+            gguf=facts, passed=True, tools={"test-fixture": "publish_gguf"},
+            created=datetime.now(timezone.utc).replace(microsecond=0),
+        )
+        return publish(staged, manifest, out_dir)
+
+
+def craft_gguf(source: Path, target: Path, overrides: dict[str, object]) -> Path:
+    """Copy a GGUF with some metadata values replaced (gguf.GGUFWriter; tensors copied byte for byte)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(source)
+    writer = GGUFWriter(target, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = overrides.get(key, field.contents())
+        if field.types[0] == GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(key, value, field.types[0])
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def smollm_gguf(sample_store: Path) -> Path:
+    return sample_store / SMOLLM_GGUF / SMOLLM_FILE
+
+
+def build_minilm(out_dir: Path) -> None:
+    from edgekit.export import export
+    from edgekit.schema.recipe import load_recipe
+
+    export(load_recipe(REPO / "recipes/all-minilm-l6-v2.yaml"), out_dir, targets=["int8-dynamic"])
+
+
+def build_tiny_classifier(out_dir: Path, task: str, name: str, labels: list[str], minilm_dir: Path, work: Path) -> None:
+    """A 2-layer random BERT with a classification head, exported through the real ONNX path."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    from edgekit.export import export
+    from edgekit.schema.recipe import load_recipe
+
+    torch.manual_seed(1)
+    source = work / f"src-{name}"
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=128, id2label=dict(enumerate(labels)),
+                        label2id={label: i for i, label in enumerate(labels)})
+    head = BertForSequenceClassification if task == "text-classification" else BertForTokenClassification
+    head(config).eval().save_pretrained(source, safe_serialization=True)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (minilm_dir / file).exists():
+            shutil.copy(minilm_dir / file, source / file)
+    recipe = write_recipe(work / f"{name}.yaml", source, name=name.removesuffix("-int8"), task=task,
+                          validation={"samples": ["good movie", "bad film, awful", "Paris is in France"],
+                                      "gates": {"min_cosine_mean": 0.5}})
+    export(load_recipe(recipe), out_dir)
+
+
+@pytest.fixture(scope="session")
+def bundle_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.getbasetemp() / "serve-bundle-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_bundle(bundle_cache: Path, sample_store: Path) -> Path:
+    return _cached(bundle_cache / "minilm", MINILM_NAME, build_minilm)
+
+
+@pytest.fixture(scope="session")
+def smollm_bundle(bundle_cache: Path, sample_store: Path) -> Path:
+    return _cached(bundle_cache / "smollm", SMOLLM_NAME, lambda out: publish_gguf(smollm_gguf(sample_store), out, SMOLLM_NAME))
+
+
+@pytest.fixture(scope="session")
+def classifier_bundles(bundle_cache: Path, minilm_dir: Path) -> dict[str, Path]:
+    out, work = bundle_cache / "classifiers", bundle_cache / "classifier-work"
+    work.mkdir(exist_ok=True)
+    return {
+        "text-classification": _cached(out, SENTIMENT_NAME, lambda o: build_tiny_classifier(
+            o, "text-classification", SENTIMENT_NAME, ["NEGATIVE", "POSITIVE"], minilm_dir, work)),
+        "token-classification": _cached(out, NER_NAME, lambda o: build_tiny_classifier(
+            o, "token-classification", NER_NAME, ["O", "B-LOC", "I-LOC"], minilm_dir, work)),
+    }
+
+
+@pytest.fixture(scope="session")
+def crash_bundle(bundle_cache: Path, sample_store: Path) -> Path:
+    """SmolLM2 with tokenizer.ggml.model 'llama' over GPT-2 tokens: loads, then aborts at tokenization."""
+    def build(out: Path) -> None:
+        crafted = craft_gguf(smollm_gguf(sample_store), bundle_cache / "bad-vocab.gguf",
+                             {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default"})
+        publish_gguf(crafted, out, CRASH_NAME)
+        crafted.unlink()
+    return _cached(bundle_cache / "crash", CRASH_NAME, build)
+
+
+def link_bundles(target: Path, *bundles: Path) -> Path:
+    """A models directory holding copies of ``bundles`` (hard links: no extra disk, same sha256)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for bundle in bundles:
+        dest = target / bundle.name
+        shutil.copytree(bundle, dest, copy_function=_link_or_copy)
+    return target
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        Path(dst).hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def hostile_bundles(root: Path, good_gguf_bundle: Path, good_onnx_bundle: Path) -> dict[str, Path]:
+    """Bundles that must be rejected at verification (docs/reliability.md case 1, 3, 5), each next to good ones."""
+    from edgekit.bundle import MANIFEST_NAME
+
+    bundles: dict[str, Path] = {}
+    manifest = json.loads((good_gguf_bundle / MANIFEST_NAME).read_text())
+
+    def clone(name: str, source: Path) -> Path:
+        dest = root / name
+        shutil.copytree(source, dest)
+        data = json.loads((dest / MANIFEST_NAME).read_text())
+        data["name"] = name
+        (dest / MANIFEST_NAME).write_text(json.dumps(data))
+        return dest
+
+    def rehash(bundle: Path) -> None:
+        data = json.loads((bundle / MANIFEST_NAME).read_text())
+        data["files"] = [json.loads(e.model_dump_json()) for e in file_entries(bundle)]
+        (bundle / MANIFEST_NAME).write_text(json.dumps(data))
+
+    # 5: a file changed after export (sha256 differs from the manifest).
+    tampered = bundles["tampered"] = clone("tampered-gguf", good_gguf_bundle)
+    with (tampered / "model.gguf").open("r+b") as handle:
+        handle.seek(-100, 2)
+        byte = handle.read(1)
+        handle.seek(-100, 2)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    # 1: absurd tensor count in the header (hash re-made so only the header check can catch it).
+    absurd = bundles["absurd-counts"] = clone("absurd-gguf", good_gguf_bundle)
+    with (absurd / "model.gguf").open("r+b") as handle:
+        handle.seek(8)
+        handle.write(struct.pack("<Q", 2**32 + 7))
+    rehash(absurd)
+    # 1: truncated file (hash re-made).
+    truncated = bundles["truncated"] = clone("truncated-gguf", good_gguf_bundle)
+    with (truncated / "model.gguf").open("r+b") as handle:
+        handle.truncate(manifest["files"][0]["bytes"] // 2)
+    rehash(truncated)
+    # 3: ONNX external data pointing outside the bundle.
+    escape = bundles["onnx-escape"] = clone("escape-onnx", good_onnx_bundle)
+    _point_external_data(escape / "model.onnx", "../../../../etc/passwd")
+    rehash(escape)
+    return bundles
+
+
+def _point_external_data(model_path: Path, location: str) -> None:
+    import onnx
+
+    model = onnx.load(str(model_path))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    tensor.external_data.add(key="location", value=location)
+    onnx.save(model, str(model_path))
+
+
+# ---- the fake model ------------------------------------------------------------------------------
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A valid GGUF with the header facts a manifest needs and one 16 x 8 float32 tensor (what the fake model serves)."""
+    import numpy as np
+    from gguf import GGUFWriter, LlamaFileType
+
+    writer = GGUFWriter(path, "llama")
+    writer.add_context_length(64)
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"w{i}" for i in range(16)])
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_gguf(tmp_path_factory) -> Path:
+    return tiny_gguf(tmp_path_factory.mktemp("fake-gguf") / "fake.gguf")
+
+
+@pytest.fixture
+def fake_models(tmp_path: Path, fake_gguf: Path) -> Path:
+    """A models directory with the fake bundles (each a real, verified gguf bundle of the tiny file)."""
+    models = tmp_path / "models"
+    for name in FAKE_NAMES:
+        publish_gguf(fake_gguf, models, name)
+    return models
+
+
+class Gates:
+    """The fake model's gates directory: the test opens gates and sees which ones a generation or load reached."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def open(self, name: str) -> None:
+        (self.root / name).touch()
+
+    def reached(self, name: str) -> bool:
+        return (self.root / f"{name}.waiting").exists()
+
+    def hold_load(self, model: str) -> str:
+        """Make ``model``'s next load wait at the gate it returns."""
+        (self.root / f"load-{model}.hold").touch()
+        return f"load-{model}"
+
+    def env(self) -> dict[str, str]:
+        """What a daemon process needs to run the fake model in its workers."""
+        path = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+        return {"EDGEKIT_FAKE_GATES": str(self.root), "PYTHONPATH": path}
+
+
+@pytest.fixture
+def gates(tmp_path: Path, monkeypatch) -> Gates:
+    """Gates for the fake model; workers started by this test's in-process apps inherit the environment."""
+    root = tmp_path / "gates"
+    root.mkdir()
+    result = Gates(root)
+    for key, value in result.env().items():
+        monkeypatch.setenv(key, value)
+    return result
+
+
+def wait_until(condition, what: str, limit_s: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; the limit only turns a hang into a failure (no test asserts on time)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {limit_s:.0f} s: {what}")
+        time.sleep(0.01)
+
+
+def parse_metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus exposition text (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# ---- the daemon as a process ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Daemon:
+    """`python -m edgekit serve` in a subprocess; its log goes to a file next to the models."""
+
+    def __init__(self, models: Path, *args: str, key_file: Path | None = None, key: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = models.parent / f"daemon-{self.port}.log"
+        command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(self.port),
+                   "--threads", "1", "--n-ctx", "256", "--idle-unload-s", "0", *args]
+        if key_file is not None:
+            command += ["--api-key-file", str(key_file)]
+        self.headers = {"authorization": f"Bearer {key}"} if key else {}
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+            try:
+                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, f"daemon ready (log: {self.log})", timeout)
+
+    def metric(self, name: str, **labels) -> float:
+        return parse_metric(httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10).text, name, **labels)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def refused(url: str) -> bool:
+    """True once nothing accepts connections at ``url`` any more."""
+    try:
+        httpx.get(f"{url}/health", timeout=1)
+    except httpx.TransportError:
+        return True
+    return False

@@ -1,0 +1,242 @@
+"""The built wheel, installed core-only into fresh venvs away from the checkout, is a working CLI.
+
+For each of Python 3.11, 3.12 and 3.13: build the wheel once, install it (no runtime/export extras, the
+tested dependency set from constraints.txt) into a new venv under a temporary folder, and run the
+installed `edgekit` there with the checkout off sys.path. The shipped device catalog and recipe
+library must come from inside the installed package and give the same numbers as the checkout.
+The CI example docs/ci/github-fit-gate.yml is run step by step with the installed wheel too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+PYTHONS = ("3.11", "3.12", "3.13")
+FIT_RECIPE = "smollm2-135m-instruct.yaml"
+FIT_DEVICE = "rpi-5-8gb"
+WORKFLOW = REPO / "docs" / "ci" / "github-fit-gate.yml"
+
+# Every file a shipped recipe names (validation and calibration texts), by recipe file and field path,
+# with its size; run inside the installed venv and in the checkout, the two answers must be equal
+# apart from where the files are.
+RECIPE_FILES_SCRIPT = """
+import json, sys
+from pathlib import Path
+from edgekit.library import shipped_folder
+from edgekit.schema.recipe import load_recipe
+
+def paths(value, where=""):
+    if isinstance(value, Path):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from paths(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from paths(item, f"{where}[{index}]")
+
+folder = shipped_folder("recipes")
+found = {}
+for path in sorted(folder.glob("*.yaml")):
+    loaded = load_recipe(path)
+    for field, relative in paths(loaded.recipe.model_dump()):
+        resolved = loaded.resolve(relative)
+        found[f"{path.name}:{field}"] = {"inside": resolved.is_relative_to(folder),
+                                         "bytes": resolved.stat().st_size if resolved.is_file() else None}
+json.dump({"folder": str(folder), "files": found}, sys.stdout)
+"""
+
+
+def find_python(version: str) -> str | None:
+    """An interpreter of this version: on PATH, or among pyenv's installed versions (its shims need a selection)."""
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [shutil.which(f"python{version}"),
+                  *map(str, sorted(pyenv_root.glob(f"versions/{version}.*/bin/python{version}"), reverse=True))]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return candidate
+    return None
+
+
+def clean_env(home: Path, bin_dir: Path | None = None) -> dict[str, str]:
+    """The environment of a user's shell: no checkout on sys.path, an empty edgekit home (no exported bundles)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(EDGEKIT_HOME=str(home), COLUMNS="200", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    if bin_dir is not None:
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def checkout_env(home: Path, bin_dir: Path | None = None) -> dict[str, str]:
+    """The same, running the checkout's code (the reference the installed wheel must match)."""
+    return clean_env(home, bin_dir) | {"PYTHONPATH": str(REPO)}
+
+
+class Installed:
+    """A fresh venv with the wheel in it; runs its `edgekit` from a folder outside the checkout."""
+
+    def __init__(self, version: str, root: Path, wheel: Path) -> None:
+        python = find_python(version)
+        if python is None:
+            pytest.skip(f"Python {version} interpreter not found (python{version} on PATH or under pyenv)")
+        root = root.resolve()
+        self.version, self.root = version, root
+        self.venv, self.cwd, self.home = root / "venv", root / "elsewhere", root / "home"
+        self.cwd.mkdir(parents=True)
+        self.home.mkdir()
+        subprocess.run([python, "-m", "venv", str(self.venv)], check=True)
+        self.bin = self.venv / "bin"
+        done = subprocess.run([str(self.bin / "python"), "-m", "pip", "install", "--quiet", "-c", str(REPO / "constraints.txt"),
+                               str(wheel)], cwd=self.cwd, env=clean_env(self.home), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / "edgekit"), *args], cwd=self.cwd, env=clean_env(self.home),
+                              capture_output=True, text=True)
+
+    def python(self, code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / "python"), "-c", code], cwd=self.cwd, env=clean_env(self.home),
+                              capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", str(REPO), "-w", str(out)],
+                          cwd=out, env=clean_env(out), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (built,) = out.glob("edgekit-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def install(wheel, tmp_path_factory):
+    """install(version) -> Installed, one venv per Python version for the whole module."""
+    made: dict[str, Installed] = {}
+
+    def make(version: str) -> Installed:
+        if version not in made:
+            made[version] = Installed(version, tmp_path_factory.mktemp(f"py{version}"), wheel)
+        return made[version]
+
+    return make
+
+
+@pytest.mark.parametrize("version", PYTHONS)
+def test_installed_cli_lists_the_shipped_catalog(install, version):
+    env = install(version)
+    # typer carries its own click since 0.29; the core install must not need the separate package.
+    assert env.python("import importlib.util as u; print(u.find_spec('click') is None)").stdout.strip() == "True"
+    assert env.python("import sys; print('%d.%d' % sys.version_info[:2])").stdout.strip() == version
+
+    done = env.run("devices", "list", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    repo_ids = sorted(p.stem for p in (REPO / "devices").glob("*.yaml"))
+    assert len(rows) == len(repo_ids) == 14
+    assert sorted(row["id"] for row in rows) == repo_ids
+    assert all(row["error"] is None for row in rows)
+
+    where = env.python("from edgekit.library import shipped_folder as f; print(f('devices')); print(f('recipes'))").stdout.split()
+    assert [Path(p).relative_to(env.venv).parts[-3:] for p in where] == [("edgekit", "shipped", "devices"),
+                                                                          ("edgekit", "shipped", "recipes")]
+    recipes = env.run("recipes", "list", "--json")
+    assert recipes.returncode == 0, recipes.stderr
+    assert sorted(row["file"] for row in json.loads(recipes.stdout) if row["error"] is None) == \
+        sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
+
+    version_line = env.run("--version")
+    assert version_line.returncode == 0 and version_line.stdout == f"edgekit {wheel_version(env)}\n"
+    typo = env.run("devicez")
+    assert typo.returncode == 2 and "Did you mean 'devices'" in typo.stderr and "Traceback" not in typo.stdout + typo.stderr
+
+
+def wheel_version(env: Installed) -> str:
+    return env.python("import importlib.metadata as m; print(m.version('edgekit'))").stdout.strip()
+
+
+@pytest.mark.parametrize("version", PYTHONS)
+def test_installed_fit_of_a_shipped_recipe_matches_the_checkout(install, version, tmp_path):
+    env = install(version)
+    recipe = Path(env.python("from edgekit.library import shipped_folder; print(shipped_folder('recipes'))").stdout.strip()) / FIT_RECIPE
+    assert recipe.is_relative_to(env.venv) and recipe.read_bytes() == (REPO / "recipes" / FIT_RECIPE).read_bytes()
+
+    installed = env.run("fit", "--recipe", str(recipe), "--device", FIT_DEVICE, "--json")
+    assert installed.returncode == 0, installed.stderr
+    checkout = subprocess.run([sys.executable, "-m", "edgekit", "fit", "--recipe", str(REPO / "recipes" / FIT_RECIPE),
+                               "--device", FIT_DEVICE, "--json"], cwd=tmp_path, env=checkout_env(env.home),
+                              capture_output=True, text=True)
+    assert checkout.returncode == 0, checkout.stderr
+    got, want = json.loads(installed.stdout), json.loads(checkout.stdout)
+    assert [r["subject"] for r in got] == ["smollm2-135m-instruct-q8-0", "smollm2-135m-instruct-q4-k-m"]
+    assert [r["memory"]["weights"] for r in got] == [r["memory"]["weights"] for r in want]
+    assert all(r["memory"]["weights"] > 50_000_000 and r["device"] == FIT_DEVICE and r["verdict"] == "pass" for r in got)
+    assert got == want
+
+
+@pytest.mark.parametrize("version", PYTHONS)
+def test_installed_recipes_find_their_data_files(install, version, tmp_path):
+    env = install(version)
+    installed = env.python(RECIPE_FILES_SCRIPT)
+    assert installed.returncode == 0, installed.stderr
+    checkout = subprocess.run([sys.executable, "-c", RECIPE_FILES_SCRIPT], cwd=tmp_path, env=checkout_env(env.home),
+                              capture_output=True, text=True)
+    assert checkout.returncode == 0, checkout.stderr
+    got, want = json.loads(installed.stdout), json.loads(checkout.stdout)
+    assert Path(got["folder"]).is_relative_to(env.venv) and Path(want["folder"]) == REPO / "recipes"
+    assert got["files"] == want["files"]
+    assert len(got["files"]) >= 13  # one validation or calibration text per shipped recipe at least
+    assert all(entry["inside"] and entry["bytes"] for entry in got["files"].values())
+
+
+def test_ci_fit_gate_example_runs_verbatim_with_the_wheel(install, tmp_path):
+    """docs/ci/github-fit-gate.yml: its run steps, unchanged, behave with the installed wheel as with the checkout."""
+    workflow = yaml.safe_load(WORKFLOW.read_text(encoding="utf-8"))
+    steps = workflow["jobs"]["fit"]["steps"]
+    version = next(s["with"]["python-version"] for s in steps if s.get("uses", "").startswith("actions/setup-python"))
+    runs = [s for s in steps if "run" in s]
+    # The install step builds and installs this same wheel; the venv stands in for it.
+    assert runs[0]["run"].strip() == "pip install ."
+    env = install(str(version))
+
+    shim = tmp_path / "checkout-bin"
+    shim.mkdir()
+    (shim / "edgekit").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m edgekit "$@"\n')
+    (shim / "edgekit").chmod(0o755)
+    results = {}
+    for label, bin_dir, make_env in (("wheel", env.bin, clean_env), ("checkout", shim, checkout_env)):
+        # A checkout of the repository as the runner sees it, plus the bundles artifact (manifests only).
+        workspace = tmp_path / label
+        shutil.copytree(REPO / "recipes", workspace / "recipes")
+        shutil.copytree(REPO / "tests" / "golden" / "bundles", workspace / "bundles")
+        run_env = make_env(env.home, bin_dir) | {"GITHUB_STEP_SUMMARY": str(workspace / "summary.md")}
+        codes = []
+        for step in runs[1:]:
+            done = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=workspace, env=run_env, capture_output=True, text=True)
+            assert "Traceback" not in done.stdout + done.stderr, done.stderr
+            codes.append((step.get("name"), done.returncode, [line for line in done.stdout.splitlines() if line.startswith("::")]))
+        reports = {p.name: p.read_text() for p in sorted((workspace / "reports").glob("*.xml"))}
+        results[label] = codes, reports, (workspace / "summary.md").read_text()
+
+    codes, reports, summary = results["wheel"]
+    assert [name for name, _, _ in codes] == ["Recipes fit their boards (predicted)", "Bundles fit the target boards"]
+    assert all(code in (0, 1) for _, code, _ in codes)  # a gate verdict, never a usage, config or backend error
+    gated = sorted(f"fit-{p.stem}.xml" for p in (REPO / "recipes").glob("*.yaml")
+                   if {"devices", "architecture"} <= set(yaml.safe_load(p.read_text()) or {}))
+    assert sorted(reports) == sorted([*gated, "fit-bundles.xml"]) and len(gated) == 12
+    assert results["wheel"] == results["checkout"]
+    assert summary.count("\n") > 20
