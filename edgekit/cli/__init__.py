@@ -67,6 +67,7 @@ def main() -> None:
     from edgekit.cli import fit  # noqa: F401  (registers devices, fit, plan, profile-host)
     from edgekit.cli import bench  # noqa: F401  (registers `bench`)
     from edgekit.cli import pack  # noqa: F401  (registers `pack`)
+    from edgekit.cli import doctor  # noqa: F401  (registers `doctor`)
 
     try:
         # Standalone mode: typer exits itself, 0 on success, typer.Exit's code, or 2 for a usage error.

@@ -50,8 +50,10 @@ class GoldenCheck(BaseModel):
     prompt_ids_equal: bool | None = Field(None, description="GGUF: the prompt tokenized to the recorded ids.")
     ids_equal: bool | None = Field(None, description="GGUF: greedy tokens identical to the recorded ones.")
     first_difference: int | None = Field(None, description="GGUF: first step (0-based) whose most likely token differs.")
-    top1_agreement: float | None = Field(None, description="GGUF: share of teacher-forced steps whose most likely token is the recorded id.")
-    kld: float | None = Field(None, description="GGUF: mean per-step KL divergence (recorded || this machine) over the recorded top tokens + rest.")
+    top1_agreement: float | None = Field(
+        None, description="GGUF: share of teacher-forced steps whose most likely token is the recorded id.")
+    kld: float | None = Field(
+        None, description="GGUF: mean per-step KL divergence (recorded || this machine) over the recorded top tokens + rest.")
     cosine: float | None = Field(None, description="ONNX embeddings: cosine similarity with the recorded embedding.")
     max_probability_diff: float | None = Field(None, description="ONNX classification: largest absolute probability difference.")
     labels_equal: bool | None = Field(None, description="ONNX classification: the same most likely labels as recorded.")
@@ -165,13 +167,15 @@ def check_prompt(index: int, prompt: GreedyPrompt, golden: GreedyGolden, model, 
     differ = [i for i, (a, b) in enumerate(zip(board, prompt.ids)) if a != b]
     agreement = 1.0 - len(differ) / len(prompt.ids) if prompt.ids else 1.0
     kld = float(np.mean([binned_kld(top, lp) for top, lp in zip(prompt.top_logprobs, steps)])) if steps else 0.0
-    numbers = f"teacher-forced top-1 {agreement:.3f} (bound >= {golden.min_top1_agreement:g}), KLD {kld:.2g} (bound <= {golden.max_kld:g})"
+    numbers = (f"teacher-forced top-1 {agreement:.3f} (bound >= {golden.min_top1_agreement:g}), "
+               f"KLD {kld:.2g} (bound <= {golden.max_kld:g})")
     common = dict(name=name, ids_equal=not differ, first_difference=differ[0] if differ else None,
                   top1_agreement=round(agreement, 6), kld=round(kld, 8), prompt_ids_equal=tokenized == prompt.prompt_ids)
     if tokenized != prompt.prompt_ids:
-        at = next((i for i, (a, b) in enumerate(zip(tokenized, prompt.prompt_ids)) if a != b), min(len(tokenized), len(prompt.prompt_ids)))
-        return GoldenCheck(passed=False, **common, detail=f"the prompt tokenizes differently from the record (first difference at "
-                                                          f"token {at} of {len(prompt.prompt_ids)}); {numbers}")
+        shorter = min(len(tokenized), len(prompt.prompt_ids))
+        at = next((i for i, (a, b) in enumerate(zip(tokenized, prompt.prompt_ids)) if a != b), shorter)
+        return GoldenCheck(passed=False, **common, detail=f"the prompt tokenizes differently from the record (first "
+                                                          f"difference at token {at} of {len(prompt.prompt_ids)}); {numbers}")
     if not differ:
         return GoldenCheck(passed=True, **common, detail=f"{len(prompt.ids)} greedy tokens identical; KLD {kld:.2g}")
     within = agreement >= golden.min_top1_agreement and kld <= golden.max_kld
@@ -183,13 +187,14 @@ def check_text(index: int, text: EncoderText, golden: EncoderGolden, model, task
     name = f"text {index}"
     got = encoder_output(model, task, text.text)
     if list(got.shape) != text.shape:
-        return GoldenCheck(name=name, passed=False, detail=f"output shape {list(got.shape)} differs from the recorded {text.shape}")
+        return GoldenCheck(name=name, passed=False,
+                           detail=f"output shape {list(got.shape)} differs from the recorded {text.shape}")
     want = unpack_f16(text.output, text.shape)
     if task == "feature-extraction":
         cosine = float(np.dot(got, want) / max(np.linalg.norm(got) * np.linalg.norm(want), 1e-12))
         passed = golden.min_cosine is None or cosine >= golden.min_cosine
-        return GoldenCheck(name=name, passed=passed, cosine=round(cosine, 8),
-                           detail=f"cosine {cosine:.6f} (bound >= {golden.min_cosine:g})" + ("" if passed else ": outside the bound"))
+        detail = f"cosine {cosine:.6f} (bound >= {golden.min_cosine:g})" + ("" if passed else ": outside the bound")
+        return GoldenCheck(name=name, passed=passed, cosine=round(cosine, 8), detail=detail)
     bound = golden.max_probability_diff if golden.max_probability_diff is not None else 1.0
     diff = float(np.abs(got - want).max())
     mine = output_labels(got, labels)
@@ -214,7 +219,8 @@ def check_golden(manifest: Manifest, model) -> GoldenReport:
     if isinstance(golden, GreedyGolden):
         checks = [check_prompt(i, p, golden, model, manifest.runtime) for i, p in enumerate(golden.prompts, 1)]
     else:
-        checks = [check_text(i, t, golden, model, manifest.task, list(manifest.runtime.labels)) for i, t in enumerate(golden.texts, 1)]
+        labels = list(manifest.runtime.labels)
+        checks = [check_text(i, t, golden, model, manifest.task, labels) for i, t in enumerate(golden.texts, 1)]
     failed = next((c for c in checks if not c.passed), None)
     reason = f"golden check failed for {manifest.name}: {failed.name}: {failed.detail}" if failed else ""
     return GoldenReport(bundle=manifest.name, recorded=True, passed=failed is None, reason=reason,
