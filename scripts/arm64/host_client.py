@@ -1,5 +1,5 @@
-"""Host side of the arm64 lane: ask the daemon in the board root for one chat completion and one
-embeddings request with the official openai client, over the network namespace's loopback.
+"""Host side of the arm64 lane: ask the daemon in the board root for one chat completion (streamed) and
+one embeddings request with the official openai client, over the network namespace's loopback.
 
 Runs with the host's (x86) Python inside the same network namespace as the daemon, so 127.0.0.1 is
 the namespace's own loopback. Waits for /health (bounded), then prints one JSON object.
@@ -66,10 +66,19 @@ def main() -> None:
     client = OpenAI(base_url=f"{base}/v1", api_key="unused-on-loopback", timeout=args.request_timeout, max_retries=0)
 
     started = time.monotonic()
-    chat = client.chat.completions.create(
+    # Streamed: the daemon sends one chunk per generated token, so the chunks show the board's tokens.
+    stream = client.chat.completions.create(
         model=args.chat_model, messages=[{"role": "user", "content": args.prompt}],
-        max_tokens=args.max_tokens, temperature=0,
+        max_tokens=args.max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
     )
+    pieces, finish_reason, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish_reason = choice.finish_reason or finish_reason
     chat_s = time.monotonic() - started
     started = time.monotonic()
     embeddings = client.embeddings.create(model=args.embed_model, input=args.text)
@@ -77,8 +86,8 @@ def main() -> None:
     print(json.dumps({
         "health": health,
         "ready_s": round(ready_s, 1),
-        "chat": {"text": chat.choices[0].message.content, "finish_reason": chat.choices[0].finish_reason,
-                 "usage": chat.usage.model_dump() if chat.usage else None, "seconds": round(chat_s, 1)},
+        "chat": {"pieces": pieces, "text": "".join(pieces), "finish_reason": finish_reason, "usage": usage,
+                 "seconds": round(chat_s, 1)},
         "embeddings": {"vectors": [item.embedding for item in embeddings.data], "seconds": round(embed_s, 1)},
     }))
 

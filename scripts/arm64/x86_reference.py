@@ -2,7 +2,7 @@
 
 - greedy: the chat prompt through the bundle's template and the daemon's own GgufModel (tokenize,
   sampler settings at temperature 0), so its text is what `edgekit serve` answers on any core whose
-  greedy tokens equal x86's;
+  greedy tokens equal x86's; with each token's text and whether that text is the token's alone;
 - int8: the ONNX bundle's embeddings with onnxruntime here;
 - fp32: the PyTorch model the bundle was gated against at export, and those gates (min_cosine_each,
   min_cosine_mean). Block-int8 kernels differ by instruction set (onnxruntime computes MatMulNBits
@@ -40,7 +40,19 @@ def greedy(bundle: Path, prompt: str, max_tokens: int) -> dict:
     finally:
         tokens.close()
     text = b"".join(model.piece(t) for t in ids).decode("utf-8", errors="replace")
-    return {"bundle": manifest.name, "prompt_ids": prompt_ids, "ids": ids, "text": text}
+    # A streamed answer carries one token's text per chunk; a text that no other token of the vocabulary
+    # has names its token id, so the board's chunks give the board's ids.
+    counts: dict[bytes, int] = {}
+    for token in range(model.llm.n_vocab()):
+        counts[model.piece(token)] = counts.get(model.piece(token), 0) + 1
+    pieces = []
+    for token in ids:
+        piece = model.piece(token)
+        try:
+            pieces.append({"id": token, "text": piece.decode("utf-8"), "unique": counts[piece] == 1})
+        except UnicodeDecodeError:  # part of a character: streamed together with the next token
+            pieces.append({"id": token, "text": None, "unique": False})
+    return {"bundle": manifest.name, "prompt_ids": prompt_ids, "ids": ids, "text": text, "pieces": pieces}
 
 
 def embeddings(bundle: Path, texts: list[str]) -> dict:
