@@ -45,6 +45,7 @@ MMDEBSTRAP_OPTS=(--variant=apt --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt
                  --dpkgopt=path-exclude=/usr/share/locale/*)
 NAMESPACE_TIMEOUT=1500                 # seconds one board's emulated lane may take (then all of it is killed)
 READY_TIMEOUT=600                      # seconds the daemon may take to load both bundles under emulation
+LOAD_TIMEOUT=900                       # one model's load with its golden checks under emulation (default 120 s)
 STOP_TIMEOUT=120                       # seconds from SIGTERM to the daemon's exit
 BOARD_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -142,7 +143,8 @@ serve_and_ask() {
   local board_id=$1 bin=$PREFIX/current/venv/bin pid rc=0 watchdog
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 PATH="$BOARD_PATH" \
     "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" --device "$PREFIX/current/$board_id.yaml" \
-    --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" ${SERVE_FLAGS[$board_id]:-} > serve.log 2>&1 &
+    --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" --load-timeout-s "$LOAD_TIMEOUT" ${SERVE_FLAGS[$board_id]:-} \
+    > serve.log 2>&1 &
   pid=$!
   "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$READY_TIMEOUT" \
     --chat-model "$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
