@@ -14,7 +14,9 @@ never imported). The fake is deterministic and is steered by its prompt and a ga
   wait and the generation (finish_reason "cancelled", K completion tokens);
 - ``crash@K``: after K completion tokens the worker aborts with SIGABRT (a native crash);
 - a bundle whose ``load-<bundle name>.hold`` file exists in the gates directory loads only once the file
-  ``load-<bundle name>`` exists (it creates ``load-<bundle name>.waiting`` meanwhile).
+  ``load-<bundle name>`` exists (it creates ``load-<bundle name>.waiting`` meanwhile);
+- the bundle verifier (which loads the plugin too) waits the same way at ``verify-<bundle name>`` when
+  ``verify-<bundle name>.hold`` exists, and aborts on a bundle whose ``verify-<bundle name>.crash`` exists.
 
 Every wait is bounded by ``GATE_LIMIT_S`` so a broken test fails instead of hanging.
 """
@@ -28,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import edgekit.runtime.verify as verify_module
 from edgekit.errors import EdgekitError
 from edgekit.runtime.llm import Delta, Finish, Sampling
 from edgekit.serve.runners import GenerationRunner, register_runner
@@ -68,11 +71,15 @@ class FakeTemplate:
 class FakeModel:
     """The GgufModel interface the generation runner uses, with words as tokens."""
 
+    add_bos = False
+    bos_text = ""
+
     def __init__(self, n_ctx: int) -> None:
         self.n_ctx = n_ctx
         self.template = FakeTemplate()
         self.words: dict[str, int] = {}
         self.vocab: list[str] = []
+        self.llm = self  # chat prompts are tokenized through llm.tokenize(bytes, add_bos=, special=)
 
     def check_template(self) -> None:
         pass
@@ -80,7 +87,9 @@ class FakeModel:
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         return self.template.render(messages)
 
-    def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
+    def tokenize(self, text: str | bytes, *, chat: bool = False, add_bos: bool = False, special: bool = True) -> list[int]:
+        if isinstance(text, bytes):  # called as llama-cpp-python's Llama.tokenize
+            text = text.decode("utf-8")
         ids = []
         for word in text.split():
             if word not in self.words:
@@ -125,3 +134,21 @@ class FakeGenerationRunner(GenerationRunner):
 
 
 register_runner("gguf", FakeGenerationRunner, replace=True)
+
+
+def _gated_gguf_check(check: Callable[..., None]) -> Callable[..., None]:
+    """The real gguf header check behind the verification gates: ``verify-<name>.crash`` aborts the verifier,
+    ``verify-<name>.hold`` makes it wait at the gate ``verify-<name>``."""
+    def gated(bundle_dir: Path, manifest) -> None:
+        if GATES_ENV in os.environ:
+            if (gates_dir() / f"verify-{manifest.name}.crash").exists():
+                os.abort()
+            if (gates_dir() / f"verify-{manifest.name}.hold").exists():
+                pass_gate(f"verify-{manifest.name}")
+        check(bundle_dir, manifest)
+    gated.gated = True
+    return gated
+
+
+if not getattr(verify_module.check_gguf_bundle, "gated", False):  # the format spec looks the check up by name on each use
+    verify_module.check_gguf_bundle = _gated_gguf_check(verify_module.check_gguf_bundle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 def test_verifier_subprocess_accepts_good_and_rejects_hostile(tmp_path, smollm_bundle, minilm_bundle):
     """docs/reliability.md case 1, 3, 5: each hostile bundle is rejected with its reason; the good ones pass."""
-    from edgekit.serve.discovery import bundle_dirs, verify_in_subprocess
+    from edgekit.serve.discovery import bundle_dirs, verify_bundles
+
+    async def verify_all(paths: list[Path]) -> list:
+        return [row async for row in verify_bundles(paths, timeout=600.0)]
 
     models = link_bundles(tmp_path / "models", smollm_bundle, minilm_bundle)
     hostile = hostile_bundles(models, smollm_bundle, minilm_bundle)
-    rows = {Path(r.dir).name: r for r in verify_in_subprocess(bundle_dirs(models))}
+    rows = {Path(r.dir).name: r for r in asyncio.run(verify_all(bundle_dirs(models)))}
     assert rows[SMOLLM_NAME].ok and rows[SMOLLM_NAME].task == "text-generation"
     assert rows[MINILM_NAME].ok and rows[MINILM_NAME].task == "feature-extraction"
     assert not rows[hostile["tampered"].name].ok and "sha256 differs" in rows[hostile["tampered"].name].error

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgekit.bundle import bundle_path_inside, verify_bundle
+from edgekit.bundle import bundle_path_inside, read_manifest, verify_bundle
 from edgekit.errors import BundleError
 from edgekit.formats import FORMATS
-from edgekit.schema.manifest import Manifest
+from edgekit.schema.manifest import MANIFEST_NAME, Manifest
+
+# Largest manifest.json read: an exported bundle's is a few KiB; a huge one would be held in memory whole.
+MAX_MANIFEST_BYTES = 1024 * 1024
 
 # Tasks the runtime can serve, by bundle format (from the task table).
 SERVABLE_TASKS: dict[str, tuple[str, ...]] = {name: spec.tasks for name, spec in FORMATS.items()}
@@ -45,10 +48,33 @@ def check_onnx_bundle(bundle_dir: Path, manifest: Manifest) -> None:
 
 
 
+def check_manifest_size(bundle_dir: Path) -> None:
+    """Refuse a manifest.json over ``MAX_MANIFEST_BYTES`` before anything parses it."""
+    try:
+        size = (Path(bundle_dir) / MANIFEST_NAME).stat().st_size
+    except OSError as exc:
+        raise BundleError(f"{bundle_dir}: cannot read {MANIFEST_NAME}: {exc.strerror}") from exc
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{bundle_dir}: {MANIFEST_NAME} has {size} bytes; at most {MAX_MANIFEST_BYTES} are read")
+
+
+def read_manifest_capped(bundle_dir: Path) -> Manifest:
+    """``read_manifest`` after the size check (what the daemon reads in its own process)."""
+    check_manifest_size(bundle_dir)
+    return read_manifest(Path(bundle_dir))
+
+
 def verify_for_runtime(bundle_dir: Path) -> Manifest:
-    """Manifest sha256 + containment, servable task, format header checks. Returns the manifest."""
+    """Manifest sha256 + containment, servable task, format header checks. Returns the manifest.
+
+    A path the OS refuses (NUL byte, a component over NAME_MAX, a symlink loop) is a bad bundle, not a crash.
+    """
     bundle_dir = Path(bundle_dir)
-    manifest = verify_bundle(bundle_dir)
+    check_manifest_size(bundle_dir)
+    try:
+        manifest = verify_bundle(bundle_dir)
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: Path.resolve on a symlink loop (Python 3.11)
+        raise BundleError(f"{bundle_dir}: a file listed in the manifest cannot be opened: {type(exc).__name__}: {exc}") from exc
     if not manifest.passed:
         raise BundleError(f"{bundle_dir}: its quality gates failed at export; it is not served")
     if manifest.task not in SERVABLE_TASKS.get(manifest.format, ()):

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,6 +48,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.services = services
     app.state.guard = Guard(settings, api_key)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    if settings.allowed_origins:  # browsers need CORS headers (and preflight answers) to use an allowed origin's responses
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
     app.include_router(api)
     app.include_router(probes)
 

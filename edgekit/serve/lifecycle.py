@@ -217,7 +217,8 @@ class Lifecycle:
         return WorkerConfig(n_ctx=effective_n_ctx(entry.manifest, s), threads=s.threads,
                             slots=s.slots if entry.task == "text-generation" else 1, batch_max=s.batch_max,
                             batch_max_tokens=s.batch_max_tokens, max_prompt_chars=4 * s.max_input_chars + 65536,
-                            plugins=list(s.worker_plugins), verified=entry.verified_files)
+                            plugins=list(s.worker_plugins), verified=entry.verified_files,
+                            special_in_content=s.allow_control_tokens_in_content)
 
     async def _make_room(self, entry: ModelEntry) -> None:
         need = entry.footprint
@@ -310,23 +311,28 @@ class Lifecycle:
     async def startup(self) -> None:
         """Discover bundles and load the preload list at the same time; /health is 503 until both are done.
 
-        A preloaded bundle is registered from its manifest and verified by its own worker, which
+        Each bundle is served as soon as it is verified, and each has its own time limit, so this
+        always ends. A preloaded bundle is registered from its manifest and verified by its own worker, which
         checks hashes and headers before llama.cpp or onnxruntime opens a file (and refuses to load
         otherwise); the other bundles are verified by the discovery pass meanwhile.
         """
         provisional = self.catalog.register_unverified(self.settings.preload)
         preloading = self.spawn(self.preload(), "preload")
         try:
-            await self.catalog.discover(skip=provisional)
+            try:
+                await self.catalog.discover(skip=provisional)
+            except Exception:  # a bug; logged, and the daemon still leaves "starting" with what it has verified
+                log.exception("bundle discovery stopped")
+            finally:
+                self.catalog.discovered.set()
             log.info("serving %d model(s) from %s: %s; memory budget %d MiB (%s)", len(self.catalog.entries),
                      self.settings.models, ", ".join(sorted(self.catalog.entries)) or "none", self.budget // MIB,
                      self.budget_source)
         finally:
-            self.catalog.discovered.set()
-        try:
-            await preloading
-        finally:
-            self.starting = False
+            try:
+                await preloading
+            finally:
+                self.starting = False
 
     def start_background(self) -> None:
         self.spawn(self.startup(), "startup")

@@ -35,6 +35,8 @@ class ServeMetrics:
         self.active = Gauge("edgekit_active_requests", "Requests holding or waiting for a model.", ["model"], registry=r)
         self.resident = Gauge("edgekit_resident_memory_bytes", "Resident memory of the daemon and of each model worker.",
                               ["process"], registry=r)
+        self.connections_closed = Counter("edgekit_connections_closed", "Connections the daemon closed at a limit "
+                                          "(headers timeout, body timeout, connection cap).", ["reason"], registry=r)
         self.worker_restarts = Counter("edgekit_worker_restarts", "Model workers that stopped unexpectedly.", ["model"],
                                        registry=r)
 

@@ -14,7 +14,7 @@ whose finish reason is "cancelled". A load: the worker starts, verifies and load
 its golden checks if it has any, then sends ``Ready`` or ``LoadError`` (and exits). ``Shutdown`` asks the worker to finish what it runs; it answers ``Bye`` and exits.
 
 Besides the pipe, the worker receives its ``WorkerConfig`` as JSON on its command line, and the
-bundle verifier subprocess prints one ``Verified`` line per bundle.
+bundle verifier subprocess prints a ``VerifyStarted`` and then a ``Verified`` line per bundle.
 """
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ class Verified(Message):
         "still have this identity needs no second full read.")
 
 
+class VerifyStarted(Message):
+    """The verifier's line before it starts on a bundle: the daemon times each bundle from here."""
+
+    started: str = Field(description="The bundle directory as given.")
+
+
 class WorkerConfig(Message):
     """How the daemon runs one worker (``--config`` JSON)."""
 
@@ -80,6 +86,7 @@ class WorkerConfig(Message):
     batch_max_tokens: int = Field(description="Most padded tokens in one encoder run.")
     max_prompt_chars: int = Field(description="Largest prompt a chat template may render.")
     plugins: list[str] = Field(default_factory=list, description="Modules imported before loading (runner registry).")
+    special_in_content: bool = Field(False, description="Control tokens typed in chat message content are parsed as such.")
     verified: list[FileIdentity] | None = Field(
         None, description="Identity of the bundle's files when they were last hashed in full; None: verify now.")
 

@@ -32,7 +32,7 @@ from edgekit.serve.admission import (
 )
 from edgekit.serve.discovery import Catalog
 from edgekit.serve.errors import ApiError, bad_param
-from edgekit.serve.guard import allowed_host, authenticated, body_within_limit, read_body
+from edgekit.serve.guard import allowed_host, authenticated, body_within_limit, json_body, read_body, same_origin
 from edgekit.serve.lifecycle import Lifecycle, ModelEntry
 from edgekit.serve.metrics import ServeMetrics
 from edgekit.serve.protocol import DeltaMessage, Done, Generate
@@ -84,8 +84,9 @@ def services(request: Request) -> Services:
 
 Svc = Annotated[Services, Depends(services)]
 
-api = APIRouter(dependencies=[Depends(allowed_host), Depends(authenticated), Depends(body_within_limit)])
-probes = APIRouter(dependencies=[Depends(allowed_host), Depends(body_within_limit)])
+api = APIRouter(dependencies=[Depends(allowed_host), Depends(same_origin), Depends(authenticated), Depends(json_body),
+                               Depends(body_within_limit)])
+probes = APIRouter(dependencies=[Depends(allowed_host), Depends(same_origin), Depends(body_within_limit)])
 
 
 def check_chars(svc: Services, count: int, param: str) -> None:
@@ -315,7 +316,6 @@ async def classify(request: Request, svc: Svc) -> ClassificationList:
 
 @api.get("/v1/models")
 async def list_models(svc: Svc) -> ModelList:
-    await svc.catalog.discovered.wait()
     return ModelList(data=[
         ModelCard(id=e.name, created=int(e.manifest.created.timestamp()), task=e.task, format=e.manifest.format,
                   quantization=e.manifest.quantization, state=e.state, footprint_bytes=e.footprint)
@@ -335,12 +335,15 @@ async def metrics_endpoint(svc: Svc) -> Response:
     return Response(svc.metrics.render(svc.catalog.entries.values()), media_type=svc.metrics.content_type)
 
 
-@probes.get("/health", response_model=Health)
+@probes.api_route("/health", methods=["GET", "HEAD"], response_model=Health)
 async def health(svc: Svc) -> Response | Health:
     loading = svc.lifecycle.loading
     if svc.lifecycle.starting or loading:
-        what = ", ".join(loading) if loading else "starting"
+        verifying = sorted(svc.catalog.verifying)
+        what = ", ".join(loading) if loading else (f"verifying {', '.join(verifying)}" if verifying else "starting")
         return JSONResponse({"status": "loading", "error": {"message": f"Loading model ({what})", "type": "unavailable_error",
                              "param": None, "code": "loading"}}, status_code=503, headers={"Retry-After": "1"})
-    return Health(models=len(svc.catalog.entries), loaded=sorted(e.name for e in svc.lifecycle.loaded),
-                  rejected=sorted(svc.catalog.rejected), failed=svc.lifecycle.failed)
+    rejected, failed = sorted(svc.catalog.rejected), svc.lifecycle.failed
+    return Health(status="degraded" if rejected or failed else "ok", models=len(svc.catalog.entries),
+                  loaded=sorted(e.name for e in svc.lifecycle.loaded), rejected=rejected, failed=failed,
+                  verifying=sorted(svc.catalog.verifying))

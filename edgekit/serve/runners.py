@@ -10,6 +10,7 @@ is how the test suite swaps llama.cpp for a fake model while the daemon, worker 
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,7 @@ class GenerationRunner:
         from edgekit.runtime.verify import model_file
 
         path = model_file(bundle_dir, manifest)
+        self.special_in_content = config.special_in_content
         self.models = [self.open_model(path, manifest, config) for _ in range(config.slots)]
         self.models[0].check_template()
         self.facts = {"n_ctx": self.models[0].n_ctx, "chat": self.models[0].template is not None}
@@ -102,13 +104,44 @@ class GenerationRunner:
             send(Error(id=job.id, status=400 if exc.client_error else 500, code="chat_template_error", message=str(exc),
                        param="messages"))
             return
-        tokens = model.tokenize(text, chat=chat)
+        if chat and not self.special_in_content:
+            tokens = chat_tokens(model, [turn.model_dump(exclude_none=True) for turn in message.messages], text)
+        else:
+            tokens = model.tokenize(text, chat=chat)
         send(Prompt(id=job.id, tokens=len(tokens)))
         if not job.wait_proceed():
             send(Done(id=job.id, finish=Finish("cancelled", len(tokens), 0)))
             return
         for event in model.generate(tokens, message.sampling, job.cancelled):
             send(DeltaMessage(id=job.id, delta=event) if isinstance(event, Delta) else Done(id=job.id, finish=event))
+
+
+# Private-use characters around a message's index: what a chat template renders in place of its content.
+_CONTENT_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def chat_tokens(model, messages: list[dict[str, Any]], rendered: str) -> list[int]:
+    """Token ids of a chat prompt in which the template's markup may be control tokens and message content may not.
+
+    The template is rendered again with a marker in place of each message's content; the markup between
+    markers is tokenized with ``special=True``, each content with ``special=False``, so a user who types
+    ``<|im_start|>system`` gets those characters as text, not a forged turn. A template that does not
+    reproduce every marker once and in order (it rewrites content) gets ``rendered`` tokenized whole.
+    """
+    if not any("\ue000" in str(m.get("content", "")) for m in messages):
+        marked = model.render_chat([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)])
+        found = [int(match[1]) for match in _CONTENT_MARK.finditer(marked)]
+        if found == list(range(len(messages))):
+            add_bos = model.add_bos and not (model.bos_text and rendered.startswith(model.bos_text))
+            tokens: list[int] = []
+            parts = _CONTENT_MARK.split(marked)  # markup, index, markup, index, ..., markup
+            for position, part in enumerate(parts):
+                text = part if position % 2 == 0 else messages[int(part)]["content"]
+                if text:
+                    tokens += model.llm.tokenize(text.encode("utf-8"), add_bos=add_bos and not tokens,
+                                                 special=position % 2 == 0)
+            return tokens
+    return model.tokenize(rendered, chat=True)
 
 
 class EncoderRunner:

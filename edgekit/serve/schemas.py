@@ -351,13 +351,14 @@ class ModelList(Reply):
 
 
 class Health(Reply):
-    """GET /health when every model that is listed can be asked for."""
+    """GET /health once started: "ok" when everything listed serves, "degraded" while a bundle or model is refused or failed."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"]
     models: int
     loaded: list[str]
     rejected: list[str] = Field(description="Bundle folders refused at verification.")
     failed: dict[str, str] = Field(description="Models that are not served now, with the reason (e.g. a failed golden check).")
+    verifying: list[str] = Field(default_factory=list, description="Bundle folders being verified now.")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}

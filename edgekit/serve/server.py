@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from edgekit.serve.connections import ConnectionLimits, RateLimitedLog, fit_to_file_limit, protocol_class
 from edgekit.serve.settings import ServeSettings
 
 
@@ -27,10 +28,16 @@ def run(settings: ServeSettings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)  # refuses an unsafe bind before anything listens
+    limits = ConnectionLimits(fit_to_file_limit(settings.max_connections), settings.header_timeout_s,
+                              settings.body_timeout_s, app.state.services.metrics)
+    for name in ("asyncio", "uvicorn.error"):  # e.g. "socket.accept() out of system resource" once per accept
+        logging.getLogger(name).addFilter(RateLimitedLog())
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=protocol_class(limits),
+        timeout_keep_alive=settings.idle_timeout_s,
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=settings.grace_s,

@@ -34,6 +34,11 @@ class ServeSettings(BaseSettings):
         description="Extra Host header names accepted on a loopback bind (localhost, 127.0.0.1 and ::1 always are); "
         "guards against DNS rebinding.",
     )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port]) whose pages may call the API from a browser; requests carrying "
+        "any other Origin header get 403.",
+    )
     device: str | None = Field(
         None, description="Device profile id (devices/*.yaml) whose usable RAM is the memory budget; default: this host."
     )
@@ -48,6 +53,17 @@ class ServeSettings(BaseSettings):
     queue_size: int = Field(16, ge=0, le=4096, description="Requests that may wait per model; beyond it: 503 + Retry-After.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still running after this long is cancelled (504).")
     load_timeout_s: float = Field(120.0, gt=0, description="Give up on a model that takes longer than this to load.")
+    verify_timeout_s: float = Field(
+        600.0, gt=0, description="Most seconds one bundle's verification (sha256 of every file, header checks) may take; "
+        "a bundle that takes longer is rejected and the others go on."
+    )
+    max_connections: int = Field(
+        128, ge=1, le=65536, description="Open connections at most; past it the oldest one still waiting for its request "
+        "head is closed (the file limit is raised to fit, or the cap lowered)."
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection must send its whole request head within this.")
+    body_timeout_s: float = Field(60.0, gt=0, description="A request's body must arrive in full within this.")
+    idle_timeout_s: float = Field(5.0, gt=0, description="Close a keep-alive connection idle this long between requests.")
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body; larger ones get 413 before they are read."
     )
@@ -65,6 +81,10 @@ class ServeSettings(BaseSettings):
     )
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a micro-batch waits for more requests once the model is free."
+    )
+    allow_control_tokens_in_content: bool = Field(
+        False, description="Parse control tokens (e.g. <|im_start|>) typed in chat message content as control tokens; by "
+        "default content is tokenized as text, so users cannot forge system turns. The template's own markup is always parsed."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads per model worker (default: all cores).")
     omp_spin_count: int | None = Field(

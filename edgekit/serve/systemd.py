@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from edgekit.serve.budget import MIB, footprint_bytes
+from edgekit.serve.connections import FD_RESERVE
 from edgekit.serve.settings import ServeSettings
 
 STATE_DIR = Path("/var/lib/edgekit")
@@ -43,7 +44,8 @@ def render_unit(settings: ServeSettings, exec_path: str, budget_bytes: int, sour
     budget_mb = max(16, -(-budget_bytes // MIB))
     memory_max_mb = budget_mb + DAEMON_RESERVE // MIB
     args = [exec_path, "serve", "--models", str(settings.models), "--host", settings.host, "--port", str(settings.port),
-            "--memory-budget-mb", str(budget_mb), "--grace-s", f"{settings.grace_s:g}"]
+            "--memory-budget-mb", str(budget_mb), "--grace-s", f"{settings.grace_s:g}",
+            "--max-connections", str(settings.max_connections)]
     if settings.api_key_file is not None:
         args += ["--api-key-file", str(settings.api_key_file)]
     for name in settings.preload:
@@ -77,6 +79,8 @@ MemoryMax={memory_max_mb}M
 MemorySwapMax=0
 OOMPolicy=stop
 TasksMax=256
+# Descriptors: --max-connections {settings.max_connections} plus the daemon's own files and worker sockets.
+LimitNOFILE={settings.max_connections + FD_RESERVE}
 LimitCORE=0
 
 # Who and where: a transient user; only the state directory ({STATE_DIR}, bundles under bundles/) is writable.

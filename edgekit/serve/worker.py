@@ -41,6 +41,7 @@ from edgekit.serve.protocol import (
     Ready,
     Shutdown,
     Verified,
+    VerifyStarted,
     WorkerConfig,
     read_frame_sync,
 )
@@ -163,11 +164,13 @@ def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
     return 0
 
 
-def verify(paths: list[Path]) -> int:
-    """Check each bundle; print one ``Verified`` JSON line per bundle."""
+def verify(paths: list[Path], plugins: list[str] | None = None) -> int:
+    """Check each bundle; print a ``VerifyStarted`` line, then one ``Verified`` JSON line per bundle."""
     from edgekit.runtime.verify import verify_for_runtime
 
+    load_plugins(plugins or [])
     for path in paths:
+        print(VerifyStarted(started=str(path)).model_dump_json(), flush=True)
         files = _identities_or_none(path)  # taken before hashing: a write during it shows at load
         try:
             manifest = verify_for_runtime(path)
@@ -188,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--bundle", type=Path, required=True)
     serve_cmd.add_argument("--config", type=WorkerConfig.model_validate_json, required=True)
     verify_cmd = commands.add_parser("verify")
+    verify_cmd.add_argument("--plugins", default="", help="comma-separated worker plugin modules")
     verify_cmd.add_argument("bundles", type=Path, nargs="*")
     args = parser.parse_args(argv)
     if args.command == "verify":
-        return verify(args.bundles)
+        return verify(args.bundles, [p for p in args.plugins.split(",") if p])
     return serve(args.fd, args.bundle, args.config)
 
 
