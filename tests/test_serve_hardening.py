@@ -397,3 +397,35 @@ def test_connection_cap_closes_the_oldest_idle_connection_not_the_new_client(fak
         for sock in idle:
             sock.close()
         assert daemon.stop() == 0
+
+
+# ---- case 31: a hung worker is found, killed and restarted -----------------------------------------------------
+
+
+def test_a_stopped_worker_misses_its_heartbeat_and_is_restarted(fake_models, gates):
+    """docs/reliability.md case 31: SIGSTOP on a worker mid-generation: its request gets 503 + Retry-After once the
+    heartbeat is missed, the worker is killed and restarted, counted in /metrics; the other model never notices."""
+    import os
+    import signal
+
+    from test_serve_admission import metric
+
+    settings = fake_settings(fake_models, preload=[FAKE, OTHER], heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)
+    with TestClient(create_app(settings), base_url=BASE) as c:
+        started(c)
+        worker = c.app.state.services.catalog.entries[FAKE].worker
+        held = Background(lambda: chat(c, "hold:h1", max_tokens=4))
+        wait_until(lambda: gates.reached("h1"), "the generation is under way")
+        os.kill(worker.pid, signal.SIGSTOP)
+        response = held.result()
+        error = response.json()["error"]
+        assert response.status_code == 503 and error["code"] == "worker_hung" and response.headers["retry-after"] == "2"
+        wait_until(lambda: metric(c, "edgekit_worker_hangs_total", model=FAKE) == 1, "the hang is counted")
+        assert metric(c, "edgekit_worker_restarts_total", model=FAKE) == 1
+        assert worker.proc.wait(60) == -signal.SIGKILL
+        wait_until(lambda: states(c)[FAKE] == "ready", "the model is restarted")
+        assert c.app.state.services.catalog.entries[FAKE].worker.pid != worker.pid
+        gates.open("h1")
+        assert chat(c, "again", max_tokens=2).json()["choices"][0]["message"]["content"] == completion(2)
+        assert metric(c, "edgekit_worker_hangs_total", model=OTHER) == 0
+        assert chat(c, "other", OTHER, max_tokens=2).status_code == 200

@@ -169,7 +169,8 @@ class Lifecycle:
             await self._make_room(entry)
             entry.move(ModelState.LOADING)
             started = time.perf_counter()
-            worker = WorkerProcess(entry.name, entry.path, self.worker_config(entry), self._worker_exited, self.worker_env())
+            worker = WorkerProcess(entry.name, entry.path, self.worker_config(entry), self._worker_exited, self.worker_env(),
+                                   heartbeat=(self.settings.heartbeat_interval_s, self.settings.heartbeat_timeout_s))
             try:
                 ready = await worker.start(self.settings.load_timeout_s)
             except BundleError as exc:
@@ -267,9 +268,12 @@ class Lifecycle:
         if replacing:
             entry.crashes.append(time.monotonic())
         else:
-            self._count_crash(entry, f"worker stopped with {describe_exit(worker.returncode)}")
+            self._count_crash(entry, "worker stopped answering its heartbeat" if worker.hung
+                              else f"worker stopped with {describe_exit(worker.returncode)}")
         if self.metrics is not None:
             self.metrics.worker_restarts.labels(model=entry.name).inc()
+            if worker.hung:
+                self.metrics.worker_hangs.labels(model=entry.name).inc()
         if not replacing and entry.state is ModelState.AVAILABLE and not self.closing:
             log.info("restarting the worker of model %s", entry.name)
             entry.load_task = self.spawn(self._load_quietly(entry), f"restart-{entry.name}")

@@ -37,6 +37,8 @@ class ServeMetrics:
                               ["process"], registry=r)
         self.connections_closed = Counter("edgekit_connections_closed", "Connections the daemon closed at a limit "
                                           "(headers timeout, body timeout, connection cap).", ["reason"], registry=r)
+        self.worker_hangs = Counter("edgekit_worker_hangs", "Model workers killed for missing their heartbeat (also counted "
+                                    "in edgekit_worker_restarts).", ["model"], registry=r)
         self.worker_restarts = Counter("edgekit_worker_restarts", "Model workers that stopped unexpectedly.", ["model"],
                                        registry=r)
 

@@ -9,7 +9,7 @@ the messages: ``Sampling`` in ``Generate``, ``Delta`` in ``DeltaMessage``, ``Fin
 A generation: daemon ``Generate`` -> worker ``Prompt`` (token count of the rendered prompt) -> daemon
 ``Proceed`` (the prompt fits the context; the daemon decides) or ``Cancel`` -> worker ``DeltaMessage``\\*
 then exactly one ``Done`` or ``Error``. An encoder job: ``Encode`` -> ``Result`` (+ payload) or ``Error``.
-``Cancel`` may come at any time; a job cancelled before it produced anything ends with a ``Done``
+``Cancel`` may come at any time, and so may ``Ping`` (the worker answers ``Pong``: its heartbeat); a job cancelled before it produced anything ends with a ``Done``
 whose finish reason is "cancelled". A load: the worker starts, verifies and loads the bundle, reruns
 its golden checks if it has any, then sends ``Ready`` or ``LoadError`` (and exits). ``Shutdown`` asks the worker to finish what it runs; it answers ``Bye`` and exits.
 
@@ -132,6 +132,12 @@ class Cancel(Message):
     id: str
 
 
+class Ping(Message):
+    """Are you alive? The worker's reader thread answers ``Pong`` at once, whatever its slots are doing."""
+
+    type: Literal["ping"] = "ping"
+
+
 class Shutdown(Message):
     """Finish the jobs that are running, answer ``Bye`` and exit."""
 
@@ -220,14 +226,20 @@ class Error(Message):
     param: str | None = None
 
 
+class Pong(Message):
+    """The answer to ``Ping``."""
+
+    type: Literal["pong"] = "pong"
+
+
 class Bye(Message):
     """The worker finished after ``Shutdown`` and exits."""
 
     type: Literal["bye"] = "bye"
 
 
-ToWorker = Annotated[Generate | Proceed | Encode | Cancel | Shutdown, Field(discriminator="type")]
-ToDaemon = Annotated[Ready | LoadError | Prompt | DeltaMessage | Done | Result | Error | Bye, Field(discriminator="type")]
+ToWorker = Annotated[Generate | Proceed | Encode | Cancel | Ping | Shutdown, Field(discriminator="type")]
+ToDaemon = Annotated[Ready | LoadError | Prompt | DeltaMessage | Done | Result | Error | Pong | Bye, Field(discriminator="type")]
 TO_WORKER: TypeAdapter[ToWorker] = TypeAdapter(ToWorker)
 TO_DAEMON: TypeAdapter[ToDaemon] = TypeAdapter(ToDaemon)
 

@@ -100,6 +100,11 @@ class ServeSettings(BaseSettings):
         description="Python modules each model worker imports before loading a bundle; a module may register a runner "
         "for a bundle format (edgekit.serve.runners.register_runner). The test suite loads its fake model this way.",
     )
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="How often the daemon pings each model worker.")
+    heartbeat_timeout_s: float = Field(
+        30.0, gt=0, description="A worker silent this long (no answer to its pings, no output) is hung: it is killed and "
+        "restarted, and its requests get 503 + Retry-After."
+    )
     restart_max: int = Field(
         5, ge=0, description="Worker crashes tolerated per model within --restart-window-s before it is marked failed."
     )

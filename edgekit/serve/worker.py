@@ -37,6 +37,8 @@ from edgekit.serve.protocol import (
     FrameSender,
     LoadError,
     Message,
+    Ping,
+    Pong,
     Proceed,
     Ready,
     Shutdown,
@@ -124,6 +126,9 @@ def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
                 for _ in range(runner.slots):
                     work.put(None)
                 return
+            if isinstance(message, Ping):
+                send(Pong())
+                continue
             if isinstance(message, (Cancel, Proceed)):
                 with lock:
                     job = jobs.get(message.id)

@@ -23,6 +23,8 @@ from edgekit.serve.protocol import (
     Error,
     LoadError,
     Message,
+    Ping,
+    Pong,
     ProtocolError,
     Ready,
     Result,
@@ -35,12 +37,15 @@ from edgekit.serve.protocol import (
 
 log = logging.getLogger("edgekit.serve")
 
+HUNG_RETRY_AFTER_S = 2
+
 
 @dataclass(frozen=True)
 class WorkerGone:
     """Put on every open request stream when the worker's pipe closes (never sent by a worker)."""
 
     returncode: int | None
+    hung: bool = False  # the daemon killed it for missing its heartbeat
 
 
 Frame = tuple[ToDaemon | WorkerGone, bytes]
@@ -88,6 +93,9 @@ class RequestStream:
         message, payload = await self.queue.get()
         if isinstance(message, WorkerGone):
             self.finished = True
+            if message.hung:
+                raise ApiError(503, f"the worker running model {self.worker.name!r} stopped answering and was restarted; "
+                               "retry shortly", code="worker_hung", headers={"Retry-After": str(HUNG_RETRY_AFTER_S)})
             raise WorkerCrashed(self.worker.name, message.returncode)
         if isinstance(message, Error):
             self.finished = True
@@ -110,8 +118,12 @@ class WorkerProcess:
     """One model in its own process; ``on_exit`` is called when it dies without being asked to."""
 
     def __init__(self, name: str, bundle_dir: Path, config: WorkerConfig, on_exit: Callable[[WorkerProcess], None],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, heartbeat: tuple[float, float] | None = None) -> None:
         self.name = name
+        self.heartbeat = heartbeat  # (ping every, dead after) in seconds; None: never checked
+        self.hung = False
+        self.last_heard = 0.0
+        self._heartbeat_task: asyncio.Task | None = None
         self.env = env or {}
         self.bundle_dir = Path(bundle_dir)
         self.config = config
@@ -164,15 +176,36 @@ class WorkerProcess:
             raise RuntimeBackendError(f"model {self.name!r}: the worker sent {message.type!r} before it was ready")
         self.facts = message
         self.alive = True
+        self.last_heard = asyncio.get_running_loop().time()
         self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"worker-{self.name}")
+        if self.heartbeat is not None:
+            self._heartbeat_task = asyncio.create_task(self._watch_heartbeat(*self.heartbeat), name=f"heartbeat-{self.name}")
         return message
+
+    async def _watch_heartbeat(self, every: float, limit: float) -> None:
+        """Ping the worker; one that has said nothing for ``limit`` seconds is hung: kill it (its exit is handled as a crash)."""
+        loop = asyncio.get_running_loop()
+        while self.alive and not self.stopping:
+            self.send(Ping())
+            await asyncio.sleep(every)
+            silent = loop.time() - self.last_heard
+            if silent > limit and self.alive and not self.stopping:
+                self.hung = True
+                log.error("model %s: worker (pid %s) did not answer its heartbeat for %.0f s; killing it", self.name,
+                          self.pid, silent)
+                if self.proc is not None and self.proc.poll() is None:
+                    self.proc.kill()
+                return
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         try:
             while (frame := await read_frame(reader)) is not None:
                 message, payload = frame
+                self.last_heard = asyncio.get_running_loop().time()
                 if isinstance(message, Bye):
                     break
+                if isinstance(message, Pong):
+                    continue
                 stream = self.pending.get(getattr(message, "id", None))
                 if stream is not None:  # else: a request that was closed; its late frames are dropped
                     stream.queue.put_nowait((message, payload))
@@ -180,9 +213,11 @@ class WorkerProcess:
             log.error("model %s: worker protocol error: %s", self.name, exc)
         finally:
             self.alive = False
+            if self._heartbeat_task is not None and self._heartbeat_task is not asyncio.current_task():
+                self._heartbeat_task.cancel()
             code = await self._reap(2.0 if self.stopping else 10.0)
             for stream in list(self.pending.values()):
-                stream.queue.put_nowait((WorkerGone(code), b""))
+                stream.queue.put_nowait((WorkerGone(code, hung=self.hung), b""))
             if not self.stopping:
                 log.error("model %s: worker (pid %s) stopped with %s", self.name, self.pid, describe_exit(code))
                 self.on_exit(self)
