@@ -336,17 +336,17 @@ def fake_daemon_models(tmp_path_factory, fake_gguf) -> Path:
     return models
 
 
-def start(models: Path, *args: str) -> Daemon:
+def start(models: Path, *args: str) -> tuple[Daemon, Gates]:
     gates = Gates(Path(tempfile.mkdtemp(prefix="gates-", dir=models.parent)))
     daemon = Daemon(models, "--worker-plugins", FAKE_PLUGIN, *args, env=gates.env())
     daemon.wait_ready()
-    return daemon
+    return daemon, gates
 
 
 def test_silent_trickling_and_unfinished_requests_are_closed(fake_daemon_models):
     """docs/reliability.md case 30 and 32: no request head, a head sent a byte at a time, a body that stops: each
     connection is closed at its deadline; the abandoned upload is neither an ERROR nor a 500; the daemon serves on."""
-    daemon = start(fake_daemon_models, "--header-timeout-s", "1", "--body-timeout-s", "1", "--idle-timeout-s", "1")
+    daemon, _ = start(fake_daemon_models, "--header-timeout-s", "1", "--body-timeout-s", "1", "--idle-timeout-s", "1")
     try:
         silent = _connect(daemon.port)
         trickle = _connect(daemon.port)
@@ -382,7 +382,7 @@ def test_silent_trickling_and_unfinished_requests_are_closed(fake_daemon_models)
 def test_connection_cap_closes_the_oldest_idle_connection_not_the_new_client(fake_daemon_models):
     """docs/reliability.md case 30: past --max-connections the oldest connection still waiting for its head is closed,
     so /health answers while idle sockets fill the cap; the warning is rate-limited, not one line per connection."""
-    daemon = start(fake_daemon_models, "--max-connections", "4", "--header-timeout-s", "600")
+    daemon, _ = start(fake_daemon_models, "--max-connections", "4", "--header-timeout-s", "600")
     idle: list[socket.socket] = []
     try:
         for _ in range(40):
@@ -429,3 +429,42 @@ def test_a_stopped_worker_misses_its_heartbeat_and_is_restarted(fake_models, gat
         assert chat(c, "again", max_tokens=2).json()["choices"][0]["message"]["content"] == completion(2)
         assert metric(c, "edgekit_worker_hangs_total", model=OTHER) == 0
         assert chat(c, "other", OTHER, max_tokens=2).status_code == 200
+
+
+# ---- case 34: requests whose client left while queued never reach a worker -------------------------------------
+
+
+def _raw_chat(port: int, text: str) -> socket.socket:
+    """Send a chat request on a raw socket and leave it unread (the caller closes it to walk away)."""
+    payload = json.dumps({"model": FAKE, "messages": [{"role": "user", "content": text}], "max_tokens": 2}).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def test_queued_requests_of_clients_that_left_are_dropped(fake_daemon_models):
+    """docs/reliability.md case 34: three clients queue behind a held generation and leave; the queue empties at once,
+    a live client is queued (not refused), and the abandoned prompts never run."""
+    daemon, gates = start(fake_daemon_models, "--preload", FAKE, "--queue-size", "3")
+    try:
+        held = Background(lambda: httpx.post(f"{daemon.url}/v1/chat/completions", timeout=120, json={
+            "model": FAKE, "messages": [{"role": "user", "content": "hold:q1"}], "max_tokens": 2}))
+        wait_until(lambda: gates.reached("q1"), "the slot is busy")
+        leaving = [_raw_chat(daemon.port, f"abandoned{i}") for i in range(3)]
+        wait_until(lambda: daemon.metric("edgekit_queue_depth", model=FAKE) == 3, "three requests are queued")
+        for sock in leaving:
+            sock.close()
+        wait_until(lambda: daemon.metric("edgekit_queue_depth", model=FAKE) == 0, "the abandoned requests leave the queue")
+        live = Background(lambda: httpx.post(f"{daemon.url}/v1/chat/completions", timeout=120, json={
+            "model": FAKE, "messages": [{"role": "user", "content": "live"}], "max_tokens": 2}))
+        wait_until(lambda: daemon.metric("edgekit_queue_depth", model=FAKE) == 1, "the live request is queued")
+        gates.open("q1")
+        assert held.result().status_code == 200
+        answer = live.result()
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == completion(2)
+        assert daemon.metric("edgekit_generations_total", model=FAKE, finish_reason="length") == 2
+        assert daemon.metric("edgekit_prompt_tokens_total", model=FAKE) == 4  # "user: hold:q1" and "user: live" only
+        assert daemon.metric("edgekit_requests_total", model=FAKE, endpoint="/v1/chat/completions", status="499") == 3
+    finally:
+        assert daemon.stop() == 0

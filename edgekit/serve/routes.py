@@ -13,10 +13,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -66,6 +66,8 @@ from edgekit.serve.settings import ServeSettings
 
 log = logging.getLogger("edgekit.serve")
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Services:
@@ -114,6 +116,31 @@ async def wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T], release=None) -> T:
+    """Await ``work`` (waiting in a model's queue) unless the client disconnects first: then it is dropped before it
+    reaches a worker (``release`` undoes a result that arrived as the client left) and the request ends with 499."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.create_task(wait_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+    try:
+        result = await task
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise
+        log.info("client left while its request waited in the queue; dropped before it reached a worker")
+        raise ApiError(499, "client closed the request", code="client_closed") from None
+    if gone.done() and not gone.cancelled() and release is not None:  # it got its turn just as the client left
+        await release(result)
+        raise ApiError(499, "client closed the request", code="client_closed")
+    return result
 
 
 async def collect(request: Request, generation: Generation) -> str:
@@ -241,7 +268,7 @@ async def chat_completions(request: Request, svc: Svc) -> Response | ChatComplet
     check_chars(svc, body.chars(), "messages")
     entry = await model_entry(svc, request, body.model, GENERATION_TASKS, "/v1/chat/completions")
     job = partial(Generate, messages=body.template_messages(), sampling=body.sampling())
-    generation = await svc.admission.start_generation(entry, job, "messages")
+    generation = await unless_client_leaves(request, svc.admission.start_generation(entry, job, "messages"), Generation.finish)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -258,7 +285,7 @@ async def completions(request: Request, svc: Svc) -> Response | Completion:
     check_chars(svc, len(body.text), "prompt")
     entry = await model_entry(svc, request, body.model, GENERATION_TASKS, "/v1/completions")
     job = partial(Generate, prompt=body.text, sampling=body.sampling())
-    generation = await svc.admission.start_generation(entry, job, "prompt")
+    generation = await unless_client_leaves(request, svc.admission.start_generation(entry, job, "prompt"), Generation.finish)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -277,7 +304,7 @@ async def embeddings(request: Request, svc: Svc) -> EmbeddingList:
     texts = body.texts(svc.settings.max_embedding_inputs)
     check_chars(svc, sum(map(len, texts)), "input")
     entry = await model_entry(svc, request, body.model, EMBEDDING_TASKS, "/v1/embeddings")
-    results = await svc.admission.encode(entry, texts)
+    results = await unless_client_leaves(request, svc.admission.encode(entry, texts))
     width = len(results[0][0]) if results else 0
     if body.dimensions is not None and body.dimensions != width:
         raise bad_param("dimensions", f"this model gives {width}-dimensional embeddings; it cannot give {body.dimensions}",
@@ -296,7 +323,7 @@ async def classify(request: Request, svc: Svc) -> ClassificationList:
     texts = body.texts(svc.settings.max_embedding_inputs)
     check_chars(svc, sum(map(len, texts)), "input")
     entry = await model_entry(svc, request, body.model, CLASSIFY_TASKS, "/v1/classify")
-    results = await svc.admission.encode(entry, texts)
+    results = await unless_client_leaves(request, svc.admission.encode(entry, texts))
     labels = entry.manifest.runtime.labels
     data: list[Classification | TokenClassification] = []
     for index, (scores, _) in enumerate(results):
