@@ -330,6 +330,24 @@ def reference_tokens(bundle: Path, text: str) -> list[int]:
     return tokenizer.encode(text).ids
 
 
+def test_token_id_arrays_embed_like_their_text(client, minilm_bundle):
+    """docs/reliability.md case 33: token-id arrays are accepted as embeddings input (as OpenAI does), alone or mixed
+    with texts, and embed exactly as the text they encode; an id the model does not have is a 400 naming it."""
+    import numpy as np
+
+    texts = ["hello world", "A second, longer sentence about small boards at the edge."]
+    ids = [reference_tokens(minilm_bundle, text) for text in texts]
+    by_text = client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": texts}).json()
+    one = client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": ids[0]}).json()
+    mixed = client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": [ids[1], texts[0]]}).json()
+    want = np.asarray([d["embedding"] for d in by_text["data"]])
+    assert np.abs(np.asarray(one["data"][0]["embedding"]) - want[0]).max() < 1e-5
+    assert np.abs(np.asarray([d["embedding"] for d in mixed["data"]]) - want[::-1]).max() < 1e-5
+    assert one["usage"]["prompt_tokens"] == len(ids[0]) == 4
+    bad = client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": [texts[0], [101, 30522, 102]]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input[1]" and "30522" in bad.json()["error"]["message"]
+
+
 def test_embedding_edge_cases(client):
     """docs/reliability.md case 15: "" -> 200; [] -> 400; a text over the bundle's 256 tokens is truncated to 256 (documented)."""
     empty = client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": ""})

@@ -200,11 +200,14 @@ def test_oversized_manifest_is_refused_before_it_is_parsed(fake_models, gates, s
 def test_client_errors_name_no_server_path(fake_models, gates):
     """docs/reliability.md case 33: a refused bundle's reason names the file inside the bundle, not the server's folders."""
     copy_bundle(fake_models, FAKE, "broken", extra_files=[entry("missing.bin")])
-    with TestClient(create_app(fake_settings(fake_models)), base_url=BASE) as c:
+    tampered = copy_bundle(fake_models, FAKE, "tampered")
+    (tampered / "model.gguf").write_bytes((tampered / "model.gguf").read_bytes()[:-1] + b"\xff")
+    with TestClient(create_app(fake_settings(fake_models, preload=["tampered"])), base_url=BASE) as c:
         started(c)
-        error = chat(c, "hi", "broken", max_tokens=2).json()["error"]["message"]
-    assert "missing.bin is listed in the manifest but missing" in error
-    assert str(fake_models.parent) not in error
+        errors = [chat(c, "hi", name, max_tokens=2).json()["error"]["message"] for name in ("broken", "tampered")]
+    assert "broken: missing.bin is listed in the manifest but missing" in errors[0]
+    assert "tampered: model.gguf sha256 differs from the manifest" in errors[1]  # found by the preloading worker
+    assert not any(str(fake_models.parent) in error or "/tmp" in error for error in errors)
 
 
 # ---- case 28: control tokens typed in a message are text ----------------------------------------------------
@@ -468,3 +471,28 @@ def test_queued_requests_of_clients_that_left_are_dropped(fake_daemon_models):
         assert daemon.metric("edgekit_requests_total", model=FAKE, endpoint="/v1/chat/completions", status="499") == 3
     finally:
         assert daemon.stop() == 0
+
+
+def test_sigterm_answers_a_client_still_uploading_503_not_500(fake_daemon_models):
+    """docs/reliability.md case 32: a body still arriving when the grace period ends gets 503 shutting_down; exit 0, no ERROR."""
+    import signal
+
+    daemon, _ = start(fake_daemon_models, "--grace-s", "0.5", "--body-timeout-s", "600")
+    upload = socket.create_connection(("127.0.0.1", daemon.port))
+    try:
+        upload.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        # a round trip on a second connection: the event loop has read the upload's head, sent before it, by then
+        assert httpx.get(f"{daemon.url}/health", timeout=30).status_code == 200
+        daemon.proc.send_signal(signal.SIGTERM)
+        upload.settimeout(60)
+        answer = b""
+        while chunk := upload.recv(65536):  # bounded by the daemon's exit, which closes the connection
+            answer += chunk
+        assert daemon.proc.wait(60) == 0
+    finally:
+        upload.close()
+        daemon.stop()
+    assert answer.startswith(b"HTTP/1.1 503 ") and b'"code":"shutting_down"' in answer.replace(b" ", b"")
+    log = daemon.log.read_text()
+    assert " ERROR " not in log and "Traceback" not in log

@@ -45,6 +45,14 @@ def check_prompt(tokens: int, n_ctx: int, param: str) -> None:
         raise ApiError(400, str(PromptTooLong(tokens, n_ctx)), param=param, code="context_length_exceeded")
 
 
+def check_token_ids(texts: list, vocab_size: int | None) -> None:
+    """400 for a token id the model does not have (before it joins a micro-batch with other requests)."""
+    for index, text in enumerate(texts):
+        if isinstance(text, list) and vocab_size is not None and max(text) >= vocab_size:
+            raise ApiError(400, f"input[{index}] holds token id {max(text)}; this model's ids run from 0 to {vocab_size - 1}",
+                           param=f"input[{index}]", code="invalid_value")
+
+
 class Admission:
     """Slots, queues and micro-batchers of the catalog's models."""
 
@@ -102,13 +110,14 @@ class Admission:
             raise
         return generation
 
-    async def encode(self, entry: ModelEntry, texts: list[str]) -> list[Any]:
+    async def encode(self, entry: ModelEntry, texts: list[str | list[int]]) -> list[Any]:
         """Embeddings or class scores for ``texts`` through the model's micro-batcher."""
         self._refuse_when_closing()
         entry.active += 1
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                await self.lifecycle.ensure_loaded(entry)
+                worker = await self.lifecycle.ensure_loaded(entry)
+                check_token_ids(texts, worker.facts.vocab_size)
                 return await self._batcher(entry).submit(texts)
         except TimeoutError:
             raise ApiError(504, f"the request did not finish within {self.settings.request_timeout_s:.0f} s",

@@ -68,13 +68,6 @@ def fingerprint(folder: Path) -> Fingerprint:
     return tuple(rows)
 
 
-def public_reason(reason: str, models_dir: Path) -> str:
-    """A refusal reason as a client may see it: server paths under the models folder become bundle-relative."""
-    for prefix in {str(models_dir.resolve()), str(models_dir), str(models_dir.absolute())}:
-        reason = reason.replace(prefix + os.sep, "")
-    return reason
-
-
 async def verify_bundles(paths: list[Path], timeout: float, plugins: Iterable[str] = ()) -> AsyncIterator[Verified]:
     """Verify ``paths`` in a subprocess, yielding each result as it arrives.
 
@@ -265,7 +258,7 @@ class Catalog:
         if entry is None:
             reason = self.rejected.get(name)
             if reason:
-                raise ApiError(503, f"model {name!r} is not served: its bundle failed verification: "
-                               f"{public_reason(reason, self.settings.models)}", param="model", code="model_unavailable")
+                raise ApiError(503, f"model {name!r} is not served: its bundle failed verification: {reason}",
+                               param="model", code="model_unavailable")
             raise ApiError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
         return entry

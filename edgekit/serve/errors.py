@@ -6,6 +6,9 @@ request path and turned into a response by one handler in ``app.py``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from edgekit.errors import EdgekitError
 
 # HTTP status -> OpenAI error type (the values the official clients map to exception classes).
@@ -50,8 +53,17 @@ class ApiError(EdgekitError):
     def type(self) -> str:
         return ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self, models_dir: Path | None = None) -> dict:
+        """The response body; ``models_dir``: server paths under it are shown relative to it (clients see no server paths)."""
+        message = self.message if models_dir is None else public_message(self.message, models_dir)
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def public_message(message: str, models_dir: Path) -> str:
+    """``message`` with the models folder's absolute path left out (bundle-relative names stay)."""
+    for prefix in sorted({str(models_dir.resolve()), str(models_dir.absolute()), str(models_dir)}, key=len, reverse=True):
+        message = message.replace(prefix + os.sep, "")
+    return message
 
 
 def bad_param(param: str, message: str, code: str = "invalid_value") -> ApiError:

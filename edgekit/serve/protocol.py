@@ -118,11 +118,11 @@ class Proceed(Message):
 
 
 class Encode(Message):
-    """Embed or classify ``texts`` (one micro-batch of the daemon's batcher)."""
+    """Embed or classify ``texts`` (one micro-batch of the daemon's batcher); a list of ints is one text's token ids."""
 
     type: Literal["embed", "classify"]
     id: str
-    texts: list[str]
+    texts: list[str | list[int]]
 
 
 class Cancel(Message):
@@ -158,6 +158,7 @@ class Ready(Message):
     n_ctx: int | None = Field(None, description="Context per generation slot (text generation).")
     chat: bool = Field(False, description="The model has a chat template.")
     max_length: int | None = Field(None, description="Tokens per text (encoders).")
+    vocab_size: int | None = Field(None, description="Token ids run from 0 to this, exclusive (encoders).")
     labels: list[str] = Field(default_factory=list, description="Class names (classifiers).")
 
 

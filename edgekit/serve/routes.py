@@ -252,7 +252,7 @@ def stream_response(generation: Generation, events: ChatEvents | CompletionEvent
         except TimeoutError:
             yield f"data: {_dumps(generation.timed_out().body())}\n\n"
         except ApiError as exc:  # the worker crashed mid-stream
-            yield f"data: {_dumps(exc.body())}\n\n"
+            yield f"data: {_dumps(exc.body(generation.admission.settings.models))}\n\n"
         finally:
             generation.stream.cancel()  # no await here: this may run inside a cancelled scope
 

@@ -160,7 +160,8 @@ class EncoderRunner:
         self.batch_tokens = config.batch_max_tokens
         self.model = EncoderModel(bundle_dir, manifest.runtime, threads=config.threads,
                                   model_path=model_file(bundle_dir, manifest))
-        self.facts = {"max_length": manifest.runtime.max_length, "labels": list(manifest.runtime.labels)}
+        self.facts = {"max_length": manifest.runtime.max_length, "labels": list(manifest.runtime.labels),
+                      "vocab_size": self.model.tokenizer.get_vocab_size()}
 
     @property
     def golden_model(self):
@@ -173,8 +174,11 @@ class EncoderRunner:
 
         op, texts = job.message.type, job.message.texts
         outputs, tokens = [], []
-        encodings = self.model.tokenizer.encode_batch(texts)  # once; each micro-batch is a slice of it
-        batch = self.model.arrays(encodings)
+        if any(isinstance(text, list) for text in texts):  # token ids given (embeddings only): no offsets to report
+            encodings, batch = None, self.id_arrays(texts)
+        else:
+            encodings = self.model.tokenizer.encode_batch(texts)  # once; each micro-batch is a slice of it
+            batch = self.model.arrays(encodings)
         lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)] if texts else []
         for start, end in self.chunks(lengths):
             longest = max(lengths[start:end])
@@ -191,6 +195,32 @@ class EncoderRunner:
             send(Result(id=job.id, shape=list(array.shape), tokens=tokens), array.tobytes())
         else:
             send(Result(id=job.id, entities=outputs, tokens=tokens))
+
+    def id_arrays(self, items: list[str | list[int]]):
+        """Model inputs for texts mixed with token-id arrays (taken as given, cut at max_length), padded to the longest."""
+        import numpy as np
+
+        texts = [item for item in items if isinstance(item, str)]
+        encoded = iter(self.model.tokenizer.encode_batch(texts) if texts else ())
+        rows = []
+        for item in items:
+            if isinstance(item, str):
+                encoding = next(encoded)
+                n = sum(encoding.attention_mask)
+                rows.append((encoding.ids[:n], encoding.type_ids[:n]))
+            else:
+                ids = item[: self.config.max_length]
+                rows.append((ids, [0] * len(ids)))
+        longest = max(len(ids) for ids, _ in rows)
+        padding = self.model.tokenizer.padding or {}
+        batch = {"input_ids": np.full((len(rows), longest), padding.get("pad_id", 0), dtype=np.int64),
+                 "attention_mask": np.zeros((len(rows), longest), dtype=np.int64),
+                 "token_type_ids": np.zeros((len(rows), longest), dtype=np.int64)}
+        for row, (ids, types) in enumerate(rows):
+            batch["input_ids"][row, : len(ids)] = ids
+            batch["attention_mask"][row, : len(ids)] = 1
+            batch["token_type_ids"][row, : len(ids)] = types
+        return batch
 
     def chunks(self, lengths: list[int]) -> list[tuple[int, int]]:
         """Consecutive runs of texts (given by their token counts after truncation) whose padded batch

@@ -7,7 +7,7 @@ logprobs, ...) are refused naming the ``param``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -180,7 +180,20 @@ class InputsBody(Body):
 
 
 class EmbeddingsBody(InputsBody):
-    """POST /v1/embeddings."""
+    """POST /v1/embeddings: texts, or (as OpenAI accepts) arrays of the model's own token ids, special tokens included."""
+
+    input: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]] = Field(
+        description="A text, a list of texts, one array of token ids, or a list of such arrays ('' is allowed; [] is not).")
+
+    def texts(self, max_inputs: int) -> list[str | list[int]]:
+        if isinstance(self.input, list) and self.input and all(isinstance(x, int) for x in self.input):
+            items: list[str | list[int]] = [list(self.input)]
+        else:
+            items = super().texts(max_inputs)
+        for index, item in enumerate(items):
+            if isinstance(item, list) and not item:
+                raise bad_param(f"input[{index}]", "an array of token ids must not be empty")
+        return items
 
     encoding_format: Literal["float", "base64"] = Field("float", description="Numbers, or base64 of float32 little-endian.")
     dimensions: int | None = Field(None, ge=1, description="Must equal the model's width if given.")
