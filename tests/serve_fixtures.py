@@ -349,7 +349,7 @@ class Daemon:
     """`python -m edgekit serve` in a subprocess; its log goes to a file next to the models."""
 
     def __init__(self, models: Path, *args: str, key_file: Path | None = None, key: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, preexec_fn=None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = models.parent / f"daemon-{self.port}.log"
@@ -360,7 +360,7 @@ class Daemon:
         self.headers = {"authorization": f"Bearer {key}"} if key else {}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **(env or {})})
+                                         env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
 
     def wait_ready(self, timeout: float = 240.0) -> None:
         def ready() -> bool:

@@ -496,3 +496,33 @@ def test_sigterm_answers_a_client_still_uploading_503_not_500(fake_daemon_models
     assert answer.startswith(b"HTTP/1.1 503 ") and b'"code":"shutting_down"' in answer.replace(b" ", b"")
     log = daemon.log.read_text()
     assert " ERROR " not in log and "Traceback" not in log
+
+
+def test_idle_sockets_past_the_file_limit_neither_block_health_nor_flood_the_log(fake_daemon_models):
+    """docs/reliability.md case 30: a daemon whose file limit is 192 caps itself at 64 connections; 300 idle sockets
+    later /health still answers and the log holds a few rate-limited lines, not one per refused connection."""
+    import resource
+
+    def low_file_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (192, 192))
+
+    gates = Gates(Path(tempfile.mkdtemp(prefix="gates-", dir=fake_daemon_models.parent)))
+    daemon = Daemon(fake_daemon_models, "--worker-plugins", FAKE_PLUGIN, "--max-connections", "1000",
+                    "--header-timeout-s", "600", env=gates.env(), preexec_fn=low_file_limit)
+    daemon.wait_ready()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            idle.append(_connect(daemon.port))
+        assert [httpx.get(f"{daemon.url}/health", timeout=30).status_code for _ in range(3)] == [200, 200, 200]
+        wait_until(lambda: sum(map(_closed_by_server, idle)) >= 300 - 64, "the daemon keeps at most 64 connections")
+        closed = daemon.metric("edgekit_connections_closed_total", reason="connection cap")
+        assert closed >= 300 - 64
+    finally:
+        for sock in idle:
+            sock.close()
+        assert daemon.stop() == 0
+    log = daemon.log.read_text()
+    assert "leaves room for 64 connections, not --max-connections 1000" in log
+    assert "out of system resource" not in log and " ERROR " not in log
+    assert 1 <= _log_lines(daemon, "closing connections: connection cap") < closed / 20

@@ -24,7 +24,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("edgekit.serve")
 
 LOG_EVERY_S = 10.0
-FD_RESERVE = 64  # descriptors kept for workers' sockets, bundle files, logs and the verifier
+# asyncio accepts up to ``backlog`` connections in one go before any protocol sees them: the listen backlog is
+# kept small and its burst counted in the descriptors a cap needs, so the cap closes sockets before accept() fails.
+ACCEPT_BACKLOG = 64
+FD_RESERVE = 64 + ACCEPT_BACKLOG  # workers' sockets, bundle files, logs, the verifier, and one accept burst
 
 
 class RateLimitedLog(logging.Filter):

@@ -86,8 +86,8 @@ def services(request: Request) -> Services:
 
 Svc = Annotated[Services, Depends(services)]
 
-api = APIRouter(dependencies=[Depends(allowed_host), Depends(same_origin), Depends(authenticated), Depends(json_body),
-                               Depends(body_within_limit)])
+api = APIRouter(dependencies=[Depends(allowed_host), Depends(same_origin), Depends(authenticated),
+                               Depends(body_within_limit), Depends(json_body)])
 probes = APIRouter(dependencies=[Depends(allowed_host), Depends(same_origin), Depends(body_within_limit)])
 
 

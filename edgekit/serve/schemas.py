@@ -182,7 +182,7 @@ class InputsBody(Body):
 class EmbeddingsBody(InputsBody):
     """POST /v1/embeddings: texts, or (as OpenAI accepts) arrays of the model's own token ids, special tokens included."""
 
-    input: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]] = Field(
+    input: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[str | list[Annotated[int, Field(ge=0)]]] = Field(
         description="A text, a list of texts, one array of token ids, or a list of such arrays ('' is allowed; [] is not).")
 
     def texts(self, max_inputs: int) -> list[str | list[int]]:

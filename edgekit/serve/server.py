@@ -11,7 +11,13 @@ import logging
 import signal
 import sys
 
-from edgekit.serve.connections import ConnectionLimits, RateLimitedLog, fit_to_file_limit, protocol_class
+from edgekit.serve.connections import (
+    ACCEPT_BACKLOG,
+    ConnectionLimits,
+    RateLimitedLog,
+    fit_to_file_limit,
+    protocol_class,
+)
 from edgekit.serve.settings import ServeSettings
 
 
@@ -37,6 +43,7 @@ def run(settings: ServeSettings) -> int:
         host=settings.host,
         port=settings.port,
         http=protocol_class(limits),
+        backlog=ACCEPT_BACKLOG,
         timeout_keep_alive=settings.idle_timeout_s,
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
