@@ -13,7 +13,7 @@ import pytest
 
 from edgekit.bundle import MANIFEST_NAME
 from edgekit.cli import doctor
-from edgekit.runtime import cpu
+from edgekit.runtime import cpu, probe
 from serve_fixtures import MINILM_NAME, Q4KM, RARE_TOKEN, SMOLLM_NAME, link_bundles
 
 pytestmark = pytest.mark.slow
@@ -126,16 +126,27 @@ def test_a_pack_for_another_machine_exits_3_before_anything_loads(tmp_path):
 
 def test_a_runtime_killed_by_sigill_is_reported_not_shared():
     found = cpu.CpuFeatures(frozenset({"fp", "asimd", "evtstrm", "crc32", "cpuid"}), "getauxval", "aarch64")
-    probe = doctor.run_probe("llama_cpp", "import os, signal; os.kill(os.getpid(), signal.SIGILL)", found, None)
-    assert (probe.ok, probe.returncode) == (False, -signal.SIGILL)
-    assert probe.detail == (
+    crashed = doctor.run_probe("llama_cpp", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"],
+                             found, None)
+    assert (crashed.ok, crashed.returncode) == (False, -signal.SIGILL)
+    assert crashed.detail == (
         "llama_cpp died with SIGILL (illegal instruction): it was built for instructions this CPU does not have; features "
         "builds for newer cores use that this CPU lacks: asimddp (Arm dot product (Armv8.2-A)), fphp (Arm half-precision "
         "scalar arithmetic (Armv8.2-A)), asimdhp (Arm half-precision SIMD arithmetic (Armv8.2-A)), i8mm (Arm int8 matrix multiply (Armv8.6-A)), bf16 (Arm BFloat16 "
         "arithmetic (Armv8.6-A)), sve (Arm Scalable Vector Extension)")
-    missing = doctor.run_probe("nosuchruntime", "import nosuchruntime", found, None)
-    assert (missing.ok, missing.returncode) == (False, doctor.PROBE_NOT_INSTALLED)
+    missing = doctor.run_probe("nosuchruntime", [sys.executable, "-m", "edgekit.runtime.probe", "nosuchruntime:start"], found, None)
+    assert (missing.ok, missing.returncode) == (False, probe.NOT_INSTALLED)
     assert missing.detail == "nosuchruntime is not installed or does not import: No module named 'nosuchruntime'"
+
+
+def test_the_probe_starts_each_registered_engine():
+    import llama_cpp
+    import onnxruntime
+
+    found = cpu.detect()
+    probes = {m: doctor.run_probe(m, doctor.probe_command(m), found, None) for m in doctor.RUNTIME_MODULES}
+    assert {m: (p.ok, p.returncode, p.detail) for m, p in probes.items()} == {
+        "llama_cpp": (True, 0, llama_cpp.__version__), "onnxruntime": (True, 0, onnxruntime.__version__)}
 
 
 def test_doctor_imports_nothing_heavy():
