@@ -56,6 +56,15 @@ def quant_ladder(recipe: Recipe) -> list[tuple[GgufTarget, bool]]:
     return targets
 
 
+def _shorter_context(candidates: list[Candidate]) -> Candidate | None:
+    """The best-quality candidate that fails only on RAM and fits at a shorter context, if any."""
+    for c in candidates:
+        failing = {check.name for check in c.report.checks if check.verdict == "fail"}
+        if failing == {"ram"} and c.report.suggested_n_ctx:
+            return c
+    return None
+
+
 def plan(recipe: Recipe, device: Device, settings: FitSettings, catalog: Iterable[Device] = ()) -> Plan:
     """Fit every target (and, for GGUF, the usual quant ladder) and pick the highest quality that passes.
 
@@ -71,6 +80,10 @@ def plan(recipe: Recipe, device: Device, settings: FitSettings, catalog: Iterabl
     if best is None:
         summary = (f"nothing fits {device.id}: even {candidates[-1].report.quant} "
                    f"({candidates[-1].target_name}) fails: {candidates[-1].report.reason}")
+        shorter = _shorter_context(candidates)
+        if shorter is not None:
+            summary += (f"; with a shorter context {shorter.target_name} ({shorter.report.quant}) fits at --ctx "
+                        f"{shorter.report.suggested_n_ctx} (serve it with --n-ctx {shorter.report.suggested_n_ctx})")
     else:
         where = "" if best.in_recipe else f" (not in the recipe: add a gguf target with quant: {best.report.quant})"
         summary = f"best for {device.id}: {best.target_name} ({best.report.quant}){where}; {best.report.reason}"

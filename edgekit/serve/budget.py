@@ -1,22 +1,23 @@
 """Memory budget of the daemon and the footprint of one loaded model (estimated by ``edgekit.fit``).
 
-A worker's footprint is ``edgekit.fit``'s peak-RSS estimate for one runtime process without the
-web stack (the worker does not import it). Generation slots are separate llama.cpp contexts over
-one mmapped file, so each slot past the first adds its KV cache, compute buffers and vocabulary.
+One truth with `edgekit fit` and `plan`: a worker's footprint is ``edgekit.fit.memory``'s required
+bytes for one runtime process run as the worker runs it (generation slots are separate llama.cpp
+contexts; an encoder's largest micro-batch), and a device's budget is its usable RAM minus the
+daemon's own process (``DAEMON_RSS``), which `fit` adds to the model's need instead. So `fit`
+passes (or warns) exactly when this daemon admits the model on that device.
 """
 
 from __future__ import annotations
 
 from edgekit.errors import ConfigError, DeviceError
+from edgekit.fit.memory import DAEMON_RSS, MIB
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.settings import ServeSettings
 
-MIB = 1024 * 1024
+__all__ = ["DAEMON_RSS", "MIB", "device_budget", "effective_n_ctx", "footprint_bytes", "memory_budget"]
+
 # Share of the host's available RAM the daemon lets models use when no device or budget is given.
 HOST_SHARE = 0.85
-# The daemon process itself with no model loaded (web stack, no runtime): idle RSS measured by
-# scripts/bench_serve.py, rounded up (docs/device-facts.md).
-DAEMON_RSS = 80 * MIB
 # Bundles whose manifest lacks the facts the estimator needs (older exports): twice the files plus a runtime.
 FALLBACK_RUNTIME = 128 * MIB
 
