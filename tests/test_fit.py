@@ -348,3 +348,45 @@ def test_default_micro_batch_matches_the_runtime():
     from edgekit.runtime.llm import PREFILL_CHUNK
 
     assert FitSettings().n_ubatch == PREFILL_CHUNK
+
+
+def test_cli_plan_ranks_every_recipe_of_a_task(tmp_path):
+    import yaml
+
+    from edgekit.fit.plan import library_rank  # noqa: F401  (the order asserted below is its documented order)
+
+    mine = yaml.safe_load((REPO / "recipes" / "smollm2-135m-instruct.yaml").read_text())
+    mine["name"] = "my-smollm2"
+    (tmp_path / "my-smollm2.yaml").write_text(yaml.safe_dump(mine))
+    done = run_cli("plan", "--device", "rpi-4-2gb", "--task", "text-generation", "--min-tok-s", "5",
+                   "--recipes", str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    ranked, dropped = result["ranked"], result["dropped"]
+    assert ranked and all(r["verdict"] in ("pass", "warn") and r["decode_tok_s"] >= 5 for r in ranked)
+    assert all(r["verdict"] == "fail" and r["reason"] for r in dropped)
+    # every target of every text-generation recipe (library + --recipes), each either ranked or dropped
+    generative = [p for p in (REPO / "recipes").glob("*.yaml") if yaml.safe_load(p.read_text())["task"] == "text-generation"]
+    names = {r["recipe"] for r in ranked + dropped}
+    assert names == {yaml.safe_load(p.read_text())["name"] for p in generative} | {"my-smollm2"}
+    assert len(ranked) + len(dropped) == 7 * len(names)  # each recipe's targets plus the quant ladder: 7 quant types
+    # best first: passes before warnings, then larger models, then higher-quality quants
+    keys = [(r["verdict"] != "pass", -r["parameters"]) for r in ranked]
+    assert keys == sorted(keys)
+    assert ranked[0]["verdict"] == "pass"
+    assert {r["recipe"] for r in dropped if "misses the limit 5 tok/s" in r["reason"]} >= {"llama-3.2-1b-instruct"}
+
+    nothing = run_cli("plan", "-d", "rpi-zero-2w", "--task", "text-generation", "--min-tok-s", "500")
+    assert nothing.returncode == 1 and "no text-generation recipe fits rpi-zero-2w" in nothing.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("plan", "-d", "rpi-4-2gb"), "give a RECIPE, or --task TASK"),
+    (("plan", "-d", "rpi-4-2gb", "--task", "text-generaton"), "did you mean 'text-generation'?"),
+    (("plan", "-d", "rpi-4-2gb", "-d", "rpi-5-8gb", "--task", "text-generation"), "plan takes one --device, got 2"),
+    (("plan", "--task", "text-generation"), "Missing option '--device' / '-d': the board to plan for"),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_cli_plan_library_usage_errors(args, expected):
+    done = run_cli(*args, env={"COLUMNS": "200"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert expected in done.stderr

@@ -13,8 +13,9 @@ from rich.table import Table
 
 from edgekit.bench.profile import DECODE_DEPTH, MIN_DEPTH
 from edgekit.cli import JsonFlag, app, emit_json, err, out, status
-from edgekit.cli.flags import build_settings, output_file
+from edgekit.cli.flags import build_settings, did_you_mean, output_file
 from edgekit.errors import ConfigError, DeviceError, EdgekitError, GateFailed
+from edgekit.fit.memory import MIB
 from edgekit.library import resolve_bundle, resolve_recipe
 
 devices_app = typer.Typer(no_args_is_help=True, help="The device catalog: boards, their specs and measured speeds.")
@@ -24,8 +25,12 @@ CatalogOpt = Annotated[Path, typer.Option("--catalog", help="Folder of device pr
 VERDICT_STYLE = {"pass": "[green]pass[/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.0f}"
+def _mib(n: float) -> str:
+    return f"{n / MIB:,.0f}"
+
+
+def _speed(r) -> str:
+    return f"{r.decode_tok_s:.1f} tok/s" if r.decode_tok_s is not None else f"{r.latency_ms:.1f} ms"
 
 
 # -- devices -------------------------------------------------------------------------------------
@@ -51,12 +56,12 @@ def devices_list(catalog: CatalogOpt = None, as_json: JsonFlag = False) -> None:
     if as_json:
         emit_json(rows)
     else:
-        table = Table("id", "name", "cpu", "RAM MiB", "usable MB", "GB/s", "storage", "points", title=f"devices in {directory}")
+        table = Table("id", "name", "cpu", "RAM MiB", "usable MiB", "GB/s", "storage", "points", title=f"devices in {directory}")
         for row in rows:
             if row["error"]:
                 table.add_row(row["file"], "[red]invalid[/red]", row["error"], "", "", "", "", "")
             else:
-                table.add_row(row["id"], row["name"], row["cpu"], str(row["ram_mib"]), _mb(row["usable_ram_bytes"]),
+                table.add_row(row["id"], row["name"], row["cpu"], str(row["ram_mib"]), _mib(row["usable_ram_bytes"]),
                               f"{row['bandwidth_gb_s']:g}", row["storage"], str(row["calibration_points"]))
         out.print(table)
     invalid = [row["file"] for row in rows if row["error"]]
@@ -83,7 +88,7 @@ def devices_show(device: Annotated[str, typer.Argument(help="Device id or profil
         ("cpu", d.cpu, f"{d.cpu.cores}x {d.cpu.core_type} @ {d.cpu.clock_ghz} GHz, {d.cpu.arch}, "
                        + ", ".join(k for k, v in d.cpu.isa.model_dump().items() if v)),
         ("memory", d.memory, f"{d.memory.total_mib} MiB, OS keeps {d.memory.os_reserved_mib} MiB "
-                             f"-> {_mb(d.usable_ram_bytes)} MB usable ({d.memory.kind})"),
+                             f"-> {_mib(d.usable_ram_bytes)} MiB usable ({d.memory.kind})"),
         ("bandwidth", d.memory_bandwidth, f"{d.memory_bandwidth.gb_s:g} GB/s"),
         ("storage", d.storage, f"{d.storage.kind}, {d.storage.read_mb_s:g} MB/s"),
     ):
@@ -223,43 +228,102 @@ def fit_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a name of `edgekit recipes list`.")],
-    device: Annotated[list[str], typer.Option("--device", "-d", help="Device id or profile file (one).")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file, or a name of `edgekit recipes list`; "
+                                          "leave out to rank every recipe of --task.")] = None,
+    device: Annotated[list[str], typer.Option("--device", "-d", help="Device id or profile file (one).")] = None,
+    task: Annotated[str, typer.Option("--task", help="Without RECIPE: rank every recipe of this task in the library "
+                                      "(and --recipes DIR) that fits the board and meets the floor.")] = None,
+    recipes_dir: Annotated[list[Path], typer.Option("--recipes", exists=True, file_okay=False,
+                                                    help="Also rank the recipes of this folder (repeatable).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context tokens per sequence.")] = None,
-    parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once.")] = 1,
+    parallel: Annotated[int, typer.Option("--parallel", help="Sequences served at once (serve's --slots) or texts "
+                                          "per batch (serve's --batch-max).")] = None,
     min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Speed floor for decode tokens/s.")] = None,
     max_latency_ms: Annotated[float, typer.Option("--max-latency-ms", help="Encoders: latency ceiling.")] = None,
     catalog: CatalogOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """The best target (quant type) of a recipe that fits the board and meets the speed floor."""
+    """The best target (quant type) of a recipe for a board; without a recipe, every recipe x target of --task ranked."""
     from edgekit.fit.plan import plan
+    from edgekit.formats import TASKS
     from edgekit.schema.device import load_catalog, load_device
     from edgekit.schema.recipe import load_recipe
 
+    if not device:
+        raise ConfigError("Missing option '--device' / '-d': the board to plan for",
+                          hint="e.g. --device rpi-4-2gb; `edgekit devices list` shows the catalog")
     if len(device) > 1:
+        compare = f"`edgekit fit --recipe {recipe} -d A -d B`" if recipe else "one plan per device"
         raise ConfigError(f"plan takes one --device, got {len(device)}: {', '.join(device)}",
-                          hint=f"run plan once per device, or compare them with `edgekit fit --recipe {recipe} -d A -d B`")
+                          hint=f"run plan once per device, or compare them with {compare}")
+    if recipe is None and task is None:
+        raise ConfigError("give a RECIPE, or --task TASK to rank every recipe of the library",
+                          hint=f"tasks: {', '.join(TASKS)}")
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"--task {task}: unknown task", hint=did_you_mean(task, list(TASKS), f"tasks: {', '.join(TASKS)}"))
+    if recipe is not None and (task is not None or recipes_dir):
+        raise ConfigError("give either a RECIPE or --task/--recipes, not both",
+                          hint="leave out RECIPE to rank the library")
     device = device[0]
-    loaded = load_recipe(resolve_recipe(recipe)).recipe
     settings = _settings(ctx, parallel, min_tok_s, max_latency_ms)
     everything = load_catalog(catalog)
-    result = plan(loaded, load_device(device, catalog), settings, everything.values())
+    board = load_device(device, catalog)
+    if recipe is None:
+        _plan_library(task, recipes_dir or [], board, settings, everything, as_json)
+        return
+    loaded = load_recipe(resolve_recipe(recipe)).recipe
+    result = plan(loaded, board, settings, everything.values())
     if as_json:
         emit_json(result.as_dict())
     else:
-        table = Table("target", "quant", "in recipe", "RAM MB", "usable MB", "disk MB", "decode tok/s", "verdict", "reason",
+        table = Table("target", "quant", "in recipe", "RAM MiB", "usable MiB", "disk MiB", "decode tok/s", "verdict", "reason",
                       title=f"plan for {loaded.name} on {device}")
         for c in result.candidates:
             r = c.report
-            speed = f"{r.decode_tok_s:.1f}" if r.decode_tok_s is not None else f"{r.latency_ms:.1f} ms (b1)"
             mark = " [bold]<- best[/bold]" if result.best is c else ""
-            table.add_row(c.target_name + mark, r.quant, "yes" if c.in_recipe else "no", _mb(r.memory["required"]),
-                          _mb(r.usable_ram_bytes), _mb(r.disk_bytes), speed, VERDICT_STYLE[r.verdict], r.reason)
+            table.add_row(c.target_name + mark, r.quant, "yes" if c.in_recipe else "no", _mib(r.memory["required"]),
+                          _mib(r.usable_ram_bytes), _mib(r.disk_bytes), _speed(r), VERDICT_STYLE[r.verdict], r.reason)
         out.print(table)
         out.print(result.summary)
     if result.best is None:
         raise GateFailed(result.summary)
+
+
+def _plan_library(task: str, extra_dirs: list[Path], board, settings, everything, as_json: bool) -> None:
+    """Rank every recipe x target of ``task`` in the library (and ``extra_dirs``) on ``board``."""
+    from edgekit.fit.plan import plan_library
+    from edgekit.library import shipped_folder
+    from edgekit.schema.recipe import load_recipe
+
+    recipes = []
+    for folder in [shipped_folder("recipes"), *extra_dirs]:
+        for path in sorted(folder.glob("*.yaml")):
+            try:
+                recipes.append((str(path), load_recipe(path).recipe))
+            except EdgekitError as exc:
+                recipes.append((str(path), str(exc)))
+    result = plan_library(recipes, task, board, settings, everything.values())
+    if as_json:
+        emit_json(result.as_dict())
+    else:
+        floor = f", decode >= {settings.min_tok_s:g} tok/s" if settings.min_tok_s else ""
+        table = Table("#", "recipe", "target", "quant", "RAM MiB", "speed", "verdict",
+                      title=f"{task} on {board.id} ({_mib(board.usable_ram_bytes)} MiB usable{floor}): best first")
+        for rank, entry in enumerate(result.ranked, 1):
+            r = entry.candidate.report
+            table.add_row(str(rank), entry.recipe, entry.candidate.target_name, r.quant, _mib(r.memory["required"]),
+                          _speed(r), VERDICT_STYLE[r.verdict])
+        out.print(table)
+        if result.dropped:
+            dropped = Table("recipe", "target", "why dropped", title="dropped")
+            for entry in result.dropped:
+                dropped.add_row(entry.recipe, entry.candidate.target_name, entry.candidate.report.reason)
+            out.print(dropped)
+        for path, error in result.invalid.items():
+            err.print(f"[yellow]skipped[/yellow] {path}: {error}")
+    if not result.ranked:
+        raise GateFailed(f"no {task} recipe fits {board.id} and meets the limits "
+                         f"({len(result.dropped)} recipe targets dropped, each with its reason)")
 
 
 # -- profile-host --------------------------------------------------------------------------------

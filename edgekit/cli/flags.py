@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,3 +57,9 @@ def output_file(path: Path | None, flag: str) -> Path | None:
         raise ConfigError(f"{flag} {path}: folder {path.parent} does not exist",
                           hint=f"create it first (mkdir -p {path.parent}) or pick another path")
     return path
+
+
+def did_you_mean(name: str, known: list[str], otherwise: str = "") -> str:
+    """A fix line naming the closest known name (difflib), or ``otherwise``."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean '{close[0]}'?" if close else otherwise
