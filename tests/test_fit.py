@@ -303,11 +303,13 @@ def test_cli_fit_recipe_offline_then_with_bundle(tmp_path):
     recipe = REPO / "recipes" / "all-minilm-l6-v2.yaml"
     done = run_cli("fit", "--recipe", str(recipe), "--bundles-dir", str(tmp_path), "--json",
                    env={"HF_HUB_OFFLINE": "1", "EDGEKIT_HOME": str(tmp_path / "home")})
-    assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     assert {r["origin"] for r in rows} == {"recipe"}
     assert {r["device"] for r in rows} == {"rpi-zero-2w", "rpi-4-2gb", "rpi-5-4gb", "orange-pi-5-8gb"}
     assert len(rows) == 8  # 2 targets x 4 devices
+    # the zero's 342 MiB cannot hold serve's default encoder batches (2,048 texts a request): told what fits
+    assert done.returncode == 1 and {r["device"] for r in rows if r["verdict"] == "fail"} == {"rpi-zero-2w"}
+    assert all("fits with --batch-max-tokens" in r["reason"] for r in rows if r["verdict"] == "fail")
 
     shutil.copytree(MINILM, tmp_path / MINILM.name)
     done = run_cli("fit", "--recipe", str(recipe), "--bundles-dir", str(tmp_path), "--json", "-d", "rpi-4-2gb")
@@ -390,3 +392,49 @@ def test_cli_plan_library_usage_errors(args, expected):
     done = run_cli(*args, env={"COLUMNS": "200"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert expected in done.stderr
+
+
+# -- the fit table a person reads -------------------------------------------------------------------
+
+def test_fit_table_is_readable_at_80_columns():
+    done = run_cli("fit", str(Q8), str(Q4), str(MINILM), "-d", "rpi-zero-2w", "-d", "rpi-4-2gb", "-d", "rpi-5-8gb",
+                   env={"COLUMNS": "80"})
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in done.stdout
+    rows = [line.split() for line in lines if line.split()[1:2] in (["rpi-zero-2w"], ["rpi-4-2gb"], ["rpi-5-8gb"])]
+    assert len(rows) == 9  # one line per bundle x board: ids and verdicts whole, never wrapped
+    assert {(r[0], r[1], r[-1]) for r in rows} >= {(Q8.name, "rpi-zero-2w", "FAIL"), (Q4.name, "rpi-5-8gb", "pass"),
+                                                    (MINILM.name, "rpi-4-2gb", "pass")}
+    assert len(lines) < 45
+    text = " ".join(done.stdout.split())
+    for assumption in ("context 4,096 tokens x 1 slot(s)", "start of a conversation / 2,048 tokens deep",
+                       "latency of one 32-token input at batch 1", "16 x 256 tokens",
+                       "edgekit serve's own process (80 MiB)", "fits at --ctx 1536"):
+        assert assumption in text, assumption
+    assert " MB" not in done.stdout and "MiB" in done.stdout
+
+    wide = run_cli("fit", str(Q8), "-d", "rpi-zero-2w", "--wide", env={"COLUMNS": "80"})
+    assert "usable MiB" in wide.stdout and "reason" in wide.stdout and "tok/s short / deep" in wide.stdout
+
+
+def test_boards_with_one_soc_show_one_band(catalog):
+    q4 = read_manifest(Q4)
+    reports = [fit(q4, catalog[d], FitSettings(), catalog.values()) for d in ("rpi-5-4gb", "rpi-5-8gb", "rpi-5-16gb")]
+    bands = {tuple(r.decode_tok_s_band) for r in reports}
+    assert len(bands) == 1
+    (low, high), = bands
+    assert all(low <= r.decode_tok_s <= high for r in reports)
+    assert low == pytest.approx(min(r.decode_tok_s for r in reports)) and high == pytest.approx(max(r.decode_tok_s for r in reports))
+    assert fit(q4, catalog["rpi-zero-2w"], FitSettings(), catalog.values()).decode_tok_s_band is None  # no sibling
+
+
+def test_an_encoder_that_does_not_fit_is_told_the_batch_that_does(catalog):
+    report = fit(read_manifest(MINILM), catalog["rpi-zero-2w"], FitSettings(), catalog.values())
+    assert report.verdict == "fail" and report.suggested_n_ctx is None
+    tokens, texts = report.suggested_batch_max_tokens, report.suggested_max_embedding_inputs
+    assert tokens and texts and f"fits with --batch-max-tokens {tokens} --max-embedding-inputs {texts}" in report.reason
+    zero = catalog["rpi-zero-2w"]
+    assert fit(read_manifest(MINILM), zero, FitSettings(batch_max_tokens=tokens, max_embedding_inputs=texts)).verdict != "fail"
+    # the micro-batch is kept as large as it can be: one more input of 256 tokens does not fit with any request size
+    assert fit(read_manifest(MINILM), zero, FitSettings(batch_max_tokens=tokens + 256, max_embedding_inputs=1)).verdict == "fail"

@@ -68,7 +68,8 @@ def test_fixture_bundle_fit_matches_admission(smollm_bundle, device_id, tmp_path
     (FitSettings(n_ctx=8192, parallel=2), {"n_ctx": 8192, "slots": 2}, {"batch_max": 2}),
     (FitSettings(parallel=8), {"slots": 8}, {"batch_max": 8}),
     (FitSettings(batch_max_tokens=1024), {}, {"batch_max_tokens": 1024}),
-], ids=["ctx2048", "ctx8192-parallel2", "parallel8", "batch-tokens1024"])
+    (FitSettings(batch_max_tokens=1024, max_embedding_inputs=64), {}, {"batch_max_tokens": 1024, "max_embedding_inputs": 64}),
+], ids=["ctx2048", "ctx8192-parallel2", "parallel8", "batch-tokens1024", "batch-tokens1024-inputs64"])
 @pytest.mark.parametrize("bundle", GOLDEN_BUNDLES)
 def test_settings_mean_the_same_to_fit_and_serve(bundle, fit_settings, serve_gguf, serve_onnx, tmp_path):
     manifest = read_manifest(GOLDEN / bundle)

@@ -103,9 +103,9 @@ def service_unit(
     settings = settings_from_flags(flags)
     cap = None
     if settings.device is not None:
-        from edgekit.schema.device import load_device
+        from edgekit.cli.flags import load_board
 
-        cap = load_device(settings.device).usable_ram_bytes  # an unknown id exits 2 here, not in the board's service log
+        cap = load_board(settings.device).usable_ram_bytes  # an unknown id exits 2 here, not in the board's service log
     check_readable(settings.models)
     rows = [] if settings.memory_budget_mb is not None and settings.device is None else bundles_footprint(settings)[1]
     budget, source = unit_budget(settings, rows)

@@ -44,6 +44,10 @@ ORT_SESSION_EXTRA = 2 * MIB
 # all-MiniLM-L6-v2 (hidden 384, feed-forward 1536), linear in tokens from 512 to 8,192 tokens:
 # modelled as 6 float32 activations of (2 x hidden + feed-forward) per token.
 ORT_FLOATS_PER_TOKEN_UNIT = 6.0
+# An encoder worker tokenizes a whole job (one request, or requests merged up to --batch-max texts) before it runs its
+# micro-batches, and holds it until the job ends: tokenizers' Encoding objects (~281 B per token) and the int64 ids,
+# mask and type ids (24 B per token). Measured with all-MiniLM-L6-v2's tokenizer, 2,048 texts of 256 tokens: 305 B.
+ENCODER_JOB_BYTES_PER_TOKEN = 305
 
 
 # Which weight types ggml's CPU backend repacks into an interleaved copy at load (CPU_REPACK buffer),
@@ -88,6 +92,8 @@ class RunSettings:
     # ONNX: the worker splits a batch into micro-batches of at most this many padded tokens (serve's
     # --batch-max-tokens); None: no split.
     batch_max_tokens: int | None = None
+    # ONNX: texts of the largest job the worker tokenizes at once (serve's --max-embedding-inputs); None: one batch.
+    job_texts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,7 @@ def ort_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None
     n_ff = facts.n_ff or 4 * facts.n_embd
     texts, seq = encoder_batch(facts, settings)
     compute = int(texts * seq * ORT_FLOATS_PER_TOKEN_UNIT * (2 * facts.n_embd + n_ff) * 4)
+    compute += max(texts, settings.job_texts or 0) * seq * ENCODER_JOB_BYTES_PER_TOKEN
     weights = int(facts.weights_bytes * ORT_WEIGHT_COPIES)
     return weights, 0, 0, compute, compute, ORT_RUNTIME_BASE + ORT_SESSION_EXTRA
 
@@ -216,16 +223,17 @@ def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures |
 
 
 def llama_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
-                       batch_max_tokens: int) -> int:
+                       batch_max_tokens: int, job_texts: int | None = None) -> int:
     """What edgekit serve charges its budget for a GGUF worker: ``slots`` contexts, without the daemon process."""
     run = RunSettings(n_ctx=n_ctx, parallel=slots, n_ubatch=n_ubatch, daemon=False)
     return estimate_memory(facts, run).required
 
 
 def ort_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
-                     batch_max_tokens: int) -> int:
+                     batch_max_tokens: int, job_texts: int | None = None) -> int:
     """What edgekit serve charges its budget for an ONNX worker: its largest micro-batch (``batch_max`` texts of the
-    bundle's max_length, split to stay within ``batch_max_tokens``), without the daemon process."""
+    bundle's max_length, split to stay within ``batch_max_tokens``) and its largest job (``job_texts``, default
+    serve's --max-embedding-inputs, tokenized at once), without the daemon process."""
     run = RunSettings(n_ctx=facts.max_length or facts.context_length, parallel=batch_max, daemon=False,
-                      batch_max_tokens=batch_max_tokens)
+                      batch_max_tokens=batch_max_tokens, job_texts=job_texts or serve_default("max_embedding_inputs"))
     return estimate_memory(facts, run).required

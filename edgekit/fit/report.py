@@ -62,3 +62,39 @@ def junit_xml(reports: Sequence[FitReport], suite: str = "edgekit fit") -> str:
             ET.SubElement(case, "system-out").text = f"warning: {report.reason}"
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def assumption_lines(reports: Sequence[FitReport]) -> list[str]:
+    """What the figures of these reports assume, one line per distinct assumption (a table's footnotes)."""
+    grouped: dict[str, list[str]] = {}
+
+    def add(line: str, subject: str = "") -> None:
+        subjects = grouped.setdefault(line, [])
+        if subject and subject not in subjects:
+            subjects.append(subject)
+
+    for r in reports:
+        a = r.assumptions
+        if "decode_depth" in a:
+            add(f"context {a['n_ctx']:,} tokens x {a['slots']} slot(s) (serve --n-ctx, --slots); tok/s of decode at the "
+                f"start of a conversation / {a['decode_depth']:,} tokens deep", r.subject)
+        if "latency_input_tokens" in a:
+            add(f"latency of one {a['latency_input_tokens']}-token input at batch 1; RAM for the largest micro-batch, "
+                f"{a['batch_texts']} x {a['batch_input_tokens']} tokens (serve --batch-max, --batch-max-tokens), of a "
+                f"request of {a['request_texts']:,} texts (--max-embedding-inputs)", r.subject)
+    daemon = max((r.memory.get("daemon", 0) for r in reports), default=0)
+    if daemon:
+        add(f"RAM: the model's worker + edgekit serve's own process ({daemon >> 20} MiB) against the board's usable RAM "
+            "(installed minus what its OS keeps), as `edgekit serve --device` admits it")
+    elif reports:
+        add("RAM: the runtime process alone (--no-daemon) against the board's usable RAM")
+    bands: dict[str, list[str]] = {}
+    for r in reports:
+        if r.decode_tok_s_band:
+            low, high = r.decode_tok_s_band
+            bands.setdefault(r.device, []).append(f"{low:.1f}-{high:.1f} ({r.subject})")
+    for device, ranges in bands.items():
+        add(f"{device}: boards with its SoC, each calibrated on its own published measurements, predict deep decode "
+            f"{', '.join(ranges)} tok/s")
+    return [f"{line}: {', '.join(subjects)}" if subjects and len(subjects) < len({r.subject for r in reports}) else line
+            for line, subjects in grouped.items()]

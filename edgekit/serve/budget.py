@@ -40,7 +40,7 @@ def footprint_bytes(manifest: Manifest, settings: ServeSettings) -> int:
         return 2 * manifest.total_bytes + FALLBACK_RUNTIME
     worker_bytes = FORMATS[manifest.format].hook("worker_bytes")
     return worker_bytes(facts, effective_n_ctx(manifest, settings), PREFILL_CHUNK, settings.slots,
-                        settings.batch_max, settings.batch_max_tokens)
+                        settings.batch_max, settings.batch_max_tokens, job_texts=settings.max_embedding_inputs)
 
 
 def memory_budget(settings: ServeSettings) -> tuple[int, str]:
