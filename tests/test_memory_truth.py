@@ -119,3 +119,13 @@ def test_plan_suggests_the_context_at_which_a_model_fits(tmp_path):
     ok, _, _ = admitted(q8, ServeSettings(models=tmp_path, device=zero.id, n_ctx=report.suggested_n_ctx + 256))
     assert not ok
     assert from_manifest(q8).context_length == 8192
+
+
+def test_footprint_terms_never_speak_of_a_kv_cache_for_an_encoder(tmp_path):
+    from edgekit.serve.budget import footprint_terms
+
+    settings = ServeSettings(models=tmp_path)
+    minilm = footprint_terms(read_manifest(GOLDEN / "all-minilm-l6-v2-int8-dynamic"), settings)
+    assert minilm == "weights + activations of 16 x 256-token micro-batches of a request of up to 2048 texts"
+    q8 = footprint_terms(read_manifest(GOLDEN / "smollm2-135m-instruct-q8-0"), settings)
+    assert q8 == "weights + KV cache for n_ctx 4096 x 1 slot(s)"

@@ -152,44 +152,40 @@ def _console(wide: bool):
 
 
 def print_fit_table(reports, wide: bool = False, title: str = "edgekit fit") -> None:
-    """The fit reports as a table, its assumptions under it; compact below WIDE_COLUMNS unless ``wide``."""
+    """The fit reports as a table, its assumptions under it; compact below WIDE_COLUMNS unless ``wide``: one row per
+    bundle naming it, its boards under it, reasons after the table."""
     from edgekit.fit.report import assumption_lines
 
     console = _console(wide)
-    compact = console.width < WIDE_COLUMNS
-    ids = dict(no_wrap=True, min_width=max((len(r.subject) for r in reports), default=6))
-    table = Table(title=title, box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD, pad_edge=not compact)
-    table.add_column("bundle", **ids)
-    table.add_column("device", no_wrap=True, min_width=max((len(r.device) for r in reports), default=6))
-    if not compact:
-        table.add_column("from")
-    table.add_column("RAM MiB", justify="right", no_wrap=True)
-    if not compact:
-        table.add_column("usable MiB", justify="right")
-        table.add_column("disk MiB", justify="right")
-    table.add_column("tok/s short / deep" if not compact else "tok/s", justify="right", no_wrap=True)
-    table.add_column("verdict", no_wrap=True, min_width=7)
-    if not compact:
-        table.add_column("reason", ratio=1)
-    for r in reports:
-        row = [r.subject, r.device]
-        if not compact:
-            row.append(r.origin)
-        row.append(_mib(r.memory["required"]))
-        if not compact:
-            disk = _mib(r.disk_bytes)
-            if r.disk_prediction_error is not None:
-                disk += f" (pred {r.disk_prediction_error:+.1%})"
-            row += [_mib(r.usable_ram_bytes), disk]
-        row += [_decode_cell(r), VERDICT_STYLE[r.verdict]]
-        if not compact:
-            row.append(r.reason)
-        table.add_row(*row)
-    console.print(table)
-    if compact:
+    if console.width < WIDE_COLUMNS:
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("bundle / device", no_wrap=True)
+        table.add_column("RAM MiB", justify="right", no_wrap=True)
+        table.add_column("tok/s", justify="right", no_wrap=True)
+        table.add_column("verdict", no_wrap=True, min_width=7)
+        by_subject: dict[str, list] = {}
+        for r in reports:
+            by_subject.setdefault(r.subject, []).append(r)
+        for subject, rows in by_subject.items():
+            table.add_row(f"[bold]{subject}[/bold]", "", "", "")
+            for r in rows:
+                table.add_row(f"  {r.device}", _mib(r.memory["required"]), _decode_cell(r), VERDICT_STYLE[r.verdict])
+        console.print(table)
         for r in reports:
             if r.verdict != "pass":
                 console.print(f"{r.subject} on {r.device}: {r.reason}", highlight=False)
+    else:
+        table = Table("bundle", "device", "from", "RAM MiB", "usable MiB", "disk MiB", "tok/s short / deep", "verdict",
+                      "reason", title=title)
+        for r in reports:
+            disk = _mib(r.disk_bytes)
+            if r.disk_prediction_error is not None:
+                disk += f" (pred {r.disk_prediction_error:+.1%})"
+            table.add_row(r.subject, r.device, r.origin, _mib(r.memory["required"]), _mib(r.usable_ram_bytes), disk,
+                          _decode_cell(r), VERDICT_STYLE[r.verdict], r.reason)
+        for column in table.columns[:-1]:
+            column.no_wrap = True
+        console.print(table)
     for line in assumption_lines(reports):
         console.print(f"[dim]assumes: {line}[/dim]", highlight=False)
 

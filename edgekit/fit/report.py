@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
 from edgekit.fit.estimate import FitReport
+from edgekit.fit.memory import MIB
 
 
 def _escape_command(text: str) -> str:
@@ -33,12 +34,14 @@ def github_annotations(reports: Sequence[FitReport]) -> list[str]:
 def markdown_summary(reports: Sequence[FitReport]) -> str:
     """A table for $GITHUB_STEP_SUMMARY."""
     icon = {"pass": "✅ pass", "warn": "⚠️ warn", "fail": "❌ fail"}
-    rows = ["| bundle | device | RAM needed | usable | decode tok/s | verdict | reason |", "|---|---|---|---|---|---|---|"]
+    rows = ["| bundle | device | RAM needed | usable | tok/s short / deep | verdict | reason |", "|---|---|---|---|---|---|---|"]
     for r in reports:
-        speed = f"{r.decode_tok_s:.1f}" if r.decode_tok_s is not None else (f"{r.latency_ms:.1f} ms" if r.latency_ms else "")
-        rows.append(f"| {r.subject} | {r.device} | {r.memory['required'] / 1e6:,.0f} MB | {r.usable_ram_bytes / 1e6:,.0f} MB "
+        speed = (f"{r.decode_tok_s_short:.1f} / {r.decode_tok_s:.1f}" if r.decode_tok_s is not None
+                 else (f"{r.latency_ms:.1f} ms" if r.latency_ms else ""))
+        rows.append(f"| {r.subject} | {r.device} | {r.memory['required'] / MIB:,.0f} MiB | {r.usable_ram_bytes / MIB:,.0f} MiB "
                     f"| {speed} | {icon[r.verdict]} | {r.reason} |")
-    return "\n".join(rows) + "\n"
+    notes = "".join(f"\n- {line}" for line in assumption_lines(reports))
+    return "\n".join(rows) + "\n" + (f"\nAssumptions:{notes}\n" if notes else "")
 
 
 def junit_xml(reports: Sequence[FitReport], suite: str = "edgekit fit") -> str:

@@ -43,6 +43,18 @@ def footprint_bytes(manifest: Manifest, settings: ServeSettings) -> int:
                         settings.batch_max, settings.batch_max_tokens, job_texts=settings.max_embedding_inputs)
 
 
+def footprint_terms(manifest: Manifest, settings: ServeSettings) -> str:
+    """What a worker's footprint covers, in words for messages (an encoder has no KV cache)."""
+    from edgekit.formats import TASKS
+
+    if TASKS[manifest.task].batched:
+        max_length = manifest.runtime.max_length
+        texts = max(1, min(settings.batch_max, settings.batch_max_tokens // max_length))
+        return (f"weights + activations of {texts} x {max_length}-token micro-batches of a request of up to "
+                f"{max(texts, settings.max_embedding_inputs)} texts")
+    return f"weights + KV cache for n_ctx {effective_n_ctx(manifest, settings)} x {settings.slots} slot(s)"
+
+
 def memory_budget(settings: ServeSettings) -> tuple[int, str]:
     """Bytes models may use, and where the figure came from."""
     if settings.memory_budget_mb is not None:
