@@ -193,14 +193,17 @@ def encoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, setti
                                    higher_is_better=False, unit="ms", what=f"batch-1 latency ({seq} tokens)"))
     texts, tokens = memory.encoder_batch(facts, _run_settings(settings, n_ctx))
     assumptions = {"latency_input_tokens": seq, "batch_texts": texts, "batch_input_tokens": tokens,
-                   "request_texts": max(texts, settings.max_embedding_inputs)}
+                   "request_texts": max(texts, settings.max_embedding_inputs) if settings.daemon else texts}
     return SpeedPrediction(calibrations, checks, latency_ms=latency, assumptions=assumptions)
 
 
 def _run_settings(settings: FitSettings, n_ctx: int) -> memory.RunSettings:
+    """The run the fit is for; the encoder's micro-batch split and request size are the daemon worker's."""
+    serve = settings.daemon
     return memory.RunSettings(n_ctx=n_ctx, parallel=settings.parallel, n_ubatch=settings.n_ubatch,
-                              flash_attn=settings.flash_attn, kv_type=settings.kv_type, daemon=settings.daemon,
-                              batch_max_tokens=settings.batch_max_tokens, job_texts=settings.max_embedding_inputs)
+                              flash_attn=settings.flash_attn, kv_type=settings.kv_type, daemon=serve,
+                              batch_max_tokens=settings.batch_max_tokens if serve else None,
+                              job_texts=settings.max_embedding_inputs if serve else None)
 
 
 def largest_fitting_batch(facts: ModelFacts, settings: FitSettings, n_ctx: int, limit: int,
