@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -51,12 +52,14 @@ def free_port() -> int:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, bytes."""
+    """VmRSS, VmHWM (peak RSS) and Pss of a process, bytes. Pss counts a file page mapped twice (generation slots each
+    map the GGUF) once, as the kernel and a cgroup's memory limit do; RSS counts it per mapping."""
     values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) * 1024
+    for name in ("status", "smaps_rollup"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "Pss"):
+                values[key] = int(rest.split()[0]) * 1024
     return values
 
 
@@ -72,11 +75,14 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=4, help="Repetitions of the largest request (RSS levels off).")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="An `edgekit serve` setting for the daemon and the charge, e.g. --set slots=2 --set n_ctx=2048.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "worker-rss.json")
     args = parser.parse_args()
 
     manifest = read_manifest(args.bundle)
-    settings = ServeSettings(models=args.bundle.parent, threads=args.threads)
+    extra = dict(item.split("=", 1) for item in args.set)
+    settings = ServeSettings(models=args.bundle.parent, threads=args.threads, **extra)
     charged = footprint_bytes(manifest, settings)
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +91,8 @@ def main() -> None:
         # Hard links: a symlinked bundle would point outside the models folder, which verification refuses.
         shutil.copytree(args.bundle, models / manifest.name, copy_function=os.link)
         command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port),
-                   "--threads", str(args.threads), "--preload", manifest.name, "--idle-unload-s", "0", "--log-level", "warning"]
+                   "--threads", str(args.threads), "--preload", manifest.name, "--idle-unload-s", "0", "--log-level", "warning",
+                   *(arg for key, value in extra.items() for arg in (f"--{key.replace('_', '-')}", value))]
         daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr)
         rows = []
         try:
@@ -117,9 +124,14 @@ def main() -> None:
             else:
                 chat = [{"role": "user", "content": "Say hello."}]
                 long_chat = [{"role": "user", "content": "Summarize: " + WORD * (settings.n_ctx // 3)}]
-                for step, messages in (("chat, short prompt", chat), (f"chat, prompt near n_ctx {settings.n_ctx}", long_chat)):
-                    client.post("/v1/chat/completions", json={"model": manifest.name, "messages": messages,
-                                                              "max_tokens": 16}).raise_for_status()
+                steps = [("chat, short prompt", chat, 1), (f"chat, prompt near n_ctx {settings.n_ctx}", long_chat, 1)]
+                if settings.slots > 1:  # every slot holding a long context at once
+                    steps.append((f"{settings.slots} chats at once, prompts near n_ctx", long_chat, settings.slots))
+                for step, messages, clients in steps:
+                    with ThreadPoolExecutor(clients) as pool:
+                        for response in pool.map(lambda _: client.post("/v1/chat/completions", json={
+                                "model": manifest.name, "messages": messages, "max_tokens": 16}), range(clients)):
+                            response.raise_for_status()
                     rows.append({"step": step, **proc_status(pid)})
                     log(f"{step}: RSS {rows[-1]['VmRSS'] / MIB:.0f} MiB, peak {rows[-1]['VmHWM'] / MIB:.0f} MiB")
         finally:
@@ -127,14 +139,19 @@ def main() -> None:
             daemon.wait(60)
 
     peak = max(r["VmHWM"] for r in rows)
-    print(f"{manifest.name} worker on {platform.machine()}, {args.threads} threads; charged {charged / MIB:.1f} MiB")
-    print(f"{'step':<60} {'RSS MiB':>8} {'peak MiB':>9} {'charge/peak':>12}")
+    pss = max(r["Pss"] for r in rows)
+    print(f"{manifest.name} worker on {platform.machine()}, {args.threads} threads, {extra or 'default settings'}; "
+          f"charged {charged / MIB:.1f} MiB")
+    print(f"{'step':<58} {'RSS MiB':>8} {'peak MiB':>9} {'Pss MiB':>8} {'charge/peak':>12}")
     for r in rows:
-        print(f"{r['step']:<60} {r['VmRSS'] / MIB:>8.1f} {r['VmHWM'] / MIB:>9.1f} {charged / r['VmHWM'] - 1:>+12.1%}")
-    print(f"charged {charged / MIB:.1f} MiB vs peak {peak / MIB:.1f} MiB: {charged / peak - 1:+.1%}")
+        print(f"{r['step']:<58} {r['VmRSS'] / MIB:>8.1f} {r['VmHWM'] / MIB:>9.1f} {r['Pss'] / MIB:>8.1f} "
+              f"{charged / r['VmHWM'] - 1:>+12.1%}")
+    print(f"charged {charged / MIB:.1f} MiB vs peak RSS {peak / MIB:.1f} MiB: {charged / peak - 1:+.1%}; "
+          f"vs largest Pss {pss / MIB:.1f} MiB: {charged / pss - 1:+.1%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"bundle": manifest.name, "machine": platform.machine(), "threads": args.threads,
-                                    "charged_bytes": charged, "peak_bytes": peak, "steps": rows}, indent=2) + "\n")
+                                    "settings": extra,
+                                    "charged_bytes": charged, "peak_bytes": peak, "pss_bytes": pss, "steps": rows}, indent=2) + "\n")
     log(f"wrote {args.out}")
 
 
