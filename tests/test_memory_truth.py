@@ -94,17 +94,26 @@ def test_encoders_are_never_charged_a_kv_cache(bundle):
 
 
 @pytest.mark.parametrize("device_id", sorted(CATALOG))
-@pytest.mark.parametrize(("recipe", "bundles"), [
-    ("smollm2-135m-instruct", {"q8-0": "smollm2-135m-instruct-q8-0", "q4-k-m": "smollm2-135m-instruct-q4-k-m"}),
-    ("all-minilm-l6-v2", {"int8-dynamic": "all-minilm-l6-v2-int8-dynamic"}),
+@pytest.mark.parametrize(("recipe", "bundles", "small"), [
+    ("smollm2-135m-instruct", {"q8-0": "smollm2-135m-instruct-q8-0", "q4-k-m": "smollm2-135m-instruct-q4-k-m"},
+     {"n_ctx": 1024}),
+    ("all-minilm-l6-v2", {"int8-dynamic": "all-minilm-l6-v2-int8-dynamic"},
+     {"batch_max_tokens": 1024, "max_embedding_inputs": 256}),
 ])
-def test_what_plan_recommends_is_served(recipe, bundles, device_id, tmp_path):
-    result = plan(load_recipe(REPO / "recipes" / f"{recipe}.yaml").recipe, CATALOG[device_id], FitSettings(), CATALOG.values())
-    if result.best is None or result.best.target_name not in bundles:
-        pytest.skip(f"plan recommends {result.best and result.best.target_name} on {device_id}: no sample bundle of it")
-    ok, footprint, budget = admitted(read_manifest(GOLDEN / bundles[result.best.target_name]),
-                                     ServeSettings(models=tmp_path, device=device_id))
-    assert ok, f"plan recommends {result.best.target_name} on {device_id}; serve refuses it ({footprint} > {budget})"
+def test_what_plan_recommends_is_served(recipe, bundles, small, device_id, tmp_path):
+    """With serve's defaults, and with the smaller settings a small board needs (the same settings to plan and serve)."""
+    loaded = load_recipe(REPO / "recipes" / f"{recipe}.yaml").recipe
+    recommended = 0
+    for settings in ({}, small):
+        result = plan(loaded, CATALOG[device_id], FitSettings(**settings), CATALOG.values())
+        if result.best is None or result.best.target_name not in bundles:
+            continue
+        recommended += 1
+        ok, footprint, budget = admitted(read_manifest(GOLDEN / bundles[result.best.target_name]),
+                                         ServeSettings(models=tmp_path, device=device_id, **settings))
+        assert ok, f"plan recommends {result.best.target_name} on {device_id}; serve refuses it ({footprint} > {budget})"
+    if not recommended:
+        pytest.skip(f"plan recommends no sample bundle's target on {device_id}")
 
 
 def test_plan_suggests_the_context_at_which_a_model_fits(tmp_path):
