@@ -4,8 +4,9 @@ Starts the daemon on 127.0.0.1 with one bundle preloaded, then sends rounds of r
 worker process's resident set (VmRSS) and its peak (VmHWM) from /proc after each:
 
 - encoders: batch 1 (a short text, then a max-length one), the largest micro-batch the worker runs
-  (--batch-max-tokens / max_length texts of max_length tokens), and the largest request the daemon
-  accepts (--max-embedding-inputs max-length texts, run as micro-batches), repeated until RSS levels off;
+  (--batch-max-tokens / max_length texts of max_length tokens), and the largest requests the daemon
+  accepts, repeated until RSS levels off: as many max-length texts as --max-input-chars allows, and
+  --max-embedding-inputs texts of which one is max-length (the worker pads the whole request to it);
 - GGUF: one chat completion, then one whose prompt fills most of the context.
 
 The charge is ``edgekit.serve.budget.footprint_bytes`` (the same figure `edgekit fit` checks). Prints a
@@ -115,8 +116,14 @@ def main() -> None:
                 micro = max(1, min(settings.batch_max, settings.batch_max_tokens // max_length))
                 steps = [("batch 1, short text", ["Nice."]), (f"batch 1, {max_length} tokens", [long_text]),
                          (f"largest micro-batch: {micro} x {max_length} tokens", [long_text] * micro)]
-                steps += [(f"largest request: {settings.max_embedding_inputs} x {max_length} tokens (round {i + 1})",
-                           [long_text] * settings.max_embedding_inputs) for i in range(args.rounds)]
+                # The worker tokenizes a whole job at once, padded to its longest text: one max-length text among
+                # --max-embedding-inputs short ones (well inside --max-input-chars) holds them all at max_length.
+                padded = ["Nice."] * (settings.max_embedding_inputs - 1) + [long_text]
+                # max-length texts the character cap allows
+                most = max(1, min(settings.max_embedding_inputs, settings.max_input_chars // len(long_text)))
+                for i in range(args.rounds):
+                    steps += [(f"request of {most} x {max_length} tokens (round {i + 1})", [long_text] * most),
+                              (f"request of {len(padded)} texts padded to {max_length} (round {i + 1})", padded)]
                 for step, texts in steps:
                     client.post("/v1/embeddings", json={"model": manifest.name, "input": texts}).raise_for_status()
                     rows.append({"step": step, **proc_status(pid)})

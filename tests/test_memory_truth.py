@@ -138,3 +138,14 @@ def test_footprint_terms_never_speak_of_a_kv_cache_for_an_encoder(tmp_path):
     assert minilm == "weights + activations of 16 x 256-token micro-batches of a request of up to 2048 texts"
     q8 = footprint_terms(read_manifest(GOLDEN / "smollm2-135m-instruct-q8-0"), settings)
     assert q8 == "weights + KV cache for n_ctx 4096 x 1 slot(s)"
+
+
+@pytest.mark.parametrize(("serve_settings", "measured_mib"), [
+    ({}, 403.1),  # after the largest micro-batch (16 x 256) and the worst request (2,048 texts padded to 256)
+    ({"batch_max": 1, "max_embedding_inputs": 1}, 152.2),  # batch 1 of 256 tokens
+])
+def test_the_encoder_worker_is_charged_what_it_holds(serve_settings, measured_mib, tmp_path):
+    """The MiniLM worker's peak RSS measured by scripts/bench_worker_rss.py (x86-64, 2 threads): the charge is within 10 %."""
+    manifest = read_manifest(GOLDEN / "all-minilm-l6-v2-int8-dynamic")
+    charged = footprint_bytes(manifest, ServeSettings(models=tmp_path, **serve_settings)) / (1 << 20)
+    assert abs(charged / measured_mib - 1) < 0.10, charged

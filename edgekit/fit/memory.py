@@ -7,8 +7,9 @@ scripts/bench_worker_rss.py the charge of a real `edgekit serve` worker with its
 
 One truth for `fit`, `plan` and `edgekit serve`'s admission budget: ``RunSettings`` describes a model
 run the way edgekit's runtime runs it (generation slots are separate llama.cpp contexts; an encoder
-runs micro-batches bounded in padded tokens), ``daemon=True`` adds the daemon's own process, and the
-daemon charges a worker exactly ``estimate_memory(..., daemon=False).required`` (``worker_bytes``).
+runs micro-batches bounded in padded tokens), ``daemon=True`` runs it in a serve worker next to the
+daemon's own process, and the daemon charges a worker exactly ``required - daemon`` of that estimate
+(the ``worker_bytes`` hooks).
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ ORT_SESSION_EXTRA = 2 * MIB
 # all-MiniLM-L6-v2 (hidden 384, feed-forward 1536), linear in tokens from 512 to 8,192 tokens:
 # modelled as 6 float32 activations of (2 x hidden + feed-forward) per token.
 ORT_FLOATS_PER_TOKEN_UNIT = 6.0
-# An encoder worker tokenizes a whole job (one request, or requests merged up to --batch-max texts) before it runs its
-# micro-batches, and holds it until the job ends: tokenizers' Encoding objects (~281 B per token) and the int64 ids,
-# mask and type ids (24 B per token). Measured with all-MiniLM-L6-v2's tokenizer, 2,048 texts of 256 tokens: 305 B.
-ENCODER_JOB_BYTES_PER_TOKEN = 305
+# An encoder worker of edgekit serve tokenizes a whole job (one request, or requests merged up to --batch-max texts)
+# padded to its longest text before it runs its micro-batches, and holds it until the job ends: tokenizers' Encoding
+# objects and the int64 ids, mask and type ids. Measured with all-MiniLM-L6-v2's tokenizer on the worst request the
+# daemon accepts, 2,047 short texts and one of 256 tokens: 132 B per padded position (2,048 x 256 -> 66 MiB).
+ENCODER_JOB_BYTES_PER_TOKEN = 132
+# The encoder worker's own process beyond the bare runtime: the loaded tokenizer, edgekit's worker and protocol
+# modules, what the golden checks leave. scripts/bench_worker_rss.py: all-MiniLM-L6-v2 worker at batch 1, 150 MiB RSS.
+ENCODER_WORKER_EXTRA = 22 * MIB
 
 
 # Which weight types ggml's CPU backend repacks into an interleaved copy at load (CPU_REPACK buffer),
@@ -207,7 +212,8 @@ def ort_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None
     compute = int(texts * seq * ORT_FLOATS_PER_TOKEN_UNIT * (2 * facts.n_embd + n_ff) * 4)
     compute += max(texts, settings.job_texts or 0) * seq * ENCODER_JOB_BYTES_PER_TOKEN
     weights = int(facts.weights_bytes * ORT_WEIGHT_COPIES)
-    return weights, 0, 0, compute, compute, ORT_RUNTIME_BASE + ORT_SESSION_EXTRA
+    worker = ENCODER_WORKER_EXTRA if settings.daemon else 0
+    return weights, 0, 0, compute, compute, ORT_RUNTIME_BASE + ORT_SESSION_EXTRA + worker
 
 
 def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None = None) -> MemoryEstimate:
@@ -225,8 +231,8 @@ def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures |
 def llama_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
                        batch_max_tokens: int, job_texts: int | None = None) -> int:
     """What edgekit serve charges its budget for a GGUF worker: ``slots`` contexts, without the daemon process."""
-    run = RunSettings(n_ctx=n_ctx, parallel=slots, n_ubatch=n_ubatch, daemon=False)
-    return estimate_memory(facts, run).required
+    served = estimate_memory(facts, RunSettings(n_ctx=n_ctx, parallel=slots, n_ubatch=n_ubatch, daemon=True))
+    return served.required - served.daemon
 
 
 def ort_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
@@ -234,6 +240,7 @@ def ort_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, b
     """What edgekit serve charges its budget for an ONNX worker: its largest micro-batch (``batch_max`` texts of the
     bundle's max_length, split to stay within ``batch_max_tokens``) and its largest job (``job_texts``, default
     serve's --max-embedding-inputs, tokenized at once), without the daemon process."""
-    run = RunSettings(n_ctx=facts.max_length or facts.context_length, parallel=batch_max, daemon=False,
+    run = RunSettings(n_ctx=facts.max_length or facts.context_length, parallel=batch_max, daemon=True,
                       batch_max_tokens=batch_max_tokens, job_texts=job_texts or serve_default("max_embedding_inputs"))
-    return estimate_memory(facts, run).required
+    served = estimate_memory(facts, run)
+    return served.required - served.daemon
