@@ -355,8 +355,6 @@ def test_default_micro_batch_matches_the_runtime():
 def test_cli_plan_ranks_every_recipe_of_a_task(tmp_path):
     import yaml
 
-    from edgekit.fit.plan import library_rank  # noqa: F401  (the order asserted below is its documented order)
-
     mine = yaml.safe_load((REPO / "recipes" / "smollm2-135m-instruct.yaml").read_text())
     mine["name"] = "my-smollm2"
     (tmp_path / "my-smollm2.yaml").write_text(yaml.safe_dump(mine))

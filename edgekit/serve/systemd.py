@@ -91,7 +91,10 @@ def check_readable(models: Path) -> None:
             raise ConfigError(f"--models {folder}: {part} is not readable by other users (mode {stat.filemode(mode)}); "
                               "the service runs as a transient user", hint=fix)
     for path in folder.rglob("*"):
-        mode = path.stat().st_mode
+        try:
+            mode = path.stat().st_mode
+        except OSError:  # a dangling link: bundle verification reports it, not the unit
+            continue
         if not mode & stat.S_IROTH or (path.is_dir() and not mode & stat.S_IXOTH):
             raise ConfigError(f"--models {folder}: {path} is not readable by other users (mode {stat.filemode(mode)}); "
                               "the service runs as a transient user", hint=fix)
