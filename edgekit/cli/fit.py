@@ -408,6 +408,12 @@ def _plan_library(task: str, extra_dirs: list[Path], board, settings, everything
             for entry in result.dropped:
                 dropped.add_row(entry.recipe, entry.candidate.target_name, entry.candidate.report.reason)
             console.print(dropped)
+        from edgekit.fit.report import assumption_lines
+
+        reports = [entry.candidate.report for entry in result.ranked + result.dropped]
+        for line in assumption_lines(reports):
+            if not line.startswith(tuple(r.device for r in reports)):  # per-board speed bands: one line per model is noise here
+                console.print(f"[dim]assumes: {line}[/dim]", highlight=False)
         for path, error in result.invalid.items():
             err.print(f"[yellow]skipped[/yellow] {path}: {error}")
     if not result.ranked:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
@@ -99,5 +100,12 @@ def assumption_lines(reports: Sequence[FitReport]) -> list[str]:
     for device, ranges in bands.items():
         add(f"{device}: boards with its SoC, each calibrated on its own published measurements, predict deep decode "
             f"{', '.join(ranges)} tok/s")
-    return [f"{line}: {', '.join(subjects)}" if subjects and len(subjects) < len({r.subject for r in reports}) else line
-            for line, subjects in grouped.items()]
+    # The assumption most models share goes bare; the others name their models (one prefix* for a family of bundles).
+    common = max((line for line, subjects in grouped.items() if subjects), key=lambda line: len(grouped[line]), default=None)
+    return [line if line == common or not subjects else f"{line}: {_names(subjects)}" for line, subjects in grouped.items()]
+
+
+def _names(subjects: list[str]) -> str:
+    prefix = os.path.commonprefix(subjects)
+    prefix = prefix[: prefix.rfind("-") + 1]
+    return f"{prefix}*" if len(subjects) > 2 and len(prefix) > 3 else ", ".join(subjects)
