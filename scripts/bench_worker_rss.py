@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgekit.bundle import read_manifest  # noqa: E402
-from edgekit.serve.budget import MIB, footprint_bytes  # noqa: E402
+from edgekit.serve.budget import DAEMON_RSS, MIB, footprint_bytes  # noqa: E402
 from edgekit.serve.settings import ServeSettings  # noqa: E402
 
 WORD = "lighthouse "  # one WordPiece token in MiniLM's vocabulary; many tokens in any BPE vocabulary
@@ -108,7 +108,7 @@ def main() -> None:
                     raise RuntimeError(f"daemon exited with {daemon.returncode}")
                 time.sleep(0.5)
             pid = worker_pid(daemon.pid)
-            rows.append({"step": "loaded (golden checks run)", **proc_status(pid)})
+            rows.append({"step": "loaded (golden checks run)", **proc_status(pid), "daemon_rss": proc_status(daemon.pid)["VmRSS"]})
             client = httpx.Client(base_url=url, timeout=600)
             if manifest.format == "onnx":
                 max_length = manifest.runtime.max_length
@@ -126,7 +126,7 @@ def main() -> None:
                               (f"request of {len(padded)} texts padded to {max_length} (round {i + 1})", padded)]
                 for step, texts in steps:
                     client.post("/v1/embeddings", json={"model": manifest.name, "input": texts}).raise_for_status()
-                    rows.append({"step": step, **proc_status(pid)})
+                    rows.append({"step": step, **proc_status(pid), "daemon_rss": proc_status(daemon.pid)["VmRSS"]})
                     log(f"{step}: RSS {rows[-1]['VmRSS'] / MIB:.0f} MiB, peak {rows[-1]['VmHWM'] / MIB:.0f} MiB")
             else:
                 chat = [{"role": "user", "content": "Say hello."}]
@@ -139,7 +139,7 @@ def main() -> None:
                         for response in pool.map(lambda _: client.post("/v1/chat/completions", json={
                                 "model": manifest.name, "messages": messages, "max_tokens": 16}), range(clients)):
                             response.raise_for_status()
-                    rows.append({"step": step, **proc_status(pid)})
+                    rows.append({"step": step, **proc_status(pid), "daemon_rss": proc_status(daemon.pid)["VmRSS"]})
                     log(f"{step}: RSS {rows[-1]['VmRSS'] / MIB:.0f} MiB, peak {rows[-1]['VmHWM'] / MIB:.0f} MiB")
         finally:
             daemon.terminate()
@@ -149,10 +149,12 @@ def main() -> None:
     pss = max(r["Pss"] for r in rows)
     print(f"{manifest.name} worker on {platform.machine()}, {args.threads} threads, {extra or 'default settings'}; "
           f"charged {charged / MIB:.1f} MiB")
-    print(f"{'step':<58} {'RSS MiB':>8} {'peak MiB':>9} {'Pss MiB':>8} {'charge/peak':>12}")
+    print(f"{'step':<58} {'RSS MiB':>8} {'peak MiB':>9} {'Pss MiB':>8} {'charge/peak':>12} {'daemon MiB':>11}")
     for r in rows:
         print(f"{r['step']:<58} {r['VmRSS'] / MIB:>8.1f} {r['VmHWM'] / MIB:>9.1f} {r['Pss'] / MIB:>8.1f} "
-              f"{charged / r['VmHWM'] - 1:>+12.1%}")
+              f"{charged / r['VmHWM'] - 1:>+12.1%} {r['daemon_rss'] / MIB:>11.1f}")
+    print(f"daemon process: {max(r['daemon_rss'] for r in rows) / MIB:.1f} MiB RSS at most; `fit` adds "
+          f"{DAEMON_RSS / MIB:.0f} MiB for it")
     print(f"charged {charged / MIB:.1f} MiB vs peak RSS {peak / MIB:.1f} MiB: {charged / peak - 1:+.1%}; "
           f"vs largest Pss {pss / MIB:.1f} MiB: {charged / pss - 1:+.1%}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
