@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
 import edgekit
-from tests.conftest import REPO
 
 RECIPE = str(REPO / "recipes" / "smollm2-135m-instruct.yaml")
 

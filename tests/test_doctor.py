@@ -10,17 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from serve_fixtures import MINILM_NAME, Q4KM, RARE_TOKEN, SMOLLM_NAME, link_bundles
 
 from edgekit.bundle import MANIFEST_NAME
 from edgekit.cli import doctor
 from edgekit.runtime import cpu, probe
-from serve_fixtures import MINILM_NAME, Q4KM, RARE_TOKEN, SMOLLM_NAME, link_bundles
 
 pytestmark = pytest.mark.slow
 
 
 def run_doctor(*args: str, features: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != cpu.FEATURES_ENV}
+    # A wide console: the table's layout must not depend on how long this run's temp paths are.
+    env = {k: v for k, v in os.environ.items() if k != cpu.FEATURES_ENV} | {"COLUMNS": "200"}
     if features is not None:
         env[cpu.FEATURES_ENV] = features
     return subprocess.run([sys.executable, "-m", "edgekit", "doctor", *args], capture_output=True, text=True, env=env)
@@ -46,7 +47,7 @@ def write_pack(folder: Path, features: list[str], machine: str = "x86_64", targe
 
 def test_doctor_passes_the_sample_bundles_and_measures_them(tmp_path, minilm_bundle, smollm2_q4km):  # noqa: F811
     models = link_bundles(tmp_path / "models", minilm_bundle, smollm2_q4km)
-    done = run_doctor(str(models), "--device", "x86-64-avx2-generic", "--json")
+    done = run_doctor(str(models), "--device", "x86-64-avx2-generic", "--runs", "1", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["exit_code"] == 0 and report["device"] == "x86-64-avx2-generic"

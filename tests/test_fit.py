@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from edgekit.bundle import read_manifest
 from edgekit.fit import FitSettings, fit, from_manifest, from_recipe, kv_cache_bytes
@@ -26,7 +27,6 @@ from edgekit.fit.quant import DecoderShape, gguf_tensor_bytes, quantized_tensors
 from edgekit.fit.report import github_annotations, junit_xml
 from edgekit.schema.device import IsaFeatures, load_catalog
 from edgekit.schema.recipe import Recipe
-from tests.conftest import REPO
 
 GOLDEN = REPO / "tests" / "golden"
 BUNDLES = GOLDEN / "bundles"

@@ -195,12 +195,12 @@ def check_in_subprocess(bundle: Path, found: cpu.CpuFeatures, pack: Pack | None)
     return result
 
 
-def measure(bundle: Path, result: BundleResult, device, catalog) -> None:
+def measure(bundle: Path, result: BundleResult, device, catalog, runs: int) -> None:
     """Speed of the bundle here (bench's child process) and, with a device, fit's prediction for the same input."""
     from edgekit.bench.measure import DEFAULT_PROMPT
     from edgekit.bench.run import BenchConfig, bench_bundle
 
-    config = BenchConfig(threads=os.cpu_count() or 1, ctx=BENCH_CTX, runs=BENCH_RUNS, decode_tokens=BENCH_DECODE_TOKENS,
+    config = BenchConfig(threads=os.cpu_count() or 1, ctx=BENCH_CTX, runs=runs, decode_tokens=BENCH_DECODE_TOKENS,
                          prompt=DEFAULT_PROMPT)
     bench = bench_bundle(bundle, config)
     result.format = bench.format
@@ -287,6 +287,8 @@ def doctor_cmd(
     pack: Annotated[Path, typer.Option("--pack", help="The installed pack's pack.json or its folder "
                                                       "(default: found next to this Python's prefix).")] = None,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure speed next to fit's prediction.")] = True,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Speed measurements per bundle, each in a fresh process "
+                                                            "(the median is shown).")] = BENCH_RUNS,
     as_json: JsonFlag = False,
 ) -> None:
     """Check that this board can run its runtime and that every bundle reproduces its export's golden outputs.
@@ -342,7 +344,7 @@ def doctor_cmd(
         result.format = fmt
         if result.exit_code == 0 and speed:
             with err.status(f"[{index}/{len(dirs)}] measuring {bundle.name}"):
-                measure(bundle, result, device_profile, catalog)
+                measure(bundle, result, device_profile, catalog, runs)
         results.append(result)
     code = 3 if any(r.exit_code == 3 for r in results) else 1 if any(r.exit_code for r in results) else 0
     failed = [r for r in results if r.exit_code]
