@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import REPO
 
 from edgekit.bundle import read_manifest
 from edgekit.fit import FitSettings, fit, from_manifest
@@ -22,7 +23,6 @@ from edgekit.serve.budget import DAEMON_RSS, footprint_bytes
 from edgekit.serve.errors import ApiError
 from edgekit.serve.lifecycle import Lifecycle, ModelEntry
 from edgekit.serve.settings import ServeSettings
-from tests.conftest import REPO
 
 GOLDEN = REPO / "tests" / "golden" / "bundles"
 GOLDEN_BUNDLES = sorted(p.name for p in GOLDEN.iterdir())
