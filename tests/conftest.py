@@ -3,7 +3,7 @@
 The sample models are fetched once into the real store (``$EDGEKIT_HOME``, default
 ~/.cache/edgekit) by ``fetch_samples``, which is idempotent; tests that write bundles write
 them under pytest's tmp_path. The serving tests' fixtures (bundles, the fake model, a daemon
-process) live in the ``serve_fixtures`` plugin.
+process) live in the ``serve_fixtures`` plugin; constants and plain helpers in ``helpers``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import MINILM
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parent.parent
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM_GGUF = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
 
 pytest_plugins = ["serve_fixtures"]
 
@@ -61,21 +57,3 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir: Path) -> Path:
     vocab = json.loads((minilm_dir / "tokenizer.json").read_text())["model"]["vocab"]
     (out / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
     return out
-
-
-def write_recipe(path: Path, source_dir: Path, **overrides) -> Path:
-    """A small valid feature-extraction recipe pointing at ``source_dir``; ``overrides`` replace top-level keys."""
-    import yaml
-
-    recipe = {
-        "name": "tiny",
-        "source": {"path": str(source_dir)},
-        "task": "feature-extraction",
-        "max_length": 64,
-        "targets": [{"format": "onnx", "name": "int8", "quantization": {"mode": "dynamic"}}],
-        "validation": {"samples": ["hello world", "a second, longer sentence about edge devices", "ok"],
-                       "gates": {"min_cosine_mean": 0.5}},
-    }
-    recipe.update(overrides)
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path

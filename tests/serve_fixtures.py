@@ -30,9 +30,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, SMOLLM_GGUF, write_recipe
+from filelock import FileLock
+from helpers import REPO, SMOLLM_GGUF, shared_temp, write_recipe
 
-from edgekit.bundle import file_entries, publish, staging_dir
+from edgekit.bundle import file_entries, publish, read_manifest, staging_dir
 from edgekit.schema.manifest import MANIFEST_NAME, Manifest, RuntimeConfig
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,9 +48,12 @@ TESTS_DIR = Path(__file__).resolve().parent
 
 
 def _cached(base: Path, name: str, build) -> Path:
+    """``base/name``, built once per run: pytest-xdist workers wait on a file lock for the first builder."""
     target = base / name
-    if not (target / "manifest.json").is_file():
-        build(base)
+    base.mkdir(parents=True, exist_ok=True)
+    with FileLock(base / f".{name}.lock"):
+        if not (target / MANIFEST_NAME).is_file():
+            build(base)
     return target
 
 
@@ -133,7 +137,7 @@ def build_tiny_classifier(out_dir: Path, task: str, name: str, labels: list[str]
 
 @pytest.fixture(scope="session")
 def bundle_cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "serve-bundle-cache"
+    path = shared_temp(tmp_path_factory) / "serve-bundle-cache"
     path.mkdir(exist_ok=True)
     return path
 
@@ -399,22 +403,33 @@ Q4KM = "smollm2-135m-instruct-q4-k-m"
 RARE_TOKEN = 49151  # the last id of SmolLM2's vocabulary: never the most likely next token of these prompts
 
 
-@pytest.fixture(scope="session")
-def smollm2_q4km(tmp_path_factory, sample_store) -> Path:
-    """The shipped SmolLM2 recipe's q4-k-m target, exported by the real exporter once per session."""
+Q8 = "smollm2-135m-instruct-q8-0"
+
+
+def build_smollm2(out_dir: Path) -> None:
+    """The shipped SmolLM2 recipe exported as is, except that quality is measured on the eval text's first 1,024 tokens."""
+    import yaml
+
     from edgekit.export import export
     from edgekit.schema.recipe import load_recipe
 
-    base = tmp_path_factory.getbasetemp() / "golden-smollm2"
-    bundle = base / "bundles" / Q4KM
-    if not (bundle / MANIFEST_NAME).is_file():
-        import yaml
+    recipe = yaml.safe_load((REPO / "recipes/smollm2-135m-instruct.yaml").read_text())
+    recipe["validation"]["text_file"] = str(REPO / "recipes" / recipe["validation"]["text_file"])
+    recipe["validation"]["max_eval_tokens"] = 1024
+    path = out_dir.parent / "smollm2-135m-instruct.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    export(load_recipe(path), out_dir)
 
-        recipe = yaml.safe_load((REPO / "recipes/smollm2-135m-instruct.yaml").read_text())
-        recipe["validation"]["text_file"] = str(REPO / "recipes" / recipe["validation"]["text_file"])
-        recipe["validation"]["max_eval_tokens"] = 1024
-        base.mkdir(parents=True, exist_ok=True)
-        path = base / "smollm2-135m-instruct.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        export(load_recipe(path), base / "bundles", targets=["q4-k-m"])
-    return bundle
+
+@pytest.fixture(scope="session")
+def smollm2_exported(bundle_cache: Path, sample_store: Path) -> dict[str, Path]:
+    """Every target of the shipped SmolLM2 recipe, exported by the real exporter once per run: {quant type: bundle}."""
+    base = bundle_cache / "smollm2-recipe"
+    _cached(base, Q4KM, build_smollm2)
+    return {read_manifest(bundle).quantization: bundle for bundle in (base / Q8, base / Q4KM)}
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4km(smollm2_exported: dict[str, Path]) -> Path:
+    """The shipped SmolLM2 recipe's q4-k-m target."""
+    return smollm2_exported["Q4_K_M"]

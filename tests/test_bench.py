@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import write_recipe
 
 from edgekit.export import export
 from edgekit.schema import load_recipe
-from tests.conftest import write_recipe
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import SMOLLM
 
 from edgekit.errors import BundleError, RuntimeBackendError
 from edgekit.runtime.chat_template import ChatTemplate, ChatTemplateError
-from tests.conftest import SMOLLM
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO
 
 import edgekit
-from tests.conftest import REPO
 
 RECIPE = str(REPO / "recipes" / "smollm2-135m-instruct.yaml")
 
@@ -189,3 +189,38 @@ def test_resolvers_take_paths_names_and_manifest_files(tmp_path, monkeypatch):
         resolve_bundle(RECIPE)
     with pytest.raises(ConfigError, match="no such bundle"):
         resolve_bundle("sub/b1")  # a name is a bare name, never a path into the bundles folder
+
+
+def test_shell_completion_script_and_names(tmp_path):
+    """--show-completion prints the script (shell named explicitly: detection depends on the parent process);
+    the script's protocol completes commands, options and names from the catalog and the recipe library."""
+    env = {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    script = subprocess.run([sys.executable, "-m", "edgekit", "--show-completion", "bash"], capture_output=True, text=True,
+                            env=os.environ | env)
+    assert script.returncode == 0 and "_EDGEKIT_COMPLETE=complete_bash" in script.stdout
+
+    def complete(line: str) -> list[str]:
+        words = line.split(" ")
+        done = subprocess.run([sys.executable, "-m", "edgekit"], capture_output=True, text=True, env=os.environ | {
+            "_EDGEKIT_COMPLETE": "complete_bash", "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1)})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("edgekit dev") == ["devices"]
+    assert complete("edgekit fit --dev") == ["--device"]
+    assert complete("edgekit fit -d rpi-5") == ["rpi-5-16gb", "rpi-5-4gb", "rpi-5-8gb"]
+    assert complete("edgekit plan smollm2-1") == ["smollm2-1.7b-instruct", "smollm2-135m-instruct"]
+    assert complete("edgekit devices show rpi-zer") == ["rpi-zero-2w"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("devices", "show", "rpi-5-8g"), "did you mean 'rpi-5-8gb'?"),
+    (("fit", str(GOLDEN_Q8), "-d", "rpi4-2gb"), "did you mean 'rpi-4-2gb'?"),
+    (("plan", "smollm2-135m-instruct", "-d", "rpi-zero2w"), "did you mean 'rpi-zero-2w'?"),
+    (("service", "unit", "--device", "rpi-zero-w2", "--memory-budget-mb", "100"), "did you mean 'rpi-zero-2w'?"),
+    (("plan", "-d", "rpi-4-2gb", "--task", "text-generaton"), "did you mean 'text-generation'?"),
+], ids=lambda v: " ".join(map(str, v)).replace(str(REPO), "") if isinstance(v, tuple) else None)
+def test_names_get_a_did_you_mean(args, expected, tmp_path):
+    done = edgekit_cli(*args, tmp_path=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert expected in done.stderr

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 from edgekit.errors import DeviceError
 from edgekit.fit.speed import CORE_TYPES
 from edgekit.schema.device import load_catalog, load_device, load_device_file
-from tests.conftest import REPO
 
 DEVICES = REPO / "devices"
 REQUIRED = {  # the boards the catalog promises, and the ids recipes already name

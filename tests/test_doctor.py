@@ -10,17 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from serve_fixtures import MINILM_NAME, Q4KM, RARE_TOKEN, SMOLLM_NAME, link_bundles
 
 from edgekit.bundle import MANIFEST_NAME
 from edgekit.cli import doctor
-from edgekit.runtime import cpu
-from serve_fixtures import MINILM_NAME, Q4KM, RARE_TOKEN, SMOLLM_NAME, link_bundles
+from edgekit.runtime import cpu, probe
 
 pytestmark = pytest.mark.slow
 
 
 def run_doctor(*args: str, features: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != cpu.FEATURES_ENV}
+    # A wide console: the table's layout must not depend on how long this run's temp paths are.
+    env = {k: v for k, v in os.environ.items() if k != cpu.FEATURES_ENV} | {"COLUMNS": "200"}
     if features is not None:
         env[cpu.FEATURES_ENV] = features
     return subprocess.run([sys.executable, "-m", "edgekit", "doctor", *args], capture_output=True, text=True, env=env)
@@ -46,7 +47,7 @@ def write_pack(folder: Path, features: list[str], machine: str = "x86_64", targe
 
 def test_doctor_passes_the_sample_bundles_and_measures_them(tmp_path, minilm_bundle, smollm2_q4km):  # noqa: F811
     models = link_bundles(tmp_path / "models", minilm_bundle, smollm2_q4km)
-    done = run_doctor(str(models), "--device", "x86-64-avx2-generic", "--json")
+    done = run_doctor(str(models), "--device", "x86-64-avx2-generic", "--runs", "1", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["exit_code"] == 0 and report["device"] == "x86-64-avx2-generic"
@@ -126,16 +127,27 @@ def test_a_pack_for_another_machine_exits_3_before_anything_loads(tmp_path):
 
 def test_a_runtime_killed_by_sigill_is_reported_not_shared():
     found = cpu.CpuFeatures(frozenset({"fp", "asimd", "evtstrm", "crc32", "cpuid"}), "getauxval", "aarch64")
-    probe = doctor.run_probe("llama_cpp", "import os, signal; os.kill(os.getpid(), signal.SIGILL)", found, None)
-    assert (probe.ok, probe.returncode) == (False, -signal.SIGILL)
-    assert probe.detail == (
+    crashed = doctor.run_probe("llama_cpp", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"],
+                             found, None)
+    assert (crashed.ok, crashed.returncode) == (False, -signal.SIGILL)
+    assert crashed.detail == (
         "llama_cpp died with SIGILL (illegal instruction): it was built for instructions this CPU does not have; features "
         "builds for newer cores use that this CPU lacks: asimddp (Arm dot product (Armv8.2-A)), fphp (Arm half-precision "
         "scalar arithmetic (Armv8.2-A)), asimdhp (Arm half-precision SIMD arithmetic (Armv8.2-A)), i8mm (Arm int8 matrix multiply (Armv8.6-A)), bf16 (Arm BFloat16 "
         "arithmetic (Armv8.6-A)), sve (Arm Scalable Vector Extension)")
-    missing = doctor.run_probe("nosuchruntime", "import nosuchruntime", found, None)
-    assert (missing.ok, missing.returncode) == (False, doctor.PROBE_NOT_INSTALLED)
+    missing = doctor.run_probe("nosuchruntime", [sys.executable, "-m", "edgekit.runtime.probe", "nosuchruntime:start"], found, None)
+    assert (missing.ok, missing.returncode) == (False, probe.NOT_INSTALLED)
     assert missing.detail == "nosuchruntime is not installed or does not import: No module named 'nosuchruntime'"
+
+
+def test_the_probe_starts_each_registered_engine():
+    import llama_cpp
+    import onnxruntime
+
+    found = cpu.detect()
+    probes = {m: doctor.run_probe(m, doctor.probe_command(m), found, None) for m in doctor.RUNTIME_MODULES}
+    assert {m: (p.ok, p.returncode, p.detail) for m, p in probes.items()} == {
+        "llama_cpp": (True, 0, llama_cpp.__version__), "onnxruntime": (True, 0, onnxruntime.__version__)}
 
 
 def test_doctor_imports_nothing_heavy():

@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 import pytest
+from helpers import REPO, write_recipe
 
 from edgekit.bundle import verify_bundle
 from edgekit.export import export
 from edgekit.runtime.encoder import EncoderModel
 from edgekit.schema import load_recipe
-from tests.conftest import REPO, write_recipe
 
 
 def test_tiny_bert_exports_a_verified_bundle(tmp_path, tiny_bert_dir):

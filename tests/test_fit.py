@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from edgekit.bundle import read_manifest
 from edgekit.fit import FitSettings, fit, from_manifest, from_recipe, kv_cache_bytes
@@ -26,7 +27,6 @@ from edgekit.fit.quant import DecoderShape, gguf_tensor_bytes, quantized_tensors
 from edgekit.fit.report import github_annotations, junit_xml
 from edgekit.schema.device import IsaFeatures, load_catalog
 from edgekit.schema.recipe import Recipe
-from tests.conftest import REPO
 
 GOLDEN = REPO / "tests" / "golden"
 BUNDLES = GOLDEN / "bundles"
@@ -129,10 +129,15 @@ def test_memory_sum_and_required():
     mem = estimate_memory(q4, RunSettings(n_ctx=2048, daemon=False), AVX2)
     assert mem.weights == 105_453_856
     assert mem.kv_cache == 47_185_920
-    assert mem.total == mem.weights + mem.repacked + mem.kv_cache + mem.compute + mem.runtime
-    assert mem.required == mem.total - mem.repacked
-    # daemon adds edgekit serve's web stack (26 MiB measured)
-    assert estimate_memory(q4, RunSettings(n_ctx=2048, daemon=True), AVX2).total - mem.total == 26 * MIB
+    assert mem.total == mem.weights + mem.repacked + mem.kv_cache + mem.compute + mem.runtime + mem.daemon
+    assert mem.required == mem.total - mem.repacked and mem.daemon == 0
+    # daemon adds edgekit serve's own process (80 MiB idle RSS, measured); the model runs in a worker next to it
+    served = estimate_memory(q4, RunSettings(n_ctx=2048, daemon=True), AVX2)
+    assert served.total - mem.total == served.daemon == 80 * MIB
+    # two generation slots are two llama.cpp contexts: twice the KV cache and compute, one more vocabulary
+    two = estimate_memory(q4, RunSettings(n_ctx=2048, parallel=2, daemon=False), AVX2)
+    assert (two.kv_cache, two.compute, two.weights) == (2 * mem.kv_cache, 2 * mem.compute, mem.weights)
+    assert two.runtime - mem.runtime == 363 * 49152
 
 
 # -- golden reports --------------------------------------------------------------------------------
@@ -173,8 +178,9 @@ def test_golden_fit_reports(bundle, settings, catalog, request):
 def test_golden_verdicts_and_numbers(catalog):
     q8 = read_manifest(Q8)
     zero, pi5 = catalog["rpi-zero-2w"], catalog["rpi-5-8gb"]
-    tight = fit(q8, zero, FitSettings(n_ctx=2048), catalog.values())
-    assert tight.verdict == "warn" and tight.memory["required"] == 317_186_848
+    tight = fit(q8, zero, FitSettings(n_ctx=1024), catalog.values())
+    assert tight.verdict == "warn" and tight.memory["required"] == 335_012_640
+    assert tight.memory["daemon"] == 80 * MIB and tight.memory["kv_cache"] == 23_592_960
     assert tight.usable_ram_bytes == (512 - 170) * MIB
     failing = fit(q8, zero, FitSettings(n_ctx=8192), catalog.values())
     assert failing.verdict == "fail" and "short" in failing.reason
@@ -263,7 +269,7 @@ def test_junit_xml_parses_and_counts_failures(catalog):
 def test_github_annotations(catalog):
     q8 = read_manifest(Q8)
     reports = [fit(q8, catalog[d], FitSettings(n_ctx=n), catalog.values()) for d, n in
-               (("rpi-zero-2w", 8192), ("rpi-zero-2w", 2048), ("rpi-5-8gb", 2048))]
+               (("rpi-zero-2w", 8192), ("rpi-zero-2w", 1024), ("rpi-5-8gb", 2048))]
     lines = github_annotations(reports)
     assert len(lines) == 2
     assert lines[0].startswith("::error title=edgekit fit%3A smollm2-135m-instruct-q8-0 on rpi-zero-2w::needs ")
@@ -297,11 +303,13 @@ def test_cli_fit_recipe_offline_then_with_bundle(tmp_path):
     recipe = REPO / "recipes" / "all-minilm-l6-v2.yaml"
     done = run_cli("fit", "--recipe", str(recipe), "--bundles-dir", str(tmp_path), "--json",
                    env={"HF_HUB_OFFLINE": "1", "EDGEKIT_HOME": str(tmp_path / "home")})
-    assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     assert {r["origin"] for r in rows} == {"recipe"}
     assert {r["device"] for r in rows} == {"rpi-zero-2w", "rpi-4-2gb", "rpi-5-4gb", "orange-pi-5-8gb"}
     assert len(rows) == 8  # 2 targets x 4 devices
+    # the zero's 342 MiB cannot hold serve's default encoder batches (2,048 texts a request): told what fits
+    assert done.returncode == 1 and {r["device"] for r in rows if r["verdict"] == "fail"} == {"rpi-zero-2w"}
+    assert all("fits with --batch-max-tokens" in r["reason"] for r in rows if r["verdict"] == "fail")
 
     shutil.copytree(MINILM, tmp_path / MINILM.name)
     done = run_cli("fit", "--recipe", str(recipe), "--bundles-dir", str(tmp_path), "--json", "-d", "rpi-4-2gb")
@@ -342,3 +350,92 @@ def test_default_micro_batch_matches_the_runtime():
     from edgekit.runtime.llm import PREFILL_CHUNK
 
     assert FitSettings().n_ubatch == PREFILL_CHUNK
+
+
+def test_cli_plan_ranks_every_recipe_of_a_task(tmp_path):
+    import yaml
+
+    mine = yaml.safe_load((REPO / "recipes" / "smollm2-135m-instruct.yaml").read_text())
+    mine["name"] = "my-smollm2"
+    (tmp_path / "my-smollm2.yaml").write_text(yaml.safe_dump(mine))
+    done = run_cli("plan", "--device", "rpi-4-2gb", "--task", "text-generation", "--min-tok-s", "5",
+                   "--recipes", str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    ranked, dropped = result["ranked"], result["dropped"]
+    assert ranked and all(r["verdict"] in ("pass", "warn") and r["decode_tok_s"] >= 5 for r in ranked)
+    assert all(r["verdict"] == "fail" and r["reason"] for r in dropped)
+    # every target of every text-generation recipe (library + --recipes), each either ranked or dropped
+    generative = [p for p in (REPO / "recipes").glob("*.yaml") if yaml.safe_load(p.read_text())["task"] == "text-generation"]
+    names = {r["recipe"] for r in ranked + dropped}
+    assert names == {yaml.safe_load(p.read_text())["name"] for p in generative} | {"my-smollm2"}
+    assert len(ranked) + len(dropped) == 7 * len(names)  # each recipe's targets plus the quant ladder: 7 quant types
+    # best first: passes before warnings, then larger models, then higher-quality quants
+    keys = [(r["verdict"] != "pass", -r["parameters"]) for r in ranked]
+    assert keys == sorted(keys)
+    assert ranked[0]["verdict"] == "pass"
+    assert {r["recipe"] for r in dropped if "misses the limit 5 tok/s" in r["reason"]} >= {"llama-3.2-1b-instruct"}
+
+    nothing = run_cli("plan", "-d", "rpi-zero-2w", "--task", "text-generation", "--min-tok-s", "500")
+    assert nothing.returncode == 1 and "no text-generation recipe fits rpi-zero-2w" in nothing.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("plan", "-d", "rpi-4-2gb"), "give a RECIPE, or --task TASK"),
+    (("plan", "-d", "rpi-4-2gb", "--task", "text-generaton"), "did you mean 'text-generation'?"),
+    (("plan", "-d", "rpi-4-2gb", "-d", "rpi-5-8gb", "--task", "text-generation"), "plan takes one --device, got 2"),
+    (("plan", "--task", "text-generation"), "Missing option '--device' / '-d': the board to plan for"),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else None)
+def test_cli_plan_library_usage_errors(args, expected):
+    done = run_cli(*args, env={"COLUMNS": "200"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert expected in done.stderr
+
+
+# -- the fit table a person reads -------------------------------------------------------------------
+
+def test_fit_table_is_readable_at_80_columns():
+    done = run_cli("fit", str(Q8), str(Q4), str(MINILM), "-d", "rpi-zero-2w", "-d", "rpi-4-2gb", "-d", "rpi-5-8gb",
+                   "-d", "jetson-orin-nano-8gb", env={"COLUMNS": "80"})
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in done.stdout
+    boards = {"rpi-zero-2w", "rpi-4-2gb", "rpi-5-8gb"}
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in boards]
+    assert len(rows) == 9  # one line per bundle x board: ids and verdicts whole, never wrapped
+    assert sum("jetson-orin-nano-8gb" in line.split() for line in lines) == 3  # the longest id, whole
+    headers = [line.strip() for line in lines if line.strip() in (Q8.name, Q4.name, MINILM.name)]
+    assert headers == sorted([MINILM.name, Q4.name, Q8.name], key=[Q8.name, Q4.name, MINILM.name].index)
+    assert [r[-1] for r in rows] == ["FAIL", "pass", "pass"] * 3
+    assert len(lines) < 45
+    text = " ".join(done.stdout.split())
+    for assumption in ("context 4,096 tokens x 1 slot(s)", "start of a conversation / 2,048 tokens deep",
+                       "latency of one 32-token input at batch 1", "16 x 256 tokens",
+                       "edgekit serve's own process (80 MiB)", "fits at --ctx 1536"):
+        assert assumption in text, assumption
+    assert " MB" not in done.stdout and "MiB" in done.stdout
+
+    wide = run_cli("fit", str(Q8), "-d", "rpi-zero-2w", "--wide", env={"COLUMNS": "80"})
+    assert "usable MiB" in wide.stdout and "reason" in wide.stdout and "tok/s short / deep" in wide.stdout
+
+
+def test_boards_with_one_soc_show_one_band(catalog):
+    q4 = read_manifest(Q4)
+    reports = [fit(q4, catalog[d], FitSettings(), catalog.values()) for d in ("rpi-5-4gb", "rpi-5-8gb", "rpi-5-16gb")]
+    bands = {tuple(r.decode_tok_s_band) for r in reports}
+    assert len(bands) == 1
+    (low, high), = bands
+    assert all(low <= r.decode_tok_s <= high for r in reports)
+    assert low == pytest.approx(min(r.decode_tok_s for r in reports)) and high == pytest.approx(max(r.decode_tok_s for r in reports))
+    assert fit(q4, catalog["rpi-zero-2w"], FitSettings(), catalog.values()).decode_tok_s_band is None  # no sibling
+
+
+def test_an_encoder_that_does_not_fit_is_told_the_batch_that_does(catalog):
+    report = fit(read_manifest(MINILM), catalog["rpi-zero-2w"], FitSettings(), catalog.values())
+    assert report.verdict == "fail" and report.suggested_n_ctx is None
+    tokens, texts = report.suggested_batch_max_tokens, report.suggested_max_embedding_inputs
+    assert tokens and texts and f"fits with --batch-max-tokens {tokens} --max-embedding-inputs {texts}" in report.reason
+    zero = catalog["rpi-zero-2w"]
+    assert fit(read_manifest(MINILM), zero, FitSettings(batch_max_tokens=tokens, max_embedding_inputs=texts)).verdict != "fail"
+    # the micro-batch is kept as large as it can be: one more input of 256 tokens does not fit with any request size
+    assert fit(read_manifest(MINILM), zero, FitSettings(batch_max_tokens=tokens + 256, max_embedding_inputs=1)).verdict == "fail"

@@ -7,11 +7,11 @@ catalog; nothing is timed here (scripts/bench_fit.py compares the model with mea
 from __future__ import annotations
 
 import pytest
+from helpers import REPO
 
 from edgekit.bundle import read_manifest
 from edgekit.fit import from_manifest, speed
 from edgekit.schema.device import load_catalog
-from tests.conftest import REPO
 
 BUNDLES = REPO / "tests" / "golden" / "bundles"
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, SMOLLM
 
 from edgekit.errors import ExportError, SourceError
 from edgekit.export.gguf import quality
 from edgekit.export.gguf.convert import CheckpointTensors, convert_checkpoint
 from edgekit.runtime.gguf_file import gguf_facts, read_gguf_header
-from tests.conftest import REPO, SMOLLM
 
 CORPUS_FILE = REPO / "tests/data/tokenizer-corpus.jsonl"
 CORPUS = [json.loads(line)["text"] for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines()]

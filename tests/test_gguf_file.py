@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SMOLLM_GGUF
 
 from edgekit.errors import BundleError
 from edgekit.runtime.gguf_file import GgufArray, bits_per_weight, gguf_facts, read_gguf_header
-from tests.conftest import SMOLLM_GGUF
 
 ALIGN = 32
 

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, SMOLLM, SMOLLM_GGUF
 
-from edgekit.bundle import verify_bundle
+from edgekit.bundle import read_manifest, verify_bundle
 from edgekit.errors import RecipeError
-from edgekit.export import ExportJob, export
+from edgekit.export import ExportJob
 from edgekit.export.gguf import build, quality
 from edgekit.export.gguf.convert import convert_checkpoint
 from edgekit.export.sources import ResolvedSource
 from edgekit.runtime.gguf_file import gguf_facts, read_gguf_header
 from edgekit.schema.recipe import load_recipe
-from tests.conftest import REPO, SMOLLM, SMOLLM_GGUF
 
 pytestmark = pytest.mark.slow
 
@@ -82,15 +82,9 @@ def test_weights_match_the_upstream_dequantized(f16, upstream):
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """The shipped recipe, exported as is except that quality is measured on the first 1,024 tokens of the eval text."""
-    recipe = yaml.safe_load((REPO / "recipes/smollm2-135m-instruct.yaml").read_text())
-    recipe["validation"]["text_file"] = str(REPO / "recipes" / recipe["validation"]["text_file"])
-    recipe["validation"]["max_eval_tokens"] = 1024
-    work = tmp_path_factory.mktemp("smollm2-export")
-    path = work / "smollm2-135m-instruct.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return {manifest.quantization: (manifest, where) for manifest, where in export(load_recipe(path), work / "bundles")}
+def bundles(smollm2_exported):
+    """{quant type: (manifest, bundle)} of the shipped recipe (serve_fixtures exports it once per run)."""
+    return {quant: (read_manifest(where), where) for quant, where in smollm2_exported.items()}
 
 
 def test_bundles_pass_their_gates_and_verify(bundles):

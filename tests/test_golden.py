@@ -13,15 +13,14 @@ import platform
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
+from serve_fixtures import Q4KM, RARE_TOKEN
 
 from edgekit.bundle import MANIFEST_NAME, read_manifest
 from edgekit.schema.manifest import EncoderGolden, GreedyGolden, Manifest
-from conftest import REPO
-from serve_fixtures import Q4KM, RARE_TOKEN
 
 GOLDEN_BUNDLES = REPO / "tests" / "golden" / "bundles"
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-from conftest import REPO
 from edgekit.pack.board import pack_check
 from edgekit.pack.targets import CPU_FEATURES, PLATFORMS, TARGETS, select_target
 from edgekit.schema.device import load_catalog

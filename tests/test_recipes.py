@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO, write_recipe
 
 from edgekit.errors import RecipeError
 from edgekit.schema import generated_schemas, load_recipe
-from tests.conftest import REPO, write_recipe
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)

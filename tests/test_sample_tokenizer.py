@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import REPO, SMOLLM, SMOLLM_GGUF
 
 from edgekit.export.samples import SMOLLM_GGUF_NAME
-from tests.conftest import REPO, SMOLLM, SMOLLM_GGUF
 
 CORPUS = [json.loads(line)["text"] for line in (REPO / "tests/data/tokenizer-corpus.jsonl").read_text(encoding="utf-8").splitlines()]
 

@@ -362,16 +362,35 @@ def test_service_unit_is_hardened_and_sized(tmp_path):
     assert "DynamicUser=yes" in repo_unit and "ProtectSystem=strict" in repo_unit and "MemoryMax=" in repo_unit
 
 
-def test_service_unit_command_sizes_memory_from_bundles(tmp_path):
+@pytest.fixture
+def readable_models():
+    """A models folder with one bundle manifest that other users can read (pytest's tmp_path is 0700)."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="edgekit-unit-", dir="/tmp"))
+    root.chmod(0o755)
+    bundle = root / "bundles" / "smollm"
+    bundle.mkdir(parents=True, mode=0o755)
+    (root / "bundles").chmod(0o755)
+    bundle.chmod(0o755)
+    (bundle / "manifest.json").write_text(smollm_manifest().model_dump_json())
+    (bundle / "manifest.json").chmod(0o644)
+    yield root / "bundles"
+    shutil.rmtree(root)
+
+
+def service_unit_cli(*args: str):
     from typer.testing import CliRunner
 
     from edgekit.cli import app
     from edgekit.cli import serve as serve_cli  # noqa: F401
 
-    bundle = tmp_path / "bundles" / "smollm"
-    bundle.mkdir(parents=True)
-    (bundle / "manifest.json").write_text(smollm_manifest().model_dump_json())
-    result = CliRunner().invoke(app, ["service", "unit", "--models", str(tmp_path / "bundles"), "--n-ctx", "2048", "--json"])
+    return CliRunner().invoke(app, ["service", "unit", *args])
+
+
+def test_service_unit_command_sizes_memory_from_bundles(readable_models, tmp_path):
+    result = service_unit_cli("--models", str(readable_models), "--n-ctx", "2048", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     from edgekit.serve.budget import MIB, footprint_bytes
@@ -380,8 +399,49 @@ def test_service_unit_command_sizes_memory_from_bundles(tmp_path):
     assert data["budget_bytes"] == expected and data["bundles"] == {"smollm": expected}
     assert f"MemoryMax={-(-expected // MIB) + 160}M" in data["unit"]
     assert f"--memory-budget-mb {-(-expected // MIB)}" in data["unit"]
-    empty = CliRunner().invoke(app, ["service", "unit", "--models", str(tmp_path / "none")])
-    assert empty.exit_code != 0
+    empty = service_unit_cli("--models", "/var/lib/edgekit/no-such-folder")
+    assert empty.exception.exit_code == 2 and "no servable bundles" in str(empty.exception)
+
+
+def test_service_unit_sizes_memory_max_from_the_device(readable_models):
+    """--device: the budget is what `serve --device` offers models and MemoryMax stays inside the board's usable RAM."""
+    from edgekit.schema.device import load_device
+    from edgekit.serve.budget import DAEMON_RSS, MIB, device_budget, footprint_bytes
+
+    zero = load_device("rpi-zero-2w")
+    offered, _ = device_budget("rpi-zero-2w")
+    board = service_unit_cli("--device", "rpi-zero-2w", "--memory-budget-mb", str(offered // MIB), "--json")
+    assert board.exit_code == 0, board.output
+    unit = json.loads(board.output)["unit"]
+    assert f"--memory-budget-mb {offered // MIB}" in unit
+    assert f"MemoryMax={zero.usable_ram_bytes // MIB}M" in unit  # 342 MiB on a 512 MB board, not budget + 160
+    assert zero.usable_ram_bytes == offered + DAEMON_RSS
+    # the bundle at 2048 tokens fits the zero alone: the budget is its footprint; at 8192 it does not (exit 1)
+    small = service_unit_cli("--models", str(readable_models), "--device", "rpi-zero-2w", "--n-ctx", "1024", "--json")
+    assert small.exit_code == 0, small.output
+    need = footprint_bytes(smollm_manifest(), ServeSettings(models=readable_models, n_ctx=1024))
+    assert json.loads(small.output)["budget_bytes"] == need
+    big = service_unit_cli("--models", str(readable_models), "--device", "rpi-zero-2w", "--n-ctx", "8192")
+    assert big.exception.exit_code == 1 and "rpi-zero-2w offers 262 MiB to models; smollm needs" in str(big.exception)
+    rpi4 = service_unit_cli("--device", "rpi-4-2gb", "--json")  # no bundles here: the board's whole offer
+    assert rpi4.exit_code == 0, rpi4.output
+    assert json.loads(rpi4.output)["budget_bytes"] == device_budget("rpi-4-2gb")[0]
+    over = service_unit_cli("--device", "rpi-zero-2w", "--memory-budget-mb", "1000")
+    assert over.exception.exit_code == 2 and "more than rpi-zero-2w offers" in str(over.exception)
+
+
+@pytest.mark.parametrize("where", ["home", "unreadable"])
+def test_service_unit_refuses_a_models_folder_the_service_cannot_read(where, readable_models, tmp_path):
+    if where == "home":
+        models, reason = Path("/root/.cache/edgekit/bundles"), "under /root, which the service cannot see (ProtectHome=yes)"
+    else:
+        models, reason = readable_models, "is not readable by other users (mode -rw-------)"
+        (readable_models / "smollm" / "manifest.json").chmod(0o600)
+    result = service_unit_cli("--models", str(models), "--memory-budget-mb", "300")
+    assert result.exception.exit_code == 2  # edgekit.cli.main prints the message and exits with this code
+    message = str(result.exception)
+    assert reason in message
+    assert "sudo cp -r" in result.exception.hint and "--models /opt/edgekit/bundles" in result.exception.hint
 
 
 def test_memory_budget_sources(empty_models):
@@ -430,7 +490,7 @@ def test_encoder_micro_batches_are_split_by_padded_tokens(minilm_dir):
 
 
 def test_service_unit_prints_long_lines_verbatim(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "edgekit", "service", "unit", "--models", str(tmp_path),
+    done = subprocess.run([sys.executable, "-m", "edgekit", "service", "unit", "--models", "/opt/edgekit/bundles",
                            "--memory-budget-mb", "500", "--preload", "a-model-with-a-rather-long-bundle-name-q4-k-m",
                            "--exec", "/opt/edgekit/.venv/bin/edgekit"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "COLUMNS": "60"})

@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
+from helpers import MINILM, write_recipe
 
 from edgekit.errors import SourceError
 from edgekit.export.samples import ORIGIN_FILE, SAMPLES, Sample, fetch_sample
 from edgekit.export.sources import resolve_source, store_dir
 from edgekit.schema import load_recipe
-from tests.conftest import MINILM, write_recipe
 
 
 def pickle_only_checkpoint(directory):

@@ -20,7 +20,7 @@ from edgekit import __version__
 from edgekit.errors import EdgekitError
 
 # -h is short for --help on every command (click passes help_option_names down to subcommands).
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Edge deployment kit for small language models.",
+app = typer.Typer(no_args_is_help=True, add_completion=True, help="Edge deployment kit for small language models.",
                   context_settings={"help_option_names": ["-h", "--help"]})
 
 # Piped output (CI logs) gets a wide table instead of rich's 80-column default.

@@ -65,12 +65,12 @@ def bench_cmd(
     if as_json:
         emit_json({"config": dataclasses.asdict(config) | {"texts": len(config.texts)}, "results": [dataclasses.asdict(r) for r in results]})
         return
-    table = Table("bundle", "quantization", "MB", "quality", "load s", "peak RSS MB", "speed (median [min–max])", title=f"bench on this host, {threads} threads")
+    table = Table("bundle", "quantization", "MiB", "quality", "load s", "peak RSS MiB", "speed (median [min–max])", title=f"bench on this host, {threads} threads")
     for r in results:
         speeds = []
         for metric, stats in r.summary.items():
             speeds.append(f"{metric} {stats['median']:.4g} [{stats['min']:.4g}–{stats['max']:.4g}]")
         quality = f"{r.quality_metric} {r.quality:.4g}" if r.quality is not None else "-"
-        table.add_row(r.bundle, r.quantization, f"{r.bytes / 1e6:.1f}", quality, f"{r.load_seconds:.2f}",
-                      f"{r.peak_rss_bytes / 1e6:.0f}", "\n".join(speeds))
+        table.add_row(r.bundle, r.quantization, f"{r.bytes / 2**20:.1f}", quality, f"{r.load_seconds:.2f}",
+                      f"{r.peak_rss_bytes / 2**20:.0f}", "\n".join(speeds))
     out.print(table)

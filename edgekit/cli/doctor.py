@@ -32,7 +32,7 @@ from rich.table import Table
 from edgekit.cli import JsonFlag, app, emit_json, err, out
 from edgekit.errors import BackendError, ConfigError, GateFailed
 from edgekit.formats import FORMATS
-from edgekit.runtime import cpu
+from edgekit.runtime import cpu, probe
 
 PACK_MANIFEST = "pack.json"
 PACK_SEARCH_LEVELS = 3  # sys.prefix is the venv inside the release folder: look up to this many parents
@@ -40,14 +40,8 @@ PROBE_TIMEOUT_S = 600  # imports under qemu emulation take minutes
 CHECK_TIMEOUT_S = 1800
 # Python module -> the bundle format it runs.
 RUNTIME_MODULES: dict[str, str] = dict(sorted((spec.runtime_module, name) for name, spec in FORMATS.items()))
-# What the probe does after importing: enough to initialize the backend's CPU dispatch.
-PROBE_CODE: dict[str, str] = {
-    "llama_cpp": "import llama_cpp; llama_cpp.llama_backend_init(); print(llama_cpp.__version__)",
-    "onnxruntime": "import onnxruntime; print(onnxruntime.__version__)",
-}
 # Speeds fit predicts that doctor sets beside the measured ones.
 FIT_PREDICTS = ("decode_tok_s", "prompt_tok_s", "batch1_p50_ms")
-PROBE_NOT_INSTALLED = 9  # exit status of a probe whose import raised ImportError
 # Features newer cores have that runtime builds use, by machine: what a SIGILL most likely means this CPU lacks.
 LIKELY_FEATURES: dict[str, tuple[str, ...]] = {
     "aarch64": ("asimddp", "fphp", "asimdhp", "i8mm", "bf16", "sve"),
@@ -143,17 +137,21 @@ def describe_exit(module: str, returncode: int, found: cpu.CpuFeatures, pack: Pa
     return f"{module} exited with status {returncode}"
 
 
-def run_probe(module: str, code: str, found: cpu.CpuFeatures, pack: Pack | None) -> RuntimeProbe:
-    """Import a runtime in a subprocess; a crash there is reported, never shared."""
-    guarded = f"import sys\ntry:\n    {code}\nexcept ImportError as exc:\n    print(exc)\n    sys.exit({PROBE_NOT_INSTALLED})"
+def probe_command(module: str) -> list[str]:
+    """The subprocess that starts the engine ``module`` of a registered format (edgekit.runtime.probe)."""
+    return [sys.executable, "-m", "edgekit.runtime.probe", FORMATS[RUNTIME_MODULES[module]].runtime_probe]
+
+
+def run_probe(module: str, command: list[str], found: cpu.CpuFeatures, pack: Pack | None) -> RuntimeProbe:
+    """Start a runtime in a subprocess; a crash there is reported, never shared."""
     try:
-        done = subprocess.run([sys.executable, "-c", guarded], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return RuntimeProbe(module, False, None, f"importing {module} did not finish in {PROBE_TIMEOUT_S} s")
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     if done.returncode == 0:
         return RuntimeProbe(module, True, 0, last)
-    if done.returncode == PROBE_NOT_INSTALLED:
+    if done.returncode == probe.NOT_INSTALLED:
         return RuntimeProbe(module, False, done.returncode, f"{module} is not installed or does not import: {last}")
     return RuntimeProbe(module, False, done.returncode, describe_exit(module, done.returncode, found, pack))
 
@@ -197,12 +195,12 @@ def check_in_subprocess(bundle: Path, found: cpu.CpuFeatures, pack: Pack | None)
     return result
 
 
-def measure(bundle: Path, result: BundleResult, device, catalog) -> None:
+def measure(bundle: Path, result: BundleResult, device, catalog, runs: int) -> None:
     """Speed of the bundle here (bench's child process) and, with a device, fit's prediction for the same input."""
     from edgekit.bench.measure import DEFAULT_PROMPT
     from edgekit.bench.run import BenchConfig, bench_bundle
 
-    config = BenchConfig(threads=os.cpu_count() or 1, ctx=BENCH_CTX, runs=BENCH_RUNS, decode_tokens=BENCH_DECODE_TOKENS,
+    config = BenchConfig(threads=os.cpu_count() or 1, ctx=BENCH_CTX, runs=runs, decode_tokens=BENCH_DECODE_TOKENS,
                          prompt=DEFAULT_PROMPT)
     bench = bench_bundle(bundle, config)
     result.format = bench.format
@@ -289,6 +287,8 @@ def doctor_cmd(
     pack: Annotated[Path, typer.Option("--pack", help="The installed pack's pack.json or its folder "
                                                       "(default: found next to this Python's prefix).")] = None,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure speed next to fit's prediction.")] = True,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Speed measurements per bundle, each in a fresh process "
+                                                            "(the median is shown).")] = BENCH_RUNS,
     as_json: JsonFlag = False,
 ) -> None:
     """Check that this board can run its runtime and that every bundle reproduces its export's golden outputs.
@@ -320,7 +320,7 @@ def doctor_cmd(
         return
 
     with err.status("importing the runtimes in subprocesses"):
-        probes = {m: run_probe(m, PROBE_CODE[m], found, installed) for m in RUNTIME_MODULES}
+        probes = {m: run_probe(m, probe_command(m), found, installed) for m in RUNTIME_MODULES}
     summary["runtimes"] = [asdict(p) for p in probes.values()]
     crashed = [p for p in probes.values() if not p.ok and p.returncode is not None and p.returncode < 0]
     if crashed:
@@ -344,7 +344,7 @@ def doctor_cmd(
         result.format = fmt
         if result.exit_code == 0 and speed:
             with err.status(f"[{index}/{len(dirs)}] measuring {bundle.name}"):
-                measure(bundle, result, device_profile, catalog)
+                measure(bundle, result, device_profile, catalog, runs)
         results.append(result)
     code = 3 if any(r.exit_code == 3 for r in results) else 1 if any(r.exit_code for r in results) else 0
     failed = [r for r in results if r.exit_code]

@@ -90,13 +90,13 @@ def manifest_summary(manifest, where: Path) -> dict[str, Any]:
 
 
 def print_summaries(rows: list[dict[str, Any]], title: str) -> None:
-    table = Table("bundle", "format", "quantization", "MB", "measured vs reference", "gates", title=title)
+    table = Table("bundle", "format", "quantization", "MiB", "measured vs reference", "gates", title=title)
     for row in rows:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(row["metrics"].items()) if k != "samples")
         gates = "[green]pass[/green]" if row["passed"] else "[red]FAIL[/red] " + ", ".join(
             f"{g['gate']} {g['measured']:.4g} vs {g['threshold']}" for g in row["gates"] if not g["passed"])
         name = row["bundle"] + (" [red](rejected)[/red]" if row.get("rejected") else "")
-        table.add_row(name, row["format"], row["quantization"], f"{row['bytes'] / 1e6:.1f}", metrics, gates)
+        table.add_row(name, row["format"], row["quantization"], f"{row['bytes'] / 2**20:.1f}", metrics, gates)
     out.print(table)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,3 +57,50 @@ def output_file(path: Path | None, flag: str) -> Path | None:
         raise ConfigError(f"{flag} {path}: folder {path.parent} does not exist",
                           hint=f"create it first (mkdir -p {path.parent}) or pick another path")
     return path
+
+
+def did_you_mean(name: str, known: list[str], otherwise: str = "") -> str:
+    """A fix line naming the closest known name (difflib), or ``otherwise``."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean '{close[0]}'?" if close else otherwise
+
+
+# Shell completion of names (typer calls these with what the user has typed so far).
+
+def complete_device(incomplete: str) -> list[str]:
+    """Device ids of the shipped catalog."""
+    from edgekit.library import shipped_folder
+
+    return sorted(p.stem for p in shipped_folder("devices").glob("*.yaml") if p.stem.startswith(incomplete))
+
+
+def complete_recipe(incomplete: str) -> list[str]:
+    """Recipe names of the shipped library."""
+    from edgekit.library import shipped_folder
+
+    return sorted(p.stem for p in shipped_folder("recipes").glob("*.yaml") if p.stem.startswith(incomplete))
+
+
+def complete_bundle(incomplete: str) -> list[str]:
+    """Bundle names under $EDGEKIT_HOME/bundles."""
+    from edgekit.paths import kit_paths
+
+    folder = kit_paths().bundles
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "manifest.json").is_file() and p.name.startswith(incomplete))
+
+
+def load_board(ref: str, catalog: Path | None = None):
+    """``load_device``, with a did-you-mean when an id is not in the catalog."""
+    from edgekit.errors import DeviceError
+    from edgekit.schema.device import default_device_dir, load_device
+
+    directory = Path(catalog) if catalog is not None else default_device_dir()
+    is_file = Path(ref).suffix in (".yaml", ".yml", ".json") and Path(ref).exists()
+    if not is_file and directory.is_dir() and not (directory / f"{ref}.yaml").is_file():
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
+        close = did_you_mean(ref, known)
+        if close:
+            raise DeviceError(f"unknown device '{ref}'", hint=f"{close} (`edgekit devices list` shows the catalog)")
+    return load_device(ref, catalog)

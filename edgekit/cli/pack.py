@@ -14,7 +14,7 @@ from rich.table import Table
 from edgekit.cli import JsonFlag, app, emit_json, out, status
 from edgekit.pack.assemble import DEFAULT_PREFIX, DEFAULT_PYTHON, PYTHONS
 
-MB = 1e6
+MIB = 1 << 20
 # The --python choices, from the one list in edgekit.pack.assemble.
 PythonVersion = Enum("PythonVersion", {f"cp{v.replace('.', '')}": v for v in PYTHONS}, type=str)
 # Serve settings the pack decides itself: the bundles live under the install prefix, the board is --device.
@@ -76,12 +76,12 @@ def pack_cmd(
     needs = ", ".join(manifest.target.cpu_features) or "nothing extra"
     table.add_row("llama.cpp build", f"{manifest.target.name}, needs {needs}")
     table.add_row("Python / glibc", f"{manifest.python} / {manifest.glibc_min} or newer")
-    table.add_row("wheels", f"{manifest.wheel_bytes / MB:.1f} MB (llama-cpp-python {result.llama_wheel_bytes / MB:.1f} MB)")
-    table.add_row("bundles", f"{manifest.bundle_bytes / MB:.1f} MB: {', '.join(b.name for b in manifest.bundles)}")
+    table.add_row("wheels", f"{manifest.wheel_bytes / MIB:.1f} MiB (llama-cpp-python {result.llama_wheel_bytes / MIB:.1f} MiB)")
+    table.add_row("bundles", f"{manifest.bundle_bytes / MIB:.1f} MiB: {', '.join(b.name for b in manifest.bundles)}")
     service = manifest.service
     turns = "all loaded at once" if service.together else "taking turns"
     table.add_row("service", f"{service.unit}: {service.memory_budget_mb} MiB for models ({turns}), {service.threads} threads")
-    table.add_row("archive", f"{result.archive} ({result.archive_bytes / MB:.1f} MB)")
+    table.add_row("archive", f"{result.archive} ({result.archive_bytes / MIB:.1f} MiB)")
     cached = "cached" if manifest.build.llama_build_cached else "built now"
     table.add_row("time", f"{manifest.build.pack_seconds:.0f} s (llama-cpp-python {cached}, "
                           f"{manifest.build.llama_build_seconds:.0f} s to build)")

@@ -95,28 +95,22 @@ def service_unit(
     **flags: Any,
 ) -> None:
     """Print a hardened systemd unit (DynamicUser, ProtectSystem=strict, MemoryMax from the fit estimate)."""
-    from edgekit.serve.budget import MIB
-    from edgekit.serve.systemd import STATE_DIR, bundles_footprint, render_unit
+    from edgekit.serve.systemd import STATE_DIR, bundles_footprint, check_readable, render_unit, unit_budget
 
     output_file(output, "--output")
     if flags.get("models") is None:
         flags["models"] = STATE_DIR / "bundles"
     settings = settings_from_flags(flags)
+    cap = None
     if settings.device is not None:
-        from edgekit.schema.device import load_device
+        from edgekit.cli.flags import load_board
 
-        load_device(settings.device)  # an unknown id exits 2 here rather than in the board's service log
-    if settings.memory_budget_mb is not None:
-        budget, source = settings.memory_budget_mb * MIB, "--memory-budget-mb"
-        rows: list[tuple[str, int]] = []
-    else:
-        budget, rows = bundles_footprint(settings)
-        if not rows:
-            raise ConfigError(f"no servable bundles in {settings.models} to size MemoryMax from",
-                              hint="pass --models DIR with the bundles, or --memory-budget-mb N")
-        source = "sum of the footprint estimates of " + ", ".join(name for name, _ in rows)
+        cap = load_board(settings.device).usable_ram_bytes  # an unknown id exits 2 here, not in the board's service log
+    check_readable(settings.models)
+    rows = [] if settings.memory_budget_mb is not None and settings.device is None else bundles_footprint(settings)[1]
+    budget, source = unit_budget(settings, rows)
     executable = exec_path or shutil.which("edgekit") or str(Path(sys.argv[0]).resolve())
-    unit = render_unit(settings, executable, budget, source)
+    unit = render_unit(settings, executable, budget, source, cap)
     if output is not None:
         output.write_text(unit, encoding="utf-8")
         err.print(f"wrote {output}")

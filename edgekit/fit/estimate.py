@@ -8,13 +8,14 @@ number it rests on and the reason.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgekit.fit import memory, speed
 from edgekit.fit.facts import ModelFacts, bits_per_weight, from_manifest
+from edgekit.fit.memory import MIB, serve_default
 from edgekit.formats import FORMATS
 from edgekit.schema.device import Device
 from edgekit.schema.manifest import Manifest
@@ -28,8 +29,15 @@ class FitSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n_ctx: int | None = Field(None, ge=1, description="Context tokens per sequence (GGUF); default: the model's training context, at most 4096.")
-    parallel: int = Field(1, ge=1, le=256, description="Sequences served at once (GGUF slots) or batch size (ONNX).")
+    n_ctx: int | None = Field(None, ge=1, description="Context tokens per sequence (GGUF); default: the model's training "
+                              "context, at most edgekit serve's --n-ctx default.")
+    parallel: int | None = Field(None, ge=1, le=256, description="Sequences served at once (GGUF: edgekit serve's --slots) or "
+                                 "texts of the largest batch (ONNX: serve's --batch-max); default: edgekit serve's.")
+    batch_max_tokens: int = Field(serve_default("batch_max_tokens"), ge=16,
+                                  description="ONNX: most padded tokens of one micro-batch (edgekit serve's --batch-max-tokens).")
+    max_embedding_inputs: int = Field(serve_default("max_embedding_inputs"), ge=1,
+                                      description="ONNX: most texts of one request, tokenized at once by the worker "
+                                      "(edgekit serve's --max-embedding-inputs).")
     n_ubatch: int = Field(256, ge=1, description="Prompt tokens per compute step (edgekit.runtime.llm.PREFILL_CHUNK).")
     flash_attn: bool = Field(False, description="llama.cpp flash attention (off in llama-cpp-python and edgekit serve).")
     kv_type: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="KV cache element type.")
@@ -68,8 +76,9 @@ class FitReport(BaseModel):
     bits_per_weight: float
     settings: dict = Field(description="The run settings the estimate is for (resolved defaults included).")
     memory: dict[str, int] = Field(
-        description="RAM terms in bytes: weights, repacked, kv_cache, compute, runtime; total (peak resident set "
-        "without memory pressure) and required (what must stay resident; the RAM check uses it)."
+        description="RAM terms in bytes: weights, repacked, kv_cache, compute, runtime (of the model's process), daemon "
+        "(edgekit serve's own process); total (peak resident set without memory pressure) and required (what must stay "
+        "resident; the RAM check uses it, and edgekit serve charges its budget required - daemon for the model)."
     )
     usable_ram_bytes: int
     ram_share: float = Field(description="memory.required / usable RAM.")
@@ -79,6 +88,9 @@ class FitReport(BaseModel):
     cold_load_s: float = Field(description="Bundle size / storage read speed.")
     decode_tok_s: float | None = Field(None, description="Predicted generation speed half-way through the context (the speed check uses it).")
     decode_tok_s_short: float | None = Field(None, description="Predicted generation speed at the start of a conversation (how benchmarks report it).")
+    decode_tok_s_band: list[float] | None = Field(
+        None, description="Lowest and highest decode_tok_s over the boards with this board's SoC (same cores, clock and "
+        "bandwidth), each calibrated on its own published points; None when they agree within 1 %.")
     prompt_tok_s: float | None = None
     latency_ms: float | None = None
     calibration: dict[str, dict] = Field(
@@ -88,6 +100,18 @@ class FitReport(BaseModel):
     verdict: Verdict
     reason: str
     notes: list[str] = Field(default_factory=list)
+    assumptions: dict = Field(
+        default_factory=dict,
+        description="What the figures assume: GGUF n_ctx, slots, decode_depth (tokens already in the context for "
+        "decode_tok_s; decode_tok_s_short is at decode_short_depth), prompt_tokens; ONNX latency_input_tokens (the input "
+        "latency_ms is for) and the largest batch memory is charged for (batch_texts x batch_input_tokens).")
+    suggested_n_ctx: int | None = Field(
+        None, description="When RAM fails (or warns): the largest context, a multiple of 256, at which it fits "
+        "(or passes outside the headroom margin); serve it with `edgekit serve --n-ctx N`.")
+    suggested_batch_max_tokens: int | None = Field(
+        None, description="Encoders, when RAM fails: the micro-batch in tokens (serve --batch-max-tokens) and ...")
+    suggested_max_embedding_inputs: int | None = Field(
+        None, description="... the texts per request (serve --max-embedding-inputs) at which it fits.")
 
 
 def _worst(verdicts: Iterable[Verdict]) -> Verdict:
@@ -95,7 +119,7 @@ def _worst(verdicts: Iterable[Verdict]) -> Verdict:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB"
+    return f"{n / MIB:,.0f} MiB"
 
 
 def resolve_n_ctx(facts: ModelFacts, settings: FitSettings) -> int:
@@ -104,8 +128,8 @@ def resolve_n_ctx(facts: ModelFacts, settings: FitSettings) -> int:
 
 
 def decoder_n_ctx(facts: ModelFacts, settings: FitSettings) -> int:
-    """GGUF: the model's training context, at most 4096."""
-    return settings.n_ctx or min(facts.context_length, 4096)
+    """GGUF: the model's training context, at most edgekit serve's default context (capped the same way)."""
+    return settings.n_ctx or min(facts.context_length, serve_default("n_ctx"))
 
 
 def encoder_n_ctx(facts: ModelFacts, settings: FitSettings) -> int:
@@ -123,6 +147,8 @@ class SpeedPrediction:
     decode_tok_s_short: float | None = None
     prompt_tok_s: float | None = None
     latency_ms: float | None = None
+    assumptions: dict = field(default_factory=dict)
+    decode_band: tuple[float, float] | None = None
 
 
 def decoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, settings: FitSettings, n_ctx: int,
@@ -145,7 +171,13 @@ def decoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, setti
     if n_ctx > facts.context_length:
         checks.append(Check(name="context", verdict="warn", value=n_ctx, limit=facts.context_length,
                             message=f"context {n_ctx} exceeds the model's training context {facts.context_length}"))
-    return SpeedPrediction(calibrations, checks, decode, decode_short, prompt)
+    # Boards with the same SoC calibrated on their own published points: the spread of deep decode over them.
+    band = sorted(speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2, calibration=cal)
+                  for cal in speed.soc_calibrations(device, "decode", catalog).values())
+    assumptions = {"n_ctx": n_ctx, "slots": settings.parallel or serve_default("slots"), "decode_depth": n_ctx // 2,
+                   "decode_short_depth": 0, "prompt_tokens": min(n_ctx, 512)}
+    return SpeedPrediction(calibrations, checks, decode, decode_short, prompt, assumptions=assumptions,
+                           decode_band=(band[0], band[-1]) if band[-1] > band[0] * 1.01 else None)
 
 
 def encoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, settings: FitSettings, n_ctx: int,
@@ -159,7 +191,52 @@ def encoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, setti
     if settings.max_latency_ms is not None:
         checks.append(_speed_check("latency", latency, settings.max_latency_ms, settings.speed_margin,
                                    higher_is_better=False, unit="ms", what=f"batch-1 latency ({seq} tokens)"))
-    return SpeedPrediction(calibrations, checks, latency_ms=latency)
+    texts, tokens = memory.encoder_batch(facts, _run_settings(settings, n_ctx))
+    assumptions = {"latency_input_tokens": seq, "batch_texts": texts, "batch_input_tokens": tokens,
+                   "request_texts": max(texts, settings.max_embedding_inputs) if settings.daemon else texts}
+    return SpeedPrediction(calibrations, checks, latency_ms=latency, assumptions=assumptions)
+
+
+def _run_settings(settings: FitSettings, n_ctx: int) -> memory.RunSettings:
+    """The run the fit is for; the encoder's micro-batch split and request size are the daemon worker's."""
+    serve = settings.daemon
+    return memory.RunSettings(n_ctx=n_ctx, parallel=settings.parallel, n_ubatch=settings.n_ubatch,
+                              flash_attn=settings.flash_attn, kv_type=settings.kv_type, daemon=serve,
+                              batch_max_tokens=settings.batch_max_tokens if serve else None,
+                              job_texts=settings.max_embedding_inputs if serve else None)
+
+
+def largest_fitting_batch(facts: ModelFacts, settings: FitSettings, n_ctx: int, limit: int,
+                          isa=None) -> tuple[int, int] | None:
+    """Encoders: the largest (--batch-max-tokens, --max-embedding-inputs) at or below the current ones whose required RAM
+    is at most ``limit``, the micro-batch kept as large as it can be; None when even one text at a time does not fit."""
+    run = _run_settings(settings, n_ctx)
+    texts, tokens = memory.encoder_batch(facts, run)
+    jobs = sorted({settings.max_embedding_inputs, *(2**k for k in range(12) if 2**k < settings.max_embedding_inputs)},
+                  reverse=True)
+    for count in range(texts, 0, -1):
+        for job in (j for j in jobs if j >= count):
+            smaller = replace(run, batch_max_tokens=count * tokens, job_texts=job)
+            if (count, job) != (texts, settings.max_embedding_inputs) and \
+                    memory.estimate_memory(facts, smaller, isa).required <= limit:
+                return count * tokens, job
+    return None
+
+
+def largest_fitting_n_ctx(facts: ModelFacts, settings: FitSettings, n_ctx: int, limit: int,
+                          isa=None) -> int | None:
+    """The largest context below ``n_ctx`` (a multiple of llama.cpp's 256-cell padding) whose required RAM is at most
+    ``limit``; None when even the smallest does not fit or the context does not change the memory (encoders)."""
+    def need(ctx: int) -> int:
+        return memory.estimate_memory(facts, _run_settings(settings, ctx), isa).required
+
+    low, high = 1, (n_ctx - 1) // memory.KV_PAD  # candidates: multiples of 256 below n_ctx
+    if high < 1 or need(memory.KV_PAD) > limit or need(memory.KV_PAD) == need(high * memory.KV_PAD):
+        return None
+    while low < high:  # the required memory grows with the context: bisect
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if need(middle * memory.KV_PAD) <= limit else (low, middle - 1)
+    return low * memory.KV_PAD
 
 
 def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | None = None,
@@ -173,23 +250,33 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
     facts = from_manifest(subject) if isinstance(subject, Manifest) else subject
     catalog = list(catalog)
     n_ctx = resolve_n_ctx(facts, settings)
-    run = memory.RunSettings(n_ctx=n_ctx, parallel=settings.parallel, n_ubatch=settings.n_ubatch,
-                             flash_attn=settings.flash_attn, kv_type=settings.kv_type, daemon=settings.daemon)
-    mem = memory.estimate_memory(facts, run, device.cpu.isa)
+    mem = memory.estimate_memory(facts, _run_settings(settings, n_ctx), device.cpu.isa)
     usable = device.usable_ram_bytes
     checks: list[Check] = []
     notes = list(facts.notes)
 
+    # With the daemon, the check is edgekit serve's admission decision: the worker's charge against
+    # the budget (usable RAM minus the daemon's own process, edgekit.serve.budget.device_budget).
     need = mem.required
     share = need / usable
+    suggested_n_ctx = None
+    suggested_batch = None
     if need > usable:
+        suggested_n_ctx = largest_fitting_n_ctx(facts, settings, n_ctx, usable)
+        fix = f"; fits at --ctx {suggested_n_ctx}" if suggested_n_ctx else ""
+        if mem.kv_cache == 0:
+            suggested_batch = largest_fitting_batch(facts, settings, n_ctx, usable, device.cpu.isa)
+            fix = (f"; fits with --batch-max-tokens {suggested_batch[0]} --max-embedding-inputs {suggested_batch[1]}"
+                   if suggested_batch else "")
         ram = Check(name="ram", verdict="fail", value=need, limit=usable,
                     message=f"needs {_mb(need)} of RAM, {device.id} has {_mb(usable)} usable "
-                            f"({_mb(need - usable)} short)")
+                            f"({_mb(need - usable)} short){fix}")
     elif share > 1 - settings.headroom:
+        suggested_n_ctx = largest_fitting_n_ctx(facts, settings, n_ctx, int(usable * (1 - settings.headroom)))
+        fix = f"; outside it at --ctx {suggested_n_ctx}" if suggested_n_ctx else ""
         ram = Check(name="ram", verdict="warn", value=need, limit=usable,
                     message=f"needs {_mb(need)} of {_mb(usable)} usable RAM ({share:.0%}), "
-                            f"inside the {settings.headroom:.0%} headroom margin")
+                            f"inside the {settings.headroom:.0%} headroom margin{fix}")
     else:
         ram = Check(name="ram", verdict="pass", value=need, limit=usable,
                     message=f"needs {_mb(need)} of {_mb(usable)} usable RAM ({share:.0%})")
@@ -217,6 +304,7 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         subject=facts.name, device=device.id, origin=facts.origin, format=facts.format, quant=facts.quant,
         parameters=facts.parameters, bits_per_weight=round(bits_per_weight(facts), 4),
         settings={"n_ctx": n_ctx, "parallel": settings.parallel, "n_ubatch": settings.n_ubatch,
+                  "batch_max_tokens": settings.batch_max_tokens,
                   "flash_attn": settings.flash_attn, "kv_type": settings.kv_type,
                   "threads": min(settings.threads or device.cpu.cores, device.cpu.cores), "daemon": settings.daemon},
         memory=mem.as_dict(), usable_ram_bytes=usable, ram_share=round(share, 6), disk_bytes=facts.bundle_bytes,
@@ -225,10 +313,14 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         cold_load_s=round(facts.bundle_bytes / (device.storage.read_mb_s * 1e6), 4),
         decode_tok_s=None if decode is None else round(decode, 4),
         decode_tok_s_short=None if decode_short is None else round(decode_short, 4),
+        decode_tok_s_band=None if predicted_speed.decode_band is None else [round(v, 4) for v in predicted_speed.decode_band],
         prompt_tok_s=None if prompt is None else round(prompt, 4),
         latency_ms=None if latency is None else round(latency, 4),
         calibration={k: {**v, "factor": round(v["factor"], 6)} for k, v in calibrations.items()},
-        checks=checks, verdict=verdict, reason=reason, notes=notes,
+        checks=checks, verdict=verdict, reason=reason, notes=notes, assumptions=predicted_speed.assumptions,
+        suggested_n_ctx=suggested_n_ctx,
+        suggested_batch_max_tokens=suggested_batch[0] if suggested_batch else None,
+        suggested_max_embedding_inputs=suggested_batch[1] if suggested_batch else None,
     )
 
 

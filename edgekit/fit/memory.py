@@ -2,12 +2,19 @@
 
 Each term is a formula over ``ModelFacts`` and the run settings; constants that are measurements
 say where they were measured. scripts/bench_fit.py compares the sum with the peak RSS of a real
-process (loading, a context-filling prompt, generation; or encoder batches).
+process (loading, a context-filling prompt, generation; or encoder batches), and
+scripts/bench_worker_rss.py the charge of a real `edgekit serve` worker with its resident set.
+
+One truth for `fit`, `plan` and `edgekit serve`'s admission budget: ``RunSettings`` describes a model
+run the way edgekit's runtime runs it (generation slots are separate llama.cpp contexts; an encoder
+runs micro-batches bounded in padded tokens), ``daemon=True`` runs it in a serve worker next to the
+daemon's own process, and the daemon charges a worker exactly ``required - daemon`` of that estimate
+(the ``worker_bytes`` hooks).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from edgekit.fit.facts import ModelFacts
 from edgekit.formats import FORMATS
@@ -20,8 +27,9 @@ MIB = 1 << 20
 # session creation). Measured on x86-64: docs/device-facts.md, "Constants edgekit measured itself".
 LLAMA_RUNTIME_BASE = 44 * MIB
 ORT_RUNTIME_BASE = 69 * MIB
-# edgekit serve's web stack (fastapi, uvicorn, prometheus-client, jinja2) on top of the runtime (measured).
-DAEMON_EXTRA = 26 * MIB
+# edgekit serve's own process (web stack, no runtime; each model runs in a worker process of its own):
+# idle RSS measured by scripts/bench_serve.py, rounded up (docs/device-facts.md).
+DAEMON_RSS = 80 * MIB
 # llama.cpp's vocabulary in RAM (token strings, lookup maps, BPE merge ranks): 17 MiB for SmolLM2's
 # 49,152 tokens, measured with Llama(vocab_only=True).
 LLAMA_VOCAB_BYTES_PER_TOKEN = 363
@@ -37,6 +45,14 @@ ORT_SESSION_EXTRA = 2 * MIB
 # all-MiniLM-L6-v2 (hidden 384, feed-forward 1536), linear in tokens from 512 to 8,192 tokens:
 # modelled as 6 float32 activations of (2 x hidden + feed-forward) per token.
 ORT_FLOATS_PER_TOKEN_UNIT = 6.0
+# An encoder worker of edgekit serve tokenizes a whole job (one request, or requests merged up to --batch-max texts)
+# padded to its longest text before it runs its micro-batches, and holds it until the job ends: tokenizers' Encoding
+# objects and the int64 ids, mask and type ids. Measured with all-MiniLM-L6-v2's tokenizer on the worst request the
+# daemon accepts, 2,047 short texts and one of 256 tokens: 132 B per padded position (2,048 x 256 -> 66 MiB).
+ENCODER_JOB_BYTES_PER_TOKEN = 132
+# The encoder worker's own process beyond the bare runtime: the loaded tokenizer, edgekit's worker and protocol
+# modules, what the golden checks leave. scripts/bench_worker_rss.py: all-MiniLM-L6-v2 worker at batch 1, 150 MiB RSS.
+ENCODER_WORKER_EXTRA = 22 * MIB
 
 
 # Which weight types ggml's CPU backend repacks into an interleaved copy at load (CPU_REPACK buffer),
@@ -59,16 +75,30 @@ def repack_rows(ggml_type: str, isa: IsaFeatures) -> int | None:
     return None
 
 
+def serve_default(name: str):
+    """The declared default of an `edgekit serve` setting (declared once, in ServeSettings)."""
+    from edgekit.serve.settings import ServeSettings
+
+    return ServeSettings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """How the runtime will run the model (the inputs of the memory terms)."""
 
     n_ctx: int  # context per sequence (GGUF) or tokens per input (ONNX)
-    parallel: int = 1  # sequences sharing the model (GGUF slots) or batch size (ONNX)
+    # GGUF: generation slots, each its own llama.cpp context of n_ctx (edgekit serve's --slots).
+    # ONNX: texts of the largest batch (serve's --batch-max). None: edgekit serve's default.
+    parallel: int | None = None
     n_ubatch: int = 256  # prompt tokens per compute step; edgekit.runtime.llm.PREFILL_CHUNK
     flash_attn: bool = False  # llama-cpp-python's default
     kv_type: str = "f16"
-    daemon: bool = True  # add edgekit serve's web stack
+    daemon: bool = True  # add edgekit serve's own process (the model runs in a worker next to it)
+    # ONNX: the worker splits a batch into micro-batches of at most this many padded tokens (serve's
+    # --batch-max-tokens); None: no split.
+    batch_max_tokens: int | None = None
+    # ONNX: texts of the largest job the worker tokenizes at once (serve's --max-embedding-inputs); None: one batch.
+    job_texts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +110,7 @@ class MemoryEstimate:
     kv_cache: int
     compute: int
     runtime: int
+    daemon: int  # edgekit serve's own process, next to the model's worker (0 without the daemon)
     total: int  # peak resident set on a machine without memory pressure (what `ps` shows)
     required: int  # what must stay resident: total minus the clean, evictable file pages of repacked tensors
     compute_reserved: int  # what llama.cpp reserves (it logs this); pages are touched only as used
@@ -108,8 +139,8 @@ def compute_buffer_bytes(facts: ModelFacts, settings: RunSettings, n_outputs: in
     product), or at the output (logits of every requested output row). ``n_outputs`` defaults to one
     row per sequence (generation); llama.cpp reserves for n_ubatch rows, which is what it logs.
     """
-    tokens = min(settings.n_ubatch, settings.n_ctx * settings.parallel)
-    n_kv = kv_cells(settings.n_ctx, settings.parallel)
+    tokens = min(settings.n_ubatch, settings.n_ctx * (settings.parallel or 1))
+    n_kv = kv_cells(settings.n_ctx, settings.parallel or 1)
     hidden = tokens * facts.n_embd * 4
     if settings.flash_attn:
         attention = tokens * n_kv * 2 + 6 * hidden  # f16 mask; scores never materialized
@@ -117,7 +148,7 @@ def compute_buffer_bytes(facts: ModelFacts, settings: RunSettings, n_outputs: in
         attention = tokens * n_kv * (facts.n_head + 1) * 4 + 6 * hidden
     n_ff = facts.n_ff or 4 * facts.n_embd
     feed_forward = tokens * 3 * n_ff * 4 + 2 * hidden
-    rows = settings.parallel if n_outputs is None else n_outputs
+    rows = (settings.parallel or 1) if n_outputs is None else n_outputs
     output = rows * facts.n_vocab * 4 + 2 * hidden
     return max(attention, feed_forward, output)
 
@@ -132,8 +163,8 @@ def work_buffer_bytes(facts: ModelFacts, settings: RunSettings) -> int:
     """
     if settings.flash_attn:
         return 0
-    tokens = min(settings.n_ubatch, settings.n_ctx * settings.parallel)
-    return tokens * kv_cells(settings.n_ctx, settings.parallel) * facts.n_head * 2
+    tokens = min(settings.n_ubatch, settings.n_ctx * (settings.parallel or 1))
+    return tokens * kv_cells(settings.n_ctx, settings.parallel or 1) * facts.n_head * 2
 
 
 def repacked_bytes(facts: ModelFacts, isa: IsaFeatures | None) -> int:
@@ -149,50 +180,67 @@ def repacked_bytes(facts: ModelFacts, isa: IsaFeatures | None) -> int:
 
 
 def llama_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int]:
-    """llama.cpp's terms: (weights, repacked, kv_cache, compute, compute_reserved, runtime without the daemon)."""
+    """llama.cpp's terms: (weights, repacked, kv_cache, compute, compute_reserved, runtime without the daemon).
+
+    Slots are separate llama.cpp contexts over one mmapped file (edgekit.serve.runners.GenerationRunner):
+    each has its own KV cache, compute buffers and vocabulary.
+    """
+    slots = settings.parallel or serve_default("slots")
+    one = replace(settings, parallel=1)
     repacked = repacked_bytes(facts, isa)
-    kv = kv_cache_bytes(facts, settings.n_ctx, settings.parallel, settings.kv_type)
-    compute = compute_buffer_bytes(facts, settings) + work_buffer_bytes(facts, settings)
-    reserved = compute_buffer_bytes(facts, settings, n_outputs=min(settings.n_ubatch, settings.n_ctx * settings.parallel))
-    runtime = LLAMA_RUNTIME_BASE + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
+    kv = slots * kv_cache_bytes(facts, one.n_ctx, 1, one.kv_type)
+    compute = slots * (compute_buffer_bytes(facts, one) + work_buffer_bytes(facts, one))
+    reserved = slots * compute_buffer_bytes(facts, one, n_outputs=min(one.n_ubatch, one.n_ctx))
+    runtime = LLAMA_RUNTIME_BASE + slots * LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
     return facts.weights_bytes, repacked, kv, compute, reserved, runtime
+
+
+def encoder_batch(facts: ModelFacts, settings: RunSettings) -> tuple[int, int]:
+    """(texts, tokens per text) of the largest batch an encoder runs: at most ``parallel`` texts, split so that
+    texts x tokens stays within ``batch_max_tokens`` (edgekit.serve.runners.EncoderRunner.chunks)."""
+    seq = min(settings.n_ctx, facts.max_length or settings.n_ctx)
+    texts = settings.parallel or serve_default("batch_max")
+    if settings.batch_max_tokens is not None:
+        texts = max(1, min(texts, settings.batch_max_tokens // seq))
+    return texts, seq
 
 
 def ort_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int]:
     """ONNX Runtime's terms (no KV cache, nothing repacked out of a mapping), in the order of ``llama_memory``."""
     n_ff = facts.n_ff or 4 * facts.n_embd
-    tokens = settings.parallel * min(settings.n_ctx, facts.max_length or settings.n_ctx)
-    compute = int(tokens * ORT_FLOATS_PER_TOKEN_UNIT * (2 * facts.n_embd + n_ff) * 4)
+    texts, seq = encoder_batch(facts, settings)
+    compute = int(texts * seq * ORT_FLOATS_PER_TOKEN_UNIT * (2 * facts.n_embd + n_ff) * 4)
+    compute += max(texts, settings.job_texts or 0) * seq * ENCODER_JOB_BYTES_PER_TOKEN
     weights = int(facts.weights_bytes * ORT_WEIGHT_COPIES)
-    return weights, 0, 0, compute, compute, ORT_RUNTIME_BASE + ORT_SESSION_EXTRA
+    worker = ENCODER_WORKER_EXTRA if settings.daemon else 0
+    return weights, 0, 0, compute, compute, ORT_RUNTIME_BASE + ORT_SESSION_EXTRA + worker
 
 
 def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None = None) -> MemoryEstimate:
     """Peak resident bytes of one runtime process serving ``facts`` with ``settings`` on a CPU with ``isa``."""
-    daemon = DAEMON_EXTRA if settings.daemon else 0
+    daemon = DAEMON_RSS if settings.daemon else 0
     weights, repacked, kv, compute, reserved, runtime = FORMATS[facts.format].hook("memory")(facts, settings, isa)
-    runtime += daemon
-    total = weights + repacked + kv + compute + runtime
+    total = weights + repacked + kv + compute + runtime + daemon
     # Repacked tensors are copied out of the mapping at load; the kernel can drop those clean file
     # pages under memory pressure without any cost, so they do not count against the board's RAM.
     required = total - repacked
     return MemoryEstimate(weights=weights, repacked=repacked, kv_cache=kv, compute=compute, runtime=runtime,
-                          total=total, required=required, compute_reserved=reserved)
+                          daemon=daemon, total=total, required=required, compute_reserved=reserved)
 
 
 def llama_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
-                       batch_max_tokens: int) -> int:
-    """A daemon worker serving a GGUF bundle: ``slots`` llama.cpp contexts over one mmapped file, so each slot
-    past the first adds its KV cache, compute buffers and vocabulary."""
-    one = estimate_memory(facts, RunSettings(n_ctx=n_ctx, parallel=1, n_ubatch=n_ubatch, daemon=False))
-    per_extra_slot = one.kv_cache + one.compute + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
-    return one.total + (slots - 1) * per_extra_slot
+                       batch_max_tokens: int, job_texts: int | None = None) -> int:
+    """What edgekit serve charges its budget for a GGUF worker: ``slots`` contexts, without the daemon process."""
+    served = estimate_memory(facts, RunSettings(n_ctx=n_ctx, parallel=slots, n_ubatch=n_ubatch, daemon=True))
+    return served.required - served.daemon
 
 
 def ort_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
-                     batch_max_tokens: int) -> int:
-    """A daemon worker serving an ONNX bundle: the worst run is ``batch_max_tokens`` tokens (the worker splits
-    micro-batches to stay within it) of inputs up to the bundle's max_length."""
-    max_length = facts.max_length or facts.context_length
-    texts = max(1, min(batch_max, batch_max_tokens // max_length))
-    return estimate_memory(facts, RunSettings(n_ctx=max_length, parallel=texts, daemon=False)).total
+                     batch_max_tokens: int, job_texts: int | None = None) -> int:
+    """What edgekit serve charges its budget for an ONNX worker: its largest micro-batch (``batch_max`` texts of the
+    bundle's max_length, split to stay within ``batch_max_tokens``) and its largest job (``job_texts``, default
+    serve's --max-embedding-inputs, tokenized at once), without the daemon process."""
+    run = RunSettings(n_ctx=facts.max_length or facts.context_length, parallel=batch_max, daemon=True,
+                      batch_max_tokens=batch_max_tokens, job_texts=job_texts or serve_default("max_embedding_inputs"))
+    served = estimate_memory(facts, run)
+    return served.required - served.daemon

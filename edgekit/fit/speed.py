@@ -495,3 +495,21 @@ def _with_attention(calibration: Calibration, device: Device, exclude: Calibrati
         return calibration
     return replace(calibration, attention_factor=_geomean([r for _, r in priced]),
                    attention_points=tuple(point_label(device, p) for p, _ in priced))
+
+
+def same_soc(a: Device, b: Device) -> bool:
+    """Whether two boards are the same chip as far as the speed model can tell: core type, cores, clock and
+    memory bandwidth (e.g. the 4, 8 and 16 GB Raspberry Pi 5)."""
+    return (a.cpu.core_type, a.cpu.cores, a.cpu.clock_ghz, a.memory_bandwidth.gb_s) == \
+        (b.cpu.core_type, b.cpu.cores, b.cpu.clock_ghz, b.memory_bandwidth.gb_s)
+
+
+def soc_calibrations(device: Device, kind: Kind, catalog: Iterable[Device]) -> dict[str, Calibration]:
+    """The calibration each board with ``device``'s SoC (``device`` included) gets from its own points.
+
+    Their published measurements differ (other engines, versions, cooling), so one chip gets several
+    factors; `fit` reports the spread of its prediction over them as a band instead of hiding it.
+    """
+    catalog = list(catalog)
+    boards = [device] + [d for d in catalog if d.id != device.id and same_soc(d, device)]
+    return {board.id: calibrate(board, kind, catalog) for board in boards}

@@ -84,6 +84,7 @@ SPEC = FormatSpec(
     load_model="edgekit.runtime.golden:load_gguf",
     golden_record="edgekit.export.golden:record_gguf",
     runtime_module="llama_cpp",
+    runtime_probe="edgekit.runtime.probe:start_llama_cpp",
     worker_bytes="edgekit.fit.memory:llama_worker_bytes",
     plan_candidates="edgekit.fit.plan:quant_ladder",
     bench="edgekit.bench.measure:bench_gguf",

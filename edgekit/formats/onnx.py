@@ -25,6 +25,7 @@ SPEC = FormatSpec(
     load_model="edgekit.runtime.golden:load_onnx",
     golden_record="edgekit.export.golden:record_onnx",
     runtime_module="onnxruntime",
+    runtime_probe="edgekit.runtime.probe:start_onnxruntime",
     worker_bytes="edgekit.fit.memory:ort_worker_bytes",
     plan_candidates="edgekit.fit.plan:recipe_targets",
     bench="edgekit.bench.measure:bench_onnx",

@@ -37,7 +37,8 @@ class FormatSpec:
     speed: str  # fit: (facts, work, device, settings, n_ctx, catalog) -> SpeedPrediction
     load_model: str  # board: (bundle_dir, manifest, model_path, threads, n_ctx) -> the runtime model, as the daemon loads it
     golden_record: str  # export: (staged, runtime, task, samples) -> the bundle's golden record
-    runtime_module: str  # the engine's Python module (doctor probe-imports it in a subprocess)
+    runtime_module: str  # the engine's Python module, as doctor names it
+    runtime_probe: str  # () -> engine version: imports and starts the engine (doctor runs it in a subprocess)
     worker_bytes: str  # serve: (facts, n_ctx, n_ubatch, slots, batch_max, batch_max_tokens) -> peak RSS of a worker
     plan_candidates: str  # plan: (recipe) -> [(target, in_recipe)], best quality first
     bench: str  # `edgekit bench` in a child process: (bundle, manifest, config) -> dict

@@ -1,22 +1,23 @@
 """Memory budget of the daemon and the footprint of one loaded model (estimated by ``edgekit.fit``).
 
-A worker's footprint is ``edgekit.fit``'s peak-RSS estimate for one runtime process without the
-web stack (the worker does not import it). Generation slots are separate llama.cpp contexts over
-one mmapped file, so each slot past the first adds its KV cache, compute buffers and vocabulary.
+One truth with `edgekit fit` and `plan`: a worker's footprint is ``edgekit.fit.memory``'s required
+bytes for one runtime process run as the worker runs it (generation slots are separate llama.cpp
+contexts; an encoder's largest micro-batch), and a device's budget is its usable RAM minus the
+daemon's own process (``DAEMON_RSS``), which `fit` adds to the model's need instead. So `fit`
+passes (or warns) exactly when this daemon admits the model on that device.
 """
 
 from __future__ import annotations
 
 from edgekit.errors import ConfigError, DeviceError
+from edgekit.fit.memory import DAEMON_RSS, MIB
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.settings import ServeSettings
 
-MIB = 1024 * 1024
+__all__ = ["DAEMON_RSS", "MIB", "device_budget", "effective_n_ctx", "footprint_bytes", "memory_budget"]
+
 # Share of the host's available RAM the daemon lets models use when no device or budget is given.
 HOST_SHARE = 0.85
-# The daemon process itself with no model loaded (web stack, no runtime): idle RSS measured by
-# scripts/bench_serve.py, rounded up (docs/device-facts.md).
-DAEMON_RSS = 80 * MIB
 # Bundles whose manifest lacks the facts the estimator needs (older exports): twice the files plus a runtime.
 FALLBACK_RUNTIME = 128 * MIB
 
@@ -39,7 +40,19 @@ def footprint_bytes(manifest: Manifest, settings: ServeSettings) -> int:
         return 2 * manifest.total_bytes + FALLBACK_RUNTIME
     worker_bytes = FORMATS[manifest.format].hook("worker_bytes")
     return worker_bytes(facts, effective_n_ctx(manifest, settings), PREFILL_CHUNK, settings.slots,
-                        settings.batch_max, settings.batch_max_tokens)
+                        settings.batch_max, settings.batch_max_tokens, job_texts=settings.max_embedding_inputs)
+
+
+def footprint_terms(manifest: Manifest, settings: ServeSettings) -> str:
+    """What a worker's footprint covers, in words for messages (an encoder has no KV cache)."""
+    from edgekit.formats import TASKS
+
+    if TASKS[manifest.task].batched:
+        max_length = manifest.runtime.max_length
+        texts = max(1, min(settings.batch_max, settings.batch_max_tokens // max_length))
+        return (f"weights + activations of {texts} x {max_length}-token micro-batches of a request of up to "
+                f"{max(texts, settings.max_embedding_inputs)} texts")
+    return f"weights + KV cache for n_ctx {effective_n_ctx(manifest, settings)} x {settings.slots} slot(s)"
 
 
 def memory_budget(settings: ServeSettings) -> tuple[int, str]:

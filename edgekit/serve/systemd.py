@@ -10,13 +10,19 @@ TimeoutStopSec.
 from __future__ import annotations
 
 import shlex
+import stat
 from pathlib import Path
 
-from edgekit.serve.budget import MIB, footprint_bytes
+from edgekit.errors import ConfigError, GateFailed
+from edgekit.serve.budget import MIB, device_budget, footprint_bytes
 from edgekit.serve.connections import FD_RESERVE
 from edgekit.serve.settings import ServeSettings
 
 STATE_DIR = Path("/var/lib/edgekit")
+# Where a readable copy of the bundles can live (the board installer uses /opt/edgekit too).
+READABLE_DIR = Path("/opt/edgekit/bundles")
+# ProtectHome=yes makes these invisible to the service (systemd.exec(5)).
+HIDDEN_DIRS = (Path("/home"), Path("/root"), Path("/run/user"))
 # Resident memory of the daemon process without models (benchmark: scripts/bench_serve.py idle RSS) plus
 # headroom for request buffers; MemoryMax covers it on top of the models' budget.
 DAEMON_RESERVE = 160 * MIB
@@ -39,10 +45,72 @@ def bundles_footprint(settings: ServeSettings) -> tuple[int, list[tuple[str, int
     return sum(n for _, n in rows), rows
 
 
-def render_unit(settings: ServeSettings, exec_path: str, budget_bytes: int, source: str) -> str:
-    """The unit file text. ``budget_bytes`` becomes --memory-budget-mb; MemoryMax adds the daemon's own reserve."""
+def unit_budget(settings: ServeSettings, rows: list[tuple[str, int]]) -> tuple[int, str]:
+    """The unit's --memory-budget-mb (bytes) and where it came from.
+
+    With --device: what the board offers models (as `serve --device` computes it); each bundle must fit
+    it alone (exit 1 otherwise), and the sum of the bundles when they fit together. Without: the
+    given budget, else the sum of the bundles' footprints.
+    """
+    given = settings.memory_budget_mb * MIB if settings.memory_budget_mb is not None else None
+    if settings.device is None:
+        if given is not None:
+            return given, "--memory-budget-mb"
+        if not rows:
+            raise ConfigError(f"no servable bundles in {settings.models} to size MemoryMax from",
+                              hint="pass --models DIR with the bundles, --device ID for a board, or --memory-budget-mb N")
+        return sum(n for _, n in rows), "sum of the footprint estimates of " + ", ".join(name for name, _ in rows)
+    offered, _ = device_budget(settings.device)
+    too_big = [f"{name} needs {n / MIB:.0f} MiB" for name, n in rows if n > offered]
+    if too_big:
+        raise GateFailed(f"{settings.device} offers {offered / MIB:.0f} MiB to models; {', '.join(too_big)} with these settings",
+                         hint="serve a smaller bundle, or lower --n-ctx / --batch-max-tokens / --slots (`edgekit fit` "
+                              "shows what fits)")
+    if given is not None:
+        if given > offered:
+            raise ConfigError(f"--memory-budget-mb {settings.memory_budget_mb} is more than {settings.device} offers "
+                              f"models ({offered // MIB} MiB)", hint=f"use at most --memory-budget-mb {offered // MIB}")
+        return given, "--memory-budget-mb"
+    if rows and sum(n for _, n in rows) <= offered:
+        return sum(n for _, n in rows), "sum of the footprint estimates of " + ", ".join(name for name, _ in rows)
+    return offered, f"usable RAM of {settings.device} minus the daemon"
+
+
+def check_readable(models: Path) -> None:
+    """Refuse a models folder the unit's transient user could not read (DynamicUser=yes, ProtectHome=yes)."""
+    folder = Path(models).absolute()
+    fix = (f"copy the bundles where the service can read them: sudo mkdir -p {READABLE_DIR} && sudo cp -r "
+           f"{folder}/. {READABLE_DIR}/ && sudo chmod -R a+rX {READABLE_DIR}; then pass --models {READABLE_DIR}")
+    hidden = next((d for d in HIDDEN_DIRS if folder == d or d in folder.parents), None)
+    if hidden is not None:
+        raise ConfigError(f"--models {folder}: under {hidden}, which the service cannot see (ProtectHome=yes)", hint=fix)
+    if folder == STATE_DIR or STATE_DIR in folder.parents or not folder.exists():
+        return  # the state directory belongs to the service's user; a folder that is not here may be on the board
+    for part in [*reversed(folder.parents), folder]:
+        mode = part.stat().st_mode
+        if not mode & stat.S_IXOTH or (part == folder and not mode & stat.S_IROTH):
+            raise ConfigError(f"--models {folder}: {part} is not readable by other users (mode {stat.filemode(mode)}); "
+                              "the service runs as a transient user", hint=fix)
+    for path in folder.rglob("*"):
+        try:
+            mode = path.stat().st_mode
+        except OSError:  # a dangling link: bundle verification reports it, not the unit
+            continue
+        if not mode & stat.S_IROTH or (path.is_dir() and not mode & stat.S_IXOTH):
+            raise ConfigError(f"--models {folder}: {path} is not readable by other users (mode {stat.filemode(mode)}); "
+                              "the service runs as a transient user", hint=fix)
+
+
+def render_unit(settings: ServeSettings, exec_path: str, budget_bytes: int, source: str,
+                memory_cap_bytes: int | None = None) -> str:
+    """The unit file text. ``budget_bytes`` becomes --memory-budget-mb; MemoryMax adds the daemon's own reserve,
+    at most ``memory_cap_bytes`` (the board's usable RAM) but never less than the budget plus the daemon."""
+    from edgekit.fit.memory import DAEMON_RSS
+
     budget_mb = max(16, -(-budget_bytes // MIB))
     memory_max_mb = budget_mb + DAEMON_RESERVE // MIB
+    if memory_cap_bytes is not None:
+        memory_max_mb = max(min(memory_max_mb, memory_cap_bytes // MIB), budget_mb + DAEMON_RSS // MIB)
     args = [exec_path, "serve", "--models", str(settings.models), "--host", settings.host, "--port", str(settings.port),
             "--memory-budget-mb", str(budget_mb), "--grace-s", f"{settings.grace_s:g}",
             "--max-connections", str(settings.max_connections)]

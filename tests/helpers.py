@@ -1,0 +1,39 @@
+"""Constants and plain helpers the tests share (imported as ``helpers``: pytest puts tests/ on sys.path).
+
+Fixtures live in conftest.py and the serve_fixtures plugin; this module has none, so importing it twice
+cannot register anything twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM_GGUF = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+
+
+def shared_temp(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run shares (the run's own temp folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+def write_recipe(path: Path, source_dir: Path, **overrides) -> Path:
+    """A small valid feature-extraction recipe pointing at ``source_dir``; ``overrides`` replace top-level keys."""
+    import yaml
+
+    recipe = {
+        "name": "tiny",
+        "source": {"path": str(source_dir)},
+        "task": "feature-extraction",
+        "max_length": 64,
+        "targets": [{"format": "onnx", "name": "int8", "quantization": {"mode": "dynamic"}}],
+        "validation": {"samples": ["hello world", "a second, longer sentence about edge devices", "ok"],
+                       "gates": {"min_cosine_mean": 0.5}},
+    }
+    recipe.update(overrides)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
