@@ -526,3 +526,31 @@ def test_idle_sockets_past_the_file_limit_neither_block_health_nor_flood_the_log
     assert "leaves room for 64 connections, not --max-connections 1000" in log
     assert "out of system resource" not in log and " ERROR " not in log
     assert 1 <= _log_lines(daemon, "closing connections: connection cap") < closed / 20
+
+
+def test_a_bundle_its_worker_verified_is_not_verified_again_by_discovery(fake_models, gates, monkeypatch):
+    """docs/reliability.md case 27: a preloaded bundle, hashed by its worker, is not re-hashed when a request names an
+    unknown model (discovery looks at folders that are new or changed only)."""
+    runs = count_verifications(monkeypatch)
+    with TestClient(create_app(fake_settings(fake_models, preload=[FAKE])), base_url=BASE) as c:
+        assert started(c)["loaded"] == [FAKE]
+        for _ in range(3):
+            assert chat(c, "hi", "nothing-here", max_tokens=2).status_code == 404
+    assert runs == [[OTHER]]
+
+
+def test_a_repaired_bundle_serves_again_without_waiting_for_the_crash_window(fake_models, gates):
+    """docs/reliability.md case 27 (and 5): a bundle changed under the daemon fails at load; once its folder is repaired
+    the next request verifies it anew and it serves, although its crash window (60 s) has not passed."""
+    model = fake_models / FAKE / "model.gguf"
+    good = model.read_bytes()
+    with TestClient(create_app(fake_settings(fake_models, restart_window_s=600.0)), base_url=BASE) as c:
+        started(c)
+        model.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+        failed = chat(c, "hi", max_tokens=2)
+        assert failed.status_code == 503 and "sha256 differs" in failed.json()["error"]["message"]
+        assert states(c)[FAKE] == "failed" and health(c)[1]["status"] == "degraded"
+        assert chat(c, "hi", max_tokens=2).status_code == 503  # verified again (changed since discovery): refused
+        model.write_bytes(good)
+        assert chat(c, "hi", max_tokens=2).json()["choices"][0]["message"]["content"] == completion(2)
+        assert health(c)[1]["status"] == "ok"

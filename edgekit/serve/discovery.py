@@ -28,7 +28,7 @@ from edgekit.runtime.verify import read_manifest_capped
 from edgekit.schema.manifest import MANIFEST_NAME
 from edgekit.serve.budget import footprint_bytes
 from edgekit.serve.errors import ApiError
-from edgekit.serve.lifecycle import ModelEntry
+from edgekit.serve.lifecycle import ModelEntry, ModelState
 from edgekit.serve.protocol import Verified, VerifyStarted
 from edgekit.serve.settings import ServeSettings
 
@@ -228,6 +228,11 @@ class Catalog:
         log.error("skipping bundle %s: %s", path, reason)
         return None
 
+    def verified_by_worker(self, entry: ModelEntry) -> None:
+        """A worker hashed ``entry``'s bundle at load (a preloaded bundle): its folder needs no verifier run."""
+        if entry.path not in self.folders:
+            self.folders[entry.path] = Folder(fingerprint(entry.path), name=entry.name)
+
     def reject(self, entry: ModelEntry, reason: str) -> None:
         """Stop serving a bundle whose worker refused it (a preloaded bundle discovery never verified)."""
         self.entries.pop(entry.name, None)
@@ -251,7 +256,7 @@ class Catalog:
     async def lookup(self, name: str) -> ModelEntry:
         """The entry serving ``name``: 404 if there is none, 503 if its bundle was refused."""
         entry = self.entries.get(name)
-        if entry is None:
+        if entry is None or entry.state is ModelState.FAILED:  # a failed bundle that was repaired since is verified anew
             await self.discovered.wait()
             await self.refresh()
             entry = self.entries.get(name)

@@ -200,6 +200,7 @@ class Lifecycle:
             entry.move(ModelState.READY)
             if ready.files is not None:  # the worker hashed the bundle: later loads may trust these files
                 entry.verified_files = ready.files
+                self.catalog.verified_by_worker(entry)
             entry.last_used = time.monotonic()
             log.info("model %s loaded in %.2f s (worker pid %s, footprint estimate %d MiB)", entry.name,
                      time.perf_counter() - started, worker.pid, entry.footprint // MIB)
