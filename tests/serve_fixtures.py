@@ -350,21 +350,22 @@ def free_port() -> int:
 
 
 class Daemon:
-    """`python -m edgekit serve` in a subprocess; its log goes to a file next to the models."""
+    """`python -m edgekit serve` in a subprocess (``file_limit``: its RLIMIT_NOFILE, set by prlimit); its log goes to a file next to the models."""
 
     def __init__(self, models: Path, *args: str, key_file: Path | None = None, key: str | None = None,
-                 env: dict[str, str] | None = None, preexec_fn=None) -> None:
+                 env: dict[str, str] | None = None, file_limit: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = models.parent / f"daemon-{self.port}.log"
-        command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(self.port),
+        limit = ["prlimit", f"--nofile={file_limit}:{file_limit}", "--"] if file_limit is not None else []
+        command = [*limit, sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(self.port),
                    "--threads", "1", "--n-ctx", "256", "--idle-unload-s", "0", *args]
         if key_file is not None:
             command += ["--api-key-file", str(key_file)]
         self.headers = {"authorization": f"Bearer {key}"} if key else {}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+                                         env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 240.0) -> None:
         def ready() -> bool:

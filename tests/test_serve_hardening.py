@@ -134,7 +134,7 @@ def test_a_bundle_past_the_verify_timeout_is_rejected_and_startup_ends(fake_mode
 
 def count_verifications(monkeypatch) -> list[list[str]]:
     """Record the folders each verifier run is given."""
-    import edgekit.serve.discovery as discovery
+    from edgekit.serve import discovery
 
     runs: list[list[str]] = []
     real = discovery.verify_bundles
@@ -501,14 +501,9 @@ def test_sigterm_answers_a_client_still_uploading_503_not_500(fake_daemon_models
 def test_idle_sockets_past_the_file_limit_neither_block_health_nor_flood_the_log(fake_daemon_models):
     """docs/reliability.md case 30: a daemon whose file limit is 192 caps itself at 64 connections; 300 idle sockets
     later /health still answers and the log holds a few rate-limited lines, not one per refused connection."""
-    import resource
-
-    def low_file_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (192, 192))
-
     gates = Gates(Path(tempfile.mkdtemp(prefix="gates-", dir=fake_daemon_models.parent)))
     daemon = Daemon(fake_daemon_models, "--worker-plugins", FAKE_PLUGIN, "--max-connections", "1000",
-                    "--header-timeout-s", "600", env=gates.env(), preexec_fn=low_file_limit)
+                    "--header-timeout-s", "600", env=gates.env(), file_limit=192)
     daemon.wait_ready()
     idle: list[socket.socket] = []
     try:

@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from edgekit.serve.settings import FD_RESERVE
+
 log = logging.getLogger("edgekit.serve")
 
 LOG_EVERY_S = 10.0
-# asyncio accepts up to ``backlog`` connections in one go, and a socket the cap closes is released a few loop
-# turns later: the listen backlog is kept small and a few bursts are counted in the descriptors a cap needs, so
-# the cap closes sockets before accept() runs out of descriptors.
-ACCEPT_BACKLOG = 16
-FD_RESERVE = 64 + 4 * ACCEPT_BACKLOG  # workers' sockets, bundle files, logs, the verifier, and accept bursts in flight
 
 
 class RateLimitedLog(logging.Filter):

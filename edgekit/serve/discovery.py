@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,10 +170,12 @@ class Catalog:
                 return
             self.verifying.update(p.name for p in todo)
             try:
-                async for row in verify_bundles(todo, self.settings.verify_timeout_s, self.settings.worker_plugins):
-                    path = Path(row.dir)
-                    self.verifying.discard(path.name)
-                    self.register(path, row, prints[path])
+                rows = verify_bundles(todo, self.settings.verify_timeout_s, self.settings.worker_plugins)
+                async with aclosing(rows):  # a cancelled discovery kills its verifier now, not at garbage collection
+                    async for row in rows:
+                        path = Path(row.dir)
+                        self.verifying.discard(path.name)
+                        self.register(path, row, prints[path])
             finally:
                 self.verifying.difference_update(p.name for p in todo)
         finally:
@@ -226,7 +229,6 @@ class Catalog:
         if prints is not None:
             self.folders[path] = Folder(prints, error=reason)
         log.error("skipping bundle %s: %s", path, reason)
-        return None
 
     def verified_by_worker(self, entry: ModelEntry) -> None:
         """A worker hashed ``entry``'s bundle at load (a preloaded bundle): its folder needs no verifier run."""

@@ -11,14 +11,7 @@ import logging
 import signal
 import sys
 
-from edgekit.serve.connections import (
-    ACCEPT_BACKLOG,
-    ConnectionLimits,
-    RateLimitedLog,
-    fit_to_file_limit,
-    protocol_class,
-)
-from edgekit.serve.settings import ServeSettings
+from edgekit.serve.settings import ACCEPT_BACKLOG, ServeSettings
 
 
 def _ignore(signum, frame) -> None:
@@ -30,6 +23,7 @@ def run(settings: ServeSettings) -> int:
     import uvicorn
 
     from edgekit.serve.app import create_app
+    from edgekit.serve.connections import ConnectionLimits, RateLimitedLog, fit_to_file_limit, protocol_class
 
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,6 +14,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edgekit.paths import kit_paths
 
+# asyncio accepts up to ``backlog`` connections in one go, and a socket the connection cap closes is released a
+# few loop turns later: the listen backlog is kept small and a few bursts are counted in the descriptors the cap
+# needs, so the cap closes sockets before accept() runs out of descriptors.
+ACCEPT_BACKLOG = 16
+FD_RESERVE = 64 + 4 * ACCEPT_BACKLOG  # workers' sockets, bundle files, logs, the verifier, and accept bursts in flight
+
 
 class ServeSettings(BaseSettings):
     """Settings of `edgekit serve` (env prefix EDGEKIT_, e.g. EDGEKIT_PORT=9000)."""

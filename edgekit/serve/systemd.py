@@ -15,8 +15,7 @@ from pathlib import Path
 
 from edgekit.errors import ConfigError, GateFailed
 from edgekit.serve.budget import MIB, device_budget, footprint_bytes
-from edgekit.serve.connections import FD_RESERVE
-from edgekit.serve.settings import ServeSettings
+from edgekit.serve.settings import FD_RESERVE, ServeSettings
 
 STATE_DIR = Path("/var/lib/edgekit")
 # Where a readable copy of the bundles can live (the board installer uses /opt/edgekit too).
