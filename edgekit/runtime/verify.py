@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgekit.bundle import bundle_path_inside, read_manifest, verify_bundle
+from pydantic import ValidationError
+
+from edgekit.bundle import bundle_path_inside, verify_bundle
 from edgekit.errors import BundleError
 from edgekit.formats import FORMATS
+from edgekit.schema.loading import describe_validation_error
 from edgekit.schema.manifest import MANIFEST_NAME, Manifest
 
 # Largest manifest.json read: an exported bundle's is a few KiB; a huge one would be held in memory whole.
@@ -59,9 +62,20 @@ def check_manifest_size(bundle_dir: Path) -> None:
 
 
 def read_manifest_capped(bundle_dir: Path) -> Manifest:
-    """``read_manifest`` after the size check (what the daemon reads in its own process)."""
+    """``read_manifest`` reading at most ``MAX_MANIFEST_BYTES`` (what the daemon reads in its own process)."""
     check_manifest_size(bundle_dir)
-    return read_manifest(Path(bundle_dir))
+    path = Path(bundle_dir) / MANIFEST_NAME
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)  # bounded even if the file grows or is not what stat said
+    except OSError as exc:
+        raise BundleError(f"{bundle_dir}: cannot read {MANIFEST_NAME}: {exc.strerror}") from exc
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{bundle_dir}: {MANIFEST_NAME} has more than {MAX_MANIFEST_BYTES} bytes; it is not read")
+    try:
+        return Manifest.model_validate_json(data)
+    except ValidationError as exc:
+        raise BundleError(describe_validation_error(path, exc)) from exc
 
 
 def verify_for_runtime(bundle_dir: Path) -> Manifest:

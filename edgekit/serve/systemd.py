@@ -29,14 +29,14 @@ DAEMON_RESERVE = 160 * MIB
 
 def bundles_footprint(settings: ServeSettings) -> tuple[int, list[tuple[str, int]]]:
     """Sum of the footprint estimates of the servable bundles under ``settings.models`` (manifests only)."""
-    from edgekit.bundle import read_manifest
     from edgekit.errors import BundleError
+    from edgekit.runtime.verify import read_manifest_capped
     from edgekit.serve.discovery import bundle_dirs
 
     rows = []
     for path in bundle_dirs(Path(settings.models)):
         try:
-            manifest = read_manifest(path)
+            manifest = read_manifest_capped(path)
         except BundleError:
             continue
         if manifest.passed:

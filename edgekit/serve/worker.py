@@ -24,9 +24,10 @@ import time
 import traceback
 from pathlib import Path
 
-from edgekit.bundle import bundle_path_inside, read_manifest
+from edgekit.bundle import bundle_path_inside
 from edgekit.errors import BundleError, EdgekitError
 from edgekit.runtime.llm import Finish
+from edgekit.runtime.verify import read_manifest_capped
 from edgekit.schema.manifest import MANIFEST_NAME, Manifest
 from edgekit.serve.protocol import (
     Bye,
@@ -52,7 +53,7 @@ from edgekit.serve.runners import Job, load_plugins, runner_for
 
 def file_identities(bundle_dir: Path) -> list[FileIdentity]:
     """The manifest and every file it lists, as the filesystem identifies them now (OSError if one is gone)."""
-    names = [MANIFEST_NAME, *(entry.path for entry in read_manifest(bundle_dir).files)]
+    names = [MANIFEST_NAME, *(entry.path for entry in read_manifest_capped(bundle_dir).files)]
     rows = []
     for name in names:
         st = bundle_path_inside(bundle_dir, name).stat()
@@ -78,7 +79,7 @@ def verify_bundle_once(bundle_dir: Path, verified: list[FileIdentity] | None) ->
     from edgekit.runtime.verify import verify_for_runtime
 
     if verified is not None and _identities_or_none(bundle_dir) == verified:
-        return read_manifest(bundle_dir), None
+        return read_manifest_capped(bundle_dir), None
     before = _identities_or_none(bundle_dir)  # taken first: a write during hashing shows at the next load
     return verify_for_runtime(bundle_dir), before
 
