@@ -120,6 +120,10 @@ class GgufModel:
         self._llama_cpp = llama_cpp
         self._ctypes = ctypes
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        if threads is None:  # llama-cpp-python's own default is half the logical CPUs: one thread on a 2-core board
+            from edgekit.runtime.placement import plan_threads
+
+            threads = plan_threads().threads
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(model_path),
@@ -133,6 +137,7 @@ class GgufModel:
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp returns NULL
             raise RuntimeBackendError(f"{model_path}: llama.cpp could not load the model: {exc}") from exc
         self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self.threads: int = llama_cpp.llama_n_threads(self.llm.ctx)  # what llama.cpp runs with
         # llama.cpp pads the context it allocates (to 256); llama-cpp-python's token buffer has the size asked for.
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.n_ctx_train = self.llm._model.n_ctx_train()

@@ -60,6 +60,7 @@ from edgekit.serve.schemas import (
     ModelList,
     TokenClassification,
     Usage,
+    WorkerThreads,
     parse_body,
 )
 from edgekit.serve.settings import ServeSettings
@@ -343,4 +344,6 @@ async def health(svc: Svc) -> Response | Health:
         return JSONResponse({"status": "loading", "error": {"message": f"Loading model ({what})", "type": "unavailable_error",
                              "param": None, "code": "loading"}}, status_code=503, headers={"Retry-After": "1"})
     return Health(models=len(svc.catalog.entries), loaded=sorted(e.name for e in svc.lifecycle.loaded),
-                  rejected=sorted(svc.catalog.rejected), failed=svc.lifecycle.failed)
+                  rejected=sorted(svc.catalog.rejected), failed=svc.lifecycle.failed,
+                  threads=WorkerThreads(threads=svc.lifecycle.threads.threads, cpus=svc.lifecycle.threads.cpus,
+                                        source=svc.lifecycle.threads.source))

@@ -70,7 +70,8 @@ class GenerationRunner:
         path = model_file(bundle_dir, manifest)
         self.models = [self.open_model(path, manifest, config) for _ in range(config.slots)]
         self.models[0].check_template()
-        self.facts = {"n_ctx": self.models[0].n_ctx, "chat": self.models[0].template is not None}
+        self.facts = {"n_ctx": self.models[0].n_ctx, "chat": self.models[0].template is not None,
+                      "threads": self.models[0].threads}
 
     @staticmethod
     def open_model(path: Path, manifest: Manifest, config: WorkerConfig):

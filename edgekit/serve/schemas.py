@@ -350,6 +350,14 @@ class ModelList(Reply):
     data: list[ModelCard]
 
 
+class WorkerThreads(Reply):
+    """The threads of every model worker (``--threads``, else the board's cores)."""
+
+    threads: int
+    cpus: list[int] | None = Field(description="CPUs the workers are pinned to; null: not pinned.")
+    source: str = Field(description="Where the count comes from.")
+
+
 class Health(Reply):
     """GET /health when every model that is listed can be asked for."""
 
@@ -358,6 +366,7 @@ class Health(Reply):
     loaded: list[str]
     rejected: list[str] = Field(description="Bundle folders refused at verification.")
     failed: dict[str, str] = Field(description="Models that are not served now, with the reason (e.g. a failed golden check).")
+    threads: WorkerThreads = Field(description="Threads each model worker runs with, and where they come from.")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}

@@ -66,7 +66,13 @@ class ServeSettings(BaseSettings):
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a micro-batch waits for more requests once the model is free."
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads per model worker (default: all cores).")
+    threads: int | None = Field(
+        None, ge=1,
+        description="CPU threads per model worker. Default: the board's cores, i.e. the cores --device's profile counts "
+        "(the big cores on big.LITTLE boards), else the physical cores this process may use (CPU affinity, one per SMT "
+        "pair); on CPUs with core clusters of different speed, workers are pinned to the fastest cores. /health and the "
+        "startup log line state the value in use.",
+    )
     omp_spin_count: int | None = Field(
         10_000,
         ge=0,
