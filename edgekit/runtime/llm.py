@@ -198,7 +198,7 @@ class GgufModel:
         add_bos = self.add_bos and not (chat and self.bos_text and text.startswith(self.bos_text))
         return self.llm.tokenize(data, add_bos=add_bos, special=True)
 
-    def _prefill(self, prompt: list[int], cancelled: Callable[[], bool]) -> int | None:
+    def prefill(self, prompt: list[int], cancelled: Callable[[], bool] = lambda: False) -> int | None:
         """Decode the prompt, reusing the KV cache of the previous request's common prefix; returns tokens reused.
 
         None when cancelled part-way. At least one token is always decoded so the logits are fresh.
@@ -223,6 +223,50 @@ class GgufModel:
             llm.eval(prompt[start : start + PREFILL_CHUNK])
         return keep
 
+    def sampler(self, sampling: Sampling):
+        """llama.cpp's own sampler chain for ``sampling``: greedy at temperature 0, else top-k, top-p, min-p,
+        temperature and a seeded draw (llama-cpp-python's chain minus its stages that are no-ops at these settings)."""
+        from llama_cpp._internals import LlamaSampler
+
+        chain = LlamaSampler()
+        if sampling.temperature == 0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(DEFAULT_TOP_K)
+            chain.add_top_p(sampling.top_p, 1)
+            chain.add_min_p(DEFAULT_MIN_P, 1)
+            chain.add_temp(sampling.temperature)
+            chain.add_dist(RANDOM_SEED if sampling.seed is None else sampling.seed)
+        return chain
+
+    def steps(self, sampling: Sampling) -> Iterator[int]:
+        """Tokens sampled after the prefilled prompt, one per step; asking for the next decodes the last one.
+
+        The loop runs in llama.cpp: its sampler chain reads the logits where llama_decode left them (no copy
+        to Python), and a token is one llama_decode of a one-token batch whose position llama.cpp assigns.
+        Closing the generator keeps the KV cache and ``llm.input_ids`` in step for the next request's prefix.
+        """
+        llama_cpp, llm = self._llama_cpp, self.llm
+        chain = self.sampler(sampling)
+        ctx, smpl = llm.ctx, chain.sampler
+        sample, decode = llama_cpp.llama_sampler_sample, llama_cpp.llama_decode
+        token_buffer = (llama_cpp.llama_token * 1)()
+        batch = llama_cpp.llama_batch_get_one(token_buffer, 1)
+        start, decoded = llm.n_tokens, []
+        try:
+            while True:
+                token = sample(smpl, ctx, -1)
+                yield token
+                token_buffer[0] = token
+                status = decode(ctx, batch)
+                if status != 0:
+                    raise RuntimeBackendError(f"llama_decode failed with status {status}")
+                decoded.append(token)
+        finally:
+            llm.input_ids[start : start + len(decoded)] = decoded
+            llm.n_tokens = start + len(decoded)
+            chain.close()
+
     def generate(
         self,
         prompt: list[int],
@@ -238,26 +282,16 @@ class GgufModel:
             raise PromptTooLong(len(prompt), self.n_ctx)
         room = self.n_ctx - len(prompt)  # tokens that still fit; reaching it ends with "length"
         limit = min(sampling.max_tokens or room, room)
-        cached = self._prefill(prompt, cancelled)
+        cached = self.prefill(prompt, cancelled)
         if cached is None:
             yield Finish("cancelled", len(prompt), 0)
             return
-        llm = self.llm
-        llm.set_seed(RANDOM_SEED if sampling.seed is None else sampling.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds partial UTF-8 sequences
         scanner = StopScanner(sampling.stop)
         is_eog = self._llama_cpp.llama_vocab_is_eog
         produced, reason, stop_string = 0, None, False
         started = time.perf_counter()
-        tokens = llm.generate(
-            prompt,
-            top_k=DEFAULT_TOP_K,
-            top_p=sampling.top_p,
-            min_p=DEFAULT_MIN_P,
-            temp=sampling.temperature,
-            repeat_penalty=1.0,
-            reset=True,  # generate() finds the prefilled prompt in the cache and samples at once
-        )
+        tokens = self.steps(sampling)
         try:
             for token in tokens:
                 if is_eog(self._vocab, token):
