@@ -73,3 +73,30 @@ def test_cancel_and_limits_end_the_native_loop(model):
     assert len(deltas) == 3
     events = list(model.generate(prompt, Sampling(max_tokens=5, temperature=0)))
     assert (events[-1].reason, events[-1].completion_tokens) == ("length", 5)
+
+
+def test_a_saved_prompt_survives_a_request_with_another_system_prompt(model, sample_store):
+    """One context holds one conversation; the prompt another system prompt overwrites is saved in RAM first and
+    loaded back for the next request that shares it: only the new turn is decoded, and the text is unchanged."""
+    from serve_fixtures import smollm_gguf
+
+    from edgekit.runtime.llm import PROMPT_CACHE_MIN_TOKENS
+
+    story = ("The ferry to the island ran only twice a day, and Mira missed the morning one by less than a minute. " * 12)
+    other = ("A lighthouse keeper counts the ships that pass his rock every night and writes them in a book. " * 12)
+
+    def prompt(system: str, user: str) -> list[int]:
+        return model.tokenize(model.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}]),
+                              chat=True)
+
+    first, between, again = prompt(story, "Who is Mira?"), prompt(other, "Who is Mira?"), prompt(story, "Where is the ferry?")
+    assert len(first) > PROMPT_CACHE_MIN_TOKENS
+    for p in (first, between):
+        list(model.generate(p, Sampling(max_tokens=4, temperature=0)))
+    events = list(model.generate(again, Sampling(max_tokens=6, temperature=0)))
+    shared = next(i for i, (a, b) in enumerate(zip(first, again)) if a != b)
+    assert events[-1].cached_tokens == shared
+    plain = GgufModel(smollm_gguf(sample_store), n_ctx=512, threads=1, prompt_cache_contexts=0)
+    expected = [e.text for e in plain.generate(again, Sampling(max_tokens=6, temperature=0)) if isinstance(e, Delta)]
+    assert [e.text for e in events if isinstance(e, Delta)] == expected
+    assert plain.prompt_cache is None

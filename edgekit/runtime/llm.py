@@ -23,6 +23,9 @@ DEFAULT_MIN_P = 0.05
 # how long a cancelled prefill keeps running (256 tokens of a 135M model: ~0.1 s on a Pi 5 class CPU).
 PREFILL_CHUNK = 256
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+# A context holding at least this many tokens that a new prompt would drop is saved first (a copy of its KV
+# cells, ~1 ms per 10 MB); shorter ones cost less to prefill again than to keep.
+PROMPT_CACHE_MIN_TOKENS = 256
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -69,6 +72,25 @@ class Finish:
     decode_seconds: float = 0.0
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class SavedPrompt:
+    """A context's KV cells (llama_state_seq_get_data of sequence 0) and the tokens they hold."""
+
+    tokens: list[int]
+    buffer: Any
+    llama_state_size: int  # the name llama_cpp.LlamaRAMCache sums for its capacity
+
+
 @dataclass
 class StopScanner:
     """Holds back text that could be the start of a stop string, so a stop string is never streamed."""
@@ -112,7 +134,9 @@ class GgufModel:
         threads: int | None = None,
         chat_template: str | None = None,
         max_prompt_chars: int = 1_000_000,
+        prompt_cache_contexts: float = 1.0,
     ) -> None:
+        """``prompt_cache_contexts``: RAM for saved prompts, in full contexts' worth of KV cache (0: none)."""
         import ctypes
 
         import llama_cpp
@@ -141,6 +165,11 @@ class GgufModel:
         # llama.cpp pads the context it allocates (to 256); llama-cpp-python's token buffer has the size asked for.
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.n_ctx_train = self.llm._model.n_ctx_train()
+        self.prompt_cache = None
+        if prompt_cache_contexts > 0:
+            from llama_cpp.llama_cache import LlamaRAMCache  # longest-prefix lookup, LRU eviction by bytes
+
+            self.prompt_cache = LlamaRAMCache(int(prompt_cache_contexts * self.n_ctx * self.kv_bytes_per_token))
         self._vocab = self.llm._model.vocab
         self.add_bos = self.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self.bos_text = self._token_text(self.llm.token_bos())
@@ -151,6 +180,13 @@ class GgufModel:
                          origin=f"chat template of {Path(model_path).name}")
             if source else None
         )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes of one token: K and V of every layer, f16 (llama.cpp's default cache type)."""
+        llama_cpp, model = self._llama_cpp, self.llm.model
+        head_dim = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+        return llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for (may be part of a UTF-8 character); cached, pieces never change."""
@@ -199,17 +235,15 @@ class GgufModel:
         return self.llm.tokenize(data, add_bos=add_bos, special=True)
 
     def prefill(self, prompt: list[int], cancelled: Callable[[], bool] = lambda: False) -> int | None:
-        """Decode the prompt, reusing the KV cache of the previous request's common prefix; returns tokens reused.
+        """Decode the prompt, reusing the longest cached prefix (the KV cache or a saved prompt); returns tokens reused.
 
         None when cancelled part-way. At least one token is always decoded so the logits are fresh.
         """
         llm = self.llm
         cached = llm.input_ids[: llm.n_tokens].tolist()
-        keep = 0
-        for a, b in zip(cached, prompt):
-            if a != b:
-                break
-            keep += 1
+        keep = common_prefix(cached, prompt)
+        if self.prompt_cache is not None:
+            keep = self._swap_prompt(cached, prompt, keep)
         keep = min(keep, len(prompt) - 1)
         if keep and not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
             keep = 0  # this architecture cannot drop a KV suffix: decode from scratch
@@ -222,6 +256,34 @@ class GgufModel:
                 return None
             llm.eval(prompt[start : start + PREFILL_CHUNK])
         return keep
+
+    def _swap_prompt(self, cached: list[int], prompt: list[int], keep: int) -> int:
+        """Save the context this prompt would overwrite when it is long; load a saved one that shares more. Returns
+        the prefix of ``prompt`` now in the KV cache.
+
+        A context holds one conversation: a request with another system prompt in between would otherwise cost
+        the next request of the first conversation its whole prefill (llama-server keeps one per slot and in RAM).
+        """
+        llama_cpp, llm, cache = self._llama_cpp, self.llm, self.prompt_cache
+        if len(cached) - keep >= PROMPT_CACHE_MIN_TOKENS:
+            size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+            if size <= cache.capacity_bytes:
+                buffer = (self._ctypes.c_uint8 * size)()
+                written = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, 0)
+                cache[cached] = SavedPrompt(cached, buffer, written)
+        try:
+            saved = cache[prompt]  # the saved prompt sharing the longest prefix (LRU order refreshed)
+        except KeyError:
+            return keep
+        shared = common_prefix(saved.tokens, prompt)
+        if shared <= keep + PROMPT_CACHE_MIN_TOKENS // 4:  # not worth a copy of the saved KV
+            return keep
+        if llama_cpp.llama_state_seq_set_data(llm.ctx, saved.buffer, saved.llama_state_size, 0) == 0:
+            llm.reset()
+            return 0
+        llm.input_ids[: len(saved.tokens)] = saved.tokens
+        llm.n_tokens = len(saved.tokens)
+        return shared
 
     def sampler(self, sampling: Sampling):
         """llama.cpp's own sampler chain for ``sampling``: greedy at temperature 0, else top-k, top-p, min-p,
