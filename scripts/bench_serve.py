@@ -387,6 +387,11 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
         ours.wait_ready()
         health = httpx.get(ours.url + "/health").json()
         peers.append(Peer("edgekit serve", lambda m, n, url=ours.url: stream_timed(url, name, m, n), True))
+        # Four slots: concurrent streams decode as sequences of one llama.cpp context (one batch per step).
+        four = daemon_at_defaults(models_dir(work / "decode", gguf_bundle), work, args.n_ctx, "--slots", "4")
+        closers.append(four.stop)
+        four.wait_ready()
+        peers.append(Peer("edgekit --slots 4", lambda m, n, url=four.url: stream_timed(url, name, m, n), True))
         reference = InProcess(gguf, threads, args.n_ctx, SAME)
         closers.append(reference.close)
         peers.append(Peer("in-process", lambda m, n: reference.timed(n, m), False))
@@ -410,51 +415,57 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
     return result
 
 
-def daemon_at_defaults(models: Path, log_dir: Path, n_ctx: int) -> Server:
-    """`edgekit serve` with nothing set that changes speed (threads, slots and spin count at their defaults)."""
+def daemon_at_defaults(models: Path, log_dir: Path, n_ctx: int, *extra: str) -> Server:
+    """`edgekit serve` with nothing set that changes speed but ``extra`` (threads and spin count at their defaults)."""
     port = free_port()
     command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port), "--idle-unload-s", "0",
-               "--log-level", "warning", "--n-ctx", str(n_ctx), "--preload", next(models.iterdir()).name]
-    return Server("edgekit-defaults", command, port, log_dir)
+               "--log-level", "warning", "--n-ctx", str(n_ctx), "--preload", next(models.iterdir()).name, *extra]
+    return Server(f"edgekit{'-'.join(('', *extra))}", command, port, log_dir)
 
 
 def peer_ratios(peers: dict) -> dict[str, dict[str, float | None]]:
-    """edgekit serve / each llama-server variant, per measurement (TTFT: lower is better, so <= target)."""
+    """Each edgekit configuration / each llama-server variant, per measurement (TTFT: lower is better)."""
     median = peers["median"]
-    ours = next(s for s in peers["systems"] if s.startswith("edgekit"))
     out = {}
-    for server in (s for s in peers["systems"] if s.startswith("llama-server")):
-        out[server] = {key: (median[ours][key] / median[server][key] if median[server].get(key) and key in median[ours]
-                             else None) for key in PEER_TARGETS}
+    for ours in (s for s in peers["systems"] if s.startswith("edgekit")):
+        for server in (s for s in peers["systems"] if s.startswith("llama-server")):
+            out[f"{ours} / {server}"] = {key: (median[ours][key] / median[server][key]
+                                               if median[server].get(key) and key in median[ours] else None)
+                                         for key in PEER_TARGETS}
     return out
 
 
+PEER_ROWS = (("single-stream decode, tok/s", "decode_1", "{:.1f}"), ("4 streams, aggregate decode, tok/s", "decode_4", "{:.1f}"),
+             ("TTFT, 1,000-token prompt, cold, s", "ttft_cold", "{:.3f}"),
+             ("TTFT, repeated 1,000-token system prompt, s", "ttft_cached", "{:.3f}"))
+
+
 def print_peers(peers: dict) -> None:
-    systems = peers["systems"]
-    median = peers["median"]
-    ratios = peers["ratios"]
-    servers = list(ratios)
-    rows = [("single-stream decode, tok/s", "decode_1", "{:.1f}"), ("4 streams, aggregate decode, tok/s", "decode_4", "{:.1f}"),
-            (f"TTFT, {peers['prompt_tokens']}-token prompt, cold, s", "ttft_cold", "{:.3f}"),
-            (f"TTFT, repeated {peers['prompt_tokens']}-token system prompt, s", "ttft_cached", "{:.3f}")]
-    width = max(len(r[0]) for r in rows)
-    cols = [max(len(s), 10) for s in systems]
-    heads = [f"edgekit/{s}" for s in servers]
-    print(f"llama-server -t {peers['threads']} -np 4 (spin10k: GOMP_SPINCOUNT=10000, the daemon's worker setting); "
-          f"edgekit serve at its defaults ({peers['daemon_threads']['threads']} threads); in-process: llama-cpp-python "
-          f"create_chat_completion, {peers['threads']} threads. Medians of {len(next(iter(peers['rounds'].values())))} rounds.")
-    print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols)) + "  "
-          + "  ".join(f"{h:>{len(h)}}" for h in heads) + "  target (vs the first)")
-    for label, key, fmt in rows:
+    systems, median, ratios = peers["systems"], peers["median"], peers["ratios"]
+    rounds = len(next(iter(peers["rounds"].values())))
+    print(f"llama-server -t {peers['threads']} -np 4 (spin10k: with GOMP_SPINCOUNT=10000, the daemon's worker setting); "
+          f"edgekit serve at its defaults ({peers['daemon_threads']['threads']} threads), and with --slots 4; in-process: "
+          f"llama-cpp-python create_chat_completion, {peers['threads']} threads. Medians of {rounds} alternating rounds; "
+          f"load average {peers['load_avg'][0]:.1f} at the end.")
+    width = max(len(r[0]) for r in PEER_ROWS)
+    cols = [max(len(s), 8) for s in systems]
+    print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols)))
+    for label, key, fmt in PEER_ROWS:
         cells = [fmt.format(median[s][key]) if key in median[s] else "-" for s in systems]
-        values = [ratios[s][key] for s in servers]
+        print(f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+    print()
+    pairs = list(ratios)
+    heads = [pair.replace("edgekit serve", "serve").replace("edgekit --slots 4", "slots 4").replace("llama-server", "ls")
+             for pair in pairs]
+    print(f"{'ratio (' + '; '.join(f'{h} = {p}' for h, p in zip(heads, pairs)) + ')'}")
+    print(f"{'':<{width}}  " + "  ".join(f"{h:>{len(h)}}" for h in heads) + "  target: serve / ls")
+    for label, key, _ in PEER_ROWS:
+        values = [ratios[pair][key] for pair in pairs]
         target, higher = PEER_TARGETS[key], key.startswith("decode")
         first = values[0]
         ok = None if first is None else (first >= target if higher else first <= target)
-        verdict = "-" if ok is None else ("pass" if ok else "MISS")
-        print(f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)) + "  "
-              + "  ".join(f"{('-' if v is None else f'{v:.2f}'):>{len(h)}}" for v, h in zip(values, heads))
-              + f"  {'>=' if higher else '<='} {target} {verdict}")
+        print(f"{label:<{width}}  " + "  ".join(f"{('-' if v is None else f'{v:.2f}'):>{len(h)}}" for v, h in zip(values, heads))
+              + f"  {'>=' if higher else '<='} {target} {'-' if ok is None else ('pass' if ok else 'MISS')}")
 
 
 # ---- embeddings ----------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ DEFAULT_MIN_P = 0.05
 # how long a cancelled prefill keeps running (256 tokens of a 135M model: ~0.1 s on a Pi 5 class CPU).
 PREFILL_CHUNK = 256
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
-# A context holding at least this many tokens that a new prompt would drop is saved first (a copy of its KV
-# cells, ~1 ms per 10 MB); shorter ones cost less to prefill again than to keep.
+# A context holding at least this many tokens that a new prompt would drop is saved first (one copy of its KV
+# cells); shorter ones are cheap to prefill again and would only push longer ones out of the cache.
 PROMPT_CACHE_MIN_TOKENS = 256
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -348,36 +348,56 @@ class GgufModel:
         if cached is None:
             yield Finish("cancelled", len(prompt), 0)
             return
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds partial UTF-8 sequences
-        scanner = StopScanner(sampling.stop)
-        is_eog = self._llama_cpp.llama_vocab_is_eog
-        produced, reason, stop_string = 0, None, False
+        text = TextStream(self, sampling.stop, limit)
         started = time.perf_counter()
         tokens = self.steps(sampling)
         try:
             for token in tokens:
-                if is_eog(self._vocab, token):
-                    reason = "stop"
-                    break
-                produced += 1
-                text, hit = scanner.feed(decoder.decode(self.piece(token)))
-                if text:
-                    yield Delta(text, produced)
-                if hit:
-                    reason, stop_string = "stop", True
-                    break
-                if produced >= limit:
-                    reason = "length"
+                delta, done = text.feed(token)
+                if delta is not None:
+                    yield delta
+                if done:
                     break
                 if cancelled():
-                    reason = "cancelled"
+                    text.reason = "cancelled"
                     break
         finally:
             tokens.close()
-        if not stop_string and reason != "cancelled":
-            tail, hit = scanner.feed(decoder.decode(b"", final=True))  # an incomplete UTF-8 sequence at the end
-            tail += "" if hit else scanner.flush()
-            if tail:
-                yield Delta(tail, produced)
-        yield Finish(reason or "stop", len(prompt), produced, cached, time.perf_counter() - started)
+        if (tail := text.tail()) is not None:
+            yield tail
+        yield Finish(text.reason or "stop", len(prompt), text.produced, cached, time.perf_counter() - started)
 
+
+class TextStream:
+    """A generation's text from its tokens: whole UTF-8 characters, stop strings held back, the token limit."""
+
+    def __init__(self, model: GgufModel, stops: Sequence[str], limit: int) -> None:
+        self.model, self.limit = model, limit
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds partial UTF-8 sequences
+        self.scanner = StopScanner(stops)
+        self.produced = 0
+        self.reason: FinishReason | None = None
+        self.stop_string = False
+
+    def feed(self, token: int) -> tuple[Delta | None, bool]:
+        """The text to send for ``token`` (None: nothing yet) and whether the generation is over."""
+        model = self.model
+        if model._llama_cpp.llama_vocab_is_eog(model._vocab, token):
+            self.reason = "stop"
+            return None, True
+        self.produced += 1
+        text, hit = self.scanner.feed(self.decoder.decode(model.piece(token)))
+        delta = Delta(text, self.produced) if text else None
+        if hit:
+            self.reason, self.stop_string = "stop", True
+        elif self.produced >= self.limit:
+            self.reason = "length"
+        return delta, self.reason is not None
+
+    def tail(self) -> Delta | None:
+        """Text held back at the end (an incomplete UTF-8 sequence, a partial stop string); None after a stop or cancel."""
+        if self.stop_string or self.reason == "cancelled":
+            return None
+        tail, hit = self.scanner.feed(self.decoder.decode(b"", final=True))
+        tail += "" if hit else self.scanner.flush()
+        return Delta(tail, self.produced) if tail else None
