@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import BundleError, EdgekitError
+from edgekit.runtime.placement import worker_threads
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.batching import MicroBatcher
-from edgekit.runtime.placement import worker_threads
 from edgekit.serve.budget import MIB, effective_n_ctx, memory_budget
 from edgekit.serve.errors import ApiError
 from edgekit.serve.protocol import FileIdentity, WorkerConfig
