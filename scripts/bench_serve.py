@@ -3,6 +3,12 @@
 Same bundle files, threads, context and prompts for every system, measured in alternating rounds in
 one run (the machine may be shared: alternating spreads any background load over all systems):
 
+- peers, each at its defaults with the threads `edgekit serve` picks on this host: llama.cpp's own
+  `llama-server -np 4` (built once from the llama.cpp that the installed llama-cpp-python vendors, cached in
+  $EDGEKIT_HOME/llama-server/<version>/: about 5 minutes on 2 cores, `--build-llama-server` builds only),
+  `edgekit serve` and in-process llama-cpp-python: single-stream decode, 4-stream aggregate decode, time to
+  first token of a 1,000-token prompt cold and with a repeated 1,000-token system prompt. Targets for the
+  daemon / llama-server: decode >= 0.95 (4 streams >= 1.0), TTFT <= 1.1;
 - streamed decode tok/s: the daemon vs llama-cpp-python in-process (target >= 0.90) and vs
   `python -m llama_cpp.server` on the same GGUF (target >= 1.2). The daemon's workers bound OpenMP
   spinning (GOMP_SPINCOUNT=10000); the baselines run both with that and with libgomp's default;
@@ -128,6 +134,44 @@ def _link_or_copy(source: str, dest: str) -> None:
         shutil.copy2(source, dest)
 
 
+# ---- llama-server, built from the llama.cpp that llama-cpp-python vendors -------------------------
+
+
+def llama_server_binary(progress=log) -> Path:
+    """llama.cpp's own llama-server, built once from the installed llama-cpp-python version's sdist.
+
+    Cached in $EDGEKIT_HOME/llama-server/<version>/ (about 5 minutes on 2 cores the first time); built for
+    this CPU with llama.cpp's defaults (GGML_NATIVE, OpenMP), as the installed llama-cpp-python was.
+    """
+    import tarfile
+
+    import llama_cpp
+
+    from edgekit.pack.llama_build import download_sdist
+
+    version = llama_cpp.__version__
+    home = kit_paths().home / "llama-server" / version
+    binary = home / "llama-server"
+    if binary.is_file():
+        return binary
+    sdist = download_sdist(version, kit_paths().downloads / "sdist")
+    with tempfile.TemporaryDirectory(prefix="llama-server-", dir=kit_paths().home) as tmp:
+        progress(f"building llama-server from {sdist.name} (about 5 minutes on 2 cores)")
+        with tarfile.open(sdist) as archive:
+            archive.extractall(tmp, filter="data")
+        source = next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+        build = Path(tmp) / "build"
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DBUILD_SHARED_LIBS=OFF"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", f"-j{os.cpu_count() or 1}"],
+                       check=True, stdout=subprocess.DEVNULL)
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build / "bin" / "llama-server", home / "llama-server.tmp")
+        os.replace(home / "llama-server.tmp", binary)  # a half-copied binary is never taken for a build
+    return binary
+
+
 # ---- decode ------------------------------------------------------------------------------------
 
 
@@ -151,10 +195,15 @@ class InProcess:
         self.proc = subprocess.Popen(child.command("reference-chat", str(gguf), str(threads), str(n_ctx)),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child.child_env(env))
 
-    def stream(self, max_tokens: int) -> list[float]:
-        self.proc.stdin.write(json.dumps({"messages": MESSAGES, "max_tokens": max_tokens}) + "\n")
+    def stream(self, max_tokens: int, messages: list[dict] = MESSAGES) -> list[float]:
+        return self.timed(max_tokens, messages)[1]
+
+    def timed(self, max_tokens: int, messages: list[dict]) -> tuple[float, list[float]]:
+        """(when the child started the request, timestamps of the chunks with text), on this machine's monotonic clock."""
+        self.proc.stdin.write(json.dumps({"messages": messages, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        answer = json.loads(self.proc.stdout.readline())
+        return answer["started"], answer["times"]
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -229,6 +278,194 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
     finally:
         for close in reversed(closers):
             close()
+
+
+# ---- peers: llama-server, edgekit serve and in-process llama-cpp-python, each at its defaults --------------
+
+PEER_TARGETS = {"decode_1": 0.95, "decode_4": 1.0, "ttft_cold": 1.1, "ttft_cached": 1.1}  # daemon / llama-server (TTFT: at most)
+PROMPT_TOKENS = 1000  # the long prompt of the time-to-first-token measurements
+
+
+def stream_timed(url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[float, list[float]]:
+    """(request sent, timestamps of the chunks with text) of one streamed chat completion."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    times = []
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    times.append(time.perf_counter())
+    return started, times
+
+
+def long_text(gguf: Path, tokens: int, marker: str) -> str:
+    """Story text of about ``tokens`` tokens in a chat turn (the sample model's tokenizer), after ``marker``."""
+    from edgekit.runtime.llm import GgufModel
+
+    model = GgufModel(gguf, n_ctx=256, threads=1)  # tokenizer only: nothing is decoded
+    words = (ROOT / "recipes/data/eval-text.txt").read_text().split()
+    low, high = 1, len(words)
+    while low < high:  # the most words whose rendered system turn stays within ``tokens``
+        mid = (low + high + 1) // 2
+        text = marker + " ".join(words[:mid])
+        if len(model.tokenize(model.render_chat([{"role": "system", "content": text}]), chat=True)) <= tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return marker + " ".join(words[:low])
+
+
+class Peer:
+    """One system under test: how to stream one chat (``timed``) and whether it takes concurrent streams."""
+
+    def __init__(self, name: str, timed, concurrent: bool) -> None:
+        self.name, self.timed, self.concurrent = name, timed, concurrent
+
+
+def peer_round(peer: Peer, args, story: str, system_prompt: str, round_index: int) -> dict:
+    """One round of the four measurements on ``peer``."""
+    out = {}
+    started, times = peer.timed(MESSAGES, args.tokens)
+    out["decode_1"] = measure.tokens_per_second(times)
+    out["tokens_1"] = len(times)
+    if peer.concurrent:
+        streams: list[list[float]] = [[] for _ in range(4)]
+
+        def one(i: int) -> None:
+            streams[i] = peer.timed([{"role": "user", "content": f"Story {i}. " + MESSAGES[0]["content"]}], args.tokens)[1]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        out["decode_4"] = measure.aggregate_tokens_per_second(streams)
+        out["tokens_4"] = sum(len(s) for s in streams)
+    # Cold: a marker at the start of the system turn that no earlier request had, so no cache holds any of it.
+    cold = [{"role": "system", "content": f"[{peer.name} {round_index} {time.time_ns()}] " + story},
+            {"role": "user", "content": "Summarise the story in one sentence."}]
+    started, times = peer.timed(cold, 4)
+    out["ttft_cold"] = measure.first_token_seconds(started, times)
+    # Cached: the same long system prompt as the warm-up request, a new question.
+    cached = [{"role": "system", "content": system_prompt},
+              {"role": "user", "content": f"Question {round_index}: who wrote the letter?"}]
+    started, times = peer.timed(cached, 4)
+    out["ttft_cached"] = measure.first_token_seconds(started, times)
+    return out
+
+
+def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
+    """Single-stream and 4-stream decode, TTFT of a 1,000-token prompt cold and with a cached system prompt."""
+    from edgekit.runtime.placement import plan_threads
+
+    gguf = gguf_bundle / "model.gguf"
+    name = gguf_bundle.name
+    threads = plan_threads().threads  # what `edgekit serve` picks at its defaults on this host
+    story = long_text(gguf, PROMPT_TOKENS - 40, "")  # room for the cold marker and the user turn
+    system_prompt = long_text(gguf, PROMPT_TOKENS - 20, "You answer questions about this story. ")
+    peers: list[Peer] = []
+    closers = []
+    try:
+        binary = llama_server_binary()
+        # As shipped (libgomp's default spin count: the target), and with the daemon's bounded spin count, which
+        # tells a difference in the serving path from one in how OpenMP threads wait on a shared machine.
+        for label, env in (("", DEFAULT), (" spin10k", SAME)):
+            port = free_port()
+            # -c is the context of all slots together: each of the 4 slots gets args.n_ctx, as the daemon's slot does.
+            server = Server(f"llama-server{len(peers)}", [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port",
+                                                          str(port), "-t", str(threads), "-np", "4", "-c", str(4 * args.n_ctx),
+                                                          "-a", name], port, work, env=env)
+            closers.append(server.stop)
+            server.wait_ready()
+            peers.append(Peer(f"llama-server{label}",
+                              lambda m, n, url=server.url: stream_timed(url, name, m, n), True))
+        ours = daemon_at_defaults(models_dir(work / "decode", gguf_bundle), work, args.n_ctx)
+        closers.append(ours.stop)
+        ours.wait_ready()
+        health = httpx.get(ours.url + "/health").json()
+        peers.append(Peer("edgekit serve", lambda m, n, url=ours.url: stream_timed(url, name, m, n), True))
+        # Four slots: concurrent streams decode as sequences of one llama.cpp context (one batch per step).
+        four = daemon_at_defaults(models_dir(work / "decode", gguf_bundle), work, args.n_ctx, "--slots", "4")
+        closers.append(four.stop)
+        four.wait_ready()
+        peers.append(Peer("edgekit --slots 4", lambda m, n, url=four.url: stream_timed(url, name, m, n), True))
+        reference = InProcess(gguf, threads, args.n_ctx, SAME)
+        closers.append(reference.close)
+        peers.append(Peer("in-process", lambda m, n: reference.timed(n, m), False))
+        for peer in peers:  # warm-up: load pages; the long system prompt enters each cache once
+            peer.timed(MESSAGES, 8)
+            peer.timed([{"role": "system", "content": system_prompt}, {"role": "user", "content": "Who is Mira?"}], 4)
+        rounds: dict[str, list[dict]] = {peer.name: [] for peer in peers}
+        for round_index in range(args.rounds):
+            order = peers if round_index % 2 == 0 else list(reversed(peers))
+            for peer in order:
+                rounds[peer.name].append(peer_round(peer, args, story, system_prompt, round_index))
+            log(f"peers round {round_index + 1}/{args.rounds}: " + "; ".join(
+                f"{p.name}: {rounds[p.name][-1]['decode_1']:.1f} tok/s" for p in peers))
+    finally:
+        for close in reversed(closers):
+            close()
+    medians = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
+    result = {"threads": threads, "daemon_threads": health.get("threads"), "prompt_tokens": PROMPT_TOKENS,
+              "load_avg": os.getloadavg(), "systems": list(rounds), "median": medians, "rounds": rounds}
+    result["ratios"] = peer_ratios(result)
+    return result
+
+
+def daemon_at_defaults(models: Path, log_dir: Path, n_ctx: int, *extra: str) -> Server:
+    """`edgekit serve` with nothing set that changes speed but ``extra`` (threads and spin count at their defaults)."""
+    port = free_port()
+    command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port), "--idle-unload-s", "0",
+               "--log-level", "warning", "--n-ctx", str(n_ctx), "--preload", next(models.iterdir()).name, *extra]
+    return Server(f"edgekit{'-'.join(('', *extra))}", command, port, log_dir)
+
+
+def peer_ratios(peers: dict) -> dict[str, dict[str, float | None]]:
+    """Each edgekit configuration / each llama-server variant, per measurement (TTFT: lower is better)."""
+    median = peers["median"]
+    out = {}
+    for ours in (s for s in peers["systems"] if s.startswith("edgekit")):
+        for server in (s for s in peers["systems"] if s.startswith("llama-server")):
+            out[f"{ours} / {server}"] = {key: (median[ours][key] / median[server][key]
+                                               if median[server].get(key) and key in median[ours] else None)
+                                         for key in PEER_TARGETS}
+    return out
+
+
+PEER_ROWS = (("single-stream decode, tok/s", "decode_1", "{:.1f}"), ("4 streams, aggregate decode, tok/s", "decode_4", "{:.1f}"),
+             ("TTFT, 1,000-token prompt, cold, s", "ttft_cold", "{:.3f}"),
+             ("TTFT, repeated 1,000-token system prompt, s", "ttft_cached", "{:.3f}"))
+
+
+def print_peers(peers: dict) -> None:
+    systems, median, ratios = peers["systems"], peers["median"], peers["ratios"]
+    rounds = len(next(iter(peers["rounds"].values())))
+    print(f"llama-server -t {peers['threads']} -np 4 (spin10k: with GOMP_SPINCOUNT=10000, the daemon's worker setting); "
+          f"edgekit serve at its defaults ({peers['daemon_threads']['threads']} threads), and with --slots 4; in-process: "
+          f"llama-cpp-python create_chat_completion, {peers['threads']} threads. Medians of {rounds} alternating rounds; "
+          f"load average {peers['load_avg'][0]:.1f} at the end.")
+    width = max(len(r[0]) for r in PEER_ROWS)
+    cols = [max(len(s), 8) for s in systems]
+    print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols)))
+    for label, key, fmt in PEER_ROWS:
+        cells = [fmt.format(median[s][key]) if key in median[s] else "-" for s in systems]
+        print(f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+    print()
+    pairs = list(ratios)
+    heads = [pair.replace("edgekit serve", "serve").replace("edgekit --slots 4", "slots 4").replace("llama-server", "ls")
+             for pair in pairs]
+    print(f"{'ratio (' + '; '.join(f'{h} = {p}' for h, p in zip(heads, pairs)) + ')'}")
+    print(f"{'':<{width}}  " + "  ".join(f"{h:>{len(h)}}" for h in heads) + "  target: serve / ls")
+    for label, key, _ in PEER_ROWS:
+        values = [ratios[pair][key] for pair in pairs]
+        target, higher = PEER_TARGETS[key], key.startswith("decode")
+        first = values[0]
+        ok = None if first is None else (first >= target if higher else first <= target)
+        print(f"{label:<{width}}  " + "  ".join(f"{('-' if v is None else f'{v:.2f}'):>{len(h)}}" for v, h in zip(values, heads))
+              + f"  {'>=' if higher else '<='} {target} {'-' if ok is None else ('pass' if ok else 'MISS')}")
 
 
 # ---- embeddings ----------------------------------------------------------------------------------
@@ -423,9 +660,14 @@ def main() -> int:
     parser.add_argument("--load-rounds", action="store_true",
                         help="also measure decode while a separate onnxruntime process embeds back to back (a noisy "
                              "neighbour with spinning threads: bounded OpenMP spinning loses to libgomp's default there)")
-    parser.add_argument("--skip", action="append", default=[], choices=["decode", "embeddings", "idle", "cancel", "soak"])
+    parser.add_argument("--skip", action="append", default=[], choices=["peers", "decode", "embeddings", "idle", "cancel", "soak"])
+    parser.add_argument("--build-llama-server", action="store_true",
+                        help="only build (or find) llama-server and print its path (run it under the machine's heavy-job lock)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "serve.json")
     args = parser.parse_args()
+    if args.build_llama_server:
+        print(llama_server_binary())
+        return 0
     gguf = find_bundle(args.gguf, "smollm2-135m-instruct-q4-k-m")
     encoder = find_bundle(args.encoder, "all-minilm-l6-v2-int8-dynamic")
     args.encoder_for_load = encoder if args.load_rounds else None
@@ -435,6 +677,8 @@ def main() -> int:
     kit_paths().home.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-serve-", dir=kit_paths().home) as tmp:
         work = Path(tmp)
+        if "peers" not in args.skip:
+            results["peers"] = bench_peers(args, gguf, work)
         if "idle" not in args.skip:
             results["footprint"] = bench_idle_and_startup(args, gguf, work)
         if "decode" not in args.skip:
@@ -447,6 +691,9 @@ def main() -> int:
             results["soak"] = bench_soak(args, gguf, encoder, args.classifier, work)
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["ratios"] = ratios(results)
+    if "peers" in results:
+        print_peers(results["peers"])
+        print()
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -74,8 +74,9 @@ class FakeModel:
     add_bos = False
     bos_text = ""
 
-    def __init__(self, n_ctx: int) -> None:
+    def __init__(self, n_ctx: int, threads: int | None = None) -> None:
         self.n_ctx = n_ctx
+        self.threads = threads
         self.template = FakeTemplate()
         self.words: dict[str, int] = {}
         self.vocab: list[str] = []
@@ -130,7 +131,7 @@ class FakeGenerationRunner(GenerationRunner):
     def open_model(path: Path, manifest, config) -> FakeModel:
         if (gates_dir() / f"load-{manifest.name}.hold").exists():
             pass_gate(f"load-{manifest.name}")
-        return FakeModel(config.n_ctx)
+        return FakeModel(config.n_ctx, config.threads)
 
 
 register_runner("gguf", FakeGenerationRunner, replace=True)

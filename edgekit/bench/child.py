@@ -73,11 +73,12 @@ def reference_chat(model_path: str, threads: int, n_ctx: int) -> None:
     for line in sys.stdin:
         request = json.loads(line)
         times = []
+        started = time.perf_counter()
         stream = llm.create_chat_completion(request["messages"], max_tokens=request["max_tokens"], temperature=0, stream=True)
         for chunk in stream:
             if chunk["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
-        print(json.dumps(times), flush=True)
+        print(json.dumps({"started": started, "times": times}), flush=True)
 
 
 def embed_load(bundle: Path, threads: int, texts: list[str]) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.schema.device import BandwidthSpec, CpuSpec, IsaFeatures, MemorySpec, StorageSpec
+from edgekit.runtime import placement
+from edgekit.schema.device import BandwidthSpec, CoreClusterSpec, CpuSpec, IsaFeatures, MemorySpec, StorageSpec
 
 MIB = 1 << 20
 # Arm "CPU part" codes in /proc/cpuinfo -> core type (Arm's MIDR part numbers, as listed in the Linux
@@ -56,8 +57,8 @@ def isa_features(flags: set[str]) -> IsaFeatures:
     )
 
 
-def _clock_ghz(info: list[dict[str, str]]) -> tuple[float, str]:
-    max_freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+def _clock_ghz(info: list[dict[str, str]], cpu: int = 0) -> tuple[float, str]:
+    max_freq = placement.SYS_CPU / f"cpu{cpu}" / "cpufreq" / "cpuinfo_max_freq"
     if max_freq.is_file():
         return int(max_freq.read_text()) / 1e6, "cpufreq cpuinfo_max_freq"
     mhz = [float(b["cpu MHz"]) for b in info if "cpu MHz" in b]
@@ -68,11 +69,14 @@ def _clock_ghz(info: list[dict[str, str]]) -> tuple[float, str]:
 
 def cpu_spec() -> CpuSpec:
     info = _cpuinfo()
-    first = info[0] if info else {}
+    clusters = placement.core_clusters(placement.physical_cores(sorted(os.sched_getaffinity(0))))
+    cores = len(clusters[0].cpus)  # inference runs on the fastest cluster (the big cores of big.LITTLE)
+    big = clusters[0].cpus[0]
+    # the block of a big core: on big.LITTLE, cpu0 is usually a little one with another CPU part
+    first = next((b for b in info if b.get("processor") == str(big)), info[0] if info else {})
     machine = os.uname().machine
     flags = set((first.get("flags") or first.get("Features") or "").split())
-    cores = len(os.sched_getaffinity(0))
-    clock, clock_from = _clock_ghz(info)
+    clock, clock_from = _clock_ghz(info, big)
     if machine == "x86_64":
         name = first.get("model name", "")
         core_type = "gracemont" if any(m in name for m in GRACEMONT_MODELS) else "x86-64-v3"
@@ -80,7 +84,8 @@ def cpu_spec() -> CpuSpec:
         core_type = ARM_PARTS.get(first.get("CPU part", ""), "cortex-a76")
     arch = machine if machine in ("aarch64", "armv7l", "x86_64") else "x86_64"
     return CpuSpec(arch=arch, cores=cores, core_type=core_type, clock_ghz=round(clock, 3), isa=isa_features(flags),
-                   source="measured: /proc/cpuinfo, sched_getaffinity",
+                   clusters=[CoreClusterSpec(cpus=list(c.cpus), capacity=c.capacity) for c in clusters],
+                   source="measured: /proc/cpuinfo, sched_getaffinity, sysfs topology and cpu_capacity/cpufreq",
                    note=f"{cpu_model_name()}; clock from {clock_from}; core type mapped from the model name / CPU part")
 
 

@@ -2,7 +2,7 @@
 
 `edgekit bench`, `edgekit profile-host` and the benchmarks in scripts/ all time models through these
 functions. GGUF: ``GgufModel`` (the worker's loader and settings), prompts evaluated in its prefill
-chunks, tokens from ``llm.generate`` with the daemon's sampler settings at temperature 0 (end-of-text
+chunks, tokens from its native decode loop (``GgufModel.steps``) at temperature 0 (end-of-text
 tokens do not stop a measurement). ONNX: ``EncoderModel`` and its ``embed``/``classify`` calls. Board
 side: no torch. Anything that needs a fresh process runs ``python -m edgekit.bench.child``.
 """
@@ -52,9 +52,10 @@ def load_gguf(model_path: Path, *, n_ctx: int, threads: int | None) -> GgufModel
 
 def greedy_steps(model: GgufModel, context: list[int]) -> Iterator[int]:
     """The daemon's decode loop at temperature 0: evaluates what of ``context`` is not cached, then one token per step."""
-    from edgekit.runtime.llm import DEFAULT_MIN_P, DEFAULT_TOP_K
+    from edgekit.runtime.llm import Sampling
 
-    return model.llm.generate(context, top_k=DEFAULT_TOP_K, min_p=DEFAULT_MIN_P, temp=0.0, repeat_penalty=1.0, reset=True)
+    model.prefill(context)
+    yield from model.steps(Sampling(temperature=0.0))
 
 
 def prompt_seconds(model: GgufModel, tokens: list[int]) -> float:
@@ -172,6 +173,21 @@ def gguf_peak_rss(model_path: Path, n_ctx: int, threads: int, n_gen: int) -> dic
 def tokens_per_second(timestamps: list[float]) -> float:
     """Rate between the first and the last of a stream's token timestamps (the first token's wait excluded)."""
     return (len(timestamps) - 1) / (timestamps[-1] - timestamps[0]) if len(timestamps) > 2 else 0.0
+
+
+def first_token_seconds(started: float, timestamps: list[float]) -> float:
+    """Time to first token: from sending the request to the first chunk that carries text."""
+    return timestamps[0] - started if timestamps else float("nan")
+
+
+def aggregate_tokens_per_second(streams: list[list[float]]) -> float:
+    """Tokens/s of concurrent streams together: every token after each stream's first, over the span from the
+    earliest first token to the latest last one (each stream's prompt wait excluded, as in ``tokens_per_second``)."""
+    streams = [s for s in streams if len(s) > 1]
+    if not streams:
+        return 0.0
+    span = max(s[-1] for s in streams) - min(s[0] for s in streams)
+    return sum(len(s) - 1 for s in streams) / span if span > 0 else 0.0
 
 
 # -- ONNX encoders -------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ DEFAULT_MIN_P = 0.05
 # how long a cancelled prefill keeps running (256 tokens of a 135M model: ~0.1 s on a Pi 5 class CPU).
 PREFILL_CHUNK = 256
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+# A context holding at least this many tokens that a new prompt would drop is saved first (one copy of its KV
+# cells); shorter ones are cheap to prefill again and would only push longer ones out of the cache.
+PROMPT_CACHE_MIN_TOKENS = 256
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -69,6 +72,25 @@ class Finish:
     decode_seconds: float = 0.0
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class SavedPrompt:
+    """A context's KV cells (llama_state_seq_get_data of sequence 0) and the tokens they hold."""
+
+    tokens: list[int]
+    buffer: Any
+    llama_state_size: int  # the name llama_cpp.LlamaRAMCache sums for its capacity
+
+
 @dataclass
 class StopScanner:
     """Holds back text that could be the start of a stop string, so a stop string is never streamed."""
@@ -112,7 +134,9 @@ class GgufModel:
         threads: int | None = None,
         chat_template: str | None = None,
         max_prompt_chars: int = 1_000_000,
+        prompt_cache_contexts: float = 1.0,
     ) -> None:
+        """``prompt_cache_contexts``: RAM for saved prompts, in full contexts' worth of KV cache (0: none)."""
         import ctypes
 
         import llama_cpp
@@ -120,6 +144,10 @@ class GgufModel:
         self._llama_cpp = llama_cpp
         self._ctypes = ctypes
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        if threads is None:  # llama-cpp-python's own default is half the logical CPUs: one thread on a 2-core board
+            from edgekit.runtime.placement import plan_threads
+
+            threads = plan_threads().threads
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(model_path),
@@ -133,9 +161,15 @@ class GgufModel:
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp returns NULL
             raise RuntimeBackendError(f"{model_path}: llama.cpp could not load the model: {exc}") from exc
         self.metadata: dict[str, str] = dict(self.llm.metadata)
+        self.threads: int = llama_cpp.llama_n_threads(self.llm.ctx)  # what llama.cpp runs with
         # llama.cpp pads the context it allocates (to 256); llama-cpp-python's token buffer has the size asked for.
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.n_ctx_train = self.llm._model.n_ctx_train()
+        self.prompt_cache = None
+        if prompt_cache_contexts > 0:
+            from llama_cpp.llama_cache import LlamaRAMCache  # longest-prefix lookup, LRU eviction by bytes
+
+            self.prompt_cache = LlamaRAMCache(int(prompt_cache_contexts * self.n_ctx * self.kv_bytes_per_token))
         self._vocab = self.llm._model.vocab
         self.add_bos = self.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self.bos_text = self._token_text(self.llm.token_bos())
@@ -146,6 +180,13 @@ class GgufModel:
                          origin=f"chat template of {Path(model_path).name}")
             if source else None
         )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes of one token: K and V of every layer, f16 (llama.cpp's default cache type)."""
+        llama_cpp, model = self._llama_cpp, self.llm.model
+        head_dim = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+        return llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) * head_dim * 2
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for (may be part of a UTF-8 character); cached, pieces never change."""
@@ -193,18 +234,16 @@ class GgufModel:
         add_bos = self.add_bos and not (chat and self.bos_text and text.startswith(self.bos_text))
         return self.llm.tokenize(data, add_bos=add_bos, special=True)
 
-    def _prefill(self, prompt: list[int], cancelled: Callable[[], bool]) -> int | None:
-        """Decode the prompt, reusing the KV cache of the previous request's common prefix; returns tokens reused.
+    def prefill(self, prompt: list[int], cancelled: Callable[[], bool] = lambda: False) -> int | None:
+        """Decode the prompt, reusing the longest cached prefix (the KV cache or a saved prompt); returns tokens reused.
 
         None when cancelled part-way. At least one token is always decoded so the logits are fresh.
         """
         llm = self.llm
         cached = llm.input_ids[: llm.n_tokens].tolist()
-        keep = 0
-        for a, b in zip(cached, prompt):
-            if a != b:
-                break
-            keep += 1
+        keep = common_prefix(cached, prompt)
+        if self.prompt_cache is not None:
+            keep = self._swap_prompt(cached, prompt, keep)
         keep = min(keep, len(prompt) - 1)
         if keep and not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
             keep = 0  # this architecture cannot drop a KV suffix: decode from scratch
@@ -217,6 +256,78 @@ class GgufModel:
                 return None
             llm.eval(prompt[start : start + PREFILL_CHUNK])
         return keep
+
+    def _swap_prompt(self, cached: list[int], prompt: list[int], keep: int) -> int:
+        """Save the context this prompt would overwrite when it is long; load a saved one that shares more. Returns
+        the prefix of ``prompt`` now in the KV cache.
+
+        A context holds one conversation: a request with another system prompt in between would otherwise cost
+        the next request of the first conversation its whole prefill (llama-server keeps one per slot and in RAM).
+        """
+        llama_cpp, llm, cache = self._llama_cpp, self.llm, self.prompt_cache
+        if len(cached) - keep >= PROMPT_CACHE_MIN_TOKENS:
+            size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+            if size <= cache.capacity_bytes:
+                buffer = (self._ctypes.c_uint8 * size)()
+                written = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, 0)
+                cache[cached] = SavedPrompt(cached, buffer, written)
+        try:
+            saved = cache[prompt]  # the saved prompt sharing the longest prefix (LRU order refreshed)
+        except KeyError:
+            return keep
+        shared = common_prefix(saved.tokens, prompt)
+        if shared <= keep + PROMPT_CACHE_MIN_TOKENS // 4:  # not worth a copy of the saved KV
+            return keep
+        if llama_cpp.llama_state_seq_set_data(llm.ctx, saved.buffer, saved.llama_state_size, 0) == 0:
+            llm.reset()
+            return 0
+        llm.input_ids[: len(saved.tokens)] = saved.tokens
+        llm.n_tokens = len(saved.tokens)
+        return shared
+
+    def sampler(self, sampling: Sampling):
+        """llama.cpp's own sampler chain for ``sampling``: greedy at temperature 0, else top-k, top-p, min-p,
+        temperature and a seeded draw (llama-cpp-python's chain minus its stages that are no-ops at these settings)."""
+        from llama_cpp._internals import LlamaSampler
+
+        chain = LlamaSampler()
+        if sampling.temperature == 0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(DEFAULT_TOP_K)
+            chain.add_top_p(sampling.top_p, 1)
+            chain.add_min_p(DEFAULT_MIN_P, 1)
+            chain.add_temp(sampling.temperature)
+            chain.add_dist(RANDOM_SEED if sampling.seed is None else sampling.seed)
+        return chain
+
+    def steps(self, sampling: Sampling) -> Iterator[int]:
+        """Tokens sampled after the prefilled prompt, one per step; asking for the next decodes the last one.
+
+        The loop runs in llama.cpp: its sampler chain reads the logits where llama_decode left them (no copy
+        to Python), and a token is one llama_decode of a one-token batch whose position llama.cpp assigns.
+        Closing the generator keeps the KV cache and ``llm.input_ids`` in step for the next request's prefix.
+        """
+        llama_cpp, llm = self._llama_cpp, self.llm
+        chain = self.sampler(sampling)
+        ctx, smpl = llm.ctx, chain.sampler
+        sample, decode = llama_cpp.llama_sampler_sample, llama_cpp.llama_decode
+        token_buffer = (llama_cpp.llama_token * 1)()
+        batch = llama_cpp.llama_batch_get_one(token_buffer, 1)
+        start, decoded = llm.n_tokens, []
+        try:
+            while True:
+                token = sample(smpl, ctx, -1)
+                yield token
+                token_buffer[0] = token
+                status = decode(ctx, batch)
+                if status != 0:
+                    raise RuntimeBackendError(f"llama_decode failed with status {status}")
+                decoded.append(token)
+        finally:
+            llm.input_ids[start : start + len(decoded)] = decoded
+            llm.n_tokens = start + len(decoded)
+            chain.close()
 
     def generate(
         self,
@@ -233,50 +344,60 @@ class GgufModel:
             raise PromptTooLong(len(prompt), self.n_ctx)
         room = self.n_ctx - len(prompt)  # tokens that still fit; reaching it ends with "length"
         limit = min(sampling.max_tokens or room, room)
-        cached = self._prefill(prompt, cancelled)
+        cached = self.prefill(prompt, cancelled)
         if cached is None:
             yield Finish("cancelled", len(prompt), 0)
             return
-        llm = self.llm
-        llm.set_seed(RANDOM_SEED if sampling.seed is None else sampling.seed)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds partial UTF-8 sequences
-        scanner = StopScanner(sampling.stop)
-        is_eog = self._llama_cpp.llama_vocab_is_eog
-        produced, reason, stop_string = 0, None, False
+        text = TextStream(self, sampling.stop, limit)
         started = time.perf_counter()
-        tokens = llm.generate(
-            prompt,
-            top_k=DEFAULT_TOP_K,
-            top_p=sampling.top_p,
-            min_p=DEFAULT_MIN_P,
-            temp=sampling.temperature,
-            repeat_penalty=1.0,
-            reset=True,  # generate() finds the prefilled prompt in the cache and samples at once
-        )
+        tokens = self.steps(sampling)
         try:
             for token in tokens:
-                if is_eog(self._vocab, token):
-                    reason = "stop"
-                    break
-                produced += 1
-                text, hit = scanner.feed(decoder.decode(self.piece(token)))
-                if text:
-                    yield Delta(text, produced)
-                if hit:
-                    reason, stop_string = "stop", True
-                    break
-                if produced >= limit:
-                    reason = "length"
+                delta, done = text.feed(token)
+                if delta is not None:
+                    yield delta
+                if done:
                     break
                 if cancelled():
-                    reason = "cancelled"
+                    text.reason = "cancelled"
                     break
         finally:
             tokens.close()
-        if not stop_string and reason != "cancelled":
-            tail, hit = scanner.feed(decoder.decode(b"", final=True))  # an incomplete UTF-8 sequence at the end
-            tail += "" if hit else scanner.flush()
-            if tail:
-                yield Delta(tail, produced)
-        yield Finish(reason or "stop", len(prompt), produced, cached, time.perf_counter() - started)
+        if (tail := text.tail()) is not None:
+            yield tail
+        yield Finish(text.reason or "stop", len(prompt), text.produced, cached, time.perf_counter() - started)
 
+
+class TextStream:
+    """A generation's text from its tokens: whole UTF-8 characters, stop strings held back, the token limit."""
+
+    def __init__(self, model: GgufModel, stops: Sequence[str], limit: int) -> None:
+        self.model, self.limit = model, limit
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds partial UTF-8 sequences
+        self.scanner = StopScanner(stops)
+        self.produced = 0
+        self.reason: FinishReason | None = None
+        self.stop_string = False
+
+    def feed(self, token: int) -> tuple[Delta | None, bool]:
+        """The text to send for ``token`` (None: nothing yet) and whether the generation is over."""
+        model = self.model
+        if model._llama_cpp.llama_vocab_is_eog(model._vocab, token):
+            self.reason = "stop"
+            return None, True
+        self.produced += 1
+        text, hit = self.scanner.feed(self.decoder.decode(model.piece(token)))
+        delta = Delta(text, self.produced) if text else None
+        if hit:
+            self.reason, self.stop_string = "stop", True
+        elif self.produced >= self.limit:
+            self.reason = "length"
+        return delta, self.reason is not None
+
+    def tail(self) -> Delta | None:
+        """Text held back at the end (an incomplete UTF-8 sequence, a partial stop string); None after a stop or cancel."""
+        if self.stop_string or self.reason == "cancelled":
+            return None
+        tail, hit = self.scanner.feed(self.decoder.decode(b"", final=True))
+        tail += "" if hit else self.scanner.flush()
+        return Delta(tail, self.produced) if tail else None

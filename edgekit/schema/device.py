@@ -49,6 +49,13 @@ class IsaFeatures(Strict):
     avx512_vnni: bool = Field(False, description="x86 AVX-512 VNNI (512-bit int8 dot product).")
 
 
+class CoreClusterSpec(Strict):
+    """Physical cores of one speed, as the kernel reports them (big.LITTLE SoCs have two or three clusters)."""
+
+    cpus: list[int] = Field(min_length=1, description="Logical CPU numbers, one per physical core.")
+    capacity: int = Field(ge=0, description="Relative speed: sysfs cpu_capacity (1024 = fastest), else cpufreq max kHz; 0 unknown.")
+
+
 class CpuSpec(Provenance):
     """The CPU cores inference runs on."""
 
@@ -57,6 +64,9 @@ class CpuSpec(Provenance):
     core_type: str = Field(description="Microarchitecture, a key of edgekit.fit.speed.CORE_TYPES (e.g. cortex-a76, gracemont).")
     clock_ghz: float = Field(gt=0, le=6, description="Sustained clock of those cores in GHz.")
     isa: IsaFeatures = Field(description="SIMD features of those cores.")
+    clusters: list[CoreClusterSpec] = Field(
+        default_factory=list, description="Core clusters, fastest first, when measured (edgekit profile-host); 'cores' "
+        "counts the first. The daemon pins its workers to the fastest cores of the board it runs on.")
 
 
 class MemorySpec(Provenance):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import BundleError, EdgekitError
+from edgekit.runtime.placement import worker_threads
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.batching import MicroBatcher
 from edgekit.serve.budget import MIB, effective_n_ctx, memory_budget
@@ -102,6 +103,7 @@ class Lifecycle:
         self.catalog = catalog
         self.metrics = metrics
         self.budget, self.budget_source = memory_budget(settings)
+        self.threads = worker_threads(settings.threads, settings.device)
         self._load_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.closing = False
@@ -216,7 +218,8 @@ class Lifecycle:
 
     def worker_config(self, entry: ModelEntry) -> WorkerConfig:
         s = self.settings
-        return WorkerConfig(n_ctx=effective_n_ctx(entry.manifest, s), threads=s.threads,
+        cpus = list(self.threads.cpus) if self.threads.cpus else None
+        return WorkerConfig(n_ctx=effective_n_ctx(entry.manifest, s), threads=self.threads.threads, cpus=cpus,
                             slots=s.slots if entry.task == "text-generation" else 1, batch_max=s.batch_max,
                             batch_max_tokens=s.batch_max_tokens, max_prompt_chars=4 * s.max_input_chars + 65536,
                             plugins=list(s.worker_plugins), verified=entry.verified_files,
@@ -330,9 +333,9 @@ class Lifecycle:
                 log.exception("bundle discovery stopped")
             finally:
                 self.catalog.discovered.set()
-            log.info("serving %d model(s) from %s: %s; memory budget %d MiB (%s)", len(self.catalog.entries),
+            log.info("serving %d model(s) from %s: %s; memory budget %d MiB (%s); %s per model", len(self.catalog.entries),
                      self.settings.models, ", ".join(sorted(self.catalog.entries)) or "none", self.budget // MIB,
-                     self.budget_source)
+                     self.budget_source, self.threads.describe())
         finally:
             try:
                 await preloading

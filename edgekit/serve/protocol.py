@@ -81,6 +81,7 @@ class WorkerConfig(Message):
 
     n_ctx: int = Field(description="Context per generation slot, already capped at the model's training context.")
     threads: int | None = None
+    cpus: list[int] | None = Field(None, description="CPUs the worker pins itself to before loading (None: inherited).")
     slots: int = Field(1, description="Generation slots (encoders: 1).")
     batch_max: int = Field(description="Most texts in one encoder run.")
     batch_max_tokens: int = Field(description="Most padded tokens in one encoder run.")
@@ -160,6 +161,7 @@ class Ready(Message):
     max_length: int | None = Field(None, description="Tokens per text (encoders).")
     vocab_size: int | None = Field(None, description="Token ids run from 0 to this, exclusive (encoders).")
     labels: list[str] = Field(default_factory=list, description="Class names (classifiers).")
+    threads: int | None = Field(None, description="Threads the runtime was given (llama.cpp's n_threads).")
 
 
 class LoadError(Message):

@@ -70,9 +70,19 @@ class GenerationRunner:
 
         path = model_file(bundle_dir, manifest)
         self.special_in_content = config.special_in_content
-        self.models = [self.open_model(path, manifest, config) for _ in range(config.slots)]
+        first = self.open_model(path, manifest, config)
+        self.engine = None
+        if config.slots > 1 and self.batched(first):
+            from edgekit.runtime.llm_batch import BatchedGguf
+
+            # One context, one sequence per slot: concurrent streams decode in one batch per step.
+            self.engine = BatchedGguf(first, config.slots)
+            self.models = [first] * config.slots
+        else:
+            self.models = [first] + [self.open_model(path, manifest, config) for _ in range(config.slots - 1)]
         self.models[0].check_template()
-        self.facts = {"n_ctx": self.models[0].n_ctx, "chat": self.models[0].template is not None}
+        self.facts = {"n_ctx": self.models[0].n_ctx, "chat": self.models[0].template is not None,
+                      "threads": self.models[0].threads}
 
     @staticmethod
     def open_model(path: Path, manifest: Manifest, config: WorkerConfig):
@@ -81,6 +91,13 @@ class GenerationRunner:
 
         return GgufModel(path, n_ctx=config.n_ctx, threads=config.threads, chat_template=manifest.runtime.chat_template,
                          max_prompt_chars=config.max_prompt_chars)
+
+    @staticmethod
+    def batched(model) -> bool:
+        """Whether concurrent streams of ``model`` share one llama.cpp context (a subclass's fake model does not)."""
+        from edgekit.runtime.llm import GgufModel
+
+        return isinstance(model, GgufModel)
 
     @property
     def slots(self) -> int:
@@ -112,7 +129,8 @@ class GenerationRunner:
         if not job.wait_proceed():
             send(Done(id=job.id, finish=Finish("cancelled", len(tokens), 0)))
             return
-        for event in model.generate(tokens, message.sampling, job.cancelled):
+        generate = self.engine.generate if self.engine is not None else model.generate
+        for event in generate(tokens, message.sampling, job.cancelled):
             send(DeltaMessage(id=job.id, delta=event) if isinstance(event, Delta) else Done(id=job.id, finish=event))
 
 

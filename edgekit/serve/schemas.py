@@ -363,6 +363,14 @@ class ModelList(Reply):
     data: list[ModelCard]
 
 
+class WorkerThreads(Reply):
+    """The threads of every model worker (``--threads``, else the board's cores)."""
+
+    threads: int
+    cpus: list[int] | None = Field(description="CPUs the workers are pinned to; null: not pinned.")
+    source: str = Field(description="Where the count comes from.")
+
+
 class Health(Reply):
     """GET /health once started: "ok" when everything listed serves, "degraded" while a bundle or model is refused or failed."""
 
@@ -372,6 +380,7 @@ class Health(Reply):
     rejected: list[str] = Field(description="Bundle folders refused at verification.")
     failed: dict[str, str] = Field(description="Models that are not served now, with the reason (e.g. a failed golden check).")
     verifying: list[str] = Field(default_factory=list, description="Bundle folders being verified now.")
+    threads: WorkerThreads = Field(description="Threads each model worker runs with, and where they come from.")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}

@@ -92,7 +92,13 @@ class ServeSettings(BaseSettings):
         False, description="Parse control tokens (e.g. <|im_start|>) typed in chat message content as control tokens; by "
         "default content is tokenized as text, so users cannot forge system turns. The template's own markup is always parsed."
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads per model worker (default: all cores).")
+    threads: int | None = Field(
+        None, ge=1,
+        description="CPU threads per model worker. Default: the board's cores, i.e. the cores --device's profile counts "
+        "(the big cores on big.LITTLE boards), else the physical cores this process may use (CPU affinity, one per SMT "
+        "pair); on CPUs with core clusters of different speed, workers are pinned to the fastest cores. /health and the "
+        "startup log line state the value in use.",
+    )
     omp_spin_count: int | None = Field(
         10_000,
         ge=0,

@@ -24,8 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
-from edgekit.bundle import bundle_path_inside
-from edgekit.errors import BundleError, EdgekitError
+from edgekit.bundle import bundle_path_inside, read_manifest
+from edgekit.errors import BundleError, EdgekitError, RuntimeBackendError
 from edgekit.runtime.llm import Finish
 from edgekit.runtime.verify import read_manifest_capped
 from edgekit.schema.manifest import MANIFEST_NAME, Manifest
@@ -84,6 +84,16 @@ def verify_bundle_once(bundle_dir: Path, verified: list[FileIdentity] | None) ->
     return verify_for_runtime(bundle_dir), before
 
 
+def pin(cpus: list[int] | None) -> None:
+    """Run on ``cpus`` from now on; before the runtime starts its threads, which inherit the mask."""
+    if not cpus:
+        return
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as exc:  # a CPU this process may not use (another cgroup/cpuset than the daemon's)
+        raise RuntimeBackendError(f"cannot pin the model worker to CPUs {cpus}: {exc}") from exc
+
+
 def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
     """Load the bundle and answer jobs until the daemon says shutdown or goes away."""
     sock = socket.socket(fileno=fd)
@@ -98,6 +108,7 @@ def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
     started = time.perf_counter()
     try:
         load_plugins(config.plugins)
+        pin(config.cpus)
         manifest, hashed = verify_bundle_once(bundle_dir, config.verified)
         runner = runner_for(manifest.format)(bundle_dir, manifest, config)
         if manifest.golden is not None:  # before Ready: a model that computes something else is never served

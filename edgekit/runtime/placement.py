@@ -1,0 +1,115 @@
+"""Where a model worker's threads run: how many, and on which CPUs, from the board.
+
+The default is the board's: the cores a device profile counts for inference (the big cores on big.LITTLE
+SoCs), else the physical cores this process may use (``os.sched_getaffinity``; one per SMT pair). When
+the CPUs this process may use form clusters of different speed (sysfs ``cpu_capacity``, else cpufreq's
+``cpuinfo_max_freq``), the worker is pinned to the fastest cores: llama.cpp's threads meet at a barrier
+after every operation, so one thread on a slow core holds back all the others.
+
+Board side: standard library, psutil and the device schema only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SYS_CPU = Path("/sys/devices/system/cpu")
+
+
+@dataclass(frozen=True)
+class CoreCluster:
+    """Physical cores of one speed: one logical CPU each (the first SMT sibling), and their relative speed."""
+
+    cpus: tuple[int, ...]
+    capacity: int  # sysfs cpu_capacity (1024 = the fastest core) or cpufreq max kHz; 0 when unknown
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """The threads a worker runs llama.cpp / onnxruntime with and the CPUs it is pinned to (None: not pinned)."""
+
+    threads: int
+    cpus: tuple[int, ...] | None
+    source: str
+
+    def describe(self) -> str:
+        where = f"pinned to CPUs {','.join(map(str, self.cpus))}" if self.cpus else "not pinned"
+        return f"{self.threads} threads ({self.source}; {where})"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def physical_cores(cpus: list[int], sys_cpu: Path = SYS_CPU) -> list[int]:
+    """One logical CPU per physical core among ``cpus`` (sysfs topology; psutil's ratio when sysfs has none)."""
+    seen: dict[tuple[int | None, int], int] = {}
+    for cpu in sorted(cpus):
+        topology = sys_cpu / f"cpu{cpu}" / "topology"
+        core = _read_int(topology / "core_id")
+        if core is None:
+            return _by_psutil_ratio(sorted(cpus))
+        seen.setdefault((_read_int(topology / "physical_package_id"), core), cpu)
+    return sorted(seen.values())
+
+
+def _by_psutil_ratio(cpus: list[int]) -> list[int]:
+    import psutil
+
+    logical, physical = psutil.cpu_count(logical=True) or 1, psutil.cpu_count(logical=False) or 1
+    keep = max(1, len(cpus) * physical // logical)
+    return cpus[:keep]
+
+
+def core_clusters(cpus: list[int], sys_cpu: Path = SYS_CPU) -> list[CoreCluster]:
+    """``cpus`` grouped by speed, fastest first; one cluster when the kernel reports no difference."""
+    def speed(cpu: int) -> int:
+        base = sys_cpu / f"cpu{cpu}"
+        return _read_int(base / "cpu_capacity") or _read_int(base / "cpufreq" / "cpuinfo_max_freq") or 0
+
+    groups: dict[int, list[int]] = {}
+    for cpu in cpus:
+        groups.setdefault(speed(cpu), []).append(cpu)
+    return [CoreCluster(tuple(sorted(groups[key])), key) for key in sorted(groups, reverse=True)]
+
+
+def plan_threads(threads: int | None = None, device_cores: int | None = None, device_id: str | None = None, *,
+                 allowed: set[int] | None = None, sys_cpu: Path = SYS_CPU) -> ThreadPlan:
+    """Threads and pinning of a model worker: ``threads`` when given, else the device's cores, else this host's.
+
+    With clusters of different speed the worker is pinned to the fastest physical cores, as many as it
+    has threads; otherwise it keeps this process's affinity.
+    """
+    allowed_cpus = sorted(allowed if allowed is not None else os.sched_getaffinity(0))
+    clusters = core_clusters(physical_cores(allowed_cpus, sys_cpu), sys_cpu)
+    fastest_first = [cpu for cluster in clusters for cpu in cluster.cpus]
+    if threads is not None:
+        count, source = threads, "--threads"
+    elif device_cores is not None:
+        count = min(device_cores, len(fastest_first))
+        source = f"device {device_id}: {device_cores} cores" + (
+            f", capped at the {count} physical cores this process may use" if count < device_cores else "")
+    elif len(clusters) > 1:
+        count = len(clusters[0].cpus)
+        source = f"the {count} fastest of the {len(fastest_first)} physical cores this process may use"
+    else:
+        count, source = len(fastest_first), "the physical cores this process may use"
+    chosen = tuple(sorted(fastest_first[:count]))
+    # pinning to every CPU this process may use anyway would change nothing: it is reported as not pinned
+    pinned = chosen if len(clusters) > 1 and count <= len(fastest_first) and set(chosen) != set(allowed_cpus) else None
+    return ThreadPlan(count, pinned, source)
+
+
+def worker_threads(threads: int | None, device: str | None) -> ThreadPlan:
+    """The daemon's plan from its settings: ``--threads``, else ``--device``'s profile, else this host."""
+    if threads is None and device is not None:
+        from edgekit.schema.device import load_device
+
+        profile = load_device(device)
+        return plan_threads(None, profile.cpu.cores, profile.id)
+    return plan_threads(threads)

@@ -1,0 +1,98 @@
+"""Concurrent streams of one GGUF model decode as sequences of one llama.cpp context (edgekit.runtime.llm_batch)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from edgekit.runtime.llm import Delta, Finish, GgufModel, Sampling
+from edgekit.runtime.llm_batch import BatchedGguf
+
+
+@pytest.fixture(scope="module")
+def gguf(sample_store):
+    from serve_fixtures import smollm_gguf
+
+    return smollm_gguf(sample_store)
+
+
+@pytest.fixture(scope="module")
+def engine(gguf):
+    batched = BatchedGguf(GgufModel(gguf, n_ctx=512, threads=1), 4)
+    yield batched
+    batched.close()
+
+
+SYSTEMS = ("Alpha: you write short stories.", "Bravo: you write poems.", "Charlie: you write letters.",
+           "Delta: you write recipes.")
+
+
+def prompts(model: GgufModel, n: int) -> list[list[int]]:
+    """Chat prompts that share only the first tokens of the system turn."""
+    return [model.tokenize(model.render_chat([{"role": "system", "content": SYSTEMS[i]},
+                                              {"role": "user", "content": "Something about a lighthouse keeper."}]), chat=True)
+            for i in range(n)]
+
+
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, Delta))
+
+
+def test_one_stream_at_a_time_equals_the_single_context_loop(engine, gguf):
+    """Same batch shapes, same kernels: the text is the single-stream text, and a prompt reuses the sequence
+    that holds its prefix."""
+    single = GgufModel(gguf, n_ctx=512, threads=1, prompt_cache_contexts=0)
+    sampling = Sampling(max_tokens=16, temperature=0)
+    for prompt in prompts(engine.model, 2):
+        assert text_of(engine.generate(prompt, sampling)) == text_of(single.generate(prompt, sampling))
+    again = prompts(engine.model, 1)[0]
+    finish = list(engine.generate(again, sampling))[-1]
+    assert finish.cached_tokens == len(again) - 1  # the sequence that served it before still holds it
+
+
+def test_four_concurrent_streams_finish_with_their_limits(engine):
+    results: dict[int, list] = {}
+    limits = [8, 12, 16, 20]
+
+    def run(i: int, prompt: list[int]) -> None:
+        results[i] = list(engine.generate(prompt, Sampling(max_tokens=limits[i], temperature=0.7, seed=i)))
+
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts(engine.model, 4))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for i, events in results.items():
+        finish = events[-1]
+        assert isinstance(finish, Finish) and all(isinstance(e, Delta) for e in events[:-1])
+        assert finish.reason in ("length", "stop") and finish.completion_tokens <= limits[i]
+        if finish.reason == "length":
+            assert finish.completion_tokens == limits[i]
+    assert sorted(results) == [0, 1, 2, 3]
+
+
+def test_cancel_and_stop_strings_in_the_batched_loop(engine):
+    prompt = prompts(engine.model, 1)[0]
+    polls = itertools.count()  # the decode thread polls once per step: cancelled from the 5th step on
+    events = list(engine.generate(prompt, Sampling(max_tokens=60, temperature=0), lambda: next(polls) >= 4))
+    assert (events[-1].reason, events[-1].completion_tokens) == ("cancelled", 4)
+    full = text_of(engine.generate(prompt, Sampling(max_tokens=16, temperature=0)))
+    word = full.split()[3]
+    stopped = list(engine.generate(prompt, Sampling(max_tokens=16, temperature=0, stop=(word,))))
+    assert stopped[-1].reason == "stop" and text_of(stopped) == full[: full.index(word)]
+
+
+def test_a_runner_with_slots_batches_its_gguf_streams(smollm_bundle):
+    from edgekit.bundle import read_manifest
+    from edgekit.serve.protocol import WorkerConfig
+    from edgekit.serve.runners import GenerationRunner
+
+    config = WorkerConfig(n_ctx=256, threads=1, slots=3, batch_max=1, batch_max_tokens=64, max_prompt_chars=10_000)
+    runner = GenerationRunner(smollm_bundle, read_manifest(smollm_bundle), config)
+    try:
+        assert runner.slots == 3 and isinstance(runner.engine, BatchedGguf)
+        assert runner.engine.model.llm.context_params.n_seq_max == 3
+    finally:
+        runner.engine.close()
