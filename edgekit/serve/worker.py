@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from edgekit.bundle import bundle_path_inside, read_manifest
+from edgekit.bundle import bundle_path_inside
 from edgekit.errors import BundleError, EdgekitError, RuntimeBackendError
 from edgekit.runtime.llm import Finish
 from edgekit.runtime.verify import read_manifest_capped
