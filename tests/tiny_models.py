@@ -132,13 +132,13 @@ TOKENIZERS = {"llama": smollm_tokenizer, "qwen2": qwen_tokenizer, "qwen3": qwen_
 CASES = sorted(TOKENIZERS)
 
 
-def build(case: str, out: Path, store: Path) -> Path:
-    """Write a tiny random checkpoint of ``case`` (bf16 safetensors + tokenizer) into ``out``."""
+def build(case: str, out: Path, store: Path, tokenizer=None) -> Path:
+    """Write a tiny random checkpoint of ``case`` (bf16 safetensors + tokenizer, default the case's) into ``out``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    n_vocab = TOKENIZERS[case](out, store)
+    n_vocab = (tokenizer or TOKENIZERS[case])(out, store)
     torch.manual_seed(0)
     config = _config(case, n_vocab)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)

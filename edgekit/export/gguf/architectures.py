@@ -61,6 +61,9 @@ def write_hparams(writer: GGUFWriter, arch: Architecture, shape: ModelShape, con
         writer.add_sliding_window(int(config.get("sliding_window") or 0))
     if arch.swa_period:
         writer.add_sliding_window(int(shape.sliding_window or shape.context_length))
+    if arch.gguf_arch == "gemma3":
+        # Local layers' rope base, as llama.cpp's converter records it (the runtime defaults to the same 10000).
+        writer.add_rope_freq_base_swa(float(config.get("rope_local_base_freq") or 10000.0))
     if arch.gguf_arch == "gemma2":
         writer.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 50.0))
         writer.add_final_logit_softcapping(float(config.get("final_logit_softcapping") or 30.0))
