@@ -241,3 +241,25 @@ def test_exports_a_verified_bundle_that_fit_reads_back(tiny, case, tmp_path):
     written = {t.name: t.ggml_type for t in read_gguf_header(where / "model.gguf").tensors}
     assert facts.tensors and {t.name: t.ggml_type for t in facts.tensors}.items() <= written.items()
 
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "gemma-3-1b-it", "phi-4-mini-instruct", "smollm3-3b", "phi-3.5-mini-instruct",
+                                  "llama-3.2-1b-instruct", "qwen2.5-0.5b-instruct", "smollm2-135m-instruct"])
+def test_library_recipes_add_up_under_their_definition(name):
+    """Each recipe's recorded parameter count is exactly the sum over its registered definition's tensors."""
+    from edgekit.schema.recipe import load_recipe
+
+    recipe = load_recipe(tiny_models.REPO / f"recipes/{name}.yaml").recipe
+    facts = from_recipe(recipe, recipe.targets[0])
+    assert facts.architecture == recipe.architecture.hf_architecture and facts.notes == ()
+
+
+def test_gemma3_recipe_knows_its_sliding_layers():
+    from edgekit.schema.recipe import load_recipe
+
+    recipe = load_recipe(tiny_models.REPO / "recipes/gemma-3-1b-it.yaml").recipe
+    facts = from_recipe(recipe, recipe.targets[0])
+    assert (facts.sliding_window, facts.sliding_layers, facts.n_layer) == (512, 22, 26)  # layers 5, 11, 17, 23 are global
+    # llama-cpp-python's default (swa_full) gives sliding layers the whole context; without it, window + one batch.
+    assert facts.kv_cells_by_layer(4096) == [4096] * 26
+    assert facts.kv_cells_by_layer(4096, swa_full=False) == [1024] * 22 + [4096] * 4
