@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from helpers import REPO, SMOLLM
 
-from edgekit.errors import ExportError, SourceError
+from edgekit.errors import ConfigError, ExportError, SourceError
 from edgekit.export.gguf import quality
 from edgekit.export.gguf.convert import CheckpointTensors, convert_checkpoint
 from edgekit.runtime.gguf_file import gguf_facts, read_gguf_header
@@ -245,12 +245,16 @@ def test_bf16_and_f32_outputs_keep_the_source_values_exactly(llama_smollm_dir, t
     assert np.array_equal(got.reshape(expected.shape), expected)
 
 
-def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "num_hidden_layers": 2}))
-    with pytest.raises(ExportError) as caught:
+def test_unsupported_architecture_lists_the_registered_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox",
+                                                      "num_hidden_layers": 2}))
+    with pytest.raises(ConfigError) as caught:
         convert_checkpoint(tmp_path, tmp_path / "out.gguf")
-    assert "model_type 'gpt_neox' is not supported" in str(caught.value)
-    assert "llama (SmolLM2, TinyLlama, Llama-3.2)" in str(caught.value) and "qwen2 (Qwen2, Qwen2.5)" in str(caught.value)
+    assert caught.value.exit_code == 2
+    assert "architecture GPTNeoXForCausalLM is not registered" in str(caught.value)
+    for name in ("LlamaForCausalLM (SmolLM2, TinyLlama, Llama-3.2)", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+                 "Gemma3ForCausalLM", "Phi3ForCausalLM", "SmolLM3ForCausalLM"):
+        assert name in caught.value.hint
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edgekit.architectures import ARCHITECTURES, Architecture, ModelShape, by_gguf_name
 from edgekit.errors import ConfigError
 from edgekit.formats import FORMATS, TASKS
 from edgekit.fit.quant import (
@@ -18,14 +19,14 @@ from edgekit.fit.quant import (
     GGUF_HEADER_BYTES_PER_TOKEN,
     DecoderShape,
     Tensor,
-    gguf_tensor_bytes,
-    quantized_tensors,
+    definition_data_bytes,
+    definition_tensors,
 )
 from edgekit.schema.manifest import Manifest
 from edgekit.schema.recipe import ArchitectureFacts, GgufTarget, OnnxTarget, Recipe
 
-# GGUF architectures whose attention has q/k/v biases (llama.cpp src/llama-model.cpp, LLM_ARCH_QWEN2).
-QKV_BIAS_ARCHS = {"qwen2"}
+# Layouts tried, closest parameter count wins, when a recipe does not name its architecture.
+DEFAULT_LAYOUTS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # Bytes of tokenizer.json per vocabulary entry in an ONNX bundle (written without pretty-printing):
 # all-MiniLM-L6-v2, 30,522 tokens -> 466,267 bytes.
 TOKENIZER_JSON_BYTES_PER_TOKEN = 15.3
@@ -58,6 +59,9 @@ class ModelFacts:
     tied_embeddings: bool | None = None
     tensors: tuple[Tensor, ...] = ()  # per-tensor types where known (GGUF)
     max_length: int | None = None  # encoders: longest input the runtime accepts
+    architecture: str | None = None  # registered definition (edgekit.architectures) the sizes come from
+    sliding_window: int | None = None  # tokens a sliding-window layer attends to
+    sliding_layers: int = 0  # layers attending over sliding_window only (the rest see the whole context)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -76,6 +80,12 @@ class ModelFacts:
         """K and V cache bytes one token of context occupies (all layers)."""
         return self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v) * bytes_per_element
 
+    def kv_cells_by_layer(self, n_ctx: int, *, swa_full: bool = True, n_ubatch: int = 512) -> list[int]:
+        """KV cells each layer keeps for n_ctx tokens. llama-cpp-python's default (swa_full) sizes sliding layers
+        like the others; without it they keep sliding_window + one micro-batch (llama.cpp llama-kv-cache-iswa)."""
+        window = n_ctx if swa_full or not self.sliding_window else min(n_ctx, self.sliding_window + n_ubatch)
+        return [window] * self.sliding_layers + [n_ctx] * (self.n_layer - self.sliding_layers)
+
     def type_bytes(self) -> dict[str, int]:
         """Bytes per ggml type over the 2-D weights (empty when unknown)."""
         out: dict[str, int] = {}
@@ -84,27 +94,45 @@ class ModelFacts:
         return out
 
 
-def decoder_shape(facts: ArchitectureFacts, qkv_bias: bool) -> DecoderShape:
-    head_dim = facts.head_dim or facts.hidden_size // facts.n_head
-    return DecoderShape(
-        n_layer=facts.n_layer, n_embd=facts.hidden_size, n_ff=facts.intermediate_size, n_head=facts.n_head,
-        n_head_kv=facts.n_head_kv, head_dim=head_dim, n_vocab=facts.vocab_size,
-        tied_embeddings=facts.tie_word_embeddings, qkv_bias=qkv_bias,
-    )
-
-
-def _closest_shape(facts: ArchitectureFacts) -> tuple[DecoderShape, list[str]]:
-    """The decoder layout (with or without q/k/v biases) whose parameter count matches the recorded one."""
-    shapes = [decoder_shape(facts, bias) for bias in (False, True)]
-    best = min(shapes, key=lambda s: abs(s.parameters - facts.parameters))
-    miss = abs(best.parameters - facts.parameters) / facts.parameters
+def recipe_shape(facts: ArchitectureFacts) -> tuple[Architecture, ModelShape, list[str]]:
+    """The registered definition a recipe's architecture block names (else the closest llama-style one), and its shape."""
+    names = [facts.hf_architecture] if facts.hf_architecture else list(DEFAULT_LAYOUTS)
+    candidates = []
+    for name in names:
+        definition = ARCHITECTURES[name]
+        shape = definition.make_shape(
+            n_layer=facts.n_layer, n_embd=facts.hidden_size, n_ff=facts.intermediate_size, n_head=facts.n_head,
+            n_head_kv=facts.n_head_kv, head_dim=facts.head_dim or facts.hidden_size // facts.n_head,
+            n_vocab=facts.vocab_size, context_length=facts.context_length, tied_embeddings=facts.tie_word_embeddings,
+            partial_rotary_factor=facts.partial_rotary_factor or 1.0, rope_scaling={"rope_type": facts.rope_type or "default"},
+            sliding_window=facts.sliding_window,
+        )
+        candidates.append((definition, shape))
+    definition, shape = min(candidates, key=lambda c: abs(c[0].parameters(c[1]) - facts.parameters))
+    counted = definition.parameters(shape)
+    miss = abs(counted - facts.parameters) / facts.parameters
     notes = []
     if miss > 0.02:
         notes.append(
-            f"architecture facts add up to {best.parameters:,} parameters, the recipe says {facts.parameters:,} "
-            f"({miss:.1%} apart): the layout differs from llama-style (fused or extra tensors); sizes are approximate"
+            f"architecture facts add up to {counted:,} parameters as {definition.name}, the recipe says {facts.parameters:,} "
+            f"({miss:.1%} apart): set hf_architecture to the model's registered architecture; sizes are approximate"
         )
-    return best, notes
+    return definition, shape, notes
+
+
+def _manifest_shape(definition: Architecture, parameters: int, g, head_dim: int) -> ModelShape | None:
+    """The shape whose parameter count is the manifest's: feed-forward width and tying are the unknowns (linear in n_ff)."""
+    for tied in (True, False):
+        def shape(n_ff: int, tied=tied) -> ModelShape:
+            return definition.make_shape(n_layer=g.n_layer, n_embd=g.n_embd, n_ff=n_ff, n_head=g.n_head, n_head_kv=g.n_head_kv,
+                                         head_dim=head_dim, n_vocab=g.n_vocab, context_length=g.context_length,
+                                         tied_embeddings=tied)
+        base = definition.parameters(shape(0))
+        per_ff = definition.parameters(shape(1)) - base
+        n_ff, remainder = divmod(parameters - base, per_ff)
+        if remainder == 0 and n_ff > 0 and n_ff % 32 == 0:
+            return shape(n_ff)
+    return None
 
 
 def infer_n_ff(parameters: int, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, head_dim: int,
@@ -152,15 +180,14 @@ def gguf_from_manifest(manifest: Manifest) -> ModelFacts:
     notes: list[str] = []
     tensors: tuple[Tensor, ...] = ()
     n_ff = tied = None
-    inferred = infer_n_ff(manifest.parameters, g.n_layer, g.n_embd, g.n_head, g.n_head_kv, head_k, g.n_vocab,
-                          g.architecture in QKV_BIAS_ARCHS)
-    if inferred and g.quant_type in FILE_TYPES and head_k == head_v:
-        n_ff, tied = inferred
-        shape = DecoderShape(g.n_layer, g.n_embd, n_ff, g.n_head, g.n_head_kv, head_k, g.n_vocab, tied,
-                             g.architecture in QKV_BIAS_ARCHS)
-        tensors = tuple(quantized_tensors(shape, g.quant_type))
+    definition = by_gguf_name(g.architecture)
+    inferred = _manifest_shape(definition, manifest.parameters, g, head_k) if definition and head_k == head_v else None
+    if inferred and g.quant_type in FILE_TYPES:
+        shape = inferred
+        n_ff, tied = shape.n_ff, shape.tied_embeddings
+        tensors = tuple(definition_tensors(definition, shape, g.quant_type))
     else:
-        notes.append("per-tensor types unknown (not a llama-style layout or file type); weight repacking not estimated")
+        notes.append("per-tensor types unknown (unregistered architecture or file type); weight repacking not estimated")
     return ModelFacts(
         name=manifest.name, format=manifest.format, task=manifest.task, quant=g.quant_type, parameters=manifest.parameters,
         n_layer=g.n_layer, n_embd=g.n_embd, n_head=g.n_head, n_head_kv=g.n_head_kv, head_dim_k=head_k, head_dim_v=head_v,
@@ -207,16 +234,17 @@ def _common_recipe_facts(recipe: Recipe, target: OnnxTarget | GgufTarget, arch: 
 
 
 def gguf_from_recipe(recipe: Recipe, target: GgufTarget, arch: ArchitectureFacts) -> ModelFacts:
-    """GGUF target: tensor types and file size from llama.cpp's quantization rules over the closest llama shape."""
-    shape, notes = _closest_shape(arch)
-    tensors = tuple(quantized_tensors(shape, target.quant))
-    tensor_bytes = gguf_tensor_bytes(shape, target.quant)
-    # Sizes scale to the recorded parameter count when the layout is not exactly llama-style.
-    scale = arch.parameters / shape.parameters
+    """GGUF target: every tensor of the registered architecture, typed by llama.cpp's quantization rules, plus metadata."""
+    definition, shape, notes = recipe_shape(arch)
+    tensors = tuple(definition_tensors(definition, shape, target.quant))
+    tensor_bytes = definition_data_bytes(definition, shape, target.quant)
+    # Without a named architecture, sizes scale to the recorded parameter count (layout only approximately known).
+    scale = 1.0 if arch.hf_architecture else arch.parameters / definition.parameters(shape)
     weights = int(tensor_bytes * scale + GGUF_HEADER_BYTES_PER_TOKEN * arch.vocab_size)
     return ModelFacts(
         quant=target.quant, context_length=recipe.max_length or arch.context_length,
         weights_bytes=weights, bundle_bytes=weights, tensors=tensors, notes=tuple(notes),
+        architecture=definition.name, sliding_window=shape.sliding_window, sliding_layers=len(shape.sliding_layers),
         **_common_recipe_facts(recipe, target, arch),
     )
 

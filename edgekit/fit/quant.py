@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgekit.architectures import Architecture, ModelShape, TensorSpec, gguf_data_bytes
 from edgekit.formats.gguf import FILE_TYPES as GGUF_FILE_TYPES
 from edgekit.formats.gguf import GGML_TYPES
 
@@ -102,7 +103,7 @@ def _use_more_bits(i_layer: int, n_layer: int) -> bool:
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
-def _choose(name: str, row: int, file_type: str, layer: int | None, shape: DecoderShape) -> str:
+def _choose(name: str, row: int, file_type: str, layer: int | None, shape: DecoderShape | ModelShape) -> str:
     """The ggml type llama.cpp's quantizer gives one matrix (llama_tensor_get_type, for the file types above)."""
     base = FILE_TYPES[file_type]
     if base in ("F32", "F16", "BF16"):
@@ -116,7 +117,7 @@ def _choose(name: str, row: int, file_type: str, layer: int | None, shape: Decod
         chosen = base if base == "Q8_0" else "Q6_K"
     elif name == "token_embd.weight":
         chosen = base
-    elif name.endswith("attn_v.weight"):
+    elif name.endswith(("attn_v.weight", "attn_qkv.weight")):  # fused q/k/v (phi3) follows attn_v's rules
         if file_type == "Q2_K":
             chosen = "Q4_K" if shape.n_head // shape.n_head_kv >= 4 else "Q3_K"
         elif file_type == "Q3_K_M":
@@ -162,6 +163,29 @@ def quantized_tensors(shape: DecoderShape, file_type: str) -> list[Tensor]:
 def gguf_tensor_bytes(shape: DecoderShape, file_type: str) -> int:
     """Predicted bytes of all tensor data (matrices as quantized, vectors in F32)."""
     return sum(t.nbytes for t in quantized_tensors(shape, file_type)) + 4 * shape.vectors()
+
+
+def definition_tensors(arch: Architecture, shape: ModelShape, file_type: str) -> list[Tensor]:
+    """Every 2-D weight of a registered architecture with the type llama.cpp's quantizer would give it."""
+    if file_type not in FILE_TYPES:
+        raise KeyError(f"unknown GGUF file type {file_type!r}; known: {', '.join(FILE_TYPES)}")
+    out = []
+    for spec in arch.tensors(shape):
+        if not spec.is_matrix or spec.name.endswith("_norm.weight"):
+            continue
+        layer = int(spec.name.split(".")[1]) if spec.name.startswith("blk.") else None
+        out.append(Tensor(spec.name, spec.row, spec.shape[0], _choose(spec.name, spec.row, file_type, layer, shape)))
+    return out
+
+
+def definition_data_bytes(arch: Architecture, shape: ModelShape, file_type: str) -> int:
+    """Bytes of a GGUF file's tensor data for a registered architecture: matrices as typed, vectors F32, each aligned."""
+    types = {t.name: t for t in definition_tensors(arch, shape, file_type)}
+
+    def nbytes(spec: TensorSpec) -> int:
+        return types[spec.name].nbytes if spec.name in types else 4 * spec.n_elements
+
+    return gguf_data_bytes(arch.tensors(shape), nbytes)
 
 
 # GGUF metadata bytes per vocabulary entry: token string with its u64 length, token type, and

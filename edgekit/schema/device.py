@@ -19,6 +19,21 @@ from edgekit.schema.loading import Strict, load_yaml_model
 
 DeviceId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=64)]
 MIB = 1 << 20
+# Microarchitectures a profile may name, with the machine architectures they run. The speed model keeps its
+# per-core figures under the same names (edgekit.fit.speed.CORE_TYPES; a test holds the two equal), so an
+# unknown core is refused when the profile loads rather than failing inside the estimator.
+CORE_TYPES: dict[str, tuple[str, ...]] = {
+    "cortex-a53": ("aarch64", "armv7l"),
+    "cortex-a72": ("aarch64", "armv7l"),
+    "cortex-a76": ("aarch64",),
+    "cortex-a78ae": ("aarch64",),
+    "gracemont": ("x86_64",),
+    "x86-64-v3": ("x86_64",),
+}
+CoreTypeName = Literal[tuple(CORE_TYPES)]
+# Instruction-set flags by the machine architectures that can have them.
+ARM_FLAGS = ("neon", "dotprod", "i8mm", "fp16")
+X86_FLAGS = ("avx2", "avx_vnni", "avx512_vnni")
 
 
 class Provenance(Strict):
@@ -61,12 +76,22 @@ class CpuSpec(Provenance):
 
     arch: Literal["aarch64", "armv7l", "x86_64"] = Field(description="Machine architecture (uname -m).")
     cores: int = Field(ge=1, le=256, description="Cores used for inference (the big cores on big.LITTLE SoCs).")
-    core_type: str = Field(description="Microarchitecture, a key of edgekit.fit.speed.CORE_TYPES (e.g. cortex-a76, gracemont).")
+    core_type: CoreTypeName = Field(description="Microarchitecture of those cores (the speed model's per-core figures).")
     clock_ghz: float = Field(gt=0, le=6, description="Sustained clock of those cores in GHz.")
     isa: IsaFeatures = Field(description="SIMD features of those cores.")
     clusters: list[CoreClusterSpec] = Field(
         default_factory=list, description="Core clusters, fastest first, when measured (edgekit profile-host); 'cores' "
         "counts the first. The daemon pins its workers to the fastest cores of the board it runs on.")
+
+    @model_validator(mode="after")
+    def _core_and_isa_fit_arch(self) -> CpuSpec:
+        if self.arch not in CORE_TYPES[self.core_type]:
+            raise ValueError(f"core_type {self.core_type} is not an {self.arch} core (it runs {', '.join(CORE_TYPES[self.core_type])})")
+        foreign = X86_FLAGS if self.arch != "x86_64" else ARM_FLAGS
+        wrong = [flag for flag in foreign if getattr(self.isa, flag)]
+        if wrong:
+            raise ValueError(f"isa flags {', '.join(wrong)} do not exist on {self.arch}")
+        return self
 
 
 class MemorySpec(Provenance):

@@ -13,6 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
+from edgekit.architectures import ARCHITECTURES, registered
 from edgekit.errors import RecipeError
 from edgekit.formats import TASKS, tasks_of
 from edgekit.formats.gguf import FILE_TYPES
@@ -191,6 +192,24 @@ class ArchitectureFacts(Strict):
     vocab_size: int = Field(ge=1, description="Vocabulary size.")
     context_length: int = Field(ge=1, description="Maximum positions (max_position_embeddings).")
     tie_word_embeddings: bool = Field(False, description="Output head shares the embedding matrix.")
+    hf_architecture: str | None = Field(
+        None, description="config.json `architectures` name (e.g. Qwen3ForCausalLM): the registered definition "
+        "(edgekit.architectures) whose tensor layout sizes the file; default: the llama-style layout closest to `parameters`."
+    )
+    sliding_window: int | None = Field(None, ge=1, description="config.json sliding_window, for architectures with sliding-window layers.")
+    partial_rotary_factor: float | None = Field(None, gt=0, le=1, description="config.json partial_rotary_factor (rotated share of a head).")
+    rope_type: str | None = Field(None, description="config.json rope_scaling.rope_type (llama3, longrope, yarn, linear); none: plain RoPE.")
+
+    @model_validator(mode="after")
+    def _registered_architecture(self) -> ArchitectureFacts:
+        if self.hf_architecture is not None:
+            if self.hf_architecture not in ARCHITECTURES:
+                raise ValueError(f"hf_architecture {self.hf_architecture!r} is not registered; registered: {registered()}")
+            definition = ARCHITECTURES[self.hf_architecture]
+            if (self.rope_type or "default") not in definition.rope_types:
+                raise ValueError(f"rope_type {self.rope_type!r} is not supported for {self.hf_architecture}; "
+                                 f"supported: {', '.join(definition.rope_types)}")
+        return self
 
 
 class Recipe(Strict):

@@ -230,7 +230,7 @@ def _from_gguf(job: ExportJob) -> BuildResult:
     facts = gguf_facts(header).model_copy(update={"requantized_from": source_type})
     return BuildResult(
         quantization=target.quant,
-        parameters=sum(t.n_elements for t in source_header.tensors if t.name != "rope_freqs.weight"),
+        parameters=sum(t.n_elements for t in source_header.tensors if not t.name.startswith("rope_")),
         runtime=_runtime(job, header, facts, normalization),
         metrics=metrics,
         tools=quality_tools(),

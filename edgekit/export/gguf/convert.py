@@ -10,6 +10,7 @@ tensors that architecture declares (``gguf.MODEL_TENSORS``), so nothing unmapped
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, MODEL_TENSORS, GGMLQuantizationType, GGUFWriter, LlamaFileType, get_tensor_name_map
+from gguf import (
+    GGML_QUANT_VERSION,
+    MODEL_TENSORS,
+    TENSOR_NAMES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    LlamaFileType,
+    get_tensor_name_map,
+)
 
 from edgekit.errors import ExportError, SourceError
-from edgekit.export.gguf.architectures import Architecture, architecture_for
+from edgekit.export.gguf.architectures import ConverterArchitecture, architecture_for
 from edgekit.export.gguf.vocab import Vocabulary, build_vocabulary
 from edgekit.formats.gguf import FILE_TYPES
 
@@ -169,26 +178,28 @@ def _output_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> GGMLQu
     return OUTTYPES[outtype][0]
 
 
-def plan_tensors(arch: Architecture, config: dict, tensors: CheckpointTensors, outtype: str) -> list[PlannedTensor]:
-    """Map every checkpoint tensor to its GGUF name, or fail naming the ones that do not map."""
-    n_blocks = int(config["num_hidden_layers"])
-    name_map = get_tensor_name_map(arch.arch, n_blocks)
-    allowed = set(MODEL_TENSORS[arch.arch])
+def plan_tensors(arch: ConverterArchitecture, tensors: CheckpointTensors, outtype: str) -> list[PlannedTensor]:
+    """Map every checkpoint tensor to its GGUF name, or fail naming the ones that do not map.
+
+    The result must be exactly the tensors (names and shapes) the architecture definition lists, so the
+    fit estimator, which reads the same definition, predicts what is written here.
+    """
+    name_map = get_tensor_name_map(arch.arch, arch.shape.n_layer)
+    allowed = {TENSOR_NAMES[kind] for kind in MODEL_TENSORS[arch.arch]}
     planned, unmapped = [], []
-    tied = bool(config.get("tie_word_embeddings"))
     for hf_name, entry in tensors.tensors.items():
         if arch.skipped(hf_name):
             continue
         found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if found is None or found[0] not in allowed:
+        if found is None or re.sub(r"\.\d+\.", ".{bid}.", found[1]).rsplit(".", 1)[0] not in allowed:
             unmapped.append(hf_name)
             continue
-        kind, gguf_name = found
-        if tied and gguf_name == "output.weight":
+        gguf_name = found[1]
+        if arch.shape.tied_embeddings and gguf_name == "output.weight":
             continue  # llama.cpp reuses token_embd when output is absent
 
         def produce(hf_name=hf_name, gguf_name=gguf_name):
-            return arch.transform(gguf_name, tensors.load(hf_name), config)
+            return arch.transform(gguf_name, tensors.load(hf_name))
 
         planned.append(PlannedTensor(gguf_name, entry.shape, _output_type(gguf_name, entry.shape, outtype), produce))
     if unmapped:
@@ -196,11 +207,22 @@ def plan_tensors(arch: Architecture, config: dict, tensors: CheckpointTensors, o
             f"{tensors.source}: {len(unmapped)} tensors have no {arch.gguf_name} GGUF counterpart: {', '.join(unmapped[:8])}",
             hint="the checkpoint is not a plain decoder of this architecture (adapters, vision towers?)",
         )
-    for gguf_name, values in arch.extra_tensors(config).items():
+    for gguf_name, values in arch.extra_tensors().items():
         planned.append(PlannedTensor(gguf_name, values.shape, GGMLQuantizationType.F32, lambda values=values: values))
     names = [t.name for t in planned]
     if "token_embd.weight" not in names:
         raise ExportError(f"{tensors.source}: no token embedding found among the checkpoint's tensors")
+    expected = {t.name: tuple(t.shape) for t in arch.definition.tensors(arch.shape)}
+    got = {t.name: tuple(t.shape) for t in planned}
+    if got != expected:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        reshaped = sorted(n for n in set(got) & set(expected) if got[n] != expected[n])
+        raise ExportError(
+            f"{tensors.source}: the checkpoint's tensors differ from the {arch.definition.name} definition "
+            f"(missing {missing[:4]}, unexpected {extra[:4]}, other shape {reshaped[:4]})",
+            hint="config.json and the weights disagree, or the checkpoint is a variant this definition does not describe",
+        )
     return planned
 
 
@@ -234,13 +256,13 @@ def convert_checkpoint(
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     arch = architecture_for(config)
     tensors = CheckpointTensors(source, allow_pickle=allow_pickle)
-    vocabulary = build_vocabulary(source, int(config["vocab_size"]))
-    planned = plan_tensors(arch, config, tensors, outtype)
+    vocabulary = build_vocabulary(source, arch.shape.n_vocab)
+    planned = plan_tensors(arch, tensors, outtype)
 
     with _writer(out_path, arch.gguf_name) as writer:
         writer.add_type("model")
         writer.add_name(name or config.get("_name_or_path") or source.name)
-        arch.hparams(writer, config)
+        arch.hparams(writer)
         writer.add_file_type(OUTTYPES[outtype][1])
         writer.add_quantization_version(GGML_QUANT_VERSION)
         vocabulary.write(writer)
@@ -260,6 +282,6 @@ def convert_checkpoint(
             writer.write_tensor_data(cast(tensor.name, values, tensor.ggml_type))
             if index % step == 0 or index == len(planned):
                 progress(f"converting to {outtype}: {index}/{len(planned)} tensors")
-    parameters = sum(int(np.prod(t.shape, dtype=np.int64)) for t in planned if t.name != "rope_freqs.weight")
+    parameters = sum(int(np.prod(t.shape, dtype=np.int64)) for t in planned if not t.name.startswith("rope_"))
     seconds = time.perf_counter() - started
     return ConversionReport(out_path, arch.gguf_name, outtype, len(planned), parameters, seconds, vocabulary)

@@ -12,6 +12,7 @@ of each window rather than its second half, because the shipped text is short.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import unicodedata
 from collections.abc import Sequence
@@ -74,7 +75,10 @@ class TorchScorer:
 
         torch.set_num_threads(threads or default_threads())
         self._torch = torch
-        self._model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        # Soft-capped attention (gemma2) is only computed by transformers' eager attention.
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+        attention = "eager" if config.get("attn_logit_softcapping") is not None else None
+        self._model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attention).eval()
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         with self._torch.inference_mode():
