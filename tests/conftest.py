@@ -57,3 +57,22 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir: Path) -> Path:
     vocab = json.loads((minilm_dir / "tokenizer.json").read_text())["model"]["vocab"]
     (out / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sample_store):
+    """A tiny random checkpoint per registered decoder case (tests/tiny_models.py): (folder, f16 conversion report)."""
+    import tiny_models
+
+    from edgekit.export.gguf.convert import convert_checkpoint
+
+    results = {}
+
+    def get(case: str):
+        if case not in results:
+            root = tmp_path_factory.mktemp(f"tiny-{case}")
+            source = tiny_models.build(case, root / "hf", sample_store)
+            results[case] = (source, convert_checkpoint(source, root / "f16.gguf", outtype="F16"))
+        return results[case]
+
+    return get

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from helpers import REPO
 
 from edgekit.bench.host import ARM_PARTS
 from edgekit.errors import DeviceError
 from edgekit.fit import speed
 from edgekit.schema.device import CORE_TYPES, load_catalog, load_device_file
-from tests.conftest import REPO
 
 
 def _profile(tmp_path, **cpu):

@@ -13,18 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
+from tiny_models import CORPUS, EVAL_TEXT
 
 from edgekit.architectures import ARCHITECTURES, architecture_for
 from edgekit.errors import ConfigError, RecipeError
 from edgekit.export.gguf import quality
-from edgekit.export.gguf.convert import convert_checkpoint
 from edgekit.export.gguf.quantize import quantize
 from edgekit.fit.facts import from_recipe
 from edgekit.fit.quant import definition_data_bytes
 from edgekit.runtime.gguf_file import read_gguf_header
 from edgekit.schema.recipe import Recipe
-from tests import tiny_models
-from tests.tiny_models import CORPUS, EVAL_TEXT
 
 # (tokenizer.ggml.model, tokenizer.ggml.pre, GGUF tensors) per case.
 EXPECTED = {
@@ -67,21 +66,6 @@ def _facts_recipe(config: dict, quant: str) -> Recipe:
 def _data_bytes(path: Path) -> int:
     header = read_gguf_header(path)
     return path.stat().st_size - header.data_offset
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sample_store):
-    """Per case: (checkpoint dir, f16 conversion report), built and converted once."""
-    results = {}
-
-    def get(case: str):
-        if case not in results:
-            root = tmp_path_factory.mktemp(f"tiny-{case}")
-            source = tiny_models.build(case, root / "hf", sample_store)
-            results[case] = (source, convert_checkpoint(source, root / "f16.gguf", outtype="F16"))
-        return results[case]
-
-    return get
 
 
 @pytest.mark.slow

