@@ -15,7 +15,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HERE="$ROOT/scripts/arm64"
 HOME_DIR="${EDGEKIT_HOME:-$HOME/.cache/edgekit}"
 CACHE="$HOME_DIR/arm64"
-RUN="$CACHE/run"                       # fresh roots and every step's output of the last run
+RUN="$CACHE/run"                       # fresh roots and every step's output of this run (the last: run.previous)
 RESULTS="$ROOT/bench-results/arm64-check.json"
 MIRROR="${EDGEKIT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=trixie                           # Debian 13: Python 3.13, as Raspberry Pi OS on it
@@ -37,14 +37,21 @@ MAX_TOKENS=16
 TEXTS=("The parcel arrived on time." "The package was delivered on time.")
 # Golden checks only: a speed measured under TCG emulation says nothing about a board.
 DOCTOR_FLAGS=(--no-speed)
+# Emulation runs a board's work 10-50x slower, and the boards share 2 host cores: loading a model (its
+# golden checks run before it is served) and a request may take minutes. The chat model is preloaded;
+# the encoder loads on its request (on the Zero 2 W the two take turns in its memory budget anyway).
+EMULATED_TIMEOUT=900                   # seconds a model load or a request may take in the emulated daemon
+EMULATED_SERVE_FLAGS=(--load-timeout-s "$EMULATED_TIMEOUT" --request-timeout-s "$EMULATED_TIMEOUT" --omp-spin-count 0)
+# OpenMP threads that wait for work sleep instead of spinning: with three emulated boards on two host
+# cores a spinning thread only takes time from the others (results do not depend on it).
+BOARD_ENV=(OMP_WAIT_POLICY=PASSIVE)
 PORT=8080                              # on the namespace's own loopback
 PREFIX=/opt/edgekit                    # install.sh's default prefix
 HOST_APT=(qemu-user-static binfmt-support mmdebstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake ninja-build
           iproute2)
 MMDEBSTRAP_OPTS=(--variant=apt --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-exclude=/usr/share/man/*
                  --dpkgopt=path-exclude=/usr/share/locale/*)
-NAMESPACE_TIMEOUT=1500                 # seconds one board's emulated lane may take (then all of it is killed)
-READY_TIMEOUT=600                      # seconds the daemon may take to load both bundles under emulation
+NAMESPACE_TIMEOUT=1800                 # seconds one board's emulated lane may take (then all of it is killed)
 STOP_TIMEOUT=120                       # seconds from SIGTERM to the daemon's exit
 BOARD_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -102,7 +109,7 @@ enter_root() {
 # exec: qemu-user reads it per process (a child started with a scrubbed environment gets `max`).
 board() {
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 \
-    PATH="$BOARD_PATH" "$@"
+    PATH="$BOARD_PATH" "${BOARD_ENV[@]}" "$@"
 }
 
 # No network inside: only the loopback link, and a connection to a public address fails at once.
@@ -141,10 +148,12 @@ step() {
 serve_and_ask() {
   local board_id=$1 bin=$PREFIX/current/venv/bin pid rc=0 watchdog
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 PATH="$BOARD_PATH" \
-    "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" --device "$PREFIX/current/$board_id.yaml" \
-    --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" ${SERVE_FLAGS[$board_id]:-} > serve.log 2>&1 &
+    "${BOARD_ENV[@]}" "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" \
+    --device "$PREFIX/current/$board_id.yaml" --preload "$CHAT_BUNDLE" "${EMULATED_SERVE_FLAGS[@]}" \
+    ${SERVE_FLAGS[$board_id]:-} > serve.log 2>&1 &
   pid=$!
-  "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$READY_TIMEOUT" \
+  "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$EMULATED_TIMEOUT" \
+    --request-timeout "$EMULATED_TIMEOUT" \
     --chat-model "$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
     --embed-model "$EMBED_BUNDLE" "${TEXTS[@]/#/--text=}" > client.json 2> client.log || rc=$?
   kill -TERM "$pid" 2>/dev/null || true
@@ -392,7 +401,12 @@ main() {
     HOST_PY=$(command -v python)
   fi
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's edgekit, also in a shared venv
-  rm -rf "$RUN"
+  # The last run's outputs stay beside the new one (without its roots) to look into.
+  rm -rf "$RUN.previous"
+  if [ -d "$RUN" ]; then
+    rm -rf "$RUN"/*/root "$RUN/refuse-root" "$RUN/smoke/root"
+    mv "$RUN" "$RUN.previous"
+  fi
   mkdir -p "$RUN" "$CACHE/packs" "$(dirname "$RESULTS")"
   HOST_STEPS="$RUN/host-steps.tsv"
   : > "$HOST_STEPS"
