@@ -41,7 +41,9 @@ DOCTOR_FLAGS=(--no-speed)
 # golden checks run before it is served) and a request may take minutes. The chat model is preloaded;
 # the encoder loads on its request (on the Zero 2 W the two take turns in its memory budget anyway).
 EMULATED_TIMEOUT=900                   # seconds a model load or a request may take in the emulated daemon
-EMULATED_SERVE_FLAGS=(--load-timeout-s "$EMULATED_TIMEOUT" --request-timeout-s "$EMULATED_TIMEOUT" --omp-spin-count 0)
+# One thread per model worker: three emulated boards already keep both host cores busy.
+EMULATED_SERVE_FLAGS=(--load-timeout-s "$EMULATED_TIMEOUT" --request-timeout-s "$EMULATED_TIMEOUT" --omp-spin-count 0
+                      --threads 1)
 # OpenMP threads that wait for work sleep instead of spinning: with three emulated boards on two host
 # cores a spinning thread only takes time from the others (results do not depend on it).
 BOARD_ENV=(OMP_WAIT_POLICY=PASSIVE)
@@ -423,18 +425,19 @@ main() {
   [ -f "$BUNDLES/$CHAT_BUNDLE/manifest.json" ] && [ -f "$BUNDLES/$EMBED_BUNDLE/manifest.json" ] && bundles_cached=true
   timed "sample bundles" export_samples || die "exporting the sample bundles failed"
   timed "x86 reference" x86_reference || die "the x86 reference run failed"
-  local packed=() pids=() i
+  local started_boards=() pids=() i
   for board_id in "${boards[@]}"; do
-    pack_board "$board_id" && packed+=("$board_id") || log "$board_id: edgekit pack failed"
-  done
-  wait "$root_pid" || die "building the root failed"
-  # The boards run side by side: much of an emulated lane is one thread (pip, imports, hashing).
-  for board_id in "${packed[@]}"; do
+    pack_board "$board_id" || { log "$board_id: edgekit pack failed"; continue; }
+    [ -z "$root_pid" ] || { wait "$root_pid" || die "building the root failed"; root_pid=""; }
+    # Each board starts as soon as its pack is made; the boards run side by side (much of an emulated
+    # lane is one thread: pip, imports, hashing).
     emulate "$board_id" &
     pids+=($!)
+    started_boards+=("$board_id")
   done
+  [ -z "$root_pid" ] || wait "$root_pid" || die "building the root failed"
   for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || log "${packed[$i]}: a step failed (outputs in $RUN/${packed[$i]})"
+    wait "${pids[$i]}" || log "${started_boards[$i]}: a step failed (outputs in $RUN/${started_boards[$i]})"
   done
   "$HOST_PY" "$HERE/report.py" --run "$RUN" --out "$RESULTS" --boards "${boards[@]}" --chat-bundle "$BUNDLES/$CHAT_BUNDLE" \
     --embed-bundle "$EMBED_BUNDLE" --refuse-board "$REFUSE_BOARD" \
