@@ -15,7 +15,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HERE="$ROOT/scripts/arm64"
 HOME_DIR="${EDGEKIT_HOME:-$HOME/.cache/edgekit}"
 CACHE="$HOME_DIR/arm64"
-RUN="$CACHE/run"                       # fresh roots and every step's output of the last run
+RUN="$CACHE/run"                       # fresh roots and every step's output of this run (the last: run.previous)
 RESULTS="$ROOT/bench-results/arm64-check.json"
 MIRROR="${EDGEKIT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=trixie                           # Debian 13: Python 3.13, as Raspberry Pi OS on it
@@ -37,15 +37,23 @@ MAX_TOKENS=16
 TEXTS=("The parcel arrived on time." "The package was delivered on time.")
 # Golden checks only: a speed measured under TCG emulation says nothing about a board.
 DOCTOR_FLAGS=(--no-speed)
+# Emulation runs a board's work 10-50x slower, and the boards share 2 host cores: loading a model (its
+# golden checks run before it is served) and a request may take minutes. The chat model is preloaded;
+# the encoder loads on its request (on the Zero 2 W the two take turns in its memory budget anyway).
+EMULATED_TIMEOUT=900                   # seconds a model load or a request may take in the emulated daemon
+# One thread per model worker: three emulated boards already keep both host cores busy.
+EMULATED_SERVE_FLAGS=(--load-timeout-s "$EMULATED_TIMEOUT" --request-timeout-s "$EMULATED_TIMEOUT" --omp-spin-count 0
+                      --threads 1)
+# OpenMP threads that wait for work sleep instead of spinning: with three emulated boards on two host
+# cores a spinning thread only takes time from the others (results do not depend on it).
+BOARD_ENV=(OMP_WAIT_POLICY=PASSIVE)
 PORT=8080                              # on the namespace's own loopback
 PREFIX=/opt/edgekit                    # install.sh's default prefix
 HOST_APT=(qemu-user-static binfmt-support mmdebstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake ninja-build
           iproute2)
 MMDEBSTRAP_OPTS=(--variant=apt --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-exclude=/usr/share/man/*
                  --dpkgopt=path-exclude=/usr/share/locale/*)
-NAMESPACE_TIMEOUT=1500                 # seconds one board's emulated lane may take (then all of it is killed)
-READY_TIMEOUT=600                      # seconds the daemon may take to load both bundles under emulation
-LOAD_TIMEOUT=900                       # one model's load with its golden checks under emulation (default 120 s)
+NAMESPACE_TIMEOUT=1800                 # seconds one board's emulated lane may take (then all of it is killed)
 STOP_TIMEOUT=120                       # seconds from SIGTERM to the daemon's exit
 BOARD_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -103,7 +111,7 @@ enter_root() {
 # exec: qemu-user reads it per process (a child started with a scrubbed environment gets `max`).
 board() {
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 \
-    PATH="$BOARD_PATH" "$@"
+    PATH="$BOARD_PATH" "${BOARD_ENV[@]}" "$@"
 }
 
 # No network inside: only the loopback link, and a connection to a public address fails at once.
@@ -142,11 +150,12 @@ step() {
 serve_and_ask() {
   local board_id=$1 bin=$PREFIX/current/venv/bin pid rc=0 watchdog
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 PATH="$BOARD_PATH" \
-    "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" --device "$PREFIX/current/$board_id.yaml" \
-    --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" --load-timeout-s "$LOAD_TIMEOUT" ${SERVE_FLAGS[$board_id]:-} \
-    > serve.log 2>&1 &
+    "${BOARD_ENV[@]}" "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" \
+    --device "$PREFIX/current/$board_id.yaml" --preload "$CHAT_BUNDLE" "${EMULATED_SERVE_FLAGS[@]}" \
+    ${SERVE_FLAGS[$board_id]:-} > serve.log 2>&1 &
   pid=$!
-  "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$READY_TIMEOUT" \
+  "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$EMULATED_TIMEOUT" \
+    --request-timeout "$EMULATED_TIMEOUT" \
     --chat-model "$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
     --embed-model "$EMBED_BUNDLE" "${TEXTS[@]/#/--text=}" > client.json 2> client.log || rc=$?
   kill -TERM "$pid" 2>/dev/null || true
@@ -394,7 +403,12 @@ main() {
     HOST_PY=$(command -v python)
   fi
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's edgekit, also in a shared venv
-  rm -rf "$RUN"
+  # The last run's outputs stay beside the new one (without its roots) to look into.
+  rm -rf "$RUN.previous"
+  if [ -d "$RUN" ]; then
+    rm -rf "$RUN"/*/root "$RUN/refuse-root" "$RUN/smoke/root"
+    mv "$RUN" "$RUN.previous"
+  fi
   mkdir -p "$RUN" "$CACHE/packs" "$(dirname "$RESULTS")"
   HOST_STEPS="$RUN/host-steps.tsv"
   : > "$HOST_STEPS"
@@ -411,18 +425,19 @@ main() {
   [ -f "$BUNDLES/$CHAT_BUNDLE/manifest.json" ] && [ -f "$BUNDLES/$EMBED_BUNDLE/manifest.json" ] && bundles_cached=true
   timed "sample bundles" export_samples || die "exporting the sample bundles failed"
   timed "x86 reference" x86_reference || die "the x86 reference run failed"
-  local packed=() pids=() i
+  local started_boards=() pids=() i
   for board_id in "${boards[@]}"; do
-    pack_board "$board_id" && packed+=("$board_id") || log "$board_id: edgekit pack failed"
-  done
-  wait "$root_pid" || die "building the root failed"
-  # The boards run side by side: much of an emulated lane is one thread (pip, imports, hashing).
-  for board_id in "${packed[@]}"; do
+    pack_board "$board_id" || { log "$board_id: edgekit pack failed"; continue; }
+    [ -z "$root_pid" ] || { wait "$root_pid" || die "building the root failed"; root_pid=""; }
+    # Each board starts as soon as its pack is made; the boards run side by side (much of an emulated
+    # lane is one thread: pip, imports, hashing).
     emulate "$board_id" &
     pids+=($!)
+    started_boards+=("$board_id")
   done
+  [ -z "$root_pid" ] || wait "$root_pid" || die "building the root failed"
   for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || log "${packed[$i]}: a step failed (outputs in $RUN/${packed[$i]})"
+    wait "${pids[$i]}" || log "${started_boards[$i]}: a step failed (outputs in $RUN/${started_boards[$i]})"
   done
   "$HOST_PY" "$HERE/report.py" --run "$RUN" --out "$RESULTS" --boards "${boards[@]}" --chat-bundle "$BUNDLES/$CHAT_BUNDLE" \
     --embed-bundle "$EMBED_BUNDLE" --refuse-board "$REFUSE_BOARD" \
