@@ -331,10 +331,14 @@ x86_reference() {
     --max-tokens "$MAX_TOKENS" --embed-bundle "$BUNDLES/$EMBED_BUNDLE" "${TEXTS[@]/#/--text=}" > "$RUN/x86.json"
 }
 
+EDGEKIT_WHEEL=""  # edgekit's wheel as the first pack of this run built it; the other packs ship the same file
 pack_for() {  # BOARD: edgekit pack of the sample bundles for BOARD
-  local board_id=$1
+  local board_id=$1 wheel_args=()
+  [ -z "$EDGEKIT_WHEEL" ] || wheel_args=(--edgekit-wheel "$EDGEKIT_WHEEL")
   (cd "$ROOT" && "$HOST_PY" -m edgekit pack "$BUNDLES/$CHAT_BUNDLE" "$BUNDLES/$EMBED_BUNDLE" \
-    --device "$board_id" --out "$CACHE/packs/$board_id" ${SERVE_FLAGS[$board_id]:-} --json) > "$RUN/$board_id/pack.json"
+    --device "$board_id" --out "$CACHE/packs/$board_id" ${SERVE_FLAGS[$board_id]:-} "${wheel_args[@]}" --json) \
+    > "$RUN/$board_id/pack.json" || return
+  [ -n "$EDGEKIT_WHEEL" ] || EDGEKIT_WHEEL=$(ls "$CACHE/packs/$board_id/wheels"/edgekit-*.whl)
 }
 
 # A fresh root with the pack copied in.
