@@ -75,9 +75,11 @@ else
     --no-index --find-links "$HERE/wheels" --only-binary=:all: --no-cache-dir --disable-pip-version-check --no-compile \
     "$PACK_REQUIREMENT" pip \
     || die 3 "pip could not install the pack's wheels; $PREFIX/current is unchanged"
-  "$REL/venv/bin/python" -c 'import llama_cpp, onnxruntime, tokenizers' \
+  # -I: the venv's own packages only (no PYTHON* variables, and no folder in the current directory
+  # named like a package shadows it).
+  "$REL/venv/bin/python" -I -c 'import llama_cpp, onnxruntime, tokenizers' \
     || die 3 "the installed runtime does not load on this board; $PREFIX/current is unchanged"
-  "$REL/venv/bin/python" -m edgekit.pack.board.precompile \
+  "$REL/venv/bin/python" -I -m edgekit.pack.board.precompile \
     || die 3 "byte-compiling what the board imports failed; $PREFIX/current is unchanged"
   cp -R "$HERE/bundles" "$REL/bundles"
   cp "$HERE/$PACK_DEVICE.yaml" "$HERE/pack.json" "$REL/"
