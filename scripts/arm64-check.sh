@@ -15,11 +15,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HERE="$ROOT/scripts/arm64"
 HOME_DIR="${EDGEKIT_HOME:-$HOME/.cache/edgekit}"
 CACHE="$HOME_DIR/arm64"
-RUN="$CACHE/run"                       # fresh roots and every step's output of the last run
+RUN="$CACHE/run"                       # fresh roots and every step's output of this run (the last: run.previous)
 RESULTS="$ROOT/bench-results/arm64-check.json"
 MIRROR="${EDGEKIT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=trixie                           # Debian 13: Python 3.13, as Raspberry Pi OS on it
-BOARDS=(rpi-5-8gb rpi-4-4gb rpi-zero-2w)
+# The slower cores first (a board starts as soon as its pack is made): the Cortex-A76 runs the same work
+# in about two thirds of the time and also runs the refusal, so the three end about together.
+BOARDS=(rpi-zero-2w rpi-4-4gb rpi-5-8gb)
 REFUSE_BOARD=rpi-5-8gb                 # its pack (Armv8.2 dot product) must be refused on ...
 REFUSE_CORE=cortex-a72                 # ... a core without it,
 REFUSE_FEATURE=asimddp                 # naming this feature
@@ -37,15 +39,26 @@ MAX_TOKENS=16
 TEXTS=("The parcel arrived on time." "The package was delivered on time.")
 # Golden checks only: a speed measured under TCG emulation says nothing about a board.
 DOCTOR_FLAGS=(--no-speed)
+# Emulation runs a board's work 10-50x slower, and the boards share 2 host cores: loading a model (its
+# golden checks run before it is served) and a request may take minutes. The chat model is preloaded;
+# the encoder loads on its request (on the Zero 2 W the two take turns in its memory budget anyway).
+EMULATED_TIMEOUT=900                   # seconds a model load or a request may take in the emulated daemon
+# One thread per model worker: three emulated boards already keep both host cores busy.
+# Debug logging: serve.log then shows every request the daemon got (its access log).
+EMULATED_SERVE_FLAGS=(--load-timeout-s "$EMULATED_TIMEOUT" --request-timeout-s "$EMULATED_TIMEOUT" --omp-spin-count 0
+                      --threads 1 --log-level debug)
+# OpenMP threads that wait for work sleep instead of spinning: with three emulated boards on two host
+# cores a spinning thread only takes time from the others (results do not depend on it). Python 3.13
+# reports one CPU, so what sizes itself by os.cpu_count() runs one thread too, like the daemon's workers:
+# doctor's golden checks (llama-cpp-python's default threads) and onnxruntime's intra-op pool.
+BOARD_ENV=(OMP_WAIT_POLICY=PASSIVE PYTHON_CPU_COUNT=1)
 PORT=8080                              # on the namespace's own loopback
 PREFIX=/opt/edgekit                    # install.sh's default prefix
 HOST_APT=(qemu-user-static binfmt-support mmdebstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake ninja-build
           iproute2)
 MMDEBSTRAP_OPTS=(--variant=apt --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-exclude=/usr/share/man/*
                  --dpkgopt=path-exclude=/usr/share/locale/*)
-NAMESPACE_TIMEOUT=1500                 # seconds one board's emulated lane may take (then all of it is killed)
-READY_TIMEOUT=600                      # seconds the daemon may take to load both bundles under emulation
-LOAD_TIMEOUT=900                       # one model's load with its golden checks under emulation (default 120 s)
+NAMESPACE_TIMEOUT=1800                 # seconds one board's emulated lane may take (then all of it is killed)
 STOP_TIMEOUT=120                       # seconds from SIGTERM to the daemon's exit
 BOARD_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -53,6 +66,11 @@ log() { printf '[arm64-check %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "FAILED: $*"; exit "${2:-1}"; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
+# cpu_now PID: user + system CPU seconds of the waited-for children of shell PID (and theirs): cutime +
+# cstime of /proc/PID/stat. PID is the caller's $BASHPID, taken before a $(...) subshell.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_now() { awk -v tck="$CLK_TCK" '{sub(/^.*\) /, ""); printf "%.1f", ($14 + $15) / tck}' "/proc/$1/stat"; }
+cpu_since() { awk -v a="$2" -v b="$(cpu_now "$1")" 'BEGIN {printf "%.1f", b - a}'; }  # PID START
 
 # The qemu cpu model of a board: the device profile's cpu.core_type (qemu names cores the same way).
 core_of() { awk '$1 == "core_type:" {print $2; exit}' "$ROOT/devices/$1.yaml"; }
@@ -103,7 +121,7 @@ enter_root() {
 # exec: qemu-user reads it per process (a child started with a scrubbed environment gets `max`).
 board() {
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 \
-    PATH="$BOARD_PATH" "$@"
+    PATH="$BOARD_PATH" "${BOARD_ENV[@]}" "$@"
 }
 
 # No network inside: only the loopback link, and a connection to a public address fails at once.
@@ -127,14 +145,14 @@ names = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid a
 hwcap = ctypes.CDLL(None).getauxval(16)  # AT_HWCAP
 print(" ".join(n for i, n in enumerate(names) if hwcap >> i & 1))'
 
-# step NAME CMD...: run CMD, append "NAME seconds exit" to steps.tsv in the current folder.
+# step NAME CMD...: run CMD, append "NAME seconds exit cpu-seconds" to steps.tsv in the current folder.
 step() {
-  local name=$1 start rc=0
+  local name=$1 start cpu rc=0 me=$BASHPID
   shift
-  start=$(now)
+  start=$(now) cpu=$(cpu_now "$me")
   "$@" || rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$(since "$start")" "$rc" >> steps.tsv
-  log "${PWD##*/} $name: exit $rc after $(since "$start") s" 2>&3  # fd 3: the terminal, whatever the step's output goes to
+  printf '%s\t%s\t%s\t%s\n' "$name" "$(since "$start")" "$rc" "$(cpu_since "$me" "$cpu")" >> steps.tsv
+  log "${PWD##*/} $name: exit $rc after $(since "$start") s, $(cpu_since "$me" "$cpu") CPU s" 2>&3  # fd 3: the terminal, whatever the step's output goes to
   return $rc
 }
 
@@ -142,11 +160,12 @@ step() {
 serve_and_ask() {
   local board_id=$1 bin=$PREFIX/current/venv/bin pid rc=0 watchdog
   QEMU_CPU=$CORE chroot "$ROOTFS" /usr/bin/env -i QEMU_CPU="$CORE" HOME=/root LANG=C.UTF-8 PATH="$BOARD_PATH" \
-    "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" --device "$PREFIX/current/$board_id.yaml" \
-    --preload "$CHAT_BUNDLE" --preload "$EMBED_BUNDLE" --load-timeout-s "$LOAD_TIMEOUT" ${SERVE_FLAGS[$board_id]:-} \
-    > serve.log 2>&1 &
+    "${BOARD_ENV[@]}" "$bin/edgekit" serve --models "$PREFIX/current/bundles" --port "$PORT" \
+    --device "$PREFIX/current/$board_id.yaml" --preload "$CHAT_BUNDLE" "${EMULATED_SERVE_FLAGS[@]}" \
+    ${SERVE_FLAGS[$board_id]:-} > serve.log 2>&1 &
   pid=$!
-  "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$READY_TIMEOUT" \
+  "$HOST_PY" "$HERE/host_client.py" --port "$PORT" --daemon-pid "$pid" --ready-timeout "$EMULATED_TIMEOUT" \
+    --request-timeout "$EMULATED_TIMEOUT" \
     --chat-model "$CHAT_BUNDLE" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
     --embed-model "$EMBED_BUNDLE" "${TEXTS[@]/#/--text=}" > client.json 2> client.log || rc=$?
   kill -TERM "$pid" 2>/dev/null || true
@@ -232,14 +251,14 @@ in_namespace() {
 }
 
 HOST_STEPS=""  # set in main: host-steps.tsv of this run
-# timed NAME CMD...: run CMD on the host, record its wall time under NAME.
+# timed NAME CMD...: run CMD on the host, record its wall and CPU time under NAME.
 timed() {
-  local name=$1 start rc=0
+  local name=$1 start cpu rc=0 me=$BASHPID
   shift
-  start=$(now)
+  start=$(now) cpu=$(cpu_now "$me")
   "$@" || rc=$?
-  printf '%s\t%s\t%s\n' "$name" "$(since "$start")" "$rc" >> "$HOST_STEPS"
-  log "$name: exit $rc after $(since "$start") s"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$(since "$start")" "$rc" "$(cpu_since "$me" "$cpu")" >> "$HOST_STEPS"
+  log "$name: exit $rc after $(since "$start") s, $(cpu_since "$me" "$cpu") CPU s"
   return $rc
 }
 
@@ -312,10 +331,14 @@ x86_reference() {
     --max-tokens "$MAX_TOKENS" --embed-bundle "$BUNDLES/$EMBED_BUNDLE" "${TEXTS[@]/#/--text=}" > "$RUN/x86.json"
 }
 
+EDGEKIT_WHEEL=""  # edgekit's wheel as the first pack of this run built it; the other packs ship the same file
 pack_for() {  # BOARD: edgekit pack of the sample bundles for BOARD
-  local board_id=$1
+  local board_id=$1 wheel_args=()
+  [ -z "$EDGEKIT_WHEEL" ] || wheel_args=(--edgekit-wheel "$EDGEKIT_WHEEL")
   (cd "$ROOT" && "$HOST_PY" -m edgekit pack "$BUNDLES/$CHAT_BUNDLE" "$BUNDLES/$EMBED_BUNDLE" \
-    --device "$board_id" --out "$CACHE/packs/$board_id" ${SERVE_FLAGS[$board_id]:-} --json) > "$RUN/$board_id/pack.json"
+    --device "$board_id" --out "$CACHE/packs/$board_id" ${SERVE_FLAGS[$board_id]:-} "${wheel_args[@]}" --json) \
+    > "$RUN/$board_id/pack.json" || return
+  [ -n "$EDGEKIT_WHEEL" ] || EDGEKIT_WHEEL=$(ls "$CACHE/packs/$board_id/wheels"/edgekit-*.whl)
 }
 
 # A fresh root with the pack copied in.
@@ -373,8 +396,8 @@ smoke() {
 }
 
 main() {
-  local smoke_only=0 boards=() started root_pid root_cached=false bundles_cached=false board_id
-  started=$(now)
+  local smoke_only=0 boards=() started started_cpu root_pid root_cached=false bundles_cached=false board_id me=$BASHPID
+  started=$(now) started_cpu=$(cpu_now "$me")
   while [ $# -gt 0 ]; do
     case $1 in
       --smoke) smoke_only=1 ;;
@@ -394,7 +417,12 @@ main() {
     HOST_PY=$(command -v python)
   fi
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's edgekit, also in a shared venv
-  rm -rf "$RUN"
+  # The last run's outputs stay beside the new one (without its roots) to look into.
+  rm -rf "$RUN.previous"
+  if [ -d "$RUN" ]; then
+    rm -rf "$RUN"/*/root "$RUN/refuse-root" "$RUN/smoke/root"
+    mv "$RUN" "$RUN.previous"
+  fi
   mkdir -p "$RUN" "$CACHE/packs" "$(dirname "$RESULTS")"
   HOST_STEPS="$RUN/host-steps.tsv"
   : > "$HOST_STEPS"
@@ -410,25 +438,28 @@ main() {
   root_pid=$!
   [ -f "$BUNDLES/$CHAT_BUNDLE/manifest.json" ] && [ -f "$BUNDLES/$EMBED_BUNDLE/manifest.json" ] && bundles_cached=true
   timed "sample bundles" export_samples || die "exporting the sample bundles failed"
-  timed "x86 reference" x86_reference || die "the x86 reference run failed"
-  local packed=() pids=() i
+  # Only the report needs the x86 reference: it runs beside the first pack and board.
+  timed "x86 reference" x86_reference &
+  local reference_pid=$! started_boards=() pids=() i
   for board_id in "${boards[@]}"; do
-    pack_board "$board_id" && packed+=("$board_id") || log "$board_id: edgekit pack failed"
-  done
-  wait "$root_pid" || die "building the root failed"
-  # The boards run side by side: much of an emulated lane is one thread (pip, imports, hashing).
-  for board_id in "${packed[@]}"; do
+    pack_board "$board_id" || { log "$board_id: edgekit pack failed"; continue; }
+    [ -z "$root_pid" ] || { wait "$root_pid" || die "building the root failed"; root_pid=""; }
+    # Each board starts as soon as its pack is made; the boards run side by side (much of an emulated
+    # lane is one thread: pip, imports, hashing).
     emulate "$board_id" &
     pids+=($!)
+    started_boards+=("$board_id")
   done
+  [ -z "$root_pid" ] || wait "$root_pid" || die "building the root failed"
   for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || log "${packed[$i]}: a step failed (outputs in $RUN/${packed[$i]})"
+    wait "${pids[$i]}" || log "${started_boards[$i]}: a step failed (outputs in $RUN/${started_boards[$i]})"
   done
+  wait "$reference_pid" || die "the x86 reference run failed"
   "$HOST_PY" "$HERE/report.py" --run "$RUN" --out "$RESULTS" --boards "${boards[@]}" --chat-bundle "$BUNDLES/$CHAT_BUNDLE" \
     --embed-bundle "$EMBED_BUNDLE" --refuse-board "$REFUSE_BOARD" \
     --refuse-core "$REFUSE_CORE" --refuse-feature "$REFUSE_FEATURE" --root-cached "$root_cached" \
     --bundles-cached "$bundles_cached" \
-    --total-seconds "$(since "$started")"
+    --total-seconds "$(since "$started")" --cpu-seconds "$(cpu_since "$me" "$started_cpu")"
 }
 
 main "$@"

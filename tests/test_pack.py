@@ -22,7 +22,8 @@ import pytest
 from helpers import REPO
 
 from edgekit.pack.board import pack_check
-from edgekit.pack.targets import CPU_FEATURES, PLATFORMS, TARGETS, select_target
+from edgekit.pack.targets import PLATFORMS, TARGETS, select_target
+from edgekit.runtime.cpu import FEATURE_DESCRIPTIONS
 from edgekit.schema.device import load_catalog
 
 EDGEKIT = [str(Path(sys.executable).with_name("edgekit"))]
@@ -51,7 +52,7 @@ def test_every_catalog_board_has_a_target_and_every_target_names_known_features(
         assert chosen.machine == device.cpu.arch
         assert set(chosen.isa) <= {name for name, on in device.cpu.isa if on}
     for target in TARGETS:
-        assert set(target.cpu_features) <= set(CPU_FEATURES)
+        assert set(target.cpu_features) <= set(FEATURE_DESCRIPTIONS)
         assert "-DGGML_NATIVE=OFF" in target.cmake_args and "-DGGML_OPENMP=ON" in target.cmake_args
     dotprod = next(t for t in TARGETS if t.name == "armv8.2-a-dotprod")
     assert "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" in dotprod.cmake_args
@@ -124,37 +125,47 @@ def test_pack_check_refuses_paths_that_leave_the_pack_and_a_manifest_that_is_not
     assert refused.value.code == 1
 
 
-def test_pack_check_names_the_missing_cpu_feature_and_the_board_the_pack_is_for(tmp_path, monkeypatch):
-    pack = fake_pack(tmp_path / "pack")
-    monkeypatch.setattr(pack_check.platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(pack_check, "cpu_features_here", lambda: {"fp", "asimd", "evtstrm", "crc32", "cpuid"})  # Cortex-A72
-    lines, code = pack_check.cpu_problems(str(pack), pack_check.load_manifest(str(pack)))
-    assert code == 3
-    assert lines == ["this CPU lacks asimddp (Arm dot product, Armv8.2-A): this pack is for rpi-5-8gb (armv8.2-a-dotprod)"]
-
-    monkeypatch.setattr(pack_check, "cpu_features_here", lambda: {"fp", "asimd", "asimddp", "fphp", "asimdhp"})  # Cortex-A76
-    assert pack_check.cpu_problems(str(pack), pack_check.load_manifest(str(pack))) == ([], 0)
-
-    monkeypatch.setattr(pack_check.platform, "machine", lambda: "x86_64")
-    lines, code = pack_check.cpu_problems(str(pack), pack_check.load_manifest(str(pack)))
-    assert code == 2 and lines == ["this machine is x86_64: this pack is for rpi-5-8gb (armv8.2-a-dotprod), a aarch64 board"]
-
-
-def test_pack_check_prefers_edgekits_own_cpu_check_from_the_packed_wheel(tmp_path, monkeypatch):
-    pack = fake_pack(tmp_path / "pack")
-    stub = ("import sys\nneed = sys.argv[sys.argv.index('--require') + 1].split(',')\n"
-            "sys.exit('this CPU lacks asimddp (Arm dot product, Armv8.2-A)') if 'asimddp' in need else sys.exit(0)\n")
+def pack_with_cpu_check(root: Path, cpu_module: str) -> tuple[Path, dict]:
+    """A fake pack whose edgekit wheel holds ``cpu_module`` as edgekit/runtime/cpu.py, and its manifest."""
+    pack = fake_pack(root)
     with zipfile.ZipFile(pack / "wheels" / "edgekit-0.1.0-py3-none-any.whl", "w") as wheel:
         wheel.writestr("edgekit/__init__.py", "")
         wheel.writestr("edgekit/runtime/__init__.py", "")
-        wheel.writestr("edgekit/runtime/cpu.py", stub)
+        wheel.writestr("edgekit/runtime/cpu.py", cpu_module)
     manifest = pack_check.load_manifest(str(pack))
     manifest["files"].append({"path": "wheels/edgekit-0.1.0-py3-none-any.whl"})
+    return pack, manifest
+
+
+def test_pack_check_names_the_missing_cpu_feature_and_the_board_the_pack_is_for(tmp_path, monkeypatch):
+    """edgekit.runtime.cpu, run from the packed wheel, is the one CPU check (features here as a Cortex-A72 reports them)."""
+    pack, manifest = pack_with_cpu_check(tmp_path / "pack", (REPO / "edgekit" / "runtime" / "cpu.py").read_text())
     monkeypatch.setattr(pack_check.platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(pack_check, "cpu_features_here", lambda: pytest.fail("the fallback ran"))
+    monkeypatch.setenv("EDGEKIT_CPU_FEATURES", "fp,asimd,evtstrm,crc32,cpuid")
     lines, code = pack_check.cpu_problems(str(pack), manifest)
-    assert (lines, code) == (["this CPU lacks asimddp (Arm dot product, Armv8.2-A)",
-                              "this pack is for rpi-5-8gb (armv8.2-a-dotprod)"], 3)
+    assert code == 3
+    assert lines == ["this CPU lacks asimddp (Arm dot product (Armv8.2-A)), which the runtime built for armv8.2-a-dotprod "
+                     "needs (features from EDGEKIT_CPU_FEATURES)", "this pack is for rpi-5-8gb (armv8.2-a-dotprod)"]
+
+    monkeypatch.setenv("EDGEKIT_CPU_FEATURES", "fp,asimd,asimddp,fphp,asimdhp")  # Cortex-A76
+    assert pack_check.cpu_problems(str(pack), manifest) == ([], 0)
+
+    monkeypatch.setattr(pack_check.platform, "machine", lambda: "x86_64")
+    lines, code = pack_check.cpu_problems(str(pack), manifest)
+    assert code == 2 and lines == ["this machine is x86_64: this pack is for rpi-5-8gb (armv8.2-a-dotprod), a aarch64 board"]
+
+
+def test_pack_check_runs_the_packed_wheels_cpu_check_and_refuses_a_wheel_without_one(tmp_path, monkeypatch):
+    stub = ("import sys\nneed = sys.argv[sys.argv.index('--require') + 1].split(',')\n"
+            "sys.exit('this CPU lacks asimddp (Arm dot product, Armv8.2-A)') if 'asimddp' in need else sys.exit(0)\n")
+    pack, manifest = pack_with_cpu_check(tmp_path / "pack", stub)
+    monkeypatch.setattr(pack_check.platform, "machine", lambda: "aarch64")
+    assert pack_check.cpu_problems(str(pack), manifest) == (["this CPU lacks asimddp (Arm dot product, Armv8.2-A)",
+                                                            "this pack is for rpi-5-8gb (armv8.2-a-dotprod)"], 3)
+    without = fake_pack(tmp_path / "without")
+    lines, code = pack_check.cpu_problems(str(without), pack_check.load_manifest(str(without)))
+    assert code == 1 and lines == ["the pack's edgekit wheel has no edgekit/runtime/cpu.py to check this CPU with: this pack "
+                                   "is for rpi-5-8gb (armv8.2-a-dotprod)"]
 
 
 def test_install_sh_refuses_a_tampered_pack_before_writing_anything(tmp_path):
@@ -323,6 +334,13 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert version.stdout.split() == [manifest["versions"]["edgekit"], "0.3.36"]
     cli_version = subprocess.run([str(installed / "edgekit"), "--version"], capture_output=True, text=True)
     assert cli_version.returncode == 0 and manifest["versions"]["edgekit"] in cli_version.stdout
+    # pip --no-compile, then bytecode for what the board imports only (edgekit.pack.board.precompile).
+    site = next((prefix / release / "venv" / "lib").glob("python3.*/site-packages"))
+    tag = sys.implementation.cache_tag
+    assert (site / "edgekit" / "serve" / "__pycache__" / f"app.{tag}.pyc").is_file()
+    assert (site / "edgekit" / "export" / "__pycache__" / f"__init__.{tag}.pyc").is_file()  # all of edgekit
+    assert (site / "uvicorn" / "protocols" / "http" / "__pycache__" / f"h11_impl.{tag}.pyc").is_file()
+    assert not list((site / "pip").rglob("*.pyc")) and not list((site / "numpy").rglob("tests/__pycache__/*.pyc"))
     unit = (prefix / "current" / "edgekit.service").read_text()
     assert f"ExecStart={prefix}/current/venv/bin/edgekit serve --models {prefix}/current/bundles" in unit
     assert f"--memory-budget-mb {manifest['service']['memory_budget_mb']}" in unit and "--threads 4" in unit

@@ -3,8 +3,8 @@
 A board's device profile says which SIMD features its cores have (``cpu.isa``); the pack takes the
 first row of ``TARGETS`` for the board's machine whose ``isa`` flags the profile all sets (rows are
 ordered most capable first). ``cpu_features`` are the names the Linux kernel reports for the same
-features (``/proc/cpuinfo``, ``AT_HWCAP``); install.sh refuses a CPU that lacks one of them, since a
-build that uses them dies with SIGILL there. A new family (say Armv8.6 with i8mm) is one row.
+features (``/proc/cpuinfo``, ``AT_HWCAP``), described in ``edgekit.runtime.cpu``, which install.sh runs
+from the packed wheel to refuse a CPU that lacks one of them (a build that uses them dies with SIGILL there). A new family (say Armv8.6 with i8mm) is one row.
 """
 
 from __future__ import annotations
@@ -13,22 +13,8 @@ import platform as host_platform
 from dataclasses import dataclass
 
 from edgekit.errors import DeviceError
+from edgekit.runtime.cpu import FEATURE_DESCRIPTIONS
 from edgekit.schema.device import Device, IsaFeatures
-
-# Kernel feature names (arch/arm64/kernel/cpuinfo.c, arch/x86/include/asm/cpufeatures.h) -> what they are.
-CPU_FEATURES: dict[str, str] = {
-    "asimd": "Arm Advanced SIMD (NEON), Armv8-A",
-    "asimddp": "Arm dot product, Armv8.2-A",
-    "fphp": "Arm half-precision scalar arithmetic, Armv8.2-A",
-    "asimdhp": "Arm half-precision SIMD arithmetic, Armv8.2-A",
-    "sse4_2": "x86 SSE4.2, x86-64-v2",
-    "avx": "x86 AVX, x86-64-v3",
-    "avx2": "x86 AVX2, x86-64-v3",
-    "fma": "x86 FMA3, x86-64-v3",
-    "f16c": "x86 half-precision conversion (F16C), x86-64-v3",
-    "bmi2": "x86 BMI2, x86-64-v3",
-}
-
 
 @dataclass(frozen=True)
 class Platform:
@@ -101,7 +87,7 @@ class BuildTarget:
         return all(getattr(isa, flag) for flag in self.isa)
 
     def describe_features(self) -> dict[str, str]:
-        return {name: CPU_FEATURES[name] for name in self.cpu_features}
+        return {name: FEATURE_DESCRIPTIONS[name] for name in self.cpu_features}
 
 
 # Most capable first within a machine; a board takes the first row it supports.

@@ -5,7 +5,7 @@ Runs with the host's (x86) Python inside the same network namespace as the daemo
 the namespace's own loopback. Waits for /health (bounded), then prints one JSON object.
 
     python host_client.py --port P --daemon-pid PID --chat-model M --prompt T --max-tokens N
-                          --embed-model E --text T [--text T ...] [--ready-timeout S]
+                          --embed-model E --text T [--text T ...] --ready-timeout S --request-timeout S
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, required=True)
     parser.add_argument("--embed-model", required=True)
     parser.add_argument("--text", action="append", required=True)
-    parser.add_argument("--ready-timeout", type=float, default=600)
-    parser.add_argument("--request-timeout", type=float, default=600)
+    parser.add_argument("--ready-timeout", type=float, required=True)
+    parser.add_argument("--request-timeout", type=float, required=True)
     args = parser.parse_args()
 
     base = f"http://127.0.0.1:{args.port}"

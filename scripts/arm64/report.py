@@ -49,11 +49,11 @@ def read_text(path: Path) -> str:
 
 
 def steps(path: Path) -> dict[str, dict]:
-    """NAME -> {seconds, exit} from a steps.tsv (the last record of a name wins)."""
+    """NAME -> {seconds, exit, cpu_seconds} from a steps.tsv (the last record of a name wins)."""
     table = {}
     for line in read_text(path).splitlines():
-        name, seconds, code = line.rsplit("\t", 2)
-        table[name] = {"seconds": float(seconds), "exit": int(code)}
+        name, seconds, code, cpu = line.rsplit("\t", 3)
+        table[name] = {"seconds": float(seconds), "exit": int(code), "cpu_seconds": float(cpu)}
     return table
 
 
@@ -175,6 +175,7 @@ def main() -> int:
     parser.add_argument("--root-cached", choices=("true", "false"), required=True)
     parser.add_argument("--bundles-cached", choices=("true", "false"), required=True)
     parser.add_argument("--total-seconds", type=float, required=True)
+    parser.add_argument("--cpu-seconds", type=float, required=True, help="user + system CPU seconds of the whole run")
     args = parser.parse_args()
 
     x86 = read_json(args.run / "x86.json")
@@ -195,6 +196,7 @@ def main() -> int:
         "caches": {"root": args.root_cached == "true", "bundles": args.bundles_cached == "true", "llama_builds": llama_cached},
         "run": "cached" if cached else "fresh (something was built)",
         "total_seconds": round(args.total_seconds, 1),
+        "cpu_seconds": round(args.cpu_seconds, 1),
         "host_steps": steps(args.run / "host-steps.tsv"),
         "x86": {"golden_ids": recorded, "served_request": x86["greedy"]},
         "boards": boards,
@@ -204,9 +206,10 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     names = list(next(iter(boards.values()))["checks"])
-    header = ["board", "core", "llama build", *names, "lane s"]
+    header = ["board", "core", "llama build", *names, "lane s", "CPU s"]
     rows = [[board, b["core"], str(b["pack"].get("target")), *(mark(b["checks"][n]["passed"]) for n in names),
-             f"{sum(s['seconds'] for s in b['steps'].values()):.0f}"] for board, b in boards.items()]
+             f"{sum(s['seconds'] for s in b['steps'].values()):.0f}", f"{sum(s['cpu_seconds'] for s in b['steps'].values()):.0f}"]
+            for board, b in boards.items()]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for row in rows:
@@ -229,7 +232,7 @@ def main() -> int:
         for name, c in refusal["checks"].items():
             print(f"{args.refuse_board} pack on {args.refuse_core}: {name} {mark(c['passed'])} (exit {c['exit']}): "
                   f"{' | '.join(c['message'])}")
-    print(f"\n{result['run']}: {result['total_seconds']:.0f} s in all; result {mark(result['passed'])} -> {args.out}")
+    print(f"\n{result['run']}: {result['total_seconds']:.0f} s in all, {result['cpu_seconds']:.0f} CPU s; result {mark(result['passed'])} -> {args.out}")
     return 0 if result["passed"] else 1
 
 

@@ -70,12 +70,17 @@ else
   "$PY" -m venv --without-pip "$REL/venv"
   say "installing $PACK_REQUIREMENT from the pack's wheels (no network)"
   # pip runs from its own wheel (no ensurepip needed); --isolated + PIP_CONFIG_FILE: no pip.conf, no PIP_* settings.
+  # --no-compile: pip would byte-compile every module of every wheel; precompile below does what the board imports.
   PIP_CONFIG_FILE=/dev/null "$REL/venv/bin/python" "$HERE/$PACK_PIP_WHEEL/pip" install --isolated --quiet \
-    --no-index --find-links "$HERE/wheels" --only-binary=:all: --no-cache-dir --disable-pip-version-check \
+    --no-index --find-links "$HERE/wheels" --only-binary=:all: --no-cache-dir --disable-pip-version-check --no-compile \
     "$PACK_REQUIREMENT" pip \
     || die 3 "pip could not install the pack's wheels; $PREFIX/current is unchanged"
-  "$REL/venv/bin/python" -c 'import llama_cpp, onnxruntime, tokenizers' \
+  # -I: the venv's own packages only (no PYTHON* variables, and no folder in the current directory
+  # named like a package shadows it).
+  "$REL/venv/bin/python" -I -c 'import llama_cpp, onnxruntime, tokenizers' \
     || die 3 "the installed runtime does not load on this board; $PREFIX/current is unchanged"
+  "$REL/venv/bin/python" -I -m edgekit.pack.board.precompile \
+    || die 3 "byte-compiling what the board imports failed; $PREFIX/current is unchanged"
   cp -R "$HERE/bundles" "$REL/bundles"
   cp "$HERE/$PACK_DEVICE.yaml" "$HERE/pack.json" "$REL/"
   "$REL/venv/bin/edgekit" bundles "$REL/bundles" >/dev/null \

@@ -4,7 +4,8 @@
 
 verifies every file of pack.json (size, sha256, nothing unlisted: pip's --find-links would pick up a
 stray wheel), then that this board runs the pack: same Python minor version, a new enough glibc, the
-CPU features of the pack's llama.cpp build, room under the prefix. On success it prints shell
+CPU features of the pack's llama.cpp build (edgekit.runtime.cpu, run from the packed wheel), room
+under the prefix. On success it prints shell
 assignments (PACK_ID=... ) for install.sh; on failure one line per problem on stderr and exit 1
 (pack does not verify), 2 (wrong board or Python, no room) or 3 (this CPU lacks a feature).
 """
@@ -28,9 +29,8 @@ SCHEMA_VERSION = 1
 UNPACKED_FACTOR = 3
 SLACK_BYTES = 64 << 20
 
-# Linux AT_HWCAP bits of the aarch64 features a build target may need (arch/arm64/include/uapi/asm/hwcap.h).
-AARCH64_HWCAP = {"fp": 1 << 0, "asimd": 1 << 1, "fphp": 1 << 9, "asimdhp": 1 << 10, "asimddp": 1 << 20}
-AT_HWCAP = 16
+# edgekit's CPU check inside the packed edgekit wheel: the one place that reads this CPU's features.
+CPU_CHECK = "edgekit/runtime/cpu.py"
 
 
 class PackRefused(Exception):
@@ -107,29 +107,6 @@ def glibc_problem(manifest: dict) -> str | None:
     return None
 
 
-def cpu_features_here() -> set[str] | None:
-    """Feature names of this CPU as the kernel reports them; aarch64 from AT_HWCAP (right under emulation too)."""
-    if platform.machine() == "aarch64":
-        try:
-            import ctypes
-
-            getauxval = ctypes.CDLL(None).getauxval
-            getauxval.restype = ctypes.c_ulong
-            hwcap = getauxval(AT_HWCAP)
-            return {name for name, bit in AARCH64_HWCAP.items() if hwcap & bit}
-        except (OSError, AttributeError):
-            pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(value.split())
-    except OSError:
-        return None
-    return None
-
-
 def edgekit_wheel(pack_dir: str, manifest: dict) -> str | None:
     for entry in manifest["files"]:
         name = entry["path"]
@@ -148,21 +125,19 @@ def cpu_problems(pack_dir: str, manifest: dict) -> tuple[list[str], int]:
     if not required:
         return [], 0
     wheel = edgekit_wheel(pack_dir, manifest)
-    if wheel and "edgekit/runtime/cpu.py" in zipfile.ZipFile(wheel).namelist():
-        # edgekit's own check, run from the (verified) wheel: a wheel is a zip, importable as is.
-        # -S and cwd: no installed edgekit (site-packages) or folder named edgekit may shadow the packed one.
-        done = subprocess.run([sys.executable, "-S", "-m", "edgekit.runtime.cpu", "--require", ",".join(required)],
-                              env={**os.environ, "PYTHONPATH": wheel}, cwd=pack_dir, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        if done.returncode == 0:
-            return [], 0
-        said = [line for line in done.stdout.splitlines() if line.strip()] or [f"edgekit.runtime.cpu exited {done.returncode}"]
-        return [*said, meant], 3
-    features = cpu_features_here()
-    if features is None:
-        return [f"cannot read this CPU's features (/proc/cpuinfo): {meant}"], 3
-    missing = [name for name in required if name not in features]
-    return [f"this CPU lacks {name} ({target['cpu_features'][name]}): {meant}" for name in missing], 3 if missing else 0
+    if wheel is None or CPU_CHECK not in zipfile.ZipFile(wheel).namelist():
+        return [f"the pack's edgekit wheel has no {CPU_CHECK} to check this CPU with: {meant}"], 1
+    # edgekit's own check, run from the (verified) wheel: a wheel is a zip, importable as is, and the
+    # module is standard library only. -S and cwd: no installed edgekit (site-packages) or folder named
+    # edgekit may shadow the packed one.
+    done = subprocess.run([sys.executable, "-S", "-m", "edgekit.runtime.cpu", "--require", ",".join(required),
+                           "--target-name", target["name"]],
+                          env={**os.environ, "PYTHONPATH": wheel}, cwd=pack_dir, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    if done.returncode == 0:
+        return [], 0
+    said = [line for line in done.stdout.splitlines() if line.strip()] or [f"edgekit.runtime.cpu exited {done.returncode}"]
+    return [*said, meant], 3
 
 
 def space_problem(manifest: dict, prefix: str) -> str | None:
