@@ -264,3 +264,18 @@ def test_classifier_records_labels_and_probabilities(classifier_bundles):  # noq
     margin = float(abs(probabilities[0] - probabilities[1]))
     assert report.checks[0].labels_equal is False
     assert report.passed == (margin < 0.04)
+
+
+def test_prompts_after_the_first_reuse_the_shared_prefix_with_the_same_results(smollm2_q4km, q4km_model):
+    from edgekit.runtime.golden import greedy_logprobs
+
+    prompts = read_manifest(smollm2_q4km).golden.prompts
+    first, second = prompts[0].prompt_ids, prompts[1].prompt_ids
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared >= 20  # the chat template's system turn
+    greedy_logprobs(q4km_model, first, 4)
+    reused = greedy_logprobs(q4km_model, second, 8, reuse=True)
+    assert q4km_model.llm.n_tokens == len(second) + 7
+    fresh = greedy_logprobs(q4km_model, second, 8)
+    assert [int(r.argmax()) for r in reused] == [int(f.argmax()) for f in fresh]
+    assert max(float(np.abs(r - f).max()) for r, f in zip(reused, fresh)) < 1e-3

@@ -67,9 +67,9 @@ def record_greedy(model_path: Path, runtime: RuntimeConfig, prompts: tuple[str, 
     model = GgufModel(model_path, n_ctx=CHECK_N_CTX, threads=None, chat_template=runtime.chat_template)
     try:
         recorded = []
-        for question in prompts:
+        for index, question in enumerate(prompts):
             prompt_ids = prompt_tokens(model, question, runtime)
-            steps = greedy_logprobs(model, prompt_ids, GREEDY_STEPS)
+            steps = greedy_logprobs(model, prompt_ids, GREEDY_STEPS, reuse=index > 0)
             recorded.append(GreedyPrompt(prompt=question, prompt_ids=prompt_ids, ids=[int(lp.argmax()) for lp in steps],
                                          top_logprobs=[top_tokens(lp) for lp in steps]))
     finally:

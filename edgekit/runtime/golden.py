@@ -80,12 +80,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def greedy_logprobs(model, prompt_ids: list[int], steps: int, feed: list[int] | None = None) -> list[np.ndarray]:
+def greedy_logprobs(model, prompt_ids: list[int], steps: int, feed: list[int] | None = None, *,
+                    reuse: bool = False) -> list[np.ndarray]:
     """Next-token log-probabilities at each step after ``prompt_ids``, one token decoded at a time.
 
     The token fed after each step is ``feed[step]`` (teacher forcing, ``steps`` steps) or, without ``feed``, the
     most likely one (greedy: at most ``steps`` steps, ending at an end-of-generation token as the daemon does).
-    ``model`` is a loaded ``edgekit.runtime.llm.GgufModel``; its context is reset first.
+    ``model`` is a loaded ``edgekit.runtime.llm.GgufModel``; its context is reset first, or with ``reuse`` (the
+    previous call of this run filled it) keeps the tokens ``prompt_ids`` starts with: golden prompts share the
+    chat template's system turn, a third of a check's work (minutes on an emulated board). Recording and
+    checking reuse alike.
     """
     import llama_cpp
 
@@ -95,8 +99,13 @@ def greedy_logprobs(model, prompt_ids: list[int], steps: int, feed: list[int] | 
                                   f"context of {model.n_ctx} tokens")
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     n_vocab = llm.n_vocab()
-    llm.reset()
-    llm.eval(list(prompt_ids))
+    # At least the last prompt token is evaluated again: its logits are the first step's.
+    keep = min(llm.longest_token_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt_ids), len(prompt_ids) - 1) if reuse else 0
+    if keep > 0:
+        llm.n_tokens = keep  # eval() drops the context's cache from n_tokens on
+    else:
+        llm.reset()
+    llm.eval(list(prompt_ids[keep:]))
     out = []
     for step in range(steps):
         # llama-cpp-python keeps no logits without logits_all; read the last position's from llama.cpp.
@@ -162,7 +171,7 @@ def binned_kld(recorded: dict[int, float], logprobs: np.ndarray) -> float:
 def check_prompt(index: int, prompt: GreedyPrompt, golden: GreedyGolden, model, runtime) -> GoldenCheck:
     name = f"prompt {index}"
     tokenized = prompt_tokens(model, prompt.prompt, runtime)
-    steps = greedy_logprobs(model, prompt.prompt_ids, len(prompt.ids), feed=prompt.ids)
+    steps = greedy_logprobs(model, prompt.prompt_ids, len(prompt.ids), feed=prompt.ids, reuse=index > 1)
     board = [int(lp.argmax()) for lp in steps]
     differ = [i for i, (a, b) in enumerate(zip(board, prompt.ids)) if a != b]
     agreement = 1.0 - len(differ) / len(prompt.ids) if prompt.ids else 1.0
