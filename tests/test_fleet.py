@@ -186,6 +186,19 @@ def test_cli_reference_without_tag_exits_2(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_unreachable_registry_is_a_backend_error(tmp_path):
+    done = edgekit("pull", f"127.0.0.1:{free_port()}/models/a:1", "--plain-http", "--bundles", str(tmp_path / "b"))
+    assert done.returncode == 3 and "Connection refused" in done.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_tls_is_the_default(registry, tmp_path):
+    """The loopback registry speaks plain HTTP: without --plain-http the TLS handshake fails, exit 3, nothing written."""
+    done = edgekit("pull", f"{registry.host}/models/a:1", "--bundles", str(tmp_path / "b"))
+    assert done.returncode == 3 and "TLS failed" in done.stderr and "--plain-http" in done.stderr
+    assert not (tmp_path / "b").exists()
+
+
 def _artifact_manifest(bundle: Path) -> dict:
     from edgekit.bundle import read_manifest
     from edgekit.fleet import artifact as oci

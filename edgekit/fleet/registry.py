@@ -28,6 +28,9 @@ DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 REFERENCE = re.compile(r"^(?P<registry>[^/@]+[.:][^/@]*|localhost)/(?P<repository>[a-z0-9]+(?:[._/-][a-z0-9]+)*)"
                        r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9._-]{0,127}))?(?:@(?P<digest>[^@]+))?$")
 CHUNK = 1 << 20
+# requests has no default timeout: a registry that stops answering would hang a board's update forever.
+CONNECT_TIMEOUT_S = 15
+READ_TIMEOUT_S = 300
 ProgressFn = Callable[[str], None]
 
 
@@ -77,6 +80,17 @@ def docker_config_path(explicit: Path | None = None) -> Path | None:
     return path if path.is_file() else None
 
 
+def timeout_adapter():
+    """A requests transport adapter that applies edgekit's timeouts to every request oras makes."""
+    from requests.adapters import HTTPAdapter
+
+    class TimeoutAdapter(HTTPAdapter):
+        def send(self, request, *args, timeout=None, **kwargs):
+            return super().send(request, *args, timeout=timeout or (CONNECT_TIMEOUT_S, READ_TIMEOUT_S), **kwargs)
+
+    return TimeoutAdapter()
+
+
 class RegistryClient:
     """One registry's oras client with credentials from the Docker config file; transport errors become BackendError."""
 
@@ -86,6 +100,10 @@ class RegistryClient:
         self.ref = ref
         self.config = docker_config_path(config)
         self.oras = oras.provider.Registry(hostname=ref.registry, insecure=plain_http)
+        adapter = timeout_adapter()
+        for scheme in ("http://", "https://"):
+            self.oras.session.mount(scheme, adapter)
+            self.oras.auth.session.mount(scheme, adapter)
         self.container = self.oras.get_container(ref.at(ref.digest or ref.tag))
         self.oras.auth.load_configs(self.container, configs=[str(self.config)] if self.config else None)
         basic = getattr(self.oras.auth, "_basic_auth", None)
@@ -105,8 +123,16 @@ class RegistryClient:
             raise BackendError(f"{self.ref.registry}: {what} failed: {exc.__class__.__name__}: {exc}") from exc
 
     def _request(self, url: str, method: str = "GET", **kwargs):
+        # oras' do_request minus its retry decorator, which sleeps for minutes (3 s + 3^n, five times) on a refused connection.
+        send = getattr(type(self.oras).do_request, "__wrapped__", type(self.oras).do_request)
         with self._translated(f"{method} {url}"):
-            return self.oras.do_request(url, method, headers={**self.oras.headers, **kwargs.pop("headers", {})}, **kwargs)
+            return send(self.oras, url, method, headers={**self.oras.headers, **kwargs.pop("headers", {})}, **kwargs)
+
+    def ping(self) -> None:
+        """Fail fast when the registry does not answer the distribution API (before oras' retrying uploads)."""
+        response = self._request(f"{self.oras.prefix}://{self.ref.registry}/v2/")
+        if response.status_code not in (200, 401):
+            self._fail(response, "checking the registry API (/v2/)")
 
     def _url(self, kind: str, reference: str) -> str:
         return f"{self.oras.prefix}://{self.ref.registry}/v2/{self.ref.repository}/{kind}/{reference}"
@@ -194,6 +220,7 @@ def push(bundle_dir: Path, client: RegistryClient, progress: ProgressFn = lambda
     if not ref.tag or ref.digest:
         raise ConfigError(f"{ref}: push needs a tag (REGISTRY/REPO:TAG) and no digest")
     manifest = verify_bundle(Path(bundle_dir))
+    client.ping()
     files = [MANIFEST_NAME, *(entry.path for entry in manifest.files)]
     if len(files) > oci.MAX_LAYERS:
         raise BundleError(f"{bundle_dir}: {len(files)} files; an artifact holds at most {oci.MAX_LAYERS}")
