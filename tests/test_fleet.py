@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -80,21 +81,20 @@ class Registry:
         assert response.status_code == 201, response.text
 
 
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory):
-    """The distribution registry on loopback with a minimal config; killed at teardown."""
+@contextmanager
+def running_registry(base: Path, auth: str = ""):
+    """The distribution registry on loopback with a minimal config (plus ``auth``); killed on exit."""
     binary = _registry_binary()
-    base = tmp_path_factory.mktemp("registry")
     port = free_port()
     config = base / "config.yml"
-    config.write_text(REGISTRY_CONFIG.format(root=base / "data", port=port))
+    config.write_text(REGISTRY_CONFIG.format(root=base / "data", port=port) + auth)
     log = (base / "registry.log").open("wb")
     proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def ready() -> bool:
         assert proc.poll() is None, (base / "registry.log").read_text()
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code == 200
+            return httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code in (200, 401)
         except httpx.TransportError:
             return False
 
@@ -105,6 +105,12 @@ def registry(tmp_path_factory):
         proc.kill()
         proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    with running_registry(tmp_path_factory.mktemp("registry")) as running:
+        yield running
 
 
 def edgekit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -190,6 +196,28 @@ def test_unreachable_registry_is_a_backend_error(tmp_path):
     done = edgekit("pull", f"127.0.0.1:{free_port()}/models/a:1", "--plain-http", "--bundles", str(tmp_path / "b"))
     assert done.returncode == 3 and "Connection refused" in done.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_registry_login_from_docker_config(tmp_path, bundle):
+    """An htpasswd registry: refused without credentials (exit 2), pushed and pulled with Docker's config.json."""
+    crypt = pytest.importorskip("crypt", reason="bcrypt hashing for htpasswd (crypt module, Python < 3.13)")
+    (tmp_path / "htpasswd").write_text("bob:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH)) + "\n")
+    auth = f"auth:\n  htpasswd:\n    realm: edgekit-test\n    path: {tmp_path / 'htpasswd'}\n"
+    (tmp_path / "reg").mkdir()
+    with running_registry(tmp_path / "reg", auth) as locked:
+        ref = f"{locked.host}/models/private:1"
+        denied = edgekit("push", str(bundle), ref, "--plain-http")
+        assert denied.returncode == 2 and "access denied" in denied.stderr
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        token = base64.b64encode(b"bob:s3cret").decode()
+        (docker / "config.json").write_text(json.dumps({"auths": {locked.host: {"auth": token}}}))
+        env = {"DOCKER_CONFIG": str(docker)}
+        assert edgekit("push", str(bundle), ref, "--plain-http", env=env).returncode == 0
+        done = edgekit("pull", ref, "--plain-http", "--bundles", str(tmp_path / "b"), env=env)
+        assert done.returncode == 0, done.stderr
+        assert files_of(tmp_path / "b" / "fake-a") == files_of(bundle)
+        assert edgekit("pull", ref, "--plain-http", "--bundles", str(tmp_path / "c")).returncode == 2
 
 
 def test_tls_is_the_default(registry, tmp_path):

@@ -106,9 +106,21 @@ class RegistryClient:
             self.oras.auth.session.mount(scheme, adapter)
         self.container = self.oras.get_container(ref.at(ref.digest or ref.tag))
         self.oras.auth.load_configs(self.container, configs=[str(self.config)] if self.config else None)
+        self._checked = False
+
+    def _use_basic_auth(self) -> None:
+        """htpasswd registries answer Basic challenges, which oras' default token backend cannot; switch to its basic backend."""
+        import oras.auth
+
+        self.oras.auth = oras.auth.get_auth_backend("basic", self.oras.session, self.oras.prefix == "http",
+                                                     tls_verify=self.oras._tls_verify)
+        self.oras.auth.load_configs(self.container, configs=[str(self.config)] if self.config else None)
         basic = getattr(self.oras.auth, "_basic_auth", None)
-        if basic:  # a registry with htpasswd auth answers Basic challenges, which oras' token backend does not
-            self.oras.set_header("Authorization", f"Basic {basic}")
+        if not basic:
+            raise ConfigError(f"{self.ref.registry}: access denied (the registry asks for a login and "
+                              f"{self.config or 'no Docker config.json'} has none for it)",
+                              hint="log in (an auths entry in Docker's config.json, or set DOCKER_CONFIG)")
+        self.oras.set_header("Authorization", f"Basic {basic}")
 
     @contextmanager
     def _translated(self, what: str) -> Iterator[None]:
@@ -123,15 +135,22 @@ class RegistryClient:
             raise BackendError(f"{self.ref.registry}: {what} failed: {exc.__class__.__name__}: {exc}") from exc
 
     def _request(self, url: str, method: str = "GET", **kwargs):
+        if not self._checked:
+            self.ping()
         # oras' do_request minus its retry decorator, which sleeps for minutes (3 s + 3^n, five times) on a refused connection.
         send = getattr(type(self.oras).do_request, "__wrapped__", type(self.oras).do_request)
         with self._translated(f"{method} {url}"):
             return send(self.oras, url, method, headers={**self.oras.headers, **kwargs.pop("headers", {})}, **kwargs)
 
     def ping(self) -> None:
-        """Fail fast when the registry does not answer the distribution API (before oras' retrying uploads)."""
-        response = self._request(f"{self.oras.prefix}://{self.ref.registry}/v2/")
-        if response.status_code not in (200, 401):
+        """Check the registry answers the distribution API and pick its auth scheme; fails fast (before oras' retrying uploads)."""
+        url = f"{self.oras.prefix}://{self.ref.registry}/v2/"
+        with self._translated(f"GET {url}"):
+            response = self.oras.session.get(url, headers=self.oras.headers, verify=self.oras._tls_verify)
+        self._checked = True
+        if response.status_code == 401 and response.headers.get("Www-Authenticate", "").lower().startswith("basic"):
+            self._use_basic_auth()
+        elif response.status_code not in (200, 401):
             self._fail(response, "checking the registry API (/v2/)")
 
     def _url(self, kind: str, reference: str) -> str:
