@@ -32,8 +32,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgekit.bundle import read_manifest  # noqa: E402
-from edgekit.paths import kit_paths  # noqa: E402
+from datetime import UTC
+
+from edgekit.bundle import read_manifest
+from edgekit.paths import kit_paths
 
 REGISTRY_CONFIG = """version: 0.1
 log:
@@ -83,7 +85,7 @@ def median(values: list[float]) -> float:
 
 def second_version(bundle: Path, work: Path) -> Path:
     """The same files with a new manifest timestamp: another artifact digest, so an update has something to switch to."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from edgekit.bundle import publish, staging_dir
 
@@ -91,7 +93,7 @@ def second_version(bundle: Path, work: Path) -> Path:
     out = work / "v2"
     with staging_dir(out, manifest.name) as staged:
         shutil.copytree(bundle, staged, dirs_exist_ok=True)
-        return publish(staged, manifest.model_copy(update={"created": datetime.now(timezone.utc).replace(microsecond=0)}), out)
+        return publish(staged, manifest.model_copy(update={"created": datetime.now(UTC).replace(microsecond=0)}), out)
 
 
 def bench_bundle(bundle: Path, host: str, work: Path, rounds: int, device_ref: str) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serve_fixtures import free_port, publish_gguf, wait_until
+from serve_fixtures import Daemon, free_port, publish_gguf, wait_until
 
 from edgekit.bundle import sha256_file
 from edgekit.errors import BundleError, ConfigError
@@ -115,7 +115,7 @@ def registry(tmp_path_factory):
 
 def edgekit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The CLI in a subprocess; stderr with rich's line wrapping undone, so messages can be matched whole."""
-    done = subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True, timeout=600, check=False,
                           env={**os.environ, "DOCKER_CONFIG": "/nonexistent", "COLUMNS": "400", **(env or {})})
     done.stderr = " ".join(done.stderr.split())
     return done
@@ -588,6 +588,56 @@ def test_update_refuses_new_version_whose_golden_checks_fail(registry, minilm_bu
     assert files_of(out / minilm_bundle.name) == before == files_of(minilm_bundle)
     state = json.loads((out / ".fleet" / minilm_bundle.name / "state.json").read_text())
     assert [v["digest"] for v in state["versions"]] == [d1]
+
+
+def _with_unloadable_golden(bundle: Path) -> Path:
+    """Give the fake GGUF bundle a golden record: llama.cpp cannot load the one-tensor file, so its golden checks fail."""
+    data = json.loads((bundle / MANIFEST_NAME).read_text())
+    data["golden"] = {"kind": "greedy-tokens", "recorded_on": "test", "min_top1_agreement": 1.0, "max_kld": 0.0,
+                      "prompts": [{"prompt": "w1 w2", "prompt_ids": [1, 2], "ids": [3], "top_logprobs": [{"3": -0.1}]}]}
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data))
+    return bundle
+
+
+def test_daemon_keeps_serving_while_a_failing_update_is_refused(registry, bundle, bundle_v2, tmp_path):
+    """An update to a version that fails its golden checks runs while a request is in flight on the served version
+    (held by the fake model): the update is refused (exit 1), the request completes with all its tokens, the daemon
+    answers before, during and after, and the served bundle is byte for byte the old one."""
+    from serve_fixtures import FAKE_PLUGIN, Gates
+
+    from edgekit.serve.discovery import bundle_dirs
+
+    pushed(registry, bundle, "models/served:1")
+    pushed(registry, _with_unloadable_golden(bundle_v2), "models/served:2")
+    out = tmp_path / "bundles"
+    args = ["--plain-http", "--bundles", str(out), "--device", "rpi-zero-2w"]
+    assert edgekit("update", f"{registry.host}/models/served:1", *args).returncode == 0
+    assert bundle_dirs(out) == [out / "fake-a"]  # the symlink is served; .fleet is not
+    served = files_of(out / "fake-a")
+    gates = Gates(tmp_path / "gates")
+    gates.root.mkdir()
+    daemon = Daemon(out, "--worker-plugins", FAKE_PLUGIN, "--preload", "fake-a", env=gates.env())
+    try:
+        daemon.wait_ready()
+        chat = {"model": "fake-a", "messages": [{"role": "user", "content": "hold:inflight@1"}], "max_tokens": 3}
+        held: dict = {}
+        thread = threading.Thread(target=lambda: held.update(r=httpx.post(f"{daemon.url}/v1/chat/completions", json=chat, timeout=120)))
+        thread.start()
+        wait_until(lambda: gates.reached("inflight"), "the request is in flight")
+        done = edgekit("update", f"{registry.host}/models/served:2", *args)
+        assert done.returncode == 1 and "failed its golden checks" in done.stderr and "stays served" in done.stderr
+        during = httpx.get(f"{daemon.url}/v1/models", timeout=60)  # the one generation slot is held; the daemon still answers
+        gates.open("inflight")
+        thread.join(120)
+        assert held["r"].status_code == 200 and held["r"].json()["usage"]["completion_tokens"] == 3
+        assert during.status_code == 200 and [m["id"] for m in during.json()["data"]] == ["fake-a"]
+        after = httpx.post(f"{daemon.url}/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": "x"}]},
+                           timeout=60)
+        assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"] == " t1 t2 t3"
+        assert files_of(out / "fake-a") == served
+    finally:
+        gates.open("inflight")
+        assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
 
 
 @pytest.mark.parametrize("module", ["edgekit.fleet.board", "edgekit.fleet.signing", "edgekit.cli.fleet"])

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
-
 from conftest import REPO
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -184,7 +183,7 @@ def check_artifact(where: str, digest: str, raw: bytes) -> Artifact:
     return Artifact(digest=digest, size=len(raw), manifest=manifest, layers=tuple(layers), fit_manifest=facts)
 
 
-def check_pulled_manifest(where: str, artifact: Artifact, bundle_dir: Path, manifest: Manifest) -> None:
+def check_pulled_manifest(where: str, artifact: Artifact, manifest: Manifest) -> None:
     """The downloaded manifest.json must be the one the annotations (and so the fit gate and the signature) described."""
     if fit_manifest(manifest) != artifact.fit_manifest:
         raise BundleError(f"{where}: {MANIFEST_NAME} differs from the manifest in the annotations the fit gate read")

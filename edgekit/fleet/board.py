@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from edgekit.bundle import remove_stale_staging, sha256_file, verify_bundle
@@ -164,7 +164,7 @@ def adopt(bundles_dir: Path, state: ModelState) -> None:
     # The name is missing from here until the symlink lands below: one rename later.
     state.versions = [v for v in state.versions if v.version != version]
     state.versions.append(VersionRecord(version=version, digest=manifest_hash, reference=f"local:{served}",
-                                        installed=datetime.now(timezone.utc).isoformat(timespec="seconds")))
+                                        installed=datetime.now(UTC).isoformat(timespec="seconds")))
     switch(bundles_dir, state.name, version)
     write_state(bundles_dir, state)
 
@@ -226,7 +226,7 @@ def update(client: RegistryClient, bundles_dir: Path, *, gate: Callable[[oci.Art
         seconds["switch"] = time.perf_counter() - mark
         state.versions = [v for v in state.versions if v.version != version]
         state.versions.append(VersionRecord(version=version, digest=art.digest, reference=str(client.ref),
-                                            installed=datetime.now(timezone.utc).isoformat(timespec="seconds")))
+                                            installed=datetime.now(UTC).isoformat(timespec="seconds")))
         kept = prune(bundles_dir, state, keep)
         write_state(bundles_dir, state)
     seconds["total"] = time.perf_counter() - started

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgekit.bundle import STAGING_PREFIX, bundle_path_inside, publish, remove_stale_staging, staging_dir, verify_bundle
+from edgekit.bundle import bundle_path_inside, publish, remove_stale_staging, staging_dir, verify_bundle
 from edgekit.errors import BackendError, BundleError, ConfigError
 from edgekit.fleet import artifact as oci
 from edgekit.schema.manifest import MANIFEST_NAME
@@ -209,14 +209,13 @@ class RegistryClient:
         if response.status_code != 200:
             self._fail(response, f"downloading {layer.path} ({layer.digest})")
         digest, size = hashlib.sha256(), 0
-        with response, target.open("wb") as handle:
-            with self._translated(f"downloading {layer.path}"):
-                for chunk in response.iter_content(CHUNK):
-                    size += len(chunk)
-                    if size > layer.size:
-                        raise BundleError(f"{self.ref.repo}: layer {layer.path} is larger than the {layer.size} bytes its manifest declares")
-                    digest.update(chunk)
-                    handle.write(chunk)
+        with response, target.open("wb") as handle, self._translated(f"downloading {layer.path}"):
+            for chunk in response.iter_content(CHUNK):
+                size += len(chunk)
+                if size > layer.size:
+                    raise BundleError(f"{self.ref.repo}: layer {layer.path} is larger than the {layer.size} bytes its manifest declares")
+                digest.update(chunk)
+                handle.write(chunk)
         if size != layer.size or "sha256:" + digest.hexdigest() != layer.digest:
             raise BundleError(f"{self.ref.repo}: layer {layer.path} ({size} bytes) does not match its digest {layer.digest}; "
                               "the registry's copy was changed or corrupted")
@@ -295,7 +294,7 @@ def download(client: RegistryClient, art: oci.Artifact, out_dir: Path, progress:
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_blob(layer, target)
         manifest = verify_bundle(staged)
-        oci.check_pulled_manifest(str(client.ref), art, staged, manifest)
+        oci.check_pulled_manifest(str(client.ref), art, manifest)
         return publish(staged, manifest, out_dir)
 
 
@@ -307,7 +306,3 @@ def pull(client: RegistryClient, out_dir: Path, progress: ProgressFn = lambda _:
         gate(art)
     return art, download(client, art, out_dir, progress)
 
-
-def staged_leftovers(out_dir: Path) -> list[Path]:
-    """Hidden staging folders a killed pull left (for reports and tests)."""
-    return sorted(p for p in Path(out_dir).glob(f"{STAGING_PREFIX}*")) if Path(out_dir).is_dir() else []
