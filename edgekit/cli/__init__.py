@@ -68,6 +68,7 @@ def main() -> None:
     from edgekit.cli import bench  # noqa: F401  (registers `bench`)
     from edgekit.cli import pack  # noqa: F401  (registers `pack`)
     from edgekit.cli import doctor  # noqa: F401  (registers `doctor`)
+    from edgekit.cli import fleet  # noqa: F401  (registers push, pull, sign, keygen, update)
 
     try:
         # Standalone mode: typer exits itself, 0 on success, typer.Exit's code, or 2 for a usage error.
