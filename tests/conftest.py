@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import MINILM
+from helpers import MINILM, SMOLLM, TINY, save_checkpoint
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,3 +76,18 @@ def tiny(tmp_path_factory, sample_store):
         return results[case]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def llama_smollm_dir(tmp_path_factory, sample_store) -> Path:
+    """A tiny random llama with SmolLM2's tokenizer (byte-level BPE, GQA, tied embeddings)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("llama-smollm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        shutil.copy(sample_store / SMOLLM / name, out / name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **TINY)
+    save_checkpoint(LlamaForCausalLM(config), out)
+    return out

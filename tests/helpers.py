@@ -37,3 +37,16 @@ def write_recipe(path: Path, source_dir: Path, **overrides) -> Path:
     recipe.update(overrides)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, initializer_range=0.5)  # wide init: peaked next-token distributions
+
+
+def save_checkpoint(model, out: Path, *, bf16: bool = True, safe: bool = True) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=safe)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, SMOLLM
+from helpers import REPO, TINY
+from helpers import save_checkpoint as _save_model
 
 from edgekit.errors import ConfigError, ExportError, SourceError
 from edgekit.export.gguf import quality
@@ -30,33 +31,6 @@ EVAL_TEXT = (REPO / "recipes/data/eval-text.txt").read_text(encoding="utf-8")
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, initializer_range=0.5)  # wide init: peaked next-token distributions
-
-
-def _save_model(model, out: Path, *, bf16: bool = True, safe: bool = True) -> None:
-    import torch
-
-    torch.manual_seed(0)
-    if bf16:
-        model = model.to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=safe)
-
-
-@pytest.fixture(scope="module")
-def llama_smollm_dir(tmp_path_factory, sample_store) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("llama-smollm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        shutil.copy(sample_store / SMOLLM / name, out / name)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **TINY)
-    _save_model(LlamaForCausalLM(config), out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory) -> Path:
     import torch

@@ -19,7 +19,6 @@ from edgekit.export.gguf.convert import convert_checkpoint
 from edgekit.export.gguf.quantize import quantize
 from edgekit.export.sources import ResolvedSource
 from edgekit.schema.recipe import load_recipe
-from tests.test_gguf_convert import llama_smollm_dir  # noqa: F401  (module fixture reused)
 
 EVAL = str(REPO / "recipes/data/eval-text.txt")
 
