@@ -96,3 +96,29 @@ def test_a_runner_with_slots_batches_its_gguf_streams(smollm_bundle):
         assert runner.engine.model.llm.context_params.n_seq_max == 3
     finally:
         runner.engine.close()
+
+
+def test_saved_prompts_come_back_to_any_sequence(engine):
+    """Four other conversations rotate through all four sequences; the long system prompt they pushed out is
+    loaded back from RAM, so its next turn decodes only the new part."""
+    from edgekit.runtime.llm import PROMPT_CACHE_MIN_TOKENS
+
+    model = engine.model
+    story = "The ferry to the island ran only twice a day, and Mira missed the morning one by less than a minute. " * 12
+
+    def chat(system: str, user: str) -> list[int]:
+        return model.tokenize(model.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}]),
+                              chat=True)
+
+    first = chat(story, "Who is Mira?")
+    assert len(first) > PROMPT_CACHE_MIN_TOKENS
+    list(engine.generate(first, Sampling(max_tokens=2, temperature=0)))
+    for system in SYSTEMS:  # each long enough to displace the story from whichever sequence it takes
+        list(engine.generate(chat(system * 40, "Go on."), Sampling(max_tokens=2, temperature=0)))
+    again = chat(story, "Where is the ferry?")
+    finish = list(engine.generate(again, Sampling(max_tokens=2, temperature=0)))[-1]
+    assert finish.cached_tokens == common_prefix_len(first, again)
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)

@@ -265,15 +265,17 @@ class GgufModel:
         the next request of the first conversation its whole prefill (llama-server keeps one per slot and in RAM).
         """
         llama_cpp, llm, cache = self._llama_cpp, self.llm, self.prompt_cache
+        try:
+            saved = cache[prompt]  # the saved prompt sharing the longest prefix; before saving, which may push it out
+        except KeyError:
+            saved = None
         if len(cached) - keep >= PROMPT_CACHE_MIN_TOKENS:
             size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
             if size <= cache.capacity_bytes:
                 buffer = (self._ctypes.c_uint8 * size)()
                 written = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, size, 0)
                 cache[cached] = SavedPrompt(cached, buffer, written)
-        try:
-            saved = cache[prompt]  # the saved prompt sharing the longest prefix (LRU order refreshed)
-        except KeyError:
+        if saved is None:
             return keep
         shared = common_prefix(saved.tokens, prompt)
         if shared <= keep + PROMPT_CACHE_MIN_TOKENS // 4:  # not worth a copy of the saved KV

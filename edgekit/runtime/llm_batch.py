@@ -50,7 +50,7 @@ class BatchedGguf:
         old, llm._ctx = llm._ctx, LlamaContext(model=llm._model, params=params, verbose=False)
         old.close()
         llm.reset()
-        model.prompt_cache = None  # sequences keep their own prefixes
+        self._saved, model.prompt_cache = model.prompt_cache, None  # saved prompts serve every sequence
         self._memory = llama_cpp.llama_get_memory(llm.ctx)
         self._batch = llama_cpp.llama_batch_init(PREFILL_CHUNK + sequences, 0, 1)
         self._kv: list[list[int]] = [[] for _ in range(sequences)]  # tokens in each sequence's cells
@@ -121,7 +121,10 @@ class BatchedGguf:
         self._free.discard(seq)
         self._uses += 1
         self._used[seq] = self._uses
-        keep = min(common_prefix(self._kv[seq], request.prompt), len(request.prompt) - 1)
+        keep = common_prefix(self._kv[seq], request.prompt)
+        if self._saved is not None:
+            keep = self._swap_prompt(seq, request.prompt, keep)
+        keep = min(keep, len(request.prompt) - 1)
         if not llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1):
             llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
             keep = 0
@@ -131,6 +134,34 @@ class BatchedGguf:
         request.chain = self.model.sampler(request.sampling)
         request.text = TextStream(self.model, request.sampling.stop, min(request.sampling.max_tokens or room, room))
         self._active[seq] = request
+
+    def _swap_prompt(self, seq: int, prompt: list[int], keep: int) -> int:
+        """``GgufModel._swap_prompt`` for one sequence: save its cells when the prompt would drop many of them, load
+        the saved prompt sharing the most with ``prompt`` when that beats what the sequence holds."""
+        from edgekit.runtime.llm import PROMPT_CACHE_MIN_TOKENS, SavedPrompt
+
+        llama_cpp, ctx, cache = self._llama_cpp, self.model.llm.ctx, self._saved
+        held = self._kv[seq]
+        try:
+            saved = cache[prompt]  # looked up before saving: a save may push it out of the cache
+        except KeyError:
+            saved = None
+        if len(held) - keep >= PROMPT_CACHE_MIN_TOKENS:
+            size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+            if size <= cache.capacity_bytes:
+                buffer = (self.model._ctypes.c_uint8 * size)()
+                cache[held] = SavedPrompt(list(held), buffer, llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq))
+        if saved is None:
+            return keep
+        shared = common_prefix(saved.tokens, prompt)
+        if shared <= keep + PROMPT_CACHE_MIN_TOKENS // 4:
+            return keep
+        if llama_cpp.llama_state_seq_set_data(ctx, saved.buffer, saved.llama_state_size, seq) == 0:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            held.clear()
+            return 0
+        self._kv[seq] = list(saved.tokens)
+        return shared
 
     def _release(self, request: _Request) -> None:
         self._active.pop(request.seq, None)
