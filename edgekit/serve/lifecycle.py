@@ -26,7 +26,7 @@ from edgekit.errors import BundleError, EdgekitError
 from edgekit.runtime.placement import worker_threads
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.batching import MicroBatcher
-from edgekit.serve.budget import MIB, effective_n_ctx, memory_budget
+from edgekit.serve.budget import MIB, effective_n_ctx, footprint_terms, memory_budget
 from edgekit.serve.errors import ApiError
 from edgekit.serve.protocol import FileIdentity, WorkerConfig
 from edgekit.serve.settings import ServeSettings
@@ -223,13 +223,14 @@ class Lifecycle:
                             slots=s.slots if entry.task == "text-generation" else 1, batch_max=s.batch_max,
                             batch_max_tokens=s.batch_max_tokens, max_prompt_chars=4 * s.max_input_chars + 65536,
                             plugins=list(s.worker_plugins), verified=entry.verified_files,
-                            special_in_content=s.allow_control_tokens_in_content)
+                            special_in_content=s.allow_control_tokens_in_content,
+                            prompt_cache_contexts=s.prompt_cache_contexts)
 
     async def _make_room(self, entry: ModelEntry) -> None:
         need = entry.footprint
         if need > self.budget:
-            raise ApiError(507, f"model {entry.name!r} needs about {need // MIB} MiB (weights + KV cache for "
-                           f"n_ctx {effective_n_ctx(entry.manifest, self.settings)} x {self.settings.slots} slot(s)); "
+            raise ApiError(507, f"model {entry.name!r} needs about {need // MIB} MiB "
+                           f"({footprint_terms(entry.manifest, self.settings)}); "
                            f"the memory budget is {self.budget // MIB} MiB ({self.budget_source})",
                            param="model", code="insufficient_memory")
         while self.used_bytes(excluding=entry) + need > self.budget:

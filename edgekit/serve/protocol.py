@@ -88,6 +88,7 @@ class WorkerConfig(Message):
     max_prompt_chars: int = Field(description="Largest prompt a chat template may render.")
     plugins: list[str] = Field(default_factory=list, description="Modules imported before loading (runner registry).")
     special_in_content: bool = Field(False, description="Control tokens typed in chat message content are parsed as such.")
+    prompt_cache_contexts: float = Field(0.0, description="RAM for saved prompts, in contexts' worth of KV cache.")
     verified: list[FileIdentity] | None = Field(
         None, description="Identity of the bundle's files when they were last hashed in full; None: verify now.")
 

@@ -90,7 +90,7 @@ class GenerationRunner:
         from edgekit.runtime.llm import GgufModel
 
         return GgufModel(path, n_ctx=config.n_ctx, threads=config.threads, chat_template=manifest.runtime.chat_template,
-                         max_prompt_chars=config.max_prompt_chars)
+                         max_prompt_chars=config.max_prompt_chars, prompt_cache_contexts=config.prompt_cache_contexts)
 
     @staticmethod
     def batched(model) -> bool:

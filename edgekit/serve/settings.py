@@ -88,6 +88,11 @@ class ServeSettings(BaseSettings):
     batch_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a micro-batch waits for more requests once the model is free."
     )
+    prompt_cache_contexts: float = Field(
+        0.0, ge=0, le=4, description="RAM each GGUF worker may use to save long prompts (>= 256 tokens) another request "
+        "would overwrite, so a returning system prompt is not evaluated again; in contexts' worth of KV cache (1: one "
+        "full context). Off by default: the memory budget and `edgekit fit` do not charge it yet."
+    )
     allow_control_tokens_in_content: bool = Field(
         False, description="Parse control tokens (e.g. <|im_start|>) typed in chat message content as control tokens; by "
         "default content is tokenized as text, so users cannot forge system turns. The template's own markup is always parsed."
