@@ -236,6 +236,6 @@ def test_ci_fit_gate_example_runs_verbatim_with_the_wheel(install, tmp_path):
     assert all(code in (0, 1) for _, code, _ in codes)  # a gate verdict, never a usage, config or backend error
     gated = sorted(f"fit-{p.stem}.xml" for p in (REPO / "recipes").glob("*.yaml")
                    if {"devices", "architecture"} <= set(yaml.safe_load(p.read_text()) or {}))
-    assert sorted(reports) == sorted([*gated, "fit-bundles.xml"]) and len(gated) == 12
+    assert sorted(reports) == sorted([*gated, "fit-bundles.xml"]) and len(gated) == 16
     assert results["wheel"] == results["checkout"]
     assert summary.count("\n") > 20

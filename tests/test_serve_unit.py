@@ -358,8 +358,6 @@ def test_service_unit_is_hardened_and_sized(tmp_path):
     assert exec_line == (f"ExecStart=/opt/edgekit/bin/edgekit serve --models {tmp_path} --host 127.0.0.1 --port 8080 "
                          "--memory-budget-mb 300 --grace-s 10 --max-connections 128 --preload smollm --threads 2")
     assert "LimitNOFILE=256" in lines  # docs/reliability.md case 30: 128 connections + the daemon's own descriptors
-    repo_unit = (Path(__file__).resolve().parent.parent / "scripts" / "edgekit.service").read_text()
-    assert "DynamicUser=yes" in repo_unit and "ProtectSystem=strict" in repo_unit and "MemoryMax=" in repo_unit
 
 
 @pytest.fixture
