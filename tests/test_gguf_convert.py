@@ -28,33 +28,18 @@ from edgekit.runtime.gguf_file import gguf_facts, read_gguf_header
 CORPUS_FILE = REPO / "tests/data/tokenizer-corpus.jsonl"
 CORPUS = [json.loads(line)["text"] for line in CORPUS_FILE.read_text(encoding="utf-8").splitlines()]
 EVAL_TEXT = (REPO / "recipes/data/eval-text.txt").read_text(encoding="utf-8")
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+
+
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory) -> Path:
+    import tiny_models
     import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = tmp_path_factory.mktemp("qwen2")
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(EVAL_TEXT.splitlines() + CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    tokenizer.save_pretrained(out)
+    n_vocab = tiny_models.qwen_tokenizer(out, None)  # 1216 embedding rows for 1200 tokens: Qwen2.5's padded vocabulary
     torch.manual_seed(0)
-    # 1216 embedding rows for 1200 tokens: the padded-vocabulary case of Qwen2.5.
-    config = Qwen2Config(vocab_size=1216, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, **TINY)
+    config = Qwen2Config(vocab_size=n_vocab, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, **TINY)
     _save_model(Qwen2ForCausalLM(config), out)
     return out
 
