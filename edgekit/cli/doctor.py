@@ -17,7 +17,6 @@ cannot run the bundles.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -199,9 +198,10 @@ def measure(bundle: Path, result: BundleResult, device, catalog, runs: int) -> N
     """Speed of the bundle here (bench's child process) and, with a device, fit's prediction for the same input."""
     from edgekit.bench.measure import DEFAULT_PROMPT
     from edgekit.bench.run import BenchConfig, bench_bundle
+    from edgekit.runtime.placement import plan_threads
 
-    config = BenchConfig(threads=os.cpu_count() or 1, ctx=BENCH_CTX, runs=runs, decode_tokens=BENCH_DECODE_TOKENS,
-                         prompt=DEFAULT_PROMPT)
+    threads = plan_threads(None, device.cpu.cores if device else None).threads  # what the daemon would run with
+    config = BenchConfig(threads=threads, ctx=BENCH_CTX, runs=runs, decode_tokens=BENCH_DECODE_TOKENS, prompt=DEFAULT_PROMPT)
     bench = bench_bundle(bundle, config)
     result.format = bench.format
     keys = [k for k in FORMATS[bench.format].speed_metrics if k in FIT_PREDICTS]
