@@ -452,7 +452,7 @@ def profile_host(
                                            "its id is the file name.")] = None,
     device_id: Annotated[str, typer.Option("--id", help="Id of the profile when it is printed (default: this-host).")] = None,
     bundle: Annotated[list[Path], typer.Option("--bundle", help="Also measure this bundle's speed (GGUF decode or ONNX latency); repeatable.")] = None,
-    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads for the speed measurements; default: all cores.")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads for the speed measurements; default: the cores the profile counts (as `edgekit serve` picks them).")] = None,
     bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", min=1, help="Array size per copy buffer for the bandwidth test.")] = 256,
     depth: Annotated[int, typer.Option("--depth", min=0, help=f"GGUF: also time decode this many tokens into a context "
                                        f"(calibrates attention over the KV cache; at least {MIN_DEPTH}); 0 skips it.")] = DECODE_DEPTH,
