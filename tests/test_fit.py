@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from edgekit.bundle import read_manifest
 from edgekit.architectures import ARCHITECTURES
+from edgekit.bundle import read_manifest
 from edgekit.fit import FitSettings, fit, from_manifest, from_recipe, kv_cache_bytes
 from edgekit.fit.facts import infer_n_ff
 from edgekit.fit.memory import RunSettings, compute_buffer_bytes, estimate_memory, repacked_bytes

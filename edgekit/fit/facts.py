@@ -13,7 +13,6 @@ from typing import Literal
 
 from edgekit.architectures import ARCHITECTURES, Architecture, ModelShape, by_gguf_name
 from edgekit.errors import ConfigError
-from edgekit.formats import FORMATS, TASKS
 from edgekit.fit.quant import (
     FILE_TYPES,
     GGML_TYPES,
@@ -22,6 +21,7 @@ from edgekit.fit.quant import (
     definition_data_bytes,
     definition_tensors,
 )
+from edgekit.formats import FORMATS, TASKS
 from edgekit.schema.manifest import Manifest
 from edgekit.schema.recipe import ArchitectureFacts, GgufTarget, OnnxTarget, Recipe
 
