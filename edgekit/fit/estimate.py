@@ -173,9 +173,9 @@ def decoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, setti
     decode_short = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=0, calibration=cal_d)
     # llama-bench's pp512 (one 512-token batch), and the chat prompt as edgekit serve prefills it (n_ubatch chunks).
     pp512 = min(n_ctx, 512)
-    prompt = pp512 / speed.prefill_seconds(work, device, settings.threads, pp512, pp512, cal_p)
+    prompt = pp512 / speed.prefill_seconds(work, device, settings.threads, pp512, pp512, cal_p, cal_d)
     n_prompt = min(settings.prompt_tokens, n_ctx)
-    prefill = speed.prefill_seconds(work, device, settings.threads, n_prompt, settings.n_ubatch, cal_p)
+    prefill = speed.prefill_seconds(work, device, settings.threads, n_prompt, settings.n_ubatch, cal_p, cal_d)
     ttft = prefill + 1.0 / speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_prompt, calibration=cal_d)
     calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
     if cal_d.attention_points:  # the board was measured deep into a context too
