@@ -108,15 +108,16 @@ def devices_show(device: Annotated[str, typer.Argument(help="Device id or profil
                 ("prompt", p.prompt_tok_s, " tok/s"), ("decode", p.decode_tok_s, " tok/s"), ("latency", p.latency_ms, " ms"))
                 if value is not None)
             depth = f" at {p.context_tokens} tokens of context" if p.context_tokens else ""
-            out.print(f"- {p.model} {p.quant}{depth}: {speeds}; measured on {p.measured_on}", highlight=False)
+            build = f", {p.engine} {p.build}" if p.build else ""
+            out.print(f"- {p.model} {p.quant}{depth}: {speeds}; measured on {p.measured_on}{build}", highlight=False)
             out.print(f"  {p.source}", highlight=False, soft_wrap=True)  # a URL is never cut
         return
-    points = Table("model", "quant", "context", "prompt tok/s", "decode tok/s", "latency ms", "measured on", "source",
+    points = Table("model", "quant", "context", "prompt tok/s", "decode tok/s", "latency ms", "measured on", "build", "source",
                    title="calibration points")
     points.columns[-1].overflow = "fold"
     for p in d.calibration:
         points.add_row(p.model, p.quant, f"{p.context_tokens or ''}", f"{p.prompt_tok_s or ''}", f"{p.decode_tok_s or ''}",
-                       f"{p.latency_ms or ''}", p.measured_on, p.source)
+                       f"{p.latency_ms or ''}", p.measured_on, p.build, p.source)
     out.print(points)
 
 
