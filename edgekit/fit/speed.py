@@ -9,7 +9,7 @@ one fast enough to hide it (measured: Q4_K_M at 0.73x the bytes of Q8_0 decodes 
 docs/device-facts.md). Prompt processing is matrix-matrix work: per token, the operations of every weight
 at the share of the core's peak its kernel family reaches for that weight type (catalog data,
 devices/kernels/prompt.yaml), plus attention over the prompt so far; per batch of n_ubatch tokens, one
-pass over the weights from memory and the fixed per-pass work. A short prompt therefore runs at a
+pass of the weights through the cores at a decode step's cost. A short prompt therefore runs at a
 lower rate than pp512 (the weights are streamed for few tokens), a long one too (attention grows). ONNX
 Runtime encoders pay a pass over the weights per call plus work per token, at costs that depend on
 how the model was quantized.
@@ -285,13 +285,6 @@ def _point_workload(point: CalibrationPoint, weights_bytes: float, matrix_weight
                     n_layer=n_layer, weights_by_type=((main, matrix_weights),), **attention)
 
 
-def _peak_ops(device: Device, threads: int | None, float_path: bool) -> float:
-    core = CORE_TYPES[device.cpu.core_type]
-    cores = min(threads or device.cpu.cores, device.cpu.cores)
-    per_cycle = core.f32_ops_per_cycle if float_path else core.int8_ops_per_cycle
-    return cores * device.cpu.clock_ghz * 1e9 * per_cycle
-
-
 @dataclass(frozen=True)
 class DecodeTerms:
     """Seconds per generated token (they add up): streaming the weights, the weight kernels' cycles,
@@ -344,8 +337,8 @@ def roofline_decode_tok_s(work: Workload, device: Device, threads: int | None = 
 class PrefillTerms:
     """Seconds to process a prompt (they add up): the weight kernels' batched work per token, attention over the
     prompt so far, and per batch of n_ubatch tokens one pass of the weights through the cores as a decode step
-    makes it (streamed from memory, the activations quantized and the kernels set up for the batch; measured on
-    edgekit's build machine: the fixed cost per batch is within 10 % of one decode step) and its fixed work."""
+    makes it (streamed from memory, the activations quantized and the kernels set up for the batch; on edgekit's
+    build machine a batch's fixed cost and a decode step both took 10.4 ms, docs/device-facts.md) and its fixed work."""
 
     compute_s: float
     attention_s: float
@@ -385,12 +378,6 @@ def prefill_seconds(work: Workload, device: Device, threads: int | None = None, 
     k = calibration.factor if calibration else 1.0
     k_pass = decode_calibration.factor if decode_calibration else 1.0
     return (t.compute_s + t.attention_s) / k + t.weight_pass_s / k_pass + t.overhead_s
-
-
-def roofline_prompt_tok_s(work: Workload, device: Device, threads: int | None = None, n_tokens: int = 512,
-                          n_ubatch: int = 512) -> float:
-    """Uncalibrated prompt tokens/s over an ``n_tokens`` prompt (llama-bench's pp512: 512 tokens in one batch)."""
-    return n_tokens / prefill_seconds(work, device, threads, n_tokens, n_ubatch)
 
 
 def roofline_encoder_ms(work: Workload, device: Device, seq_len: int, batch: int = 1, threads: int | None = None) -> float:
