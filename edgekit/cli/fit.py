@@ -418,12 +418,12 @@ def _plan_library(task: str, extra_dirs: list[Path], board, settings, everything
         floor = f", decode >= {settings.min_tok_s:g} tok/s" if settings.min_tok_s else ""
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False,
                       title=f"{task} on {board.id} ({_mib(board.usable_ram_bytes)} MiB usable{floor}): best first")
-        for name in ("#", "recipe", "target", "quant", "RAM MiB", "tok/s", "verdict"):
-            table.add_column(name, no_wrap=True, justify="right" if name in ("#", "RAM MiB", "tok/s") else "left")
+        for name in ("#", "recipe", "target", "quant", "RAM MiB", "tok/s", "TTFT s", "verdict"):
+            table.add_column(name, no_wrap=True, justify="right" if name in ("#", "RAM MiB", "tok/s", "TTFT s") else "left")
         for rank, entry in enumerate(result.ranked, 1):
             r = entry.candidate.report
             table.add_row(str(rank), entry.recipe, entry.candidate.target_name, r.quant, _mib(r.memory["required"]),
-                          _decode_cell(r), VERDICT_STYLE[r.verdict])
+                          _decode_cell(r), _ttft_cell(r), VERDICT_STYLE[r.verdict])
         console = _console(wide)
         console.print(table)
         if result.dropped and console.width < WIDE_COLUMNS:
