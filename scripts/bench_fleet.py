@@ -35,19 +35,9 @@ sys.path.insert(0, str(ROOT))
 from datetime import UTC
 
 from edgekit.bundle import read_manifest
+from edgekit.fleet.local_registry import registry_config
 from edgekit.paths import kit_paths
 
-REGISTRY_CONFIG = """version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-"""
 SAMPLES = ("all-minilm-l6-v2-int8-dynamic", "smollm2-135m-instruct-q4-k-m")
 
 
@@ -66,7 +56,7 @@ def start_registry(work: Path) -> tuple[subprocess.Popen, str]:
     if binary is None:
         sys.exit("docker-registry is not installed: apt-get install -y docker-registry")
     port = free_port()
-    (work / "config.yml").write_text(REGISTRY_CONFIG.format(root=work / "data", port=port))
+    (work / "config.yml").write_text(registry_config(work / "data", port))
     proc = subprocess.Popen([binary, "serve", str(work / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):  # bounded: 30 s
         try:

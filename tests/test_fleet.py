@@ -28,19 +28,8 @@ from serve_fixtures import Daemon, free_port, publish_gguf, wait_until
 
 from edgekit.bundle import sha256_file
 from edgekit.errors import BundleError, ConfigError
+from edgekit.fleet.local_registry import registry_config
 from edgekit.schema.manifest import MANIFEST_NAME
-
-REGISTRY_CONFIG = """version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-"""
 
 
 def _registry_binary() -> str:
@@ -87,7 +76,7 @@ def running_registry(base: Path, auth: str = ""):
     binary = _registry_binary()
     port = free_port()
     config = base / "config.yml"
-    config.write_text(REGISTRY_CONFIG.format(root=base / "data", port=port) + auth)
+    config.write_text(registry_config(base / "data", port, auth))
     log = (base / "registry.log").open("wb")
     proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
