@@ -196,11 +196,19 @@ def update_cmd(
     trusted_key: TrustedKey = None,
     plain_http: PlainHttp = False,
     registry_config: DockerConfig = None,
+    daemon: Annotated[str, typer.Option("--daemon", help="URL of the running daemon (env EDGEKIT_DAEMON_URL): it reloads the "
+                                                         "new version and runs its golden checks; switched back unless it serves "
+                                                         "it through --probation-s.")] = None,
+    probation_s: Annotated[float, typer.Option("--probation-s", min=0, help="With --daemon: seconds the new version must "
+                                                                           "keep serving (default 30; EDGEKIT_PROBATION_S).")] = None,
+    confirm_timeout_s: Annotated[float, typer.Option("--confirm-timeout-s", min=0.1, help="With --daemon: most seconds to "
+                                                     "wait for the daemon to serve or refuse it (default 600).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """On the board: resolve, fit-gate from the annotations, pull, verify, golden checks, switch the served version atomically.
 
-    Exit 1 names the failing check (signature, fit, digest, golden); the served version is then unchanged.
+    Exit 1 names the failing check (signature, fit, digest, golden); the served version is then unchanged. With
+    --daemon, a version the daemon refuses or fails within the probation window is switched back (exit 1).
     """
     from edgekit.fleet import board
 
@@ -219,8 +227,21 @@ def update_cmd(
             signature(art)
             fits(art)
 
+        settings = _settings()
+        url = daemon or settings.daemon_url
+        confirm = restored = None
+        if url is not None:
+            from functools import partial
+
+            from edgekit.fleet.daemon_check import confirm_with_daemon, wait_until_served
+
+            timeout = confirm_timeout_s or settings.confirm_timeout_s
+            probation = settings.probation_s if probation_s is None else probation_s
+            confirm = partial(confirm_with_daemon, url, timeout_s=timeout, probation_s=probation, progress=err.print)
+            restored = partial(wait_until_served, url, timeout_s=timeout)
         with status(f"update {reference}") as step:
-            result = board.update(client, folder, gate=gate, golden=_golden, keep=keep or _settings().keep_versions, progress=step)
+            result = board.update(client, folder, gate=gate, golden=None if url else _golden,
+                                  keep=keep or settings.keep_versions, progress=step, confirm=confirm, restored=restored)
     if as_json:
         emit_json(asdict(result))
         return
