@@ -663,7 +663,7 @@ class Poller:
 def test_update_with_daemon_switches_back_when_the_daemon_refuses_the_new_version(registry, bundle, bundle_v2, tmp_path):
     """The daemon loads version 2 on the switch; its golden record cannot be reproduced (the fake GGUF), so the worker
     refuses it; `update --daemon` sees the refusal in /health and switches the link back. A client polling the
-    daemon throughout gets only 200s computed by version 1."""
+    daemon throughout gets only 200s computed by version 1 (docs/reliability.md case 36)."""
     from serve_fixtures import FAKE_PLUGIN, Gates
 
     pushed(registry, bundle, "models/judged:1")
@@ -726,7 +726,8 @@ def test_update_with_daemon_keeps_a_version_the_daemon_serves(registry, bundle, 
 def test_update_with_daemon_rolls_back_a_version_whose_golden_checks_fail(registry, minilm_bundle, tmp_path):
     """Issue #15 item 5 with a real model: MiniLM version 2 has a golden record its outputs contradict (negated embeddings).
     `update --daemon` switches to it; the daemon's new worker fails the golden checks at load, so version 2 is never
-    served; update switches back. A client embedding a sentence throughout gets only 200s with version 1's vector."""
+    served; update switches back. A client embedding a sentence throughout gets only 200s with version 1's vector
+    (docs/reliability.md case 36)."""
     broken = _break_golden(minilm_bundle, tmp_path / "broken" / minilm_bundle.name)
     pushed(registry, minilm_bundle, "models/minilm-judged:1")
     pushed(registry, broken, "models/minilm-judged:2")

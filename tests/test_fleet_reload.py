@@ -3,7 +3,7 @@
 The fake model (tests/fake_runner.py) holds generations at gates the test opens, so requests are in flight on
 the old worker for as long as the test wants. Version 1 is the tiny GGUF with a 64-token context, version 2 the
 same tensors with a 48-token context: a completion without max_tokens fills the context, so its token count
-says which version computed it (62 or 46 after the 2-token chat prompt "user: X").
+says which version computed it (62 or 46 after the 2-token chat prompt "user: X"). docs/reliability.md cases 35 and 36.
 """
 
 from __future__ import annotations
