@@ -699,13 +699,16 @@ def test_update_with_daemon_switches_back_when_the_daemon_refuses_the_new_versio
 
 
 def test_update_with_daemon_keeps_a_version_the_daemon_serves(registry, bundle, bundle_v2, tmp_path):
+    """The daemon serves a plain folder (from `edgekit pull`); `update --daemon` adopts it as version 1, switches to
+    version 2, the daemon reloads it and says so: the switch stays."""
     from serve_fixtures import FAKE_PLUGIN, Gates
 
     pushed(registry, bundle, "models/judged-ok:1")
     d2 = pushed(registry, bundle_v2, "models/judged-ok:2")
     out = tmp_path / "bundles"
     args = ["--plain-http", "--bundles", str(out), "--device", "rpi-zero-2w"]
-    assert edgekit("update", f"{registry.host}/models/judged-ok:1", *args).returncode == 0
+    assert edgekit("pull", f"{registry.host}/models/judged-ok:1", "--plain-http", "--bundles", str(out)).returncode == 0
+    assert not (out / "fake-a").is_symlink()
     gates = Gates(tmp_path / "gates")
     gates.root.mkdir()
     daemon = Daemon(out, "--worker-plugins", FAKE_PLUGIN, "--preload", "fake-a", "--version-poll-s", "0.05", env=gates.env())

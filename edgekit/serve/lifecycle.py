@@ -361,6 +361,7 @@ class Lifecycle:
             target = Path(os.path.realpath(entry.path, strict=True))
         except OSError:
             return  # the link is being replaced or the bundle removed: nothing to switch to
+        entry.versioned = entry.path.is_symlink()  # a plain folder adopted by `edgekit update` becomes a link
         if target == entry.target:
             entry.refused_target = entry.reload_error = None  # switched back (or never left): nothing is refused
             return
@@ -430,7 +431,9 @@ class Lifecycle:
 
     async def _verify_version(self, entry: ModelEntry, target: Path) -> tuple[Manifest, list[FileIdentity] | None]:
         """Hash and check ``target`` in the verifier subprocess (as discovery does); its manifest must name the same model."""
-        from edgekit.serve.discovery import verify_bundles
+        from edgekit.serve.discovery import Folder, fingerprint, verify_bundles
+
+        prints = await asyncio.to_thread(fingerprint, target)
 
         rows = verify_bundles([target], self.settings.verify_timeout_s, self.settings.worker_plugins)
         row = None
@@ -444,6 +447,8 @@ class Lifecycle:
         manifest = await asyncio.to_thread(read_manifest_capped, target)
         if manifest.name != entry.name:
             raise BundleError(f"{target} holds model {manifest.name!r}, not {entry.name!r}")
+        # discovery's record of the folder behind the link: a lookup's refresh must not verify (or replace) it again
+        self.catalog.folders[entry.path] = Folder(prints, name=entry.name)
         return manifest, row.files
 
     def _adopt_version(self, entry: ModelEntry, target: Path, manifest: Manifest, footprint: int,
