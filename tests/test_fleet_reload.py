@@ -129,3 +129,46 @@ def test_a_switched_version_that_fails_to_load_is_refused_and_the_old_one_keeps_
         assert workers(daemon) == [v1]
     finally:
         assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+
+
+# -- update --daemon's judgement of /health (no daemon: the answers are scripted, the clock is a counter) ----------
+
+
+def _health(serving: str | None = None, refused: str | None = None, failed: str | None = None, status: str = "ok") -> dict:
+    return {"status": status, "failed": {"m": failed} if failed else {},
+            "versions": {"m": {"serving": serving, "refused": refused, "error": "golden check failed" if refused else None}}}
+
+
+def _judge(monkeypatch, answers: list, probation_s: float, timeout_s: float = 10.0):
+    from edgekit.fleet import daemon_check
+
+    script = iter(answers)
+    monkeypatch.setattr(daemon_check, "read_health", lambda url: next(script, answers[-1]))
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    return daemon_check.confirm_with_daemon("http://d", "m", "v2", timeout_s=timeout_s, probation_s=probation_s,
+                                            clock=lambda: now[0], sleep=sleep), now[0]
+
+
+def test_confirm_waits_for_the_new_version_then_through_the_probation_window(monkeypatch):
+    answers = [None, {"status": "loading"}, _health("v1"), _health("v2"), _health("v2"), _health("v2"), _health("v2"),
+               _health("v2"), _health("v2")]
+    outcome, elapsed = _judge(monkeypatch, answers, probation_s=1.0)
+    assert outcome.passed and elapsed == 1.75  # served from the fourth poll (0.75 s), then 1 s of probation
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    (_health("v1", refused="v2"), "the daemon refused version v2: golden check failed"),
+    (_health("v2", failed="worker stopped with signal SIGABRT (6 times within 300 s)"), "marked m failed on version v2"),
+])
+def test_confirm_fails_on_a_refusal_or_a_failure(monkeypatch, answer, reason):
+    outcome, _ = _judge(monkeypatch, [_health("v2"), answer], probation_s=30.0)
+    assert not outcome.passed and reason in outcome.detail
+
+
+def test_confirm_fails_when_the_daemon_never_serves_the_version(monkeypatch):
+    outcome, elapsed = _judge(monkeypatch, [_health("v1")], probation_s=0.0, timeout_s=2.0)
+    assert not outcome.passed and "did not confirm version v2 within 2 s" in outcome.detail and elapsed == 2.0
