@@ -132,8 +132,9 @@ def bench_bundle(bundle: Path, host: str, work: Path, rounds: int, device_ref: s
             "update_s": parts, "rollback_s": median(rollback_s), "rounds": rounds}
 
 
-def broken_version(bundle: Path, work: Path) -> Path:
-    """A version whose golden record the model contradicts: greedy ids shifted by one, or encoder outputs negated."""
+def broken_version(bundle: Path, work: Path) -> Path | None:
+    """A version whose golden record the model contradicts: greedy ids shifted by one, or encoder outputs negated
+    (None for a bundle exported without a golden record)."""
     import numpy as np
 
     from edgekit.runtime.golden import pack_f16, unpack_f16
@@ -141,7 +142,9 @@ def broken_version(bundle: Path, work: Path) -> Path:
     out = work / "v3" / bundle.name
     shutil.copytree(bundle, out)
     data = json.loads((out / "manifest.json").read_text())
-    golden = data["golden"]
+    golden = data.get("golden")
+    if golden is None:
+        return None
     if "prompts" in golden:
         for prompt in golden["prompts"]:
             prompt["ids"] = [i + 1 for i in prompt["ids"]]
@@ -218,7 +221,9 @@ def bench_reload(bundle: Path, host: str, work: Path, device_ref: str, clients: 
 
     manifest = read_manifest(bundle)
     repo = f"{host}/bench/{manifest.name}"
-    push(broken_version(bundle, work), RegistryClient(parse_reference(f"{repo}:v3"), plain_http=True))
+    broken = broken_version(bundle, work)
+    if broken is not None:
+        push(broken, RegistryClient(parse_reference(f"{repo}:v3"), plain_http=True))
     folder = work / "served"
     gate = _fit_gate(device_ref)
     board.update(RegistryClient(parse_reference(f"{repo}:r0"), plain_http=True), folder, gate=gate, golden=None)
@@ -233,13 +238,15 @@ def bench_reload(bundle: Path, host: str, work: Path, device_ref: str, clients: 
             reload_codes = load.codes[before:]
             mark = len(load.codes)
             started = time.perf_counter()
-            try:
-                board.update(RegistryClient(parse_reference(f"{repo}:v3"), plain_http=True), folder, gate=gate,
-                             golden=None, confirm=confirm, restored=restored)
-                refused = False
-            except GateFailed:
-                refused = True
-            back_s = time.perf_counter() - started
+            refused = None
+            if broken is not None:
+                try:
+                    board.update(RegistryClient(parse_reference(f"{repo}:v3"), plain_http=True), folder, gate=gate,
+                                 golden=None, confirm=confirm, restored=restored)
+                    refused = False
+                except GateFailed:
+                    refused = True
+            back_s = time.perf_counter() - started if broken is not None else None
             back_codes = load.codes[mark:]
         served = httpx.get(url + "/health", timeout=30).json()["versions"][manifest.name]["serving"]
     finally:
@@ -248,7 +255,8 @@ def bench_reload(bundle: Path, host: str, work: Path, device_ref: str, clients: 
     return {"bundle": manifest.name, "clients": clients,
             "reload_s": round(result.seconds["confirm"], 3), "reload_requests": len(reload_codes),
             "reload_failed": sum(c != 200 for c in reload_codes),
-            "rollback_refused": refused, "rollback_s": round(back_s, 3), "rollback_requests": len(back_codes),
+            "rollback_refused": refused, "rollback_s": round(back_s, 3) if back_s is not None else None,
+            "rollback_requests": len(back_codes),
             "rollback_failed": sum(c != 200 for c in back_codes), "served_after": served, "v2": result.version}
 
 
@@ -290,8 +298,9 @@ def main() -> None:
     print(f"{'bundle':34} {'clients':>7} {'reload s':>8} {'requests':>8} {'failed':>6} {'switch-back s':>13} {'requests':>8} "
           f"{'failed':>6}")
     for r in reloads:
-        print(f"{r['bundle']:34} {r['clients']:7d} {r['reload_s']:8.2f} {r['reload_requests']:8d} {r['reload_failed']:6d} "
-              f"{r['rollback_s']:13.2f} {r['rollback_requests']:8d} {r['rollback_failed']:6d}")
+        back = f"{r['rollback_s']:13.2f} {r['rollback_requests']:8d} {r['rollback_failed']:6d}" if r["rollback_s"] is not None \
+            else f"{'no golden':>13} {'-':>8} {'-':>6}"
+        print(f"{r['bundle']:34} {r['clients']:7d} {r['reload_s']:8.2f} {r['reload_requests']:8d} {r['reload_failed']:6d} {back}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": len(__import__("os").sched_getaffinity(0))},
                "registry": "docker-registry (Debian) on 127.0.0.1, plain HTTP", "results": rows, "reload": reloads}

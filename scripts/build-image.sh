@@ -71,9 +71,10 @@ root_tar() {
   if [ ! -s "$tar" ]; then
     mkdir -p "$CACHE"
     log "$arch: building the Debian $SUITE root (mmdebstrap, log $CACHE/mmdebstrap-$arch.log)"
-    mmdebstrap --arch="$arch" "${MMDEBSTRAP_OPTS[@]}" --include="$packages" "$SUITE" "$tar.partial" "$MIRROR" \
+    # mmdebstrap picks the output format by the file name: keep .tar at the end
+    mmdebstrap --arch="$arch" "${MMDEBSTRAP_OPTS[@]}" --include="$packages" "$SUITE" "${tar%.tar}.partial.tar" "$MIRROR" \
       > "$CACHE/mmdebstrap-$arch.log" 2>&1 || { tail -20 "$CACHE/mmdebstrap-$arch.log" >&2; die "mmdebstrap $arch"; }
-    mv "$tar.partial" "$tar"
+    mv "${tar%.tar}.partial.tar" "$tar"
   fi
   echo "$tar"
 }
