@@ -90,7 +90,6 @@ class ModelEntry:
     refused_target: Path | None = None  # a version the link pointed at that failed to load; the old one kept serving
     reload_error: str | None = None  # why ``refused_target`` was not served
     retiring_bytes: int = 0  # footprint of an old worker finishing its requests, or of a new one loading, after a switch
-    reloads: int = 0
 
     def __post_init__(self) -> None:
         if self.target is None:
@@ -455,7 +454,6 @@ class Lifecycle:
                        files: list[FileIdentity] | None) -> None:
         entry.target, entry.manifest, entry.footprint, entry.verified_files = target, manifest, footprint, files
         entry.verified, entry.refused_target, entry.reload_error = True, None, None
-        entry.reloads += 1
 
     def _refuse_version(self, entry: ModelEntry, target: Path, reason: str) -> bool:
         entry.refused_target, entry.reload_error = target, reason
