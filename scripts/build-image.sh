@@ -7,13 +7,13 @@
 #      instruction set), installed into a copy of the root by its own install.sh (arm64 under qemu-user);
 #   3. the fleet extras from PyPI wheels for the board's platform, installed offline into the same venv;
 #   4. `buildah from scratch` + the root + entrypoint/env/user, committed as edgekit-board:TAG-ARCH;
-# then one manifest list edgekit-board:TAG with both, written as an OCI layout to OUT (push it to your registry with
-# `buildah manifest push --all edgekit-board:TAG docker://registry.lan:5000/edgekit/board:TAG`).
+# then one manifest list edgekit-board:TAG with both, written as an OCI layout to OUT and, with --push, to a registry
+# (`--push docker://registry.lan:5000/edgekit/board:TAG`; --insecure for a plain-HTTP registry on a closed network).
 # --check then runs `edgekit --version` and the daemon's /health from the committed amd64 image's file system (buildah
 # mount + chroot: no container runtime needed).
 #
 # Usage (as root, under the heavy lock: flock /tmp/edgekit-heavy.lock scripts/build-image.sh ...):
-#   scripts/build-image.sh [--arch amd64|arm64]... [--tag TAG] [--out DIR] [--check]
+#   scripts/build-image.sh [--arch amd64|arm64]... [--tag TAG] [--out DIR] [--push DEST [--insecure]] [--check]
 # Caches live in ${EDGEKIT_HOME:-~/.cache/edgekit}/image (the amd64 root; packs and llama.cpp builds as `edgekit pack`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,13 +40,15 @@ export STORAGE_DRIVER="${STORAGE_DRIVER:-vfs}"   # no overlay mounts needed (wor
 log() { printf '[build-image %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "FAILED: $*"; exit "${2:-1}"; }
 
-ARCHES=() TAG="$("$HOST_PY" -c 'import edgekit; print(edgekit.__version__)')" OUT="$CACHE/out" CHECK=no
+ARCHES=() TAG="$("$HOST_PY" -c 'import edgekit; print(edgekit.__version__)')" OUT="$CACHE/out" CHECK=no PUSH="" TLS=true
 while [ $# -gt 0 ]; do
   case $1 in
     --arch) ARCHES+=("$2"); shift 2 ;;
     --tag) TAG=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --check) CHECK=yes; shift ;;
+    --push) PUSH=$2; shift 2 ;;
+    --insecure) TLS=false; shift ;;
     -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) die "unknown argument $1" 2 ;;
   esac
@@ -185,5 +187,9 @@ done
 rm -rf "$OUT/oci"
 buildah manifest push --quiet --all "edgekit-board:$TAG" "oci:$OUT/oci:$TAG"
 log "wrote $OUT/oci (OCI layout, tag $TAG: ${ARCHES[*]})"
+if [ -n "$PUSH" ]; then
+  buildah manifest push --quiet --all --tls-verify="$TLS" "edgekit-board:$TAG" "$PUSH"
+  log "pushed $PUSH"
+fi
 buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep edgekit-board >&2 || true
 [ "$CHECK" = no ] || [[ " ${ARCHES[*]} " != *" amd64 "* ]] || check_amd64
