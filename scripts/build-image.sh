@@ -90,15 +90,15 @@ pack_bundle() {
   die "no sample bundle in $HOME_DIR/bundles: run scripts/quickstart.sh --no-serve first" 2
 }
 
-# Run COMMAND... inside the root DIR in a private mount namespace (proc, dev), as the board would.
+# Run COMMAND... inside the root DIR in a private mount namespace (proc, dev), as the board would. The command is
+# unshare itself (`in_root ... &` then `$!` is unshare), and --kill-child takes the chrooted process down with it.
+IN_ROOT='dir=$1; shift
+  mount -t proc proc "$dir/proc"
+  mount --rbind /dev "$dir/dev"
+  mount -t tmpfs tmpfs "$dir/tmp"
+  exec chroot "$dir" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin "$@"'
 in_root() {
-  local dir=$1; shift
-  unshare --mount --fork -- sh -ec '
-    dir=$1; shift
-    mount -t proc proc "$dir/proc"
-    mount --rbind /dev "$dir/dev"
-    mount -t tmpfs tmpfs "$dir/tmp"
-    exec chroot "$dir" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/usr/local/bin:/usr/bin:/bin "$@"' sh "$dir" "$@"
+  unshare --mount --fork --kill-child -- sh -ec "$IN_ROOT" sh "$@"
 }
 
 build_arch() {
@@ -157,8 +157,8 @@ check_amd64() {
   cp -r "$bundle" "$mnt/var/lib/edgekit/bundles/"
   in_root "$mnt" "$PREFIX/current/venv/bin/edgekit" --version
   in_root "$mnt" "$PREFIX/current/venv/bin/python" -c 'import oras, cryptography, edgekit.fleet.board; print("fleet ok")'
-  in_root "$mnt" "$PREFIX/current/venv/bin/edgekit" serve --models /var/lib/edgekit/bundles --port "$port" \
-    > "$OUT/check-serve.log" 2>&1 &
+  unshare --mount --fork --kill-child -- sh -ec "$IN_ROOT" sh "$mnt" "$PREFIX/current/venv/bin/edgekit" serve \
+    --models /var/lib/edgekit/bundles --port "$port" > "$OUT/check-serve.log" 2>&1 &
   local pid=$! i
   for i in $(seq 600); do  # bounded: 5 minutes (verification and load)
     if curl -sf "http://127.0.0.1:$port/health" > "$OUT/check-health.json" 2>/dev/null; then code=0; break; fi
