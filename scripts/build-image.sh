@@ -165,7 +165,8 @@ check_amd64() {
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.5
   done
-  kill "$pid" 2>/dev/null || true
+  # unshare --fork ignores SIGTERM while it waits: stop the daemon (its child) and unshare follows
+  kill -TERM $(pgrep -P "$pid") 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   buildah umount "$ctr" >/dev/null
   buildah rm "$ctr" >/dev/null
