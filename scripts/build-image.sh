@@ -9,8 +9,9 @@
 #   4. `buildah from scratch` + the root + entrypoint/env/user, committed as edgekit-board:TAG-ARCH;
 # then one manifest list edgekit-board:TAG with both, written as an OCI layout to OUT and, with --push, to a registry
 # (`--push docker://registry.lan:5000/edgekit/board:TAG`; --insecure for a plain-HTTP registry on a closed network).
-# --check then runs `edgekit --version` and the daemon's /health from the committed amd64 image's file system (buildah
-# mount + chroot: no container runtime needed).
+# --check then runs `edgekit --version` and imports the fleet extras from each committed image's file system (buildah
+# mount + chroot, arm64 under qemu-user: no container runtime needed), and serves a sample bundle until /health answers
+# from the image of the host's architecture.
 #
 # Usage (as root, under the heavy lock: flock /tmp/edgekit-heavy.lock scripts/build-image.sh ...):
 #   scripts/build-image.sh [--arch amd64|arm64]... [--tag TAG] [--out DIR] [--push DEST [--insecure]] [--check]
@@ -147,16 +148,23 @@ build_arch() {
   rm -rf "$root"
 }
 
-check_amd64() {
-  local ctr mnt port=18080 code=1 bundle
-  log "check: edgekit --version and /health from the amd64 image's file system"
-  ctr=$(buildah from "edgekit-board:$TAG-amd64")
+# edgekit --version and the fleet imports from each image's file system (arm64 under qemu-user); the daemon's
+# /health only on the host's own architecture (an emulated daemon start takes minutes).
+check_image() {
+  local arch=$1 ctr mnt port=18080 code=1 bundle
+  log "check $arch: edgekit --version, the fleet extras$([ "$arch" = "$HOST_ARCH" ] && echo ", /health") from the image's file system"
+  ctr=$(buildah from "edgekit-board:$TAG-$arch")
   mnt=$(buildah mount "$ctr")
+  in_root "$mnt" "$PREFIX/current/venv/bin/edgekit" --version
+  in_root "$mnt" "$PREFIX/current/venv/bin/python" -c 'import platform, oras, cryptography, edgekit.fleet.board; print("fleet ok on", platform.machine())'
+  if [ "$arch" != "$HOST_ARCH" ]; then
+    buildah umount "$ctr" >/dev/null
+    buildah rm "$ctr" >/dev/null
+    return
+  fi
   bundle=$(pack_bundle)
   mkdir -p "$mnt/var/lib/edgekit/bundles"
   cp -r "$bundle" "$mnt/var/lib/edgekit/bundles/"
-  in_root "$mnt" "$PREFIX/current/venv/bin/edgekit" --version
-  in_root "$mnt" "$PREFIX/current/venv/bin/python" -c 'import oras, cryptography, edgekit.fleet.board; print("fleet ok")'
   unshare --mount --fork --kill-child -- sh -ec "$IN_ROOT" sh "$mnt" "$PREFIX/current/venv/bin/edgekit" serve \
     --models /var/lib/edgekit/bundles --port "$port" > "$OUT/check-serve.log" 2>&1 &
   local pid=$! i
@@ -171,7 +179,7 @@ check_amd64() {
   buildah umount "$ctr" >/dev/null
   buildah rm "$ctr" >/dev/null
   [ "$code" = 0 ] || { tail -20 "$OUT/check-serve.log" >&2; die "the daemon in the image did not answer /health"; }
-  log "check: /health $(cat "$OUT/check-health.json")"
+  log "check $arch: /health $(cat "$OUT/check-health.json")"
 }
 
 mkdir -p "$OUT"
@@ -193,4 +201,6 @@ if [ -n "$PUSH" ]; then
   log "pushed $PUSH"
 fi
 buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep edgekit-board >&2 || true
-[ "$CHECK" = no ] || [[ " ${ARCHES[*]} " != *" amd64 "* ]] || check_amd64
+if [ "$CHECK" = yes ]; then
+  for arch in "${ARCHES[@]}"; do check_image "$arch"; done
+fi
