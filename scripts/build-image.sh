@@ -144,8 +144,7 @@ build_arch() {
     --label "org.opencontainers.image.title=edgekit board" --label "org.opencontainers.image.version=$TAG" \
     --label "dev.edgekit.build-device=$device" "$ctr"
   buildah commit --quiet --rm "$ctr" "edgekit-board:$TAG-$arch" >/dev/null
-  rm -f "$work/rootfs.tar"
-  rm -rf "$root"
+  rm -rf "$work/rootfs.tar" "$root" "$work/pack" "$work/pack.tar.gz" "$work/fleet-wheels"  # the logs stay
 }
 
 # edgekit --version and the fleet imports from each image's file system (arm64 under qemu-user); the daemon's
