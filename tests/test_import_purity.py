@@ -19,7 +19,8 @@ CORE_ONLY = (*WORKSTATION, *ENGINES, "onnx", "gguf", "numpy")  # what a core-onl
 BOARD = ["edgekit.runtime.encoder", "edgekit.runtime.checks", "edgekit.runtime.llm", "edgekit.runtime.verify",
          "edgekit.runtime.gguf_file", "edgekit.runtime.chat_template", "edgekit.bundle", "edgekit.schema",
          "edgekit.serve", "edgekit.serve.app", "edgekit.serve.worker", "edgekit.bench.run", "edgekit.bench.child",
-         "edgekit.cli.serve", "edgekit.cli.bench"]
+         "edgekit.cli.serve", "edgekit.cli.bench", "edgekit.fleet.board", "edgekit.fleet.signing", "edgekit.cli.fleet",
+         "edgekit.fleet.k8s", "edgekit.fleet.labels", "edgekit.fleet.daemon_check"]
 # (modules imported together, packages none of them may load)
 RULES = [
     *[((module,), WORKSTATION) for module in BOARD],

@@ -352,7 +352,8 @@ def test_service_unit_is_hardened_and_sized(tmp_path):
     unit = render_unit(settings, "/opt/edgekit/bin/edgekit", 300 * 1024 * 1024, "test")
     lines = set(unit.splitlines())
     for line in ("DynamicUser=yes", "ProtectSystem=strict", "Restart=on-failure", "MemoryMax=460M", "NoNewPrivileges=yes",
-                 "KillMode=mixed", "IPAddressDeny=any", "ProtectHome=yes", "CapabilityBoundingSet="):
+                 "KillMode=mixed", "IPAddressDeny=any", "ProtectHome=yes", "CapabilityBoundingSet=",
+                 "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in lines, line
     exec_line = next(line for line in lines if line.startswith("ExecStart="))
     assert exec_line == (f"ExecStart=/opt/edgekit/bin/edgekit serve --models {tmp_path} --host 127.0.0.1 --port 8080 "

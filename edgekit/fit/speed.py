@@ -473,9 +473,11 @@ def point_prediction(point: CalibrationPoint, device: Device, kind: Kind, calibr
 
 
 def current_kernels(point: CalibrationPoint, device: Device) -> bool:
-    """Whether a prompt point was measured with the matrix kernels the model describes (not an older llama.cpp)."""
+    """Whether a prompt point was measured with the matrix kernels the model describes (not an older llama.cpp).
+
+    Points without a build date (this host's own measurements) count as current."""
     since = load_kernel_families()[kernel_family(device)].kernels_since
-    return point.format != "gguf" or point.build_date is None or point.build_date >= since
+    return point.build_date is None or point.build_date >= since
 
 
 def point_label(device: Device, point: CalibrationPoint) -> str:
