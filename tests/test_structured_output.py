@@ -76,6 +76,7 @@ LOOPS = {
 
 @pytest.mark.parametrize("schema", LOOPS.values(), ids=LOOPS.keys())
 def test_a_ref_loop_is_refused(schema):
+    """docs/reliability.md case 35."""
     with pytest.raises(UnsupportedSchema) as caught:
         schema_grammar(schema)
     assert caught.value.keyword == "$ref"
@@ -87,6 +88,7 @@ def keywords_schema(count: int) -> dict:
 
 
 def test_hostile_sizes_are_refused_before_conversion():
+    """docs/reliability.md case 36."""
     with pytest.raises(UnsupportedSchema, match="more than 4096 keywords"):
         schema_grammar(keywords_schema(20_000))
     deep: dict = {"type": "string"}
