@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_serializer
 
 from edgekit.runtime import structured
 from edgekit.runtime.llm import Sampling
@@ -159,7 +159,18 @@ class JsonSchemaFormat(Body):
     json_schema: JsonSchemaSpec
 
 
-ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+def _format_type(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "Text", "json_object": "JsonObject", "json_schema": "JsonSchema"}.get(kind)
+
+
+# Capitalised tags: pydantic puts a union's tag in an error's location, and ``_param`` leaves such names out.
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("Text")] | Annotated[JsonObjectFormat, Tag("JsonObject")]
+    | Annotated[JsonSchemaFormat, Tag("JsonSchema")],
+    Discriminator(_format_type, custom_error_type="invalid_value",
+                  custom_error_message="type must be 'text', 'json_object' or 'json_schema'"),
+]
 
 
 def _schema_error(param: str, exc: structured.UnsupportedSchema) -> ApiError:
