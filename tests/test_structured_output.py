@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from serve_fixtures import Q4KM, Daemon, link_bundles
 
 from edgekit.runtime.structured import (
+    MAX_OPTIONAL_PROPERTIES,
     MAX_REPEAT,
     MAX_SCHEMA_DEPTH,
     SUPPORTED,
@@ -55,6 +56,7 @@ REFUSED = [
     ({"$ref": "https://example.com/schema.json"}, "$ref"),
     ({"$ref": "#/$defs/missing"}, "$ref"),
     ({"if": {"type": "string"}, "then": {"maxLength": 2}}, "if"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(MAX_OPTIONAL_PROPERTIES + 1)}}, "properties"),
 ]
 
 

@@ -29,6 +29,7 @@ from edgekit.errors import EdgekitError
 MAX_SCHEMA_ITEMS = 4096  # dict keys + list elements of the whole schema
 MAX_SCHEMA_DEPTH = 32  # nesting of schema nodes
 MAX_REPEAT = 256  # minItems/maxItems/minLength/maxLength: the converter spells out every repetition
+MAX_OPTIONAL_PROPERTIES = 32  # per object: the converter's rules for them grow with the square, its recursion with the count
 MAX_GRAMMAR_CHARS = 256 * 1024
 
 # Keywords that only describe (never constrain) a node: accepted and dropped.
@@ -40,7 +41,7 @@ DEFINITIONS = frozenset({"$defs", "definitions"})
 # Every constraint keyword the converter enforces, with the node forms it is enforced in. Anything else is refused.
 SUPPORTED: dict[str, str] = {
     "type": "string, number, integer, boolean, null, object, array, or a list of them",
-    "properties": "object: each property's schema",
+    "properties": f"object: each property's schema; at most {MAX_OPTIONAL_PROPERTIES} of them optional",
     "required": "object: names listed in properties",
     "additionalProperties": "object: false (or, without properties, a schema for every value)",
     "items": "array: one schema for every item",
@@ -261,6 +262,10 @@ class _Normalizer:
         missing = [r for r in required if r not in properties]
         if missing:
             raise UnsupportedSchema("required", pointer, f"{missing[0]!r} is required but not in properties")
+        optional = len(properties) - len(set(required))
+        if optional > MAX_OPTIONAL_PROPERTIES:
+            raise UnsupportedSchema("properties", pointer, f"{optional} optional properties; at most "
+                                    f"{MAX_OPTIONAL_PROPERTIES} per object are supported (list the others in required)")
         out: dict[str, Any] = {"type": "object"}
         if properties:
             out["properties"] = {name: self.node(sub, f"{pointer}/properties/{_escape(name)}", depth + 1)
