@@ -112,9 +112,16 @@ def test_a_ref_gets_its_own_rule_even_when_a_property_has_its_name():
                                                                "list": {"type": "array", "items": {"$ref": "#/$defs/Item"}}},
                               "required": ["Item", "list"]})
     rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines())
-    assert rules["list-item"] == "ref0-def"
+    assert rules["doc-list-item"] == "ref0-def"
     assert rules["ref0-def"] == "ref0-def-body"
     assert '"\\"x\\""' in rules["ref0-def-body-x-kv"]
+
+
+def test_a_property_named_like_nothing_stays_a_property():
+    rules = dict(line.split(" ::= ", 1) for line in schema_grammar(
+        {"type": "object", "properties": {"": {"type": "integer"}}, "required": [""]}).splitlines())
+    assert rules["root"] == "doc"
+    assert rules["doc"].startswith('"{" space')
 
 
 def test_string_characters_exclude_raw_control_characters():

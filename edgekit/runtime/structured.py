@@ -367,7 +367,8 @@ def schema_grammar(schema: Any) -> str:
     _count_items(schema)
     root, refs = _Normalizer(schema).run()
     converter = _converter(refs)
-    converter.visit(root, "")
+    # Upstream visits the root under the name "" and so names a property "" at the root "root": root rules stay apart.
+    converter._rules["root"] = converter.visit(root, "doc")
     grammar = converter.format_grammar()
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise UnsupportedSchema("schema", "", f"its grammar would exceed {MAX_GRAMMAR_CHARS} characters")
