@@ -32,6 +32,8 @@ TOOLS = [
 ]
 PARAMETERS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "Call get_weather for Paris in celsius."}]
+# What makes the 135M sample model choose a call under tool_choice auto (with ASK it answers in text).
+AUTO_ASK = [{"role": "user", "content": "Use a tool: get_weather(city='Paris', unit='celsius')"}]
 
 
 def body(**fields) -> ChatBody:
@@ -135,7 +137,7 @@ def assert_valid_call(call: dict, name: str | None = None) -> None:
 @pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["auto", "required", "named"])
 def test_the_call_comes_back_as_tool_calls(client, choice):
-    response = post(client, tool_choice=choice)
+    response = post(client, tool_choice=choice, messages=AUTO_ASK if choice == "auto" else ASK)
     assert response.status_code == 200, response.text
     choice_out = response.json()["choices"][0]
     assert choice_out["finish_reason"] == "tool_calls"
@@ -197,7 +199,7 @@ def test_openai_client_tool_loop(daemon):
     import openai
 
     client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=300)
-    messages: list = list(ASK)
+    messages: list = list(AUTO_ASK)
     first = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="auto",
                                            temperature=0, max_tokens=120)
     assert first.choices[0].finish_reason == "tool_calls"
