@@ -54,8 +54,8 @@ def conversion_cases() -> dict[str, dict]:
     optional = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(MAX_OPTIONAL_PROPERTIES)}}
     return {
         "4,000-value enum": {"enum": list(range(4000))},
-        "60 objects x 32 optional properties": {"type": "object", "properties": {f"o{j}": optional for j in range(60)},
-                                                "required": [f"o{j}" for j in range(60)]},
+        "40 objects x 32 optional properties": {"type": "object", "properties": {f"o{j}": optional for j in range(40)},
+                                                "required": [f"o{j}" for j in range(40)]},
         "20,000 keywords (refused)": {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(10_000)}},
     }
 
