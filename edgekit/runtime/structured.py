@@ -13,14 +13,18 @@ used for chat templates without their own tool syntax: the model answers JSON, e
 ``{"tool_call": {"name": ..., "arguments": {...}}}`` or ``{"response": "..."}``, constrained by a grammar built from
 the tools' parameter schemas, and the daemon turns it into OpenAI ``tool_calls``.
 
-Board side: imports nothing heavy (the converter is pure Python).
+Board side: the daemon converts schemas without loading llama.cpp (the converter is pure Python, loaded on its own);
+the worker adds the grammar to its sampler chain.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
@@ -330,9 +334,26 @@ class _Normalizer:
         return {"type": "string", **self.bounds(schema, "minLength", "maxLength", pointer)}
 
 
-def _converter(refs: dict[str, dict]):
-    """llama-cpp-python's converter with two repairs that keep it from emitting invalid JSON or wrong rules."""
-    from llama_cpp import llama_grammar
+@functools.cache
+def _llama_grammar():
+    """llama-cpp-python's ``llama_grammar`` module, loaded on its own: it is pure Python, while importing it through
+    the package runs ``llama_cpp/__init__.py``, which loads libllama (about 28 MiB of RSS the daemon never uses)."""
+    name = "edgekit.runtime._llama_grammar"
+    package = importlib.util.find_spec("llama_cpp")  # finds the package without importing it
+    if package is None or not package.submodule_search_locations:
+        from edgekit.errors import RuntimeBackendError
+
+        raise RuntimeBackendError("llama-cpp-python is not installed: install edgekit[runtime]")
+    spec = importlib.util.spec_from_file_location(name, Path(package.submodule_search_locations[0]) / "llama_grammar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def _converter_class():
+    """llama-cpp-python's converter with the repairs that keep it from emitting invalid JSON or wrong rules."""
+    llama_grammar = _llama_grammar()
 
     class Converter(llama_grammar.SchemaConverter):
         def _resolve_ref(self, ref: str) -> str:
@@ -355,7 +376,11 @@ def _converter(refs: dict[str, dict]):
                 rule = llama_grammar.BuiltinRule(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])', [])
             return super()._add_primitive(name, rule)
 
-    converter = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    return Converter
+
+
+def _converter(refs: dict[str, dict]):
+    converter = _converter_class()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     converter._refs = refs
     return converter
 
