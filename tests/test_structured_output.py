@@ -1,7 +1,7 @@
 """Structured output: response_format json_object / json_schema enforced by llama.cpp grammars, failing closed.
 
 Unit tests pin the schema checks (every keyword the grammar converter would ignore is refused by name; hostile
-schemas are bounded: docs/reliability.md cases 35 and 36). Real-model tests run the packaged SmolLM2 Q4_K_M bundle in
+schemas are bounded: docs/reliability.md cases 37 and 38). Real-model tests run the packaged SmolLM2 Q4_K_M bundle in
 both decode paths (one llama.cpp context per slot, and the batched context of ``--slots 2``), validate every
 response with the ``jsonschema`` library, streamed or not, greedy or sampled, and drive the official ``openai``
 client's ``chat.completions.parse`` with pydantic models against the daemon as a real process.
@@ -33,7 +33,7 @@ from edgekit.runtime.structured import (
 N_CTX = 512
 PERSON = [{"role": "user", "content": "Give me a JSON record for Alice, 30 years old, from Paris."}]
 
-# ---- the keyword table: refused by name, never ignored (docs/reliability.md case 35) ----------------------------
+# ---- the keyword table: refused by name, never ignored (docs/reliability.md case 37) ----------------------------
 
 REFUSED = [
     ({"type": "integer", "minimum": 0}, "minimum"),
@@ -78,7 +78,7 @@ LOOPS = {
 
 @pytest.mark.parametrize("schema", LOOPS.values(), ids=LOOPS.keys())
 def test_a_ref_loop_is_refused(schema):
-    """docs/reliability.md case 35."""
+    """docs/reliability.md case 37."""
     with pytest.raises(UnsupportedSchema) as caught:
         schema_grammar(schema)
     assert caught.value.keyword == "$ref"
@@ -90,7 +90,7 @@ def keywords_schema(count: int) -> dict:
 
 
 def test_hostile_sizes_are_refused_before_conversion():
-    """docs/reliability.md case 36."""
+    """docs/reliability.md case 38."""
     with pytest.raises(UnsupportedSchema, match="more than 4096 keywords"):
         schema_grammar(keywords_schema(20_000))
     deep: dict = {"type": "string"}
@@ -243,7 +243,7 @@ def test_json_object_mode_gives_an_object(client, stream):
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_bad_schemas_are_400_naming_the_param_and_the_daemon_serves_on(client):
-    """docs/reliability.md cases 35 and 36."""
+    """docs/reliability.md cases 37 and 38."""
     cases = {
         "$ref": LOOPS["two-defs"],
         "minimum": {"type": "integer", "minimum": 1},

@@ -1,7 +1,7 @@
 """Tool calls: tools + tool_choice answered as OpenAI tool_calls, in llama.cpp's generic format under a grammar.
 
 SmolLM2's chat template has no tool syntax, so the generic format is what the sample model runs. Unit tests pin
-the request checks (docs/reliability.md cases 37 and 38) and how calls and results are rendered back into the
+the request checks (docs/reliability.md cases 39 and 40) and how calls and results are rendered back into the
 prompt; real-model tests run both decode paths in-process, and the official ``openai`` client's tool loop runs
 against the daemon as a real process. Every call's arguments are validated with ``jsonschema``.
 """
@@ -60,7 +60,7 @@ BAD = {
 
 @pytest.mark.parametrize("fields,param", BAD.values(), ids=BAD.keys())
 def test_bad_tool_requests_are_400_naming_the_param(fields, param):
-    """docs/reliability.md cases 37 and 38."""
+    """docs/reliability.md cases 39 and 40."""
     with pytest.raises(ApiError) as caught:
         body(**fields).structured()
     assert caught.value.status == 400
@@ -169,7 +169,7 @@ def test_tool_choice_none_answers_in_text(client):
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_bad_tool_requests_leave_the_daemon_serving(client):
-    """docs/reliability.md cases 37 and 38: each a 400 with its param, then a good request is served."""
+    """docs/reliability.md cases 39 and 40: each a 400 with its param, then a good request is served."""
     for fields, param in BAD.values():
         response = post(client, **fields)
         assert response.status_code == 400, response.text

@@ -435,6 +435,6 @@ async def health(svc: Svc) -> Response | Health:
     rejected, failed = sorted(svc.catalog.rejected), svc.lifecycle.failed
     return Health(status="degraded" if rejected or failed else "ok", models=len(svc.catalog.entries),
                   loaded=sorted(e.name for e in svc.lifecycle.loaded), rejected=rejected, failed=failed,
-                  verifying=sorted(svc.catalog.verifying),
+                  verifying=sorted(svc.catalog.verifying), versions=svc.lifecycle.versions,
                   threads=WorkerThreads(threads=svc.lifecycle.threads.threads, cpus=svc.lifecycle.threads.cpus,
                                         source=svc.lifecycle.threads.source))

@@ -547,6 +547,14 @@ class WorkerThreads(Reply):
     source: str = Field(description="Where the count comes from.")
 
 
+class ModelVersion(Reply):
+    """The version of a model served through an `edgekit update` link."""
+
+    serving: str | None = Field(description="The version folder the model's worker runs (or loads next).")
+    refused: str | None = Field(None, description="A version the link pointed at that failed to load; the serving one stayed.")
+    error: str | None = Field(None, description="Why the refused version is not served.")
+
+
 class Health(Reply):
     """GET /health once started: "ok" when everything listed serves, "degraded" while a bundle or model is refused or failed."""
 
@@ -557,6 +565,9 @@ class Health(Reply):
     failed: dict[str, str] = Field(description="Models that are not served now, with the reason (e.g. a failed golden check).")
     verifying: list[str] = Field(default_factory=list, description="Bundle folders being verified now.")
     threads: WorkerThreads = Field(description="Threads each model worker runs with, and where they come from.")
+    versions: dict[str, ModelVersion] = Field(
+        default_factory=dict, description="Models served through an `edgekit update` link: the version served, and a "
+        "switched-to version that was refused.")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
