@@ -189,8 +189,8 @@ OUT_OF_RANGE = [
     ("temperature", 1e6), ("temperature", -0.1), ("temperature", "hot"), ("top_p", -1), ("top_p", 1.5),
     ("max_tokens", 0), ("max_tokens", 5000), ("max_tokens", 1.5), ("max_completion_tokens", 100000), ("n", 2),
     ("seed", -1), ("seed", "abc"), ("seed", 1.5), ("seed", 2**40), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]),
-    ("stream", "yes"), ("logprobs", True), ("tools", [{"type": "function"}]), ("presence_penalty", 1.0),
-    ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}),
+    ("stream", "yes"), ("logprobs", True), ("tools", "all"), ("tool_choice", "sometimes"), ("presence_penalty", 1.0),
+    ("response_format", {"type": "yaml"}), ("logit_bias", {"1": 5}),
 ]
 
 
