@@ -96,7 +96,8 @@ class OnnxQuantization(Strict):
         description="dynamic with block_size only: glob patterns of MatMul node names quantized with one activation "
         "scale per tensor (MatMulInteger) instead of per block. onnxruntime's MatMulInteger is its fastest int8 GEMM "
         "at batch (MatMulNBits is no faster than fp32 there); attention projections tolerate per-tensor scales, "
-        "feed-forward MatMuls do not.",
+        "feed-forward MatMuls do not. The scale spans the whole batch, so a text's output moves slightly with its "
+        "batch-mates (all-MiniLM-L6-v2: worst sentence 0.989 alone, 0.985 in batches of 32).",
     )
     per_channel: bool = Field(True, description="One weight scale per output channel where blocks are not used.")
     weight_type: Literal["qint8", "quint8"] = Field("qint8", description="Integer type of per-channel weights.")
