@@ -1,7 +1,8 @@
 """Benchmark of the encoder export path on all-MiniLM-L6-v2, side by side in one run.
 
-Exports four targets of the sample recipe into a scratch directory (fp32, plain per-tensor
-dynamic int8, edgekit's block-wise dynamic int8, static int8), then measures, interleaving
+Exports the sample recipe's targets (int8-dynamic: block-wise feed-forward MatMuls with per-tensor
+attention projections; int8-static) and three more into a scratch directory (fp32, plain per-tensor
+dynamic int8, all-block-wise dynamic int8 as the recipe had it before), then measures, interleaving
 the variants round by round so machine noise hits them all alike:
 - batch-1 latency on a short and a medium sentence, and the latency and throughput of one batch of
   32 validation sentences of mixed length (padded to the longest): PyTorch fp32 (transformers) vs
@@ -37,6 +38,8 @@ VARIANTS = {
     "onnx-fp32": {"format": "onnx", "name": "fp32", "optimization_level": 2},
     "int8-per-tensor": {"format": "onnx", "name": "int8-per-tensor", "optimization_level": 2,
                         "quantization": {"mode": "dynamic", "block_size": None, "per_channel": True}},
+    "int8-block128": {"format": "onnx", "name": "int8-block128", "optimization_level": 2,
+                      "quantization": {"mode": "dynamic", "block_size": 128}},
 }
 
 
@@ -141,11 +144,22 @@ def main() -> None:
               f"{r['short_ms']:9.2f} {r['short_p95_ms']:7.2f} {r['speedup_vs_pytorch_short']:8.2f} {r['speedup_vs_ort_fp32_short']:9.2f} "
               f"{r['medium_ms']:10.2f} {r['speedup_vs_pytorch_medium']:8.2f} "
               f"{r['batch32_ms']:10.1f} {r['batch32_p95_ms']:8.1f} {r['batch32_texts_per_second']:8.0f} {r['speedup_vs_pytorch_batch32']:8.2f}")
+    gate = yaml.safe_load(RECIPE.read_text())["validation"]["gates"]
+    fp32_row = next(r for r in rows if r["variant"] == "fp32")
+    for r in rows:
+        if r["variant"] in ("fp32", "pytorch-fp32"):
+            continue
+        passes = r["cosine_mean"] >= gate["min_cosine_mean"] and r["cosine_min"] >= gate["min_cosine_each"]
+        r["passes_gate"] = passes
+        r["at_least_ort_fp32_b1_and_b32"] = r["short_ms"] <= fp32_row["short_ms"] and r["batch32_ms"] <= fp32_row["batch32_ms"]
+        print(f"{r['variant']:18} gate {'pass' if passes else 'FAIL'}; vs ORT fp32: b1 {fp32_row['short_ms'] / r['short_ms']:.2f}x, "
+              f"b32 {fp32_row['batch32_ms'] / r['batch32_ms']:.2f}x")
     print(f"\nb1 = batch 1 ('{SHORT}'); medium = batch 1 of a {len(MEDIUM.split())}-word sentence; "
           f"b32 = {BATCH} validation sentences padded to {batch_tokens} tokens; {args.threads} threads")
     report = {
         "command": "python scripts/bench_encoder.py " + " ".join(sys.argv[1:]),
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version()},
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
+                 "load_average_at_end": os.getloadavg()},
         "sentences": {"short": SHORT, "medium": MEDIUM, "batch32": batch, "batch32_padded_tokens": batch_tokens},
         "validation_sentences": int(manifests["fp32"].metrics["samples"]),
         "rounds": args.rounds, "iters_per_round": args.iters, "batch_iters_per_round": args.batch_iters,

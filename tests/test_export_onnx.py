@@ -37,6 +37,31 @@ def test_tiny_bert_exports_a_verified_bundle(tmp_path, tiny_bert_dir):
     assert embedding.shape == (1, 64)
 
 
+def test_hybrid_quantization_puts_attention_per_tensor_and_feed_forward_in_blocks(tmp_path, tiny_bert_dir):
+    import onnx
+
+    target = {"format": "onnx", "name": "int8", "quantization": {"mode": "dynamic", "per_tensor_matmuls": ["*/attention/*/MatMul"]}}
+    [(manifest, where)] = export(load_recipe(write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir, targets=[target])), tmp_path / "out")
+    assert manifest.passed and manifest.quantization == "int8-dynamic-block128-hybrid"
+    nodes = onnx.load(str(where / "model.onnx")).graph.node
+    blockwise = sorted(n.name for n in nodes if n.op_type == "MatMulNBits")
+    per_tensor = sorted(n.name for n in nodes if n.op_type == "MatMulInteger")
+    # 2 layers: Q, K, V and attention output per tensor; the two feed-forward MatMuls in blocks
+    assert len(per_tensor) == 8 and all("/attention/" in name for name in per_tensor)
+    assert len(blockwise) == 4 and not any("/attention/" in name for name in blockwise)
+    assert not [n for n in nodes if n.op_type == "MatMul"]
+    assert manifest.metrics["cosine_min"] > 0.9
+
+
+def test_per_tensor_pattern_that_matches_nothing_is_a_recipe_error(tmp_path, tiny_bert_dir):
+    target = {"format": "onnx", "name": "int8", "quantization": {"mode": "dynamic", "per_tensor_matmuls": ["*/no_such_layer/*"]}}
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir, targets=[target])
+    done = subprocess.run([sys.executable, "-m", "edgekit", "export", str(recipe), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr
+    assert "match no MatMul node" in done.stderr
+
+
 def test_failing_gate_keeps_the_bundle_aside_and_exits_1(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir,
                           validation={"samples": ["hello world", "ok"], "gates": {"min_cosine_each": 1.0}})

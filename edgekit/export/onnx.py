@@ -6,6 +6,7 @@ only when a recipe has an ``onnx`` target.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -89,17 +90,32 @@ class _CalibrationReader:
         return next(self._items, None)
 
 
+def _per_tensor_matmuls(graph, patterns: list[str]) -> list[str]:
+    """Names of the MatMul nodes matched by any of the glob ``patterns``."""
+    return [n.name for n in graph.node if n.op_type == "MatMul" and any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
+
+
 def _quantize_blockwise(model: Path, spec: OnnxQuantization, out: Path) -> Path:
-    """8-bit MatMul weights in blocks, int8 compute with activations quantized per block (accuracy level 4)."""
+    """8-bit MatMul weights in blocks, int8 compute with activations quantized per block (accuracy level 4).
+
+    MatMuls matched by ``spec.per_tensor_matmuls`` are left as MatMul for ``quantize_dynamic``.
+    """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    graph = onnx.load(str(model))
+    per_tensor = _per_tensor_matmuls(graph.graph, spec.per_tensor_matmuls)
+    if spec.per_tensor_matmuls and not per_tensor:
+        raise RecipeError(
+            f"per_tensor_matmuls {spec.per_tensor_matmuls} match no MatMul node of the exported graph",
+            hint="node names look like '/encoder/layer.0/attention/self/query/MatMul'",
+        )
     config = DefaultWeightOnlyQuantConfig(
         block_size=spec.block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",), bits=8
     )
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(model)), bits=8, block_size=spec.block_size, is_symmetric=True, accuracy_level=4,
-        nodes_to_exclude=spec.exclude_nodes, op_types_to_quantize=("MatMul",), algo_config=config,
+        graph, bits=8, block_size=spec.block_size, is_symmetric=True, accuracy_level=4,
+        nodes_to_exclude=[*spec.exclude_nodes, *per_tensor], op_types_to_quantize=("MatMul",), algo_config=config,
     )
     quantizer.process()
     quantizer.model.save_model_to_file(str(out), False)
@@ -119,7 +135,8 @@ def _quantize(model: Path, spec: OnnxQuantization, out: Path, calibration_feeds:
     if spec.mode == "dynamic":
         if spec.block_size is not None and "MatMul" in operators:
             model = _quantize_blockwise(model, spec, out.with_suffix(".blockwise.onnx"))
-            operators.remove("MatMul")
+            if not spec.per_tensor_matmuls:
+                operators.remove("MatMul")
         if not operators:
             shutil.move(model, out)
             return
