@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,11 @@ def session_options(threads: int | None = None):
     # Fusions are already baked into the file at export; ENABLE_ALL adds the layout
     # transforms that are specific to the CPU the bundle runs on.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    if threads is None:  # the board's cores, as the daemon plans them (not every logical CPU of the machine)
+        from edgekit.runtime.placement import plan_threads
+
+        threads = plan_threads().threads
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return options
