@@ -80,7 +80,7 @@ def assumption_lines(reports: Sequence[FitReport]) -> list[str]:
     for r in reports:
         a = r.assumptions
         if "decode_depth" in a:
-            add(f"context {a['n_ctx']:,} tokens x {a['slots']} slot(s) (serve --n-ctx, --slots); tok/s of decode at the "
+            add(f"context {a['n_ctx']:,} tokens shared by {a['slots']} slot(s) (serve --n-ctx, --slots); tok/s of decode at the "
                 f"start of a conversation / {a['decode_depth']:,} tokens deep", r.subject)
         if "latency_input_tokens" in a:
             add(f"latency of one {a['latency_input_tokens']}-token input at batch 1; RAM for the largest micro-batch, "
