@@ -199,3 +199,50 @@ def test_deltas_queued_while_the_consumer_is_busy_go_out_as_one(engine):
                 time.sleep(1.0)  # not a timing assertion: only how the text is split may differ
     assert "".join(e.text for e in slow) == "".join(e.text for e in eager)
     assert slow[-1].tokens == eager[-1].tokens
+
+
+def test_the_daemon_at_its_defaults_batches_four_streams_of_one_model(smollm_bundle, tmp_path):
+    """`edgekit serve` at its default settings: four concurrent streamed chats of one GGUF model all run in one worker's
+    batched engine and each arrives whole (its deltas add up to its usage, one finish reason, [DONE])."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from serve_fixtures import link_bundles
+
+    from edgekit.serve.app import create_app
+    from edgekit.serve.settings import ServeSettings
+
+    models = link_bundles(tmp_path / "models", smollm_bundle)
+    name = smollm_bundle.name
+    settings = ServeSettings(models=models, threads=1, n_ctx=512, preload=[name], idle_unload_s=0)
+    assert settings.slots == 4
+    results: dict[int, tuple[int, str, int, bool]] = {}
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as client:
+        for _ in range(600):
+            if client.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.2)
+
+        def run(i: int) -> None:
+            body = {"model": name, "messages": [{"role": "user", "content": f"Story {i}: a lighthouse keeper."}],
+                    "max_tokens": 12, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+                status = response.status_code
+            events = [json.loads(line) for line in lines[:-1]]
+            reasons = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+            usage = next(e["usage"] for e in events if e.get("usage"))
+            results[i] = (status, reasons[0] if len(reasons) == 1 else str(reasons), usage["completion_tokens"],
+                          lines[-1] == "[DONE]")
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        health = client.get("/health").json()
+    assert sorted(results) == [0, 1, 2, 3]
+    for status, reason, tokens, done in results.values():
+        assert status == 200 and done and reason in ("length", "stop") and 0 < tokens <= 12
+        assert (reason == "length") == (tokens == 12)
+    assert health["loaded"] == [name]
