@@ -337,8 +337,9 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
         binary = llama_server_binary()
         port = free_port()
         # Four slots sharing one unified KV pool of n_ctx cells: the memory `edgekit serve` gives its 4 slots.
+        env = SAME if args.same_spin else DEFAULT
         server = Server("llama-server", [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t",
-                                         str(threads), "-np", "4", "-c", str(args.n_ctx), "-kvu", "-a", name], port, work)
+                                         str(threads), "-np", "4", "-c", str(args.n_ctx), "-kvu", "-a", name], port, work, env)
         closers.append(server.stop)
         server.wait_ready()
         peers.append(Peer(LLAMA_SERVER, lambda m, n, url=server.url: stream_timed(url, name, m, n), True))
@@ -347,15 +348,15 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
         ours.wait_ready()
         health = httpx.get(ours.url + "/health").json()
         peers.append(Peer(EDGEKIT, lambda m, n, url=ours.url: stream_timed(url, name, m, n), True))
-        reference = InProcess(gguf, threads, args.n_ctx, DEFAULT)
+        reference = InProcess(gguf, threads, args.n_ctx, env)
         closers.append(reference.close)
         peers.append(Peer(IN_PROCESS, lambda m, n: reference.timed(n, m), False))
         if llama_cpp_server_available():
             port = free_port()
             command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name, "--host",
                        "127.0.0.1", "--port", str(port), "--n_ctx", str(args.n_ctx), "--n_threads", str(threads),
-                       "--n_threads_batch", str(threads)]
-            other = Server("llama_cpp.server", command, port, work)
+                       "--n_threads_batch", str(threads), "--interrupt_requests", "False"]  # else a new request cuts the running one off
+            other = Server("llama_cpp.server", command, port, work, env)
             closers.append(other.stop)
             other.wait_ready("/v1/models")
             peers.append(Peer(LLAMA_CPP_SERVER, lambda m, n, url=other.url: stream_timed(url, name, m, n), True))
@@ -373,7 +374,8 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
         for close in reversed(closers):
             close()
     medians = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
-    result = {"threads": threads, "daemon_threads": health.get("threads"), "n_ctx": args.n_ctx, "tokens": args.tokens,
+    result = {"threads": threads, "omp_spin": "GOMP_SPINCOUNT=10000 for every system" if args.same_spin else "as shipped",
+              "daemon_threads": health.get("threads"), "n_ctx": args.n_ctx, "tokens": args.tokens,
               "prompt_tokens": PROMPT_TOKENS, "load_avg_end": os.getloadavg(), "systems": list(rounds), "median": medians,
               "rounds": rounds}
     result["ratios"] = peer_ratios(result)
@@ -436,7 +438,7 @@ def print_peers(peers: dict) -> None:
     print(f"SmolLM2-135M Q4_K_M, streamed chat, {peers['tokens']} tokens, temperature 0. llama-server -t {peers['threads']} -np 4 "
           f"-c {peers['n_ctx']} -kvu; edgekit serve at its defaults ({threads} threads, 4 slots, one KV pool); in-process: "
           f"llama-cpp-python create_chat_completion (one stream); python -m llama_cpp.server (requests one at a time). "
-          f"Medians of {rounds} alternating rounds; load average {peers['load_avg_end'][0]:.1f} at the end.")
+          f"OpenMP spin count: {peers['omp_spin']}. Medians of {rounds} alternating rounds; load average {peers['load_avg_end'][0]:.1f} at the end.")
     width = max(len(r[0]) for r in PEER_ROWS)
     cols = [max(len(s), 8) for s in systems]
     print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols)) + "  serve/llama-server  target")
@@ -646,6 +648,9 @@ def main() -> int:
                         help="also measure decode while a separate onnxruntime process embeds back to back (a noisy "
                              "neighbour with spinning threads: bounded OpenMP spinning loses to libgomp's default there)")
     parser.add_argument("--skip", action="append", default=[], choices=["peers", "embeddings", "idle", "cancel"])
+    parser.add_argument("--same-spin", action="store_true",
+                        help="run the peers with the daemon's OpenMP spin count (GOMP_SPINCOUNT=10000) instead of libgomp's "
+                             "default: on a machine others are using, the default's spinning threads starve each other")
     parser.add_argument("--with", dest="extra", action="append", default=[], choices=["decode", "soak"],
                         help="also run: decode (the daemon vs in-process and llama_cpp.server with both OpenMP spin counts), "
                              "soak (8 mixed clients for --soak-seconds)")
