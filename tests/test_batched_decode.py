@@ -246,3 +246,31 @@ def test_the_daemon_at_its_defaults_batches_four_streams_of_one_model(smollm_bun
         assert status == 200 and done and reason in ("length", "stop") and 0 < tokens <= 12
         assert (reason == "length") == (tokens == 12)
     assert health["loaded"] == [name]
+
+
+def test_a_step_never_carries_more_tokens_than_one_llama_decode_takes(gguf):
+    """Three streams decoding while a long prompt is evaluated: each step's decode tokens and prompt slice together stay
+    within n_batch (llama.cpp aborts the process past it). The four requests are queued before the decode thread
+    takes any, so the steps that mix them always happen."""
+    from edgekit.runtime.llm_batch import _Request
+
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=1024, threads=1, prompt_cache_contexts=0), 4)
+    try:
+        model = engine.model
+        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 24
+        long_prompt = long_chat(model, story, "Who is Mira?")
+        assert len(long_prompt) > 500
+        requests = [_Request(p, Sampling(max_tokens=20, temperature=0), lambda: False) for p in prompts(model, 3)]
+        requests.append(_Request(long_prompt, Sampling(max_tokens=4, temperature=0), lambda: False))
+        with engine._cond:
+            engine._waiting.extend(requests)
+            engine._cond.notify()
+        finishes = []
+        for request in requests:
+            while not isinstance(event := request.events.get(timeout=300), Finish):
+                assert isinstance(event, Delta), event
+            finishes.append(event)
+        assert [f.prompt_tokens for f in finishes] == [len(r.prompt) for r in requests]
+        assert all(f.reason in ("length", "stop") for f in finishes)
+    finally:
+        engine.close()

@@ -251,8 +251,8 @@ class BatchedGguf:
             self._finish(fullest)
 
     def _step(self) -> None:
-        """One llama_decode: the next token of every decoding stream, then prompt tokens up to PREFILL_CHUNK (oldest
-        request first)."""
+        """One llama_decode: the next token of every decoding stream, then prompt tokens (oldest request first) up to
+        PREFILL_CHUNK tokens in all."""
         llama_cpp, batch = self._llama_cpp, self._batch
         outputs: list[tuple[int, _Request]] = []
         n = 0
@@ -270,10 +270,11 @@ class BatchedGguf:
             if request.cancelled():
                 request.text.reason = "cancelled"
                 self._finish(request)
-        budget = min(PREFILL_CHUNK, self._make_room())
+        room = self._make_room()
         for request in list(self._active.values()):
             if request.next_token is not None:
                 add(request.next_token, request.seq, True)
+        budget = min(PREFILL_CHUNK - n, room)  # one llama_decode takes at most n_batch (PREFILL_CHUNK) tokens
         for request in list(self._active.values()):
             if request.pending and budget > 0:
                 take, request.pending = request.pending[:budget], request.pending[budget:]
