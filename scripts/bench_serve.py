@@ -3,19 +3,22 @@
 Same bundle files, threads, context and prompts for every system, measured in alternating rounds in
 one run (the machine may be shared: alternating spreads any background load over all systems):
 
-- peers, each at its defaults with the threads `edgekit serve` picks on this host: llama.cpp's own
-  `llama-server -np 4` (built once from the llama.cpp that the installed llama-cpp-python vendors, cached in
+- peers (the main table), each at its defaults with the threads `edgekit serve` picks on this host: llama.cpp's own
+  `llama-server -np 4 -kvu` (built once from the llama.cpp that the installed llama-cpp-python vendors, cached in
   $EDGEKIT_HOME/llama-server/<version>/: about 5 minutes on 2 cores, `--build-llama-server` builds only),
-  `edgekit serve` and in-process llama-cpp-python: single-stream decode, 4-stream aggregate decode, time to
-  first token of a 1,000-token prompt cold and with a repeated 1,000-token system prompt. Targets for the
-  daemon / llama-server: decode >= 0.95 (4 streams >= 1.0), TTFT <= 1.1;
-- streamed decode tok/s: the daemon vs llama-cpp-python in-process (target >= 0.90) and vs
-  `python -m llama_cpp.server` on the same GGUF (target >= 1.2). The daemon's workers bound OpenMP
-  spinning (GOMP_SPINCOUNT=10000); the baselines run both with that and with libgomp's default;
+  `edgekit serve`, in-process llama-cpp-python and `python -m llama_cpp.server`: single-stream decode, 4-stream
+  aggregate decode, time to first token of a 1,000-token prompt cold and with a repeated 1,000-token system prompt.
+  Targets for the daemon / llama-server: decode >= 0.95 (4 streams >= 1.0), TTFT <= 1.1; for the daemon itself:
+  4 streams >= 1.7x one stream and >= 1.7x llama_cpp.server's 4 streams, cached TTFT <= 0.3x cold, one stream
+  >= 0.95x in-process;
 - embeddings requests/s with 16 concurrent clients vs in-process onnxruntime in batches of 16 (>= 0.7);
 - idle RSS of the daemon with no model (<= 120 MB) and time from start to /health 200 with the GGUF preloaded;
 - cancellation: time from a client disconnect to the generation being stopped (docs/reliability.md case 17: <= 1 s);
-- a soak: 8 clients, mixed chat/embeddings(/classify), a few minutes: errors, RSS growth (< 5 %), p95 per window.
+- with ``--with decode``: streamed decode tok/s of the daemon vs in-process llama-cpp-python and
+  `python -m llama_cpp.server`, each with libgomp's default OpenMP spin count and the daemon's (GOMP_SPINCOUNT=10000);
+- with ``--with soak``: 8 clients, mixed chat/embeddings(/classify), --soak-seconds: errors, RSS growth (< 5 %), p95.
+
+The default run takes about 5 minutes on an idle 2-core host (run it under the machine's heavy-job lock).
 
 Bundles: --gguf / --encoder / --classifier, or the defaults in $EDGEKIT_HOME/bundles
 (smollm2-135m-instruct-q4-k-m, all-minilm-l6-v2-int8-dynamic). llama_cpp.server needs the
@@ -32,8 +35,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgekit.bench import child, measure  # noqa: E402
+from edgekit.bench.daemon import ServerProcess, free_port, serve_command  # noqa: E402
 from edgekit.paths import kit_paths  # noqa: E402
+from edgekit.serve.settings import ServeSettings  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."}]
 TARGETS = {"decode_vs_inprocess": 0.90, "decode_vs_llama_cpp_server": 1.2, "embeddings_vs_inprocess": 0.7,
@@ -59,62 +62,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def Server(name: str, command: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    """A server subprocess on 127.0.0.1 (the daemon, llama-server or llama_cpp.server), its log in ``log_dir``."""
+    return ServerProcess(name, command, port, log_dir / f"{name}.log", env)
 
 
-class Server:
-    """A server subprocess on 127.0.0.1 (the daemon or llama_cpp.server)."""
-
-    def __init__(self, name: str, command: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.port = name, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_dir / f"{name}.log"
-        self.started = time.perf_counter()
-        with self.log_path.open("wb") as handle:
-            self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **(env or {})})
-
-    def wait_ready(self, path: str = "/health", timeout: float = 300.0) -> float:
-        """Seconds from start until ``path`` answers 200."""
-        while time.perf_counter() - self.started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return time.perf_counter() - self.started
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.name} not ready after {timeout} s")
-
-    def rss(self, children: bool = True) -> int:
-        import psutil
-
-        process = psutil.Process(self.proc.pid)
-        total = process.memory_info().rss
-        if children:
-            total += sum(c.memory_info().rss for c in process.children(recursive=True))
-        return total
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def daemon(models: Path, log_dir: Path, threads: int, n_ctx: int, *extra: str, name: str = "edgekit") -> Server:
+def daemon(models: Path, log_dir: Path, threads: int, n_ctx: int, *extra: str, name: str = "edgekit") -> ServerProcess:
     port = free_port()
-    command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port), "--threads",
-               str(threads), "--n-ctx", str(n_ctx), "--idle-unload-s", "0", "--log-level", "warning", *extra]
-    return Server(name, command, port, log_dir)
+    return Server(name, serve_command(models, port, "--threads", str(threads), "--n-ctx", str(n_ctx), *extra), port, log_dir)
 
 
 def models_dir(root: Path, *bundles: Path) -> Path:
@@ -210,6 +165,7 @@ class InProcess:
         self.proc.wait(30)
 
 
+SERVE_N_CTX = ServeSettings.model_fields["n_ctx"].default  # the peers get the context `edgekit serve` allocates
 SAME = {"GOMP_SPINCOUNT": "10000"}  # what `edgekit serve` gives its workers (--omp-spin-count default)
 DEFAULT = {}  # libgomp's default spin count (300,000)
 
@@ -280,10 +236,16 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
             close()
 
 
-# ---- peers: llama-server, edgekit serve and in-process llama-cpp-python, each at its defaults --------------
+# ---- peers: llama-server, edgekit serve, in-process llama-cpp-python and llama_cpp.server, each at its defaults ----
 
-PEER_TARGETS = {"decode_1": 0.95, "decode_4": 1.0, "ttft_cold": 1.1, "ttft_cached": 1.1}  # daemon / llama-server (TTFT: at most)
+# edgekit serve (defaults) / llama-server -np 4: decode at least (TTFT: at most) these.
+PEER_TARGETS = {"decode_1": 0.95, "decode_4": 1.0, "ttft_cold": 1.1, "ttft_cached": 1.1}
+# issue 13 item 4, the daemon against itself and the other peers.
+SELF_TARGETS = {"decode_4 / decode_1": (">=", 1.7), "decode_4 / llama_cpp.server decode_4": (">=", 1.7),
+                "ttft_cached / ttft_cold": ("<=", 0.3), "decode_1 / in-process decode_1": (">=", 0.95)}
 PROMPT_TOKENS = 1000  # the long prompt of the time-to-first-token measurements
+LLAMA_SERVER, EDGEKIT, IN_PROCESS, LLAMA_CPP_SERVER = ("llama-server", "edgekit serve", "in-process llama-cpp-python",
+                                                       "python -m llama_cpp.server")
 
 
 def stream_timed(url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[float, list[float]]:
@@ -305,7 +267,7 @@ def long_text(gguf: Path, tokens: int, marker: str) -> str:
     """Story text of about ``tokens`` tokens in a chat turn (the sample model's tokenizer), after ``marker``."""
     from edgekit.runtime.llm import GgufModel
 
-    model = GgufModel(gguf, n_ctx=256, threads=1)  # tokenizer only: nothing is decoded
+    model = GgufModel(gguf, n_ctx=256, threads=1, prompt_cache_contexts=0)  # tokenizer only: nothing is decoded
     words = (ROOT / "recipes/data/eval-text.txt").read_text().split()
     low, high = 1, len(words)
     while low < high:  # the most words whose rendered system turn stays within ``tokens``
@@ -349,7 +311,8 @@ def peer_round(peer: Peer, args, story: str, system_prompt: str, round_index: in
             {"role": "user", "content": "Summarise the story in one sentence."}]
     started, times = peer.timed(cold, 4)
     out["ttft_cold"] = measure.first_token_seconds(started, times)
-    # Cached: the same long system prompt as the warm-up request, a new question.
+    # Cached: the same long system prompt as the warm-up request (the 4 streams and the cold prompt came in between),
+    # a new question.
     cached = [{"role": "system", "content": system_prompt},
               {"role": "user", "content": f"Question {round_index}: who wrote the letter?"}]
     started, times = peer.timed(cached, 4)
@@ -358,7 +321,8 @@ def peer_round(peer: Peer, args, story: str, system_prompt: str, round_index: in
 
 
 def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
-    """Single-stream and 4-stream decode, TTFT of a 1,000-token prompt cold and with a cached system prompt."""
+    """Single-stream and 4-stream decode, TTFT of a 1,000-token prompt cold and with a repeated system prompt, for
+    llama-server, edgekit serve, in-process llama-cpp-python and python -m llama_cpp.server, in alternating rounds."""
     from edgekit.runtime.placement import plan_threads
 
     gguf = gguf_bundle / "model.gguf"
@@ -368,33 +332,34 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
     system_prompt = long_text(gguf, PROMPT_TOKENS - 20, "You answer questions about this story. ")
     peers: list[Peer] = []
     closers = []
+    health: dict = {}
     try:
         binary = llama_server_binary()
-        # As shipped (libgomp's default spin count: the target), and with the daemon's bounded spin count, which
-        # tells a difference in the serving path from one in how OpenMP threads wait on a shared machine.
-        for label, env in (("", DEFAULT), (" spin10k", SAME)):
-            port = free_port()
-            # -c is the context of all slots together: each of the 4 slots gets args.n_ctx, as the daemon's slot does.
-            server = Server(f"llama-server{len(peers)}", [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port",
-                                                          str(port), "-t", str(threads), "-np", "4", "-c", str(4 * args.n_ctx),
-                                                          "-a", name], port, work, env=env)
-            closers.append(server.stop)
-            server.wait_ready()
-            peers.append(Peer(f"llama-server{label}",
-                              lambda m, n, url=server.url: stream_timed(url, name, m, n), True))
+        port = free_port()
+        # Four slots sharing one unified KV pool of n_ctx cells: the memory `edgekit serve` gives its 4 slots.
+        env = SAME if args.same_spin else DEFAULT
+        server = Server("llama-server", [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t",
+                                         str(threads), "-np", "4", "-c", str(args.n_ctx), "-kvu", "-a", name], port, work, env)
+        closers.append(server.stop)
+        server.wait_ready()
+        peers.append(Peer(LLAMA_SERVER, lambda m, n, url=server.url: stream_timed(url, name, m, n), True))
         ours = daemon_at_defaults(models_dir(work / "decode", gguf_bundle), work, args.n_ctx)
         closers.append(ours.stop)
         ours.wait_ready()
         health = httpx.get(ours.url + "/health").json()
-        peers.append(Peer("edgekit serve", lambda m, n, url=ours.url: stream_timed(url, name, m, n), True))
-        # Four slots: concurrent streams decode as sequences of one llama.cpp context (one batch per step).
-        four = daemon_at_defaults(models_dir(work / "decode", gguf_bundle), work, args.n_ctx, "--slots", "4")
-        closers.append(four.stop)
-        four.wait_ready()
-        peers.append(Peer("edgekit --slots 4", lambda m, n, url=four.url: stream_timed(url, name, m, n), True))
-        reference = InProcess(gguf, threads, args.n_ctx, SAME)
+        peers.append(Peer(EDGEKIT, lambda m, n, url=ours.url: stream_timed(url, name, m, n), True))
+        reference = InProcess(gguf, threads, args.n_ctx, env)
         closers.append(reference.close)
-        peers.append(Peer("in-process", lambda m, n: reference.timed(n, m), False))
+        peers.append(Peer(IN_PROCESS, lambda m, n: reference.timed(n, m), False))
+        if llama_cpp_server_available():
+            port = free_port()
+            command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name, "--host",
+                       "127.0.0.1", "--port", str(port), "--n_ctx", str(args.n_ctx), "--n_threads", str(threads),
+                       "--n_threads_batch", str(threads), "--interrupt_requests", "False"]  # else a new request cuts the running one off
+            other = Server("llama_cpp.server", command, port, work, env)
+            closers.append(other.stop)
+            other.wait_ready("/v1/models")
+            peers.append(Peer(LLAMA_CPP_SERVER, lambda m, n, url=other.url: stream_timed(url, name, m, n), True))
         for peer in peers:  # warm-up: load pages; the long system prompt enters each cache once
             peer.timed(MESSAGES, 8)
             peer.timed([{"role": "system", "content": system_prompt}, {"role": "user", "content": "Who is Mira?"}], 4)
@@ -409,29 +374,49 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
         for close in reversed(closers):
             close()
     medians = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
-    result = {"threads": threads, "daemon_threads": health.get("threads"), "prompt_tokens": PROMPT_TOKENS,
-              "load_avg": os.getloadavg(), "systems": list(rounds), "median": medians, "rounds": rounds}
+    result = {"threads": threads, "omp_spin": "GOMP_SPINCOUNT=10000 for every system" if args.same_spin else "as shipped",
+              "daemon_threads": health.get("threads"), "n_ctx": args.n_ctx, "tokens": args.tokens,
+              "prompt_tokens": PROMPT_TOKENS, "load_avg_end": os.getloadavg(), "systems": list(rounds), "median": medians,
+              "rounds": rounds}
     result["ratios"] = peer_ratios(result)
     return result
 
 
-def daemon_at_defaults(models: Path, log_dir: Path, n_ctx: int, *extra: str) -> Server:
-    """`edgekit serve` with nothing set that changes speed but ``extra`` (threads and spin count at their defaults)."""
+def llama_cpp_server_available() -> bool:
+    try:
+        import llama_cpp.server  # noqa: F401
+        import sse_starlette  # noqa: F401
+        import starlette_context  # noqa: F401
+    except ImportError as exc:
+        log(f"python -m llama_cpp.server unavailable ({exc}); install its extras: "
+            'pip install "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4"')
+        return False
+    return True
+
+
+def daemon_at_defaults(models: Path, log_dir: Path, n_ctx: int, *extra: str) -> ServerProcess:
+    """`edgekit serve` with nothing set that changes speed but ``extra`` (threads, slots, spin count at their defaults)."""
     port = free_port()
-    command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port), "--idle-unload-s", "0",
-               "--log-level", "warning", "--n-ctx", str(n_ctx), "--preload", next(models.iterdir()).name, *extra]
+    context = ["--n-ctx", str(n_ctx)] if n_ctx != SERVE_N_CTX else []
+    command = serve_command(models, port, *context, "--preload", next(models.iterdir()).name, *extra)
     return Server(f"edgekit{'-'.join(('', *extra))}", command, port, log_dir)
 
 
-def peer_ratios(peers: dict) -> dict[str, dict[str, float | None]]:
-    """Each edgekit configuration / each llama-server variant, per measurement (TTFT: lower is better)."""
+def peer_ratios(peers: dict) -> dict:
+    """edgekit serve / llama-server per measurement (TTFT: lower is better), and issue 13's ratios."""
     median = peers["median"]
-    out = {}
-    for ours in (s for s in peers["systems"] if s.startswith("edgekit")):
-        for server in (s for s in peers["systems"] if s.startswith("llama-server")):
-            out[f"{ours} / {server}"] = {key: (median[ours][key] / median[server][key]
-                                               if median[server].get(key) and key in median[ours] else None)
-                                         for key in PEER_TARGETS}
+    ours = median[EDGEKIT]
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    out: dict = {"vs llama-server": {key: ratio(ours.get(key), median.get(LLAMA_SERVER, {}).get(key)) for key in PEER_TARGETS}}
+    out["edgekit serve"] = {
+        "decode_4 / decode_1": ratio(ours.get("decode_4"), ours.get("decode_1")),
+        "decode_4 / llama_cpp.server decode_4": ratio(ours.get("decode_4"), median.get(LLAMA_CPP_SERVER, {}).get("decode_4")),
+        "ttft_cached / ttft_cold": ratio(ours.get("ttft_cached"), ours.get("ttft_cold")),
+        "decode_1 / in-process decode_1": ratio(ours.get("decode_1"), median.get(IN_PROCESS, {}).get("decode_1")),
+    }
     return out
 
 
@@ -440,32 +425,34 @@ PEER_ROWS = (("single-stream decode, tok/s", "decode_1", "{:.1f}"), ("4 streams,
              ("TTFT, repeated 1,000-token system prompt, s", "ttft_cached", "{:.3f}"))
 
 
+def verdict_of(value: float | None, op: str, target: float) -> str:
+    if value is None:
+        return "-"
+    return "pass" if (value >= target if op == ">=" else value <= target) else "MISS"
+
+
 def print_peers(peers: dict) -> None:
     systems, median, ratios = peers["systems"], peers["median"], peers["ratios"]
     rounds = len(next(iter(peers["rounds"].values())))
-    print(f"llama-server -t {peers['threads']} -np 4 (spin10k: with GOMP_SPINCOUNT=10000, the daemon's worker setting); "
-          f"edgekit serve at its defaults ({peers['daemon_threads']['threads']} threads), and with --slots 4; in-process: "
-          f"llama-cpp-python create_chat_completion, {peers['threads']} threads. Medians of {rounds} alternating rounds; "
-          f"load average {peers['load_avg'][0]:.1f} at the end.")
+    threads = (peers.get("daemon_threads") or {}).get("threads", "?")
+    print(f"SmolLM2-135M Q4_K_M, streamed chat, {peers['tokens']} tokens, temperature 0. llama-server -t {peers['threads']} -np 4 "
+          f"-c {peers['n_ctx']} -kvu; edgekit serve at its defaults ({threads} threads, 4 slots, one KV pool); in-process: "
+          f"llama-cpp-python create_chat_completion (one stream); python -m llama_cpp.server (requests one at a time). "
+          f"OpenMP spin count: {peers['omp_spin']}. Medians of {rounds} alternating rounds; load average {peers['load_avg_end'][0]:.1f} at the end.")
     width = max(len(r[0]) for r in PEER_ROWS)
     cols = [max(len(s), 8) for s in systems]
-    print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols)))
+    print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols)) + "  serve/llama-server  target")
     for label, key, fmt in PEER_ROWS:
         cells = [fmt.format(median[s][key]) if key in median[s] else "-" for s in systems]
-        print(f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols)))
+        value = ratios["vs llama-server"][key]
+        op = ">=" if key.startswith("decode") else "<="
+        print(f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols))
+              + f"  {('-' if value is None else f'{value:.2f}'):>18}  {op} {PEER_TARGETS[key]} {verdict_of(value, op, PEER_TARGETS[key])}")
     print()
-    pairs = list(ratios)
-    heads = [pair.replace("edgekit serve", "serve").replace("edgekit --slots 4", "slots 4").replace("llama-server", "ls")
-             for pair in pairs]
-    print(f"{'ratio (' + '; '.join(f'{h} = {p}' for h, p in zip(heads, pairs)) + ')'}")
-    print(f"{'':<{width}}  " + "  ".join(f"{h:>{len(h)}}" for h in heads) + "  target: serve / ls")
-    for label, key, _ in PEER_ROWS:
-        values = [ratios[pair][key] for pair in pairs]
-        target, higher = PEER_TARGETS[key], key.startswith("decode")
-        first = values[0]
-        ok = None if first is None else (first >= target if higher else first <= target)
-        print(f"{label:<{width}}  " + "  ".join(f"{('-' if v is None else f'{v:.2f}'):>{len(h)}}" for v, h in zip(values, heads))
-              + f"  {'>=' if higher else '<='} {target} {'-' if ok is None else ('pass' if ok else 'MISS')}")
+    for key, (op, target) in SELF_TARGETS.items():
+        value = ratios["edgekit serve"][key]
+        print(f"edgekit serve: {key:<40} {('-' if value is None else f'{value:.2f}'):>6}  {op} {target} "
+              f"{verdict_of(value, op, target)}")
 
 
 # ---- embeddings ----------------------------------------------------------------------------------
@@ -652,15 +639,21 @@ def main() -> int:
     parser.add_argument("--encoder", type=Path, help="embeddings bundle (default: $EDGEKIT_HOME/bundles/all-minilm-l6-v2-int8-dynamic)")
     parser.add_argument("--classifier", type=Path, help="optional classification bundle for the soak mix")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--n-ctx", type=int, default=SERVE_N_CTX, help="context of every system (default: edgekit serve's)")
     parser.add_argument("--tokens", type=int, default=128, help="max_tokens of each decode run")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--embed-requests", type=int, default=512)
     parser.add_argument("--soak-seconds", type=float, default=180.0)
     parser.add_argument("--load-rounds", action="store_true",
                         help="also measure decode while a separate onnxruntime process embeds back to back (a noisy "
                              "neighbour with spinning threads: bounded OpenMP spinning loses to libgomp's default there)")
-    parser.add_argument("--skip", action="append", default=[], choices=["peers", "decode", "embeddings", "idle", "cancel", "soak"])
+    parser.add_argument("--skip", action="append", default=[], choices=["peers", "embeddings", "idle", "cancel"])
+    parser.add_argument("--same-spin", action="store_true",
+                        help="run the peers with the daemon's OpenMP spin count (GOMP_SPINCOUNT=10000) instead of libgomp's "
+                             "default: on a machine others are using, the default's spinning threads starve each other")
+    parser.add_argument("--with", dest="extra", action="append", default=[], choices=["decode", "soak"],
+                        help="also run: decode (the daemon vs in-process and llama_cpp.server with both OpenMP spin counts), "
+                             "soak (8 mixed clients for --soak-seconds)")
     parser.add_argument("--build-llama-server", action="store_true",
                         help="only build (or find) llama-server and print its path (run it under the machine's heavy-job lock)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "serve.json")
@@ -681,13 +674,13 @@ def main() -> int:
             results["peers"] = bench_peers(args, gguf, work)
         if "idle" not in args.skip:
             results["footprint"] = bench_idle_and_startup(args, gguf, work)
-        if "decode" not in args.skip:
+        if "decode" in args.extra:
             results["decode"] = bench_decode(args, gguf, work)
         if "embeddings" not in args.skip:
             results["embeddings"] = bench_embeddings(args, encoder, work)
         if "cancel" not in args.skip:
             results["cancel"] = bench_cancel(args, gguf, work)
-        if "soak" not in args.skip:
+        if "soak" in args.extra:
             results["soak"] = bench_soak(args, gguf, encoder, args.classifier, work)
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["ratios"] = ratios(results)

@@ -22,11 +22,8 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edgekit.bench.daemon import running_daemon  # noqa: E402
 from edgekit.bundle import read_manifest  # noqa: E402
 from edgekit.serve.budget import DAEMON_RSS, MIB, footprint_bytes  # noqa: E402
 from edgekit.serve.settings import ServeSettings  # noqa: E402
@@ -44,12 +42,6 @@ WORD = "lighthouse "  # one WordPiece token in MiniLM's vocabulary; many tokens 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -85,28 +77,16 @@ def main() -> None:
     extra = dict(item.split("=", 1) for item in args.set)
     settings = ServeSettings(models=args.bundle.parent, threads=args.threads, **extra)
     charged = footprint_bytes(manifest, settings)
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         models.mkdir()
         # Hard links: a symlinked bundle would point outside the models folder, which verification refuses.
         shutil.copytree(args.bundle, models / manifest.name, copy_function=os.link)
-        command = [sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port),
-                   "--threads", str(args.threads), "--preload", manifest.name, "--idle-unload-s", "0", "--log-level", "warning",
-                   *(arg for key, value in extra.items() for arg in (f"--{key.replace('_', '-')}", value))]
-        daemon = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr)
+        flags = ["--threads", str(args.threads), "--preload", manifest.name,
+                 *(arg for key, value in extra.items() for arg in (f"--{key.replace('_', '-')}", value))]
         rows = []
-        try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(1200):  # up to 10 minutes for verification, load and golden checks
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if daemon.poll() is not None:
-                    raise RuntimeError(f"daemon exited with {daemon.returncode}")
-                time.sleep(0.5)
+        with running_daemon(models, *flags) as daemon:
+            url = daemon.url
             pid = worker_pid(daemon.pid)
             rows.append({"step": "loaded (golden checks run)", **proc_status(pid), "daemon_rss": proc_status(daemon.pid)["VmRSS"]})
             client = httpx.Client(base_url=url, timeout=600)
@@ -141,9 +121,6 @@ def main() -> None:
                             response.raise_for_status()
                     rows.append({"step": step, **proc_status(pid), "daemon_rss": proc_status(daemon.pid)["VmRSS"]})
                     log(f"{step}: RSS {rows[-1]['VmRSS'] / MIB:.0f} MiB, peak {rows[-1]['VmHWM'] / MIB:.0f} MiB")
-        finally:
-            daemon.terminate()
-            daemon.wait(60)
 
     peak = max(r["VmHWM"] for r in rows)
     pss = max(r["Pss"] for r in rows)

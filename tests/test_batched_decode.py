@@ -41,12 +41,15 @@ def text_of(events) -> str:
 
 
 def test_one_stream_at_a_time_equals_the_single_context_loop(engine, gguf):
-    """Same batch shapes, same kernels: the text is the single-stream text, and a prompt reuses the sequence
-    that holds its prefix."""
+    """Same batch shapes, same kernels, same cells: the first stream's text is the single-stream text, and a prompt
+    reuses the sequence that holds its prefix. A second sequence's cells sit after the first one's in the shared pool,
+    so attention sums in another order (float rounding, as in llama-server's unified cache): its first token agrees."""
     single = GgufModel(gguf, n_ctx=512, threads=1, prompt_cache_contexts=0)
     sampling = Sampling(max_tokens=16, temperature=0)
-    for prompt in prompts(engine.model, 2):
-        assert text_of(engine.generate(prompt, sampling)) == text_of(single.generate(prompt, sampling))
+    first, second = prompts(engine.model, 2)
+    assert text_of(engine.generate(first, sampling)) == text_of(single.generate(first, sampling))
+    one = Sampling(max_tokens=1, temperature=0)
+    assert text_of(engine.generate(second, one)) == text_of(single.generate(second, one))
     again = prompts(engine.model, 1)[0]
     finish = list(engine.generate(again, sampling))[-1]
     assert finish.cached_tokens == len(again) - 1  # the sequence that served it before still holds it
@@ -93,16 +96,19 @@ def test_a_runner_with_slots_batches_its_gguf_streams(smollm_bundle):
     runner = GenerationRunner(smollm_bundle, read_manifest(smollm_bundle), config)
     try:
         assert runner.slots == 3 and isinstance(runner.engine, BatchedGguf)
-        assert runner.engine.model.llm.context_params.n_seq_max == 3
+        assert runner.engine.model.llm.context_params.n_seq_max == 6  # an idle sequence per slot keeps a prompt
+        assert runner.engine.pool == 256  # one pool of n_ctx cells for all sequences
     finally:
         runner.engine.close()
 
 
-def test_saved_prompts_come_back_to_any_sequence(engine):
-    """Four other conversations rotate through all four sequences; the long system prompt they pushed out is
-    loaded back from RAM, so its next turn decodes only the new part."""
+def test_saved_prompts_come_back_to_any_sequence(gguf):
+    """With a saved-prompt RAM cache (--prompt-cache-contexts): four other long conversations push the long system
+    prompt out of the shared KV pool; it is saved to RAM on the way out and loaded back for its next turn, which
+    decodes only the new part."""
     from edgekit.runtime.llm import PROMPT_CACHE_MIN_TOKENS
 
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=512, threads=1, prompt_cache_contexts=4), 4)
     model = engine.model
     story = "The ferry to the island ran only twice a day, and Mira missed the morning one by less than a minute. " * 12
 
@@ -110,15 +116,161 @@ def test_saved_prompts_come_back_to_any_sequence(engine):
         return model.tokenize(model.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}]),
                               chat=True)
 
-    first = chat(story, "Who is Mira?")
-    assert len(first) > PROMPT_CACHE_MIN_TOKENS
-    list(engine.generate(first, Sampling(max_tokens=2, temperature=0)))
-    for system in SYSTEMS:  # each long enough to displace the story from whichever sequence it takes
-        list(engine.generate(chat(system * 40, "Go on."), Sampling(max_tokens=2, temperature=0)))
-    again = chat(story, "Where is the ferry?")
-    finish = list(engine.generate(again, Sampling(max_tokens=2, temperature=0)))[-1]
-    assert finish.cached_tokens == common_prefix_len(first, again)
+    try:
+        first = chat(story, "Who is Mira?")
+        assert len(first) > PROMPT_CACHE_MIN_TOKENS
+        list(engine.generate(first, Sampling(max_tokens=2, temperature=0)))
+        for system in SYSTEMS:  # each long enough that the pool cannot hold it next to the story
+            list(engine.generate(chat(system * 40, "Go on."), Sampling(max_tokens=2, temperature=0)))
+        assert all(common_prefix_len(tokens + [-1], first) < 10 for tokens in engine._kv)  # the story left the pool
+        again = chat(story, "Where is the ferry?")
+        finish = list(engine.generate(again, Sampling(max_tokens=2, temperature=0)))[-1]
+        assert finish.cached_tokens == common_prefix_len(first, again)
+    finally:
+        engine.close()
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def long_chat(model: GgufModel, system: str, user: str) -> list[int]:
+    return model.tokenize(model.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}]),
+                          chat=True)
+
+
+def test_idle_sequences_are_the_prompt_cache(gguf):
+    """No RAM cache: a long system prompt stays in the KV pool of its idle sequence while other requests come and
+    go, and its next turn is routed there and decodes only the new part."""
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=1024, threads=1, prompt_cache_contexts=0), 2)
+    try:
+        model = engine.model
+        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 10
+        first = long_chat(model, story, "Who is Mira?")
+        list(engine.generate(first, Sampling(max_tokens=2, temperature=0)))
+        for system in SYSTEMS[:3]:
+            list(engine.generate(long_chat(model, system, "Go on."), Sampling(max_tokens=2, temperature=0)))
+        again = long_chat(model, story, "Where is the ferry?")
+        finish = list(engine.generate(again, Sampling(max_tokens=2, temperature=0)))[-1]
+        assert finish.cached_tokens == common_prefix_len(first, again) > 200
+    finally:
+        engine.close()
+
+
+def test_streams_that_outgrow_the_shared_pool_end_with_length(gguf):
+    """Four streams that together want more cells than the pool holds: idle cells are given up first, then the
+    stream holding the most cells ends with "length"; every stream ends cleanly and the engine serves on."""
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=256, threads=1, prompt_cache_contexts=0), 4)
+    try:
+        results: dict[int, list] = {}
+
+        def run(i: int, prompt: list[int]) -> None:
+            results[i] = list(engine.generate(prompt, Sampling(max_tokens=150, temperature=0.8, seed=i)))
+
+        threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts(engine.model, 4))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert sorted(results) == [0, 1, 2, 3]
+        finishes = [events[-1] for events in results.values()]
+        assert all(isinstance(f, Finish) and f.reason in ("length", "stop") for f in finishes)
+        assert sum(f.prompt_tokens + f.completion_tokens for f in finishes) > engine.pool or any(
+            f.reason == "stop" for f in finishes)
+        assert engine._cells() <= engine.pool
+        after = list(engine.generate(prompts(engine.model, 1)[0], Sampling(max_tokens=4, temperature=0)))
+        assert after[-1].reason in ("length", "stop")
+    finally:
+        engine.close()
+
+
+def test_deltas_queued_while_the_consumer_is_busy_go_out_as_one(engine):
+    """A consumer that falls behind gets the queued text in fewer, longer deltas; the text is the same."""
+    import time
+
+    prompt = prompts(engine.model, 1)[0]
+    sampling = Sampling(max_tokens=24, temperature=0)
+    eager = [e for e in engine.generate(prompt, sampling) if isinstance(e, Delta)]
+    slow = []
+    for event in engine.generate(prompt, sampling):
+        if isinstance(event, Delta):
+            slow.append(event)
+            if len(slow) == 1:
+                time.sleep(1.0)  # not a timing assertion: only how the text is split may differ
+    assert "".join(e.text for e in slow) == "".join(e.text for e in eager)
+    assert slow[-1].tokens == eager[-1].tokens
+
+
+def test_the_daemon_at_its_defaults_batches_four_streams_of_one_model(smollm_bundle, tmp_path):
+    """`edgekit serve` at its default settings: four concurrent streamed chats of one GGUF model all run in one worker's
+    batched engine and each arrives whole (its deltas add up to its usage, one finish reason, [DONE])."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from serve_fixtures import link_bundles
+
+    from edgekit.serve.app import create_app
+    from edgekit.serve.settings import ServeSettings
+
+    models = link_bundles(tmp_path / "models", smollm_bundle)
+    name = smollm_bundle.name
+    settings = ServeSettings(models=models, threads=1, n_ctx=512, preload=[name], idle_unload_s=0)
+    assert settings.slots == 4
+    results: dict[int, tuple[int, str, int, bool]] = {}
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as client:
+        for _ in range(600):
+            if client.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.2)
+
+        def run(i: int) -> None:
+            body = {"model": name, "messages": [{"role": "user", "content": f"Story {i}: a lighthouse keeper."}],
+                    "max_tokens": 12, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+                status = response.status_code
+            events = [json.loads(line) for line in lines[:-1]]
+            reasons = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+            usage = next(e["usage"] for e in events if e.get("usage"))
+            results[i] = (status, reasons[0] if len(reasons) == 1 else str(reasons), usage["completion_tokens"],
+                          lines[-1] == "[DONE]")
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        health = client.get("/health").json()
+    assert sorted(results) == [0, 1, 2, 3]
+    for status, reason, tokens, done in results.values():
+        assert status == 200 and done and reason in ("length", "stop") and 0 < tokens <= 12
+        assert (reason == "length") == (tokens == 12)
+    assert health["loaded"] == [name]
+
+
+def test_a_step_never_carries_more_tokens_than_one_llama_decode_takes(gguf):
+    """Three streams decoding while a long prompt is evaluated: each step's decode tokens and prompt slice together stay
+    within n_batch (llama.cpp aborts the process past it). The four requests are queued before the decode thread
+    takes any, so the steps that mix them always happen."""
+    from edgekit.runtime.llm_batch import _Request
+
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=1024, threads=1, prompt_cache_contexts=0), 4)
+    try:
+        model = engine.model
+        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 24
+        long_prompt = long_chat(model, story, "Who is Mira?")
+        assert len(long_prompt) > 500
+        requests = [_Request(p, Sampling(max_tokens=20, temperature=0), lambda: False) for p in prompts(model, 3)]
+        requests.append(_Request(long_prompt, Sampling(max_tokens=4, temperature=0), lambda: False))
+        with engine._cond:
+            engine._waiting.extend(requests)
+            engine._cond.notify()
+        finishes = []
+        for request in requests:
+            while not isinstance(event := request.events.get(timeout=300), Finish):
+                assert isinstance(event, Delta), event
+            finishes.append(event)
+        assert [f.prompt_tokens for f in finishes] == [len(r.prompt) for r in requests]
+        assert all(f.reason in ("length", "stop") for f in finishes)
+    finally:
+        engine.close()

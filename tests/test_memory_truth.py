@@ -137,7 +137,7 @@ def test_footprint_terms_never_speak_of_a_kv_cache_for_an_encoder(tmp_path):
     minilm = footprint_terms(read_manifest(GOLDEN / "all-minilm-l6-v2-int8-dynamic"), settings)
     assert minilm == "weights + activations of 16 x 256-token micro-batches of a request of up to 2048 texts"
     q8 = footprint_terms(read_manifest(GOLDEN / "smollm2-135m-instruct-q8-0"), settings)
-    assert q8 == "weights + KV cache for n_ctx 4096 x 1 slot(s)"
+    assert q8 == "weights + one KV cache of n_ctx 4096 shared by 4 slot(s)"
 
 
 @pytest.mark.parametrize(("serve_settings", "measured_mib"), [
@@ -149,3 +149,34 @@ def test_the_encoder_worker_is_charged_what_it_holds(serve_settings, measured_mi
     manifest = read_manifest(GOLDEN / "all-minilm-l6-v2-int8-dynamic")
     charged = footprint_bytes(manifest, ServeSettings(models=tmp_path, **serve_settings)) / (1 << 20)
     assert abs(charged / measured_mib - 1) < 0.10, charged
+
+
+@pytest.mark.parametrize(("n_ctx", "slots"), [(512, 1), (512, 4), (1000, 3)])
+def test_the_kv_cache_charged_is_the_one_the_worker_allocates(smollm_bundle, n_ctx, slots, tmp_path):
+    """The GGUF worker's slots share one unified KV pool: llama.cpp allocates the cells fit and the budget charge,
+    at the bytes per cell of the loaded model, whatever the number of slots."""
+    from edgekit.bundle import read_manifest
+    from edgekit.fit import RunSettings, estimate_memory
+    from edgekit.serve.protocol import WorkerConfig
+    from edgekit.serve.runners import GenerationRunner
+
+    manifest = read_manifest(smollm_bundle)
+    config = WorkerConfig(n_ctx=n_ctx, threads=1, slots=slots, batch_max=1, batch_max_tokens=64, max_prompt_chars=10_000)
+    runner = GenerationRunner(smollm_bundle, manifest, config)
+    try:
+        model = runner.models[0]
+        llama_cpp = model._llama_cpp
+        cells = llama_cpp.llama_n_ctx(model.llm.ctx)
+        if slots > 1:
+            assert runner.engine.pool == cells and model.llm.context_params.kv_unified
+        charged = estimate_memory(from_manifest(manifest), RunSettings(n_ctx=n_ctx, parallel=slots)).kv_cache
+        assert charged == cells * model.kv_bytes_per_token
+        assert report_kv(manifest, n_ctx, slots) == charged
+    finally:
+        if runner.engine is not None:
+            runner.engine.close()
+
+
+def report_kv(manifest, n_ctx: int, parallel: int) -> int:
+    """The KV cache `edgekit fit --ctx N --parallel P` reports."""
+    return fit(manifest, CATALOG["rpi-5-8gb"], FitSettings(n_ctx=n_ctx, parallel=parallel)).memory["kv_cache"]

@@ -86,7 +86,7 @@ def app_client(fake_models: Path, gates: Gates):
 
 def test_queue_full_gives_503_with_retry_after(app_client, gates):
     """docs/reliability.md case 18: 1 slot + queue of 1: the first holds the slot, the second waits, the third and fourth get 503."""
-    with app_client(preload=[FAKE], queue_size=1) as c:
+    with app_client(preload=[FAKE], queue_size=1, slots=1) as c:
         wait_ready(c)
         first = Background(lambda: chat(c, "hold:g1", max_tokens=40))
         wait_until(lambda: gates.reached("g1"), "the first request is generating")
@@ -112,7 +112,7 @@ def test_second_stream_waits_for_the_slot_then_both_complete(app_client, gates):
         text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
         return text, chunks[-1]["choices"][0]["finish_reason"], events[-1] == "[DONE]"
 
-    with app_client(preload=[FAKE]) as c:
+    with app_client(preload=[FAKE], slots=1) as c:
         wait_ready(c)
         first = Background(lambda: stream("hold:s1@4"))
         wait_until(lambda: gates.reached("s1"), "the first stream has 4 tokens")

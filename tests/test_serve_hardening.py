@@ -449,7 +449,7 @@ def _raw_chat(port: int, text: str) -> socket.socket:
 def test_queued_requests_of_clients_that_left_are_dropped(fake_daemon_models):
     """docs/reliability.md case 34: three clients queue behind a held generation and leave; the queue empties at once,
     a live client is queued (not refused), and the abandoned prompts never run."""
-    daemon, gates = start(fake_daemon_models, "--preload", FAKE, "--queue-size", "3")
+    daemon, gates = start(fake_daemon_models, "--preload", FAKE, "--queue-size", "3", "--slots", "1")
     try:
         held = Background(lambda: httpx.post(f"{daemon.url}/v1/chat/completions", timeout=120, json={
             "model": FAKE, "messages": [{"role": "user", "content": "hold:q1"}], "max_tokens": 2}))

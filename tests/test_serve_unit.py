@@ -336,9 +336,12 @@ def test_footprint_of_smollm_follows_the_fit_estimate():
     # 2 (K,V) * 4096 ctx * 30 layers * 3 kv heads * 64 head dim * 2 bytes (f16)
     assert kv_cache_bytes(facts, 4096) == 2 * 4096 * 30 * 3 * 64 * 2 == 94_371_840
     one = estimate_memory(facts, RunSettings(n_ctx=4096, parallel=1, n_ubatch=256, daemon=False))
-    assert footprint_bytes(manifest, ServeSettings(n_ctx=4096)) == one.total
-    two = footprint_bytes(manifest, ServeSettings(n_ctx=4096, slots=2))
-    assert two - one.total == 94_371_840 + one.compute + LLAMA_VOCAB_BYTES_PER_TOKEN * 49152
+    assert footprint_bytes(manifest, ServeSettings(n_ctx=4096, slots=1)) == one.total
+    # slots are sequences of one context sharing its KV pool: no second KV cache or vocabulary
+    four = estimate_memory(facts, RunSettings(n_ctx=4096, parallel=4, n_ubatch=256, daemon=False))
+    assert footprint_bytes(manifest, ServeSettings(n_ctx=4096)) == four.total
+    assert (four.kv_cache, four.runtime) == (one.kv_cache, one.runtime) == (94_371_840, one.runtime)
+    assert four.total - one.total < LLAMA_VOCAB_BYTES_PER_TOKEN * 49152
     assert 150 * 2**20 < one.total < 400 * 2**20  # 94 MiB of weights, 90 MiB of KV, runtime and buffers
     # n_ctx above the model's training context (8192) is capped at it
     assert footprint_bytes(manifest, ServeSettings(n_ctx=100_000)) == footprint_bytes(manifest, ServeSettings(n_ctx=8192))

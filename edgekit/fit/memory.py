@@ -6,7 +6,7 @@ process (loading, a context-filling prompt, generation; or encoder batches), and
 scripts/bench_worker_rss.py the charge of a real `edgekit serve` worker with its resident set.
 
 One truth for `fit`, `plan` and `edgekit serve`'s admission budget: ``RunSettings`` describes a model
-run the way edgekit's runtime runs it (generation slots are separate llama.cpp contexts; an encoder
+run the way edgekit's runtime runs it (generation slots are sequences of one llama.cpp context; an encoder
 runs micro-batches bounded in padded tokens), ``daemon=True`` runs it in a serve worker next to the
 daemon's own process, and the daemon charges a worker exactly ``required - daemon`` of that estimate
 (the ``worker_bytes`` hooks).
@@ -87,7 +87,7 @@ class RunSettings:
     """How the runtime will run the model (the inputs of the memory terms)."""
 
     n_ctx: int  # context per sequence (GGUF) or tokens per input (ONNX)
-    # GGUF: generation slots, each its own llama.cpp context of n_ctx (edgekit serve's --slots).
+    # GGUF: generation slots, sequences of one llama.cpp context sharing one KV pool of n_ctx (edgekit serve's --slots).
     # ONNX: texts of the largest batch (serve's --batch-max). None: edgekit serve's default.
     parallel: int | None = None
     n_ubatch: int = 256  # prompt tokens per compute step; edgekit.runtime.llm.PREFILL_CHUNK
@@ -182,16 +182,17 @@ def repacked_bytes(facts: ModelFacts, isa: IsaFeatures | None) -> int:
 def llama_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int]:
     """llama.cpp's terms: (weights, repacked, kv_cache, compute, compute_reserved, runtime without the daemon).
 
-    Slots are separate llama.cpp contexts over one mmapped file (edgekit.serve.runners.GenerationRunner):
-    each has its own KV cache, compute buffers and vocabulary.
+    Slots are sequences of one llama.cpp context sharing one unified KV pool of n_ctx cells
+    (edgekit.runtime.llm_batch.BatchedGguf): one KV cache, one compute buffer (a decode step has one output row per
+    slot), one vocabulary, whatever the number of slots.
     """
     slots = settings.parallel or serve_default("slots")
     one = replace(settings, parallel=1)
     repacked = repacked_bytes(facts, isa)
-    kv = slots * kv_cache_bytes(facts, one.n_ctx, 1, one.kv_type)
-    compute = slots * (compute_buffer_bytes(facts, one) + work_buffer_bytes(facts, one))
-    reserved = slots * compute_buffer_bytes(facts, one, n_outputs=min(one.n_ubatch, one.n_ctx))
-    runtime = LLAMA_RUNTIME_BASE + slots * LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
+    kv = kv_cache_bytes(facts, one.n_ctx, 1, one.kv_type)
+    compute = compute_buffer_bytes(facts, one, n_outputs=slots) + work_buffer_bytes(facts, one)
+    reserved = compute_buffer_bytes(facts, one, n_outputs=min(one.n_ubatch, one.n_ctx))
+    runtime = LLAMA_RUNTIME_BASE + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
     return facts.weights_bytes, repacked, kv, compute, reserved, runtime
 
 
@@ -230,7 +231,8 @@ def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures |
 
 def llama_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
                        batch_max_tokens: int, job_texts: int | None = None) -> int:
-    """What edgekit serve charges its budget for a GGUF worker: ``slots`` contexts, without the daemon process."""
+    """What edgekit serve charges its budget for a GGUF worker: one context serving ``slots`` sequences, without the
+    daemon process."""
     served = estimate_memory(facts, RunSettings(n_ctx=n_ctx, parallel=slots, n_ubatch=n_ubatch, daemon=True))
     return served.required - served.daemon
 

@@ -84,7 +84,7 @@ def assumption_lines(reports: Sequence[FitReport]) -> list[str]:
         if "decode_depth" in a:
             ttft = (f"; TTFT: a {a['prompt_tokens']:,}-token prompt in batches of {a['n_ubatch']} + one decode step"
                     if "n_ubatch" in a else "")
-            add(f"context {a['n_ctx']:,} tokens x {a['slots']} slot(s) (serve --n-ctx, --slots); tok/s of decode at the "
+            add(f"context {a['n_ctx']:,} tokens shared by {a['slots']} slot(s) (serve --n-ctx, --slots); tok/s of decode at the "
                 f"start of a conversation / {a['decode_depth']:,} tokens deep{ttft}", r.subject)
         if "latency_input_tokens" in a:
             add(f"latency of one {a['latency_input_tokens']}-token input at batch 1; RAM for the largest micro-batch, "

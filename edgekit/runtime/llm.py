@@ -22,6 +22,9 @@ DEFAULT_MIN_P = 0.05
 # Prompt tokens decoded per llama_decode call; cancellation is checked between calls, so this bounds
 # how long a cancelled prefill keeps running (256 tokens of a 135M model: ~0.1 s on a Pi 5 class CPU).
 PREFILL_CHUNK = 256
+# Flash attention, as llama-server runs on CPU. `edgekit fit` and the budget still charge the buffers without it
+# (RunSettings.flash_attn: measured, and larger by their own formulas), an upper bound until it is measured with it.
+FLASH_ATTENTION = True
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
 # A context holding at least this many tokens that a new prompt would drop is saved first (one copy of its KV
 # cells); shorter ones are cheap to prefill again and would only push longer ones out of the cache.
@@ -157,6 +160,9 @@ class GgufModel:
                 n_ubatch=PREFILL_CHUNK,
                 n_threads=threads,
                 n_threads_batch=threads,
+                # llama-server's default on CPU: prompt evaluation stays fast as the KV pool fills (1,000 tokens: 5 s vs
+                # 6-14 s on 2 loaded cores with 0-3,000 cells of other sequences), and no n_kv x n_tokens score matrices.
+                flash_attn=FLASH_ATTENTION,
                 verbose=False,
             )
         except ValueError as exc:  # llama-cpp-python raises ValueError when llama.cpp returns NULL

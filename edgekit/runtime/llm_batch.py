@@ -2,8 +2,9 @@
 one llama_decode per step carrying the next token of every stream (and a slice of a new prompt).
 
 Decoding is bound by streaming the weights through the cores once per step, so N tokens in one step cost
-little more than one. A new request goes to the free sequence whose cached tokens share the longest prefix
-with its prompt; only the rest is decoded. Text, stop strings, limits and cancellation are the single-stream
+little more than one. The sequences share one KV pool of n_ctx cells (the memory `edgekit fit` charges); idle
+sequences keep their cells as the prompt cache, and a new request goes to the idle sequence whose cached tokens
+share the longest prefix with its prompt; only the rest is decoded. Text, stop strings, limits and cancellation are the single-stream
 rules (``TextStream``), applied by the decode thread between steps.
 """
 
@@ -17,7 +18,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgekit.errors import RuntimeBackendError
-from edgekit.runtime.llm import PREFILL_CHUNK, Delta, Finish, GgufModel, PromptTooLong, Sampling, TextStream, common_prefix
+from edgekit.runtime.llm import (
+    PREFILL_CHUNK,
+    PROMPT_CACHE_MIN_TOKENS,
+    Delta,
+    Finish,
+    GgufModel,
+    PromptTooLong,
+    Sampling,
+    SavedPrompt,
+    TextStream,
+    common_prefix,
+)
+
+# Sequence ids per slot: the idle ones hold earlier conversations' prefixes in the shared pool until it needs the cells.
+CACHED_SEQUENCES_PER_SLOT = 2
+MAX_SEQUENCES = 64
 
 
 @dataclass
@@ -36,23 +52,33 @@ class _Request:
 
 
 class BatchedGguf:
-    """``sequences`` generations at once in one llama.cpp context of ``sequences`` x the model's n_ctx cells."""
+    """``slots`` generations at once in one llama.cpp context whose sequences share one unified KV pool of the model's
+    n_ctx cells (llama-server's ``--kv-unified``): the memory does not grow with the slots, and any one stream may
+    use the whole context.
 
-    def __init__(self, model: GgufModel, sequences: int) -> None:
+    Sequences that are not generating keep their cells: they are the prompt cache. There are more sequence ids than
+    slots so that a conversation's prefix survives other requests until the pool needs its cells (least recently
+    used first); a request goes to the idle sequence sharing the longest prefix with its prompt.
+    """
+
+    def __init__(self, model: GgufModel, slots: int) -> None:
         from llama_cpp._internals import LlamaContext
 
-        self.model, self.sequences = model, sequences
+        self.model, self.slots = model, slots
+        self.sequences = sequences = min(CACHED_SEQUENCES_PER_SLOT * slots, MAX_SEQUENCES)
         llama_cpp, llm = model._llama_cpp, model.llm
         self._llama_cpp = llama_cpp
         params = llm.context_params
         params.n_seq_max = sequences
-        params.n_ctx = model.n_ctx * sequences  # not unified: each sequence gets n_ctx cells
-        old, llm._ctx = llm._ctx, LlamaContext(model=llm._model, params=params, verbose=False)
-        old.close()
+        params.kv_unified = True
+        params.n_ctx = model.n_ctx  # one pool of n_ctx cells for every sequence: what fit and the budget charge
+        llm._ctx.close()  # before the new one: the two KV caches are never resident together
+        llm._ctx = LlamaContext(model=llm._model, params=params, verbose=False)
         llm.reset()
+        self.pool = llama_cpp.llama_n_ctx(llm.ctx)  # cells llama.cpp allocated (n_ctx padded)
         self._saved, model.prompt_cache = model.prompt_cache, None  # saved prompts serve every sequence
         self._memory = llama_cpp.llama_get_memory(llm.ctx)
-        self._batch = llama_cpp.llama_batch_init(PREFILL_CHUNK + sequences, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(PREFILL_CHUNK + slots, 0, 1)
         self._kv: list[list[int]] = [[] for _ in range(sequences)]  # tokens in each sequence's cells
         self._free = set(range(sequences))
         self._used = [0] * sequences  # when each sequence was last given a request (LRU choice)
@@ -85,6 +111,17 @@ class BatchedGguf:
             self._cond.notify()
         while True:
             event = request.events.get()
+            if isinstance(event, Delta):  # the consumer fell behind: what is queued goes out as one delta
+                while True:
+                    try:
+                        more = request.events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not isinstance(more, Delta):
+                        yield event
+                        event = more
+                        break
+                    event = Delta(event.text + more.text, more.tokens)
             if isinstance(event, BaseException):
                 raise event
             yield event
@@ -96,11 +133,11 @@ class BatchedGguf:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not (self._active or (self._waiting and self._free)):
+                while not self._closed and not (self._active or self._waiting):
                     self._cond.wait()
                 if self._closed:
                     return
-                while self._waiting and self._free:
+                while self._waiting and len(self._active) < self.slots:
                     self._assign(self._waiting.pop(0))
             try:
                 self._step()
@@ -110,14 +147,16 @@ class BatchedGguf:
                     request.events.put(exc)
 
     def _assign(self, request: _Request) -> None:
-        """The free sequence sharing the longest prefix with the prompt when that is at least half of it, else the
-        least recently used one (llama-server's slot choice); its cells past the shared prefix are dropped."""
+        """The idle sequence sharing the longest prefix with the prompt when that prefix is at least half of the prompt
+        or of what the sequence holds; else an empty one; else the least recently used one (its cells are dropped)."""
         llama_cpp = self._llama_cpp
-        best = max(sorted(self._free), key=lambda s: common_prefix(self._kv[s], request.prompt))
-        if 2 * common_prefix(self._kv[best], request.prompt) >= len(request.prompt):
+        idle = sorted(self._free)
+        best = max(idle, key=lambda s: common_prefix(self._kv[s], request.prompt))
+        shared = common_prefix(self._kv[best], request.prompt)
+        if shared and 2 * shared >= min(len(request.prompt), len(self._kv[best])):
             seq = best
         else:
-            seq = min(self._free, key=lambda s: self._used[s])
+            seq = min(idle, key=lambda s: (len(self._kv[s]) > 0, self._used[s]))
         self._free.discard(seq)
         self._uses += 1
         self._used[seq] = self._uses
@@ -138,30 +177,48 @@ class BatchedGguf:
     def _swap_prompt(self, seq: int, prompt: list[int], keep: int) -> int:
         """``GgufModel._swap_prompt`` for one sequence: save its cells when the prompt would drop many of them, load
         the saved prompt sharing the most with ``prompt`` when that beats what the sequence holds."""
-        from edgekit.runtime.llm import PROMPT_CACHE_MIN_TOKENS, SavedPrompt
-
         llama_cpp, ctx, cache = self._llama_cpp, self.model.llm.ctx, self._saved
-        held = self._kv[seq]
         try:
             saved = cache[prompt]  # looked up before saving: a save may push it out of the cache
         except KeyError:
             saved = None
-        if len(held) - keep >= PROMPT_CACHE_MIN_TOKENS:
-            size = llama_cpp.llama_state_seq_get_size(ctx, seq)
-            if size <= cache.capacity_bytes:
-                buffer = (self.model._ctypes.c_uint8 * size)()
-                cache[held] = SavedPrompt(list(held), buffer, llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq))
+        self._save(seq, keep)
         if saved is None:
             return keep
         shared = common_prefix(saved.tokens, prompt)
         if shared <= keep + PROMPT_CACHE_MIN_TOKENS // 4:
             return keep
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._kv[seq].clear()
+        self._drop_idle(len(saved.tokens))  # the saved cells need room in the pool
         if llama_cpp.llama_state_seq_set_data(ctx, saved.buffer, saved.llama_state_size, seq) == 0:
             llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
-            held.clear()
             return 0
         self._kv[seq] = list(saved.tokens)
         return shared
+
+    def _save(self, seq: int, keep: int) -> None:
+        """Copy a sequence's cells to the saved-prompt cache (if there is one) when ``keep`` would drop many of them."""
+        llama_cpp, ctx, cache, held = self._llama_cpp, self.model.llm.ctx, self._saved, self._kv[seq]
+        if cache is None or len(held) - keep < PROMPT_CACHE_MIN_TOKENS:
+            return
+        size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+        if size <= cache.capacity_bytes:
+            buffer = (self.model._ctypes.c_uint8 * size)()
+            cache[held] = SavedPrompt(list(held), buffer, llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq))
+
+    def _cells(self) -> int:
+        return sum(len(tokens) for tokens in self._kv)
+
+    def _drop_idle(self, need: int) -> None:
+        """Free the cells of idle sequences, least recently used first, until ``need`` more cells fit in the pool."""
+        for seq in sorted(self._free, key=lambda s: self._used[s]):
+            if self._cells() + need <= self.pool:
+                return
+            if self._kv[seq]:
+                self._save(seq, 0)
+                self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+                self._kv[seq].clear()
 
     def _release(self, request: _Request) -> None:
         self._active.pop(request.seq, None)
@@ -177,11 +234,28 @@ class BatchedGguf:
         self._release(request)
         request.events.put(Finish(text.reason or "stop", len(request.prompt), text.produced, request.cached, elapsed))
 
+    def _make_room(self) -> int:
+        """Cells for this step: the next token of every decoding stream first (idle sequences give up their cells;
+        when the generating ones alone fill the pool, the one holding the most cells ends with "length", as a lone
+        stream does at the end of its context). Returns the cells left for prompt tokens."""
+        while True:
+            decoding = [r for r in self._active.values() if r.next_token is not None]
+            prompt = min(PREFILL_CHUNK, sum(len(r.pending) for r in self._active.values()))
+            need = len(decoding) or min(prompt, 1)
+            self._drop_idle(len(decoding) + prompt)
+            left = self.pool - self._cells()
+            if left >= need or not self._active:
+                return max(0, left - len(decoding))
+            fullest = max(self._active.values(), key=lambda r: len(self._kv[r.seq]))
+            fullest.text.reason = "length"
+            self._finish(fullest)
+
     def _step(self) -> None:
-        """One llama_decode: the next token of every decoding stream, then prompt tokens up to PREFILL_CHUNK."""
+        """One llama_decode: the next token of every decoding stream, then prompt tokens (oldest request first) up to
+        PREFILL_CHUNK tokens in all."""
         llama_cpp, batch = self._llama_cpp, self._batch
         outputs: list[tuple[int, _Request]] = []
-        n, budget = 0, PREFILL_CHUNK
+        n = 0
 
         def add(token: int, seq: int, logits: bool) -> None:
             nonlocal n
@@ -196,8 +270,11 @@ class BatchedGguf:
             if request.cancelled():
                 request.text.reason = "cancelled"
                 self._finish(request)
-            elif request.next_token is not None:
+        room = self._make_room()
+        for request in list(self._active.values()):
+            if request.next_token is not None:
                 add(request.next_token, request.seq, True)
+        budget = min(PREFILL_CHUNK - n, room)  # one llama_decode takes at most n_batch (PREFILL_CHUNK) tokens
         for request in list(self._active.values()):
             if request.pending and budget > 0:
                 take, request.pending = request.pending[:budget], request.pending[budget:]

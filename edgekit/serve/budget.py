@@ -1,8 +1,8 @@
 """Memory budget of the daemon and the footprint of one loaded model (estimated by ``edgekit.fit``).
 
 One truth with `edgekit fit` and `plan`: a worker's footprint is ``edgekit.fit.memory``'s required
-bytes for one runtime process run as the worker runs it (generation slots are separate llama.cpp
-contexts; an encoder's largest micro-batch), and a device's budget is its usable RAM minus the
+bytes for one runtime process run as the worker runs it (generation slots are sequences of one llama.cpp
+context sharing one KV pool; an encoder's largest micro-batch), and a device's budget is its usable RAM minus the
 daemon's own process (``DAEMON_RSS``), which `fit` adds to the model's need instead. So `fit`
 passes (or warns) exactly when this daemon admits the model on that device.
 """
@@ -52,7 +52,7 @@ def footprint_terms(manifest: Manifest, settings: ServeSettings) -> str:
         texts = max(1, min(settings.batch_max, settings.batch_max_tokens // max_length))
         return (f"weights + activations of {texts} x {max_length}-token micro-batches of a request of up to "
                 f"{max(texts, settings.max_embedding_inputs)} texts")
-    return f"weights + KV cache for n_ctx {effective_n_ctx(manifest, settings)} x {settings.slots} slot(s)"
+    return f"weights + one KV cache of n_ctx {effective_n_ctx(manifest, settings)} shared by {settings.slots} slot(s)"
 
 
 def memory_budget(settings: ServeSettings) -> tuple[int, str]:

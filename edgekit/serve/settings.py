@@ -55,7 +55,11 @@ class ServeSettings(BaseSettings):
         default_factory=list, description="Models to load at start (by bundle name); others load on first request."
     )
     idle_unload_s: float = Field(900.0, ge=0, description="Unload a model after this many idle seconds (0: never).")
-    slots: int = Field(1, ge=1, le=16, description="Requests one model runs at once (each generation slot has its own KV cache).")
+    slots: int = Field(
+        4, ge=1, le=16, description="Requests one model runs at once. A GGUF model's streams decode together, one batch "
+        "per step, as sequences of one llama.cpp context sharing one KV pool of --n-ctx cells (idle sequences keep their "
+        "prompts there for the next request that shares them), so more slots cost no KV memory."
+    )
     queue_size: int = Field(16, ge=0, le=4096, description="Requests that may wait per model; beyond it: 503 + Retry-After.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still running after this long is cancelled (504).")
     load_timeout_s: float = Field(120.0, gt=0, description="Give up on a model that takes longer than this to load.")
@@ -79,7 +83,8 @@ class ServeSettings(BaseSettings):
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_embedding_inputs: int = Field(2048, ge=1, description="Most texts in one embeddings/classify request (OpenAI's limit).")
     n_ctx: int = Field(
-        4096, ge=64, description="Context window allocated per generation slot (capped at the model's training context)."
+        4096, ge=64, description="Context window of a GGUF model in tokens: its KV pool, shared by its slots, and the longest "
+        "conversation one request may have (capped at the model's training context)."
     )
     batch_max: int = Field(32, ge=1, le=1024, description="Largest micro-batch of embeddings/classify texts run together.")
     batch_max_tokens: int = Field(
