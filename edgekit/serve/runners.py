@@ -61,7 +61,8 @@ class Job:
 
 
 class GenerationRunner:
-    """text-generation: ``slots`` llama.cpp contexts over one mmapped GGUF, one thread each."""
+    """text-generation: ``slots`` concurrent streams. With llama.cpp they are sequences of one context sharing one
+    KV pool, decoded together one batch per step (runtime/llm_batch.py); a stand-in model gets one instance per slot."""
 
     ops = ("generate",)
 
