@@ -106,5 +106,8 @@ def test_token_labels_agree_with_pytorch_on_a_sentence(exported, family):
     assert model.tokenize([text])["input_ids"][0].tolist() == encoded["input_ids"][0].tolist()
     probabilities = model.classify([text])[0]
     assert probabilities.shape == reference.shape == (len(encoded["input_ids"][0]), 4)
-    agreement = float((probabilities.argmax(-1) == reference.argmax(-1)).mean())
-    assert agreement >= 0.9
+    # int8 may flip a random model's near-tied tokens; wherever PyTorch's top two labels are 0.1 apart it may not
+    reference_probabilities = np.sort(torch.softmax(torch.from_numpy(reference), -1).numpy(), axis=-1)
+    clear = reference_probabilities[:, -1] - reference_probabilities[:, -2] >= 0.1
+    assert clear.sum() >= 3
+    assert (probabilities.argmax(-1) == reference.argmax(-1))[clear].all()

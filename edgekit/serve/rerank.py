@@ -20,6 +20,7 @@ from functools import partial
 from fastapi import APIRouter, Depends, Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from edgekit.formats import tasks_for
 from edgekit.serve.errors import ApiError, bad_param
 from edgekit.serve.guard import allowed_host, authenticated, body_within_limit, json_body, read_body, same_origin
 from edgekit.serve.lifecycle import ModelEntry
@@ -27,7 +28,7 @@ from edgekit.serve.protocol import Encode
 from edgekit.serve.routes import Services, Svc, check_chars, model_entry, unless_client_leaves
 from edgekit.serve.schemas import parse_body
 
-RERANK_TASKS = ("text-ranking",)
+RERANK_TASKS = tasks_for("/v1/rerank")
 
 rerank = APIRouter(dependencies=[Depends(allowed_host), Depends(same_origin), Depends(authenticated),
                                   Depends(body_within_limit), Depends(json_body)])
