@@ -148,8 +148,9 @@ def build(case: str, out: Path, store: Path, tokenizer=None) -> Path:
 
 # ---- encoders ------------------------------------------------------------------------------------------
 #
-# One tiny random checkpoint per encoder family, each with a tokenizer of the family's kind trained here with
-# the `tokenizers` library on the test corpus (no model hub):
+# One tiny random checkpoint per encoder family, each with a tokenizer of the family's kind assembled here with
+# the `tokenizers` library from a vocabulary trained on the test corpus (no model hub; SentencePiece trains the
+# WordPiece and Unigram vocabularies, since tokenizers' own trainers break ties differently on every run):
 # - WordPiece, lower-cased (bert, distilbert);
 # - byte-level BPE with RoBERTa's <s>/</s> template (roberta);
 # - SentencePiece-style Unigram with a Metaspace pre-tokenizer (xlm-roberta: <s> <pad> </s> <unk> at 0-3;
@@ -168,15 +169,23 @@ def _encoder_corpus() -> list[str]:
 
 
 def _wordpiece(cls, out: Path) -> int:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    backend.train_from_iterator(_encoder_corpus(), trainers.WordPieceTrainer(vocab_size=ENCODER_VOCAB, special_tokens=specials,
-                                                                             show_progress=False))
+    # SentencePiece BPE on the pre-tokenized words, its pieces written WordPiece-style ("▁word" -> "word", "ing" ->
+    # "##ing"): tokenizers' WordPieceTrainer breaks ties differently on every run.
+    words = [" ".join(w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(line)))
+             for line in _encoder_corpus()]
+    pieces = [piece for piece, _ in _spm_pieces(words, "bpe")]
+    alphabet = sorted({c for word in words for c in word if not c.isspace()})
+    vocab = dict.fromkeys([*specials, *alphabet, *(f"##{c}" for c in alphabet),
+                           *(p[1:] if p.startswith("▁") else f"##{p}" for p in pieces if p not in ("▁", "<unk>"))])
+    vocab.pop("##", None)
+    backend.model = models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]")
     cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
@@ -202,16 +211,35 @@ def _byte_bpe(cls, out: Path) -> int:
     return backend.get_vocab_size()
 
 
-def _unigram(cls, out: Path, specials: list[str], cls_token: str, sep_token: str, pair: str) -> int:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+def _spm_pieces(lines: list[str], model_type: str) -> list[tuple[str, float]]:
+    """SentencePiece's pieces (piece, score) of ``lines``, its <unk> first; the same on every run (one thread)."""
+    import sentencepiece
 
-    backend = Tokenizer(models.Unigram())
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=ENCODER_VOCAB, model_type=model_type,
+        character_coverage=1.0, hard_vocab_limit=False, normalization_rule_name="nfkc", unk_id=0, bos_id=-1, eos_id=-1,
+        pad_id=-1, num_threads=1, minloglevel=2)
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    return [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+
+
+def _spm_unigram_pieces(specials: list[str]) -> list[tuple[str, float]]:
+    """A Unigram vocabulary (piece, log-probability) trained by SentencePiece, after ``specials``.
+
+    SentencePiece, not tokenizers' UnigramTrainer: that one gives a different vocabulary on every run.
+    """
+    return [(token, 0.0) for token in specials] + _spm_pieces(_encoder_corpus(), "unigram")[1:]
+
+
+def _unigram(cls, out: Path, specials: list[str], cls_token: str, sep_token: str, pair: str) -> int:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    unk = next(s for s in specials if "unk" in s.lower())
+    backend = Tokenizer(models.Unigram(_spm_unigram_pieces(specials), unk_id=specials.index(unk), byte_fallback=False))
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    unk = next(s for s in specials if "unk" in s.lower())
-    backend.train_from_iterator(_encoder_corpus(), trainers.UnigramTrainer(
-        vocab_size=ENCODER_VOCAB, special_tokens=specials, unk_token=unk, show_progress=False))
     ids = [(cls_token, backend.token_to_id(cls_token)), (sep_token, backend.token_to_id(sep_token))]
     backend.post_processor = processors.TemplateProcessing(single=f"{cls_token} $A {sep_token}", pair=pair, special_tokens=ids)
     pad = next(s for s in specials if "pad" in s.lower())

@@ -47,7 +47,9 @@ def _optimum_export(source: Path, task: str, opset: int | None, work: Path) -> P
     return work / MODEL_FILE
 
 
-# config.json model_type -> onnxruntime transformer-optimizer model type (onnxruntime.transformers.optimizer)
+# config.json model_type -> onnxruntime transformer-optimizer model type (onnxruntime.transformers.optimizer).
+# deberta-v2 (DeBERTa-v2/v3) under BERT's rules: SkipLayerNorm and BiasGelu fuse, its disentangled attention stays
+# MatMuls; every weight MatMul is still quantized.
 OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "bert", "electra": "bert",
                          "deberta-v2": "bert"}
 
