@@ -18,6 +18,12 @@
 4. Each published calibration point of the catalog predicted from the other points (leave one out:
    the board's own other points, else boards with the same core, else the whole catalog). Target +-25 %.
 5. Recipe-time size predictions vs the bundles' measured sizes.
+6. Prompt speed: every published prompt point of the catalog with the llama.cpp build it ran, predicted from
+   the kernel data alone (devices/kernels/prompt.yaml) and leave one out; the pp512 `fit --recipe` predicts for
+   Llama-3.2-1B Q4_K_M on the Raspberry Pi 5 against the band its published points imply; and this host's
+   prompt tokens/s of the Q4_K_M bundle at 16..512 tokens in one batch (llama-bench's pp<N>, process CPU time)
+   against the prediction for this host's profile, uncalibrated and calibrated by its own 256-token point
+   (the one `edgekit profile-host` writes; in-sample at 256). --prompt-only runs just this part (seconds).
 
 With --reuse-measurements the measured values of an earlier run (its bench-results/fit.json) are read
 back and only the predictions and the table are recomputed: for iterating on the model without timing.
@@ -47,8 +53,13 @@ sys.path.insert(0, str(ROOT))
 from edgekit.bench import child  # noqa: E402
 from edgekit.bench.calibrate import encoder_point, gguf_point  # noqa: E402
 from edgekit.bundle import read_manifest  # noqa: E402
-from edgekit.fit import FitSettings, fit, from_manifest, from_recipe  # noqa: E402
-from edgekit.fit import speed  # noqa: E402
+from edgekit.fit import (  # noqa: E402
+    FitSettings,
+    fit,
+    from_manifest,
+    from_recipe,
+    speed,  # noqa: E402
+)
 from edgekit.paths import kit_paths  # noqa: E402
 from edgekit.schema.device import CalibrationPoint, Device, load_catalog  # noqa: E402
 
@@ -320,6 +331,130 @@ def published_rows(catalog) -> list[dict]:
     return rows
 
 
+PROMPT_LENGTHS = (16, 32, 64, 128, 256, 512)
+HOST_PROMPT_POINT = 256  # profile-host's prompt length (edgekit.bench.measure.PROFILE_PROMPT_TOKENS)
+
+
+def prompt_lengths(model_path: str, threads: int, repeats: int = 5) -> dict:
+    """Prompt tokens/s at each of PROMPT_LENGTHS in one batch (llama-bench's pp<N>) and decode tokens/s after an
+    8-token prompt; medians of ``repeats`` in process CPU time (a shared machine steals wall-clock time)."""
+    import llama_cpp
+
+    from edgekit.bench.measure import synthetic_prompt
+
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    prompt = synthetic_prompt(llm.n_vocab(), max(PROMPT_LENGTHS) + 40)
+    rates = {}
+    for n in PROMPT_LENGTHS:
+        samples = []
+        for _ in range(repeats):
+            llm.reset()
+            start = time.process_time()
+            llm.eval(prompt[:n])
+            samples.append(n / (time.process_time() - start))
+        rates[str(n)] = statistics.median(samples)
+    decode = []
+    for _ in range(3):
+        llm.reset()
+        llm.eval(prompt[:8])
+        start = time.process_time()
+        for token in prompt[8:40]:
+            llm.eval([token])
+        decode.append(32 / (time.process_time() - start))
+    return {"threads": threads, "prompt_tok_s": rates, "decode_tok_s": statistics.median(decode)}
+
+
+def measure_prompt_lengths(bundle: Path, threads: int) -> dict:
+    """prompt_lengths in a fresh process (this script as its own child)."""
+    path = str(bundle / read_manifest(bundle).file(".gguf").path)
+    done = subprocess.run([sys.executable, __file__, "--child-prompt-lengths", path, str(threads)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise RuntimeError(f"prompt-length child failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prompt_published_rows(catalog) -> list[dict]:
+    """Every published prompt point: its build, the kernel data's prediction alone, and leave one out."""
+    devices = list(catalog.values())
+    rows = []
+    for device in devices:
+        for point in device.calibration:
+            if point.prompt_tok_s is None:
+                continue
+            cal = speed.calibrate(device, "prompt", devices, exclude=point)
+            kernels = speed.prompt_efficiency(device, speed._main_type(point.quant, point.hidden_size))
+            uncalibrated = speed.point_prediction(point, device, "prompt")
+            predicted = speed.point_prediction(point, device, "prompt", cal)
+            rows.append({"device": device.id, "family": speed.kernel_family(device), "model": point.model,
+                         "quant": point.quant, "prompt_tokens": point.prompt_tokens, "build": point.build,
+                         "build_date": str(point.build_date), "current_kernels": speed.current_kernels(point, device),
+                         "efficiency": kernels, "published": point.prompt_tok_s, "uncalibrated": uncalibrated,
+                         "uncalibrated_error": uncalibrated / point.prompt_tok_s - 1, "predicted": predicted,
+                         "error": predicted / point.prompt_tok_s - 1, "calibrated_from": cal.scope, "source": point.source})
+    return rows
+
+
+def recipe_prompt_row(catalog) -> dict:
+    """fit --recipe's pp512 of Llama-3.2-1B Q4_K_M on the Pi 5 against the band its current published points imply
+    (2 x parameters x pp512 operations per second, over the 1B model's own matrix work)."""
+    from edgekit.schema.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "llama-3.2-1b-instruct.yaml").recipe
+    facts = from_recipe(recipe, next(t for t in recipe.targets if t.quant == "Q4_K_M"))
+    pi5 = catalog["rpi-5-8gb"]
+    report = fit(facts, pi5, FitSettings(), catalog.values())
+    points = [p for p in pi5.calibration if p.prompt_tok_s and speed.current_kernels(p, pi5)]
+    band = sorted(2 * p.parameters * p.prompt_tok_s / (2 * facts.matrix_parameters) for p in points)
+    return {"model": facts.name, "device": pi5.id, "predicted_pp512": report.prompt_tok_s, "band": [band[0], band[-1]],
+            "ttft_s_128": report.ttft_s, "points": [f"{p.model} {p.quant} {p.prompt_tok_s}" for p in points]}
+
+
+def host_prompt_rows(bundle: Path, host: Device, measured: dict) -> list[dict]:
+    """This host's prompt tokens/s per prompt length vs the prediction for its profile: from the kernel data alone,
+    and calibrated by its own HOST_PROMPT_POINT-token point (as profile-host writes it)."""
+    manifest = read_manifest(bundle)
+    work = speed.workload_of(from_manifest(manifest))
+    threads, rates = measured["threads"], measured["prompt_tok_s"]
+    point = gguf_point(manifest, decode_tok_s=measured["decode_tok_s"], prompt_tok_s=rates[str(HOST_PROMPT_POINT)],
+                       prompt_tokens=HOST_PROMPT_POINT, threads=threads, measured_on="this host", source="scripts/bench_fit.py")
+    calibrated_host = host.model_copy(update={"calibration": [point]})
+    cal, cal_d = speed.calibrate(calibrated_host, "prompt", []), speed.calibrate(calibrated_host, "decode", [])
+    rows = []
+    for n in PROMPT_LENGTHS:
+        uncalibrated = n / speed.prefill_seconds(work, host, threads, n, 512)
+        predicted = n / speed.prefill_seconds(work, calibrated_host, threads, n, 512, cal, cal_d)
+        rows.append({"prompt_tokens": n, "measured": rates[str(n)], "uncalibrated": uncalibrated,
+                     "uncalibrated_error": uncalibrated / rates[str(n)] - 1, "predicted": predicted,
+                     "error": predicted / rates[str(n)] - 1, "in_sample": n == HOST_PROMPT_POINT,
+                     "family": speed.kernel_family(host), "calibration_factor": cal.factor})
+    return rows
+
+
+def print_prompt_tables(result: dict) -> None:
+    print("\nPrompt speed, published points          build        kernels  published  kernel-data    error"
+          "  leave-one-out    error")
+    for r in result["prompt_published"]:
+        label = f"{r['device']} {r['model'][:16]} {r['quant']} pp{r['prompt_tokens']}"
+        kernels = "current" if r["current_kernels"] else "older"
+        print(f"  {label:<40} {r['build_date']:<12} {kernels:<8} {r['published']:8.2f} {r['uncalibrated']:11.2f} "
+              f"{r['uncalibrated_error']:+8.1%} {r['predicted']:12.2f} {r['error']:+8.1%}")
+    rp = result.get("prompt_recipe")
+    if rp:
+        print(f"\n  fit --recipe {rp['model']} on {rp['device']}: pp512 {rp['predicted_pp512']:.1f} tok/s; its published "
+              f"points imply {rp['band'][0]:.1f}-{rp['band'][1]:.1f}; TTFT of a 128-token prompt {rp['ttft_s_128']:.2f} s")
+    if result.get("prompt_host"):
+        factor = result["prompt_host"][0]["calibration_factor"]
+        print(f"\nThis host, prompt tok/s in one batch ({result['prompt_host'][0]['family']} kernels; calibration factor "
+              f"{factor:.2f} from its own pp{HOST_PROMPT_POINT})")
+        print("  tokens   measured   kernel-data    error   calibrated    error")
+        for r in result["prompt_host"]:
+            mark = "in-sample" if r["in_sample"] else _mark(r["error"], 0.20)
+            print(f"  {r['prompt_tokens']:6d} {r['measured']:10.1f} {r['uncalibrated']:13.1f} {r['uncalibrated_error']:+8.1%}"
+                  f" {r['predicted']:12.1f} {r['error']:+8.1%}  {mark}")
+
+
 def size_rows(gguf: dict[str, Path], onnx: Path | None) -> list[dict]:
     from edgekit.schema.recipe import Recipe, load_recipe
 
@@ -373,8 +508,35 @@ def print_tables(result: dict) -> None:
     for r in result["sizes"]:
         print(f"  {r['bundle']:<40} {r['predicted_bytes'] / 1e6:9.2f} MB {r['measured_bytes'] / 1e6:8.2f} MB {r['error']:+8.3%}")
     s = result["summary"]
+    print_prompt_tables(result)
     print(f"\nwithin target: RSS {s['rss_within']}/{s['rss_total']}, decode {s['decode_within']}/{s['decode_total']}, "
           f"published {s['published_within']}/{s['published_total']}")
+
+
+def prompt_only(threads: int, out: Path) -> None:
+    """Part 6 alone: no RSS or decode runs, this host profiled (no speed points) and the Q4_K_M bundle's prompt lengths."""
+    from edgekit.bench import host as host_facts
+
+    catalog = load_catalog()
+    bundle = kit_paths().bundles / GGUF_BUNDLES["Q4_K_M"]
+    if not (bundle / "manifest.json").is_file():
+        sys.exit(f"{bundle}: no such bundle; export recipes/smollm2-135m-instruct.yaml first")
+    load_start = load_average()
+    cpu = host_facts.cpu_spec()
+    host = Device(id="this-host", name=f"This host ({host_facts.cpu_model_name()})", cpu=cpu,
+                  memory=host_facts.memory_spec(), memory_bandwidth=host_facts.bandwidth_spec(threads, cpu_clock=threads == 1),
+                  storage=host_facts.storage_spec(bundle))
+    log(f"prompt speed of {bundle.name} at {', '.join(map(str, PROMPT_LENGTHS))} tokens, {threads} thread(s)")
+    measured = measure_prompt_lengths(bundle, threads)
+    result = {"host": json.loads(host.model_dump_json()), "threads": threads, "load_average_start": load_start,
+              "load_average_end": load_average(), "prompt_published": prompt_published_rows(catalog),
+              "prompt_recipe": recipe_prompt_row(catalog), "prompt_host": host_prompt_rows(bundle, host, measured),
+              "measurements": {"prompt_lengths": measured}, "created": datetime.now(timezone.utc).isoformat()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"host: {host.name}, {threads} thread(s), {host.memory_bandwidth.gb_s} GB/s copy; load average "
+          f"{result['load_average_start']:.1f} -> {result['load_average_end']:.1f}")
+    print_prompt_tables(result)
 
 
 def main() -> None:
@@ -387,7 +549,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fit.json")
     parser.add_argument("--reuse-measurements", action="store_true",
                         help="Read the measured values from the existing --out file and recompute only the predictions.")
+    parser.add_argument("--prompt-only", action="store_true",
+                        help="Only the prompt-speed part (6): published points and this host's prompt lengths; writes "
+                        "bench-results/fit-prompt.json.")
+    parser.add_argument("--child-prompt-lengths", nargs=2, metavar=("GGUF", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_prompt_lengths:
+        print(json.dumps(prompt_lengths(args.child_prompt_lengths[0], int(args.child_prompt_lengths[1]))))
+        return
+    if args.prompt_only:
+        prompt_only(args.threads, args.out.with_name("fit-prompt.json"))
+        return
 
     recorded = Recorded(args.out) if args.reuse_measurements else None
     load_start = load_average()
@@ -406,17 +578,22 @@ def main() -> None:
         if not recorded.raw["onnx"]:
             onnx = None
     raw = recorded.raw if recorded is not None else measure(gguf, onnx, args.threads, args.rounds)
+    if recorded is None:
+        raw["prompt_lengths"] = measure_prompt_lengths(gguf["Q4_K_M"], args.threads)
     host, calibration = host_profile(gguf["Q8_0"], onnx, args.threads, raw, recorded)
     everything = [*catalog.values(), host]
     rss, deep_decode = rss_rows(gguf, onnx, host, everything, args.threads, raw)
     decode = short_decode_rows(gguf, host, args.threads, raw) + deep_decode
     published = published_rows(catalog)
     sizes = size_rows(gguf, onnx)
+    prompt_host = host_prompt_rows(gguf["Q4_K_M"], host, raw["prompt_lengths"]) if "prompt_lengths" in raw else []
     result = {
         "host": json.loads(host.model_dump_json()), "host_calibration": calibration, "threads": args.threads,
         "bundles_origin": origin, "bundles": bundles, "rounds": recorded.data.get("rounds", 1) if recorded is not None else args.rounds,
         "load_average_start": load_start, "load_average_end": load_average(),
         "rss": rss, "decode": decode, "published": published, "sizes": sizes, "measurements": raw,
+        "prompt_published": prompt_published_rows(catalog), "prompt_recipe": recipe_prompt_row(catalog),
+        "prompt_host": prompt_host,
         "summary": {
             "rss_within": sum(abs(r["error"]) <= 0.10 for r in rss), "rss_total": len(rss),
             "decode_within": sum(abs(r["error"]) <= 0.20 for r in decode if not r["in_sample"]),

@@ -8,7 +8,13 @@ checks (the subprocess `edgekit doctor` runs) and the switch of the served symli
 version 2 (the same files with a new manifest timestamp); then a rollback.
 Medians of --rounds. Loopback measures edgekit's and oras' own cost, not a network.
 
-    python scripts/bench_fleet.py [--bundle DIR ...] [--rounds 3] [--device rpi-5-8gb]
+Then, with a daemon serving version 1 and --clients threads sending requests without pause: `update --daemon`
+to version 2 (the daemon reloads it in place: time from the switch until /health says it serves version 2, and
+requests that failed meanwhile), and `update --daemon` to a version 3 whose golden record is contradicted (the
+daemon refuses it, update switches back: time from the switch until the link is back and the daemon confirms
+the old version, and failed requests).
+
+    python scripts/bench_fleet.py [--bundle DIR ...] [--rounds 3] [--device rpi-5-8gb] [--clients 4]
 
 Prints a table and writes bench-results/fleet.json.
 """
@@ -35,19 +41,9 @@ sys.path.insert(0, str(ROOT))
 from datetime import UTC
 
 from edgekit.bundle import read_manifest
+from edgekit.fleet.local_registry import registry_config
 from edgekit.paths import kit_paths
 
-REGISTRY_CONFIG = """version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-"""
 SAMPLES = ("all-minilm-l6-v2-int8-dynamic", "smollm2-135m-instruct-q4-k-m")
 
 
@@ -66,7 +62,7 @@ def start_registry(work: Path) -> tuple[subprocess.Popen, str]:
     if binary is None:
         sys.exit("docker-registry is not installed: apt-get install -y docker-registry")
     port = free_port()
-    (work / "config.yml").write_text(REGISTRY_CONFIG.format(root=work / "data", port=port))
+    (work / "config.yml").write_text(registry_config(work / "data", port))
     proc = subprocess.Popen([binary, "serve", str(work / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):  # bounded: 30 s
         try:
@@ -136,11 +132,140 @@ def bench_bundle(bundle: Path, host: str, work: Path, rounds: int, device_ref: s
             "update_s": parts, "rollback_s": median(rollback_s), "rounds": rounds}
 
 
+def broken_version(bundle: Path, work: Path) -> Path | None:
+    """A version whose golden record the model contradicts: greedy ids shifted by one, or encoder outputs negated
+    (None for a bundle exported without a golden record)."""
+    import numpy as np
+
+    from edgekit.runtime.golden import pack_f16, unpack_f16
+
+    out = work / "v3" / bundle.name
+    shutil.copytree(bundle, out)
+    data = json.loads((out / "manifest.json").read_text())
+    golden = data.get("golden")
+    if golden is None:
+        return None
+    if "prompts" in golden:
+        for prompt in golden["prompts"]:
+            prompt["ids"] = [i + 1 for i in prompt["ids"]]
+    else:
+        for text in golden["texts"]:
+            text["output"] = pack_f16(-unpack_f16(text["output"], text["shape"]).astype(np.float32))
+    (out / "manifest.json").write_text(json.dumps(data))
+    return out
+
+
+class Clients:
+    """Threads sending requests back to back; every status code is counted."""
+
+    def __init__(self, url: str, manifest, count: int) -> None:
+        import threading
+
+        if manifest.task == "text-generation":
+            self.path, self.body = "/v1/chat/completions", {"model": manifest.name, "max_tokens": 4,
+                                                           "messages": [{"role": "user", "content": "Say hi."}]}
+        else:
+            self.path, self.body = "/v1/embeddings", {"model": manifest.name, "input": "The board keeps serving."}
+        self.url, self.codes, self.stop = url, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(count)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=300) as client:
+            while not self.stop.is_set():
+                try:
+                    self.codes.append(client.post(self.url + self.path, json=self.body).status_code)
+                except httpx.TransportError:
+                    self.codes.append(0)
+
+    def __enter__(self) -> Clients:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(600)
+
+
+def start_daemon(models: Path, name: str, work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log_file = (work / f"daemon-{port}.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port),
+                             "--preload", name, "--version-poll-s", "0.1", "--slots", "2", "--idle-unload-s", "0"],
+                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(3000):  # bounded: 5 minutes
+        if proc.poll() is not None:
+            sys.exit(f"the daemon stopped: {(work / f'daemon-{port}.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit("the daemon did not become ready within 5 minutes")
+
+
+def bench_reload(bundle: Path, host: str, work: Path, device_ref: str, clients: int) -> dict:
+    """Reload in place and automatic switch-back with a daemon serving under load."""
+    work.mkdir(parents=True, exist_ok=True)
+    from functools import partial
+
+    from edgekit.cli.fleet import _fit_gate
+    from edgekit.errors import GateFailed
+    from edgekit.fleet import board
+    from edgekit.fleet.daemon_check import confirm_with_daemon, wait_until_served
+    from edgekit.fleet.registry import RegistryClient, parse_reference, push
+
+    manifest = read_manifest(bundle)
+    repo = f"{host}/bench/{manifest.name}"
+    broken = broken_version(bundle, work)
+    if broken is not None:
+        push(broken, RegistryClient(parse_reference(f"{repo}:v3"), plain_http=True))
+    folder = work / "served"
+    gate = _fit_gate(device_ref)
+    board.update(RegistryClient(parse_reference(f"{repo}:r0"), plain_http=True), folder, gate=gate, golden=None)
+    proc, url = start_daemon(folder, manifest.name, work)
+    try:
+        confirm = partial(confirm_with_daemon, url, timeout_s=600, probation_s=0)
+        restored = partial(wait_until_served, url, timeout_s=600)
+        with Clients(url, manifest, clients) as load:
+            before = len(load.codes)
+            result = board.update(RegistryClient(parse_reference(f"{repo}:v2"), plain_http=True), folder, gate=gate,
+                                  golden=None, confirm=confirm, restored=restored)
+            reload_codes = load.codes[before:]
+            mark = len(load.codes)
+            started = time.perf_counter()
+            refused = None
+            if broken is not None:
+                try:
+                    board.update(RegistryClient(parse_reference(f"{repo}:v3"), plain_http=True), folder, gate=gate,
+                                 golden=None, confirm=confirm, restored=restored)
+                    refused = False
+                except GateFailed:
+                    refused = True
+            back_s = time.perf_counter() - started if broken is not None else None
+            back_codes = load.codes[mark:]
+        served = httpx.get(url + "/health", timeout=30).json()["versions"][manifest.name]["serving"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {"bundle": manifest.name, "clients": clients,
+            "reload_s": round(result.seconds["confirm"], 3), "reload_requests": len(reload_codes),
+            "reload_failed": sum(c != 200 for c in reload_codes),
+            "rollback_refused": refused, "rollback_s": round(back_s, 3) if back_s is not None else None,
+            "rollback_requests": len(back_codes),
+            "rollback_failed": sum(c != 200 for c in back_codes), "served_after": served, "v2": result.version}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, action="append", help="Bundle folder (default: the sample bundles in $EDGEKIT_HOME/bundles).")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="rpi-5-8gb", help="Board profile for update's fit gate.")
+    parser.add_argument("--clients", type=int, default=4, help="Clients sending requests during the in-place reload.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fleet.json")
     args = parser.parse_args()
     bundles = args.bundle or [kit_paths().bundles / name for name in SAMPLES if (kit_paths().bundles / name).is_dir()]
@@ -154,6 +279,10 @@ def main() -> None:
             for bundle in bundles:
                 log(f"{bundle.name}: push, pull, update x {args.rounds}")
                 rows.append(bench_bundle(bundle, host, work, args.rounds, args.device))
+            reloads = []
+            for bundle in bundles:
+                log(f"{bundle.name}: in-place reload and automatic switch-back under {args.clients} clients")
+                reloads.append(bench_reload(bundle, host, work / f"reload-{bundle.name}", args.device, args.clients))
         finally:
             proc.kill()
             proc.wait()
@@ -165,9 +294,16 @@ def main() -> None:
         print(f"{r['bundle']:34} {r['bytes'] / 1e6:7.1f} {r['layers']:6d} {r['push_cold_s']:11.3f} {r['pull_s']:7.3f} "
               f"{r['pull_mb_s']:9.1f} {u['resolve_and_gate']:7.3f} {u['pull_and_verify']:13.3f} {u['golden']:8.2f} "
               f"{u['switch'] * 1000:9.2f} {r['rollback_s'] * 1000:11.2f}")
+    print()
+    print(f"{'bundle':34} {'clients':>7} {'reload s':>8} {'requests':>8} {'failed':>6} {'switch-back s':>13} {'requests':>8} "
+          f"{'failed':>6}")
+    for r in reloads:
+        back = f"{r['rollback_s']:13.2f} {r['rollback_requests']:8d} {r['rollback_failed']:6d}" if r["rollback_s"] is not None \
+            else f"{'no golden':>13} {'-':>8} {'-':>6}"
+        print(f"{r['bundle']:34} {r['clients']:7d} {r['reload_s']:8.2f} {r['reload_requests']:8d} {r['reload_failed']:6d} {back}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": len(__import__("os").sched_getaffinity(0))},
-               "registry": "docker-registry (Debian) on 127.0.0.1, plain HTTP", "results": rows}
+               "registry": "docker-registry (Debian) on 127.0.0.1, plain HTTP", "results": rows, "reload": reloads}
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     log(f"wrote {args.out}")
 

@@ -237,7 +237,7 @@ def main() -> None:
     print(f"pp = prompt processing ({PROMPT_SPEED_TOKENS} tokens in one batch), tg = greedy decode of {DECODE_TOKENS} tokens, "
           f"TTFT = first token after a {rows[0]['prompt_tokens']}-token chat prompt")
     print(f"KLD rises monotonically as bits fall: {result['kld_monotonic_in_bits']}; wrote {args.out}")
-    print(f"weight error vs f16 (relative RMS): " + ", ".join(f"{r['quant']} {r['weight_rel_error']:.4f}" for r in rows[1:]))
+    print("weight error vs f16 (relative RMS): " + ", ".join(f"{r['quant']} {r['weight_rel_error']:.4f}" for r in rows[1:]))
     print(f"source weights: median {result['source_distinct_values_per_32_block_median']:.0f} distinct values per block of 32 "
           "(<= 16: the checkpoint carries 4-bit grid values, which some quant grids reproduce better than finer ones)")
 

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import MINILM, SMOLLM, TINY, save_checkpoint
+from helpers import MINILM, SMOLLM, TINY, save_checkpoint, shared_temp
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,6 +24,20 @@ pytest_plugins = ["serve_fixtures"]
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "real_model: runs a real model in a worker (truth for what the fake model stands in for)")
+    _pin_xdist_worker()
+
+
+def _pin_xdist_worker() -> None:
+    """Give each pytest-xdist worker its own share of the CPUs (inherited by the daemons and workers it starts).
+
+    llama.cpp, onnxruntime and torch default to the CPUs their process may use; two workers each running
+    an engine on every core would oversubscribe them, and the engines' spinning thread barriers then run
+    many times slower than one thread on a core of its own.
+    """
+    name, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0))
+    if name.startswith("gw") and 1 < count <= len(cpus):
+        os.sched_setaffinity(0, cpus[int(name[2:]) % count :: count])
 
 
 @pytest.fixture(scope="session")
@@ -59,21 +73,31 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory, sample_store):
-    """A tiny random checkpoint per registered decoder case (tests/tiny_models.py): (folder, f16 conversion report)."""
+    """A tiny random checkpoint per registered decoder case (tests/tiny_models.py): (folder, f16 conversion report).
+
+    Each case is built once per run; pytest-xdist workers wait on a file lock for the first builder.
+    """
+    import pickle
+
     import tiny_models
+    from filelock import FileLock
 
     from edgekit.export.gguf.convert import convert_checkpoint
 
-    results = {}
+    base = shared_temp(tmp_path_factory) / "tiny-decoders"
+    base.mkdir(exist_ok=True)
 
     def get(case: str):
-        if case not in results:
-            root = tmp_path_factory.mktemp(f"tiny-{case}")
-            source = tiny_models.build(case, root / "hf", sample_store)
-            results[case] = (source, convert_checkpoint(source, root / "f16.gguf", outtype="F16"))
-        return results[case]
+        root = base / case
+        with FileLock(base / f".{case}.lock"):
+            if not (root / "report.pickle").is_file():
+                shutil.rmtree(root, ignore_errors=True)
+                source = tiny_models.build(case, root / "hf", sample_store)
+                report = convert_checkpoint(source, root / "f16.gguf", outtype="F16")
+                (root / "report.pickle").write_bytes(pickle.dumps((source, report)))
+        return pickle.loads((root / "report.pickle").read_bytes())
 
     return get
 

@@ -69,12 +69,3 @@ def test_bench_writes_calibration_points_that_fit_can_load(tmp_path, tiny_bundle
     assert (point.model, point.format, point.quant) == ("tiny-int8", "onnx", "int8-dynamic-block128")
     assert point.parameters == 2_032_960 and point.n_layer == 2 and point.hidden_size == 64
     assert point.seq_len == 5 and point.latency_ms > 0 and point.source.startswith("edgekit bench")
-
-
-def test_fit_imports_no_measurement_code():
-    """The estimator is pure: importing it loads no bench module and no runtime backend."""
-    code = ("import json, sys, edgekit.fit, edgekit.fit.plan, edgekit.fit.report, edgekit.fit.speed; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('edgekit.bench') "
-            "or m.split('.')[0] in ('llama_cpp', 'onnxruntime', 'numpy'))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(done.stdout) == []

@@ -57,7 +57,12 @@ def test_catalog_has_the_promised_boards():
     assert ("rpi-zero-2w", "SmolLM 360M", "Q4_K_M", 2.6) in decode_points
     encoder_points = {(d, p.quant, p.latency_ms) for d, dev in catalog.items() for p in dev.calibration if p.format == "onnx"}
     assert encoder_points == {("x86-64-avx2-generic", "int8-dynamic", 2.22), ("x86-64-avx2-generic", "fp32", 3.04)}
-    assert sum(len(d.calibration) for d in catalog.values()) == 13
+    # prompt speed: the Raspberry Pi 5 with today's repacked kernels, each point naming the llama.cpp build it ran
+    prompt_points = {(d, p.model, p.quant, p.prompt_tok_s, str(p.build_date)) for d, dev in catalog.items()
+                     for p in dev.calibration if p.prompt_tok_s}
+    assert {("rpi-5-8gb", "LFM2-700M", "Q6_K", 105.82, "2026-02-05"), ("rpi-5-8gb", "LFM2-350M", "Q5_K_M", 187.35, "2026-02-05"),
+            ("rpi-4-8gb", "TinyLlama 1.1B", "Q8_0", 10.0, "2024-03-26")} <= prompt_points
+    assert all(p.build for dev in catalog.values() for p in dev.calibration if p.prompt_tok_s)
 
 
 def test_load_device_by_id_or_file(tmp_path):

@@ -28,19 +28,8 @@ from serve_fixtures import Daemon, free_port, publish_gguf, wait_until
 
 from edgekit.bundle import sha256_file
 from edgekit.errors import BundleError, ConfigError
+from edgekit.fleet.local_registry import registry_config
 from edgekit.schema.manifest import MANIFEST_NAME
-
-REGISTRY_CONFIG = """version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-"""
 
 
 def _registry_binary() -> str:
@@ -87,7 +76,7 @@ def running_registry(base: Path, auth: str = ""):
     binary = _registry_binary()
     port = free_port()
     config = base / "config.yml"
-    config.write_text(REGISTRY_CONFIG.format(root=base / "data", port=port) + auth)
+    config.write_text(registry_config(base / "data", port, auth))
     log = (base / "registry.log").open("wb")
     proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -640,8 +629,123 @@ def test_daemon_keeps_serving_while_a_failing_update_is_refused(registry, bundle
         assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
 
 
-@pytest.mark.parametrize("module", ["edgekit.fleet.board", "edgekit.fleet.signing", "edgekit.cli.fleet"])
-def test_fleet_import_is_light(module):
-    code = f"import json, sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'optimum'))))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(done.stdout) == []
+# -- update with the running daemon as the judge: switched back when the daemon refuses or fails the new version ----
+
+
+class Poller:
+    """A client that keeps asking the daemon while an update runs; every answer is kept (status, what it computed)."""
+
+    def __init__(self, send) -> None:
+        self.send, self.answers, self.stop = send, [], threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self.stop.is_set() and len(self.answers) < 100_000:
+            self.answers.append(self.send())
+
+    def __enter__(self) -> Poller:
+        self.thread.start()
+        wait_until(lambda: len(self.answers) >= 3, "the poller got its first answers")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(300)
+
+
+def test_update_with_daemon_switches_back_when_the_daemon_refuses_the_new_version(registry, bundle, bundle_v2, tmp_path):
+    """The daemon loads version 2 on the switch; its golden record cannot be reproduced (the fake GGUF), so the worker
+    refuses it; `update --daemon` sees the refusal in /health and switches the link back. A client polling the
+    daemon throughout gets only 200s computed by version 1 (docs/reliability.md case 36)."""
+    from serve_fixtures import FAKE_PLUGIN, Gates
+
+    pushed(registry, bundle, "models/judged:1")
+    pushed(registry, _with_unloadable_golden(bundle_v2), "models/judged:2")
+    out = tmp_path / "bundles"
+    args = ["--plain-http", "--bundles", str(out), "--device", "rpi-zero-2w"]
+    first = edgekit("update", f"{registry.host}/models/judged:1", *args, "--json")
+    assert first.returncode == 0, first.stderr
+    v1 = json.loads(first.stdout)["version"]
+    served = files_of(out / "fake-a")
+    gates = Gates(tmp_path / "gates")
+    gates.root.mkdir()
+    daemon = Daemon(out, "--worker-plugins", FAKE_PLUGIN, "--preload", "fake-a", "--slots", "2", "--version-poll-s", "0.05",
+                    env=gates.env())
+    chat = {"model": "fake-a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    try:
+        daemon.wait_ready()
+        with Poller(lambda: httpx.post(f"{daemon.url}/v1/chat/completions", json=chat, timeout=120)) as poller:
+            done = edgekit("update", f"{registry.host}/models/judged:2", *args, "--daemon", daemon.url, "--probation-s", "0")
+        assert done.returncode == 1, done.stderr
+        assert "the daemon refused version" in done.stderr and f"switched back to {v1}" in done.stderr
+        assert "the daemon serves it" in done.stderr
+        assert {r.status_code for r in poller.answers} == {200}
+        assert {r.json()["choices"][0]["message"]["content"] for r in poller.answers} == {" t1 t2 t3"}
+        assert files_of(out / "fake-a") == served and os.readlink(out / "fake-a").endswith(v1)
+        state = json.loads((out / ".fleet/fake-a/state.json").read_text())
+        assert [v["version"] for v in state["versions"]] == [v1]
+        assert visible(out / ".fleet/fake-a") == [v1, "state.json"]
+        wait_until(lambda: httpx.get(f"{daemon.url}/health", timeout=30).json()["versions"]["fake-a"]
+                   == {"serving": v1, "refused": None, "error": None}, "the daemon forgets the refused version")
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+
+
+def test_update_with_daemon_keeps_a_version_the_daemon_serves(registry, bundle, bundle_v2, tmp_path):
+    """The daemon serves a plain folder (from `edgekit pull`); `update --daemon` adopts it as version 1, switches to
+    version 2, the daemon reloads it and says so: the switch stays."""
+    from serve_fixtures import FAKE_PLUGIN, Gates
+
+    pushed(registry, bundle, "models/judged-ok:1")
+    d2 = pushed(registry, bundle_v2, "models/judged-ok:2")
+    out = tmp_path / "bundles"
+    args = ["--plain-http", "--bundles", str(out), "--device", "rpi-zero-2w"]
+    assert edgekit("pull", f"{registry.host}/models/judged-ok:1", "--plain-http", "--bundles", str(out)).returncode == 0
+    assert not (out / "fake-a").is_symlink()
+    gates = Gates(tmp_path / "gates")
+    gates.root.mkdir()
+    daemon = Daemon(out, "--worker-plugins", FAKE_PLUGIN, "--preload", "fake-a", "--version-poll-s", "0.05", env=gates.env())
+    try:
+        daemon.wait_ready()
+        done = edgekit("update", f"{registry.host}/models/judged-ok:2", *args, "--daemon", daemon.url, "--probation-s", "0",
+                       "--json")
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["digest"] == d2 and "confirm" in result["seconds"] and "golden" in result["seconds"]
+        assert httpx.get(f"{daemon.url}/health", timeout=30).json()["versions"]["fake-a"]["serving"] == result["version"]
+        assert files_of(out / "fake-a") == files_of(bundle_v2)
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_update_with_daemon_rolls_back_a_version_whose_golden_checks_fail(registry, minilm_bundle, tmp_path):
+    """Issue #15 item 5 with a real model: MiniLM version 2 has a golden record its outputs contradict (negated embeddings).
+    `update --daemon` switches to it; the daemon's new worker fails the golden checks at load, so version 2 is never
+    served; update switches back. A client embedding a sentence throughout gets only 200s with version 1's vector
+    (docs/reliability.md case 36)."""
+    broken = _break_golden(minilm_bundle, tmp_path / "broken" / minilm_bundle.name)
+    pushed(registry, minilm_bundle, "models/minilm-judged:1")
+    pushed(registry, broken, "models/minilm-judged:2")
+    out = tmp_path / "bundles"
+    args = ["--plain-http", "--bundles", str(out), "--device", "rpi-5-8gb"]
+    first = edgekit("update", f"{registry.host}/models/minilm-judged:1", *args, "--json")
+    assert first.returncode == 0, first.stderr
+    v1 = json.loads(first.stdout)["version"]
+    name = minilm_bundle.name
+    daemon = Daemon(out, "--preload", name, "--version-poll-s", "0.1")
+    body = {"model": name, "input": "The board keeps serving."}
+    try:
+        daemon.wait_ready()
+        reference = np.array(httpx.post(f"{daemon.url}/v1/embeddings", json=body, timeout=120).json()["data"][0]["embedding"])
+        with Poller(lambda: httpx.post(f"{daemon.url}/v1/embeddings", json=body, timeout=120)) as poller:
+            done = edgekit("update", f"{registry.host}/models/minilm-judged:2", *args, "--daemon", daemon.url,
+                           "--probation-s", "0")
+        assert done.returncode == 1 and "golden check failed" in done.stderr and f"switched back to {v1}" in done.stderr
+        assert {r.status_code for r in poller.answers} == {200}
+        cosines = [float(np.dot(reference, e) / np.linalg.norm(reference) / np.linalg.norm(e))
+                   for e in (np.array(r.json()["data"][0]["embedding"]) for r in poller.answers)]
+        assert min(cosines) > 0.9999
+        assert os.readlink(out / name).endswith(v1) and files_of(out / name) == files_of(minilm_bundle)
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()[-3000:]

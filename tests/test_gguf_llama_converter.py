@@ -7,6 +7,7 @@ test tokenizers get the pre-tokenizer name edgekit detected, which touches no te
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,21 +42,36 @@ def llama_converter() -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def references(tiny, llama_converter, tmp_path_factory) -> dict[str, Path]:
+    """llama.cpp's f16 conversion of every tiny case, made in one converter process: {case: gguf path}."""
+    from gguf import GGUFReader
+
+    out = tmp_path_factory.mktemp("llama-converter")
+    jobs, paths = [], {}
+    for case in tiny_models.CASES:
+        source, report = tiny(case)
+        pre = GGUFReader(str(report.path)).get_field("tokenizer.ggml.pre").contents()
+        paths[case] = out / f"{case}.gguf"
+        jobs.append({"pre": pre if pre != "default" else "",
+                     "args": [str(source), "--outfile", str(paths[case]), "--outtype", "f16"]})
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    subprocess.run([sys.executable, str(RUNNER), str(out / "jobs.json")], env={**os.environ, "PYTHONPATH": str(llama_converter)},
+                   check=True, capture_output=True)
+    return paths
+
+
 # Keys edgekit writes that llama.cpp's converter leaves to defaults (same values), and the reverse.
 EXTRA_KEYS = {"rope.dimension_count", "vocab_size", "rope.freq_base", "attention.key_length", "attention.value_length"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", tiny_models.CASES)
-def test_same_tensors_as_llama_cpp_converter(tiny, case, tmp_path, llama_converter):
+def test_same_tensors_as_llama_cpp_converter(tiny, case, references):
     from gguf import GGUFReader
 
-    source, report = tiny(case)
-    reference = tmp_path / "reference.gguf"
-    pre = GGUFReader(str(report.path)).get_field("tokenizer.ggml.pre").contents()
-    env = {**os.environ, "PYTHONPATH": str(llama_converter)}
-    subprocess.run([sys.executable, str(RUNNER), pre if pre != "default" else "", "convert", str(source), "--outfile",
-                    str(reference), "--outtype", "f16"], env=env, check=True, capture_output=True)
+    _, report = tiny(case)
+    reference = references[case]
     ours = {t.name: t for t in GGUFReader(str(report.path)).tensors}
     theirs = {t.name: t for t in GGUFReader(str(reference)).tensors}
     assert sorted(ours) == sorted(theirs)

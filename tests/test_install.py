@@ -27,35 +27,8 @@ FIT_RECIPE = "smollm2-135m-instruct.yaml"
 FIT_DEVICE = "rpi-5-8gb"
 WORKFLOW = REPO / "docs" / "ci" / "github-fit-gate.yml"
 
-# Every file a shipped recipe names (validation and calibration texts), by recipe file and field path,
-# with its size; run inside the installed venv and in the checkout, the two answers must be equal
-# apart from where the files are.
-RECIPE_FILES_SCRIPT = """
-import json, sys
-from pathlib import Path
-from edgekit.library import shipped_folder
-from edgekit.schema.recipe import load_recipe
-
-def paths(value, where=""):
-    if isinstance(value, Path):
-        yield where, value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from paths(item, f"{where}.{key}" if where else key)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from paths(item, f"{where}[{index}]")
-
-folder = shipped_folder("recipes")
-found = {}
-for path in sorted(folder.glob("*.yaml")):
-    loaded = load_recipe(path)
-    for field, relative in paths(loaded.recipe.model_dump()):
-        resolved = loaded.resolve(relative)
-        found[f"{path.name}:{field}"] = {"inside": resolved.is_relative_to(folder),
-                                         "bytes": resolved.stat().st_size if resolved.is_file() else None}
-json.dump({"folder": str(folder), "files": found}, sys.stdout)
-"""
+# Lists every file a shipped recipe names, run inside the installed venv and in the checkout.
+RECIPE_FILES = Path(__file__).with_name("shipped_recipe_files.py")
 
 
 def find_python(version: str) -> str | None:
@@ -105,6 +78,10 @@ class Installed:
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.bin / "edgekit"), *args], cwd=self.cwd, env=clean_env(self.home),
+                              capture_output=True, text=True)
+
+    def script(self, path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / "python"), str(path)], cwd=self.cwd, env=clean_env(self.home),
                               capture_output=True, text=True)
 
     def python(self, code: str) -> subprocess.CompletedProcess:
@@ -190,9 +167,9 @@ def test_installed_fit_of_a_shipped_recipe_matches_the_checkout(install, version
 @pytest.mark.parametrize("version", PYTHONS)
 def test_installed_recipes_find_their_data_files(install, version, tmp_path):
     env = install(version)
-    installed = env.python(RECIPE_FILES_SCRIPT)
+    installed = env.script(RECIPE_FILES)
     assert installed.returncode == 0, installed.stderr
-    checkout = subprocess.run([sys.executable, "-c", RECIPE_FILES_SCRIPT], cwd=tmp_path, env=checkout_env(env.home),
+    checkout = subprocess.run([sys.executable, str(RECIPE_FILES)], cwd=tmp_path, env=checkout_env(env.home),
                               capture_output=True, text=True)
     assert checkout.returncode == 0, checkout.stderr
     got, want = json.loads(installed.stdout), json.loads(checkout.stdout)

@@ -380,3 +380,20 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert refused.returncode == 1
     assert "bundles/smollm2-135m-q4_1/manifest.json" in refused.stderr and "nothing was installed" in refused.stderr
     assert not fresh.exists()
+
+
+def test_import_check_loads_llama_cpp_from_the_build_or_refuses(tmp_path):
+    """The built wheel's llama_cpp is what the check imports; a build missing it does not pass on the host's copy."""
+    from edgekit.errors import BackendError
+    from edgekit.pack.llama_build import import_check
+
+    built = tmp_path / "built"
+    (built / "llama_cpp").mkdir(parents=True)
+    (built / "llama_cpp" / "__init__.py").write_text(
+        "__version__ = '0.0.0'\ndef llama_print_system_info():\n    return b'CPU : NEON = 1 | '\n")
+    import_check(built)
+    with pytest.raises(BackendError, match=r"imported llama_cpp from .*, not from the build at"):
+        import_check(tmp_path / "empty")
+    (built / "llama_cpp" / "__init__.py").write_text("raise ImportError('libllama.so: cannot open shared object file')\n")
+    with pytest.raises(BackendError, match="the built llama_cpp does not import: .*libllama.so"):
+        import_check(built)

@@ -121,7 +121,7 @@ def test_tei_rerank_shape_and_texts_alias(daemon, cross_encoders):
 
 
 def test_rerank_bad_input_is_400_naming_param_and_the_daemon_keeps_serving(daemon, cross_encoders):
-    """docs/reliability.md case 39: 0 or 10,000 documents, no query, non-string documents, a model of another task."""
+    """docs/reliability.md case 41: 0 or 10,000 documents, no query, non-string documents, a model of another task."""
     _, where, _ = cross_encoders["bert"]
     url = f"{daemon.url}/v1/rerank"
     cases = [

@@ -189,8 +189,8 @@ OUT_OF_RANGE = [
     ("temperature", 1e6), ("temperature", -0.1), ("temperature", "hot"), ("top_p", -1), ("top_p", 1.5),
     ("max_tokens", 0), ("max_tokens", 5000), ("max_tokens", 1.5), ("max_completion_tokens", 100000), ("n", 2),
     ("seed", -1), ("seed", "abc"), ("seed", 1.5), ("seed", 2**40), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]),
-    ("stream", "yes"), ("logprobs", True), ("tools", [{"type": "function"}]), ("presence_penalty", 1.0),
-    ("response_format", {"type": "json_object"}), ("logit_bias", {"1": 5}),
+    ("stream", "yes"), ("logprobs", True), ("tools", "all"), ("tool_choice", "sometimes"), ("presence_penalty", 1.0),
+    ("response_format", {"type": "yaml"}), ("logit_bias", {"1": 5}),
 ]
 
 
@@ -352,7 +352,8 @@ def test_service_unit_is_hardened_and_sized(tmp_path):
     unit = render_unit(settings, "/opt/edgekit/bin/edgekit", 300 * 1024 * 1024, "test")
     lines = set(unit.splitlines())
     for line in ("DynamicUser=yes", "ProtectSystem=strict", "Restart=on-failure", "MemoryMax=460M", "NoNewPrivileges=yes",
-                 "KillMode=mixed", "IPAddressDeny=any", "ProtectHome=yes", "CapabilityBoundingSet="):
+                 "KillMode=mixed", "IPAddressDeny=any", "ProtectHome=yes", "CapabilityBoundingSet=",
+                 "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in lines, line
     exec_line = next(line for line in lines if line.startswith("ExecStart="))
     assert exec_line == (f"ExecStart=/opt/edgekit/bin/edgekit serve --models {tmp_path} --host 127.0.0.1 --port 8080 "

@@ -26,7 +26,8 @@ def engine(fmt: str) -> str:
 
 
 def gguf_point(manifest: Manifest, *, decode_tok_s: float, threads: int, measured_on: str, source: str,
-               prompt_tok_s: float | None = None, context_tokens: int = 0, note: str = "") -> CalibrationPoint:
+               prompt_tok_s: float | None = None, prompt_tokens: int = 512, context_tokens: int = 0,
+               note: str = "") -> CalibrationPoint:
     """A GGUF bundle's decode (and prompt) speed; measured ``context_tokens`` deep, with the attention shape it prices."""
     g = manifest.gguf
     attention = {}
@@ -35,9 +36,10 @@ def gguf_point(manifest: Manifest, *, decode_tok_s: float, threads: int, measure
                          head_dim=g.key_length or g.n_embd // g.n_head)
     return CalibrationPoint(
         model=manifest.name, format=manifest.format, quant=manifest.quantization, parameters=manifest.parameters,
-        weights_bytes=manifest.file(FORMATS[manifest.format].model_suffix).bytes, n_layer=g.n_layer if g else None, threads=threads,
-        prompt_tok_s=prompt_tok_s, decode_tok_s=decode_tok_s, engine=engine(manifest.format), measured_on=measured_on,
-        source=source, note=note, **attention,
+        weights_bytes=manifest.file(FORMATS[manifest.format].model_suffix).bytes, n_layer=g.n_layer if g else None,
+        hidden_size=g.n_embd if g else None, threads=threads, prompt_tok_s=prompt_tok_s, prompt_tokens=prompt_tokens,
+        decode_tok_s=decode_tok_s, engine=engine(manifest.format), measured_on=measured_on, source=source, note=note,
+        **attention,
     )
 
 

@@ -52,7 +52,8 @@ def gguf_profile_points(folder: Path, manifest: Manifest, depth: int, common: di
     threads = common["threads"]
     m = measure.profile_gguf(folder / manifest.file(".gguf").path, threads, n_tokens=DECODE_TOKENS, repeats=REPEATS,
                              depth=depth if manifest.gguf is not None else 0)
-    points = [gguf_point(manifest, prompt_tok_s=round(m["prompt_tok_s"], 3), decode_tok_s=round(m["decode_tok_s"], 3),
+    points = [gguf_point(manifest, prompt_tok_s=round(m["prompt_tok_s"], 3), prompt_tokens=measure.PROFILE_PROMPT_TOKENS,
+                         decode_tok_s=round(m["decode_tok_s"], 3),
                          note=f"{measure.PROFILE_PROMPT_TOKENS}-token prompt; {DECODE_TOKENS} tokens decoded from an "
                               f"8-token prompt; median of {REPEATS}", **common)]
     if "deep_decode_tok_s" in m:  # attention cost: the same decode deep into a context

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +19,7 @@ def bench_cmd(
     bundles: Annotated[list[str], typer.Argument(help="Bundle folders (or names under $EDGEKIT_HOME/bundles).")],
     prompt_file: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Prompt text (GGUF) or one text per line (ONNX).")] = None,
     ctx: Annotated[int, typer.Option(min=1, help="Context window for GGUF bundles.")] = 2048,
-    threads: Annotated[int, typer.Option(min=1, help="CPU threads (default: all cores).")] = os.cpu_count() or 1,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads. Default: the physical cores this process may use, as `edgekit serve` picks them.")] = None,
     runs: Annotated[int, typer.Option(min=1, help="Counted runs per bundle (after one warm-up run).")] = 5,
     decode_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per GGUF run.")] = 64,
     plot: Annotated[Path, typer.Option(help="Write a PNG of quality vs size vs speed.")] = None,
@@ -43,6 +42,10 @@ def bench_cmd(
 
         load_device_file(calibrate)  # an invalid profile is reported before minutes of benchmarking, not after
     text = prompt_file.read_text(encoding="utf-8") if prompt_file else ""
+    if threads is None:
+        from edgekit.runtime.placement import plan_threads
+
+        threads = plan_threads().threads
     config = BenchConfig(threads=threads, ctx=ctx, runs=runs, decode_tokens=decode_tokens,
                          prompt=text or DEFAULT_PROMPT, texts=tuple(text.splitlines()))
     results = []

@@ -17,7 +17,6 @@ cannot run the bundles.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -199,9 +198,10 @@ def measure(bundle: Path, result: BundleResult, device, catalog, runs: int) -> N
     """Speed of the bundle here (bench's child process) and, with a device, fit's prediction for the same input."""
     from edgekit.bench.measure import DEFAULT_PROMPT
     from edgekit.bench.run import BenchConfig, bench_bundle
+    from edgekit.runtime.placement import plan_threads
 
-    config = BenchConfig(threads=os.cpu_count() or 1, ctx=BENCH_CTX, runs=runs, decode_tokens=BENCH_DECODE_TOKENS,
-                         prompt=DEFAULT_PROMPT)
+    threads = plan_threads(None, device.cpu.cores if device else None).threads  # what the daemon would run with
+    config = BenchConfig(threads=threads, ctx=BENCH_CTX, runs=runs, decode_tokens=BENCH_DECODE_TOKENS, prompt=DEFAULT_PROMPT)
     bench = bench_bundle(bundle, config)
     result.format = bench.format
     keys = [k for k in FORMATS[bench.format].speed_metrics if k in FIT_PREDICTS]
@@ -211,11 +211,13 @@ def measure(bundle: Path, result: BundleResult, device, catalog, runs: int) -> N
     from edgekit.bundle import read_manifest
     from edgekit.fit import FitSettings, fit
 
+    prompt_tokens = int(bench.runs[0].get("prompt_tokens", 0)) if bench.runs else 0
     settings = FitSettings(n_ctx=BENCH_CTX, threads=config.threads, daemon=False,
-                           encoder_seq_len=bench.seq_len or FitSettings().encoder_seq_len)
+                           encoder_seq_len=bench.seq_len or FitSettings().encoder_seq_len,
+                           prompt_tokens=prompt_tokens or FitSettings().prompt_tokens)
     report = fit(read_manifest(bundle), device, settings, catalog=catalog)
-    # Decode right after a short prompt, as bench measures it: fit's short-context decode speed.
-    predicted = {"decode_tok_s": report.decode_tok_s_short, "prompt_tok_s": report.prompt_tok_s,
+    # As bench measures them: decode right after a short prompt, and prompt speed over bench's own prompt length.
+    predicted = {"decode_tok_s": report.decode_tok_s_short, "prompt_tok_s": report.prompt_tok_s_chat,
                  "batch1_p50_ms": report.latency_ms}
     result.predicted = {k: round(v, 3) for k, v in predicted.items() if k in keys and v is not None}
 

@@ -14,8 +14,15 @@ from rich.table import Table
 
 from edgekit.bench.profile import DECODE_DEPTH, MIN_DEPTH
 from edgekit.cli import JsonFlag, app, emit_json, err, out, status
-from edgekit.cli.flags import (build_settings, complete_bundle, complete_device, complete_recipe, did_you_mean, load_board,
-                               output_file)
+from edgekit.cli.flags import (
+    build_settings,
+    complete_bundle,
+    complete_device,
+    complete_recipe,
+    did_you_mean,
+    load_board,
+    output_file,
+)
 from edgekit.errors import ConfigError, DeviceError, EdgekitError, GateFailed
 from edgekit.fit.memory import MIB
 from edgekit.library import resolve_bundle, resolve_recipe
@@ -101,15 +108,16 @@ def devices_show(device: Annotated[str, typer.Argument(help="Device id or profil
                 ("prompt", p.prompt_tok_s, " tok/s"), ("decode", p.decode_tok_s, " tok/s"), ("latency", p.latency_ms, " ms"))
                 if value is not None)
             depth = f" at {p.context_tokens} tokens of context" if p.context_tokens else ""
-            out.print(f"- {p.model} {p.quant}{depth}: {speeds}; measured on {p.measured_on}", highlight=False)
+            build = f", {p.engine} {p.build}" if p.build else ""
+            out.print(f"- {p.model} {p.quant}{depth}: {speeds}; measured on {p.measured_on}{build}", highlight=False)
             out.print(f"  {p.source}", highlight=False, soft_wrap=True)  # a URL is never cut
         return
-    points = Table("model", "quant", "context", "prompt tok/s", "decode tok/s", "latency ms", "measured on", "source",
+    points = Table("model", "quant", "context", "prompt tok/s", "decode tok/s", "latency ms", "measured on", "build", "source",
                    title="calibration points")
     points.columns[-1].overflow = "fold"
     for p in d.calibration:
         points.add_row(p.model, p.quant, f"{p.context_tokens or ''}", f"{p.prompt_tok_s or ''}", f"{p.decode_tok_s or ''}",
-                       f"{p.latency_ms or ''}", p.measured_on, p.source)
+                       f"{p.latency_ms or ''}", p.measured_on, p.build, p.source)
     out.print(points)
 
 
@@ -145,6 +153,11 @@ def _decode_cell(r) -> str:
     return f"{r.decode_tok_s_short:.1f} / {r.decode_tok_s:.1f}"
 
 
+def _ttft_cell(r) -> str:
+    """GGUF: predicted seconds to the first token of the assumed prompt; encoders have none."""
+    return "" if r.ttft_s is None else f"{r.ttft_s:.2f}"
+
+
 def _console(wide: bool):
     from rich.console import Console
 
@@ -162,27 +175,30 @@ def print_fit_table(reports, wide: bool = False, title: str = "edgekit fit") -> 
         table.add_column("bundle / device", no_wrap=True)
         table.add_column("RAM MiB", justify="right", no_wrap=True)
         table.add_column("tok/s", justify="right", no_wrap=True)
+        table.add_column("TTFT s", justify="right", no_wrap=True)
         table.add_column("verdict", no_wrap=True, min_width=7)
         by_subject: dict[str, list] = {}
         for r in reports:
             by_subject.setdefault(r.subject, []).append(r)
         for subject, rows in by_subject.items():
-            table.add_row(f"[bold]{subject}[/bold]", "", "", "")
+            table.add_row(f"[bold]{subject}[/bold]", "", "", "", "")
             for r in rows:
-                table.add_row(f"  {r.device}", _mib(r.memory["required"]), _decode_cell(r), VERDICT_STYLE[r.verdict])
+                table.add_row(f"  {r.device}", _mib(r.memory["required"]), _decode_cell(r), _ttft_cell(r),
+                              VERDICT_STYLE[r.verdict])
         console.print(table)
         for r in reports:
             if r.verdict != "pass":
                 console.print(f"{r.subject} on {r.device}: {r.reason}", highlight=False)
     else:
-        table = Table("bundle", "device", "from", "RAM MiB", "usable MiB", "disk MiB", "tok/s short / deep", "verdict",
-                      "reason", title=title)
+        table = Table("bundle", "device", "from", "RAM MiB", "usable MiB", "disk MiB", "tok/s short / deep", "pp512 tok/s",
+                      "TTFT s", "verdict", "reason", title=title)
         for r in reports:
             disk = _mib(r.disk_bytes)
             if r.disk_prediction_error is not None:
                 disk += f" (pred {r.disk_prediction_error:+.1%})"
             table.add_row(r.subject, r.device, r.origin, _mib(r.memory["required"]), _mib(r.usable_ram_bytes), disk,
-                          _decode_cell(r), VERDICT_STYLE[r.verdict], r.reason)
+                          _decode_cell(r), "" if r.prompt_tok_s is None else f"{r.prompt_tok_s:.1f}", _ttft_cell(r),
+                          VERDICT_STYLE[r.verdict], r.reason)
         for column in table.columns[:-1]:
             column.no_wrap = True
         console.print(table)
@@ -249,6 +265,9 @@ def fit_cmd(
                                           "per batch (ONNX: serve's --batch-max); default: serve's.")] = None,
     min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Fail when predicted decode tokens/s is lower.")] = None,
     max_latency_ms: Annotated[float, typer.Option("--max-latency-ms", help="Encoders: fail when predicted batch-1 latency is higher.")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="GGUF: prompt length the time to first token is "
+                                               "predicted for (default 128).")] = None,
+    max_ttft_s: Annotated[float, typer.Option("--max-ttft-s", help="GGUF: fail when predicted time to first token is higher.")] = None,
     flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="llama.cpp flash attention at run time.")] = False,
     batch_max_tokens: Annotated[int, typer.Option("--batch-max-tokens", help="Encoders: most padded tokens of one micro-batch "
                                                   "(serve's --batch-max-tokens).")] = None,
@@ -273,8 +292,9 @@ def fit_cmd(
         raise typer.BadParameter("give bundle folders or --recipe RECIPE")
     output_file(junit, "--junit")
     settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn=flash_attn, daemon=daemon, headroom=headroom,
-                         threads=threads, **{k: v for k, v in (("batch_max_tokens", batch_max_tokens),
-                                                               ("max_embedding_inputs", max_embedding_inputs)) if v})
+                         threads=threads, max_ttft_s=max_ttft_s,
+                         **{k: v for k, v in (("batch_max_tokens", batch_max_tokens), ("prompt_tokens", prompt_tokens),
+                                              ("max_embedding_inputs", max_embedding_inputs)) if v is not None})
     everything = load_catalog(catalog)
     subjects = [(_manifest_of(ref), None) for ref in bundles or []]
     device_ids = list(device or [])
@@ -306,6 +326,9 @@ def plan_cmd(
                                           "per batch (serve's --batch-max).")] = None,
     min_tok_s: Annotated[float, typer.Option("--min-tok-s", help="Speed floor for decode tokens/s.")] = None,
     max_latency_ms: Annotated[float, typer.Option("--max-latency-ms", help="Encoders: latency ceiling.")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="GGUF: prompt length the time to first token is "
+                                               "predicted for (default 128).")] = None,
+    max_ttft_s: Annotated[float, typer.Option("--max-ttft-s", help="GGUF: ceiling for the predicted time to first token.")] = None,
     catalog: CatalogOpt = None,
     as_json: JsonFlag = False,
     wide: Annotated[bool, typer.Option("--wide", help="Every column, whatever the terminal's width.")] = False,
@@ -332,7 +355,8 @@ def plan_cmd(
         raise ConfigError("give either a RECIPE or --task/--recipes, not both",
                           hint="leave out RECIPE to rank the library")
     device = device[0]
-    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms)
+    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, max_ttft_s=max_ttft_s,
+                         **({"prompt_tokens": prompt_tokens} if prompt_tokens is not None else {}))
     everything = load_catalog(catalog)
     board = load_board(device, catalog)
     if recipe is None:
@@ -347,18 +371,21 @@ def plan_cmd(
 
         console = _console(wide)
         compact = console.width < WIDE_COLUMNS
-        columns = ["target", "quant", "in recipe", "RAM MiB", "usable MiB", "disk MiB", "tok/s short / deep", "verdict", "reason"]
+        columns = ["target", "quant", "in recipe", "RAM MiB", "usable MiB", "disk MiB", "tok/s short / deep", "TTFT s",
+                   "verdict", "reason"]
         if compact:
-            columns = ["target", "quant", "RAM MiB", "tok/s", "verdict"]
+            columns = ["target", "quant", "RAM MiB", "tok/s", "TTFT s", "verdict"]
         table = Table(*columns, title=f"plan for {loaded.name} on {device}", box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD)
         for c in result.candidates:
             r = c.report
             mark = " [bold]<- best[/bold]" if result.best is c else ""
             if compact:
-                table.add_row(c.target_name + mark, r.quant, _mib(r.memory["required"]), _decode_cell(r), VERDICT_STYLE[r.verdict])
+                table.add_row(c.target_name + mark, r.quant, _mib(r.memory["required"]), _decode_cell(r), _ttft_cell(r),
+                              VERDICT_STYLE[r.verdict])
             else:
                 table.add_row(c.target_name + mark, r.quant, "yes" if c.in_recipe else "no", _mib(r.memory["required"]),
-                              _mib(r.usable_ram_bytes), _mib(r.disk_bytes), _decode_cell(r), VERDICT_STYLE[r.verdict], r.reason)
+                              _mib(r.usable_ram_bytes), _mib(r.disk_bytes), _decode_cell(r), _ttft_cell(r),
+                              VERDICT_STYLE[r.verdict], r.reason)
         console.print(table)
         if compact:
             for c in result.candidates:
@@ -391,12 +418,12 @@ def _plan_library(task: str, extra_dirs: list[Path], board, settings, everything
         floor = f", decode >= {settings.min_tok_s:g} tok/s" if settings.min_tok_s else ""
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False,
                       title=f"{task} on {board.id} ({_mib(board.usable_ram_bytes)} MiB usable{floor}): best first")
-        for name in ("#", "recipe", "target", "quant", "RAM MiB", "tok/s", "verdict"):
-            table.add_column(name, no_wrap=True, justify="right" if name in ("#", "RAM MiB", "tok/s") else "left")
+        for name in ("#", "recipe", "target", "quant", "RAM MiB", "tok/s", "TTFT s", "verdict"):
+            table.add_column(name, no_wrap=True, justify="right" if name in ("#", "RAM MiB", "tok/s", "TTFT s") else "left")
         for rank, entry in enumerate(result.ranked, 1):
             r = entry.candidate.report
             table.add_row(str(rank), entry.recipe, entry.candidate.target_name, r.quant, _mib(r.memory["required"]),
-                          _decode_cell(r), VERDICT_STYLE[r.verdict])
+                          _decode_cell(r), _ttft_cell(r), VERDICT_STYLE[r.verdict])
         console = _console(wide)
         console.print(table)
         if result.dropped and console.width < WIDE_COLUMNS:
@@ -452,7 +479,7 @@ def profile_host(
                                            "its id is the file name.")] = None,
     device_id: Annotated[str, typer.Option("--id", help="Id of the profile when it is printed (default: this-host).")] = None,
     bundle: Annotated[list[Path], typer.Option("--bundle", help="Also measure this bundle's speed (GGUF decode or ONNX latency); repeatable.")] = None,
-    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads for the speed measurements; default: all cores.")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Threads for the speed measurements; default: the cores the profile counts (as `edgekit serve` picks them).")] = None,
     bandwidth_mib: Annotated[int, typer.Option("--bandwidth-mib", min=1, help="Array size per copy buffer for the bandwidth test.")] = 256,
     depth: Annotated[int, typer.Option("--depth", min=0, help=f"GGUF: also time decode this many tokens into a context "
                                        f"(calibrates attention over the KV cache; at least {MIN_DEPTH}); 0 skips it.")] = DECODE_DEPTH,

@@ -142,19 +142,22 @@ def keygen_cmd(
     out.print(f"{escape(str(private))}  {escape(str(public))}  key {kid}")
 
 
-def _fit_gate(device_ref: str | None):
+def _board_device(device_ref: str | None, purpose: str):
     """The board's profile: --device, EDGEKIT_DEVICE, else the installed pack's device."""
     from edgekit.cli.doctor import find_pack, read_pack
     from edgekit.cli.flags import load_board
 
     ref = device_ref or _settings().device
     if ref is not None:
-        device = load_board(ref)
-    else:
-        pack_file = find_pack()
-        if pack_file is None:
-            raise ConfigError("no device profile for the fit gate", hint="pass --device ID|PROFILE.yaml or set EDGEKIT_DEVICE")
-        device = read_pack(pack_file).device
+        return load_board(ref)
+    pack_file = find_pack()
+    if pack_file is None:
+        raise ConfigError(f"no device profile for {purpose}", hint="pass --device ID|PROFILE.yaml or set EDGEKIT_DEVICE")
+    return read_pack(pack_file).device
+
+
+def _fit_gate(device_ref: str | None):
+    device = _board_device(device_ref, "the fit gate")
 
     def gate(art) -> None:
         from edgekit.fit import fit
@@ -196,11 +199,19 @@ def update_cmd(
     trusted_key: TrustedKey = None,
     plain_http: PlainHttp = False,
     registry_config: DockerConfig = None,
+    daemon: Annotated[str, typer.Option("--daemon", help="URL of the running daemon (env EDGEKIT_DAEMON_URL): it reloads the "
+                                                         "new version and runs its golden checks; switched back unless it serves "
+                                                         "it through --probation-s.")] = None,
+    probation_s: Annotated[float, typer.Option("--probation-s", min=0, help="With --daemon: seconds the new version must "
+                                                                           "keep serving (default 30; EDGEKIT_PROBATION_S).")] = None,
+    confirm_timeout_s: Annotated[float, typer.Option("--confirm-timeout-s", min=0.1, help="With --daemon: most seconds to "
+                                                     "wait for the daemon to serve or refuse it (default 600).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """On the board: resolve, fit-gate from the annotations, pull, verify, golden checks, switch the served version atomically.
 
-    Exit 1 names the failing check (signature, fit, digest, golden); the served version is then unchanged.
+    Exit 1 names the failing check (signature, fit, digest, golden); the served version is then unchanged. With
+    --daemon, a version the daemon refuses or fails within the probation window is switched back (exit 1).
     """
     from edgekit.fleet import board
 
@@ -219,8 +230,21 @@ def update_cmd(
             signature(art)
             fits(art)
 
+        settings = _settings()
+        url = daemon or settings.daemon_url
+        confirm = restored = None
+        if url is not None:
+            from functools import partial
+
+            from edgekit.fleet.daemon_check import confirm_with_daemon, wait_until_served
+
+            timeout = confirm_timeout_s or settings.confirm_timeout_s
+            probation = settings.probation_s if probation_s is None else probation_s
+            confirm = partial(confirm_with_daemon, url, timeout_s=timeout, probation_s=probation, progress=err.print)
+            restored = partial(wait_until_served, url, timeout_s=timeout)
         with status(f"update {reference}") as step:
-            result = board.update(client, folder, gate=gate, golden=_golden, keep=keep or _settings().keep_versions, progress=step)
+            result = board.update(client, folder, gate=gate, golden=None if url else _golden,
+                                  keep=keep or settings.keep_versions, progress=step, confirm=confirm, restored=restored)
     if as_json:
         emit_json(asdict(result))
         return
@@ -228,3 +252,95 @@ def update_cmd(
     out.print(f"{escape(result.name)} {verb} {result.version} ({escape(result.reference)}); kept: {', '.join(result.kept)}")
     if result.seconds:
         out.print(json.dumps(result.seconds))
+
+
+@app.command("node-labels")
+def node_labels_cmd(
+    device: Annotated[str, typer.Option("--device", "-d", help="Device id, or a profile file from `edgekit profile-host --out` "
+                                                              "(default EDGEKIT_DEVICE, else the installed pack's).")] = None,
+    node: Annotated[str, typer.Option("--node", help="With --apply: the Kubernetes node to label (this board's node name).")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Run `kubectl label node NODE ... --overwrite` (k3s: `k3s kubectl`).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """The node labels of this board: edgekit.dev/device (what the DaemonSet per board class selects on), its core type
+    and instruction-set features; printed as key=value lines, or applied with kubectl."""
+    import shutil
+    import subprocess
+
+    from edgekit.fleet.labels import kubectl_arguments, node_labels
+
+    labels = node_labels(_board_device(device, "the node labels"))
+    if apply:
+        if not node:
+            raise ConfigError("--apply needs --node NAME", hint="kubectl get nodes lists the node names")
+        kubectl = [found] if (found := shutil.which("kubectl")) else (["k3s", "kubectl"] if shutil.which("k3s") else None)
+        if kubectl is None:
+            raise ConfigError("neither kubectl nor k3s is on PATH", hint="print the labels without --apply and set them elsewhere")
+        done = subprocess.run([*kubectl, *kubectl_arguments(node, labels)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            from edgekit.errors import RuntimeBackendError
+
+            raise RuntimeBackendError(f"kubectl label node {node} failed: {done.stderr.strip() or done.stdout.strip()}")
+        err.print(done.stdout.strip())
+    present = {k: v for k, v in labels.items() if v is not None}
+    if as_json:
+        emit_json({"node": node, "labels": present, "removed": sorted(k for k, v in labels.items() if v is None),
+                   "applied": apply})
+    else:
+        for key, value in present.items():
+            out.print(f"{key}={value}", markup=False, highlight=False)
+
+
+fleet_app = typer.Typer(help="Kubernetes resources for a fleet of boards.", no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
+
+
+def _manifest_for(spec: str, plain_http: bool, registry_config: Path | None):
+    """``REF`` (fit facts from the registry's annotations, no layer downloaded) or ``REF=DIR`` (from a local bundle)."""
+    ref, _, folder = spec.partition("=")
+    if folder:
+        from edgekit.runtime.verify import read_manifest_capped
+
+        return ref, read_manifest_capped(Path(folder).expanduser())
+    from edgekit.fleet.registry import resolve
+
+    return ref, resolve(_client(ref, plain_http, registry_config)).fit_manifest
+
+
+@fleet_app.command("manifests")
+def manifests_cmd(
+    device: Annotated[str, typer.Option("--device", "-d", help="The board class: device id or profile file.")],
+    bundle: Annotated[list[str], typer.Option("--bundle", help="REGISTRY/REPO:TAG the boards update to (fit facts from the "
+                                                               "registry's annotations), or REF=DIR (from a local bundle). Repeat.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Overlay folder to write (default: print the files).")] = None,
+    image: Annotated[str, typer.Option("--image", help="The board image (scripts/build-image.sh).")] = "registry.lan:5000/edgekit/board:0.1",
+    trusted_key: TrustedKey = None,
+    base: Annotated[str, typer.Option("--base", help="Path of deploy/kustomize/base relative to the overlay folder.")] = "../../base",
+    n_ctx: Annotated[int, typer.Option("--n-ctx", help="Context per generation slot the daemon allocates (as `serve --n-ctx`).")] = None,
+    slots: Annotated[int, typer.Option("--slots", help="Generation slots per model (as `serve --slots`).")] = None,
+    plain_http: PlainHttp = False,
+    registry_config: DockerConfig = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """A kustomize overlay for one board class: node selector, bundle references, and the daemon's memory from `edgekit fit`."""
+    from edgekit.cli.flags import load_board
+    from edgekit.fleet.k8s import render_overlay, size, write_overlay
+    from edgekit.serve.settings import ServeSettings
+
+    board_device = load_board(device)
+    given = {k: v for k, v in {"n_ctx": n_ctx, "slots": slots}.items() if v is not None}
+    settings = ServeSettings(**given)
+    pairs = [_manifest_for(spec, plain_http, registry_config) for spec in bundle]
+    sizing = size(board_device, [m for _, m in pairs], settings)
+    key_path = trusted_key or _settings().trusted_key
+    files = render_overlay(board_device, [ref for ref, _ in pairs], sizing, image,
+                           key_path.read_text() if key_path else None, base)
+    if out_dir is not None:
+        for path in write_overlay(out_dir, files):
+            err.print(f"wrote {escape(str(path))}")
+    if as_json:
+        emit_json({"device": board_device.id, "budget_mib": sizing.budget_mib, "memory_mib": sizing.memory_mib,
+                   "cpu": sizing.cpu, "footprints": sizing.footprints, "files": files if out_dir is None else None})
+    elif out_dir is None:
+        for name, text in files.items():
+            out.print(f"# --- {name}\n{text}", markup=False, highlight=False)

@@ -45,6 +45,9 @@ class FitSettings(BaseModel):
     daemon: bool = Field(True, description="Count edgekit serve's web stack in the runtime baseline.")
     headroom: float = Field(0.15, ge=0, lt=1, description="Warn when the model needs more than (1 - headroom) of usable RAM.")
     min_tok_s: float | None = Field(None, gt=0, description="Fail when predicted decode tokens/s is below this.")
+    prompt_tokens: int = Field(128, ge=1, description="GGUF: tokens of the prompt time to first token is predicted for "
+                               "(a chat turn with its system prompt and template).")
+    max_ttft_s: float | None = Field(None, gt=0, description="GGUF: fail when predicted time to first token exceeds this.")
     max_latency_ms: float | None = Field(None, gt=0, description="Encoders: fail when predicted batch-1 latency exceeds this.")
     speed_margin: float = Field(0.25, ge=0, lt=1, description="Warn when a speed is within this share of its limit (prediction error).")
     encoder_seq_len: int = Field(32, ge=1, description="Tokens of the input encoder latency is predicted for.")
@@ -55,7 +58,7 @@ class Check(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Literal["ram", "speed", "latency", "context", "size-facts"]
+    name: Literal["ram", "speed", "ttft", "latency", "context", "size-facts"]
     verdict: Verdict
     value: float
     limit: float | None
@@ -91,7 +94,12 @@ class FitReport(BaseModel):
     decode_tok_s_band: list[float] | None = Field(
         None, description="Lowest and highest decode_tok_s over the boards with this board's SoC (same cores, clock and "
         "bandwidth), each calibrated on its own published points; None when they agree within 1 %.")
-    prompt_tok_s: float | None = None
+    prompt_tok_s: float | None = Field(None, description="Predicted prompt speed as llama-bench's pp512 reports it (512 "
+                                       "tokens in one batch), the figure published benchmarks give.")
+    prompt_tok_s_chat: float | None = Field(None, description="Predicted prompt speed over a prompt of "
+                                            "assumptions.prompt_tokens tokens in batches of settings.n_ubatch.")
+    ttft_s: float | None = Field(None, description="Predicted time to first token for a prompt of assumptions.prompt_tokens "
+                                 "tokens: its prefill plus one decode step at that depth.")
     latency_ms: float | None = None
     calibration: dict[str, dict] = Field(
         default_factory=dict, description="Per speed kind: factor (measured / modelled speed), scope and points used."
@@ -103,7 +111,8 @@ class FitReport(BaseModel):
     assumptions: dict = Field(
         default_factory=dict,
         description="What the figures assume: GGUF n_ctx, slots, decode_depth (tokens already in the context for "
-        "decode_tok_s; decode_tok_s_short is at decode_short_depth), prompt_tokens; ONNX latency_input_tokens (the input "
+        "decode_tok_s; decode_tok_s_short is at decode_short_depth), prompt_tokens and n_ubatch (the prompt ttft_s and "
+        "prompt_tok_s_chat are for, prefilled in batches of n_ubatch tokens); ONNX latency_input_tokens (the input "
         "latency_ms is for) and the largest batch memory is charged for (batch_texts x batch_input_tokens).")
     suggested_n_ctx: int | None = Field(
         None, description="When RAM fails (or warns): the largest context, a multiple of 256, at which it fits "
@@ -146,6 +155,8 @@ class SpeedPrediction:
     decode_tok_s: float | None = None
     decode_tok_s_short: float | None = None
     prompt_tok_s: float | None = None
+    prompt_tok_s_chat: float | None = None
+    ttft_s: float | None = None
     latency_ms: float | None = None
     assumptions: dict = field(default_factory=dict)
     decode_band: tuple[float, float] | None = None
@@ -160,7 +171,12 @@ def decoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, setti
     # Decode speed at the middle of the context: the KV cache read grows as the context fills.
     decode = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2, calibration=cal_d)
     decode_short = speed.roofline_decode_tok_s(work, device, settings.threads, n_past=0, calibration=cal_d)
-    prompt = speed.roofline_prompt_tok_s(work, device, settings.threads, n_ctx_avg=min(n_ctx, 512) // 2) * cal_p.factor
+    # llama-bench's pp512 (one 512-token batch), and the chat prompt as edgekit serve prefills it (n_ubatch chunks).
+    pp512 = min(n_ctx, 512)
+    prompt = pp512 / speed.prefill_seconds(work, device, settings.threads, pp512, pp512, cal_p, cal_d)
+    n_prompt = min(settings.prompt_tokens, n_ctx)
+    prefill = speed.prefill_seconds(work, device, settings.threads, n_prompt, settings.n_ubatch, cal_p, cal_d)
+    ttft = prefill + 1.0 / speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_prompt, calibration=cal_d)
     calibrations = {c.kind: {"factor": c.factor, "scope": c.scope, "points": list(c.points)} for c in (cal_d, cal_p)}
     if cal_d.attention_points:  # the board was measured deep into a context too
         calibrations["decode"].update(attention_factor=round(cal_d.attention_scale, 6),
@@ -168,6 +184,9 @@ def decoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, setti
     if settings.min_tok_s is not None:
         checks.append(_speed_check("speed", decode, settings.min_tok_s, settings.speed_margin, higher_is_better=True,
                                    unit="tok/s", what="decode"))
+    if settings.max_ttft_s is not None:
+        checks.append(_speed_check("ttft", ttft, settings.max_ttft_s, settings.speed_margin, higher_is_better=False,
+                                   unit="s", what=f"time to first token ({n_prompt}-token prompt)"))
     if n_ctx > facts.context_length:
         checks.append(Check(name="context", verdict="warn", value=n_ctx, limit=facts.context_length,
                             message=f"context {n_ctx} exceeds the model's training context {facts.context_length}"))
@@ -175,8 +194,9 @@ def decoder_speed(facts: ModelFacts, work: speed.Workload, device: Device, setti
     band = sorted(speed.roofline_decode_tok_s(work, device, settings.threads, n_past=n_ctx // 2, calibration=cal)
                   for cal in speed.soc_calibrations(device, "decode", catalog).values())
     assumptions = {"n_ctx": n_ctx, "slots": settings.parallel or serve_default("slots"), "decode_depth": n_ctx // 2,
-                   "decode_short_depth": 0, "prompt_tokens": min(n_ctx, 512)}
-    return SpeedPrediction(calibrations, checks, decode, decode_short, prompt, assumptions=assumptions,
+                   "decode_short_depth": 0, "prompt_tokens": n_prompt, "n_ubatch": settings.n_ubatch}
+    return SpeedPrediction(calibrations, checks, decode, decode_short, prompt, prompt_tok_s_chat=n_prompt / prefill,
+                           ttft_s=ttft, assumptions=assumptions,
                            decode_band=(band[0], band[-1]) if band[-1] > band[0] * 1.01 else None)
 
 
@@ -288,6 +308,7 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
     calibrations = predicted_speed.calibrations
     decode, decode_short = predicted_speed.decode_tok_s, predicted_speed.decode_tok_s_short
     prompt, latency = predicted_speed.prompt_tok_s, predicted_speed.latency_ms
+    prompt_chat, ttft = predicted_speed.prompt_tok_s_chat, predicted_speed.ttft_s
     for kind, cal in calibrations.items():
         if cal["scope"] in ("catalog", "none"):
             notes.append(f"{kind} speed: {device.id} has no calibration point of its own or of its core type; "
@@ -315,6 +336,8 @@ def fit(subject: Manifest | ModelFacts, device: Device, settings: FitSettings | 
         decode_tok_s_short=None if decode_short is None else round(decode_short, 4),
         decode_tok_s_band=None if predicted_speed.decode_band is None else [round(v, 4) for v in predicted_speed.decode_band],
         prompt_tok_s=None if prompt is None else round(prompt, 4),
+        prompt_tok_s_chat=None if prompt_chat is None else round(prompt_chat, 4),
+        ttft_s=None if ttft is None else round(ttft, 4),
         latency_ms=None if latency is None else round(latency, 4),
         calibration={k: {**v, "factor": round(v["factor"], 6)} for k, v in calibrations.items()},
         checks=checks, verdict=verdict, reason=reason, notes=notes, assumptions=predicted_speed.assumptions,

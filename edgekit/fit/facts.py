@@ -8,20 +8,20 @@ facts from which sizes are predicted with llama.cpp's own quantization rules (``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Literal
 
 from edgekit.architectures import ARCHITECTURES, Architecture, ModelShape, by_gguf_name
 from edgekit.errors import ConfigError
-from edgekit.formats import FORMATS, TASKS
 from edgekit.fit.quant import (
     FILE_TYPES,
     GGML_TYPES,
     GGUF_HEADER_BYTES_PER_TOKEN,
-    DecoderShape,
     Tensor,
     definition_data_bytes,
     definition_tensors,
 )
+from edgekit.formats import FORMATS, TASKS
 from edgekit.schema.manifest import Manifest
 from edgekit.schema.recipe import ArchitectureFacts, GgufTarget, OnnxTarget, Recipe
 
@@ -135,20 +135,17 @@ def _manifest_shape(definition: Architecture, parameters: int, g, head_dim: int)
     return None
 
 
-def infer_n_ff(parameters: int, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, head_dim: int,
-               n_vocab: int, qkv_bias: bool) -> tuple[int, bool] | None:
-    """Feed-forward width and embedding tying that make a llama-style decoder have ``parameters`` weights.
+def infer_n_ff(definition: Architecture, parameters: int, n_layer: int, n_embd: int, n_head: int, n_head_kv: int,
+               head_dim: int, n_vocab: int) -> tuple[int, bool] | None:
+    """Feed-forward width and embedding tying that give a registered architecture ``parameters`` weights.
 
-    GGUF headers carry no feed-forward width in GgufFacts; the parameter count pins it down exactly for
-    llama-style layouts. None when no whole-number width fits (another layout).
+    GGUF headers carry no feed-forward width in GgufFacts; the parameter count pins it down exactly (the count is
+    linear in n_ff). None when no whole-number width fits (another layout).
     """
-    for tied in (True, False):
-        probe = DecoderShape(n_layer, n_embd, 0, n_head, n_head_kv, head_dim, n_vocab, tied, qkv_bias)
-        rest = parameters - probe.parameters
-        n_ff, remainder = divmod(rest, 3 * n_layer * n_embd)
-        if remainder == 0 and n_ff > 0 and n_ff % 32 == 0:
-            return n_ff, tied
-    return None
+    g = SimpleNamespace(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_vocab=n_vocab,
+                        context_length=2048)  # the GGUF header facts _manifest_shape reads
+    shape = _manifest_shape(definition, parameters, g, head_dim)
+    return (shape.n_ff, shape.tied_embeddings) if shape else None
 
 
 def decoder_matrix_parameters(facts: ModelFacts) -> int:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from edgekit.fit.estimate import FitReport, FitSettings, fit
 from edgekit.fit.facts import from_recipe
 from edgekit.fit.quant import PLAN_LADDER, QUALITY_ORDER
-from edgekit.schema.device import Device
 from edgekit.formats import FORMATS, TASKS
 from edgekit.formats.gguf import NAME as GGUF
+from edgekit.schema.device import Device
 from edgekit.schema.recipe import GgufTarget, OnnxTarget, Recipe
 
 

@@ -56,54 +56,12 @@ class Tensor:
         return tensor_bytes(self.ggml_type, self.n_elements, self.row)
 
 
-@dataclass(frozen=True)
-class DecoderShape:
-    """The shape facts of a llama-style decoder (separate q/k/v, gated feed-forward)."""
-
-    n_layer: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_vocab: int
-    tied_embeddings: bool
-    qkv_bias: bool = False
-
-    def matrices(self) -> list[tuple[str, int, int]]:
-        """(name, row width, rows) of every 2-D weight, in GGUF order."""
-        q_dim, kv_dim = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
-        out = [("token_embd.weight", self.n_embd, self.n_vocab)]
-        if not self.tied_embeddings:
-            out.append(("output.weight", self.n_embd, self.n_vocab))
-        for i in range(self.n_layer):
-            out += [
-                (f"blk.{i}.attn_q.weight", self.n_embd, q_dim),
-                (f"blk.{i}.attn_k.weight", self.n_embd, kv_dim),
-                (f"blk.{i}.attn_v.weight", self.n_embd, kv_dim),
-                (f"blk.{i}.attn_output.weight", q_dim, self.n_embd),
-                (f"blk.{i}.ffn_gate.weight", self.n_embd, self.n_ff),
-                (f"blk.{i}.ffn_up.weight", self.n_embd, self.n_ff),
-                (f"blk.{i}.ffn_down.weight", self.n_ff, self.n_embd),
-            ]
-        return out
-
-    def vectors(self) -> int:
-        """Weights kept in F32 (norms, biases): llama.cpp never quantizes 1-D tensors."""
-        per_layer = 2 * self.n_embd + ((self.n_head + 2 * self.n_head_kv) * self.head_dim if self.qkv_bias else 0)
-        return self.n_layer * per_layer + self.n_embd
-
-    @property
-    def parameters(self) -> int:
-        return sum(row * rows for _, row, rows in self.matrices()) + self.vectors()
-
-
 def _use_more_bits(i_layer: int, n_layer: int) -> bool:
     # llama-quant.cpp: the first and last eighth of the layers, and every third one between.
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
-def _choose(name: str, row: int, file_type: str, layer: int | None, shape: DecoderShape | ModelShape) -> str:
+def _choose(name: str, row: int, file_type: str, layer: int | None, shape: ModelShape) -> str:
     """The ggml type llama.cpp's quantizer gives one matrix (llama_tensor_get_type, for the file types above)."""
     base = FILE_TYPES[file_type]
     if base in ("F32", "F16", "BF16"):
@@ -147,22 +105,6 @@ def _choose(name: str, row: int, file_type: str, layer: int | None, shape: Decod
         if row % GGML_TYPES[chosen][0]:
             chosen = "F16"
     return chosen
-
-
-def quantized_tensors(shape: DecoderShape, file_type: str) -> list[Tensor]:
-    """Every 2-D weight with the type llama.cpp would give it for ``file_type``."""
-    if file_type not in FILE_TYPES:
-        raise KeyError(f"unknown GGUF file type {file_type!r}; known: {', '.join(FILE_TYPES)}")
-    tensors = []
-    for name, row, rows in shape.matrices():
-        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
-        tensors.append(Tensor(name, row, rows, _choose(name, row, file_type, layer, shape)))
-    return tensors
-
-
-def gguf_tensor_bytes(shape: DecoderShape, file_type: str) -> int:
-    """Predicted bytes of all tensor data (matrices as quantized, vectors in F32)."""
-    return sum(t.nbytes for t in quantized_tensors(shape, file_type)) + 4 * shape.vectors()
 
 
 def definition_tensors(arch: Architecture, shape: ModelShape, file_type: str) -> list[Tensor]:

@@ -35,12 +35,14 @@ def github_annotations(reports: Sequence[FitReport]) -> list[str]:
 def markdown_summary(reports: Sequence[FitReport]) -> str:
     """A table for $GITHUB_STEP_SUMMARY."""
     icon = {"pass": "✅ pass", "warn": "⚠️ warn", "fail": "❌ fail"}
-    rows = ["| bundle | device | RAM needed | usable | tok/s short / deep | verdict | reason |", "|---|---|---|---|---|---|---|"]
+    rows = ["| bundle | device | RAM needed | usable | tok/s short / deep | TTFT | verdict | reason |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         speed = (f"{r.decode_tok_s_short:.1f} / {r.decode_tok_s:.1f}" if r.decode_tok_s is not None
                  else (f"{r.latency_ms:.1f} ms" if r.latency_ms else ""))
+        ttft = "" if r.ttft_s is None else f"{r.ttft_s:.2f} s"
         rows.append(f"| {r.subject} | {r.device} | {r.memory['required'] / MIB:,.0f} MiB | {r.usable_ram_bytes / MIB:,.0f} MiB "
-                    f"| {speed} | {icon[r.verdict]} | {r.reason} |")
+                    f"| {speed} | {ttft} | {icon[r.verdict]} | {r.reason} |")
     notes = "".join(f"\n- {line}" for line in assumption_lines(reports))
     return "\n".join(rows) + "\n" + (f"\nAssumptions:{notes}\n" if notes else "")
 
@@ -56,7 +58,7 @@ def junit_xml(reports: Sequence[FitReport], suite: str = "edgekit fit") -> str:
         properties = ET.SubElement(case, "properties")
         for key, value in (("verdict", report.verdict), ("required_ram_bytes", report.memory["required"]), ("peak_rss_bytes", report.memory["total"]),
                            ("usable_ram_bytes", report.usable_ram_bytes), ("decode_tok_s", report.decode_tok_s),
-                           ("latency_ms", report.latency_ms)):
+                           ("prompt_tok_s", report.prompt_tok_s), ("ttft_s", report.ttft_s), ("latency_ms", report.latency_ms)):
             if value is not None:
                 ET.SubElement(properties, "property", name=key, value=str(value))
         if report.verdict == "fail":
@@ -80,8 +82,10 @@ def assumption_lines(reports: Sequence[FitReport]) -> list[str]:
     for r in reports:
         a = r.assumptions
         if "decode_depth" in a:
+            ttft = (f"; TTFT: a {a['prompt_tokens']:,}-token prompt in batches of {a['n_ubatch']} + one decode step"
+                    if "n_ubatch" in a else "")
             add(f"context {a['n_ctx']:,} tokens x {a['slots']} slot(s) (serve --n-ctx, --slots); tok/s of decode at the "
-                f"start of a conversation / {a['decode_depth']:,} tokens deep", r.subject)
+                f"start of a conversation / {a['decode_depth']:,} tokens deep{ttft}", r.subject)
         if "latency_input_tokens" in a:
             add(f"latency of one {a['latency_input_tokens']}-token input at batch 1; RAM for the largest micro-batch, "
                 f"{a['batch_texts']} x {a['batch_input_tokens']} tokens (serve --batch-max, --batch-max-tokens), of a "

@@ -6,7 +6,11 @@ per instruction set and weight type, counted from the kernels), plus attention o
 far (its KV cache bytes and kernels), plus a per-token overhead. Memory and kernel time are added,
 not overlapped: in these loops a core that unpacks and multiplies a block is not streaming the next
 one fast enough to hide it (measured: Q4_K_M at 0.73x the bytes of Q8_0 decodes only ~1.1x faster;
-docs/device-facts.md). Prompt processing is matrix-matrix work and bound by compute. ONNX
+docs/device-facts.md). Prompt processing is matrix-matrix work: per token, the operations of every weight
+at the share of the core's peak its kernel family reaches for that weight type (catalog data,
+devices/kernels/prompt.yaml), plus attention over the prompt so far; per batch of n_ubatch tokens, one
+pass of the weights through the cores at a decode step's cost. A short prompt therefore runs at a
+lower rate than pp512 (the weights are streamed for few tokens), a long one too (attention grows). ONNX
 Runtime encoders pay a pass over the weights per call plus work per token, at costs that depend on
 how the model was quantized.
 
@@ -26,7 +30,8 @@ from typing import Literal
 from edgekit.fit.facts import ModelFacts
 from edgekit.fit.quant import FALLBACK, FILE_TYPES, GGML_TYPES, PUBLISHED_BPW
 from edgekit.formats import FORMATS
-from edgekit.schema.device import CalibrationPoint, Device
+from edgekit.schema.device import CalibrationPoint, Device, load_kernel_families
+
 
 # Peak multiply-accumulate throughput per core and cycle, counted as 2 operations per MAC:
 # int8 dot products (the path ggml's quantized matmuls and ORT's int8 kernels take) and fp32 FMA.
@@ -104,12 +109,11 @@ def kernel_family(device: Device) -> str:
     return "neon-dotprod" if isa.dotprod else "neon"
 
 
-# Prompt processing: operations per weight relative to Q8_0 when a core multiplies quantized blocks
-# matrix by matrix (unpacking sub-byte weights and K-quant scales). Estimates.
-DEQUANT_COST: dict[str, float] = {
-    "Q8_0": 1.0, "Q4_0": 1.3, "Q4_1": 1.35, "Q5_0": 1.6, "Q5_1": 1.65, "IQ4_NL": 1.4,
-    "Q2_K": 1.8, "Q3_K": 1.9, "Q4_K": 1.5, "Q5_K": 1.7, "Q6_K": 1.8,
-}
+def prompt_efficiency(device: Device, ggml_type: str) -> float:
+    """Share of the core's peak ggml-cpu's matrix-matrix kernels reach on ``ggml_type`` (devices/kernels/prompt.yaml)."""
+    return load_kernel_families()[kernel_family(device)].efficiency(ggml_type)
+
+
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 # Decode reads weights at about the STREAM copy rate (a copy also pays write-allocate traffic that a
@@ -117,10 +121,6 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 # (justine.lol/matmul; docs/device-facts.md) against the 10.2 GB/s copy rate its profile assumes
 # (devices/rpi-5-8gb.yaml: an estimate, 60 % of the LPDDR4X peak). Kernel time is modelled separately.
 DECODE_BANDWIDTH_EFFICIENCY = 1.0
-# Share of the peak MAC rate llama.cpp's matrix-matrix kernels reach in prompt processing. Chosen once
-# against the catalog's published prompt points (scripts/bench_fit.py prints each point's error with and without
-# calibration) and kept fixed.
-PROMPT_COMPUTE_EFFICIENCY = 0.15
 # Per-token work outside the matrix kernels: thread barriers per graph node (~10 nodes per layer)
 # and the Python generate loop; in microseconds at 1 GHz, scaled by the clock.
 OVERHEAD_US_GHZ_PER_LAYER = 20.0
@@ -179,7 +179,6 @@ class Workload:
     streamed_bytes: float  # weights read per decoded token
     matrix_weights: float  # weights multiplied per token
     float_path: bool  # F16/F32 weights: float kernels instead of int8 dot products
-    dequant_cost: float  # prompt processing: ops per weight relative to Q8_0
     n_layer: int
     weights_by_type: tuple[tuple[str, float], ...] = ()  # (ggml type, weights) multiplied per decoded token
     kv_bytes_per_token: float = 0.0
@@ -193,11 +192,9 @@ class Workload:
         return 4.0 * self.attention_heads * self.head_dim
 
 
-def _file_type_cost(quant: str) -> tuple[bool, float]:
+def _is_float(quant: str) -> bool:
     base = FILE_TYPES.get(quant, quant)
-    if base in FLOAT_TYPES or base not in GGML_TYPES:
-        return True, 1.0
-    return False, DEQUANT_COST.get(base, 1.5)
+    return base in FLOAT_TYPES or base not in GGML_TYPES
 
 
 def _main_type(quant: str, row: int | None = None) -> str:
@@ -226,17 +223,16 @@ def gguf_workload(facts: ModelFacts) -> Workload:
         streamed = [t for t in facts.tensors if facts.tied_embeddings or t.name != "token_embd.weight"]
         weights = sum(t.n_elements for t in streamed)
         float_path = all(t.ggml_type in FLOAT_TYPES for t in streamed)
-        cost = sum(t.n_elements * DEQUANT_COST.get(t.ggml_type, 1.0) for t in streamed) / max(weights, 1)
         by_type: dict[str, float] = {}
         for t in streamed:
             by_type[t.ggml_type] = by_type.get(t.ggml_type, 0) + t.n_elements
     else:
-        float_path, cost = _file_type_cost(facts.quant)  # GGUF; ONNX encoders are costed by onnx_quant
+        float_path = _is_float(facts.quant)  # GGUF; ONNX encoders are costed by onnx_quant
         weights = facts.matrix_parameters
         by_type = {_main_type(facts.quant, facts.n_embd): weights}
     return Workload(
         streamed_bytes=facts.streamed_bytes_per_token, matrix_weights=weights, float_path=float_path,
-        dequant_cost=cost, n_layer=facts.n_layer, weights_by_type=tuple(sorted(by_type.items())),
+        n_layer=facts.n_layer, weights_by_type=tuple(sorted(by_type.items())),
         kv_bytes_per_token=facts.kv_bytes_per_token(), attention_heads=facts.n_layer * facts.n_head,
         head_dim=facts.head_dim_k,
     )
@@ -277,7 +273,7 @@ def onnx_point_workload(point: CalibrationPoint) -> Workload:
 
 
 def _point_workload(point: CalibrationPoint, weights_bytes: float, matrix_weights: float, main: str) -> Workload:
-    float_path, cost = _file_type_cost(point.quant)  # GGUF; ONNX encoders are costed by onnx_quant
+    float_path = _is_float(point.quant)  # GGUF; ONNX encoders are costed by onnx_quant
     # Layer count when the source does not give it: ~4.5 per doubling of size above 10M (SmolLM2-135M: 30,
     # TinyLlama-1.1B: 22, Llama-3.2-3B: 28 are given; this is only the per-token overhead term).
     n_layer = point.n_layer or max(int(round(4.5 * math.log2(point.parameters / 1e7))), 4)
@@ -286,14 +282,7 @@ def _point_workload(point: CalibrationPoint, weights_bytes: float, matrix_weight
         attention = dict(kv_bytes_per_token=n_layer * point.n_head_kv * 2 * point.head_dim * 2.0,
                          attention_heads=n_layer * point.n_head, head_dim=point.head_dim)
     return Workload(streamed_bytes=weights_bytes, matrix_weights=matrix_weights, float_path=float_path,
-                    dequant_cost=cost, n_layer=n_layer, weights_by_type=((main, matrix_weights),), **attention)
-
-
-def _peak_ops(device: Device, threads: int | None, float_path: bool) -> float:
-    core = CORE_TYPES[device.cpu.core_type]
-    cores = min(threads or device.cpu.cores, device.cpu.cores)
-    per_cycle = core.f32_ops_per_cycle if float_path else core.int8_ops_per_cycle
-    return cores * device.cpu.clock_ghz * 1e9 * per_cycle
+                    n_layer=n_layer, weights_by_type=((main, matrix_weights),), **attention)
 
 
 @dataclass(frozen=True)
@@ -344,10 +333,51 @@ def roofline_decode_tok_s(work: Workload, device: Device, threads: int | None = 
     return 1.0 / ((t.memory_s + t.compute_s) / k + t.attention_s / k_attention + t.overhead_s)
 
 
-def roofline_prompt_tok_s(work: Workload, device: Device, threads: int | None = None, n_ctx_avg: int = 0) -> float:
-    """Uncalibrated prompt-processing tokens/s (compute-bound matrix-matrix work)."""
-    ops = 2 * work.matrix_weights * work.dequant_cost + work.attention_ops_per_ctx_token * n_ctx_avg
-    return _peak_ops(device, threads, work.float_path) * PROMPT_COMPUTE_EFFICIENCY / ops
+@dataclass(frozen=True)
+class PrefillTerms:
+    """Seconds to process a prompt (they add up): the weight kernels' batched work per token, attention over the
+    prompt so far, and per batch of n_ubatch tokens one pass of the weights through the cores as a decode step
+    makes it (streamed from memory, the activations quantized and the kernels set up for the batch; on edgekit's
+    build machine a batch's fixed cost and a decode step both took 10.4 ms, docs/device-facts.md) and its fixed work."""
+
+    compute_s: float
+    attention_s: float
+    weight_pass_s: float
+    overhead_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.attention_s + self.weight_pass_s + self.overhead_s
+
+
+def prefill_terms(work: Workload, device: Device, threads: int | None = None, n_tokens: int = 512,
+                  n_ubatch: int = 512, n_past: int = 0) -> PrefillTerms:
+    """The model's terms of processing an ``n_tokens`` prompt in batches of ``n_ubatch`` after ``n_past`` cached tokens."""
+    core = CORE_TYPES[device.cpu.core_type]
+    hz = min(threads or device.cpu.cores, device.cpu.cores) * device.cpu.clock_ghz * 1e9
+    by_type = work.weights_by_type or (("F16" if work.float_path else "Q8_0", work.matrix_weights),)
+    cycles_per_token = sum(
+        2 * n / ((core.f32_ops_per_cycle if t in FLOAT_TYPES else core.int8_ops_per_cycle) * prompt_efficiency(device, t))
+        for t, n in by_type)
+    # Scores and the weighted sum of V: f16 K/V against f32 queries, costed like F16 weights; each token of the
+    # prompt attends on average to n_past plus half the prompt.
+    attention_ops = work.attention_ops_per_ctx_token * n_tokens * (n_past + n_tokens / 2)
+    attention_cycles = attention_ops / (core.f32_ops_per_cycle * prompt_efficiency(device, "F16"))
+    passes = -(-n_tokens // n_ubatch)
+    decode = decode_terms(work, device, threads)
+    return PrefillTerms(compute_s=n_tokens * cycles_per_token / hz, attention_s=attention_cycles / hz,
+                        weight_pass_s=passes * (decode.memory_s + decode.compute_s), overhead_s=passes * decode.overhead_s)
+
+
+def prefill_seconds(work: Workload, device: Device, threads: int | None = None, n_tokens: int = 512,
+                    n_ubatch: int = 512, calibration: Calibration | None = None,
+                    decode_calibration: Calibration | None = None) -> float:
+    """Seconds to process an ``n_tokens`` prompt. The prompt calibration divides the batched kernel and attention
+    time by its factor; the decode calibration the weight passes (they cost what a decode step's weights cost)."""
+    t = prefill_terms(work, device, threads, n_tokens, n_ubatch)
+    k = calibration.factor if calibration else 1.0
+    k_pass = decode_calibration.factor if decode_calibration else 1.0
+    return (t.compute_s + t.attention_s) / k + t.weight_pass_s / k_pass + t.overhead_s
 
 
 def roofline_encoder_ms(work: Workload, device: Device, seq_len: int, batch: int = 1, threads: int | None = None) -> float:
@@ -424,7 +454,9 @@ def point_ratio(point: CalibrationPoint, device: Device, kind: Kind) -> float:
         available = max(1.0 / point.decode_tok_s - t.overhead_s, 1e-9)
         return (t.memory_s + t.compute_s + t.attention_s) / available
     if kind == "prompt":
-        return point.prompt_tok_s / roofline_prompt_tok_s(work, device, point.threads)
+        t = prefill_terms(work, device, point.threads, point.prompt_tokens, max(point.prompt_tokens, 512))
+        available = max(point.prompt_tokens / point.prompt_tok_s - t.weight_pass_s - t.overhead_s, 1e-9)
+        return (t.compute_s + t.attention_s) / available
     return roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / point.latency_ms
 
 
@@ -435,8 +467,17 @@ def point_prediction(point: CalibrationPoint, device: Device, kind: Kind, calibr
     if kind == "decode":
         return roofline_decode_tok_s(work, device, point.threads, point.context_tokens, calibration)
     if kind == "prompt":
-        return roofline_prompt_tok_s(work, device, point.threads) * factor
+        return point.prompt_tokens / prefill_seconds(work, device, point.threads, point.prompt_tokens,
+                                                     max(point.prompt_tokens, 512), calibration)
     return roofline_encoder_ms(work, device, point.seq_len, 1, point.threads) / factor
+
+
+def current_kernels(point: CalibrationPoint, device: Device) -> bool:
+    """Whether a prompt point was measured with the matrix kernels the model describes (not an older llama.cpp).
+
+    Points without a build date (this host's own measurements) count as current."""
+    since = load_kernel_families()[kernel_family(device)].kernels_since
+    return point.build_date is None or point.build_date >= since
 
 
 def point_label(device: Device, point: CalibrationPoint) -> str:
@@ -463,6 +504,8 @@ def calibrate(device: Device, kind: Kind, catalog: Iterable[Device] = (), exclud
                 if p is exclude or kind not in point_kinds(p):
                     continue
                 if kind == "decode" and p.context_tokens and _short_decode_points(d, exclude):
+                    continue
+                if kind == "prompt" and not current_kernels(p, d):
                     continue
                 values.append(point_ratio(p, d, kind))
                 labels.append(point_label(d, p))

@@ -62,10 +62,10 @@ def fit_manifest(manifest: Manifest) -> Manifest:
 
 
 def weights_bytes(manifest: Manifest) -> int:
-    """Bytes of the model file(s) the runtime loads: the .gguf, or the ONNX initializers."""
-    if manifest.format == "gguf":
-        return manifest.file(".gguf").bytes
-    return manifest.onnx.initializer_bytes if manifest.onnx else manifest.total_bytes
+    """Bytes of the weights the runtime loads, as fit counts them (the format registry knows where they are)."""
+    from edgekit.fit import from_manifest
+
+    return from_manifest(manifest).weights_bytes
 
 
 def context_tokens(manifest: Manifest) -> int:

@@ -10,7 +10,9 @@ Layout under the bundles folder the daemon serves (``edgekit serve --models DIR`
 ``.fleet`` has no manifest.json and starts with a dot, so the daemon's discovery never serves it directly.
 An update resolves the reference, runs the caller's gate (signature, fit) on the OCI manifest alone,
 downloads and verifies into ``.incoming``, runs the golden checks on the new version and only then
-switches the symlink; a version that fails its golden checks is deleted and the current one stays.
+switches the symlink; a version that fails its golden checks is deleted and the current one stays. With
+a running daemon to ask (``confirm``), the switch stays only once the daemon serves the new version through
+a probation window; otherwise the link goes back to the previous version.
 """
 
 from __future__ import annotations
@@ -183,9 +185,17 @@ def prune(bundles_dir: Path, state: ModelState, keep: int) -> list[str]:
 
 
 def update(client: RegistryClient, bundles_dir: Path, *, gate: Callable[[oci.Artifact], None],
-           golden: Callable[[Path], GoldenOutcome], keep: int = 3,
-           progress: Callable[[str], None] = lambda _: None) -> UpdateResult:
-    """resolve -> gate (signature, fit; before any layer) -> pull + verify -> golden checks -> switch -> keep ``keep``."""
+           golden: Callable[[Path], GoldenOutcome] | None, keep: int = 3,
+           progress: Callable[[str], None] = lambda _: None,
+           confirm: Callable[[str, str], GoldenOutcome] | None = None,
+           restored: Callable[[str, str], bool] | None = None) -> UpdateResult:
+    """resolve -> gate (signature, fit; before any layer) -> pull + verify -> golden checks -> switch -> confirm -> keep ``keep``.
+
+    ``golden`` (None: skipped, the daemon checks) runs before the switch; ``confirm(name, version)`` after it (the
+    running daemon serves the new version through its probation window); when it fails the link is switched back
+    to the previous version (``restored(name, previous)`` says whether the daemon serves it again) and the new one
+    is deleted.
+    """
     bundles_dir = Path(bundles_dir)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -214,7 +224,7 @@ def update(client: RegistryClient, bundles_dir: Path, *, gate: Callable[[oci.Art
         seconds["pull_and_verify"] = time.perf_counter() - mark
         mark = time.perf_counter()
         progress(f"golden checks of {art.name} {version}")
-        outcome = golden(folder)
+        outcome = golden(folder) if golden is not None else GoldenOutcome(True, "left to the daemon")
         seconds["golden"] = time.perf_counter() - mark
         if not outcome.passed:
             if version not in {v.version for v in state.versions}:
@@ -227,11 +237,39 @@ def update(client: RegistryClient, bundles_dir: Path, *, gate: Callable[[oci.Art
         state.versions = [v for v in state.versions if v.version != version]
         state.versions.append(VersionRecord(version=version, digest=art.digest, reference=str(client.ref),
                                             installed=datetime.now(UTC).isoformat(timespec="seconds")))
+        write_state(bundles_dir, state)
+        if confirm is not None:
+            mark = time.perf_counter()
+            checked = confirm(art.name, version)
+            seconds["confirm"] = time.perf_counter() - mark
+            if not checked.passed:
+                _undo_switch(bundles_dir, state, previous, folder, restored, seconds)
+                back = f"switched back to {previous}" if previous else "the link was removed (no earlier version)"
+                confirmed = seconds.get("daemon_serves_previous")
+                daemon = "" if confirmed is None else ("; the daemon serves it" if confirmed else "; the daemon did not confirm it yet")
+                raise GateFailed(f"{client.ref} ({version}) was switched to, then {back}{daemon}: {checked.detail}")
         kept = prune(bundles_dir, state, keep)
         write_state(bundles_dir, state)
     seconds["total"] = time.perf_counter() - started
     return UpdateResult(name=art.name, reference=str(client.ref), digest=art.digest, version=version, previous=previous,
                         changed=True, served_path=str(served_path), kept=kept, seconds={k: round(v, 4) for k, v in seconds.items()})
+
+
+def _undo_switch(bundles_dir: Path, state: ModelState, previous: str | None, folder: Path,
+                 restored: Callable[[str, str], bool] | None, seconds: dict[str, float]) -> None:
+    """Point the link back at ``previous`` (or remove it), forget and delete the new version."""
+    mark = time.perf_counter()
+    if previous is not None:
+        switch(bundles_dir, state.name, previous)
+    else:
+        (Path(bundles_dir) / state.name).unlink(missing_ok=True)
+    state.versions.pop()
+    write_state(bundles_dir, state)
+    shutil.rmtree(folder, ignore_errors=True)  # a worker still holding its files keeps them until it exits
+    seconds["switch_back"] = time.perf_counter() - mark
+    if previous is not None and restored is not None:
+        seconds["daemon_serves_previous"] = float(restored(state.name, previous))
+        seconds["restore"] = time.perf_counter() - mark
 
 
 def managed_models(bundles_dir: Path) -> list[str]:

@@ -20,3 +20,10 @@ class FleetSettings(BaseSettings):
     device: str | None = Field(None, description="This board's device id or profile file for update's fit gate (env EDGEKIT_DEVICE).")
     docker_config: Path | None = Field(
         None, description="Registry credentials file (Docker's config.json); default $DOCKER_CONFIG/config.json, else ~/.docker/config.json.")
+    daemon_url: str | None = Field(
+        None, description="The running daemon (e.g. http://127.0.0.1:8080): `edgekit update` leaves the golden checks to "
+        "its reload and switches back unless it serves the new version through the probation window (env EDGEKIT_DAEMON_URL).")
+    confirm_timeout_s: float = Field(
+        600.0, gt=0, description="How long `edgekit update --daemon` waits for the daemon to serve (or refuse) the new version.")
+    probation_s: float = Field(
+        30.0, ge=0, description="How long the daemon must keep serving the new version without failing before the switch stays.")

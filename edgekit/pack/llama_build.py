@@ -179,12 +179,14 @@ def host_runs(target: BuildTarget) -> bool:
 
 def import_check(unpacked: Path) -> None:
     """Load the built libraries for real: import llama_cpp from the unpacked wheel and ask llama.cpp a question."""
-    code = ("import llama_cpp, pathlib, sys; assert pathlib.Path(llama_cpp.__file__).is_relative_to(pathlib.Path(sys.argv[1])); "
-            "print(llama_cpp.llama_print_system_info().decode())")
-    done = subprocess.run([sys.executable, "-c", code, str(unpacked)], env={**os.environ, "PYTHONPATH": str(unpacked)},
+    done = subprocess.run([sys.executable, "-m", "edgekit.runtime.probe", "edgekit.runtime.probe:llama_cpp_build"],
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(unpacked), os.environ.get("PYTHONPATH")]))},
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise BackendError(f"the built llama_cpp does not import: {done.stderr.strip()[-800:]}")
+        raise BackendError(f"the built llama_cpp does not import: {(done.stderr or done.stdout).strip()[-800:]}")
+    where = Path(done.stdout.splitlines()[0])
+    if not where.is_relative_to(unpacked):
+        raise BackendError(f"the check imported llama_cpp from {where}, not from the build at {unpacked}")
 
 
 def repack(built: Path, target: BuildTarget, cc: str, readelf_tool: str, out_dir: Path) -> tuple[Path, str]:

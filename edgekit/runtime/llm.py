@@ -51,6 +51,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF every completion must match (edgekit.runtime.structured builds it)
 
 
 @dataclass(frozen=True)
@@ -289,10 +290,20 @@ class GgufModel:
 
     def sampler(self, sampling: Sampling):
         """llama.cpp's own sampler chain for ``sampling``: greedy at temperature 0, else top-k, top-p, min-p,
-        temperature and a seeded draw (llama-cpp-python's chain minus its stages that are no-ops at these settings)."""
+        temperature and a seeded draw (llama-cpp-python's chain minus its stages that are no-ops at these settings).
+
+        A grammar comes first, so every later stage only sees tokens the grammar allows."""
         from llama_cpp._internals import LlamaSampler
 
         chain = LlamaSampler()
+        if sampling.grammar is not None:
+            from edgekit.runtime.structured import add_grammar
+
+            try:
+                add_grammar(chain, self._vocab, sampling.grammar)
+            except BaseException:
+                chain.close()
+                raise
         if sampling.temperature == 0:
             chain.add_greedy()
         else:

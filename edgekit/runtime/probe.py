@@ -20,6 +20,13 @@ def start_llama_cpp() -> str:
     return llama_cpp.__version__
 
 
+def llama_cpp_build() -> str:
+    """Where llama_cpp was imported from, then llama.cpp's system info (`edgekit pack` checks a fresh build with it)."""
+    import llama_cpp
+
+    return f"{llama_cpp.__file__}\n{llama_cpp.llama_print_system_info().decode()}"
+
+
 def start_onnxruntime() -> str:
     """Import onnxruntime: its cpuinfo library reads the CPU at import."""
     import onnxruntime

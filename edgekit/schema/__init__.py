@@ -1,6 +1,6 @@
 """Pydantic schemas of edgekit's files. Import nothing heavy here: the board and CI read these."""
 
-from edgekit.schema.device import Device, load_device
+from edgekit.schema.device import Device, KernelCatalog, load_device
 from edgekit.schema.loading import load_yaml_model
 from edgekit.schema.manifest import FileEntry, GateResult, Manifest, RuntimeConfig
 from edgekit.schema.recipe import GgufTarget, OnnxTarget, Recipe, load_recipe
@@ -26,4 +26,5 @@ def generated_schemas() -> dict[str, dict]:
         "recipes/recipe.schema.json": Recipe.model_json_schema(),
         "recipes/manifest.schema.json": Manifest.model_json_schema(),
         "devices/device.schema.json": Device.model_json_schema(),
+        "devices/kernels/prompt.schema.json": KernelCatalog.model_json_schema(),
     }

@@ -8,6 +8,8 @@ prediction by them.
 
 from __future__ import annotations
 
+import datetime
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -139,6 +141,8 @@ class CalibrationPoint(Strict):
         "GGUF: rows that do not divide into the quant's blocks fall back to llama.cpp's fallback type."
     )
     prompt_tok_s: float | None = Field(None, gt=0, description="Prompt processing speed, tokens/s.")
+    prompt_tokens: int = Field(512, ge=1, description="Prompt length prompt_tok_s was measured over, in one batch "
+                               "(llama-bench's pp512 by default).")
     decode_tok_s: float | None = Field(None, gt=0, description="Generation speed, tokens/s.")
     latency_ms: float | None = Field(None, gt=0, description="Encoder: batch-1 latency of one short input, ms.")
     seq_len: int | None = Field(None, ge=1, description="Encoder: tokens in the measured input.")
@@ -152,6 +156,10 @@ class CalibrationPoint(Strict):
     n_head_kv: int | None = Field(None, ge=1, description="Key/value heads, for a point with context_tokens.")
     head_dim: int | None = Field(None, ge=1, description="Width of one head, for a point with context_tokens.")
     engine: str = Field("llama.cpp", description="Engine that measured it (llama.cpp, ollama, llamafile, onnxruntime).")
+    build: str = Field("", description="The engine build as the source states it (llama.cpp 'b7365 (26ef6770d)', a PR, a date).")
+    build_date: datetime.date | None = Field(
+        None, description="When that build was made or published. Prompt points older than their kernel family's "
+        "kernels_since (devices/kernels/prompt.yaml) ran other matrix kernels and do not calibrate prompt speed.")
     measured_on: str = Field(description="The exact board the source measured (variant, RAM).")
     source: str = Field(min_length=4, description="URL or citation of the measurement.")
     note: str = Field("", description="Anything that qualifies the number (cooling, OS, swap).")
@@ -225,3 +233,65 @@ def load_device(ref: str | Path, directory: Path | None = None) -> Device:
         known = sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
         raise DeviceError(f"unknown device '{ref}'", hint=f"known devices: {', '.join(known) or 'none'}; or pass a profile file")
     return load_device_file(path)
+
+
+# -- kernel families: what ggml-cpu's matrix-matrix kernels reach on each instruction set --------------------
+
+KernelFamilyName = Literal["neon", "neon-dotprod", "avx2"]
+
+
+class PromptKernel(Provenance):
+    """Share of a core's peak multiply-accumulate rate ggml-cpu's prompt (matrix-matrix) kernels reach for some weight types."""
+
+    types: list[str] = Field(min_length=1, description="ggml weight types (Q4_K, Q8_0, F16, ...) these kernels multiply.")
+    efficiency: float = Field(gt=0, le=1, description="Sustained share of the core's peak: int8 dot products for "
+                              "quantized types, fp32 FMA for F16/BF16/F32 (edgekit.fit.speed.CORE_TYPES).")
+
+
+class KernelFamily(Strict):
+    """One instruction-set family of ggml-cpu (the kernels it picks from the ISA flags)."""
+
+    family: KernelFamilyName = Field(description="Kernel family name (edgekit.fit.speed.kernel_family).")
+    isa: str = Field(description="Which CPUs run it, in words.")
+    kernels_since: datetime.date = Field(description="llama.cpp builds from this date on run the kernels described here; "
+                                         "older prompt measurements do not calibrate them.")
+    kernels_since_source: str = Field(min_length=4, description="The change that made them the current kernels.")
+    prompt: list[PromptKernel] = Field(min_length=1, description="Prompt-kernel efficiency per group of weight types.")
+
+    def efficiency(self, ggml_type: str) -> float:
+        """The prompt-kernel efficiency of ``ggml_type``; a type no row names takes the 'default' row's."""
+        for row in self.prompt:
+            if ggml_type in row.types:
+                return row.efficiency
+        return next(row.efficiency for row in self.prompt if "default" in row.types)
+
+    @model_validator(mode="after")
+    def _has_default(self) -> KernelFamily:
+        if not any("default" in row.types for row in self.prompt):
+            raise ValueError("one prompt row must list the type 'default' (types it does not name)")
+        return self
+
+
+class KernelCatalog(Strict):
+    """devices/kernels/prompt.yaml: every kernel family of the speed model."""
+
+    families: list[KernelFamily] = Field(description="One entry per kernel family.")
+
+    @model_validator(mode="after")
+    def _every_family_once(self) -> KernelCatalog:
+        names = [f.family for f in self.families]
+        missing = set(KernelFamilyName.__args__) - set(names)
+        if missing or len(names) != len(set(names)):
+            raise ValueError(f"list every kernel family once (missing: {', '.join(sorted(missing)) or 'none'})")
+        return self
+
+
+def default_kernel_file() -> Path:
+    return default_device_dir() / "kernels" / "prompt.yaml"
+
+
+@cache
+def load_kernel_families(path: Path | None = None) -> dict[str, KernelFamily]:
+    """The kernel families by name (default: the shipped catalog's devices/kernels/prompt.yaml); read once per path."""
+    catalog = load_yaml_model(Path(path) if path is not None else default_kernel_file(), KernelCatalog, DeviceError)
+    return {f.family: f for f in catalog.families}

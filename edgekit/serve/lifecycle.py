@@ -6,6 +6,12 @@
 - Crashes: a worker that dies fails only its in-flight requests; it is restarted at once unless it
   crashed ``restart_max`` times within ``restart_window_s``, then the model is marked failed until
   the window has passed.
+- Versions: a model served through a link (``edgekit update`` switches ``DIR/<name>`` between kept
+  versions) is reloaded in place when the link points elsewhere (checked every ``version_poll_s`` and
+  on SIGHUP): the new version is verified and a worker is loaded on it (golden checks included) while
+  the old worker serves; then new requests go to the new worker, the old one finishes its in-flight
+  requests and stops. A version that fails is not served; the old one keeps serving and /health says
+  why, so ``edgekit update --daemon`` switches the link back.
 
 A model's state moves only along ``TRANSITIONS``; anything else is a bug and raises.
 """
@@ -14,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -24,9 +33,10 @@ from typing import Any
 
 from edgekit.errors import BundleError, EdgekitError
 from edgekit.runtime.placement import worker_threads
+from edgekit.runtime.verify import read_manifest_capped
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.batching import MicroBatcher
-from edgekit.serve.budget import MIB, effective_n_ctx, footprint_terms, memory_budget
+from edgekit.serve.budget import MIB, effective_n_ctx, footprint_bytes, footprint_terms, memory_budget
 from edgekit.serve.errors import ApiError
 from edgekit.serve.protocol import FileIdentity, WorkerConfig
 from edgekit.serve.settings import ServeSettings
@@ -75,6 +85,21 @@ class ModelEntry:
     preload: bool = False
     verified: bool = True  # False for a preloaded bundle until its worker has verified and loaded it
     verified_files: list[FileIdentity] | None = None  # the files as they were when last hashed in full
+    target: Path | None = None  # the folder behind ``path`` that the worker runs (a version, when ``path`` is a link)
+    versioned: bool = False  # ``path`` is a link switched by `edgekit update`
+    refused_target: Path | None = None  # a version the link pointed at that failed to load; the old one kept serving
+    reload_error: str | None = None  # why ``refused_target`` was not served
+    retiring_bytes: int = 0  # footprint of an old worker finishing its requests, or of a new one loading, after a switch
+
+    def __post_init__(self) -> None:
+        if self.target is None:
+            self.target = Path(os.path.realpath(self.path))
+            self.versioned = self.path.is_symlink()
+
+    @property
+    def version(self) -> str | None:
+        """The version served (the link's target folder name), for a model managed by `edgekit update`."""
+        return self.target.name if self.versioned and self.target is not None else None
 
     @property
     def task(self) -> str:
@@ -108,6 +133,9 @@ class Lifecycle:
         self._tasks: set[asyncio.Task] = set()
         self.closing = False
         self.starting = True  # until discovery and the preload list are done: /health answers 503
+        self._version_check = asyncio.Event()
+        self._reloading: dict[str, asyncio.Task] = {}
+        self._sighup = False
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -125,8 +153,15 @@ class Lifecycle:
         return {e.name: e.error or "failed" for e in self.catalog.entries.values() if e.state is ModelState.FAILED}
 
     def used_bytes(self, excluding: ModelEntry | None = None) -> int:
-        return sum(e.footprint for e in self.catalog.entries.values()
-                   if e.state in (ModelState.READY, ModelState.LOADING) and e is not excluding)
+        entries = self.catalog.entries.values()
+        return (sum(e.footprint for e in entries if e.state in (ModelState.READY, ModelState.LOADING) and e is not excluding)
+                + sum(e.retiring_bytes for e in entries))
+
+    @property
+    def versions(self) -> dict[str, dict[str, str | None]]:
+        """Models served through an `edgekit update` link: the version served, and a refused one with the reason."""
+        return {e.name: {"serving": e.version, "refused": e.refused_target.name if e.refused_target else None,
+                         "error": e.reload_error} for e in self.catalog.entries.values() if e.versioned}
 
     def check_serving(self, entry: ModelEntry) -> None:
         """503 + Retry-After for a failed model, unless its crash window has passed (then it may load again)."""
@@ -171,7 +206,8 @@ class Lifecycle:
             await self._make_room(entry)
             entry.move(ModelState.LOADING)
             started = time.perf_counter()
-            worker = WorkerProcess(entry.name, entry.path, self.worker_config(entry), self._worker_exited, self.worker_env(),
+            # the resolved version folder: a link switched meanwhile is a reload, never a worker on a mix of versions
+            worker = WorkerProcess(entry.name, entry.target, self.worker_config(entry), self._worker_exited, self.worker_env(),
                                    heartbeat=(self.settings.heartbeat_interval_s, self.settings.heartbeat_timeout_s))
             try:
                 ready = await worker.start(self.settings.load_timeout_s)
@@ -216,24 +252,29 @@ class Lifecycle:
             return {}
         return {"GOMP_SPINCOUNT": str(count), **({"OMP_WAIT_POLICY": "PASSIVE"} if count == 0 else {})}
 
-    def worker_config(self, entry: ModelEntry) -> WorkerConfig:
+    def worker_config(self, entry: ModelEntry, manifest: Manifest | None = None,
+                      verified: list[FileIdentity] | None = None) -> WorkerConfig:
+        """The worker settings for ``entry`` (or for another version of it: ``manifest`` and its ``verified`` files)."""
         s = self.settings
+        manifest = manifest or entry.manifest
+        verified = verified if manifest is not entry.manifest else entry.verified_files
         cpus = list(self.threads.cpus) if self.threads.cpus else None
-        return WorkerConfig(n_ctx=effective_n_ctx(entry.manifest, s), threads=self.threads.threads, cpus=cpus,
-                            slots=s.slots if entry.task == "text-generation" else 1, batch_max=s.batch_max,
+        return WorkerConfig(n_ctx=effective_n_ctx(manifest, s), threads=self.threads.threads, cpus=cpus,
+                            slots=s.slots if manifest.task == "text-generation" else 1, batch_max=s.batch_max,
                             batch_max_tokens=s.batch_max_tokens, max_prompt_chars=4 * s.max_input_chars + 65536,
-                            plugins=list(s.worker_plugins), verified=entry.verified_files,
+                            plugins=list(s.worker_plugins), verified=verified,
                             special_in_content=s.allow_control_tokens_in_content,
                             prompt_cache_contexts=s.prompt_cache_contexts)
 
-    async def _make_room(self, entry: ModelEntry) -> None:
-        need = entry.footprint
+    async def _make_room(self, entry: ModelEntry, need: int | None = None, keep: bool = False) -> None:
+        """Unload idle models until ``need`` (default: ``entry``'s footprint) fits; ``keep``: ``entry``'s own worker stays."""
+        need = entry.footprint if need is None else need
         if need > self.budget:
             raise ApiError(507, f"model {entry.name!r} needs about {need // MIB} MiB "
                            f"({footprint_terms(entry.manifest, self.settings)}); "
                            f"the memory budget is {self.budget // MIB} MiB ({self.budget_source})",
                            param="model", code="insufficient_memory")
-        while self.used_bytes(excluding=entry) + need > self.budget:
+        while self.used_bytes(excluding=None if keep else entry) + need > self.budget:
             idle = sorted((e for e in self.loaded if e is not entry and e.active == 0 and e.queue_depth == 0),
                           key=lambda e: e.last_used)
             if not idle:
@@ -288,6 +329,148 @@ class Lifecycle:
             await self._load(entry)
         except ApiError as exc:
             log.error("model %s: restart failed: %s", entry.name, exc.message)
+
+    # ---- switched versions: reload in place ------------------------------------------------------
+
+    def check_versions_soon(self) -> None:
+        """Look at every model's link now (SIGHUP, or a caller that just switched one)."""
+        self._version_check.set()
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: checking the served version of every model (refused versions are tried again)")
+        for entry in self.catalog.entries.values():
+            entry.refused_target = None
+        self.check_versions_soon()
+
+    async def watch_versions(self) -> None:
+        """Reload a model whose link points at another version (every ``version_poll_s``, and on SIGHUP)."""
+        period = self.settings.version_poll_s
+        while not self.closing:
+            try:
+                await asyncio.wait_for(self._version_check.wait(), period if period > 0 else None)
+            except TimeoutError:
+                pass
+            self._version_check.clear()
+            await self.catalog.discovered.wait()
+            for entry in list(self.catalog.entries.values()):
+                self._check_version(entry)
+
+    def _check_version(self, entry: ModelEntry) -> None:
+        try:
+            target = Path(os.path.realpath(entry.path, strict=True))
+        except OSError:
+            return  # the link is being replaced or the bundle removed: nothing to switch to
+        entry.versioned = entry.path.is_symlink()  # a plain folder adopted by `edgekit update` becomes a link
+        if target == entry.target:
+            entry.refused_target = entry.reload_error = None  # switched back (or never left): nothing is refused
+            return
+        if target == entry.refused_target or entry.name in self._reloading:
+            return
+        task = self.spawn(self.reload(entry, target), f"reload-{entry.name}")
+        self._reloading[entry.name] = task
+        task.add_done_callback(lambda _: self._reloading.pop(entry.name, None))
+
+    async def reload(self, entry: ModelEntry, target: Path) -> bool:
+        """Serve ``entry`` from the version folder ``target``: verify it, load it beside the running worker, swap, retire the old one."""
+        log.info("model %s: the link now points at %s; reloading", entry.name, target.name)
+        started = time.perf_counter()
+        try:
+            manifest, files = await self._verify_version(entry, target)
+        except BundleError as exc:
+            return self._refuse_version(entry, target, f"verification failed: {exc}")
+        need = footprint_bytes(manifest, self.settings)
+        if not entry.serving:  # nothing running: the new version is the model now; load it so its checks run at once
+            async with self._load_lock:
+                if entry.state is ModelState.LOADING or entry.serving:
+                    pass  # a load started meanwhile on the old version: swap below like any running worker
+                else:
+                    self._adopt_version(entry, target, manifest, need, files)
+                    if entry.state is ModelState.FAILED:
+                        entry.move(ModelState.AVAILABLE)
+                        entry.crashes.clear()
+            if not entry.serving and entry.target == target:
+                try:
+                    await self.ensure_loaded(entry)
+                except ApiError as exc:
+                    log.error("model %s: version %s is not served: %s", entry.name, target.name, exc.message)
+                    return False
+                log.info("model %s: now serving %s (loaded in %.2f s)", entry.name, target.name, time.perf_counter() - started)
+                return True
+        async with self._load_lock:
+            if self.closing:
+                return False
+            if not entry.serving:  # its worker died meanwhile: the restart loads whatever the entry points at
+                self._adopt_version(entry, target, manifest, need, files)
+                return True
+            try:
+                await self._make_room(entry, need, keep=True)
+            except ApiError as exc:
+                return self._refuse_version(entry, target, f"no memory to run both versions during the switch: {exc.message}")
+            entry.retiring_bytes += need  # the new worker, charged while it loads beside the old one
+            worker = WorkerProcess(entry.name, target, self.worker_config(entry, manifest, files), self._worker_exited,
+                                   self.worker_env(), heartbeat=(self.settings.heartbeat_interval_s, self.settings.heartbeat_timeout_s))
+            try:
+                ready = await worker.start(self.settings.load_timeout_s)
+            except EdgekitError as exc:  # bundle refused at load, golden checks failed, or the worker died loading
+                return self._refuse_version(entry, target, str(exc))
+            except BaseException:
+                await worker.kill()
+                raise
+            finally:
+                entry.retiring_bytes -= need
+            old, old_bytes = entry.worker, entry.footprint
+            self._adopt_version(entry, target, manifest, need, ready.files or files)
+            entry.worker, entry.loads, entry.last_used = worker, entry.loads + 1, time.monotonic()
+            entry.retiring_bytes += old_bytes
+        log.info("model %s: now serving %s (loaded in %.2f s beside the old worker, pid %s -> %s); the old worker finishes "
+                 "%d in-flight request(s)", entry.name, target.name, time.perf_counter() - started, old.pid, worker.pid,
+                 len(old.pending))
+        self.spawn(self._retire(entry, old, old_bytes), f"retire-{entry.name}-{old.pid}")
+        return True
+
+    async def _verify_version(self, entry: ModelEntry, target: Path) -> tuple[Manifest, list[FileIdentity] | None]:
+        """Hash and check ``target`` in the verifier subprocess (as discovery does); its manifest must name the same model."""
+        from edgekit.serve.discovery import Folder, fingerprint, verify_bundles
+
+        prints = await asyncio.to_thread(fingerprint, target)
+
+        rows = verify_bundles([target], self.settings.verify_timeout_s, self.settings.worker_plugins)
+        row = None
+        try:
+            async for row in rows:
+                break
+        finally:
+            await rows.aclose()
+        if row is None or not row.ok:
+            raise BundleError(row.error if row is not None else "the verifier gave no answer")
+        manifest = await asyncio.to_thread(read_manifest_capped, target)
+        if manifest.name != entry.name:
+            raise BundleError(f"{target} holds model {manifest.name!r}, not {entry.name!r}")
+        # discovery's record of the folder behind the link: a lookup's refresh must not verify (or replace) it again
+        self.catalog.folders[entry.path] = Folder(prints, name=entry.name)
+        return manifest, row.files
+
+    def _adopt_version(self, entry: ModelEntry, target: Path, manifest: Manifest, footprint: int,
+                       files: list[FileIdentity] | None) -> None:
+        entry.target, entry.manifest, entry.footprint, entry.verified_files = target, manifest, footprint, files
+        entry.verified, entry.refused_target, entry.reload_error = True, None, None
+
+    def _refuse_version(self, entry: ModelEntry, target: Path, reason: str) -> bool:
+        entry.refused_target, entry.reload_error = target, reason
+        still = f"{entry.target.name} keeps serving" if entry.serving else "the model is not loaded"
+        log.error("model %s: version %s is not served (%s): %s", entry.name, target.name, still, reason)
+        return False
+
+    async def _retire(self, entry: ModelEntry, worker: WorkerProcess, footprint: int) -> None:
+        """Let a replaced worker finish the requests it holds (each bounded by its request timeout), then stop it."""
+        try:
+            deadline = time.monotonic() + self.settings.request_timeout_s + self.settings.grace_s
+            while worker.pending and worker.alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await worker.stop(self.settings.grace_s)
+            log.info("model %s: the old worker (pid %s) stopped", entry.name, worker.pid)
+        finally:
+            entry.retiring_bytes -= footprint
 
     # ---- the daemon's life --------------------------------------------------------------------
 
@@ -346,10 +529,20 @@ class Lifecycle:
     def start_background(self) -> None:
         self.spawn(self.startup(), "startup")
         self.spawn(self.reap_idle(), "idle-reaper")
+        self.spawn(self.watch_versions(), "version-watch")
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+                self._sighup = True
+            except (NotImplementedError, RuntimeError):
+                pass
 
     async def close(self) -> None:
         """Stop every worker (each finishes or is killed within the grace period)."""
         self.closing = True
+        if self._sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup = False
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from edgekit.runtime import structured
 from edgekit.serve.admission import (
     CLASSIFY_TASKS,
     EMBEDDING_TASKS,
@@ -52,6 +53,7 @@ from edgekit.serve.schemas import (
     Embedding,
     EmbeddingList,
     EmbeddingsBody,
+    FunctionCallOut,
     Health,
     InputUsage,
     LabelScore,
@@ -59,6 +61,7 @@ from edgekit.serve.schemas import (
     ModelInfo,
     ModelList,
     TokenClassification,
+    ToolCall,
     Usage,
     WorkerThreads,
     parse_body,
@@ -199,7 +202,7 @@ class ChatEvents:
     def text(self, text: str) -> ChatCompletionChunk:
         return self.text_or_role({"content": text})
 
-    def text_or_role(self, delta: dict[str, str]) -> ChatCompletionChunk:
+    def text_or_role(self, delta: dict[str, Any]) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.base, choices=[ChatChunkChoice(delta=delta)])
 
     def finish(self, reason: str) -> ChatCompletionChunk:
@@ -262,21 +265,79 @@ def stream_response(generation: Generation, events: ChatEvents | CompletionEvent
                              background=BackgroundTask(generation.finish))
 
 
+def tool_answer(text: str, finish_reason: str | None) -> tuple[AssistantMessage, str | None]:
+    """The assistant message of a generation in the tool-call format, and its finish reason.
+
+    Fail closed: a call always comes back as ``tool_calls``, never as text; an answer cut short (max_tokens, a
+    cancel) is neither a call nor text."""
+    parsed = structured.parse_answer(text)
+    if parsed is None:
+        if finish_reason == "stop":  # the grammar ends only on a complete answer: this is a bug, not the model
+            raise ApiError(500, "the model's answer does not follow the tool-call format", code="tool_format_error")
+        return AssistantMessage(content=None), finish_reason
+    if parsed.name is not None:
+        call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCallOut(name=parsed.name, arguments=parsed.arguments))
+        return AssistantMessage(content=None, tool_calls=[call]), "tool_calls"
+    return AssistantMessage(content=parsed.content), finish_reason
+
+
+def tool_stream_response(generation: Generation, events: ChatEvents, include_usage: bool) -> StreamingResponse:
+    """SSE of a generation in the tool-call format: the answer is read whole, then sent as ``delta.tool_calls`` (or
+    ``delta.content``), the finish chunk, optional usage and [DONE]."""
+
+    async def sse() -> AsyncIterator[str]:
+        parts: list[str] = []
+        try:
+            yield f"data: {_event(events.first())}\n\n"
+            async with asyncio.timeout(generation.remaining()):
+                while True:
+                    message, _ = await generation.stream.next()
+                    if isinstance(message, DeltaMessage):
+                        parts.append(message.delta.text)
+                    elif isinstance(message, Done):
+                        generation.record(message)
+                        answer, reason = tool_answer("".join(parts), generation.finish_reason)
+                        if answer.tool_calls:
+                            calls = [{"index": i, **call.model_dump()} for i, call in enumerate(answer.tool_calls)]
+                            yield f"data: {_event(events.text_or_role({'tool_calls': calls}))}\n\n"
+                        elif answer.content:
+                            yield f"data: {_event(events.text(answer.content))}\n\n"
+                        yield f"data: {_event(events.finish(reason))}\n\n"
+                        if include_usage:
+                            yield f"data: {_event(events.usage(Usage(**generation.usage)))}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+        except TimeoutError:
+            yield f"data: {_dumps(generation.timed_out().body())}\n\n"
+        except ApiError as exc:  # the worker crashed mid-stream, or the answer broke the format
+            yield f"data: {_dumps(exc.body(generation.admission.settings.models))}\n\n"
+        finally:
+            generation.stream.cancel()
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(generation.finish))
+
+
 @api.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(request: Request, svc: Svc) -> Response | ChatCompletion:
     body = parse_body(ChatBody, await read_body(request, svc.settings.max_body_bytes))
     body.check_supported(svc.settings.max_tokens_cap)
     check_chars(svc, body.chars(), "messages")
+    plan = body.structured()  # schema checks and grammar here: a 400 before the request is queued
     entry = await model_entry(svc, request, body.model, GENERATION_TASKS, "/v1/chat/completions")
-    job = partial(Generate, messages=body.template_messages(), sampling=body.sampling())
+    job = partial(Generate, messages=body.template_messages(plan), sampling=body.sampling(plan))
     generation = await unless_client_leaves(request, svc.admission.start_generation(entry, job, "messages"), Generation.finish)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream and plan.tools:
+        return tool_stream_response(generation, ChatEvents(rid, created, entry.name), include_usage)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return stream_response(generation, ChatEvents(rid, created, entry.name), include_usage)
     text = await collect(request, generation)
+    message, reason = tool_answer(text, generation.finish_reason) if plan.tools else (AssistantMessage(content=text), generation.finish_reason)
     return ChatCompletion(id=rid, created=created, model=entry.name, usage=Usage(**generation.usage),
-                          choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=generation.finish_reason)])
+                          choices=[ChatChoice(message=message, finish_reason=reason)])
 
 
 @api.post("/v1/completions", response_model=Completion)
@@ -374,6 +435,6 @@ async def health(svc: Svc) -> Response | Health:
     rejected, failed = sorted(svc.catalog.rejected), svc.lifecycle.failed
     return Health(status="degraded" if rejected or failed else "ok", models=len(svc.catalog.entries),
                   loaded=sorted(e.name for e in svc.lifecycle.loaded), rejected=rejected, failed=failed,
-                  verifying=sorted(svc.catalog.verifying),
+                  verifying=sorted(svc.catalog.verifying), versions=svc.lifecycle.versions,
                   threads=WorkerThreads(threads=svc.lifecycle.threads.threads, cpus=svc.lifecycle.threads.cpus,
                                         source=svc.lifecycle.threads.source))

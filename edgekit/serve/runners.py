@@ -121,6 +121,14 @@ class GenerationRunner:
             tokens = chat_tokens(model, [turn.model_dump(exclude_none=True) for turn in message.messages], text)
         else:
             tokens = model.tokenize(text, chat=chat)
+        grammar = message.sampling.grammar
+        if grammar is not None and self.batched(model):
+            from edgekit.runtime.structured import check_grammar
+
+            if not check_grammar(model._vocab, grammar):  # before a decode path builds its sampler with it
+                send(Error(id=job.id, status=400, code="unsupported_schema", param="response_format",
+                           message="llama.cpp could not parse the grammar built for this request"))
+                return
         send(Prompt(id=job.id, tokens=len(tokens)))
         if not job.wait_proceed():
             send(Done(id=job.id, finish=Finish("cancelled", len(tokens), 0)))

@@ -1,16 +1,17 @@
 """Wire types of the OpenAI-compatible API: request bodies, validated strictly, and response models.
 
 Request bodies: a wrong type is a 400, never coerced. Unknown fields are ignored, as OpenAI clients
-send fields a small server does not know; known fields this server cannot honour (n > 1, tools,
-logprobs, ...) are refused naming the ``param``.
+send fields a small server does not know; known fields this server cannot honour (n > 1, logprobs,
+a schema keyword constrained decoding does not enforce, ...) are refused naming the ``param``.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_serializer
 
+from edgekit.runtime import structured
 from edgekit.runtime.llm import Sampling
 from edgekit.serve.errors import ApiError, bad_param
 
@@ -30,12 +31,27 @@ class TextPart(Body):
     text: str = Field(description="The text.")
 
 
+class FunctionCall(Body):
+    name: str = Field(min_length=1, max_length=64, description="The function called.")
+    arguments: str = Field(description="Its arguments, JSON text.")
+
+
+class ToolCallIn(Body):
+    """A call an assistant message made (sent back in the conversation)."""
+
+    id: str = Field(min_length=1, max_length=256, description="The call's id.")
+    type: Literal["function"] = Field(description="Only function calls.")
+    function: FunctionCall
+
+
 class ChatMessage(Body):
     """One message of a conversation."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Who wrote the message.")
     content: str | list[TextPart] | None = Field(None, description="Text, or a list of text parts.")
     name: str | None = Field(None, description="Optional author name.")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="Calls an assistant message made.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
 
     @property
     def text(self) -> str:
@@ -99,6 +115,78 @@ class GenerationBody(Body):
                         stop=tuple(self.stops()))
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionSpec(Body):
+    name: str = Field(pattern=FUNCTION_NAME, description="Function name: a-z, A-Z, 0-9, _ and -, at most 64.")
+    description: str | None = Field(None, description="What the function does (shown to the model).")
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments: an object schema.")
+    strict: bool | None = Field(None, description="Arguments always follow the schema here (constrained decoding).")
+
+
+class ToolSpec(Body):
+    type: Literal["function"] = Field(description="Only function tools.")
+    function: FunctionSpec
+
+
+class NamedFunction(Body):
+    name: str = Field(min_length=1, max_length=64, description="The function to call.")
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"] = Field(description="Only function tools.")
+    function: NamedFunction
+
+
+class JsonSchemaSpec(Body):
+    name: str = Field(min_length=1, max_length=64, description="Name of the format.")
+    description: str | None = Field(None, description="What the format is for.")
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema every response must match.")
+    strict: bool | None = Field(None, description="Responses always follow the schema here (constrained decoding).")
+
+
+class TextFormat(Body):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Body):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+def _format_type(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "Text", "json_object": "JsonObject", "json_schema": "JsonSchema"}.get(kind)
+
+
+# Capitalised tags: pydantic puts a union's tag in an error's location, and ``_param`` leaves such names out.
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("Text")] | Annotated[JsonObjectFormat, Tag("JsonObject")]
+    | Annotated[JsonSchemaFormat, Tag("JsonSchema")],
+    Discriminator(_format_type, custom_error_type="invalid_value",
+                  custom_error_message="type must be 'text', 'json_object' or 'json_schema'"),
+]
+
+
+def _schema_error(param: str, exc: structured.UnsupportedSchema) -> ApiError:
+    return ApiError(400, f"{param}: {exc.message}", param=param, code="unsupported_schema")
+
+
+class Structured(BaseModel):
+    """What a chat request asks of constrained decoding: the grammar, and for tools how the answer is read."""
+
+    model_config = ConfigDict(frozen=True)
+
+    grammar: str | None = None
+    tools: bool = False
+    system: str | None = None
+
+
 class ChatBody(GenerationBody):
     """POST /v1/chat/completions."""
 
@@ -106,10 +194,12 @@ class ChatBody(GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     logprobs: bool | None = Field(None, description="Not supported.")
     top_logprobs: int | None = Field(None, description="Not supported.")
-    tools: list[Any] | None = Field(None, description="Not supported.")
-    tool_choice: Any = Field(None, description="Not supported.")
-    functions: list[Any] | None = Field(None, description="Not supported.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    tools: list[ToolSpec] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or a named function.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; at most one call is made per answer.")
+    functions: list[Any] | None = Field(None, description="Not supported (the deprecated form of tools).")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema.")
 
     @property
     def limit(self) -> int | None:
@@ -123,19 +213,84 @@ class ChatBody(GenerationBody):
         super().check_supported(max_tokens_cap)
         if self.logprobs or self.top_logprobs:
             raise bad_param("logprobs", "logprobs are not supported", "unsupported_parameter")
-        for param in ("tools", "functions"):
-            if getattr(self, param):
-                raise bad_param(param, f"{param} (function calling) is not supported", "unsupported_parameter")
-        if self.tool_choice not in (None, "none"):
-            raise bad_param("tool_choice", "tool_choice is not supported", "unsupported_parameter")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise bad_param("response_format", "only response_format {'type': 'text'} is supported", "unsupported_parameter")
+        if self.functions:
+            raise bad_param("functions", "functions is not supported; send tools", "unsupported_parameter")
+
+    def structured(self) -> Structured:
+        """Check response_format, tools and tool_choice and build the grammar (a 400 naming the param otherwise)."""
+        tools = self.tools or []
+        names = [t.function.name for t in tools]
+        if len(set(names)) != len(names):
+            raise bad_param("tools", "two tools have the same name")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise bad_param("tool_choice.function.name",
+                                f"tool_choice names {choice.function.name!r}, which is not one of the tools")
+            wanted: str | None = choice.function.name
+        elif choice in ("auto", "required"):
+            if not tools:
+                raise bad_param("tool_choice", f"tool_choice {choice!r} needs tools")
+            wanted = choice
+        else:
+            wanted = "auto" if tools and choice is None else None
+        specs = []
+        for index, tool in enumerate(tools):
+            param = f"tools[{index}].function.parameters"
+            try:
+                parameters = structured.check_parameters(tool.function.parameters, "")
+                structured.schema_grammar(parameters)  # refused here, naming this tool, not inside the combined grammar
+            except structured.UnsupportedSchema as exc:
+                raise _schema_error(param, exc) from None
+            specs.append(structured.Tool(tool.function.name, tool.function.description, parameters))
+        response_format = self.response_format
+        wants_json = response_format is not None and response_format.type != "text"
+        if wanted is not None:
+            if wants_json:
+                raise bad_param("response_format", "response_format json_object/json_schema cannot be combined with tools",
+                                "unsupported_value")
+            try:
+                plan = structured.tool_plan(specs, wanted)
+            except structured.UnsupportedSchema as exc:
+                raise _schema_error("tools", exc) from None
+            return Structured(grammar=plan.grammar, tools=True, system=plan.system)
+        if isinstance(response_format, JsonObjectFormat):
+            return Structured(grammar=structured.schema_grammar(structured.JSON_OBJECT_GRAMMAR_SCHEMA))
+        if isinstance(response_format, JsonSchemaFormat):
+            param = "response_format.json_schema.schema"
+            if response_format.json_schema.schema_ is None:
+                raise bad_param(param, "json_schema needs a schema", "missing_parameter")
+            try:
+                return Structured(grammar=structured.schema_grammar(response_format.json_schema.schema_))
+            except structured.UnsupportedSchema as exc:
+                raise _schema_error(param, exc) from None
+        return Structured()
 
     def chars(self) -> int:
-        return sum(len(m.text) for m in self.messages)
+        return sum(len(m.text) + sum(len(c.function.arguments) for c in m.tool_calls or ()) for m in self.messages)
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})} for m in self.messages]
+    def template_messages(self, plan: Structured | None = None) -> list[dict[str, str]]:
+        """The turns the chat template renders; with tools, calls and results in the generic tool-call format."""
+        turns = []
+        for m in self.messages:
+            content = m.text
+            if m.tool_calls:
+                calls = [structured.call_text(c.function.name, c.function.arguments) for c in m.tool_calls]
+                content = "\n".join(([content] if content else []) + calls)
+            elif m.role == "tool":
+                content = structured.tool_result_text(content, m.tool_call_id, m.name)
+            turns.append({"role": m.role, "content": content, **({"name": m.name} if m.name else {})})
+        if plan is not None and plan.system:
+            turns = structured.with_system(turns, plan.system)
+        return turns
+
+    def sampling(self, plan: Structured | None = None) -> Sampling:
+        base = super().sampling()
+        if plan is None or plan.grammar is None:
+            return base
+        from dataclasses import replace
+
+        return replace(base, grammar=plan.grammar)
 
 
 class CompletionBody(GenerationBody):
@@ -218,9 +373,30 @@ class Usage(Reply):
     total_tokens: int
 
 
+class FunctionCallOut(Reply):
+    name: str
+    arguments: str
+
+
+class ToolCall(Reply):
+    """A call the model made: ``function.arguments`` is JSON text matching the function's parameters."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(Reply):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(Reply):
@@ -243,7 +419,7 @@ class ChatCompletion(Reply):
 
 class ChatChunkChoice(Reply):
     index: int = 0
-    delta: dict[str, str]
+    delta: dict[str, Any]
     logprobs: None = None
     finish_reason: str | None = None
 
@@ -371,6 +547,14 @@ class WorkerThreads(Reply):
     source: str = Field(description="Where the count comes from.")
 
 
+class ModelVersion(Reply):
+    """The version of a model served through an `edgekit update` link."""
+
+    serving: str | None = Field(description="The version folder the model's worker runs (or loads next).")
+    refused: str | None = Field(None, description="A version the link pointed at that failed to load; the serving one stayed.")
+    error: str | None = Field(None, description="Why the refused version is not served.")
+
+
 class Health(Reply):
     """GET /health once started: "ok" when everything listed serves, "degraded" while a bundle or model is refused or failed."""
 
@@ -381,6 +565,9 @@ class Health(Reply):
     failed: dict[str, str] = Field(description="Models that are not served now, with the reason (e.g. a failed golden check).")
     verifying: list[str] = Field(default_factory=list, description="Bundle folders being verified now.")
     threads: WorkerThreads = Field(description="Threads each model worker runs with, and where they come from.")
+    versions: dict[str, ModelVersion] = Field(
+        default_factory=dict, description="Models served through an `edgekit update` link: the version served, and a "
+        "switched-to version that was refused.")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}

@@ -126,6 +126,10 @@ class ServeSettings(BaseSettings):
         5, ge=0, description="Worker crashes tolerated per model within --restart-window-s before it is marked failed."
     )
     restart_window_s: float = Field(300.0, gt=0, description="Window over which worker crashes are counted.")
+    version_poll_s: float = Field(
+        2.0, ge=0, description="How often the daemon checks whether a model's link (switched by `edgekit update`) points at "
+        "another version; a switched model is reloaded in place without dropping requests (0: only on SIGHUP)."
+    )
     grace_s: float = Field(10.0, ge=0, description="On SIGTERM: how long in-flight requests may finish before they are cancelled.")
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 

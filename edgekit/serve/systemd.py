@@ -136,6 +136,8 @@ After=network.target
 [Service]
 Type=exec
 ExecStart={shlex.join(args)}
+# `systemctl reload edgekit`: load switched model versions now (edgekit update); in-flight requests finish on the old one.
+ExecReload=/bin/kill -HUP $MAINPID
 Environment=EDGEKIT_HOME={STATE_DIR} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 Restart=on-failure
 RestartSec=2

@@ -1,0 +1,221 @@
+"""Tool calls: tools + tool_choice answered as OpenAI tool_calls, in llama.cpp's generic format under a grammar.
+
+SmolLM2's chat template has no tool syntax, so the generic format is what the sample model runs. Unit tests pin
+the request checks (docs/reliability.md cases 39 and 40) and how calls and results are rendered back into the
+prompt; real-model tests run both decode paths in-process, and the official ``openai`` client's tool loop runs
+against the daemon as a real process. Every call's arguments are validated with ``jsonschema``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+from fastapi.testclient import TestClient
+from serve_fixtures import Q4KM, Daemon, link_bundles
+
+from edgekit.runtime.structured import parse_answer, tool_plan, tools_of
+from edgekit.serve.errors import ApiError
+from edgekit.serve.schemas import ChatBody
+
+N_CTX = 1024
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"]}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}}, "required": ["timezone"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone", "parameters": TIME}},
+]
+PARAMETERS = {"get_weather": WEATHER, "get_time": TIME}
+ASK = [{"role": "user", "content": "Call get_weather for Paris in celsius."}]
+# What makes the 135M sample model choose a call under tool_choice auto (with ASK it answers in text).
+AUTO_ASK = [{"role": "user", "content": "Use a tool: get_weather(city='Paris', unit='celsius')"}]
+
+
+def body(**fields) -> ChatBody:
+    return ChatBody.model_validate({"model": "m", "messages": ASK, "tools": TOOLS, **fields})
+
+
+# ---- request checks (no model) -------------------------------------------------------------------------------
+
+
+BAD = {
+    "parameters-not-an-object-schema": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+                                        "tools[0].function.parameters"),
+    "parameters-a-list": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "items": {}}}}]},
+                          "tools[0].function.parameters"),
+    "parameters-unenforceable": ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]}, "tools[1].function.parameters"),
+    "choice-names-a-missing-function": ({"tool_choice": {"type": "function", "function": {"name": "get_stock"}}},
+                                        "tool_choice.function.name"),
+    "required-without-tools": ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+    "duplicate-names": ({"tools": [TOOLS[0], TOOLS[0]]}, "tools"),
+    "tools-and-json-schema": ({"response_format": {"type": "json_object"}}, "response_format"),
+}
+
+
+@pytest.mark.parametrize("fields,param", BAD.values(), ids=BAD.keys())
+def test_bad_tool_requests_are_400_naming_the_param(fields, param):
+    """docs/reliability.md cases 39 and 40."""
+    with pytest.raises(ApiError) as caught:
+        body(**fields).structured()
+    assert caught.value.status == 400
+    assert caught.value.param == param
+
+
+def test_tool_choice_none_and_no_tools_build_no_grammar():
+    assert body(tool_choice="none").structured().grammar is None
+    assert ChatBody.model_validate({"model": "m", "messages": ASK}).structured().grammar is None
+    plan = body().structured()  # tools without tool_choice: auto
+    assert plan.tools and "`response`" in plan.system and "get_time" in plan.system
+
+
+def test_calls_and_results_render_back_into_the_prompt():
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}]
+    chat = body(messages=messages)
+    turns = chat.template_messages(chat.structured())
+    assert [t["role"] for t in turns] == ["system", "user", "assistant", "tool"]
+    assert json.loads(turns[2]["content"]) == {"tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}
+    assert json.loads(turns[3]["content"]) == {"tool_response": {"content": "18 degrees", "tool_call_id": "call_1"}}
+
+
+def test_answers_parse_into_a_call_or_text_and_a_cut_answer_is_neither():
+    assert parse_answer('{"tool_call": {"name": "f", "arguments": {"a": 1}}}').arguments == '{"a": 1}'
+    assert parse_answer('{"response": "hi"}').content == "hi"
+    assert parse_answer('{"tool_call": {"name": "f", "argu') is None
+
+
+def test_each_choice_has_its_grammar():
+    tools = tools_of([t["function"] for t in TOOLS])
+    auto, required, named = (tool_plan(tools, c).grammar for c in ("auto", "required", "get_time"))
+    assert '"\\"response\\""' in auto and '"\\"response\\""' not in required
+    assert '"\\"get_weather\\""' in required and '"\\"get_weather\\""' not in named
+
+
+# ---- real model ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
+    return link_bundles(tmp_path_factory.mktemp("tool-models") / "models", smollm2_q4km)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-context-per-slot", "batched-slots"])
+def client(request, models_dir):
+    from edgekit.serve.app import create_app
+    from edgekit.serve.settings import ServeSettings
+
+    settings = ServeSettings(models=models_dir, threads=1, n_ctx=N_CTX, idle_unload_s=0, preload=[Q4KM], slots=request.param)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as test_client:
+        deadline = time.monotonic() + 300
+        while test_client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "daemon not ready"
+            time.sleep(0.1)
+        yield test_client
+
+
+def post(client: TestClient, **fields):
+    return client.post("/v1/chat/completions", json={"model": Q4KM, "messages": ASK, "tools": TOOLS, "temperature": 0,
+                                                      "max_tokens": 120, **fields})
+
+
+def assert_valid_call(call: dict, name: str | None = None) -> None:
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    function = call["function"]
+    assert function["name"] in PARAMETERS and (name is None or function["name"] == name)
+    jsonschema.validate(json.loads(function["arguments"]), PARAMETERS[function["name"]])
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "get_time"}}],
+                         ids=["auto", "required", "named"])
+def test_the_call_comes_back_as_tool_calls(client, choice):
+    response = post(client, tool_choice=choice, messages=AUTO_ASK if choice == "auto" else ASK)
+    assert response.status_code == 200, response.text
+    choice_out = response.json()["choices"][0]
+    assert choice_out["finish_reason"] == "tool_calls"
+    message = choice_out["message"]
+    assert message["content"] is None and len(message["tool_calls"]) == 1
+    assert_valid_call(message["tool_calls"][0], choice["function"]["name"] if isinstance(choice, dict) else None)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_streamed_calls_come_as_delta_tool_calls(client):
+    response = post(client, tool_choice="required", stream=True)
+    events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert len(calls) == 1 and calls[0]["index"] == 0
+    assert_valid_call(calls[0])
+    assert not any(d.get("content") for d in deltas)
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_tool_choice_none_answers_in_text(client):
+    message = post(client, tool_choice="none", max_tokens=16).json()["choices"][0]["message"]
+    assert message["content"] and "tool_calls" not in message
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_bad_tool_requests_leave_the_daemon_serving(client):
+    """docs/reliability.md cases 39 and 40: each a 400 with its param, then a good request is served."""
+    for fields, param in BAD.values():
+        response = post(client, **fields)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    good = post(client, tool_choice="required")
+    assert good.status_code == 200
+    assert_valid_call(good.json()["choices"][0]["message"]["tool_calls"][0])
+    assert client.get("/health").json()["status"] == "ok"
+
+
+# ---- the official openai client's tool loop against the daemon as a process ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def daemon(models_dir):
+    process = Daemon(models_dir, "--n-ctx", str(N_CTX))
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_openai_client_tool_loop(daemon):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    messages: list = list(AUTO_ASK)
+    first = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="auto",
+                                           temperature=0, max_tokens=120)
+    assert first.choices[0].finish_reason == "tool_calls"
+    call = first.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER)
+    messages.append(first.choices[0].message)  # the client's own message object goes back as the assistant turn
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18})})
+    second = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="none",
+                                            temperature=0, max_tokens=24)
+    assert second.choices[0].message.content
+    assert second.choices[0].message.tool_calls is None
+
+    stream = client.chat.completions.create(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
+                                            temperature=0, max_tokens=120, stream=True)
+    calls = [c for chunk in stream for choice in chunk.choices for c in choice.delta.tool_calls or ()]
+    assert len(calls) == 1
+    jsonschema.validate(json.loads(calls[0].function.arguments), PARAMETERS[calls[0].function.name])
