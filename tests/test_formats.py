@@ -32,7 +32,8 @@ def test_targets_are_keyed_by_format():
 
 
 def test_each_task_is_served_by_exactly_one_format():
-    assert set(TASKS) == {"feature-extraction", "text-classification", "token-classification", "text-generation"}
+    assert set(TASKS) == {"feature-extraction", "text-classification", "token-classification", "text-ranking",
+                          "text-generation"}
     served = [task for spec in FORMATS.values() for task in spec.tasks]
     assert sorted(served) == sorted(TASKS)
     assert FORMATS["gguf"].tasks == ("text-generation",)
@@ -104,8 +105,9 @@ def test_routes_answer_the_tasks_the_daemon_serves_today():
     assert tasks_for("/v1/chat/completions") == tasks_for("/v1/completions") == ("text-generation",)
     assert tasks_for("/v1/embeddings") == ("feature-extraction",)
     assert tasks_for("/v1/classify") == ("text-classification", "token-classification")
+    assert tasks_for("/v1/rerank") == ("text-ranking",)
     assert [name for name, task in TASKS.items() if not task.batched] == ["text-generation"]
     assert {name: task.op for name, task in TASKS.items()} == {
         "feature-extraction": "embed", "text-classification": "classify", "token-classification": "classify",
-        "text-generation": "generate",
+        "text-ranking": "rerank", "text-generation": "generate",
     }

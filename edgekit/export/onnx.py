@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import ExportError, RecipeError
-from edgekit.export import BuildResult, ExportJob
-from edgekit.export import reference
+from edgekit.export import BuildResult, ExportJob, reference
+from edgekit.formats import TASKS
 from edgekit.formats.onnx import SPEC as ONNX
-from edgekit.runtime.encoder import MODEL_FILE, TOKENIZER_FILE, EncoderModel
+from edgekit.runtime.encoder import MODEL_FILE, PAIR_SEPARATOR, TOKENIZER_FILE, EncoderModel, split_pair
 from edgekit.schema.manifest import OnnxFacts, RuntimeConfig
 from edgekit.schema.recipe import OnnxQuantization, OnnxTarget
+
 
 def _exported_once(job: ExportJob, config: dict) -> Path:
     """The optimum export of the source, shared by every target of the recipe with the same opset."""
@@ -27,7 +28,7 @@ def _exported_once(job: ExportJob, config: dict) -> Path:
     if key not in job.memo:
         job.progress("exporting with optimum")
         work = job.scratch / f"optimum-opset-{job.target.opset or 'default'}"
-        job.memo[key] = _optimum_export(job.source.path, job.recipe.task, job.target.opset, work)
+        job.memo[key] = _optimum_export(job.source.path, TASKS[job.recipe.task].export_task, job.target.opset, work)
     return job.memo[key]
 
 
@@ -47,8 +48,11 @@ def _optimum_export(source: Path, task: str, opset: int | None, work: Path) -> P
     return work / MODEL_FILE
 
 
-# config.json model_type -> onnxruntime transformer-optimizer model type (onnxruntime.transformers.optimizer)
-OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "bert", "electra": "bert"}
+# config.json model_type -> onnxruntime transformer-optimizer model type (onnxruntime.transformers.optimizer).
+# deberta-v2 (DeBERTa-v2/v3) under BERT's rules: SkipLayerNorm and BiasGelu fuse, its disentangled attention stays
+# MatMuls; every weight MatMul is still quantized.
+OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "bert", "electra": "bert",
+                         "deberta-v2": "bert"}
 
 
 def _optimize(model: Path, level: int, config: dict, out: Path) -> Path:
@@ -167,7 +171,44 @@ def validation_texts(job: ExportJob) -> list[str]:
         texts += _read_lines(job.loaded.resolve(validation.samples_file))
     if not texts:
         raise RecipeError(f"{job.loaded.path}: validation has no samples", hint="add validation.samples or validation.samples_file")
+    if TASKS[job.recipe.task].pairs:
+        unpaired = next((text for text in texts if PAIR_SEPARATOR not in text), None)
+        if unpaired is not None:
+            raise RecipeError(f"{job.loaded.path}: a {job.recipe.task} validation sample has no tab between query and "
+                              f"document: {unpaired[:80]!r}", hint="write each sample as: query<TAB>document")
     return texts
+
+
+def model_inputs(task: str, texts: list[str]) -> list:
+    """What the bundle's tokenizer is given for ``texts``: the texts, or (query, document) pairs of a pair task."""
+    return [split_pair(text) for text in texts] if TASKS[task].pairs else texts
+
+
+def pad_token(tokenizer_dir: Path) -> str | None:
+    """The checkpoint's pad token, from the files transformers writes next to tokenizer.json."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = tokenizer_dir / name
+        if path.is_file():
+            token = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            if token:
+                return token
+    return None
+
+
+def _write_tokenizer(tokenizer_dir: Path, out: Path) -> None:
+    """The export's tokenizer with the checkpoint's padding in it, written without pretty-printing (a third fewer bytes).
+
+    RoBERTa, XLM-R and DeBERTa pad with ids other than BERT's ``[PAD]``; the runtime pads as tokenizer.json says.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / TOKENIZER_FILE))
+    token = pad_token(tokenizer_dir)
+    if token is not None and tokenizer.token_to_id(token) is not None:
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id(token), pad_token=token)
+    tokenizer.save(str(out), pretty=False)
 
 
 def labelled_examples(job: ExportJob) -> list[tuple[str, str]]:
@@ -202,10 +243,7 @@ def build(job: ExportJob) -> BuildResult:
     job.progress(f"optimizing graph (level {target.optimization_level})")
     optimized = _optimize(exported, target.optimization_level, config, work / "optimized.onnx")
     runtime = runtime_config(job, config)
-    from tokenizers import Tokenizer
-
-    # Same tokenizer, written without pretty-printing: a third fewer bytes on the board.
-    Tokenizer.from_file(str(exported.parent / TOKENIZER_FILE)).save(str(job.staging / TOKENIZER_FILE), pretty=False)
+    _write_tokenizer(exported.parent, job.staging / TOKENIZER_FILE)
     texts = validation_texts(job)
     final = job.staging / MODEL_FILE
     if target.quantization is None:
@@ -217,7 +255,7 @@ def build(job: ExportJob) -> BuildResult:
         if spec.mode == "static":
             calibration_texts = _read_lines(job.loaded.resolve(spec.calibration.samples_file)) if spec.calibration.samples_file else texts
             fp32 = EncoderModel(work, runtime, model_path=optimized, tokenizer_dir=exported.parent)
-            feeds = [fp32.feeds([t])[0] for t in calibration_texts[: spec.calibration.max_samples]]
+            feeds = [fp32.feeds(model_inputs(recipe.task, [t]))[0] for t in calibration_texts[: spec.calibration.max_samples]]
         job.progress(f"quantizing ({spec.label})")
         _quantize(optimized, spec, work / MODEL_FILE, feeds)
         shutil.move(work / MODEL_FILE, final)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.formats import TASKS
-from edgekit.runtime.encoder import EncoderModel, pool
+from edgekit.runtime.encoder import EncoderModel, pool, relevance, split_pair
 from edgekit.schema.manifest import RuntimeConfig
 
 REFERENCE_BATCH = 32
@@ -96,6 +96,8 @@ def compare(
     model, task: str, runtime: RuntimeConfig, candidate: EncoderModel, texts: list[str], labelled: list[tuple[str, str]]
 ) -> dict[str, float]:
     """Metrics of ``candidate`` vs the PyTorch fp32 reference ``model``: cosine, top-1 agreement, accuracy drop."""
+    if TASKS[task].pairs:
+        return compare_ranking(model, candidate, texts)
     cosines, agreements = [], []
     for start, ref in zip(range(0, len(texts), REFERENCE_BATCH), reference_outputs(model, candidate, texts)):
         batch = texts[start : start + REFERENCE_BATCH]
@@ -122,4 +124,28 @@ def compare(
         metrics["accuracy_reference"] = float((ref_pred == gold).mean())
         metrics["accuracy"] = float((got_pred == gold).mean())
         metrics["accuracy_drop"] = max(0.0, metrics["accuracy_reference"] - metrics["accuracy"])
+    return metrics
+
+
+def compare_ranking(model, candidate: EncoderModel, samples: list[str]) -> dict[str, float]:
+    """Score agreement of a cross-encoder over "query<TAB>document" samples, per query.
+
+    Each query's relevance scores (reference vs bundle) are one vector: ``cosine_mean``/``cosine_min`` over the
+    queries, ``top1_agreement`` the share of queries whose best document is the same, ``score_max_abs_diff`` the
+    largest score difference of any pair.
+    """
+    pairs = [split_pair(sample) for sample in samples]
+    ref_logits = np.concatenate(reference_outputs(model, candidate, pairs))
+    got_logits = np.concatenate([candidate.forward(pairs[i : i + REFERENCE_BATCH])[0] for i in range(0, len(pairs), REFERENCE_BATCH)])
+    ref, got = relevance(ref_logits), relevance(got_logits)
+    queries: dict[str, list[int]] = {}
+    for index, (query, _) in enumerate(pairs):
+        queries.setdefault(query, []).append(index)
+    groups = [np.array(rows) for rows in queries.values()]
+    cosines = np.array([float(cosine(ref[rows], got[rows])) for rows in groups])
+    same_best = [ref[rows].argmax() == got[rows].argmax() for rows in groups if len(rows) > 1]
+    metrics = {"cosine_mean": float(cosines.mean()), "cosine_min": float(cosines.min()), "samples": float(len(pairs)),
+               "score_max_abs_diff": float(np.abs(ref - got).max()), "queries": float(len(groups))}
+    if same_best:
+        metrics["top1_agreement"] = float(np.mean(same_best))
     return metrics

@@ -16,6 +16,12 @@ class TaskSpec:
     auto_model: str  # transformers Auto class of the reference model the bundle is compared with
     batched: bool = False  # the daemon micro-batches its texts; otherwise requests run in generation slots
     reads_pooler: bool = False  # the head reads BERT's pooler; otherwise export prunes it from the graph
+    export_as: str | None = None  # optimum's export task when it is not ``name`` (the head is the same)
+    pairs: bool = False  # inputs are (query, document) pairs; validation samples are "query<TAB>document" lines
+
+    @property
+    def export_task(self) -> str:
+        return self.export_as or self.name
 
 
 # Task name -> spec. Encoders run on onnxruntime, decoders on llama.cpp.
@@ -28,6 +34,10 @@ TASKS: dict[str, TaskSpec] = {
                  auto_model="AutoModelForSequenceClassification", batched=True, reads_pooler=True),
         TaskSpec("token-classification", format="onnx", op="classify", endpoints=("/v1/classify",),
                  auto_model="AutoModelForTokenClassification", batched=True),
+        # cross-encoders: a sequence classifier over (query, document) pairs whose one logit is the relevance
+        TaskSpec("text-ranking", format="onnx", op="rerank", endpoints=("/v1/rerank",),
+                 auto_model="AutoModelForSequenceClassification", batched=True, reads_pooler=True,
+                 export_as="text-classification", pairs=True),
         TaskSpec("text-generation", format="gguf", op="generate", endpoints=("/v1/chat/completions", "/v1/completions"),
                  auto_model="AutoModelForCausalLM"),
     )

@@ -52,7 +52,9 @@ class EncoderModel:
         model_path = model_path or self.bundle_dir / MODEL_FILE
         self.tokenizer = Tokenizer.from_file(str((tokenizer_dir or self.bundle_dir) / TOKENIZER_FILE))
         self.tokenizer.enable_truncation(max_length=self.config.max_length)
-        pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        # The pad token tokenizer.json names (RoBERTa's <pad> is id 1), padded to the batch's longest text, never to a
+        # fixed length; older bundles without padding there pad with [PAD].
+        pad_id = (self.tokenizer.padding or {}).get("pad_id", self.tokenizer.token_to_id("[PAD]") or 0)
         self.tokenizer.enable_padding(pad_id=pad_id, pad_token=self.tokenizer.id_to_token(pad_id) or "[PAD]")
         try:
             self.session = ort.InferenceSession(str(model_path), session_options(threads), providers=["CPUExecutionProvider"])
@@ -100,6 +102,29 @@ class EncoderModel:
         """Class probabilities: (batch, labels) for sequences, (batch, tokens, labels) for tokens."""
         logits, _ = self.forward(texts)
         return softmax(logits.astype(np.float64))
+
+
+PAIR_SEPARATOR = "\t"  # a text-ranking validation or golden sample is "query<TAB>document"
+
+
+def split_pair(text: str) -> tuple[str, str]:
+    """(query, document) of a text-ranking sample."""
+    query, separator, document = text.partition(PAIR_SEPARATOR)
+    if not separator:
+        raise ValueError(f"a text-ranking sample needs a tab between query and document: {text[:80]!r}")
+    return query, document
+
+
+def relevance(logits: np.ndarray) -> np.ndarray:
+    """Relevance scores in [0, 1] of a cross-encoder's logits (batch, labels).
+
+    One logit: its sigmoid, as sentence-transformers' CrossEncoder and TEI's /rerank report it; two or more:
+    the probability of the last label (the "relevant" class of two-label rerankers).
+    """
+    logits = logits.astype(np.float64)
+    if logits.shape[-1] == 1:
+        return 1.0 / (1.0 + np.exp(-logits[..., 0]))
+    return softmax(logits)[..., -1]
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:

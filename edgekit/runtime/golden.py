@@ -127,9 +127,15 @@ def prompt_tokens(model, prompt: str, runtime) -> list[int]:
 
 
 def encoder_output(model, task: str, text: str) -> np.ndarray:
-    """The bundle's output for one text at batch one: embedding, or class probabilities ([labels] or [tokens, labels])."""
+    """The bundle's output for one text at batch one: embedding, class probabilities ([labels] or [tokens, labels]),
+    or a text-ranking sample's ("query<TAB>document") relevance score ([1])."""
     if task == "feature-extraction":
         return model.embed([text])[0].astype(np.float32)
+    if task == "text-ranking":
+        from edgekit.runtime.encoder import relevance, split_pair
+
+        logits, _ = model.forward([split_pair(text)])
+        return relevance(logits).astype(np.float32)
     return model.classify([text])[0].astype(np.float32)
 
 

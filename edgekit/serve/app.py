@@ -23,6 +23,7 @@ from edgekit.serve.errors import ApiError
 from edgekit.serve.guard import Guard, RequestMetrics, read_api_key
 from edgekit.serve.lifecycle import Lifecycle
 from edgekit.serve.metrics import ServeMetrics
+from edgekit.serve.rerank import rerank
 from edgekit.serve.routes import Services, api, probes
 from edgekit.serve.settings import ServeSettings
 
@@ -52,6 +53,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
     app.include_router(api)
+    app.include_router(rerank)
     app.include_router(probes)
 
     @app.exception_handler(ApiError)

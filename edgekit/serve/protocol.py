@@ -120,9 +120,10 @@ class Proceed(Message):
 
 
 class Encode(Message):
-    """Embed or classify ``texts`` (one micro-batch of the daemon's batcher); a list of ints is one text's token ids."""
+    """Embed or classify ``texts`` (one micro-batch of the daemon's batcher); a list of ints is one text's token ids.
+    ``rerank``: ``texts`` is the query followed by the documents; one relevance score per document."""
 
-    type: Literal["embed", "classify"]
+    type: Literal["embed", "classify", "rerank"]
     id: str
     texts: list[str | list[int]]
 

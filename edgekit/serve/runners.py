@@ -17,19 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import ConfigError
-from edgekit.formats import FORMATS
+from edgekit.formats import FORMATS, TASKS
 from edgekit.runtime.llm import Delta, Finish
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.protocol import DeltaMessage, Done, Encode, Error, Generate, Prompt, Result, WorkerConfig
 
 Send = Callable[..., None]  # (message, payload=b"")
 
-# Jobs an encoder answers, by task.
-OPS: dict[str, tuple[str, ...]] = {
-    "feature-extraction": ("embed",),
-    "text-classification": ("classify",),
-    "token-classification": ("classify",),
-}
+# Jobs an encoder answers, by task (the task table's worker op).
+OPS: dict[str, tuple[str, ...]] = {name: (task.op,) for name, task in TASKS.items() if task.format == "onnx"}
 
 
 class Job:
@@ -172,7 +168,7 @@ def chat_tokens(model, messages: list[dict[str, Any]], rendered: str) -> list[in
 
 
 class EncoderRunner:
-    """feature-extraction / text-classification / token-classification with one onnxruntime session."""
+    """feature-extraction / text-classification / token-classification / text-ranking with one onnxruntime session."""
 
     slots = 1
 
@@ -197,27 +193,33 @@ class EncoderRunner:
     def handle(self, slot: int, job: Job, send: Send) -> None:
         import numpy as np
 
-        from edgekit.runtime.encoder import pool, softmax
+        from edgekit.runtime.encoder import pool, relevance, softmax
 
         op, texts = job.message.type, job.message.texts
         outputs, tokens = [], []
-        if any(isinstance(text, list) for text in texts):  # token ids given (embeddings only): no offsets to report
+        if op == "rerank":  # the query, then the documents: one (query, document) pair per document
+            query, documents = texts[0], texts[1:]
+            encodings = self.model.tokenizer.encode_batch([(query, document) for document in documents])
+            batch = self.model.arrays(encodings)
+        elif any(isinstance(text, list) for text in texts):  # token ids given (embeddings only): no offsets to report
             encodings, batch = None, self.id_arrays(texts)
         else:
             encodings = self.model.tokenizer.encode_batch(texts)  # once; each micro-batch is a slice of it
             batch = self.model.arrays(encodings)
-        lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)] if texts else []
+        lengths = [int(n) for n in batch["attention_mask"].sum(axis=1)] if len(batch["input_ids"]) else []
         for start, end in self.chunks(lengths):
             longest = max(lengths[start:end])
             hidden, mask = self.model.run({name: array[start:end, :longest] for name, array in batch.items()})
             tokens.extend(lengths[start:end])
             if op == "embed":
                 outputs.append(pool(hidden, mask, self.config.pooling, self.config.normalize).astype(np.float32))
+            elif op == "rerank":
+                outputs.append(relevance(hidden)[:, None].astype(np.float32))
             elif self.task == "text-classification":
                 outputs.append(softmax(hidden.astype(np.float64)).astype(np.float32))
             else:
                 outputs.extend(self._token_labels(encodings[start:end], softmax(hidden.astype(np.float64)), mask))
-        if op == "embed" or self.task == "text-classification":
+        if op in ("embed", "rerank") or self.task == "text-classification":
             array = np.concatenate(outputs) if outputs else np.zeros((0, 0), dtype=np.float32)
             send(Result(id=job.id, shape=list(array.shape), tokens=tokens), array.tobytes())
         else:
