@@ -25,7 +25,6 @@ import argparse
 import json
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from datetime import UTC
 
+from edgekit.bench.daemon import free_port, start_daemon
 from edgekit.bundle import read_manifest
 from edgekit.fleet.local_registry import registry_config
 from edgekit.paths import kit_paths
@@ -49,12 +49,6 @@ SAMPLES = ("all-minilm-l6-v2-int8-dynamic", "smollm2-135m-instruct-q4-k-m")
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_registry(work: Path) -> tuple[subprocess.Popen, str]:
@@ -188,26 +182,6 @@ class Clients:
             thread.join(600)
 
 
-def start_daemon(models: Path, name: str, work: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log_file = (work / f"daemon-{port}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "edgekit", "serve", "--models", str(models), "--port", str(port),
-                             "--preload", name, "--version-poll-s", "0.1", "--slots", "2", "--idle-unload-s", "0"],
-                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(3000):  # bounded: 5 minutes
-        if proc.poll() is not None:
-            sys.exit(f"the daemon stopped: {(work / f'daemon-{port}.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    sys.exit("the daemon did not become ready within 5 minutes")
-
-
 def bench_reload(bundle: Path, host: str, work: Path, device_ref: str, clients: int) -> dict:
     """Reload in place and automatic switch-back with a daemon serving under load."""
     work.mkdir(parents=True, exist_ok=True)
@@ -227,7 +201,9 @@ def bench_reload(bundle: Path, host: str, work: Path, device_ref: str, clients: 
     folder = work / "served"
     gate = _fit_gate(device_ref)
     board.update(RegistryClient(parse_reference(f"{repo}:r0"), plain_http=True), folder, gate=gate, golden=None)
-    proc, url = start_daemon(folder, manifest.name, work)
+    daemon = start_daemon(folder, "--preload", manifest.name, "--version-poll-s", "0.1", "--slots", "2",
+                          log_path=work / "daemon.log", timeout=300)
+    url = daemon.url
     try:
         confirm = partial(confirm_with_daemon, url, timeout_s=600, probation_s=0)
         restored = partial(wait_until_served, url, timeout_s=600)
@@ -250,8 +226,7 @@ def bench_reload(bundle: Path, host: str, work: Path, device_ref: str, clients: 
             back_codes = load.codes[mark:]
         served = httpx.get(url + "/health", timeout=30).json()["versions"][manifest.name]["serving"]
     finally:
-        proc.terminate()
-        proc.wait(60)
+        daemon.stop()
     return {"bundle": manifest.name, "clients": clients,
             "reload_s": round(result.seconds["confirm"], 3), "reload_requests": len(reload_codes),
             "reload_failed": sum(c != 200 for c in reload_codes),
