@@ -24,10 +24,6 @@ from edgekit.serve.protocol import DeltaMessage, Done, Encode, Error, Generate, 
 
 Send = Callable[..., None]  # (message, payload=b"")
 
-# Jobs an encoder answers, by task (the task table's worker op).
-OPS: dict[str, tuple[str, ...]] = {name: (task.op,) for name, task in TASKS.items() if task.format == "onnx"}
-
-
 class Job:
     """One job inside the worker: its message, and what the daemon decided about it since."""
 
@@ -177,7 +173,7 @@ class EncoderRunner:
         from edgekit.runtime.verify import model_file
 
         self.task = manifest.task
-        self.ops = OPS[manifest.task]
+        self.ops = (TASKS[manifest.task].op,)  # the job this bundle's task answers (the task table)
         self.config = manifest.runtime
         self.batch_max = config.batch_max
         self.batch_tokens = config.batch_max_tokens
