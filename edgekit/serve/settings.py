@@ -81,7 +81,7 @@ class ServeSettings(BaseSettings):
         100_000, ge=1, description="Most characters of text one request may carry, checked before tokenizing (400)."
     )
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
-    max_embedding_inputs: int = Field(2048, ge=1, description="Most texts in one embeddings/classify request (OpenAI's limit).")
+    max_embedding_inputs: int = Field(2048, ge=1, description="Most texts in one embeddings/classify request, and documents in one rerank request (OpenAI's limit).")
     n_ctx: int = Field(
         4096, ge=64, description="Context window of a GGUF model in tokens: its KV pool, shared by its slots, and the longest "
         "conversation one request may have (capped at the model's training context)."
