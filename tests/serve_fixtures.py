@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from helpers import REPO, SMOLLM_GGUF, shared_temp, write_recipe
 
 from edgekit.bundle import file_entries, publish, read_manifest, staging_dir
 from edgekit.schema.manifest import MANIFEST_NAME, Manifest, RuntimeConfig
+from edgekit.serve.settings import ServeSettings
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_NAME = "smollm2-135m-q4_1"
@@ -320,6 +322,49 @@ def gates(tmp_path: Path, monkeypatch) -> Gates:
     for key, value in result.env().items():
         monkeypatch.setenv(key, value)
     return result
+
+
+# ---- the daemon in-process with the fake model (fastapi's TestClient) -----------------------------------
+
+
+BASE = "http://127.0.0.1:8080"  # TestClient base URL: a Host the daemon accepts
+FAKE, OTHER = FAKE_NAMES
+
+
+def fake_settings(models: Path, **overrides) -> ServeSettings:
+    values = {"models": models, "worker_plugins": [FAKE_PLUGIN], "threads": 1, "n_ctx": 64, "idle_unload_s": 0,
+              "grace_s": 2.0, "restart_window_s": 60.0, "memory_budget_mb": 4096}
+    return ServeSettings(**(values | overrides))
+
+
+def completion(n: int) -> str:
+    """What the fake model writes for n completion tokens."""
+    return "".join(f" t{i}" for i in range(1, n + 1))
+
+
+def chat(client, text: str, model: str = FAKE, **body):
+    return client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": text}], **body})
+
+
+def states(client) -> dict[str, str]:
+    return {m["id"]: m["state"] for m in client.get("/v1/models").json()["data"]}
+
+
+class Background:
+    """A request run in a thread; ``result()`` joins it."""
+
+    def __init__(self, call) -> None:
+        self.response = None
+        self.thread = threading.Thread(target=self._run, args=(call,))
+        self.thread.start()
+
+    def _run(self, call) -> None:
+        self.response = call()
+
+    def result(self):
+        self.thread.join(120)
+        assert not self.thread.is_alive(), "the request did not finish"
+        return self.response
 
 
 def wait_until(condition, what: str, limit_s: float = 60.0) -> None:

@@ -19,59 +19,19 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import FAKE_PLUGIN, Daemon, Gates, parse_metric, refused, wait_until
+from serve_fixtures import (BASE, FAKE, FAKE_PLUGIN, OTHER, Background, Daemon, Gates, chat, completion, fake_settings,
+                            parse_metric, refused, states, wait_until)
 
 from edgekit.serve.app import create_app
-from edgekit.serve.settings import ServeSettings
-
-BASE = "http://127.0.0.1:8080"
-FAKE = "fake-a"
-OTHER = "fake-b"
-
-
-def fake_settings(models: Path, **overrides) -> ServeSettings:
-    values = {"models": models, "worker_plugins": [FAKE_PLUGIN], "threads": 1, "n_ctx": 64, "idle_unload_s": 0,
-              "grace_s": 2.0, "restart_window_s": 60.0, "memory_budget_mb": 4096}
-    return ServeSettings(**(values | overrides))
-
-
-def completion(n: int) -> str:
-    """What the fake model writes for n completion tokens."""
-    return "".join(f" t{i}" for i in range(1, n + 1))
-
-
-def chat(client, text: str, model: str = FAKE, **body):
-    return client.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": text}], **body})
 
 
 def metric(client: TestClient, name: str, **labels) -> float:
     return parse_metric(client.get("/metrics").text, name, **labels)
 
 
-def states(client) -> dict[str, str]:
-    return {m["id"]: m["state"] for m in client.get("/v1/models").json()["data"]}
-
-
 def wait_ready(client: TestClient) -> dict:
     wait_until(lambda: client.get("/health").status_code == 200, "/health is 200")
     return client.get("/health").json()
-
-
-class Background:
-    """A request run in a thread; ``result()`` joins it."""
-
-    def __init__(self, call) -> None:
-        self.response = None
-        self.thread = threading.Thread(target=self._run, args=(call,))
-        self.thread.start()
-
-    def _run(self, call) -> None:
-        self.response = call()
-
-    def result(self):
-        self.thread.join(120)
-        assert not self.thread.is_alive(), "the request did not finish"
-        return self.response
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import shutil
 import socket
 import tempfile
@@ -17,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import FAKE_PLUGIN, Daemon, Gates, wait_until
-from test_serve_admission import BASE, FAKE, OTHER, Background, chat, completion, fake_settings, states
+from serve_fixtures import (BASE, FAKE, FAKE_PLUGIN, OTHER, Background, Daemon, Gates, chat, completion, fake_settings,
+                            states, wait_until)
 
 from edgekit.schema.manifest import MANIFEST_NAME
 from edgekit.serve.app import create_app
@@ -310,7 +311,12 @@ def test_host_values_that_only_start_like_loopback_are_refused(fake_models, gate
 # ---- case 30 and 32: slow, idle and abandoned connections on a daemon process ------------------------------
 
 
-def _closed_by_server(sock: socket.socket) -> bool:
+def _closed_by_server(sock: socket.socket, wait_s: float = 0.0) -> bool:
+    """Whether the server closed the connection (EOF or reset), waiting at most ``wait_s`` for it to say anything."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(int(wait_s * 1000)):
+        return False
     try:
         return sock.recv(65536) == b""
     except TimeoutError:
@@ -364,7 +370,7 @@ def test_silent_trickling_and_unfinished_requests_are_closed(fake_daemon_models)
             except OSError:
                 break
             sent += 1
-            if _closed_by_server(trickle):
+            if _closed_by_server(trickle, wait_s=0.05):  # also paces the trickle: a byte per 50 ms
                 break
         assert sent < len(head), "the trickled head was never cut"
         wait_until(lambda: _closed_by_server(silent), "the silent connection is closed")
