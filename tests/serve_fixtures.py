@@ -16,6 +16,7 @@ Every real builder caches its bundle under pytest's session temp dir, so all mod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -365,6 +366,19 @@ class Background:
         self.thread.join(120)
         assert not self.thread.is_alive(), "the request did not finish"
         return self.response
+
+@contextlib.contextmanager
+def model_client(models: Path, preload: str, **settings):
+    """The daemon in-process (TestClient) serving ``models`` with ``preload`` loaded, one thread, never unloading."""
+    from fastapi.testclient import TestClient
+
+    from edgekit.serve.app import create_app
+
+    app = create_app(ServeSettings(models=models, threads=1, idle_unload_s=0, preload=[preload], **settings))
+    with TestClient(app, base_url=BASE) as client:
+        wait_until(lambda: client.get("/health").status_code == 200, "daemon ready", 300)
+        yield client
+
 
 
 def wait_until(condition, what: str, limit_s: float = 60.0) -> None:

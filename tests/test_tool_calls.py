@@ -9,13 +9,12 @@ against the daemon as a real process. Every call's arguments are validated with 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import jsonschema
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import Q4KM, Daemon, link_bundles
+from serve_fixtures import Q4KM, Daemon, link_bundles, model_client
 
 from edgekit.runtime.structured import parse_answer, tool_plan, tools_of
 from edgekit.serve.errors import ApiError
@@ -108,15 +107,7 @@ def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-context-per-slot", "batched-slots"])
 def client(request, models_dir):
-    from edgekit.serve.app import create_app
-    from edgekit.serve.settings import ServeSettings
-
-    settings = ServeSettings(models=models_dir, threads=1, n_ctx=N_CTX, idle_unload_s=0, preload=[Q4KM], slots=request.param)
-    with TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as test_client:
-        deadline = time.monotonic() + 300
-        while test_client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "daemon not ready"
-            time.sleep(0.1)
+    with model_client(models_dir, Q4KM, n_ctx=N_CTX, slots=request.param) as test_client:
         yield test_client
 
 
