@@ -15,7 +15,7 @@ one run (the machine may be shared: alternating spreads any background load over
 - idle RSS of the daemon with no model (<= 120 MB) and time from start to /health 200 with the GGUF preloaded;
 - cancellation: time from a client disconnect to the generation being stopped (docs/reliability.md case 17: <= 1 s);
 - with ``--with decode``: streamed decode tok/s of the daemon vs in-process llama-cpp-python and
-  `python -m llama_cpp.server`, each with libgomp's default OpenMP spin count and the daemon's (GOMP_SPINCOUNT=10000);
+  `python -m llama_cpp.server`, each with libgomp's default OpenMP settings and the daemon's (``omp_env``);
 - with ``--with soak``: 8 clients, mixed chat/embeddings(/classify), --soak-seconds: errors, RSS growth (< 5 %), p95.
 
 The default run takes about 5 minutes on an idle 2-core host (run it under the machine's heavy-job lock).
@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from edgekit.bench import child, measure  # noqa: E402
 from edgekit.bench.daemon import ServerProcess, free_port, serve_command  # noqa: E402
 from edgekit.paths import kit_paths  # noqa: E402
+from edgekit.runtime.placement import omp_env  # noqa: E402
 from edgekit.serve.settings import ServeSettings  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."}]
@@ -166,7 +167,7 @@ class InProcess:
 
 
 SERVE_N_CTX = ServeSettings.model_fields["n_ctx"].default  # the peers get the context `edgekit serve` allocates
-SAME = {"GOMP_SPINCOUNT": "10000"}  # what `edgekit serve` gives its workers (--omp-spin-count default)
+SAME = omp_env()  # what `edgekit serve` gives its workers
 DEFAULT = {}  # libgomp's default spin count (300,000)
 
 
@@ -374,7 +375,7 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
         for close in reversed(closers):
             close()
     medians = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
-    result = {"threads": threads, "omp_spin": "GOMP_SPINCOUNT=10000 for every system" if args.same_spin else "as shipped",
+    result = {"threads": threads, "omp_spin": f"{SAME} for every system" if args.same_spin else "as shipped",
               "daemon_threads": health.get("threads"), "n_ctx": args.n_ctx, "tokens": args.tokens,
               "prompt_tokens": PROMPT_TOKENS, "load_avg_end": os.getloadavg(), "systems": list(rounds), "median": medians,
               "rounds": rounds}
@@ -649,7 +650,7 @@ def main() -> int:
                              "neighbour with spinning threads: bounded OpenMP spinning loses to libgomp's default there)")
     parser.add_argument("--skip", action="append", default=[], choices=["peers", "embeddings", "idle", "cancel"])
     parser.add_argument("--same-spin", action="store_true",
-                        help="run the peers with the daemon's OpenMP spin count (GOMP_SPINCOUNT=10000) instead of libgomp's "
+                        help="run the peers with the daemon's OpenMP settings (--omp-spin-count) instead of libgomp's "
                              "default: on a machine others are using, the default's spinning threads starve each other")
     parser.add_argument("--with", dest="extra", action="append", default=[], choices=["decode", "soak"],
                         help="also run: decode (the daemon vs in-process and llama_cpp.server with both OpenMP spin counts), "

@@ -469,7 +469,7 @@ def test_workers_get_a_bounded_openmp_spin_count(empty_models):
         values = ServeSettings(models=empty_models, **settings)
         return Lifecycle(values, Catalog(values)).worker_env()
 
-    assert env() == {"GOMP_SPINCOUNT": "10000"}
+    assert env() == {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": "ACTIVE"}
     assert env(omp_spin_count=0) == {"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
     assert env(omp_spin_count=None) == {}
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SYS_CPU = Path("/sys/devices/system/cpu")
+# Turns llama.cpp's OpenMP threads spin at a barrier before sleeping: as fast as longer spins on an idle board, and it
+# leaves the cores to the daemon, its clients and other workers between steps (scripts/bench_serve.py).
+OMP_SPIN_COUNT = 1_000
 
 
 @dataclass(frozen=True)
@@ -113,3 +116,14 @@ def worker_threads(threads: int | None, device: str | None) -> ThreadPlan:
         profile = load_device(device)
         return plan_threads(None, profile.cpu.cores, profile.id)
     return plan_threads(threads)
+
+
+def omp_env(spin_count: int | None = OMP_SPIN_COUNT) -> dict[str, str]:
+    """The OpenMP environment of a process running llama.cpp (None: the inherited one)."""
+    # llama.cpp's threads meet at a barrier hundreds of times per token. A model worker starts OpenMP teams from two
+    # threads (golden checks, then decoding), so libgomp counts more threads than cores and cuts the spin to 100 turns
+    # unless the wait policy is ACTIVE: the threads then slept ~7,000 times a second each and one stream decoded at
+    # 0.65x llama-server. ACTIVE with a bounded count spins that long, then sleeps, so an idle worker still sleeps.
+    if spin_count is None:
+        return {}
+    return {"GOMP_SPINCOUNT": str(spin_count), "OMP_WAIT_POLICY": "PASSIVE" if spin_count == 0 else "ACTIVE"}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import BundleError, EdgekitError
-from edgekit.runtime.placement import worker_threads
+from edgekit.runtime.placement import omp_env, worker_threads
 from edgekit.runtime.verify import read_manifest_capped
 from edgekit.schema.manifest import Manifest
 from edgekit.serve.batching import MicroBatcher
@@ -244,13 +244,7 @@ class Lifecycle:
                      time.perf_counter() - started, worker.pid, entry.footprint // MIB)
 
     def worker_env(self) -> dict[str, str]:
-        # llama.cpp's CPU backend runs its threads as an OpenMP team. With libgomp's default spin count a chat
-        # generation next to an embeddings batch on 2 cores took 130 s instead of 3 s (median of 16-token chats in
-        # an 8-client soak); 10,000 spins keep single-stream decode at the default's speed (scripts/bench_serve.py).
-        count = self.settings.omp_spin_count
-        if count is None:
-            return {}
-        return {"GOMP_SPINCOUNT": str(count), **({"OMP_WAIT_POLICY": "PASSIVE"} if count == 0 else {})}
+        return omp_env(self.settings.omp_spin_count)
 
     def worker_config(self, entry: ModelEntry, manifest: Manifest | None = None,
                       verified: list[FileIdentity] | None = None) -> WorkerConfig:

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edgekit.paths import kit_paths
+from edgekit.runtime.placement import OMP_SPIN_COUNT
 
 # asyncio accepts up to ``backlog`` connections in one go, and a socket the connection cap closes is released a
 # few loop turns later: the listen backlog is kept small and a few bursts are counted in the descriptors the cap
@@ -110,12 +111,12 @@ class ServeSettings(BaseSettings):
         "startup log line state the value in use.",
     )
     omp_spin_count: int | None = Field(
-        10_000,
+        OMP_SPIN_COUNT,
         ge=0,
-        description="GOMP_SPINCOUNT of model workers: how long llama.cpp's OpenMP threads spin at a barrier before they "
-        "sleep. Bounded spinning decodes as fast as libgomp's default on an idle machine and stays fast when other workers "
-        "or processes share the cores, where the default (300,000) makes threads starve each other; 0 sleeps at once; "
-        "EDGEKIT_OMP_SPIN_COUNT=null keeps the environment's GOMP_SPINCOUNT.",
+        description="GOMP_SPINCOUNT of model workers: how many turns llama.cpp's OpenMP threads spin at a barrier before "
+        "they sleep (given with OMP_WAIT_POLICY=ACTIVE, so libgomp does not cut it short). A short spin decodes as fast as "
+        "long ones and leaves the cores to the daemon, the client and other workers between steps; 0 sleeps at once; "
+        "EDGEKIT_OMP_SPIN_COUNT=null keeps the environment's OpenMP settings.",
     )
     worker_plugins: list[str] = Field(
         default_factory=list,
