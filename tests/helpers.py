@@ -50,3 +50,29 @@ def save_checkpoint(model, out: Path, *, bf16: bool = True, safe: bool = True) -
     if bf16:
         model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=safe)
+
+
+def run_edgekit(*args: str):
+    """``edgekit ARGS`` through the console script's entry point, in this process: (returncode, stdout, stderr).
+
+    For checks of a command's exit code and output where the process boundary is not the point: the export
+    stack (torch, optimum) is then imported once per test process instead of once per call.
+    """
+    import io
+    import subprocess
+    import sys
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from edgekit.cli import main
+
+    stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["edgekit", *args]
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["edgekit", *args], code, stdout.getvalue(), stderr.getvalue())

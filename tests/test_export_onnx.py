@@ -11,30 +11,12 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, write_recipe
+from helpers import REPO, run_edgekit, write_recipe
 
 from edgekit.bundle import verify_bundle
 from edgekit.export import export
 from edgekit.runtime.encoder import EncoderModel
 from edgekit.schema import load_recipe
-
-
-def test_tiny_bert_exports_a_verified_bundle(tmp_path, tiny_bert_dir):
-    loaded = load_recipe(write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir))
-    [(manifest, where)] = export(loaded, tmp_path / "out")
-    assert where == tmp_path / "out" / "tiny-int8"
-    assert verify_bundle(where) == manifest
-    assert manifest.passed and manifest.quantization == "int8-dynamic-block128"
-    assert [f.path for f in manifest.files] == ["model.onnx", "tokenizer.json"]
-    assert manifest.runtime.max_length == 64 and manifest.runtime.pooling == "mean" and not manifest.runtime.normalize
-    assert manifest.runtime.input_names == ["input_ids", "attention_mask", "token_type_ids"]
-    # embeddings 30522*64 + 128*64 + 2*64 + LN 128 = 1,961,856; per layer 4*(64*64+64) + 2*128
-    # + (64*128+128) + (128*64+64) = 33,472, two of them; pooler 64*64+64 = 4,160
-    assert manifest.parameters == 1_961_856 + 2 * 33_472 + 4_160  # position_ids (int64 buffer) not counted
-    assert manifest.metrics["samples"] == 3
-    assert manifest.metrics["cosine_min"] > 0.9
-    embedding = EncoderModel(where, manifest.runtime).embed(["hello world"])
-    assert embedding.shape == (1, 64)
 
 
 def test_hybrid_quantization_puts_attention_per_tensor_and_feed_forward_in_blocks(tmp_path, tiny_bert_dir):
@@ -56,8 +38,7 @@ def test_hybrid_quantization_puts_attention_per_tensor_and_feed_forward_in_block
 def test_per_tensor_pattern_that_matches_nothing_is_a_recipe_error(tmp_path, tiny_bert_dir):
     target = {"format": "onnx", "name": "int8", "quantization": {"mode": "dynamic", "per_tensor_matmuls": ["*/no_such_layer/*"]}}
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir, targets=[target])
-    done = subprocess.run([sys.executable, "-m", "edgekit", "export", str(recipe), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = run_edgekit("export", str(recipe), "--out", str(tmp_path / "out"))
     assert done.returncode == 2, done.stderr
     assert "match no MatMul node" in done.stderr
 
@@ -65,8 +46,7 @@ def test_per_tensor_pattern_that_matches_nothing_is_a_recipe_error(tmp_path, tin
 def test_failing_gate_keeps_the_bundle_aside_and_exits_1(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir,
                           validation={"samples": ["hello world", "ok"], "gates": {"min_cosine_each": 1.0}})
-    done = subprocess.run([sys.executable, "-m", "edgekit", "export", str(recipe), "--out", str(tmp_path / "out"), "--json"],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = run_edgekit("export", str(recipe), "--out", str(tmp_path / "out"), "--json")
     assert done.returncode == 1, done.stderr
     [row] = json.loads(done.stdout)
     assert row["passed"] is False and row["gates"][0]["gate"] == "min_cosine_each"
@@ -77,13 +57,12 @@ def test_failing_gate_keeps_the_bundle_aside_and_exits_1(tmp_path, tiny_bert_dir
 
 def test_gate_on_unmeasured_metric_is_a_recipe_error(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir, validation={"samples": ["a"], "gates": {"max_kld": 0.1}})
-    done = subprocess.run([sys.executable, "-m", "edgekit", "export", str(recipe), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    done = run_edgekit("export", str(recipe), "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "gate 'max_kld' needs metric 'kld_mean'" in done.stderr
 
 
-def test_export_killed_midway_leaves_no_bundle_and_rerun_succeeds(tmp_path, tiny_bert_dir):
+def test_export_killed_midway_leaves_no_bundle_and_the_rerun_publishes_a_verified_bundle(tmp_path, tiny_bert_dir):
     """docs/reliability.md case 6: SIGKILL during the export; nothing appears under the final name."""
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir)
     out = tmp_path / "out"
@@ -100,22 +79,38 @@ def test_export_killed_midway_leaves_no_bundle_and_rerun_succeeds(tmp_path, tiny
     assert leftovers and all(name.startswith(".staging-") for name in leftovers)
     assert any(name.startswith(".staging-tiny-int8-") for name in leftovers)
     [(manifest, where)] = export(load_recipe(recipe), out)
-    assert verify_bundle(where).passed
     assert sorted(p.name for p in out.iterdir()) == ["tiny-int8"]
+    # The rerun's bundle, in full: the tiny BERT through the real export path.
+    assert where == out / "tiny-int8"
+    assert verify_bundle(where) == manifest
+    assert manifest.passed and manifest.quantization == "int8-dynamic-block128"
+    assert [f.path for f in manifest.files] == ["model.onnx", "tokenizer.json"]
+    assert manifest.runtime.max_length == 64 and manifest.runtime.pooling == "mean" and not manifest.runtime.normalize
+    assert manifest.runtime.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    # embeddings 30522*64 + 128*64 + 2*64 + LN 128 = 1,961,856; per layer 4*(64*64+64) + 2*128
+    # + (64*128+128) + (128*64+64) = 33,472, two of them; pooler 64*64+64 = 4,160
+    assert manifest.parameters == 1_961_856 + 2 * 33_472 + 4_160  # position_ids (int64 buffer) not counted
+    assert manifest.metrics["samples"] == 3
+    assert manifest.metrics["cosine_min"] > 0.9
+    embedding = EncoderModel(where, manifest.runtime).embed(["hello world"])
+    assert embedding.shape == (1, 64)
 
 
-def test_classifier_with_seeded_head_keeps_its_labels_and_predictions(tmp_path, minilm_dir):
+def test_classifier_with_seeded_head_keeps_its_labels_and_predictions(tmp_path, tiny_bert_dir):
+    """A seeded 2-layer BERT classifier with MiniLM's tokenizer; the real MiniLM is the sample recipe's test below."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        minilm_dir, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
-    source = tmp_path / "minilm-sentiment"
-    model.save_pretrained(source, safe_serialization=True)
+    # initializer_range 0.5: hidden states differ enough between texts that both labels are predicted (25/75 %
+    # on the labelled file), as the real MiniLM with a random head does; at the default 0.02 every text gets one label.
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=128, initializer_range=0.5,
+                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    source = tmp_path / "tiny-sentiment"
+    BertForSequenceClassification(config).eval().save_pretrained(source, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (minilm_dir / name).exists():
-            (source / name).write_bytes((minilm_dir / name).read_bytes())
+        (source / name).write_bytes((tiny_bert_dir / name).read_bytes())
     recipe = write_recipe(
         tmp_path / "cls.yaml", source, name="sentiment", task="text-classification", max_length=128,
         validation={"samples_file": str(REPO / "recipes/data/validation-sentences.txt"),
@@ -131,13 +126,16 @@ def test_classifier_with_seeded_head_keeps_its_labels_and_predictions(tmp_path, 
     probabilities = EncoderModel(where, manifest.runtime).classify(["I love it", "terrible, broken on arrival"])
     assert probabilities.shape == (2, 2)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    labelled = [json.loads(line)["text"] for line in (REPO / "recipes/data/sentiment-labelled.jsonl").read_text().splitlines()]
+    assert set(EncoderModel(where, manifest.runtime).classify(labelled).argmax(axis=1)) == {0, 1}
 
 
 @pytest.mark.slow
-def test_minilm_sample_recipe_meets_the_quality_and_size_targets(tmp_path, sample_store):
-    published = dict((m.name, (m, w)) for m, w in export(load_recipe(REPO / "recipes/all-minilm-l6-v2.yaml"), tmp_path,
-                                                          targets=["int8-dynamic"]))
-    manifest, where = published["all-minilm-l6-v2-int8-dynamic"]
+def test_minilm_sample_recipe_meets_the_quality_and_size_targets(minilm_bundle):
+    """The shipped recipe's int8-dynamic target, exported once per run by serve_fixtures (the serving tests use it too)."""
+    where = minilm_bundle
+    manifest = verify_bundle(where)
+    assert where.name == manifest.name == "all-minilm-l6-v2-int8-dynamic"
     assert manifest.passed
     assert manifest.metrics["samples"] == 240
     assert manifest.metrics["cosine_mean"] >= 0.99
