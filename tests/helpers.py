@@ -78,11 +78,11 @@ def run_edgekit(*args: str):
     return subprocess.CompletedProcess(["edgekit", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
-def gguf_tensor_values(path: Path) -> dict:
-    """{name: (TensorInfo, values as a flat float32 array)} of a GGUF file, read through edgekit's header parser.
+def gguf_tensor_values(path: Path, names=None) -> dict:
+    """{name: (TensorInfo, values as a flat float32 array)} of a GGUF file's tensors (or those in ``names``).
 
-    gguf's GGUFReader turns every vocabulary string into numpy arrays when it opens a file: seconds per open for a
-    49,152-token vocabulary, where this takes milliseconds. Quantized tensors are dequantized with gguf's own code.
+    Read through edgekit's header parser: gguf's GGUFReader turns every vocabulary string into numpy arrays when it
+    opens a file, seconds per open for a 49,152-token vocabulary. Quantized tensors are dequantized with gguf's own code.
     """
     import numpy as np
     from gguf import GGMLQuantizationType
@@ -93,4 +93,4 @@ def gguf_tensor_values(path: Path) -> dict:
     header = read_gguf_header(path)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     return {t.name: (t, np.asarray(dequantize(data[t.offset : t.offset + t.nbytes], GGMLQuantizationType[t.ggml_type]), np.float32))
-            for t in header.tensors}
+            for t in header.tensors if names is None or t.name in names}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, SMOLLM, SMOLLM_GGUF
+from helpers import REPO, SMOLLM, SMOLLM_GGUF, gguf_tensor_values
 
 from edgekit.bundle import read_manifest, verify_bundle
 from edgekit.errors import RecipeError
@@ -71,13 +71,12 @@ def test_tokenization_is_identical_to_transformers_and_upstream(f16, upstream, s
 def test_weights_match_the_upstream_dequantized(f16, upstream):
     """The checkpoint was rebuilt from the upstream Q4_1 file: after our q/k regrouping the values meet again (bf16 rounding)."""
     import numpy as np
-    from gguf import GGUFReader, dequantize
 
-    ours = {t.name: t for t in GGUFReader(str(f16)).tensors}
-    theirs = {t.name: t for t in GGUFReader(str(upstream)).tensors}
-    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.attn_v.weight", "blk.7.ffn_down.weight"):
-        a = dequantize(ours[name].data, ours[name].tensor_type).astype(np.float32)
-        b = dequantize(theirs[name].data, theirs[name].tensor_type).astype(np.float32)
+    names = ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.attn_v.weight", "blk.7.ffn_down.weight")
+    ours, theirs = gguf_tensor_values(f16, names), gguf_tensor_values(upstream, names)
+    assert sorted(ours) == sorted(theirs) == sorted(names)
+    for name in names:
+        a, b = ours[name][1], theirs[name][1]
         assert np.abs(a - b).max() <= np.abs(b).max() / 128  # bf16 keeps 8 significant bits
 
 
