@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, TINY
+from helpers import REPO, TINY, gguf_tensor_values
 from helpers import save_checkpoint as _save_model
 
 from edgekit.errors import ConfigError, ExportError, SourceError
@@ -189,18 +189,17 @@ def test_padded_vocabulary_rows_are_unused_tokens(converted):
 @pytest.mark.slow
 @pytest.mark.parametrize("outtype", ["BF16", "F32"])
 def test_bf16_and_f32_outputs_keep_the_source_values_exactly(llama_smollm_dir, tmp_path, outtype):
-    from gguf import GGUFReader
-
     report = convert_checkpoint(llama_smollm_dir, tmp_path / "m.gguf", outtype=outtype)
-    assert gguf_facts(report.path).quant_type == outtype
-    tensors = {t.name: t for t in GGUFReader(str(report.path)).tensors}
+    header = read_gguf_header(report.path)
+    assert gguf_facts(header).quant_type == outtype
+    [tensor] = [t for t in header.tensors if t.name == "blk.1.ffn_down.weight"]
+    stored = np.memmap(report.path, dtype=np.uint8, mode="r")[tensor.offset : tensor.offset + tensor.nbytes]
     source = CheckpointTensors(llama_smollm_dir)
     expected = source.load("model.layers.1.mlp.down_proj.weight")
-    stored = tensors["blk.1.ffn_down.weight"].data
-    if outtype == "BF16":  # gguf's reader hands bf16 out as raw bytes
-        got = (np.frombuffer(stored.tobytes(), dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if outtype == "BF16":  # bf16 is the upper half of a float32
+        got = (stored.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
-        got = stored
+        got = stored.view(np.float32)
     assert np.array_equal(got.reshape(expected.shape), expected)
 
 
@@ -230,7 +229,7 @@ def test_unknown_pre_tokenizer_is_refused_not_guessed(llama_smollm_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_pickle_only_checkpoint_needs_opt_in(llama_smollm_dir, tmp_path):
+def test_pickle_only_checkpoint_needs_opt_in(llama_smollm_dir, converted, tmp_path):
     """docs/reliability.md case 4 on the GGUF path: pickle weights are refused unless the recipe opts in."""
     from transformers import AutoModelForCausalLM
 
@@ -244,10 +243,9 @@ def test_pickle_only_checkpoint_needs_opt_in(llama_smollm_dir, tmp_path):
         convert_checkpoint(source, tmp_path / "refused.gguf")
     assert "allow_pickle" in caught.value.hint
     report = convert_checkpoint(source, tmp_path / "allowed.gguf", allow_pickle=True)
-    reference = convert_checkpoint(llama_smollm_dir, tmp_path / "reference.gguf")
-    from gguf import GGUFReader
-
-    allowed = {t.name: t.data for t in GGUFReader(str(report.path)).tensors}
-    expected = {t.name: t.data for t in GGUFReader(str(reference.path)).tensors}
+    reference_source, reference = converted("llama-smollm")  # the safetensors checkpoint, converted to f16 likewise
+    assert reference_source == llama_smollm_dir and reference.outtype == report.outtype == "F16"
+    allowed = {name: values for name, (_, values) in gguf_tensor_values(report.path).items()}
+    expected = {name: values for name, (_, values) in gguf_tensor_values(reference.path).items()}
     assert sorted(allowed) == sorted(expected) and len(allowed) == 20
     assert all(np.array_equal(allowed[name], expected[name]) for name in expected)
