@@ -39,12 +39,12 @@ PAD = {"bert": "[PAD]", "distilbert": "[PAD]", "roberta": "<pad>", "xlm-roberta"
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(manifest, bundle folder) of a tiny ``family`` checkpoint with the head of ``task``, exported on first use."""
-    done = {}
+    done, tokenizers = {}, {}
 
     def get(family: str, task: str):
         if (family, task) not in done:
             root = tmp_path_factory.mktemp(f"{family}-{task}")
-            source = tiny_models.build_encoder(family, task, root / "hf")
+            source = tiny_models.build_encoder(family, task, root / "hf", tokenizers)
             recipe = write_recipe(root / "recipe.yaml", source, name=f"{family}-{task}", task=task,
                                   validation={"samples_file": str(REPO / "recipes/data/validation-sentences.txt"),
                                               "gates": GATES[task]})

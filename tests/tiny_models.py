@@ -294,15 +294,26 @@ def _encoder_config(family: str, n_vocab: int, labels: list[str]):
 ENCODER_FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "deberta-v2")
 
 
-def build_encoder(family: str, task: str, out: Path) -> Path:
-    """Write a tiny random ``family`` checkpoint with the head of ``task`` (fp32 safetensors + tokenizer) into ``out``."""
+def build_encoder(family: str, task: str, out: Path, tokenizers: dict | None = None) -> Path:
+    """Write a tiny random ``family`` checkpoint with the head of ``task`` (fp32 safetensors + tokenizer) into ``out``.
+
+    ``tokenizers`` ({family: (tokenizer files, vocabulary size)}, filled here) lets several heads of one family share
+    one trained tokenizer: training is the same on every run, so copying it equals training it again.
+    """
     import torch
     import transformers
 
     from edgekit.formats import TASKS
 
     out.mkdir(parents=True, exist_ok=True)
-    n_vocab = encoder_tokenizer(family, out)
+    if tokenizers is not None and family in tokenizers:
+        files, n_vocab = tokenizers[family]
+        for file in files:
+            shutil.copy(file, out / file.name)
+    else:
+        n_vocab = encoder_tokenizer(family, out)
+        if tokenizers is not None:
+            tokenizers[family] = (sorted(out.iterdir()), n_vocab)
     labels = ENCODER_LABELS.get(task, [])
     config = _encoder_config(family, n_vocab, labels)
     torch.manual_seed(0)
