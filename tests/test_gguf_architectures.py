@@ -111,15 +111,27 @@ def _greedy(scorer, prompt: list[int], steps: int) -> list[int]:
     return tokens[len(prompt):]
 
 
+@pytest.fixture(scope="module")
+def quantized(tiny, tmp_path_factory):
+    """llama.cpp's ``quant`` quantization of a tiny case's f16 file, made once for the module: a path."""
+    done = {}
+
+    def get(case: str, quant: str) -> Path:
+        if (case, quant) not in done:
+            path = tmp_path_factory.mktemp(f"{case}-{quant}") / f"{quant}.gguf"
+            quantize(tiny(case)[1].path, path, quant)
+            done[case, quant] = path
+        return done[case, quant]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", tiny_models.CASES)
-def test_fit_predicts_what_the_converter_and_quantizer_write(tiny, case, tmp_path):
+def test_fit_predicts_what_the_converter_and_quantizer_write(tiny, quantized, case):
     source, report = tiny(case)
     config = json.loads((source / "config.json").read_text())
-    files = {"F16": report.path}
-    for quant in ("Q8_0", "Q4_K_M"):
-        files[quant] = tmp_path / f"{quant}.gguf"
-        quantize(report.path, files[quant], quant)
+    files = {"F16": report.path, **{quant: quantized(case, quant) for quant in ("Q8_0", "Q4_K_M")}}
     definition = architecture_for(config)
     shape = definition.shape(config)
     for quant, path in files.items():
@@ -138,10 +150,9 @@ def test_fit_predicts_what_the_converter_and_quantizer_write(tiny, case, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", tiny_models.CASES)
-def test_quantized_files_generate_in_llama_cpp(tiny, case, tmp_path):
+def test_quantized_files_generate_in_llama_cpp(tiny, quantized, case):
     source, report = tiny(case)
-    path = tmp_path / "q8.gguf"
-    quantize(report.path, path, "Q8_0")
+    path = quantized(case, "Q8_0")
     normalization = report.vocabulary.text_normalization
     windows = quality.text_windows(report.path, EVAL_TEXT, 128, max_tokens=256, normalization=normalization)
     scorers = {"f16": quality.GgufScorer(report.path, 128), "q8": quality.GgufScorer(path, 128)}
