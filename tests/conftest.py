@@ -102,16 +102,26 @@ def tiny(tmp_path_factory, sample_store):
     return get
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llama_smollm_dir(tmp_path_factory, sample_store) -> Path:
-    """A tiny random llama with SmolLM2's tokenizer (byte-level BPE, GQA, tied embeddings)."""
+    """A tiny random llama with SmolLM2's tokenizer (byte-level BPE, GQA, tied embeddings); read-only for the tests.
+
+    Built once per run; pytest-xdist workers wait on a file lock for the first builder.
+    """
     import torch
+    from filelock import FileLock
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("llama-smollm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        shutil.copy(sample_store / SMOLLM / name, out / name)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **TINY)
-    save_checkpoint(LlamaForCausalLM(config), out)
+    out = shared_temp(tmp_path_factory) / "llama-smollm"
+    with FileLock(f"{out}.lock"):
+        if not out.is_dir():
+            partial = out.with_name(f"{out.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                shutil.copy(sample_store / SMOLLM / name, partial / name)
+            torch.manual_seed(0)
+            config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **TINY)
+            save_checkpoint(LlamaForCausalLM(config), partial)
+            partial.rename(out)
     return out
