@@ -94,3 +94,17 @@ def gguf_tensor_values(path: Path, names=None) -> dict:
     data = np.memmap(path, dtype=np.uint8, mode="r")
     return {t.name: (t, np.asarray(dequantize(data[t.offset : t.offset + t.nbytes], GGMLQuantizationType[t.ggml_type]), np.float32))
             for t in header.tensors if names is None or t.name in names}
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Every metadata value of a GGUF file, long arrays (tokens, merges) in full, through edgekit's header parser.
+
+    The parser summarises arrays longer than KEEP_ARRAY_ITEMS by type and length; raised here, it keeps them, in
+    milliseconds where gguf's GGUFReader takes seconds on a 49,152-token vocabulary.
+    """
+    from unittest import mock
+
+    from edgekit.runtime import gguf_file
+
+    with mock.patch.object(gguf_file, "KEEP_ARRAY_ITEMS", gguf_file.MAX_ARRAY_ITEMS):
+        return gguf_file.read_gguf_header(path).metadata
