@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 
 import pytest
@@ -252,25 +253,23 @@ def test_a_step_never_carries_more_tokens_than_one_llama_decode_takes(gguf):
     """Three streams decoding while a long prompt is evaluated: each step's decode tokens and prompt slice together stay
     within n_batch (llama.cpp aborts the process past it). The four requests are queued before the decode thread
     takes any, so the steps that mix them always happen."""
-    from edgekit.runtime.llm_batch import _Request
-
     engine = BatchedGguf(GgufModel(gguf, n_ctx=1024, threads=1, prompt_cache_contexts=0), 4)
     try:
         model = engine.model
         story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 24
         long_prompt = long_chat(model, story, "Who is Mira?")
         assert len(long_prompt) > 500
-        requests = [_Request(p, Sampling(max_tokens=20, temperature=0), lambda: False) for p in prompts(model, 3)]
-        requests.append(_Request(long_prompt, Sampling(max_tokens=4, temperature=0), lambda: False))
-        with engine._cond:
-            engine._waiting.extend(requests)
-            engine._cond.notify()
+        requests = [(p, 20) for p in prompts(model, 3)] + [(long_prompt, 4)]
+        events = [queue.SimpleQueue() for _ in requests]
+        with engine._cond:  # held: the decode thread takes none of them before all four are queued
+            for (prompt, max_tokens), queued in zip(requests, events):
+                engine.start(prompt, Sampling(max_tokens=max_tokens, temperature=0), lambda: False, queued.put)
         finishes = []
-        for request in requests:
-            while not isinstance(event := request.events.get(timeout=300), Finish):
+        for queued in events:
+            while not isinstance(event := queued.get(timeout=300), Finish):
                 assert isinstance(event, Delta), event
             finishes.append(event)
-        assert [f.prompt_tokens for f in finishes] == [len(r.prompt) for r in requests]
+        assert [f.prompt_tokens for f in finishes] == [len(prompt) for prompt, _ in requests]
         assert all(f.reason in ("length", "stop") for f in finishes)
     finally:
         engine.close()

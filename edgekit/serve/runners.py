@@ -130,9 +130,30 @@ class GenerationRunner:
         if not job.wait_proceed():
             send(Done(id=job.id, finish=Finish("cancelled", len(tokens), 0)))
             return
-        generate = self.engine.generate if self.engine is not None else model.generate
-        for event in generate(tokens, message.sampling, job.cancelled):
+        if self.engine is not None:
+            self.stream_batched(job, tokens, send)
+            return
+        for event in model.generate(tokens, message.sampling, job.cancelled):
             send(DeltaMessage(id=job.id, delta=event) if isinstance(event, Delta) else Done(id=job.id, finish=event))
+
+    def stream_batched(self, job: Job, tokens: list[int], send: Send) -> None:
+        """Deltas go out from the decode thread as they are made: a hand-off to this slot thread per token cost a
+        thread wake-up and GIL ping-pong with the decode thread. The slot thread waits for the end and sends ``Done``."""
+        ended = threading.Event()
+        outcome: list[Finish | BaseException] = []
+
+        def emit(event: Delta | Finish | BaseException) -> None:
+            if isinstance(event, Delta):
+                send(DeltaMessage(id=job.id, delta=event))
+            else:
+                outcome.append(event)
+                ended.set()
+
+        self.engine.start(tokens, job.message.sampling, job.cancelled, emit)
+        ended.wait()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        send(Done(id=job.id, finish=outcome[0]))
 
 
 # Private-use characters around a message's index: what a chat template renders in place of its content.
