@@ -114,6 +114,17 @@ def test_llama3_template_renders_the_tools_calls_and_results(vendored):
     assert '<|start_header_id|>ipython<|end_header_id|>\n\n"18 degrees"<|eot_id|>' in prompt
 
 
+def test_history_renders_through_the_template_without_tools(vendored):
+    """tool_choice none (or no tools) offers no tools, but earlier calls and results are still the template's turns."""
+    for chat in (body(messages=ROUND_TRIP, tool_choice="none"), body(messages=ROUND_TRIP, tools=None)):
+        plan = chat.structured(HERMES)
+        assert plan.grammar is None and plan.template_tools is None
+        prompt = render(vendored["Qwen-Qwen2.5-7B-Instruct.jinja"], chat, HERMES)
+        assert "<tools>" not in prompt
+        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>' in prompt
+        assert "<tool_response>\n18 degrees\n</tool_response>" in prompt
+
+
 def test_test_template_renders_like_qwen(vendored):
     """The template the real-model tests run is laid out like Qwen2.5's for calls and results."""
     chat = body(messages=ROUND_TRIP)
@@ -272,10 +283,10 @@ def test_hermes_round_trip_renders_through_the_template(client, vocab):
     assert response.status_code == 200, response.text
     out = response.json()
     assert out["choices"][0]["message"]["content"] and "tool_calls" not in out["choices"][0]["message"]
-    # tool_choice none sends no tools: the prompt is the template's rendering of the calls and results alone.
-    prompt = ChatTemplate(HERMES_TEMPLATE).render(body(messages=ROUND_TRIP, tool_choice="none").template_messages(
-        body(messages=ROUND_TRIP, tool_choice="none").structured(HERMES)))
-    assert "<tool_response>" in prompt
+    # tool_choice none gives the template no tools; the calls and results still render through it.
+    chat = body(messages=ROUND_TRIP, tool_choice="none")
+    prompt = ChatTemplate(HERMES_TEMPLATE).render(chat.template_messages(chat.structured(HERMES)))
+    assert "<tools>" not in prompt and "<tool_call>\n" in prompt and "<tool_response>" in prompt
     assert out["usage"]["prompt_tokens"] == len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
     with_tools = post(client, messages=ROUND_TRIP, tool_choice="required")
     assert with_tools.json()["usage"]["prompt_tokens"] == prompt_tokens(vocab, ROUND_TRIP)

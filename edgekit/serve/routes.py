@@ -347,8 +347,9 @@ async def chat_completions(request: Request, svc: Svc) -> Response | ChatComplet
     check_chars(svc, body.chars(), "messages")
     plan = body.structured()  # schema checks and grammar here: a 400 before the request is queued
     entry = await model_entry(svc, request, body.model, GENERATION_TASKS, "/v1/chat/completions")
-    if plan.tools and (fmt := tool_format(entry)) is not plan.format:
-        plan = body.structured(fmt)  # the same checks passed: only the grammar and the turns change
+    if (fmt := tool_format(entry)) is not plan.format:  # earlier calls and results render in it even without tools
+        # The same checks passed: with tools only the grammar and the turns change.
+        plan = body.structured(fmt) if plan.tools else plan.model_copy(update={"tool_format": fmt.name})
     given = {"tools": plan.template_tools} if plan.template_tools is not None else {}
     job = partial(Generate, messages=body.template_messages(plan), sampling=body.sampling(plan), **given)
     generation = await unless_client_leaves(request, svc.admission.start_generation(entry, job, "messages"), Generation.finish)

@@ -265,16 +265,16 @@ class ChatBody(GenerationBody):
             return Structured(grammar=plan.grammar, tools=True, system=plan.system, tool_format=fmt.name,
                               template_tools=given)
         if isinstance(response_format, JsonObjectFormat):
-            return Structured(grammar=structured.schema_grammar(structured.JSON_OBJECT_GRAMMAR_SCHEMA))
+            return Structured(grammar=structured.schema_grammar(structured.JSON_OBJECT_GRAMMAR_SCHEMA), tool_format=fmt.name)
         if isinstance(response_format, JsonSchemaFormat):
             param = "response_format.json_schema.schema"
             if response_format.json_schema.schema_ is None:
                 raise bad_param(param, "json_schema needs a schema", "missing_parameter")
             try:
-                return Structured(grammar=structured.schema_grammar(response_format.json_schema.schema_))
+                return Structured(grammar=structured.schema_grammar(response_format.json_schema.schema_), tool_format=fmt.name)
             except structured.UnsupportedSchema as exc:
                 raise _schema_error(param, exc) from None
-        return Structured()
+        return Structured(tool_format=fmt.name)
 
     def chars(self) -> int:
         return sum(len(m.text) + sum(len(c.function.arguments) for c in m.tool_calls or ()) for m in self.messages)
@@ -282,7 +282,7 @@ class ChatBody(GenerationBody):
     def template_messages(self, plan: Structured | None = None) -> list[dict[str, Any]]:
         """The turns the chat template renders. Calls and results: with a native tool format, as the template's own
         ``tool_calls`` and ``tool`` turns; else written out in the generic tool-call format."""
-        if plan is not None and plan.tools and plan.format.native:
+        if plan is not None and plan.format.native:
             return [self.native_turn(m) for m in self.messages]
         turns = []
         for m in self.messages:
