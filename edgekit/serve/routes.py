@@ -36,7 +36,7 @@ from edgekit.serve.errors import ApiError, bad_param
 from edgekit.serve.guard import allowed_host, authenticated, body_within_limit, json_body, read_body, same_origin
 from edgekit.serve.lifecycle import Lifecycle, ModelEntry
 from edgekit.serve.metrics import ServeMetrics
-from edgekit.serve.protocol import ChatTurn, DeltaMessage, Done, Generate
+from edgekit.serve.protocol import DeltaMessage, Done, Generate
 from edgekit.serve.schemas import (
     AssistantMessage,
     ChatBody,
@@ -329,15 +329,9 @@ def tool_stream_response(generation: Generation, events: ChatEvents, include_usa
                              background=BackgroundTask(generation.finish))
 
 
-# The worker renders the template with the tools and structured calls once its protocol carries them
-# (Generate.tools, ChatTurn.tool_calls/tool_call_id); until then every template gets the generic format.
-WORKER_RENDERS_TOOLS = "tools" in Generate.model_fields and "tool_calls" in ChatTurn.model_fields
-
-
 def tool_format(entry: ModelEntry) -> tool_formats.ToolFormat:
     """The tool format of a model: its chat template's own where it has one (read from the manifest), else generic."""
-    fmt = tool_formats.detect(entry.manifest.runtime.chat_template)
-    return fmt if WORKER_RENDERS_TOOLS or not fmt.native else tool_formats.GENERIC
+    return tool_formats.detect(entry.manifest.runtime.chat_template)
 
 
 @api.post("/v1/chat/completions", response_model=ChatCompletion)
