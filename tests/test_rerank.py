@@ -4,12 +4,11 @@ recipe, gated on score agreement with PyTorch, served by the daemon at /v1/reran
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 import tiny_models
 from helpers import REPO, write_recipe
-from serve_fixtures import Daemon
+from serve_fixtures import HTTP, Daemon
 
 from edgekit.export import export
 from edgekit.runtime.golden import check_bundle
@@ -91,7 +90,7 @@ def test_a_pair_recipe_without_tabs_is_a_recipe_error(tmp_path, cross_encoders):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rerank_scores_match_pytorch_through_the_daemon(daemon, cross_encoders, family):
     manifest, where, source = cross_encoders[family]
-    response = httpx.post(f"{daemon.url}/v1/rerank", timeout=60, json={
+    response = HTTP.post(f"{daemon.url}/v1/rerank", timeout=60, json={
         "model": where.name, "query": QUERY, "documents": DOCUMENTS, "top_n": 3, "return_documents": True})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -110,7 +109,7 @@ def test_rerank_scores_match_pytorch_through_the_daemon(daemon, cross_encoders, 
 
 def test_tei_rerank_shape_and_texts_alias(daemon, cross_encoders):
     _, where, source = cross_encoders["bert"]
-    response = httpx.post(f"{daemon.url}/rerank", timeout=60, json={"model": where.name, "query": QUERY, "texts": DOCUMENTS})
+    response = HTTP.post(f"{daemon.url}/rerank", timeout=60, json={"model": where.name, "query": QUERY, "texts": DOCUMENTS})
     assert response.status_code == 200, response.text
     ranks = response.json()
     assert sorted(r["index"] for r in ranks) == list(range(len(DOCUMENTS)))
@@ -133,13 +132,13 @@ def test_rerank_bad_input_is_400_naming_param_and_the_daemon_keeps_serving(daemo
         ({"model": where.name, "query": QUERY, "documents": ["d"], "top_n": 0}, "top_n"),
     ]
     for body, param in cases:
-        response = httpx.post(url, json=body, timeout=60)
+        response = HTTP.post(url, json=body, timeout=60)
         assert response.status_code == 400, (body, response.text)
         error = response.json()["error"]
         assert error["param"] == param, error
-    wrong_task = httpx.post(f"{daemon.url}/v1/classify", json={"model": where.name, "input": "x"}, timeout=60)
+    wrong_task = HTTP.post(f"{daemon.url}/v1/classify", json={"model": where.name, "input": "x"}, timeout=60)
     assert wrong_task.status_code == 400 and wrong_task.json()["error"]["param"] == "model"
-    assert httpx.get(f"{daemon.url}/health", timeout=10).json()["status"] == "ok"
-    again = httpx.post(url, json={"model": where.name, "query": QUERY, "documents": DOCUMENTS[:2]}, timeout=60)
+    assert HTTP.get(f"{daemon.url}/health", timeout=10).json()["status"] == "ok"
+    again = HTTP.post(url, json={"model": where.name, "query": QUERY, "documents": DOCUMENTS[:2]}, timeout=60)
     assert again.status_code == 200 and len(again.json()["results"]) == 2
     assert daemon.proc.poll() is None

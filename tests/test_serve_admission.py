@@ -19,8 +19,23 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import (BASE, FAKE, FAKE_PLUGIN, OTHER, Background, Daemon, Gates, chat, completion, fake_settings,
-                            parse_metric, refused, states, wait_until)
+from serve_fixtures import (
+    BASE,
+    FAKE,
+    FAKE_PLUGIN,
+    HTTP,
+    OTHER,
+    Background,
+    Daemon,
+    Gates,
+    chat,
+    completion,
+    fake_settings,
+    parse_metric,
+    refused,
+    states,
+    wait_until,
+)
 
 from edgekit.serve.app import create_app
 
@@ -230,7 +245,7 @@ def test_disconnect_cancels_streamed_generation(fake_daemon):
     wait_until(lambda: daemon.metric("edgekit_generations_total", model=FAKE, finish_reason="cancelled") == cancelled + 1,
                "the generation is cancelled")
     assert daemon.metric("edgekit_tokens_generated_total", model=FAKE) - tokens == 3
-    after = httpx.post(f"{daemon.url}/v1/chat/completions", json=body("after", max_tokens=2), timeout=60)
+    after = HTTP.post(f"{daemon.url}/v1/chat/completions", json=body("after", max_tokens=2), timeout=60)
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
 
 
@@ -254,7 +269,7 @@ def test_disconnect_cancels_non_streamed_generation(fake_daemon):
 def _stream_into(url: str, events: list[str], text: str, max_tokens: int) -> threading.Thread:
     def run() -> None:
         try:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
+            with HTTP.stream("POST", f"{url}/v1/chat/completions", timeout=120,
                               json=body(text, max_tokens=max_tokens, stream=True)) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
