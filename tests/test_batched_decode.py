@@ -211,7 +211,7 @@ def test_the_daemon_at_its_defaults_batches_four_streams_of_one_model(smollm_bun
     import json
 
     from fastapi.testclient import TestClient
-    from serve_fixtures import link_bundles
+    from serve_fixtures import link_bundles, wait_until
 
     from edgekit.serve.app import create_app
     from edgekit.serve.settings import ServeSettings
@@ -222,10 +222,7 @@ def test_the_daemon_at_its_defaults_batches_four_streams_of_one_model(smollm_bun
     assert settings.slots == 4
     results: dict[int, tuple[int, str, int, bool]] = {}
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as client:
-        for _ in range(600):
-            if client.get("/health").status_code == 200:
-                break
-            threading.Event().wait(0.2)
+        wait_until(lambda: client.get("/health").status_code == 200, "the model is loaded", 120)
 
         def run(i: int) -> None:
             body = {"model": name, "messages": [{"role": "user", "content": f"Story {i}: a lighthouse keeper."}],
