@@ -253,13 +253,18 @@ def test_a_step_never_carries_more_tokens_than_one_llama_decode_takes(gguf):
     """Three streams decoding while a long prompt is evaluated: each step's decode tokens and prompt slice together stay
     within n_batch (llama.cpp aborts the process past it). The four requests are queued before the decode thread
     takes any, so the steps that mix them always happen."""
+    from edgekit.runtime.llm import PREFILL_CHUNK
+
     engine = BatchedGguf(GgufModel(gguf, n_ctx=1024, threads=1, prompt_cache_contexts=0), 4)
     try:
         model = engine.model
-        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 24
+        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 20
         long_prompt = long_chat(model, story, "Who is Mira?")
-        assert len(long_prompt) > 500
-        requests = [(p, 20) for p in prompts(model, 3)] + [(long_prompt, 4)]
+        short = prompts(model, 3)
+        # the first step takes the short prompts and the long one's first slice; the next has 3 decode tokens and
+        # still a full slice of prompt to fit next to them
+        assert len(long_prompt) - (PREFILL_CHUNK - sum(map(len, short))) >= PREFILL_CHUNK
+        requests = [(p, 20) for p in short] + [(long_prompt, 4)]
         events = [queue.SimpleQueue() for _ in requests]
         with engine._cond:  # held: the decode thread takes none of them before all four are queued
             for (prompt, max_tokens), queued in zip(requests, events):
