@@ -89,7 +89,8 @@ def test_a_tampered_golden_record_exits_1_naming_it(tmp_path, minilm_bundle, smo
     assert by_name[SMOLLM_NAME]["golden"]["recorded"] is False and by_name[SMOLLM_NAME]["exit_code"] == 0  # not a failure
     assert by_name[Q4KM]["measured"] == {}  # --no-speed
 
-    table = run_doctor(str(models), "--no-speed")
+    failing = link_bundles(tmp_path / "failing", models / Q4KM, smollm_bundle)  # the table: a failed record, one not recorded
+    table = run_doctor(str(failing), "--no-speed")
     assert table.returncode == 1
     assert "FAIL" in table.stdout and "not recorded" in table.stdout
 
