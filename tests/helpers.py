@@ -58,7 +58,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, unset: tuple[str, ...
 
     Half a second of interpreter start and imports cheaper than ``python -m edgekit``; the tests that use it keep a few
     real subprocess runs of the same commands. ``env`` is applied to os.environ for the call (settings read it) after
-    the variables in ``unset`` are removed; ``columns`` is the terminal width rich and typer see (wide: messages stay on one line).
+    the variables in ``unset`` are removed; ``columns`` is the terminal width rich and typer see (wide: messages stay
+    on one line).
     """
     import contextlib
     import io
@@ -83,10 +84,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None, unset: tuple[str, ...
             cli.main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):  # sys.exit("message"): Python prints it to stderr
+            stderr.write(exc.code + "\n")
     finally:
         os.chdir(saved_cwd)
         sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(saved_env)
+        for name in set(os.environ) - set(saved_env):  # key by key: other threads may read the environment meanwhile
+            del os.environ[name]
+        os.environ.update({name: value for name, value in saved_env.items() if os.environ.get(name) != value})
         cli.out._width, cli.err._width = saved_widths
     return subprocess.CompletedProcess(["edgekit", *map(str, args)], code, stdout.getvalue(), stderr.getvalue())

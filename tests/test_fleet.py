@@ -105,7 +105,7 @@ def registry(tmp_path_factory):
 
 
 def edgekit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The CLI run in this process (helpers.run_cli); stderr with rich's line wrapping undone, so messages can be matched whole."""
+    """The CLI in this process (helpers.run_cli); stderr with rich's line wrapping undone, so messages can be matched whole."""
     done = run_cli(*args, env={"DOCKER_CONFIG": "/nonexistent", **(env or {})})
     done.stderr = " ".join(done.stderr.split())
     return done

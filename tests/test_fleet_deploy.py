@@ -156,7 +156,7 @@ def test_overlays_build_with_kustomize_and_validate(overlay):
 
 
 def edgekit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The CLI in this process (helpers.run_cli); test_fleet_manifests_sizes_memory_from_the_daemons_footprint runs a subprocess."""
+    """The CLI in this process (helpers.run_cli); the footprint test runs `fleet manifests` in a subprocess."""
     return run_cli(*args, env=env)
 
 

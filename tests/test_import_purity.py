@@ -60,6 +60,7 @@ def test_the_check_sees_a_forbidden_import():
     in a forked child alike; a child loads only what its own group imports."""
     assert {"edgekit.export", "edgekit.export.onnx"} <= set(loaded_by(("edgekit.export.onnx",)))
     groups = [["edgekit.export.onnx"], ["edgekit.runtime.cpu"]]
-    done = subprocess.run([sys.executable, str(LISTER), "--groups", json.dumps(groups)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, str(LISTER), "--groups", json.dumps(groups)], capture_output=True, text=True,
+                          check=True)
     onnx, cpu = map(set, json.loads(done.stdout))
     assert {"edgekit.export", "edgekit.export.onnx"} <= onnx and "edgekit.export" not in cpu and "edgekit.runtime.cpu" in cpu

@@ -3,9 +3,10 @@
 For each of Python 3.11, 3.12 and 3.13: build the wheel once, install it (no runtime/export extras, the
 tested dependency set from constraints.txt) into a new venv under a temporary folder, and run the
 installed `edgekit` there with the checkout off sys.path. The venvs are made without pip of their own
-(this checkout's pip installs into them with --python: seconds of ensurepip and bytecode saved per venv). The shipped device catalog and recipe
-library must come from inside the installed package and give the same numbers as the checkout.
-The CI example docs/ci/github-fit-gate.yml is run step by step with the installed wheel too.
+(this checkout's pip installs into them with --python: seconds of ensurepip and bytecode saved per venv).
+The shipped device catalog and recipe library must come from inside the installed package and give the
+same numbers as the checkout. The CI example docs/ci/github-fit-gate.yml is run step by step with the
+installed wheel too.
 """
 
 from __future__ import annotations
@@ -261,11 +262,13 @@ def test_ci_fit_gate_example_runs_verbatim_with_the_wheel(install, tmp_path):
         for step in runs[1:]:
             if label == "wheel":
                 run_env = clean_env(env.home, env.bin) | {"GITHUB_STEP_SUMMARY": str(workspace / "summary.md")}
-                done = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=workspace, env=run_env, capture_output=True, text=True)
+                done = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=workspace, env=run_env, capture_output=True,
+                                      text=True)
             else:
                 done = step_with_checkout_cli(step["run"], workspace, tmp_path / f"calls-{len(codes)}", env.home)
             assert "Traceback" not in done.stdout + done.stderr, done.stderr
-            codes.append((step.get("name"), done.returncode, [line for line in done.stdout.splitlines() if line.startswith("::")]))
+            annotations = [line for line in done.stdout.splitlines() if line.startswith("::")]
+            codes.append((step.get("name"), done.returncode, annotations))
         reports = {p.name: p.read_text() for p in sorted((workspace / "reports").glob("*.xml"))}
         results[label] = codes, reports, (workspace / "summary.md").read_text()
 
