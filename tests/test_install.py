@@ -16,11 +16,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, run_cli
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,8 @@ WORKFLOW = REPO / "docs" / "ci" / "github-fit-gate.yml"
 
 # Lists every file a shipped recipe names, run inside the installed venv and in the checkout.
 RECIPE_FILES = Path(__file__).with_name("shipped_recipe_files.py")
+# Answers recorded `edgekit` calls with the edgekit of the python that runs it, all in one process.
+CLI_CALLS = Path(__file__).with_name("cli_calls.py")
 
 
 def find_python(version: str) -> str | None:
@@ -93,6 +96,19 @@ class Installed:
         return subprocess.run([str(self.bin / "edgekit"), *args], cwd=self.cwd, env=clean_env(self.home),
                               capture_output=True, text=True)
 
+    def run_together(self, *calls: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+        """Several `edgekit ARGS` answered by the installed edgekit.cli.main in one process of the venv (tests/cli_calls.py)."""
+        folder = Path(tempfile.mkdtemp(dir=self.root))
+        for n, args in enumerate(calls):
+            (folder / f"{n}.args").write_text("".join(f"{a}\0" for a in args))
+            (folder / f"{n}.cwd").write_text(str(self.cwd))
+        done = subprocess.run([str(self.bin / "python"), str(CLI_CALLS), str(folder)], cwd=self.cwd, env=clean_env(self.home),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return [subprocess.CompletedProcess(["edgekit", *args], int((folder / f"{n}.code").read_text()),
+                                            (folder / f"{n}.out").read_text(), (folder / f"{n}.err").read_text())
+                for n, args in enumerate(calls)]
+
     def script(self, path: Path) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.bin / "python"), str(path)], cwd=self.cwd, env=clean_env(self.home),
                               capture_output=True, text=True)
@@ -143,14 +159,13 @@ def test_installed_cli_lists_the_shipped_catalog(install, version):
     where = [env.facts["devices"], env.facts["recipes"]]
     assert [Path(p).relative_to(env.venv).parts[-3:] for p in where] == [("edgekit", "shipped", "devices"),
                                                                           ("edgekit", "shipped", "recipes")]
-    recipes = env.run("recipes", "list", "--json")
+    # the console script above; the other commands answered by the installed CLI in one process
+    recipes, version_line, typo = env.run_together(("recipes", "list", "--json"), ("--version",), ("devicez",))
     assert recipes.returncode == 0, recipes.stderr
     assert sorted(row["file"] for row in json.loads(recipes.stdout) if row["error"] is None) == \
         sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
 
-    version_line = env.run("--version")
     assert version_line.returncode == 0 and version_line.stdout == f"edgekit {env.facts['version']}\n"
-    typo = env.run("devicez")
     assert typo.returncode == 2 and "Did you mean 'devices'" in typo.stderr and "Traceback" not in typo.stdout + typo.stderr
 
 
@@ -175,7 +190,7 @@ def test_installed_fit_of_a_shipped_recipe_matches_the_checkout(install, version
     recipe = Path(env.facts["recipes"]) / FIT_RECIPE
     assert recipe.is_relative_to(env.venv) and recipe.read_bytes() == (REPO / "recipes" / FIT_RECIPE).read_bytes()
 
-    installed = env.run("fit", "--recipe", str(recipe), "--device", FIT_DEVICE, "--json")
+    (installed,) = env.run_together(("fit", "--recipe", str(recipe), "--device", FIT_DEVICE, "--json"))
     assert installed.returncode == 0, installed.stderr
     got, want = json.loads(installed.stdout), checkout["fit"]
     assert [r["subject"] for r in got] == ["smollm2-135m-instruct-q8-0", "smollm2-135m-instruct-q4-k-m"]
@@ -212,38 +227,35 @@ exit "$(cat "$EDGEKIT_CALLS/$n.code")"
 """
 
 
-def step_with_checkout_cli(script: str, workspace: Path, calls: Path, home: Path) -> subprocess.CompletedProcess:
-    """A workflow step run by bash as written, its `edgekit` calls answered by the checkout's CLI in this process.
+def run_step(script: str, workspace: Path, calls: Path, env: dict[str, str], python: str) -> subprocess.CompletedProcess:
+    """A workflow step run by bash as written, its `edgekit` calls answered by ``python``'s edgekit in one process.
 
     bash runs the step twice: first with an `edgekit` that records each call's arguments and folder (every call
-    returns 0; the step's calls do not depend on earlier exit codes), then with one that replays what the checkout's
-    CLI (helpers.run_cli, in that folder and the step's environment) printed and returned for each call in turn.
+    returns 0; the step's calls do not depend on earlier exit codes), then, once tests/cli_calls.py has run every
+    recorded call through edgekit.cli.main, with one that replays what each call printed and returned, in turn.
+    Each call answered costs a tenth of an `edgekit` process start.
     """
     shims = {"record": calls / "record-bin", "replay": calls / "replay-bin"}
     for kind, text in (("record", RECORDING_SHIM), ("replay", REPLAYING_SHIM)):
         shims[kind].mkdir(parents=True)
         (shims[kind] / "edgekit").write_text(text)
         (shims[kind] / "edgekit").chmod(0o755)
-    step_env = checkout_env(home) | {"GITHUB_STEP_SUMMARY": str(workspace / "summary.md"), "EDGEKIT_CALLS": str(calls)}
+    env = env | {"EDGEKIT_CALLS": str(calls)}
 
     def bash(kind: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "-e", "-c", script], cwd=workspace, capture_output=True, text=True,
-                              env=step_env | {"PATH": f"{shims[kind]}{os.pathsep}{step_env['PATH']}"})
+                              env=env | {"PATH": f"{shims[kind]}{os.pathsep}{env['PATH']}"})
 
     recorded = bash("record")
     assert recorded.returncode == 0, recorded.stderr
-    for n in range(len(list(calls.glob("*.args")))):
-        args = (calls / f"{n}.args").read_text().split("\0")[:-1]
-        done = run_cli(*args, cwd=Path((calls / f"{n}.cwd").read_text().strip()), env=step_env, columns=200)
-        (calls / f"{n}.out").write_text(done.stdout)
-        (calls / f"{n}.err").write_text(done.stderr)
-        (calls / f"{n}.code").write_text(str(done.returncode))
+    answered = subprocess.run([python, str(CLI_CALLS), str(calls)], cwd=workspace, env=env, capture_output=True, text=True)
+    assert answered.returncode == 0, answered.stderr
     return bash("replay")
 
 
 def test_ci_fit_gate_example_runs_verbatim_with_the_wheel(install, tmp_path):
-    """docs/ci/github-fit-gate.yml: its run steps, unchanged, behave with the installed wheel as with the checkout (the
-    checkout's CLI answering the same calls in this process)."""
+    """docs/ci/github-fit-gate.yml: its run steps, unchanged, behave with the installed wheel as with the checkout (each
+    step's edgekit calls answered in one process of the venv's python, or of this python with the checkout)."""
     workflow = yaml.safe_load(WORKFLOW.read_text(encoding="utf-8"))
     steps = workflow["jobs"]["fit"]["steps"]
     version = next(s["with"]["python-version"] for s in steps if s.get("uses", "").startswith("actions/setup-python"))
@@ -253,19 +265,15 @@ def test_ci_fit_gate_example_runs_verbatim_with_the_wheel(install, tmp_path):
     env = install(str(version))
 
     results = {}
-    for label in ("wheel", "checkout"):
+    for label, python, make_env in (("wheel", str(env.bin / "python"), clean_env), ("checkout", sys.executable, checkout_env)):
         # A checkout of the repository as the runner sees it, plus the bundles artifact (manifests only).
         workspace = tmp_path / label
         shutil.copytree(REPO / "recipes", workspace / "recipes")
         shutil.copytree(REPO / "tests" / "golden" / "bundles", workspace / "bundles")
+        run_env = make_env(env.home) | {"GITHUB_STEP_SUMMARY": str(workspace / "summary.md")}
         codes = []
         for step in runs[1:]:
-            if label == "wheel":
-                run_env = clean_env(env.home, env.bin) | {"GITHUB_STEP_SUMMARY": str(workspace / "summary.md")}
-                done = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=workspace, env=run_env, capture_output=True,
-                                      text=True)
-            else:
-                done = step_with_checkout_cli(step["run"], workspace, tmp_path / f"calls-{len(codes)}", env.home)
+            done = run_step(step["run"], workspace, tmp_path / f"{label}-calls-{len(codes)}", run_env, python)
             assert "Traceback" not in done.stdout + done.stderr, done.stderr
             annotations = [line for line in done.stdout.splitlines() if line.startswith("::")]
             codes.append((step.get("name"), done.returncode, annotations))
