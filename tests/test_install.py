@@ -152,7 +152,7 @@ def test_installed_cli_lists_the_shipped_catalog(install, version):
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     repo_ids = sorted(p.stem for p in (REPO / "devices").glob("*.yaml"))
-    assert len(rows) == len(repo_ids) == 14
+    assert repo_ids and len(rows) == len(repo_ids)
     assert sorted(row["id"] for row in rows) == repo_ids
     assert all(row["error"] is None for row in rows)
 
@@ -207,7 +207,7 @@ def test_installed_recipes_find_their_data_files(install, version, checkout):
     got, want = json.loads(installed.stdout), checkout["recipe_files"]
     assert Path(got["folder"]).is_relative_to(env.venv) and Path(want["folder"]) == REPO / "recipes"
     assert got["files"] == want["files"]
-    assert len(got["files"]) >= 13  # one validation or calibration text per shipped recipe at least
+    assert got["files"]  # the shipped recipes name validation and calibration texts
     assert all(entry["inside"] and entry["bytes"] for entry in got["files"].values())
 
 
@@ -285,6 +285,6 @@ def test_ci_fit_gate_example_runs_verbatim_with_the_wheel(install, tmp_path):
     assert all(code in (0, 1) for _, code, _ in codes)  # a gate verdict, never a usage, config or backend error
     gated = sorted(f"fit-{p.stem}.xml" for p in (REPO / "recipes").glob("*.yaml")
                    if {"devices", "architecture"} <= set(yaml.safe_load(p.read_text()) or {}))
-    assert sorted(reports) == sorted([*gated, "fit-bundles.xml"]) and len(gated) == 16
+    assert sorted(reports) == sorted([*gated, "fit-bundles.xml"]) and gated
     assert results["wheel"] == results["checkout"]
     assert summary.count("\n") > 20
