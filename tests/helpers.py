@@ -52,30 +52,48 @@ def save_checkpoint(model, out: Path, *, bf16: bool = True, safe: bool = True) -
     model.save_pretrained(out, safe_serialization=safe)
 
 
-def run_edgekit(*args: str):
-    """``edgekit ARGS`` through the console script's entry point, in this process: (returncode, stdout, stderr).
+def run_cli(*args: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = (), cwd: Path | None = None,
+            columns: int = 400):
+    """`edgekit ARGS` run in this process through ``edgekit.cli.main``: exit code, stdout and stderr as a subprocess gives them.
 
-    For checks of a command's exit code and output where the process boundary is not the point: the export
-    stack (torch, optimum) is then imported once per test process instead of once per call.
+    Half a second of interpreter start and imports cheaper than ``python -m edgekit``; the tests that use it keep a few
+    real subprocess runs of the same commands. ``env`` is applied to os.environ for the call (settings read it) after
+    the variables in ``unset`` are removed; ``columns`` is the terminal width rich and typer see (wide: messages stay
+    on one line).
     """
+    import contextlib
     import io
     import subprocess
     import sys
-    from contextlib import redirect_stderr, redirect_stdout
 
-    from edgekit.cli import main
+    import edgekit.cli as cli
 
-    stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["edgekit", *args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    saved_widths = cli.out._width, cli.err._width
+    for name in unset:
+        os.environ.pop(name, None)
+    os.environ.update({"COLUMNS": str(columns), **(env or {})})
+    sys.argv = ["edgekit", *map(str, args)]
+    cli.out.width = cli.err.width = columns
+    code = 0
     try:
-        with redirect_stdout(stdout), redirect_stderr(stderr):
-            main()
-        code = 0
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            cli.main()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):  # sys.exit("message"): Python prints it to stderr
+            stderr.write(exc.code + "\n")
     finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(["edgekit", *args], code, stdout.getvalue(), stderr.getvalue())
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        for name in set(os.environ) - set(saved_env):  # key by key: other threads may read the environment meanwhile
+            del os.environ[name]
+        os.environ.update({name: value for name, value in saved_env.items() if os.environ.get(name) != value})
+        cli.out._width, cli.err._width = saved_widths
+    return subprocess.CompletedProcess(["edgekit", *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
 
 
 def gguf_tensor_values(path: Path, names=None) -> dict:

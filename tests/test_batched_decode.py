@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 
 import pytest
@@ -103,9 +104,9 @@ def test_a_runner_with_slots_batches_its_gguf_streams(smollm_bundle):
 
 
 def test_saved_prompts_come_back_to_any_sequence(gguf):
-    """With a saved-prompt RAM cache (--prompt-cache-contexts): four other long conversations push the long system
-    prompt out of the shared KV pool; it is saved to RAM on the way out and loaded back for its next turn, which
-    decodes only the new part."""
+    """With a saved-prompt RAM cache (--prompt-cache-contexts): another long conversation pushes the long system prompt
+    out of the shared KV pool; it is saved to RAM on the way out and loaded back for its next turn, which decodes only
+    the new part."""
     from edgekit.runtime.llm import PROMPT_CACHE_MIN_TOKENS
 
     engine = BatchedGguf(GgufModel(gguf, n_ctx=512, threads=1, prompt_cache_contexts=4), 4)
@@ -120,8 +121,9 @@ def test_saved_prompts_come_back_to_any_sequence(gguf):
         first = chat(story, "Who is Mira?")
         assert len(first) > PROMPT_CACHE_MIN_TOKENS
         list(engine.generate(first, Sampling(max_tokens=2, temperature=0)))
-        for system in SYSTEMS:  # each long enough that the pool cannot hold it next to the story
-            list(engine.generate(chat(system * 40, "Go on."), Sampling(max_tokens=2, temperature=0)))
+        other = chat(SYSTEMS[0] * 40, "Go on.")
+        assert len(first) + len(other) > engine.pool  # the pool cannot hold it next to the story
+        list(engine.generate(other, Sampling(max_tokens=2, temperature=0)))
         assert all(common_prefix_len(tokens + [-1], first) < 10 for tokens in engine._kv)  # the story left the pool
         again = chat(story, "Where is the ferry?")
         finish = list(engine.generate(again, Sampling(max_tokens=2, temperature=0)))[-1]
@@ -165,7 +167,8 @@ def test_streams_that_outgrow_the_shared_pool_end_with_length(gguf):
         results: dict[int, list] = {}
 
         def run(i: int, prompt: list[int]) -> None:
-            results[i] = list(engine.generate(prompt, Sampling(max_tokens=150, temperature=0.8, seed=i)))
+            # 4 x (prompt + 80 tokens) is far more than the 256 cells of the pool
+            results[i] = list(engine.generate(prompt, Sampling(max_tokens=80, temperature=0.8, seed=i)))
 
         threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts(engine.model, 4))]
         for thread in threads:
@@ -186,7 +189,7 @@ def test_streams_that_outgrow_the_shared_pool_end_with_length(gguf):
 
 def test_deltas_queued_while_the_consumer_is_busy_go_out_as_one(engine):
     """A consumer that falls behind gets the queued text in fewer, longer deltas; the text is the same."""
-    import time
+    from serve_fixtures import wait_until
 
     prompt = prompts(engine.model, 1)[0]
     sampling = Sampling(max_tokens=24, temperature=0)
@@ -195,8 +198,9 @@ def test_deltas_queued_while_the_consumer_is_busy_go_out_as_one(engine):
     for event in engine.generate(prompt, sampling):
         if isinstance(event, Delta):
             slow.append(event)
-            if len(slow) == 1:
-                time.sleep(1.0)  # not a timing assertion: only how the text is split may differ
+            if len(slow) == 1:  # fall behind until the decode thread has queued everything else
+                wait_until(lambda: not engine._active and not engine._waiting, "the stream is decoded")
+    assert len(slow) <= 2  # the first delta, then all the queued text as one
     assert "".join(e.text for e in slow) == "".join(e.text for e in eager)
     assert slow[-1].tokens == eager[-1].tokens
 
@@ -207,7 +211,7 @@ def test_the_daemon_at_its_defaults_batches_four_streams_of_one_model(smollm_bun
     import json
 
     from fastapi.testclient import TestClient
-    from serve_fixtures import link_bundles
+    from serve_fixtures import link_bundles, wait_until
 
     from edgekit.serve.app import create_app
     from edgekit.serve.settings import ServeSettings
@@ -218,10 +222,7 @@ def test_the_daemon_at_its_defaults_batches_four_streams_of_one_model(smollm_bun
     assert settings.slots == 4
     results: dict[int, tuple[int, str, int, bool]] = {}
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as client:
-        for _ in range(600):
-            if client.get("/health").status_code == 200:
-                break
-            threading.Event().wait(0.2)
+        wait_until(lambda: client.get("/health").status_code == 200, "the model is loaded", 120)
 
         def run(i: int) -> None:
             body = {"model": name, "messages": [{"role": "user", "content": f"Story {i}: a lighthouse keeper."}],
@@ -252,25 +253,28 @@ def test_a_step_never_carries_more_tokens_than_one_llama_decode_takes(gguf):
     """Three streams decoding while a long prompt is evaluated: each step's decode tokens and prompt slice together stay
     within n_batch (llama.cpp aborts the process past it). The four requests are queued before the decode thread
     takes any, so the steps that mix them always happen."""
-    from edgekit.runtime.llm_batch import _Request
+    from edgekit.runtime.llm import PREFILL_CHUNK
 
     engine = BatchedGguf(GgufModel(gguf, n_ctx=1024, threads=1, prompt_cache_contexts=0), 4)
     try:
         model = engine.model
-        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 24
+        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 20
         long_prompt = long_chat(model, story, "Who is Mira?")
-        assert len(long_prompt) > 500
-        requests = [_Request(p, Sampling(max_tokens=20, temperature=0), lambda: False) for p in prompts(model, 3)]
-        requests.append(_Request(long_prompt, Sampling(max_tokens=4, temperature=0), lambda: False))
-        with engine._cond:
-            engine._waiting.extend(requests)
-            engine._cond.notify()
+        short = prompts(model, 3)
+        # the first step takes the short prompts and the long one's first slice; the next has 3 decode tokens and
+        # still a full slice of prompt to fit next to them
+        assert len(long_prompt) - (PREFILL_CHUNK - sum(map(len, short))) >= PREFILL_CHUNK
+        requests = [(p, 20) for p in short] + [(long_prompt, 4)]
+        events = [queue.SimpleQueue() for _ in requests]
+        with engine._cond:  # held: the decode thread takes none of them before all four are queued
+            for (prompt, max_tokens), queued in zip(requests, events):
+                engine.start(prompt, Sampling(max_tokens=max_tokens, temperature=0), lambda: False, queued.put)
         finishes = []
-        for request in requests:
-            while not isinstance(event := request.events.get(timeout=300), Finish):
+        for queued in events:
+            while not isinstance(event := queued.get(timeout=300), Finish):
                 assert isinstance(event, Delta), event
             finishes.append(event)
-        assert [f.prompt_tokens for f in finishes] == [len(r.prompt) for r in requests]
+        assert [f.prompt_tokens for f in finishes] == [len(prompt) for prompt, _ in requests]
         assert all(f.reason in ("length", "stop") for f in finishes)
     finally:
         engine.close()

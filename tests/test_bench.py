@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import write_recipe
+from helpers import run_cli, write_recipe
 
 from edgekit.export import export
 from edgekit.schema import load_recipe
@@ -46,7 +46,7 @@ def test_bench_refuses_a_tampered_bundle(tmp_path, tiny_bundle):
     copy = tmp_path / "tampered"
     shutil.copytree(tiny_bundle, copy)
     (copy / "tokenizer.json").write_text("{}")
-    done = subprocess.run([sys.executable, "-m", "edgekit", "bench", str(copy), "--runs", "1"], capture_output=True, text=True)
+    done = run_cli("bench", str(copy), "--runs", "1")
     assert done.returncode == 1
     assert "tokenizer.json has 2 bytes" in done.stderr
 
@@ -55,13 +55,11 @@ def test_bench_writes_calibration_points_that_fit_can_load(tmp_path, tiny_bundle
     from edgekit.schema.device import load_device_file
 
     profile = tmp_path / "this-host.yaml"
-    done = subprocess.run([sys.executable, "-m", "edgekit", "profile-host", "--out", str(profile), "--bandwidth-mib", "16"],
-                          capture_output=True, text=True)
+    done = run_cli("profile-host", "--out", str(profile), "--bandwidth-mib", "16")
     assert done.returncode == 0, done.stderr
     before = len(load_device_file(profile).calibration)
     for _ in range(2):  # a second run replaces its own point instead of adding another
-        done = subprocess.run([sys.executable, "-m", "edgekit", "bench", str(tiny_bundle), "--runs", "1", "--threads", "1",
-                               "--calibrate", str(profile)], capture_output=True, text=True)
+        done = run_cli("bench", str(tiny_bundle), "--runs", "1", "--threads", "1", "--calibrate", str(profile))
         assert done.returncode == 0, done.stderr
     points = load_device_file(profile).calibration
     assert len(points) == before + 1

@@ -1,7 +1,8 @@
 """Usage and configuration mistakes get a clear message and exit 2, never a Python traceback.
 
-Each case runs `python -m edgekit` as a user would (the top-level handling in edgekit.cli.main is
-part of what is tested); a wide COLUMNS keeps typer's message panels on one line.
+Each case runs edgekit's entry point, edgekit.cli.main, as a user would (its top-level handling is part of
+what is tested): in this process through helpers.run_cli, and a few as `python -m edgekit` in a subprocess
+(edgekit_process). A wide terminal keeps typer's message panels on one line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, run_cli
 
 import edgekit
 
@@ -19,8 +20,25 @@ RECIPE = str(REPO / "recipes" / "smollm2-135m-instruct.yaml")
 
 
 def edgekit_cli(*args: str, tmp_path) -> subprocess.CompletedProcess:
+    return run_cli(*args, cwd=tmp_path, env={"EDGEKIT_HOME": str(tmp_path)}, columns=200)
+
+
+def edgekit_process(*args: str, tmp_path) -> subprocess.CompletedProcess:
     env = os.environ | {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "EDGEKIT_HOME": str(tmp_path)}
     return subprocess.run([sys.executable, "-m", "edgekit", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+def test_a_subprocess_reports_usage_errors_help_and_version(tmp_path):
+    """`python -m edgekit` itself: a usage error exits 2 without a traceback, -h prints help, --version the version."""
+    typo = edgekit_process("devicez", tmp_path=tmp_path)
+    assert typo.returncode == 2 and "Traceback" not in typo.stdout + typo.stderr
+    assert "No such command 'devicez'" in typo.stderr and "Did you mean 'devices'" in typo.stderr
+    usage = edgekit_process("devices", "show", "no-such-board", tmp_path=tmp_path)
+    assert usage.returncode == 2 and "error: unknown device 'no-such-board'" in usage.stderr and "Traceback" not in usage.stderr
+    helped = edgekit_process("fit", "-h", tmp_path=tmp_path)
+    assert helped.returncode == 0 and "Usage: edgekit fit" in helped.stdout and "--help" in helped.stdout
+    version = edgekit_process("--version", tmp_path=tmp_path)
+    assert (version.returncode, version.stdout, version.stderr) == (0, f"edgekit {edgekit.__version__}\n", "")
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -112,9 +130,7 @@ GOLDEN_Q8 = REPO / "tests" / "golden" / "bundles" / "smollm2-135m-instruct-q8-0"
 ], ids=lambda v: " ".join(map(str, v)).replace(str(REPO), "") if isinstance(v, tuple) else None)
 def test_bad_paths_exit_2_with_one_clear_line(args, expected, tmp_path):
     tmp = str(tmp_path)
-    env_wide = os.environ | {"COLUMNS": "300"}
-    done = subprocess.run([sys.executable, "-m", "edgekit", *(str(a).replace("{tmp}", tmp) for a in args)], cwd=tmp_path,
-                          env=env_wide | {"EDGEKIT_HOME": tmp}, capture_output=True, text=True)
+    done = run_cli(*(str(a).replace("{tmp}", tmp) for a in args), cwd=tmp_path, env={"EDGEKIT_HOME": tmp}, columns=300)
     text = done.stdout + done.stderr
     assert done.returncode == 2, text
     assert "Traceback" not in text
@@ -201,10 +217,14 @@ def test_shell_completion_script_and_names(tmp_path):
 
     def complete(line: str) -> list[str]:
         words = line.split(" ")
-        done = subprocess.run([sys.executable, "-m", "edgekit"], capture_output=True, text=True, env=os.environ | {
-            "_EDGEKIT_COMPLETE": "complete_bash", "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1)})
+        done = run_cli(env={"_EDGEKIT_COMPLETE": "complete_bash", "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1)})
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
+
+    # the protocol through a real process once, the other cases in this one
+    by_process = subprocess.run([sys.executable, "-m", "edgekit"], capture_output=True, text=True, env=os.environ | {
+        "_EDGEKIT_COMPLETE": "complete_bash", "COMP_WORDS": "edgekit dev", "COMP_CWORD": "1"})
+    assert by_process.returncode == 0 and by_process.stdout.split() == ["devices"], by_process.stderr
 
     assert complete("edgekit dev") == ["devices"]
     assert complete("edgekit fit --dev") == ["--device"]

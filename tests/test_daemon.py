@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_fixtures import MINILM_NAME, SENTIMENT_NAME, SMOLLM_NAME, Daemon, link_bundles
+from serve_fixtures import HTTP, MINILM_NAME, SENTIMENT_NAME, SMOLLM_NAME, Daemon, link_bundles
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
@@ -97,15 +97,15 @@ def test_openai_client_errors(openai_client, daemon):
 
 def test_plain_http(daemon):
     """docs/reliability.md case 7, 8, 13 over a real socket."""
-    assert httpx.get(f"{daemon.url}/health").status_code == 200  # open without a key
-    assert httpx.get(f"{daemon.url}/v1/models").status_code == 401
-    assert httpx.get(f"{daemon.url}/v1/models", headers={**daemon.headers, "host": "evil.example"}).status_code == 403
-    big = httpx.post(f"{daemon.url}/v1/embeddings", headers=daemon.headers, content=b"x" * (10 * 1024 * 1024))
+    assert HTTP.get(f"{daemon.url}/health").status_code == 200  # open without a key
+    assert HTTP.get(f"{daemon.url}/v1/models").status_code == 401
+    assert HTTP.get(f"{daemon.url}/v1/models", headers={**daemon.headers, "host": "evil.example"}).status_code == 403
+    big = HTTP.post(f"{daemon.url}/v1/embeddings", headers=daemon.headers, content=b"x" * (10 * 1024 * 1024))
     assert big.status_code == 413
-    metrics = httpx.get(f"{daemon.url}/metrics", headers=daemon.headers)
+    metrics = HTTP.get(f"{daemon.url}/metrics", headers=daemon.headers)
     assert metrics.status_code == 200 and "edgekit_models_loaded 3.0" in metrics.text
     with pytest.raises(httpx.ConnectError):  # loopback only
-        httpx.get(f"http://{_non_loopback_address()}:{daemon.port}/health", timeout=2)
+        HTTP.get(f"http://{_non_loopback_address()}:{daemon.port}/health", timeout=2)
 
 
 def _non_loopback_address() -> str:
@@ -127,7 +127,7 @@ def test_short_soak_mixed_clients(daemon):
     """
     import psutil
 
-    warm = httpx.post(f"{daemon.url}/v1/embeddings", headers=daemon.headers, json={"model": MINILM_NAME, "input": "warm"})
+    warm = HTTP.post(f"{daemon.url}/v1/embeddings", headers=daemon.headers, json={"model": MINILM_NAME, "input": "warm"})
     assert warm.status_code == 200
     daemon_proc = psutil.Process(daemon.proc.pid)
     rss_start = daemon_proc.memory_info().rss

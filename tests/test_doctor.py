@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from serve_fixtures import MINILM_NAME, Q4KM, RARE_TOKEN, SMOLLM_NAME, link_bundles
 
 from edgekit.bundle import MANIFEST_NAME
@@ -20,7 +21,14 @@ pytestmark = pytest.mark.slow
 
 
 def run_doctor(*args: str, features: str | None = None) -> subprocess.CompletedProcess:
+    """`edgekit doctor` in this process (its checks run in child processes of their own either way)."""
     # A wide console: the table's layout must not depend on how long this run's temp paths are.
+    return run_cli("doctor", *args, unset=(cpu.FEATURES_ENV,), env={} if features is None else {cpu.FEATURES_ENV: features},
+                   columns=200)
+
+
+def doctor_process(*args: str, features: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m edgekit doctor`, as installed boards run it."""
     env = {k: v for k, v in os.environ.items() if k != cpu.FEATURES_ENV} | {"COLUMNS": "200"}
     if features is not None:
         env[cpu.FEATURES_ENV] = features
@@ -81,14 +89,15 @@ def test_a_tampered_golden_record_exits_1_naming_it(tmp_path, minilm_bundle, smo
     assert by_name[SMOLLM_NAME]["golden"]["recorded"] is False and by_name[SMOLLM_NAME]["exit_code"] == 0  # not a failure
     assert by_name[Q4KM]["measured"] == {}  # --no-speed
 
-    table = run_doctor(str(models), "--no-speed")
+    failing = link_bundles(tmp_path / "failing", models / Q4KM, smollm_bundle)  # the table: a failed record, one not recorded
+    table = run_doctor(str(failing), "--no-speed")
     assert table.returncode == 1
     assert "FAIL" in table.stdout and "not recorded" in table.stdout
 
 
 def test_a_missing_cpu_feature_exits_3_before_anything_loads(tmp_path, smollm2_q4km):  # noqa: F811
     pack = write_pack(tmp_path / "release", ["sse2", "avx2", "fma"])
-    done = run_doctor(str(smollm2_q4km), "--pack", str(pack), "--json", features="sse2 fma")
+    done = doctor_process(str(smollm2_q4km), "--pack", str(pack), "--json", features="sse2 fma")
     assert done.returncode == 3
     assert ("this CPU lacks avx2 (x86 AVX2 (256-bit integer SIMD)), which the runtime built for x86-64-avx2-generic "
             "(x86-64-v3) needs (features from EDGEKIT_CPU_FEATURES)\n") in done.stderr

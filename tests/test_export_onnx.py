@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import REPO, run_edgekit, write_recipe
+from helpers import REPO, run_cli, write_recipe
 
 from edgekit.bundle import verify_bundle
 from edgekit.export import export
@@ -38,7 +38,7 @@ def test_hybrid_quantization_puts_attention_per_tensor_and_feed_forward_in_block
 def test_per_tensor_pattern_that_matches_nothing_is_a_recipe_error(tmp_path, tiny_bert_dir):
     target = {"format": "onnx", "name": "int8", "quantization": {"mode": "dynamic", "per_tensor_matmuls": ["*/no_such_layer/*"]}}
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir, targets=[target])
-    done = run_edgekit("export", str(recipe), "--out", str(tmp_path / "out"))
+    done = run_cli("export", str(recipe), "--out", str(tmp_path / "out"))
     assert done.returncode == 2, done.stderr
     assert "match no MatMul node" in done.stderr
 
@@ -46,7 +46,7 @@ def test_per_tensor_pattern_that_matches_nothing_is_a_recipe_error(tmp_path, tin
 def test_failing_gate_keeps_the_bundle_aside_and_exits_1(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir,
                           validation={"samples": ["hello world", "ok"], "gates": {"min_cosine_each": 1.0}})
-    done = run_edgekit("export", str(recipe), "--out", str(tmp_path / "out"), "--json")
+    done = run_cli("export", str(recipe), "--out", str(tmp_path / "out"), "--json")
     assert done.returncode == 1, done.stderr
     [row] = json.loads(done.stdout)
     assert row["passed"] is False and row["gates"][0]["gate"] == "min_cosine_each"
@@ -57,7 +57,7 @@ def test_failing_gate_keeps_the_bundle_aside_and_exits_1(tmp_path, tiny_bert_dir
 
 def test_gate_on_unmeasured_metric_is_a_recipe_error(tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_bert_dir, validation={"samples": ["a"], "gates": {"max_kld": 0.1}})
-    done = run_edgekit("export", str(recipe), "--out", str(tmp_path / "out"))
+    done = run_cli("export", str(recipe), "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "gate 'max_kld' needs metric 'kld_mean'" in done.stderr
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+from helpers import run_cli as run_in_process
 
 from edgekit.architectures import ARCHITECTURES
 from edgekit.bundle import read_manifest
@@ -48,6 +49,11 @@ def catalog():
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in this process (helpers.run_cli), at the width of ``env``'s COLUMNS (default: a pipe's 160)."""
+    return run_in_process(*args, env=env, columns=int((env or {}).get("COLUMNS", 160)))
+
+
+def run_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
 
@@ -282,8 +288,8 @@ def test_github_annotations(catalog):
 
 def test_cli_fit_exit_codes_json_junit_github(tmp_path):
     junit = tmp_path / "fit.xml"
-    done = run_cli("fit", str(Q8), "--device", "rpi-zero-2w", "--device", "rpi-5-8gb", "--ctx", "8192", "--json",
-                   "--junit", str(junit))
+    done = run_process("fit", str(Q8), "--device", "rpi-zero-2w", "--device", "rpi-5-8gb", "--ctx", "8192", "--json",
+                       "--junit", str(junit))
     assert done.returncode == 1, done.stderr
     rows = json.loads(done.stdout)
     assert [(r["device"], r["verdict"]) for r in rows] == [("rpi-zero-2w", "fail"), ("rpi-5-8gb", "pass")]

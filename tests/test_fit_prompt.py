@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, run_cli
 
 from edgekit.fit import FitSettings, fit, from_recipe, speed
 from edgekit.schema.device import load_catalog, load_kernel_families
@@ -33,7 +33,7 @@ def llama_1b_q4():
     return from_recipe(recipe, next(t for t in recipe.targets if t.quant == "Q4_K_M"))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True, env=dict(os.environ))
 
 
@@ -108,7 +108,7 @@ def test_encoders_have_no_ttft(catalog):
 
 
 def test_cli_prompt_tokens_in_json_and_the_ttft_gate():
-    done = run_cli("fit", "--recipe", str(LLAMA_1B), "-d", "rpi-5-8gb", "-d", "rpi-4-4gb", "--prompt-tokens", "8", "--json")
+    done = run_process("fit", "--recipe", str(LLAMA_1B), "-d", "rpi-5-8gb", "-d", "rpi-4-4gb", "--prompt-tokens", "8", "--json")
     assert done.returncode == 0, done.stderr
     reports = json.loads(done.stdout)
     assert {r["assumptions"]["prompt_tokens"] for r in reports} == {8}

@@ -1,7 +1,8 @@
 """Fleets: bundles pushed to and pulled from a real OCI registry (Debian's docker-registry, the CNCF distribution
 registry, on 127.0.0.1), signed, fit-gated and switched on a board with rollback.
 
-Every CLI call runs `python -m edgekit` in a subprocess so exit codes are the real ones. Bundles are the
+Most CLI calls run edgekit's entry point in this process (helpers.run_cli: exit codes, stdout and stderr as a
+subprocess gives them); push, pull, sign and update also run as `python -m edgekit` in a subprocess. Bundles are the
 fake tiny GGUF (milliseconds) except for the golden-check cases, which use the MiniLM ONNX bundle shared by
 the session.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import run_cli
 from serve_fixtures import Daemon, free_port, publish_gguf, wait_until
 
 from edgekit.bundle import sha256_file
@@ -103,7 +105,14 @@ def registry(tmp_path_factory):
 
 
 def edgekit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess; stderr with rich's line wrapping undone, so messages can be matched whole."""
+    """The CLI in this process (helpers.run_cli); stderr with rich's line wrapping undone, so messages can be matched whole."""
+    done = run_cli(*args, env={"DOCKER_CONFIG": "/nonexistent", **(env or {})})
+    done.stderr = " ".join(done.stderr.split())
+    return done
+
+
+def edgekit_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, as a board runs it: the real exit codes of `python -m edgekit` (a few tests of each command)."""
     done = subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True, timeout=600, check=False,
                           env={**os.environ, "DOCKER_CONFIG": "/nonexistent", "COLUMNS": "400", **(env or {})})
     done.stderr = " ".join(done.stderr.split())
@@ -176,13 +185,13 @@ def test_reference_parts():
 
 
 def test_cli_reference_without_tag_exits_2(tmp_path):
-    done = edgekit("pull", "127.0.0.1:9/models/a", "--plain-http", "--bundles", str(tmp_path / "b"))
+    done = edgekit_process("pull", "127.0.0.1:9/models/a", "--plain-http", "--bundles", str(tmp_path / "b"))
     assert done.returncode == 2 and "names no tag or digest" in done.stderr
     assert not (tmp_path / "b").exists()
 
 
 def test_unreachable_registry_is_a_backend_error(tmp_path):
-    done = edgekit("pull", f"127.0.0.1:{free_port()}/models/a:1", "--plain-http", "--bundles", str(tmp_path / "b"))
+    done = edgekit_process("pull", f"127.0.0.1:{free_port()}/models/a:1", "--plain-http", "--bundles", str(tmp_path / "b"))
     assert done.returncode == 3 and "Connection refused" in done.stderr
     assert not (tmp_path / "b").exists()
 
@@ -190,7 +199,8 @@ def test_unreachable_registry_is_a_backend_error(tmp_path):
 def test_registry_login_from_docker_config(tmp_path, bundle):
     """An htpasswd registry: refused without credentials (exit 2), pushed and pulled with Docker's config.json."""
     crypt = pytest.importorskip("crypt", reason="bcrypt hashing for htpasswd (crypt module, Python < 3.13)")
-    (tmp_path / "htpasswd").write_text("bob:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH)) + "\n")
+    # bcrypt's lowest cost (2^4 rounds): the registry checks the password on every request of the push and the pull
+    (tmp_path / "htpasswd").write_text("bob:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)) + "\n")
     auth = f"auth:\n  htpasswd:\n    realm: edgekit-test\n    path: {tmp_path / 'htpasswd'}\n"
     (tmp_path / "reg").mkdir()
     with running_registry(tmp_path / "reg", auth) as locked:
@@ -278,7 +288,9 @@ def test_check_artifact_accepts_what_push_writes(bundle):
 
 
 def test_push_pull_roundtrip(registry, bundle, tmp_path):
-    digest = pushed(registry, bundle, "models/roundtrip:1")
+    push = edgekit_process("push", str(bundle), f"{registry.host}/models/roundtrip:1", "--plain-http", "--json")
+    assert push.returncode == 0, push.stderr
+    digest = json.loads(push.stdout)["digest"]
     served_digest, document = registry.manifest("models/roundtrip", "1")
     assert served_digest == digest
     assert document["artifactType"] == "application/vnd.edgekit.bundle.v1+json"
@@ -292,7 +304,7 @@ def test_push_pull_roundtrip(registry, bundle, tmp_path):
         assert layer["digest"] == "sha256:" + sha256_file(bundle / layer["annotations"]["org.opencontainers.image.title"])
 
     out = tmp_path / "bundles"
-    done = edgekit("pull", f"{registry.host}/models/roundtrip:1", "--plain-http", "--bundles", str(out), "--json")
+    done = edgekit_process("pull", f"{registry.host}/models/roundtrip:1", "--plain-http", "--bundles", str(out), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["digest"] == digest and report["layers"] == 2
@@ -358,8 +370,8 @@ def test_signatures(registry, bundle, tmp_path, keys):
     unsigned = edgekit("pull", ref, "--plain-http", "--bundles", str(tmp_path / "a"), *trusted)
     assert unsigned.returncode == 1 and "not signed" in unsigned.stderr and visible(tmp_path / "a") == []
 
-    assert edgekit("sign", ref, "--plain-http", "--key", str(keys["other"]) + ".key").returncode == 0
-    wrong_key = edgekit("pull", ref, "--plain-http", "--bundles", str(tmp_path / "b"), *trusted)
+    assert edgekit_process("sign", ref, "--plain-http", "--key", str(keys["other"]) + ".key").returncode == 0
+    wrong_key = edgekit_process("pull", ref, "--plain-http", "--bundles", str(tmp_path / "b"), *trusted)
     assert wrong_key.returncode == 1 and "no valid signature by the trusted key" in wrong_key.stderr
 
     done = edgekit("sign", ref, "--plain-http", "--key", str(keys["trusted"]) + ".key", "--json")
@@ -487,7 +499,7 @@ def test_update_switch_keep_and_rollback(registry, bundle, bundle_v2, tmp_path, 
     out = tmp_path / "bundles"
     common = ["--plain-http", "--bundles", str(out), "--device", "rpi-zero-2w", "--keep", "2", "--json"]
 
-    first = edgekit("update", f"{registry.host}/models/board:1", *common)
+    first = edgekit_process("update", f"{registry.host}/models/board:1", *common)
     assert first.returncode == 0, first.stderr
     r1 = json.loads(first.stdout)
     assert (r1["digest"], r1["previous"], r1["changed"]) == (d1, None, True)
@@ -506,7 +518,7 @@ def test_update_switch_keep_and_rollback(registry, bundle, bundle_v2, tmp_path, 
     back = edgekit("update", "--rollback", "--bundles", str(out), "--json")
     assert back.returncode == 0, back.stderr
     assert json.loads(back.stdout)["version"] == r2["version"] and files_of(out / "fake-a") == files_of(bundle_v2)
-    nothing = edgekit("update", "--rollback", "--bundles", str(out))
+    nothing = edgekit_process("update", "--rollback", "--bundles", str(out))
     assert nothing.returncode == 2 and "no earlier version" in nothing.stderr
     assert files_of(out / "fake-a") == files_of(bundle_v2)
 
@@ -572,7 +584,7 @@ def test_update_refuses_new_version_whose_golden_checks_fail(registry, minilm_bu
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["digest"] == d1
     before = files_of(out / minilm_bundle.name)
-    done = edgekit("update", f"{registry.host}/models/minilm:2", *args)
+    done = edgekit_process("update", f"{registry.host}/models/minilm:2", *args)
     assert done.returncode == 1 and "failed its golden checks" in done.stderr and "stays served" in done.stderr
     assert files_of(out / minilm_bundle.name) == before == files_of(minilm_bundle)
     state = json.loads((out / ".fleet" / minilm_bundle.name / "state.json").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, run_cli
 from serve_fixtures import publish_gguf
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -156,6 +156,11 @@ def test_overlays_build_with_kustomize_and_validate(overlay):
 
 
 def edgekit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in this process (helpers.run_cli); the footprint test runs `fleet manifests` in a subprocess."""
+    return run_cli(*args, env=env)
+
+
+def edgekit_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, "COLUMNS": "400", **(env or {})})
 
@@ -170,7 +175,7 @@ def test_fleet_manifests_sizes_memory_from_the_daemons_footprint(tmp_path, fake_
     bundles = [publish_gguf(fake_gguf, tmp_path / "src", name) for name in ("fake-a", "fake-b")]
     out = tmp_path / "overlays" / "rpi-4-4gb"
     specs = [arg for b in bundles for arg in ("--bundle", f"registry.lan:5000/models/{b.name}:1={b}")]
-    done = edgekit("fleet", "manifests", "--device", "rpi-4-4gb", *specs, "--out", str(out), "--n-ctx", "64",
+    done = edgekit_process("fleet", "manifests", "--device", "rpi-4-4gb", *specs, "--out", str(out), "--n-ctx", "64",
                    "--base", os.path.relpath(KUSTOMIZE / "base", out), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

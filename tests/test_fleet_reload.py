@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from serve_fixtures import FAKE_PLUGIN, Daemon, Gates, craft_gguf, publish_gguf, wait_until
+from serve_fixtures import FAKE_PLUGIN, HTTP, Daemon, Gates, craft_gguf, publish_gguf, wait_until
 
 from edgekit.fleet import board
 
@@ -51,11 +51,11 @@ def workers(daemon: Daemon) -> list[str]:
 
 
 def served_version(daemon: Daemon) -> dict:
-    return httpx.get(f"{daemon.url}/health", timeout=30).json().get("versions", {}).get("fake-a", {})
+    return HTTP.get(f"{daemon.url}/health", timeout=30).json().get("versions", {}).get("fake-a", {})
 
 
 def chat(daemon: Daemon, content: str) -> httpx.Response:
-    return httpx.post(f"{daemon.url}/v1/chat/completions", timeout=180,
+    return HTTP.post(f"{daemon.url}/v1/chat/completions", timeout=180,
                       json={"model": "fake-a", "messages": [{"role": "user", "content": content}]})
 
 
@@ -98,7 +98,7 @@ def test_switched_version_reloads_in_place_without_dropping_in_flight_requests(t
         assert [held[i].json()["usage"]["completion_tokens"] for i in range(IN_FLIGHT)] == [V1_TOKENS] * IN_FLIGHT
         wait_until(lambda: workers(daemon) == [v2], "the old worker stopped once its requests were done")
         assert chat(daemon, "z").json()["usage"]["completion_tokens"] == V2_TOKENS
-        health = httpx.get(f"{daemon.url}/health", timeout=30).json()
+        health = HTTP.get(f"{daemon.url}/health", timeout=30).json()
         assert health["status"] == "ok" and health["loaded"] == ["fake-a"]
     finally:
         for i in range(IN_FLIGHT):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, run_edgekit
+from helpers import REPO, run_cli
 
 from edgekit.bundle import verify_bundle
 from edgekit.errors import RecipeError, SourceError
@@ -66,7 +66,7 @@ def test_failed_gate_exits_1_and_keeps_the_bundle_aside(llama_smollm_dir, tmp_pa
     recipe = gguf_recipe(tmp_path / "tiny.yaml", {"path": str(llama_smollm_dir)},
                          [{"format": "gguf", "name": "q2", "quant": "Q2_K",
                            "gates": {"max_kld": 0.0001, "min_top1_agreement": 0.9999}}])
-    done = run_edgekit("export", str(recipe), "--out", str(tmp_path / "out"), "--json")
+    done = run_cli("export", str(recipe), "--out", str(tmp_path / "out"), "--json")
     assert done.returncode == 1, done.stderr
     assert "quality gates failed for tiny-chat-q2" in done.stderr
     [row] = json.loads(done.stdout)

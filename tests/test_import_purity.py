@@ -1,4 +1,5 @@
-"""What each side of the kit may import: one table, each row checked in a fresh interpreter.
+"""What each side of the kit may import: one table, each row checked in a fresh interpreter (a child forked from a
+bare one: tests/imported_modules.py --groups).
 
 Board-side modules never pull in the workstation stack; fit runs on a CI runner with only the core install
 (no numpy, no engines) and holds no measurement code; doctor imports no engine (it probes each in a subprocess).
@@ -39,12 +40,27 @@ def loaded_by(modules: tuple[str, ...]) -> list[str]:
     return json.loads(done.stdout)
 
 
+@pytest.fixture(scope="module")
+def loaded_per_rule() -> dict[tuple[str, ...], list[str]]:
+    """What each rule's modules load, every rule in a child of its own from one lister process."""
+    groups = [list(modules) for modules, _ in RULES]
+    done = subprocess.run([sys.executable, str(LISTER), "--groups", json.dumps(groups)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return {modules: loaded for (modules, _), loaded in zip(RULES, json.loads(done.stdout), strict=True)}
+
+
 @pytest.mark.parametrize(("modules", "forbidden"), RULES, ids=[" ".join(m) for m, _ in RULES])
-def test_imports_stay_on_their_side(modules, forbidden):
-    found = [name for name in loaded_by(modules) if any(name == f or name.startswith(f"{f}.") for f in forbidden)]
+def test_imports_stay_on_their_side(modules, forbidden, loaded_per_rule):
+    found = [name for name in loaded_per_rule[modules] if any(name == f or name.startswith(f"{f}.") for f in forbidden)]
     assert found == []
 
 
 def test_the_check_sees_a_forbidden_import():
-    """The lister reports what an import pulls in (so an empty answer above means something)."""
+    """The lister reports what an import pulls in (so an empty answer above means something), in a fresh interpreter and
+    in a forked child alike; a child loads only what its own group imports."""
     assert {"edgekit.export", "edgekit.export.onnx"} <= set(loaded_by(("edgekit.export.onnx",)))
+    groups = [["edgekit.export.onnx"], ["edgekit.runtime.cpu"]]
+    done = subprocess.run([sys.executable, str(LISTER), "--groups", json.dumps(groups)], capture_output=True, text=True,
+                          check=True)
+    onnx, cpu = map(set, json.loads(done.stdout))
+    assert {"edgekit.export", "edgekit.export.onnx"} <= onnx and "edgekit.export" not in cpu and "edgekit.runtime.cpu" in cpu

@@ -83,7 +83,7 @@ def test_a_saved_prompt_survives_a_request_with_another_system_prompt(model, sam
     from edgekit.runtime.llm import PROMPT_CACHE_MIN_TOKENS
 
     story = ("The ferry to the island ran only twice a day, and Mira missed the morning one by less than a minute. " * 12)
-    other = ("A lighthouse keeper counts the ships that pass his rock every night and writes them in a book. " * 12)
+    other = "A lighthouse keeper counts the ships that pass his rock every night."  # overwrites the story all the same
 
     def prompt(system: str, user: str) -> list[int]:
         return model.tokenize(model.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}]),

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, run_cli
 
 from edgekit.pack.board import pack_check
 from edgekit.pack.targets import PLATFORMS, TARGETS, select_target
@@ -32,6 +32,16 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 def edgekit(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*EDGEKIT, *args], capture_output=True, text=True, env=ENV, **kwargs)
+
+
+def linked_copy(source: Path, target: Path, *changed: str) -> Path:
+    """A copy of a pack made of hard links, except the ``changed`` files (own copies: the test edits them)."""
+    shutil.copytree(source, target, copy_function=os.link)
+    for name in changed:
+        data = (target / name).read_bytes()
+        (target / name).unlink()
+        (target / name).write_bytes(data)
+    return target
 
 
 # ---- build targets -------------------------------------------------------------------------------
@@ -222,7 +232,7 @@ def test_unit_is_sized_for_the_board_and_a_bundle_too_big_for_it_is_refused(smol
 
 
 def test_unknown_device_exits_2_listing_the_known_ids(tmp_path):
-    done = edgekit("pack", "--device", "rpi-6", str(tmp_path), "--out", str(tmp_path / "out"))
+    done = run_cli("pack", "--device", "rpi-6", str(tmp_path), "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "unknown device 'rpi-6'" in done.stderr
     for known in ("rpi-5-8gb", "rpi-4-4gb", "rpi-zero-2w", "x86-64-avx2-generic"):
@@ -238,7 +248,7 @@ def test_a_bundle_that_fails_verification_is_refused_by_name(tmp_path, smollm_bu
         last = handle.read(1)
         handle.seek(-1, os.SEEK_END)
         handle.write(bytes([last[0] ^ 1]))
-    done = edgekit("pack", "--device", "rpi-5-8gb", str(smollm_bundle), str(bad), "--out", str(tmp_path / "out"))
+    done = run_cli("pack", "--device", "rpi-5-8gb", str(smollm_bundle), str(bad), "--out", str(tmp_path / "out"))
     assert done.returncode == 1
     assert f"bundle {bad} fails verification" in done.stderr.replace("\n", "")
     assert "sha256 differs" in done.stderr
@@ -354,8 +364,7 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert (prefix / release / "venv" / "pyvenv.cfg").stat().st_ino == python_inode
 
     # A pack whose pip install fails (a dependency's wheel left out, the manifest consistent): current stays.
-    broken = tmp_path / "broken-pack"
-    shutil.copytree(x86_pack, broken)
+    broken = linked_copy(x86_pack, tmp_path / "broken-pack", "pack.json")
     numpy = next((broken / "wheels").glob("numpy-*.whl"))
     numpy.unlink()
     data = json.loads((broken / "pack.json").read_text())
@@ -371,8 +380,7 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert still.returncode == 0, still.stderr
 
     # A tampered file: refused before anything is written.
-    tampered = tmp_path / "tampered-pack"
-    shutil.copytree(x86_pack, tampered)
+    tampered = linked_copy(x86_pack, tmp_path / "tampered-pack", "bundles/smollm2-135m-q4_1/manifest.json")
     with (tampered / "bundles" / "smollm2-135m-q4_1" / "manifest.json").open("a") as handle:
         handle.write(" ")
     fresh = tmp_path / "fresh-prefix"

@@ -19,8 +19,23 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import (BASE, FAKE, FAKE_PLUGIN, OTHER, Background, Daemon, Gates, chat, completion, fake_settings,
-                            parse_metric, refused, states, wait_until)
+from serve_fixtures import (
+    BASE,
+    FAKE,
+    FAKE_PLUGIN,
+    HTTP,
+    OTHER,
+    Background,
+    Daemon,
+    Gates,
+    chat,
+    completion,
+    fake_settings,
+    parse_metric,
+    refused,
+    states,
+    wait_until,
+)
 
 from edgekit.serve.app import create_app
 
@@ -41,20 +56,39 @@ def app_client(fake_models: Path, gates: Gates):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory, fake_gguf):
+    """One app for the admission cases that leave nothing behind: 1 slot + a queue of 1, the fake model preloaded, and
+    its gates (each case uses gates of its own name)."""
+    from serve_fixtures import FAKE_NAMES, publish_gguf
+
+    root = tmp_path_factory.mktemp("one-slot")
+    models = root / "models"
+    for name in FAKE_NAMES:
+        publish_gguf(fake_gguf, models, name)
+    gates = Gates(root / "gates")
+    gates.root.mkdir()
+    with pytest.MonkeyPatch.context() as patch:  # the workers started by this app inherit the gates' environment
+        for key, value in gates.env().items():
+            patch.setenv(key, value)
+        with TestClient(create_app(fake_settings(models, preload=[FAKE], queue_size=1, slots=1)), base_url=BASE) as c:
+            wait_ready(c)
+            yield c, gates
+
+
 # ---- admission -------------------------------------------------------------------------------------------
 
 
-def test_queue_full_gives_503_with_retry_after(app_client, gates):
+def test_queue_full_gives_503_with_retry_after(one_slot):
     """docs/reliability.md case 18: 1 slot + queue of 1: the first holds the slot, the second waits, the third and fourth get 503."""
-    with app_client(preload=[FAKE], queue_size=1, slots=1) as c:
-        wait_ready(c)
-        first = Background(lambda: chat(c, "hold:g1", max_tokens=40))
-        wait_until(lambda: gates.reached("g1"), "the first request is generating")
-        second = Background(lambda: chat(c, "second", max_tokens=40))
-        wait_until(lambda: metric(c, "edgekit_queue_depth", model=FAKE) == 1, "the second request is queued")
-        rejected = [chat(c, "third", max_tokens=40), chat(c, "fourth", max_tokens=40)]
-        gates.open("g1")
-        finished = [first.result(), second.result()]
+    c, gates = one_slot
+    first = Background(lambda: chat(c, "hold:g1", max_tokens=40))
+    wait_until(lambda: gates.reached("g1"), "the first request is generating")
+    second = Background(lambda: chat(c, "second", max_tokens=40))
+    wait_until(lambda: metric(c, "edgekit_queue_depth", model=FAKE) == 1, "the second request is queued")
+    rejected = [chat(c, "third", max_tokens=40), chat(c, "fourth", max_tokens=40)]
+    gates.open("g1")
+    finished = [first.result(), second.result()]
     assert [r.status_code for r in rejected] == [503, 503]
     assert all(r.headers["retry-after"] == "2" and r.json()["error"]["code"] == "queue_full" for r in rejected)
     assert [r.status_code for r in finished] == [200, 200]
@@ -62,7 +96,7 @@ def test_queue_full_gives_503_with_retry_after(app_client, gates):
     assert [r.json()["usage"] for r in finished] == [{"prompt_tokens": 2, "completion_tokens": 40, "total_tokens": 42}] * 2
 
 
-def test_second_stream_waits_for_the_slot_then_both_complete(app_client, gates):
+def test_second_stream_waits_for_the_slot_then_both_complete(one_slot):
     """docs/reliability.md case 23 (admission): with one slot the second stream is queued, not interleaved; both arrive whole."""
     def stream(text: str) -> tuple[str, str | None, bool]:
         with c.stream("POST", "/v1/chat/completions", json={"model": FAKE, "messages": [{"role": "user", "content": text}],
@@ -72,30 +106,29 @@ def test_second_stream_waits_for_the_slot_then_both_complete(app_client, gates):
         text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
         return text, chunks[-1]["choices"][0]["finish_reason"], events[-1] == "[DONE]"
 
-    with app_client(preload=[FAKE], slots=1) as c:
-        wait_ready(c)
-        first = Background(lambda: stream("hold:s1@4"))
-        wait_until(lambda: gates.reached("s1"), "the first stream has 4 tokens")
-        second = Background(lambda: stream("hold:s2"))
-        wait_until(lambda: metric(c, "edgekit_queue_depth", model=FAKE) == 1, "the second stream is queued")
-        assert metric(c, "edgekit_active_requests", model=FAKE) == 2 and not gates.reached("s2")
-        gates.open("s1")
-        assert first.result() == (completion(16), "length", True)
-        wait_until(lambda: gates.reached("s2"), "the second stream runs once the first is done")
-        gates.open("s2")
-        assert second.result() == (completion(16), "length", True)
+    c, gates = one_slot
+    first = Background(lambda: stream("hold:s1@4"))
+    wait_until(lambda: gates.reached("s1"), "the first stream has 4 tokens")
+    second = Background(lambda: stream("hold:s2"))
+    wait_until(lambda: metric(c, "edgekit_queue_depth", model=FAKE) == 1, "the second stream is queued")
+    assert metric(c, "edgekit_active_requests", model=FAKE) == 2 and not gates.reached("s2")
+    gates.open("s1")
+    assert first.result() == (completion(16), "length", True)
+    wait_until(lambda: gates.reached("s2"), "the second stream runs once the first is done")
+    gates.open("s2")
+    assert second.result() == (completion(16), "length", True)
 
 
-def test_prompt_over_the_context_is_400_before_any_token(app_client):
+def test_prompt_over_the_context_is_400_before_any_token(one_slot):
     """docs/reliability.md case 12 (admission): the prompt's token count is checked against the slot's context."""
-    with app_client() as c:
-        response = chat(c, "word " * 70)
-        error = response.json()["error"]
-        assert response.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
-        assert "the prompt has 71 tokens; this model's context window is 64 tokens" in error["message"]
-        body = chat(c, "short").json()  # no max_tokens: generate until the context is full
-        assert body["choices"][0]["finish_reason"] == "length"
-        assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 62, "total_tokens": 64}
+    c, _ = one_slot
+    response = chat(c, "word " * 70)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "the prompt has 71 tokens; this model's context window is 64 tokens" in error["message"]
+    body = chat(c, "short").json()  # no max_tokens: generate until the context is full
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 62, "total_tokens": 64}
 
 
 # ---- crashes ---------------------------------------------------------------------------------------------
@@ -230,7 +263,7 @@ def test_disconnect_cancels_streamed_generation(fake_daemon):
     wait_until(lambda: daemon.metric("edgekit_generations_total", model=FAKE, finish_reason="cancelled") == cancelled + 1,
                "the generation is cancelled")
     assert daemon.metric("edgekit_tokens_generated_total", model=FAKE) - tokens == 3
-    after = httpx.post(f"{daemon.url}/v1/chat/completions", json=body("after", max_tokens=2), timeout=60)
+    after = HTTP.post(f"{daemon.url}/v1/chat/completions", json=body("after", max_tokens=2), timeout=60)
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
 
 
@@ -254,7 +287,7 @@ def test_disconnect_cancels_non_streamed_generation(fake_daemon):
 def _stream_into(url: str, events: list[str], text: str, max_tokens: int) -> threading.Thread:
     def run() -> None:
         try:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
+            with HTTP.stream("POST", f"{url}/v1/chat/completions", timeout=120,
                               json=body(text, max_tokens=max_tokens, stream=True)) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):

@@ -84,12 +84,20 @@ def metric(client: TestClient, name: str, **labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, smollm_bundle, minilm_bundle, classifier_bundles, crash_bundle) -> Path:
+def models_dir(tmp_path_factory, smollm_bundle, minilm_bundle, classifier_bundles, crash_bundle, fake_gguf) -> Path:
     root = tmp_path_factory.mktemp("api-models")
     models = link_bundles(root / "models", smollm_bundle, minilm_bundle, *classifier_bundles.values(), crash_bundle)
     publish_gguf(smollm_bundle / "model.gguf", models, ESCAPE_NAME, chat_template=HOSTILE_TEMPLATE)
-    hostile_bundles(models, smollm_bundle, minilm_bundle)
+    # the hostile GGUF bundles are made from the tiny GGUF: copied and hashed at every start in a few bytes, not 90 MB
+    # (test_serve_bundles.py checks each one's reason on the SmolLM2 copies)
+    tiny = publish_gguf(fake_gguf, root / "tiny", "tiny-gguf")
+    hostile_bundles(models, tiny, minilm_bundle)
     return models
+
+
+def models_subset(models_dir: Path, target: Path, *names: str) -> Path:
+    """A models directory holding only ``names`` of ``models_dir`` (hard links): a daemon started on it verifies those."""
+    return link_bundles(target, *(models_dir / name for name in names))
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +133,10 @@ def test_bad_bundles_are_skipped_and_the_rest_serve(client):
     assert chat(client, max_tokens=2).status_code == 200
 
 
-def test_bad_bundle_in_the_preload_list_is_refused_by_its_worker(models_dir):
+def test_bad_bundle_in_the_preload_list_is_refused_by_its_worker(models_dir, tmp_path):
     """Preloaded bundles are verified by their own worker (in parallel with discovery): a tampered one is rejected."""
-    settings = settings_for(models_dir, preload=["tampered-gguf", SMOLLM_NAME])
+    models = models_subset(models_dir, tmp_path / "models", "tampered-gguf", SMOLLM_NAME)
+    settings = settings_for(models, preload=["tampered-gguf", SMOLLM_NAME])
     with TestClient(create_app(settings), base_url=BASE) as c:
         health = wait_ready(c)
         assert "tampered-gguf" in health["rejected"] and health["loaded"] == [SMOLLM_NAME]
@@ -447,16 +456,17 @@ def test_chat_template_escape_is_contained(client):
 # ---- lifecycle ------------------------------------------------------------------------------
 
 
-def test_memory_budget_refuses_and_evicts_lru(models_dir):
+def test_memory_budget_refuses_and_evicts_lru(models_dir, tmp_path):
     """docs/reliability.md case 21: too big for the budget -> 507 insufficient_memory; otherwise idle models are evicted LRU first."""
     from edgekit.bundle import read_manifest
     from edgekit.serve.budget import MIB, footprint_bytes
 
-    probe = settings_for(models_dir)
-    sizes = {name: footprint_bytes(read_manifest(models_dir / name), probe) for name in (SENTIMENT_NAME, NER_NAME, MINILM_NAME, SMOLLM_NAME)}
+    models = models_subset(models_dir, tmp_path / "models", SENTIMENT_NAME, NER_NAME, MINILM_NAME, SMOLLM_NAME)
+    probe = settings_for(models)
+    sizes = {name: footprint_bytes(read_manifest(models / name), probe) for name in (SENTIMENT_NAME, NER_NAME, MINILM_NAME, SMOLLM_NAME)}
     budget_mb = max(sizes[SENTIMENT_NAME], sizes[NER_NAME]) // MIB + 1  # room for one tiny classifier at a time
     assert sizes[SENTIMENT_NAME] + sizes[NER_NAME] > budget_mb * MIB < min(sizes[MINILM_NAME], sizes[SMOLLM_NAME])
-    with TestClient(create_app(settings_for(models_dir, memory_budget_mb=budget_mb)), base_url=BASE) as c:
+    with TestClient(create_app(settings_for(models, memory_budget_mb=budget_mb)), base_url=BASE) as c:
         wait_ready(c)
         refused = chat(c, max_tokens=2)
         assert refused.status_code == 507

@@ -139,13 +139,19 @@ def test_the_call_comes_back_as_tool_calls(client, choice):
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_streamed_calls_come_as_delta_tool_calls(client):
+def test_streamed_calls_come_as_delta_tool_calls_in_fragments(client):
+    """The name first (with index, id, type), then the arguments in fragments adding up to the non-streamed ones."""
+    whole = post(client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"][0]
     response = post(client, tool_choice="required", stream=True)
     events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
-    assert len(calls) == 1 and calls[0]["index"] == 0
-    assert_valid_call(calls[0])
+    head, fragments = calls[0], calls[1:]
+    assert head == {"index": 0, "id": head["id"], "type": "function", "function": {"name": whole["function"]["name"], "arguments": ""}}
+    assert len(fragments) > 1 and all(c == {"index": 0, "function": {"arguments": c["function"]["arguments"]}} for c in fragments)
+    arguments = "".join(c["function"]["arguments"] for c in fragments)
+    assert arguments == whole["function"]["arguments"]  # byte for byte, temperature 0
+    assert_valid_call({**head, "function": {"name": head["function"]["name"], "arguments": arguments}})
     assert not any(d.get("content") for d in deltas)
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
@@ -205,8 +211,13 @@ def test_openai_client_tool_loop(daemon):
     assert second.choices[0].message.content
     assert second.choices[0].message.tool_calls is None
 
-    stream = client.chat.completions.create(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
-                                            temperature=0, max_tokens=120, stream=True)
-    calls = [c for chunk in stream for choice in chunk.choices for c in choice.delta.tool_calls or ()]
-    assert len(calls) == 1
-    jsonschema.validate(json.loads(calls[0].function.arguments), PARAMETERS[calls[0].function.name])
+    # Streamed: the client's own accumulation (its stream helper) gets the same call as the non-streamed request.
+    whole = client.chat.completions.create(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
+                                           temperature=0, max_tokens=120).choices[0].message.tool_calls[0]
+    with client.chat.completions.stream(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       temperature=0, max_tokens=120) as stream:
+        fragments = [event.arguments_delta for event in stream if event.type == "tool_calls.function.arguments.delta"]
+        final = stream.get_final_completion().choices[0].message.tool_calls
+    assert len(fragments) > 1 and len(final) == 1
+    assert (final[0].function.name, final[0].function.arguments) == (whole.function.name, whole.function.arguments)
+    jsonschema.validate(json.loads(final[0].function.arguments), PARAMETERS[final[0].function.name])

@@ -226,7 +226,9 @@ def write_archive(pack_dir: Path) -> Path:
             info.uname = info.gname = "root"
             return info
 
-        with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        # Level 1: wheels and quantized weights barely compress (a Q4_K_M GGUF: 94.8 % at level 1, 94.5 % at level 6 for
+        # 10 % more CPU time).
+        with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:
             for path in [pack_dir, *sorted(pack_dir.rglob("*"))]:
                 tar.add(path, arcname=str(Path(pack_dir.name) / path.relative_to(pack_dir)), recursive=False, filter=owner)
         os.replace(tmp, archive)

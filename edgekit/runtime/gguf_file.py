@@ -5,7 +5,7 @@ tensor/kv counts that make it allocate, string lengths and tensor extents past t
 file, integer overflows in size arithmetic; docs/reliability.md case 1). This reader walks the header
 with every count and length checked against the bytes that are actually left in the file, so a
 hostile or truncated file is rejected with a ``BundleError`` naming the problem while nothing
-large has been allocated. It is plain Python over a read-only mmap and imports only ``gguf``'s
+large has been allocated. It is plain Python over a read-only mmap and loads only ``gguf``'s
 constant tables.
 
 Layout (GGUF v2/v3, little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
@@ -16,16 +16,38 @@ then the tensor data.
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
-
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from edgekit.errors import BundleError
 from edgekit.schema.manifest import GgufFacts
+
+
+def _gguf_constants() -> ModuleType:
+    """``gguf.constants`` (stdlib-only tables) without running ``gguf/__init__``, which imports numpy and every gguf module:
+    0.17 s of each model worker's and bundle verifier's start. The enums are IntEnums, equal to the package's own."""
+    if "gguf.constants" in sys.modules:
+        return sys.modules["gguf.constants"]
+    package = importlib.util.find_spec("gguf")
+    if package is None or not package.submodule_search_locations:
+        raise ModuleNotFoundError("the gguf package is not installed")
+    path = Path(package.submodule_search_locations[0]) / "constants.py"
+    spec = importlib.util.spec_from_file_location("edgekit.runtime._gguf_constants", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and enums look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+_constants = _gguf_constants()
+GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType = (_constants.GGML_QUANT_SIZES, _constants.GGMLQuantizationType,
+                                                          _constants.LlamaFileType)
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

@@ -229,11 +229,12 @@ class GgufModel:
             if not exc.client_error:  # the sandbox stopped it: the bundle is hostile or broken, not the probe
                 raise BundleError(str(exc), hint=exc.hint) from exc
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        """The prompt text for chat ``messages`` (sandboxed template; ChatTemplateError on failure)."""
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text for chat ``messages`` (sandboxed template; ChatTemplateError on failure); ``tools``: the
+        template's ``tools`` variable (templates with their own tool format list them)."""
         if self.template is None:
             raise RuntimeBackendError("this model has no chat template; use /v1/completions")
-        return self.template.render(messages, add_generation_prompt=True)
+        return self.template.render(messages, add_generation_prompt=True, tools=tools)
 
     def tokenize(self, text: str, *, chat: bool = False) -> list[int]:
         """Token ids of ``text``; special tokens written in the text are parsed (templates emit them as text)."""

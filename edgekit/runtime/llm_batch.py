@@ -41,7 +41,7 @@ class _Request:
     prompt: list[int]
     sampling: Sampling
     cancelled: Callable[[], bool]
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    emit: Callable[[Delta | Finish | BaseException], None]  # called on the decode thread
     seq: int = -1
     pending: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
     cached: int = 0
@@ -97,24 +97,32 @@ class BatchedGguf:
         self._thread.join()
         self._llama_cpp.llama_batch_free(self._batch)
 
-    def generate(self, prompt: list[int], sampling: Sampling,
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Delta | Finish]:
-        """``GgufModel.generate`` for one of the concurrent streams."""
+    def start(self, prompt: list[int], sampling: Sampling, cancelled: Callable[[], bool],
+              emit: Callable[[Delta | Finish | BaseException], None]) -> None:
+        """Queue a generation: ``emit`` gets its deltas, then its ``Finish`` or the exception that ended it, on the
+        decode thread (a caller that sends them on needs no thread hand-off per token). ``emit`` must not block long:
+        every stream waits for it."""
         model = self.model
         if not prompt:
             raise RuntimeBackendError("empty prompt")
         if len(prompt) >= model.n_ctx:
             raise PromptTooLong(len(prompt), model.n_ctx)
-        request = _Request(list(prompt), sampling, cancelled)
+        request = _Request(list(prompt), sampling, cancelled, emit)
         with self._cond:
             self._waiting.append(request)
             self._cond.notify()
+
+    def generate(self, prompt: list[int], sampling: Sampling,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Delta | Finish]:
+        """``GgufModel.generate`` for one of the concurrent streams."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        self.start(prompt, sampling, cancelled, events.put)
         while True:
-            event = request.events.get()
+            event = events.get()
             if isinstance(event, Delta):  # the consumer fell behind: what is queued goes out as one delta
                 while True:
                     try:
-                        more = request.events.get_nowait()
+                        more = events.get_nowait()
                     except queue.Empty:
                         break
                     if not isinstance(more, Delta):
@@ -144,7 +152,7 @@ class BatchedGguf:
             except RuntimeBackendError as exc:
                 for request in list(self._active.values()):
                     self._release(request)
-                    request.events.put(exc)
+                    request.emit(exc)
 
     def _assign(self, request: _Request) -> None:
         """The idle sequence sharing the longest prefix with the prompt when that prefix is at least half of the prompt
@@ -229,10 +237,10 @@ class BatchedGguf:
     def _finish(self, request: _Request) -> None:
         text = request.text
         if (tail := text.tail()) is not None:
-            request.events.put(tail)
+            request.emit(tail)
         elapsed = time.perf_counter() - request.started if request.started else 0.0
         self._release(request)
-        request.events.put(Finish(text.reason or "stop", len(request.prompt), text.produced, request.cached, elapsed))
+        request.emit(Finish(text.reason or "stop", len(request.prompt), text.produced, request.cached, elapsed))
 
     def _make_room(self) -> int:
         """Cells for this step: the next token of every decoding stream first (idle sequences give up their cells;
@@ -294,7 +302,7 @@ class BatchedGguf:
                 request.started = time.perf_counter()
             delta, done = request.text.feed(token)
             if delta is not None:
-                request.events.put(delta)
+                request.emit(delta)
             if done:
                 request.next_token = None
                 self._finish(request)

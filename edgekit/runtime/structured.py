@@ -8,10 +8,9 @@ schema is refused naming the keyword (``UnsupportedSchema``). The checked schema
 the converter handles correctly (annotations dropped, ``$ref`` targets given unique rule names), and its size,
 depth and repetition counts are bounded so a hostile schema cannot stall the daemon.
 
-Tool calls follow llama.cpp's generic tool-call format (``common/chat.cpp``, ``common_chat_params_init_generic``),
-used for chat templates without their own tool syntax: the model answers JSON, either
-``{"tool_call": {"name": ..., "arguments": {...}}}`` or ``{"response": "..."}``, constrained by a grammar built from
-the tools' parameter schemas, and the daemon turns it into OpenAI ``tool_calls``.
+Tool calls are written in the chat template's own tool format where it has one, else in llama.cpp's generic format
+(the table is ``tool_formats``): the call object is constrained by a grammar built here from the tools' parameter
+schemas, with the format's text around it, and the daemon turns the answer into OpenAI ``tool_calls``.
 
 Board side: the daemon converts schemas without loading llama.cpp (the converter is pure Python, loaded on its own);
 the worker adds the grammar to its sampler chain.
@@ -22,12 +21,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
+from edgekit.runtime.tool_formats import GENERIC, ParsedAnswer, ToolFormat, read_answer
 
 # Bounds on a schema before it is converted (each a 400 when exceeded).
 MAX_SCHEMA_ITEMS = 4096  # dict keys + list elements of the whole schema
@@ -385,15 +385,21 @@ def _converter(refs: dict[str, dict]):
     return converter
 
 
-def schema_grammar(schema: Any) -> str:
-    """GBNF enforcing ``schema`` (UnsupportedSchema when it cannot be enforced in full)."""
+def schema_grammar(schema: Any, frame: Callable[[str], tuple[str, dict[str, str]]] | None = None) -> str:
+    """GBNF enforcing ``schema`` (UnsupportedSchema when it cannot be enforced in full).
+
+    ``frame``: builds the root from the schema's rule (a tool format's text around a call) and adds its own rules."""
     if not isinstance(schema, dict):
         raise UnsupportedSchema("schema", "", "a schema must be a JSON object")
     _count_items(schema)
     root, refs = _Normalizer(schema).run()
     converter = _converter(refs)
     # Upstream visits the root under the name "" and so names a property "" at the root "root": root rules stay apart.
-    converter._rules["root"] = converter.visit(root, "doc")
+    rule = converter.visit(root, "doc")  # the name of the schema's rule
+    if frame is not None:
+        rule, extra = frame(rule)
+        converter._rules.update(extra)
+    converter._rules["root"] = rule
     grammar = converter.format_grammar()
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise UnsupportedSchema("schema", "", f"its grammar would exceed {MAX_GRAMMAR_CHARS} characters")
@@ -415,9 +421,11 @@ class Tool:
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """How a chat request with tools is run: the system text describing them and the grammar of the answer."""
+    """How a chat request with tools is run: its format, the grammar of the answer and, for a format the template
+    does not render itself, the system text describing the tools."""
 
-    system: str
+    format: ToolFormat
+    system: str | None
     grammar: str
     may_answer: bool  # tool_choice auto: a text answer is allowed
 
@@ -431,54 +439,31 @@ def check_parameters(parameters: Any, pointer: str) -> dict:
     return parameters
 
 
-def tool_plan(tools: Sequence[Tool], choice: str | None) -> ToolPlan:
+def tool_plan(tools: Sequence[Tool], choice: str | None, fmt: ToolFormat = GENERIC) -> ToolPlan:
     """``choice``: "auto", "required", or a function's name (the caller checked it exists)."""
+    may_answer = choice == "auto"
     chosen = [t for t in tools if t.name == choice] if choice not in ("auto", "required") else list(tools)
-    calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-              "required": ["name", "arguments"]} for t in chosen]
-    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    options = [{"type": "object", "properties": {"tool_call": call}, "required": ["tool_call"]}]
-    if choice == "auto":
-        options.append({"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"]})
-    schema = options[0] if len(options) == 1 else {"anyOf": options}
-    grammar = schema_grammar(schema)
+    schema = fmt.root_schema([fmt.call_schema(t.name, t.parameters) for t in chosen], may_answer)
+    grammar = schema_grammar(schema, functools.partial(fmt.root_rule, may_answer=may_answer))
+    if fmt.native:  # the template lists the tools and says how to call them
+        return ToolPlan(format=fmt, system=None, grammar=grammar, may_answer=may_answer)
     described = [{"name": t.name, **({"description": t.description} if t.description else {}),
                   "parameters": t.parameters} for t in tools]
     # The wording of llama.cpp's generic tool-call format (common/chat.cpp), with the tools listed.
     system = ("You have access to the following tools:\n" + json.dumps(described, ensure_ascii=False) + "\n\n"
               + ("Respond in JSON format, either with `tool_call` (a request to call tools) or with `response` "
-                 "reply to the user's request" if choice == "auto" else
+                 "reply to the user's request" if may_answer else
                  "Respond in JSON format with `tool_call` (a request to call a tool)"))
-    return ToolPlan(system=system, grammar=grammar, may_answer=choice == "auto")
+    return ToolPlan(format=fmt, system=system, grammar=grammar, may_answer=may_answer)
 
 
-@dataclass(frozen=True)
-class ParsedAnswer:
-    """What a tool-mode generation said: a call (name + arguments as JSON text) or a text answer."""
-
-    name: str | None = None
-    arguments: str | None = None
-    content: str | None = None
-
-
-def parse_answer(text: str) -> ParsedAnswer | None:
-    """The generic format's answer; None when the text is not a complete answer (cut by max_tokens)."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    call = data.get("tool_call")
-    if isinstance(call, dict) and isinstance(call.get("name"), str):
-        return ParsedAnswer(name=call["name"], arguments=json.dumps(call.get("arguments", {}), ensure_ascii=False))
-    if isinstance(data.get("response"), str):
-        return ParsedAnswer(content=data["response"])
-    return None
+def parse_answer(text: str, fmt: ToolFormat = GENERIC) -> ParsedAnswer | None:
+    """A whole answer in ``fmt``; None when the text is not a complete answer (cut by max_tokens)."""
+    return read_answer(fmt, text)
 
 
 def call_text(name: str, arguments: str) -> str:
-    """An earlier call as the model wrote it (assistant turns with tool_calls, rendered back into the prompt)."""
+    """An earlier call as the model wrote it in the generic format (assistant turns with tool_calls)."""
     try:
         parsed: Any = json.loads(arguments)
     except ValueError:
@@ -487,7 +472,7 @@ def call_text(name: str, arguments: str) -> str:
 
 
 def tool_result_text(content: str, call_id: str | None, name: str | None) -> str:
-    """A tool's result as a ``role: tool`` turn's content."""
+    """A tool's result as a ``role: tool`` turn's content in the generic format."""
     result: dict[str, Any] = {"content": content}
     if name:
         result["tool"] = name

@@ -100,6 +100,8 @@ class ChatTurn(Message):
     role: str
     content: str
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # calls of an assistant turn, for templates with a tool format
+    tool_call_id: str | None = None
 
 
 class Generate(Message):
@@ -109,6 +111,7 @@ class Generate(Message):
     id: str
     prompt: str | None = None
     messages: list[ChatTurn] | None = None
+    tools: list[dict[str, Any]] | None = None  # the chat template's tools variable
     sampling: Sampling
 
 

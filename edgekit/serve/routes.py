@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from edgekit.runtime import structured
+from edgekit.runtime import tool_formats
 from edgekit.serve.admission import (
     CLASSIFY_TASKS,
     EMBEDDING_TASKS,
@@ -265,42 +265,52 @@ def stream_response(generation: Generation, events: ChatEvents | CompletionEvent
                              background=BackgroundTask(generation.finish))
 
 
-def tool_answer(text: str, finish_reason: str | None) -> tuple[AssistantMessage, str | None]:
-    """The assistant message of a generation in the tool-call format, and its finish reason.
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_answer(reader: tool_formats.CallReader, finish_reason: str | None,
+                call_id: str | None = None) -> tuple[AssistantMessage, str | None]:
+    """The assistant message of a whole generation in a tool-call format, and its finish reason.
 
     Fail closed: a call always comes back as ``tool_calls``, never as text; an answer cut short (max_tokens, a
     cancel) is neither a call nor text."""
-    parsed = structured.parse_answer(text)
+    parsed = reader.answer()
     if parsed is None:
         if finish_reason == "stop":  # the grammar ends only on a complete answer: this is a bug, not the model
             raise ApiError(500, "the model's answer does not follow the tool-call format", code="tool_format_error")
         return AssistantMessage(content=None), finish_reason
     if parsed.name is not None:
-        call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCallOut(name=parsed.name, arguments=parsed.arguments))
+        call = ToolCall(id=call_id or new_call_id(), function=FunctionCallOut(name=parsed.name, arguments=parsed.arguments))
         return AssistantMessage(content=None, tool_calls=[call]), "tool_calls"
     return AssistantMessage(content=parsed.content), finish_reason
 
 
-def tool_stream_response(generation: Generation, events: ChatEvents, include_usage: bool) -> StreamingResponse:
-    """SSE of a generation in the tool-call format: the answer is read whole, then sent as ``delta.tool_calls`` (or
-    ``delta.content``), the finish chunk, optional usage and [DONE]."""
+def tool_stream_response(generation: Generation, events: ChatEvents, include_usage: bool,
+                         fmt: tool_formats.ToolFormat) -> StreamingResponse:
+    """SSE of a generation in a tool-call format, as OpenAI streams calls: ``delta.tool_calls`` with the index, id,
+    type and name once the name is complete, then the arguments' text fragment by fragment as it is generated; a text
+    answer comes whole at the end (it is known not to be a call only then); the finish chunk, usage and [DONE]."""
 
     async def sse() -> AsyncIterator[str]:
-        parts: list[str] = []
+        reader, call_id = tool_formats.CallReader(fmt), new_call_id()
         try:
             yield f"data: {_event(events.first())}\n\n"
             async with asyncio.timeout(generation.remaining()):
                 while True:
                     message, _ = await generation.stream.next()
                     if isinstance(message, DeltaMessage):
-                        parts.append(message.delta.text)
+                        name, fragment = reader.feed(message.delta.text)
+                        if name is not None:
+                            call = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+                            yield f"data: {_event(events.text_or_role({'tool_calls': [call]}))}\n\n"
+                        if fragment:
+                            call = {"index": 0, "function": {"arguments": fragment}}
+                            yield f"data: {_event(events.text_or_role({'tool_calls': [call]}))}\n\n"
                     elif isinstance(message, Done):
                         generation.record(message)
-                        answer, reason = tool_answer("".join(parts), generation.finish_reason)
-                        if answer.tool_calls:
-                            calls = [{"index": i, **call.model_dump()} for i, call in enumerate(answer.tool_calls)]
-                            yield f"data: {_event(events.text_or_role({'tool_calls': calls}))}\n\n"
-                        elif answer.content:
+                        answer, reason = tool_answer(reader, generation.finish_reason, call_id)
+                        if not answer.tool_calls and answer.content:
                             yield f"data: {_event(events.text(answer.content))}\n\n"
                         yield f"data: {_event(events.finish(reason))}\n\n"
                         if include_usage:
@@ -319,6 +329,11 @@ def tool_stream_response(generation: Generation, events: ChatEvents, include_usa
                              background=BackgroundTask(generation.finish))
 
 
+def tool_format(entry: ModelEntry) -> tool_formats.ToolFormat:
+    """The tool format of a model: its chat template's own where it has one (read from the manifest), else generic."""
+    return tool_formats.detect(entry.manifest.runtime.chat_template)
+
+
 @api.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(request: Request, svc: Svc) -> Response | ChatCompletion:
     body = parse_body(ChatBody, await read_body(request, svc.settings.max_body_bytes))
@@ -326,16 +341,25 @@ async def chat_completions(request: Request, svc: Svc) -> Response | ChatComplet
     check_chars(svc, body.chars(), "messages")
     plan = body.structured()  # schema checks and grammar here: a 400 before the request is queued
     entry = await model_entry(svc, request, body.model, GENERATION_TASKS, "/v1/chat/completions")
-    job = partial(Generate, messages=body.template_messages(plan), sampling=body.sampling(plan))
+    if (fmt := tool_format(entry)) is not plan.format:  # earlier calls and results render in it even without tools
+        # The same checks passed: with tools only the grammar and the turns change.
+        plan = body.structured(fmt) if plan.tools else plan.model_copy(update={"tool_format": fmt.name})
+    given = {"tools": plan.template_tools} if plan.template_tools is not None else {}
+    job = partial(Generate, messages=body.template_messages(plan), sampling=body.sampling(plan), **given)
     generation = await unless_client_leaves(request, svc.admission.start_generation(entry, job, "messages"), Generation.finish)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream and plan.tools:
-        return tool_stream_response(generation, ChatEvents(rid, created, entry.name), include_usage)
+        return tool_stream_response(generation, ChatEvents(rid, created, entry.name), include_usage, plan.format)
     if body.stream:
         return stream_response(generation, ChatEvents(rid, created, entry.name), include_usage)
     text = await collect(request, generation)
-    message, reason = tool_answer(text, generation.finish_reason) if plan.tools else (AssistantMessage(content=text), generation.finish_reason)
+    if plan.tools:
+        reader = tool_formats.CallReader(plan.format)
+        reader.feed(text)  # what a stream reads piece by piece, read at once: the same arguments text
+        message, reason = tool_answer(reader, generation.finish_reason)
+    else:
+        message, reason = AssistantMessage(content=text), generation.finish_reason
     return ChatCompletion(id=rid, created=created, model=entry.name, usage=Usage(**generation.usage),
                           choices=[ChatChoice(message=message, finish_reason=reason)])
 

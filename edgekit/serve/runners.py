@@ -10,6 +10,7 @@ is how the test suite swaps llama.cpp for a fake model while the daemon, worker 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import threading
 from collections.abc import Callable
@@ -108,14 +109,22 @@ class GenerationRunner:
         model = self.models[slot]
         message = job.message
         chat = message.messages is not None
+        if chat and not self.special_in_content:
+            # Tools and calls render as the template's markup (no content markers): refuse control-token text in them.
+            calls = [turn.tool_calls for turn in message.messages if turn.tool_calls]
+            for param, value in (("tools", message.tools), ("messages", calls)):
+                if value and holds_control_tokens(model, value):
+                    send(Error(id=job.id, status=400, code="control_token_in_input", param=param,
+                               message=f"{param} hold text that this model reads as a control token"))
+                    return
         try:
-            text = model.render_chat([turn.model_dump(exclude_none=True) for turn in message.messages]) if chat else message.prompt
+            text = model.render_chat([turn.model_dump(exclude_none=True) for turn in message.messages], message.tools) if chat else message.prompt
         except ChatTemplateError as exc:
             send(Error(id=job.id, status=400 if exc.client_error else 500, code="chat_template_error", message=str(exc),
                        param="messages"))
             return
         if chat and not self.special_in_content:
-            tokens = chat_tokens(model, [turn.model_dump(exclude_none=True) for turn in message.messages], text)
+            tokens = chat_tokens(model, [turn.model_dump(exclude_none=True) for turn in message.messages], text, message.tools)
         else:
             tokens = model.tokenize(text, chat=chat)
         grammar = message.sampling.grammar
@@ -130,16 +139,43 @@ class GenerationRunner:
         if not job.wait_proceed():
             send(Done(id=job.id, finish=Finish("cancelled", len(tokens), 0)))
             return
-        generate = self.engine.generate if self.engine is not None else model.generate
-        for event in generate(tokens, message.sampling, job.cancelled):
+        if self.engine is not None:
+            self.stream_batched(job, tokens, send)
+            return
+        for event in model.generate(tokens, message.sampling, job.cancelled):
             send(DeltaMessage(id=job.id, delta=event) if isinstance(event, Delta) else Done(id=job.id, finish=event))
+
+    def stream_batched(self, job: Job, tokens: list[int], send: Send) -> None:
+        """Deltas go out from the decode thread as they are made: a hand-off to this slot thread per token cost a
+        thread wake-up and GIL ping-pong with the decode thread. The slot thread waits for the end and sends ``Done``."""
+        ended = threading.Event()
+        outcome: list[Finish | BaseException] = []
+
+        def emit(event: Delta | Finish | BaseException) -> None:
+            if isinstance(event, Delta):
+                send(DeltaMessage(id=job.id, delta=event))
+            else:
+                outcome.append(event)
+                ended.set()
+
+        self.engine.start(tokens, job.message.sampling, job.cancelled, emit)
+        ended.wait()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        send(Done(id=job.id, finish=outcome[0]))
+
+
+def holds_control_tokens(model, value: Any) -> bool:
+    """Whether a JSON value's text tokenizes differently when control-token text in it is parsed."""
+    data = json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return model.llm.tokenize(data, add_bos=False, special=True) != model.llm.tokenize(data, add_bos=False, special=False)
 
 
 # Private-use characters around a message's index: what a chat template renders in place of its content.
 _CONTENT_MARK = re.compile("\ue000(\\d+)\ue001")
 
 
-def chat_tokens(model, messages: list[dict[str, Any]], rendered: str) -> list[int]:
+def chat_tokens(model, messages: list[dict[str, Any]], rendered: str, tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of a chat prompt in which the template's markup may be control tokens and message content may not.
 
     The template is rendered again with a marker in place of each message's content; the markup between
@@ -148,9 +184,11 @@ def chat_tokens(model, messages: list[dict[str, Any]], rendered: str) -> list[in
     reproduce every marker once and in order (it rewrites content) gets ``rendered`` tokenized whole.
     """
     if not any("\ue000" in str(m.get("content", "")) for m in messages):
-        marked = model.render_chat([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)])
+        # Empty contents stay empty: templates leave them out (an assistant turn that only calls tools).
+        marked = model.render_chat([{**m, "content": f"\ue000{i}\ue001"} if m.get("content") else m
+                                    for i, m in enumerate(messages)], tools)
         found = [int(match[1]) for match in _CONTENT_MARK.finditer(marked)]
-        if found == list(range(len(messages))):
+        if found == [i for i, m in enumerate(messages) if m.get("content")]:
             add_bos = model.add_bos and not (model.bos_text and rendered.startswith(model.bos_text))
             tokens: list[int] = []
             parts = _CONTENT_MARK.split(marked)  # markup, index, markup, index, ..., markup

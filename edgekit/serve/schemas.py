@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_serializer
 
-from edgekit.runtime import structured
+from edgekit.runtime import structured, tool_formats
 from edgekit.runtime.llm import Sampling
 from edgekit.serve.errors import ApiError, bad_param
 
@@ -185,6 +185,12 @@ class Structured(BaseModel):
     grammar: str | None = None
     tools: bool = False
     system: str | None = None
+    tool_format: str = tool_formats.GENERIC.name
+    template_tools: list[dict[str, Any]] | None = Field(None, description="The template's tools variable (native formats).")
+
+    @property
+    def format(self) -> tool_formats.ToolFormat:
+        return tool_formats.BY_NAME[self.tool_format]
 
 
 class ChatBody(GenerationBody):
@@ -216,8 +222,10 @@ class ChatBody(GenerationBody):
         if self.functions:
             raise bad_param("functions", "functions is not supported; send tools", "unsupported_parameter")
 
-    def structured(self) -> Structured:
-        """Check response_format, tools and tool_choice and build the grammar (a 400 naming the param otherwise)."""
+    def structured(self, fmt: tool_formats.ToolFormat = tool_formats.GENERIC) -> Structured:
+        """Check response_format, tools and tool_choice and build the grammar (a 400 naming the param otherwise).
+
+        ``fmt``: the tool format of the model's chat template (``tool_formats.detect``)."""
         tools = self.tools or []
         names = [t.function.name for t in tools]
         if len(set(names)) != len(names):
@@ -250,27 +258,32 @@ class ChatBody(GenerationBody):
                 raise bad_param("response_format", "response_format json_object/json_schema cannot be combined with tools",
                                 "unsupported_value")
             try:
-                plan = structured.tool_plan(specs, wanted)
+                plan = structured.tool_plan(specs, wanted, fmt)
             except structured.UnsupportedSchema as exc:
                 raise _schema_error("tools", exc) from None
-            return Structured(grammar=plan.grammar, tools=True, system=plan.system)
+            given = tool_formats.template_tools([vars(t) for t in specs]) if fmt.native else None
+            return Structured(grammar=plan.grammar, tools=True, system=plan.system, tool_format=fmt.name,
+                              template_tools=given)
         if isinstance(response_format, JsonObjectFormat):
-            return Structured(grammar=structured.schema_grammar(structured.JSON_OBJECT_GRAMMAR_SCHEMA))
+            return Structured(grammar=structured.schema_grammar(structured.JSON_OBJECT_GRAMMAR_SCHEMA), tool_format=fmt.name)
         if isinstance(response_format, JsonSchemaFormat):
             param = "response_format.json_schema.schema"
             if response_format.json_schema.schema_ is None:
                 raise bad_param(param, "json_schema needs a schema", "missing_parameter")
             try:
-                return Structured(grammar=structured.schema_grammar(response_format.json_schema.schema_))
+                return Structured(grammar=structured.schema_grammar(response_format.json_schema.schema_), tool_format=fmt.name)
             except structured.UnsupportedSchema as exc:
                 raise _schema_error(param, exc) from None
-        return Structured()
+        return Structured(tool_format=fmt.name)
 
     def chars(self) -> int:
         return sum(len(m.text) + sum(len(c.function.arguments) for c in m.tool_calls or ()) for m in self.messages)
 
-    def template_messages(self, plan: Structured | None = None) -> list[dict[str, str]]:
-        """The turns the chat template renders; with tools, calls and results in the generic tool-call format."""
+    def template_messages(self, plan: Structured | None = None) -> list[dict[str, Any]]:
+        """The turns the chat template renders. Calls and results: with a native tool format, as the template's own
+        ``tool_calls`` and ``tool`` turns; else written out in the generic tool-call format."""
+        if plan is not None and plan.format.native:
+            return [self.native_turn(m) for m in self.messages]
         turns = []
         for m in self.messages:
             content = m.text
@@ -283,6 +296,17 @@ class ChatBody(GenerationBody):
         if plan is not None and plan.system:
             turns = structured.with_system(turns, plan.system)
         return turns
+
+    @staticmethod
+    def native_turn(m: ChatMessage) -> dict[str, Any]:
+        """A message as templates with tool syntax read it (transformers' convention: arguments as an object)."""
+        turn: dict[str, Any] = {"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})}
+        if m.tool_calls:
+            turn["tool_calls"] = [tool_formats.template_call(c.id, c.function.name, c.function.arguments)
+                                  for c in m.tool_calls]
+        if m.role == "tool" and m.tool_call_id:
+            turn["tool_call_id"] = m.tool_call_id
+        return turn
 
     def sampling(self, plan: Structured | None = None) -> Sampling:
         base = super().sampling()
