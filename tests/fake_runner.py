@@ -85,7 +85,7 @@ class FakeModel:
     def check_template(self) -> None:
         pass
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         return self.template.render(messages)
 
     def tokenize(self, text: str | bytes, *, chat: bool = False, add_bos: bool = False, special: bool = True) -> list[int]:
