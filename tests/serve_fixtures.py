@@ -443,6 +443,18 @@ class Daemon:
 
         wait_until(ready, f"daemon ready (log: {self.log})", timeout)
 
+    def __enter__(self) -> Daemon:
+        """Started and answering /health; stopped on leaving (also when it never became ready)."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def metric(self, name: str, **labels) -> float:
         return parse_metric(HTTP.get(f"{self.url}/metrics", headers=self.headers, timeout=10).text, name, **labels)
 

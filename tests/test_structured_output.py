@@ -262,12 +262,8 @@ def test_bad_schemas_are_400_naming_the_param_and_the_daemon_serves_on(client):
 
 @pytest.fixture(scope="module")
 def daemon(models_dir):
-    process = Daemon(models_dir, "--n-ctx", str(N_CTX), "--slots", "2")
-    try:
-        process.wait_ready()
+    with Daemon(models_dir, "--n-ctx", str(N_CTX), "--slots", "2") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.mark.slow

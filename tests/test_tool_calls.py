@@ -182,12 +182,8 @@ def test_bad_tool_requests_leave_the_daemon_serving(client):
 
 @pytest.fixture(scope="module")
 def daemon(models_dir):
-    process = Daemon(models_dir, "--n-ctx", str(N_CTX))
-    try:
-        process.wait_ready()
+    with Daemon(models_dir, "--n-ctx", str(N_CTX)) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.mark.slow

@@ -308,12 +308,8 @@ def test_hermes_text_answer_never_holds_the_call_markup(client):
 
 @pytest.fixture(scope="module")
 def daemon(hermes_models):
-    process = Daemon(hermes_models, "--n-ctx", str(N_CTX))
-    try:
-        process.wait_ready()
+    with Daemon(hermes_models, "--n-ctx", str(N_CTX)) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.mark.slow
