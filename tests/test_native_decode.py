@@ -100,3 +100,43 @@ def test_a_saved_prompt_survives_a_request_with_another_system_prompt(model, sam
     expected = [e.text for e in plain.generate(again, Sampling(max_tokens=6, temperature=0)) if isinstance(e, Delta)]
     assert [e.text for e in events if isinstance(e, Delta)] == expected
     assert plain.prompt_cache is None
+
+
+def test_a_grammar_checking_draws_picks_the_tokens_of_a_grammar_first_chain(model, monkeypatch):
+    """The grammar checks the token the chain drew and filters the vocabulary only when it rejects it: greedy decoding
+    picks the ids a chain with the grammar as its first stage picks, and the rejected draws did happen."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaSampler
+
+    from edgekit.runtime.llm import TokenSampler
+    from edgekit.runtime.structured import grammar_sampler, schema_grammar
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "hobbies": {"type": "array", "items": {"type": "string"}}},
+              "required": ["name", "age", "hobbies"]}
+    sampling = Sampling(temperature=0.0, grammar=schema_grammar(schema))
+    prompt = prompt_of(model, "Give me a JSON record for Alice, 30 years old, with her hobbies.")
+
+    def decode(steps) -> list[int]:
+        model.llm.reset()
+        model.prefill(prompt)
+        tokens = model.steps(sampling)
+        ids = [next(tokens) for _ in range(steps)]
+        tokens.close()
+        return ids
+
+    redraws = []
+    draw_allowed = TokenSampler._draw_allowed
+    monkeypatch.setattr(TokenSampler, "_draw_allowed", lambda self, ctx, index: redraws.append(index) or draw_allowed(self, ctx, index))
+    checked = decode(40)
+
+    def grammar_first(sampling: Sampling) -> TokenSampler:
+        chain = LlamaSampler()
+        llama_cpp.llama_sampler_chain_add(chain.sampler, grammar_sampler(model._vocab, sampling.grammar))
+        chain.add_greedy()
+        return TokenSampler(chain, None, llama_cpp.llama_vocab_n_tokens(model._vocab))
+
+    monkeypatch.setattr(model, "sampler", grammar_first)
+    assert checked == decode(40)
+    assert len(redraws) >= 1
+    assert model.llm.detokenize(checked).decode().startswith('{ "name": "')

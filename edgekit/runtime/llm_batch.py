@@ -295,9 +295,9 @@ class BatchedGguf:
         status = llama_cpp.llama_decode(self.model.llm.ctx, batch)
         if status != 0:
             raise RuntimeBackendError(f"llama_decode failed with status {status}")
-        sample = llama_cpp.llama_sampler_sample
+        ctx = self.model.llm.ctx
         for index, request in outputs:
-            token = sample(request.chain.sampler, self.model.llm.ctx, index)
+            token = request.chain.sample(ctx, index)
             if not request.started:
                 request.started = time.perf_counter()
             delta, done = request.text.feed(token)

@@ -13,7 +13,7 @@ Tool calls are written in the chat template's own tool format where it has one, 
 schemas, with the format's text around it, and the daemon turns the answer into OpenAI ``tool_calls``.
 
 Board side: the daemon converts schemas without loading llama.cpp (the converter is pure Python, loaded on its own);
-the worker adds the grammar to its sampler chain.
+the worker's sampler checks each drawn token against the grammar.
 """
 
 from __future__ import annotations
@@ -489,8 +489,8 @@ def with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str
     return [{"role": "system", "content": text}, *messages]
 
 
-def add_grammar(chain: Any, vocab: Any, grammar: str) -> None:
-    """Put llama.cpp's grammar sampler in ``chain`` (a LlamaSampler); llama.cpp returns NULL for a grammar it rejects."""
+def grammar_sampler(vocab: Any, grammar: str) -> Any:
+    """llama.cpp's grammar sampler for ``grammar`` (the caller frees it); llama.cpp returns NULL for a grammar it rejects."""
     import llama_cpp
 
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
@@ -498,7 +498,7 @@ def add_grammar(chain: Any, vocab: Any, grammar: str) -> None:
         from edgekit.errors import RuntimeBackendError
 
         raise RuntimeBackendError("llama.cpp rejected the grammar of this response_format or tools")
-    llama_cpp.llama_sampler_chain_add(chain.sampler, sampler)
+    return sampler
 
 
 def check_grammar(vocab: Any, grammar: str) -> bool:
