@@ -69,6 +69,7 @@ MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length + 1-byte name + n_d
 # GGUF value types (gguf.GGUFValueType): code -> struct format of one scalar.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")  # a string's length prefix
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,20 @@ class _Cursor:
             raise self.fail(f"{what} claims {length} bytes, past the end of the file ({self.left} left)")
         return length
 
+    def skip_strings(self, count: int, key: str) -> None:
+        """Step over ``count`` length-prefixed strings (a vocabulary: ~50,000 of them, so one tight loop)."""
+        buffer, pos, size, length_at = self.buffer, self.pos, self.size, _U64.unpack_from
+        for index in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                raise self.fail(f"length of item {index} of {key} needs 8 bytes, only {size - pos} left")
+            (length,) = length_at(buffer, pos)
+            if length > size - pos - 8:
+                self.pos = pos + 8
+                raise self.fail(f"item {index} of {key} claims {length} bytes, past the end of the file ({self.left} left)")
+            pos += 8 + length
+        self.pos = pos
+
     def text(self, what: str, limit: int | None = None, errors: str = "strict") -> str:
         raw = self.take(self.string_length(what, limit), what)
         try:
@@ -192,9 +207,7 @@ def _value(cur: _Cursor, vtype: int, key: str) -> Any:
     if item_type == _STRING:
         if count <= KEEP_ARRAY_ITEMS:
             return [cur.text(f"item {index} of {key}", errors="replace") for index in range(count)]
-        for index in range(count):
-            what = f"item {index} of {key}"
-            cur.skip(cur.string_length(what), what)
+        cur.skip_strings(count, key)
         return GgufArray(item_type, count)
     if count > KEEP_ARRAY_ITEMS:
         cur.skip(count * smallest, f"items of {key}")
