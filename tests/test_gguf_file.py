@@ -57,6 +57,12 @@ def gguf_bytes(*, n_tensors: int | None = None, n_kv: int | None = None, version
     return header + data
 
 
+def long_vocabulary() -> bytes:
+    """A file whose only key is a 100-token vocabulary ("t00" ... "t99"), longer than the arrays the reader keeps."""
+    tokens = b"".join(_string(f"t{i:02}") for i in range(100))
+    return gguf_bytes(kvs=[_kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 100) + tokens)])
+
+
 def write(tmp_path: Path, blob: bytes, name: str = "model.gguf") -> Path:
     path = tmp_path / name
     path.write_bytes(blob)
@@ -109,6 +115,14 @@ HOSTILE = {
     "big-endian version": (lambda: gguf_bytes(version=3 << 24), "is not supported"),
     "truncated in the header": (lambda: gguf_bytes()[:60], "header claims 7 key/value pairs, which cannot fit in the 36 bytes"),
     "truncated in a token string": (lambda: gguf_bytes()[:330], "item 3 of tokenizer.ggml.tokens claims 1 bytes, past the end"),
+    # A vocabulary longer than the kept arrays is stepped over, not decoded (its items start at byte 69, 11 bytes
+    # each); a string past the end is still caught.
+    "truncated in a long vocabulary": (
+        lambda: long_vocabulary()[:69 + 11 * 80 + 8 + 2],
+        "item 80 of tokenizer.ggml.tokens claims 3 bytes, past the end of the file (2 left)"),
+    "a long vocabulary ends mid-length": (
+        lambda: long_vocabulary()[:69 + 11 * 85 + 5],
+        "length of item 85 of tokenizer.ggml.tokens needs 8 bytes, only 5 left"),
     "truncated in the tensor table": (lambda: gguf_bytes()[:400], "dimension 1 of b.weight needs 8 bytes, only 1 left"),
     "truncated before the data": (lambda: gguf_bytes()[:440], "tensor data would start at byte 448, past the end"),
     "truncated in the tensor data": (lambda: gguf_bytes()[:-8], "extends past the end of the file"),
