@@ -244,3 +244,27 @@ def test_names_get_a_did_you_mean(args, expected, tmp_path):
     done = edgekit_cli(*args, tmp_path=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert expected in done.stderr
+
+
+def test_each_command_comes_from_the_module_the_table_names():
+    """``COMMAND_MODULES`` (what a run imports for its command) says which module registers each command and group."""
+    import importlib
+
+    from edgekit.cli import COMMAND_MODULES, app
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(f"edgekit.cli.{module}")
+    registered = {command.name: command.callback.__module__ for command in app.registered_commands}
+    registered |= {group.name: group.typer_instance.registered_commands[0].callback.__module__ for group in app.registered_groups}
+    assert registered == {name: f"edgekit.cli.{module}" for module, names in COMMAND_MODULES.items() for name in names}
+
+
+def test_a_command_imports_only_its_own_module():
+    """`edgekit serve` loads the serve command's module, not the export, fit or fleet code; help loads them all."""
+    code = ("import sys; from edgekit.cli import load_commands; load_commands(sys.argv[1:]); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('edgekit.cli.') and m != 'edgekit.cli.flags')))")
+    loaded = {args: subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout.split()
+              for args in [("serve", "--models", "fit"), ("--version",), ("node-labels", "-h")]}
+    assert loaded[("serve", "--models", "fit")] == ["edgekit.cli.serve"]
+    assert loaded[("node-labels", "-h")] == ["edgekit.cli.fleet"]
+    assert loaded[("--version",)] == [f"edgekit.cli.{m}" for m in sorted(["bench", "doctor", "export", "fit", "fleet", "pack", "serve"])]

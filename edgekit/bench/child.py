@@ -54,7 +54,6 @@ def result(done: subprocess.CompletedProcess) -> dict:
 
 def bench_bundle(bundle: Path, config: dict) -> dict:
     from edgekit.bundle import read_manifest  # here only: the schemas add ~15 MiB that gguf-rss must not count
-
     from edgekit.formats import FORMATS
 
     manifest = read_manifest(bundle)  # the parent ran verify_for_runtime before starting this process

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
-
-from enum import Enum
 
 import typer
 from rich.table import Table

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from edgekit.cli import JsonFlag, app, emit_json, err
 from edgekit.cli.flags import build_settings, output_file
 from edgekit.errors import ConfigError

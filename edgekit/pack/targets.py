@@ -16,6 +16,7 @@ from edgekit.errors import DeviceError
 from edgekit.runtime.cpu import FEATURE_DESCRIPTIONS
 from edgekit.schema.device import Device, IsaFeatures
 
+
 @dataclass(frozen=True)
 class Platform:
     """A machine architecture the pack can target: toolchain, wheel tags, Debian packages."""
