@@ -474,6 +474,24 @@ def test_workers_get_a_bounded_openmp_spin_count(empty_models):
     assert env(omp_spin_count=None) == {}
 
 
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": "ACTIVE"}),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({"GOMP_SPINCOUNT": "5"}, {"GOMP_SPINCOUNT": "5"}),
+])
+def test_a_process_loading_llama_cpp_bounds_its_spin_unless_told_otherwise(monkeypatch, given, expected):
+    """Export, doctor and golden checks run llama.cpp in their own process: the same bounded spin as the workers,
+    unless the environment already sets how OpenMP waits (docs/reliability.md case 43)."""
+    from edgekit.runtime.placement import bound_openmp_spin
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    bound_openmp_spin()
+    assert {k: v for k, v in os.environ.items() if k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} == expected
+
+
 def test_encoder_micro_batches_are_split_by_padded_tokens(minilm_dir):
     """A worker never runs more than batch_max_tokens (texts x longest) at once: that bounds its activation memory."""
     from tokenizers import Tokenizer

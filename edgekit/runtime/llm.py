@@ -204,6 +204,9 @@ class GgufModel:
         prompt_cache_contexts: float = 1.0,
     ) -> None:
         """``prompt_cache_contexts``: RAM for saved prompts, in full contexts' worth of KV cache (0: none)."""
+        from edgekit.runtime.placement import bound_openmp_spin
+
+        bound_openmp_spin()
         import llama_cpp
 
         self._llama_cpp = llama_cpp

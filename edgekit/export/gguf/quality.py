@@ -24,6 +24,7 @@ import numpy as np
 
 from edgekit.errors import ExportError
 from edgekit.export.gguf.quantize import default_threads, quiet_llama
+from edgekit.runtime.placement import bound_openmp_spin
 
 # Texts that stress tokenizers beyond running prose: whitespace runs, digits, code, scripts, emoji.
 PROBE_TEXTS: tuple[str, ...] = (
@@ -48,6 +49,7 @@ class GgufScorer:
     """Next-token logits of a GGUF model via llama-cpp-python (all positions of a window)."""
 
     def __init__(self, path: Path, window: int, threads: int | None = None) -> None:
+        bound_openmp_spin()
         from llama_cpp import Llama
 
         self.window = window

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgekit.errors import ExportError
 from edgekit.formats.gguf import FILE_TYPES
+from edgekit.runtime.placement import bound_openmp_spin
 
 # Recipe quant name -> llama_ftype constant in llama_cpp (the file-type table of edgekit.formats.gguf).
 QUANT_FTYPES: dict[str, str] = {name: file_type.ftype for name, file_type in FILE_TYPES.items()}
@@ -67,6 +68,7 @@ def captured_stderr():
 
 def quantize(source: Path, out: Path, quant: str, *, requantize: bool = False, threads: int | None = None) -> Path:
     """Write ``source`` quantized to ``quant`` at ``out``; ``requantize`` must be set when the source is quantized."""
+    bound_openmp_spin()
     import llama_cpp
     import llama_cpp._logger  # noqa: F401  (installs the log callback the quiet_llama level applies to)
 
