@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from serve_fixtures import Q4KM, Daemon, link_bundles, model_client
 
 from edgekit.runtime.structured import parse_answer, tool_plan, tools_of
+from edgekit.runtime.tool_formats import ParsedCall
 from edgekit.serve.errors import ApiError
 from edgekit.serve.schemas import ChatBody
 
@@ -84,10 +85,13 @@ def test_calls_and_results_render_back_into_the_prompt():
     assert json.loads(turns[3]["content"]) == {"tool_response": {"content": "18 degrees", "tool_call_id": "call_1"}}
 
 
-def test_answers_parse_into_a_call_or_text_and_a_cut_answer_is_neither():
-    assert parse_answer('{"tool_call": {"name": "f", "arguments": {"a": 1}}}').arguments == '{"a": 1}'
+def test_answers_parse_into_calls_or_text_and_a_cut_answer_is_neither():
+    assert parse_answer('{"tool_call": {"name": "f", "arguments": {"a": 1}}}').calls == (ParsedCall("f", '{"a": 1}'),)
+    two = '{"tool_calls": [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]}'
+    assert parse_answer(two).calls == (ParsedCall("f", '{"a": 1}'), ParsedCall("g", "{}"))
     assert parse_answer('{"response": "hi"}').content == "hi"
     assert parse_answer('{"tool_call": {"name": "f", "argu') is None
+    assert parse_answer(two[:-2]) is None
 
 
 def test_each_choice_has_its_grammar():
