@@ -447,27 +447,39 @@ def assert_valid_call(call: dict, name: str | None = None) -> None:
 @pytest.mark.real_model
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}], ids=["required", "named"])
 def test_hermes_call_comes_back_as_tool_calls_from_a_prompt_listing_the_tools(client, vocab, choice):
-    response = post(client, tool_choice=choice)
+    name = choice["function"]["name"] if isinstance(choice, dict) else None
+    response = post(client, tool_choice=choice, parallel_tool_calls=False)
     assert response.status_code == 200, response.text
     out = response.json()
     assert out["choices"][0]["finish_reason"] == "tool_calls"
     message = out["choices"][0]["message"]
     assert message["content"] is None and len(message["tool_calls"]) == 1
-    assert_valid_call(message["tool_calls"][0], choice["function"]["name"] if isinstance(choice, dict) else None)
+    assert_valid_call(message["tool_calls"][0], name)
     assert out["usage"]["prompt_tokens"] == prompt_tokens(vocab, ASK)  # the worker rendered the tools as the template does
+    # With parallel calls (the default) the sample model writes a second <tool_call> block: two entries, two ids.
+    calls = post(client, tool_choice=choice).json()["choices"][0]["message"]["tool_calls"]
+    assert len(calls) == 2 and len({c["id"] for c in calls}) == 2
+    assert calls[0]["function"] == message["tool_calls"][0]["function"]  # the same first call, temperature 0
+    for call in calls:
+        assert_valid_call(call, name)
 
 
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_hermes_streamed_arguments_arrive_in_fragments_equal_to_the_whole(client):
-    whole = post(client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"][0]
+    whole = post(client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"]
     deltas, finish = stream_deltas(client, tool_choice="required")
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
-    assert calls[0] == {"index": 0, "id": calls[0]["id"], "type": "function",
-                        "function": {"name": whole["function"]["name"], "arguments": ""}}
-    fragments = calls[1:]
-    assert len(fragments) > 1 and all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in fragments)
-    assert "".join(c["function"]["arguments"] for c in fragments) == whole["function"]["arguments"]
+    heads = [c for c in calls if "id" in c]
+    assert [c["index"] for c in heads] == [0, 1] == list(range(len(whole)))
+    assert [c["index"] for c in calls] == sorted(c["index"] for c in calls)  # call after call, never interleaved
+    for head, expected in zip(heads, whole, strict=True):
+        assert head == {"index": head["index"], "id": head["id"], "type": "function",
+                        "function": {"name": expected["function"]["name"], "arguments": ""}}
+        fragments = [c for c in calls if c["index"] == head["index"] and c is not head]
+        assert len(fragments) > 1 and all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}
+                                          for c in fragments)
+        assert "".join(c["function"]["arguments"] for c in fragments) == expected["function"]["arguments"]
     assert not any(d.get("content") for d in deltas) and finish == "tool_calls"
 
 
@@ -494,8 +506,8 @@ def test_hermes_text_answer_never_holds_the_call_markup(client):
     for messages in (ASK, [{"role": "user", "content": "Say hello."}]):
         message = post(client, messages=messages, tool_choice="auto", max_tokens=40).json()["choices"][0]["message"]
         assert "<tool_call>" not in (message["content"] or "")
-        if message.get("tool_calls"):
-            assert_valid_call(message["tool_calls"][0])
+        for call in message.get("tool_calls") or ():
+            assert_valid_call(call)
 
 
 # ---- the official openai client against the daemon as a process ----------------------------------------------------------
@@ -517,15 +529,16 @@ def test_openai_client_tool_loop_and_streamed_accumulation(daemon):
     first = client.chat.completions.create(model=HERMES_MODEL, messages=messages, tools=TOOLS, tool_choice="required",
                                            temperature=0, max_tokens=120)
     assert first.choices[0].finish_reason == "tool_calls" and first.choices[0].message.content is None
-    call = first.choices[0].message.tool_calls[0]
-    jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
+    made = first.choices[0].message.tool_calls
+    for call in made:
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
     messages.append(first.choices[0].message)  # the client's own message object goes back as the assistant turn
-    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18})})
+    messages += [{"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18})} for call in made]
     second = client.chat.completions.create(model=HERMES_MODEL, messages=messages, tools=TOOLS, tool_choice="none",
                                             temperature=0, max_tokens=24)
     assert second.choices[0].message.content and second.choices[0].message.tool_calls is None
 
-    # Streamed: accumulate delta.tool_calls by index, as OpenAI's docs show; the same call as the non-streamed one.
+    # Streamed: accumulate delta.tool_calls by index, as OpenAI's docs show; the same calls as the non-streamed answer.
     stream = client.chat.completions.create(model=HERMES_MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                             temperature=0, max_tokens=120, stream=True)
     calls: dict[int, dict] = {}
@@ -538,8 +551,9 @@ def test_openai_client_tool_loop_and_streamed_accumulation(daemon):
                 entry["name"] += (delta.function.name or "") if delta.function else ""
                 entry["arguments"] += (delta.function.arguments or "") if delta.function else ""
                 pieces += 1
-    assert list(calls) == [0] and pieces > 2
-    assert (calls[0]["name"], calls[0]["arguments"]) == (call.function.name, call.function.arguments)
+    assert list(calls) == list(range(len(made))) and len(made) == 2 and pieces > 4
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [(c.function.name, c.function.arguments) for c in made]
+    assert len({c["id"] for c in calls.values()}) == 2
 
 
 @pytest.mark.slow
