@@ -237,20 +237,20 @@ def test_each_format_lists_at_most_its_bound_of_calls_in_its_json():
 
 WEATHER_ARGUMENTS = '{"city": "Pa\\"ris}", "unit": "celsius"}'  # a quote and a brace inside a string
 TIME_ARGUMENTS = '{"timezone": "Europe/Paris"}'
+W, T = WEATHER_ARGUMENTS, TIME_ARGUMENTS
 ANSWERS = {
-    "generic": '{"tool_call": {"name": "get_weather", "arguments": %s}}' % WEATHER_ARGUMENTS,
-    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": %s}\n</tool_call>' % WEATHER_ARGUMENTS,
-    "llama3": '{"name": "get_weather", "parameters": %s }' % WEATHER_ARGUMENTS,
-    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": %s}]' % WEATHER_ARGUMENTS,
+    "generic": '{"tool_call": {"name": "get_weather", "arguments": ' + W + "}}",
+    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": ' + W + "}\n</tool_call>",
+    "llama3": '{"name": "get_weather", "parameters": ' + W + " }",
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + W + "}]",
 }
 # Two calls in one answer, each format's way (Llama 3.x holds one).
 TWO_ANSWERS = {
-    "generic": '{"tool_calls": [{"name": "get_weather", "arguments": %s}, {"name": "get_time", "arguments": %s}]}',
-    "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": %s}\n</tool_call>\n'
-               '<tool_call>\n{"name": "get_time", "arguments": %s}\n</tool_call>'),
-    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": %s}, {"name": "get_time", "arguments": %s}]',
+    "generic": '{"tool_calls": [{"name": "get_weather", "arguments": ' + W + '}, {"name": "get_time", "arguments": ' + T + "}]}",
+    "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": ' + W + "}\n</tool_call>\n"
+               '<tool_call>\n{"name": "get_time", "arguments": ' + T + "}\n</tool_call>"),
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + W + '}, {"name": "get_time", "arguments": ' + T + "}]",
 }
-TWO_ANSWERS = {name: text % (WEATHER_ARGUMENTS, TIME_ARGUMENTS) for name, text in TWO_ANSWERS.items()}
 
 
 def read_char_by_char(fmt: tool_formats.ToolFormat, text: str) -> tuple[list[tuple[int, str]], dict[int, str]]:
@@ -306,7 +306,7 @@ def test_two_calls_cut_inside_the_second_are_neither_calls_nor_text(name):
 
 def test_llama3_reads_one_call():
     """A second object after a Llama 3.x call is not a call: the format holds one."""
-    text = ANSWERS["llama3"] + ' {"name": "get_time", "parameters": %s}' % TIME_ARGUMENTS
+    text = ANSWERS["llama3"] + ' {"name": "get_time", "parameters": ' + TIME_ARGUMENTS + "}"
     assert tool_formats.read_answer(LLAMA3, text) is None
 
 
@@ -354,15 +354,15 @@ def grammar_takes(llm, grammar: str, text: str) -> bool:
 
 
 def call_object(name: str) -> str:
-    return '{"name": "get_time", "%s": %s}' % (tool_formats.BY_NAME[name].arguments_key, TIME_ARGUMENTS)
+    return '{"name": "get_time", "' + tool_formats.BY_NAME[name].arguments_key + '": ' + TIME_ARGUMENTS + "}"
 
 
 def calls_text(name: str, count: int) -> str:
     """``count`` calls to get_time in format ``name``."""
     call = call_object(name)
-    return {"generic": lambda: '{"tool_calls": [%s]}' % ", ".join([call] * count),
+    return {"generic": lambda: '{"tool_calls": [' + ", ".join([call] * count) + "]}",
             "hermes": lambda: "\n".join([f"<tool_call>\n{call}\n</tool_call>"] * count),
-            "mistral": lambda: "[TOOL_CALLS][%s]" % ", ".join([call] * count),
+            "mistral": lambda: "[TOOL_CALLS][" + ", ".join([call] * count) + "]",
             "llama3": lambda: " ".join([call] * count)}[name]()
 
 
@@ -378,7 +378,7 @@ def test_grammar_takes_one_to_max_calls_and_no_more(vocab, name):
         assert most == tool_formats.MAX_CALLS
         assert grammar_takes(vocab, parallel, TWO_ANSWERS[name])  # two different tools in one answer
     # Without parallel calls, one call (generic: its single-call form).
-    one = '{"tool_call": %s}' % call_object(name) if name == "generic" else calls_text(name, 1)
+    one = '{"tool_call": ' + call_object(name) + "}" if name == "generic" else calls_text(name, 1)
     assert grammar_takes(vocab, single, one) and not grammar_takes(vocab, single, calls_text(name, 2))
     assert tool_formats.read_answer(fmt, one).calls == (tool_formats.ParsedCall("get_time", TIME_ARGUMENTS),)
     # Every answer the grammar takes is read back as its calls.
