@@ -317,6 +317,15 @@ def test_text_answers():
     assert tool_formats.read_answer(MISTRAL, "It is sunny [TOOL_CA") is None  # a call's opening, cut short
 
 
+def test_mistral_calls_read_without_the_control_token_text():
+    """[TOOL_CALLS] is a control token in Mistral's vocabularies, whose text the generated text may lack: the bare list
+    is read as the same calls, and a text beginning with "[" (which the grammar keeps for calls) is never a text answer."""
+    bare = TWO_ANSWERS["mistral"].removeprefix("[TOOL_CALLS]")
+    assert read_char_by_char(MISTRAL, bare) == ([(0, "get_weather"), (1, "get_time")], {0: WEATHER_ARGUMENTS, 1: TIME_ARGUMENTS})
+    assert tool_formats.read_answer(MISTRAL, bare) == tool_formats.read_answer(MISTRAL, TWO_ANSWERS["mistral"])
+    assert tool_formats.read_answer(MISTRAL, "[1, 2] are numbers") is None
+
+
 def test_text_rule_excludes_the_call_opening():
     rule = tool_formats.text_without("<tool_call>")
     assert rule.startswith('([^<] | "<" [^<t] | ') and rule.endswith('"<tool_call" [^<>])*')
@@ -392,6 +401,8 @@ def test_text_answer_under_auto_cannot_open_a_call(vocab, name):
     auto = tool_plan(tools, "auto", fmt).grammar
     assert grammar_takes(vocab, auto, "It is sunny.") and grammar_takes(vocab, auto, calls_text(name, 2))
     assert not grammar_takes(vocab, auto, "It is sunny. " + calls_text(name, 1))
+    # Mistral: only a call begins with "[" (the reader takes a call's list without its control token's text).
+    assert grammar_takes(vocab, auto, "[1, 2] are numbers") is (name != "mistral")
 
 
 # ---- real model, Hermes-format template swapped in ------------------------------------------------------------------------

@@ -31,7 +31,9 @@ Formats, with their source:
   ``[AVAILABLE_TOOLS]``), llama.cpp's ``common_chat_params_init_mistral_nemo``; the calls are always a JSON list
   (of one when calls are not parallel). The template renders each earlier call with an ``id`` and each result with
   its ``call_id``, and refuses ids that are not 9 characters: ids are mapped to 9 alphanumerics (``template_id``).
-  llama.cpp's grammar has the model write that id too; here the daemon assigns ids. Newer Mistral templates
+  llama.cpp's grammar has the model write that id too; here the daemon assigns ids. ``[TOOL_CALLS]`` is a control
+  token (llama.cpp keeps its text in the output as a "preserved token"); the reader takes the list with or without
+  it, and a text answer cannot begin with ``[``. Newer Mistral templates
   (``[TOOL_CALLS]name[ARGS]{...}``: Mistral Small 3.2, Devstral, Ministral 3) are not in the table.
 """
 
@@ -164,9 +166,12 @@ FORMATS: tuple[ToolFormat, ...] = (
                layouts=(Layout(opening="", closing=""),), arguments_key="parameters", max_calls=1,
                text_rule="[^{ \\t\\n\\r] [^\\x00]*", not_text=r"^\{"),
     ToolFormat("mistral", ("[TOOL_CALLS][", "[AVAILABLE_TOOLS]"), native=True,  # mistral v3, nemo
-               layouts=(Layout(opening=r"\[TOOL_CALLS\]\s*\[\s*", separator=r"\s*,\s*", closing=r"\s*\]\s*"),),
-               json_list=True, before="[TOOL_CALLS]", text_rule=text_without("[TOOL_CALLS]"),
-               not_text=holds_or_ends_on("[TOOL_CALLS]"), template_id_length=9),
+               # [TOOL_CALLS] is a control token in Mistral's vocabularies: the grammar matches its text, but the
+               # generated text may come without it (control tokens' text is not rendered), so the reader also takes
+               # the bare list; a text answer may not begin with "[", so only a call begins with it.
+               layouts=(Layout(opening=r"(?:\[TOOL_CALLS\]\s*)?\[\s*", separator=r"\s*,\s*", closing=r"\s*\]\s*"),),
+               json_list=True, before="[TOOL_CALLS]", text_rule="[^[] " + text_without("[TOOL_CALLS]"),
+               not_text=r"^\[|" + holds_or_ends_on("[TOOL_CALLS]"), template_id_length=9),
 )
 
 BY_NAME: dict[str, ToolFormat] = {f.name: f for f in (GENERIC, *FORMATS)}
