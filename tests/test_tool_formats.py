@@ -378,6 +378,7 @@ def calls_text(name: str, count: int) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["generic", "hermes", "mistral", "llama3"])
 def test_grammar_takes_one_to_max_calls_and_no_more(vocab, name):
+    """docs/reliability.md case 43."""
     fmt, tools = tool_formats.BY_NAME[name], tools_of([t["function"] for t in TOOLS])
     most = fmt.most_calls(True)
     parallel, single = (tool_plan(tools, "required", fmt, parallel=p).grammar for p in (True, False))
