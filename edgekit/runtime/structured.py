@@ -9,8 +9,9 @@ the converter handles correctly (annotations dropped, ``$ref`` targets given uni
 depth and repetition counts are bounded so a hostile schema cannot stall the daemon.
 
 Tool calls are written in the chat template's own tool format where it has one, else in llama.cpp's generic format
-(the table is ``tool_formats``): the call object is constrained by a grammar built here from the tools' parameter
-schemas, with the format's text around it, and the daemon turns the answer into OpenAI ``tool_calls``.
+(the table is ``tool_formats``): the call objects (one, or with parallel calls up to the format's bound) are
+constrained by a grammar built here from the tools' parameter schemas, with the format's text around and between
+them, and the daemon turns the answer into OpenAI ``tool_calls``.
 
 Board side: the daemon converts schemas without loading llama.cpp (the converter is pure Python, loaded on its own);
 the worker's sampler checks each drawn token against the grammar.

@@ -338,11 +338,11 @@ def template_id(fmt: ToolFormat, call_id: str | None) -> str | None:
     return "".join(digits)
 
 
-def template_call(call_id: str, name: str, arguments: str, fmt: ToolFormat | None = None) -> dict:
-    """An earlier call as templates read it: arguments as an object (templates ``tojson`` them), not as JSON text."""
+def template_call(fmt: ToolFormat, call_id: str, name: str, arguments: str) -> dict:
+    """An earlier call as ``fmt``'s templates read it: arguments as an object (templates ``tojson`` them), not as JSON
+    text; the id in the form the template accepts."""
     try:
         parsed: Any = json.loads(arguments)
     except ValueError:
         parsed = arguments
-    return {"id": template_id(fmt, call_id) if fmt is not None else call_id, "type": "function",
-            "function": {"name": name, "arguments": parsed}}
+    return {"id": template_id(fmt, call_id), "type": "function", "function": {"name": name, "arguments": parsed}}

@@ -304,7 +304,7 @@ class ChatBody(GenerationBody):
         ids in the form the template accepts)."""
         turn: dict[str, Any] = {"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})}
         if m.tool_calls:
-            turn["tool_calls"] = [tool_formats.template_call(c.id, c.function.name, c.function.arguments, fmt)
+            turn["tool_calls"] = [tool_formats.template_call(fmt, c.id, c.function.name, c.function.arguments)
                                   for c in m.tool_calls]
         if m.role == "tool" and m.tool_call_id:
             turn["tool_call_id"] = tool_formats.template_id(fmt, m.tool_call_id)
