@@ -2,13 +2,14 @@
 or the generic one, with one call or several in an answer.
 
 Unit tests detect the format of real model templates (the ones llama.cpp vendors in the llama-cpp-python sdist that
-``edgekit pack`` downloads), render tools, calls and results through them, and read
-answers back piece by piece; llama.cpp's grammar sampler (SmolLM2's vocabulary) checks that each format's grammar takes
-answers of one to ``MAX_CALLS`` calls and no more. Mistral's format has no real-model test: there is no Mistral model
-here, and SmolLM2 does not write it. Real-model tests run the SmolLM2 sample with a ChatML template in the Hermes format
+``edgekit pack`` downloads), render tools, calls and results through them, and read answers back piece by piece;
+llama.cpp's grammar sampler (SmolLM2's vocabulary) checks that each format's grammar takes answers of one to
+``MAX_CALLS`` calls and no more. Real-model tests run the SmolLM2 sample with a ChatML template in the Hermes format
 (tests/data/chatml-hermes-tools.jinja) swapped into its manifest: the prompt holds the tools as the template renders
-them, calls come back as ``tool_calls`` whose arguments validate, streamed arguments arrive in fragments that add up
-to the non-streamed arguments byte for byte, and the official ``openai`` client's tool loop works.
+them, calls come back as ``tool_calls`` (two in one answer with parallel calls) whose arguments validate, streamed
+arguments arrive in fragments that add up to the non-streamed arguments byte for byte, and the official ``openai``
+client's tool loop works. There is no Mistral model here: Mistral's format runs end to end with SmolLM2 and Nemo's
+template, the grammar making it write the format under tool_choice required.
 """
 
 from __future__ import annotations
@@ -520,6 +521,66 @@ def test_hermes_text_answer_never_holds_the_call_markup(client):
         assert "<tool_call>" not in (message["content"] or "")
         for call in message.get("tool_calls") or ():
             assert_valid_call(call)
+
+
+# ---- the sample model with Mistral Nemo's template: the format forced by the grammar, end to end -----------------------
+# SmolLM2 was not trained on Mistral's format and its vocabulary has no [TOOL_CALLS] token, but under tool_choice
+# required the grammar has it write "[TOOL_CALLS][...]" as plain text: the daemon's Mistral path (the template's
+# prompt with mapped call ids, the grammar, the reader) runs on a real model. Its choices say nothing about Mistral's.
+
+MISTRAL_MODEL = "smollm2-mistral-tools"
+NEMO = "mistralai-Mistral-Nemo-Instruct-2407.jinja"
+
+
+@pytest.fixture(scope="module")
+def mistral_client(tmp_path_factory, smollm2_q4km, vendored):
+    root = tmp_path_factory.mktemp("mistral-models")
+    bundle = publish_gguf(smollm2_q4km / "model.gguf", root / "src", MISTRAL_MODEL, chat_template=vendored[NEMO])
+    with model_client(link_bundles(root / "models", bundle), MISTRAL_MODEL, n_ctx=N_CTX, slots=1) as test_client:
+        yield test_client
+
+
+def post_mistral(client, **fields):
+    return client.post("/v1/chat/completions", json={"model": MISTRAL_MODEL, "messages": ASK, "tools": TOOLS,
+                                                      "temperature": 0, "max_tokens": 160, **fields})
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_mistral_calls_come_back_as_tool_calls_streamed_and_not(mistral_client):
+    one = post_mistral(mistral_client, tool_choice="required", parallel_tool_calls=False)
+    assert one.status_code == 200, one.text
+    message = one.json()["choices"][0]["message"]
+    assert one.json()["choices"][0]["finish_reason"] == "tool_calls" and len(message["tool_calls"]) == 1
+    assert_valid_call(message["tool_calls"][0])
+    whole = post_mistral(mistral_client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"]
+    # Asked for Paris in celsius, it makes that one call (parallel calls allowed, temperature 0).
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"})]
+    assert_valid_call(whole[0])
+    response = post_mistral(mistral_client, tool_choice="required", stream=True)
+    events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    calls = [c for e in events if e["choices"] for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    heads = [c for c in calls if "id" in c]
+    assert [c["index"] for c in heads] == list(range(len(whole)))
+    for head, expected in zip(heads, whole, strict=True):
+        assert head["function"] == {"name": expected["function"]["name"], "arguments": ""}
+        streamed = "".join(c["function"]["arguments"] for c in calls if c["index"] == head["index"] and c is not head)
+        assert streamed == expected["function"]["arguments"]
+    # Under auto it answers in text, which never begins a call.
+    for messages in (ASK, [{"role": "user", "content": "Say hello."}]):
+        message = post_mistral(mistral_client, messages=messages, tool_choice="auto").json()["choices"][0]["message"]
+        assert message["content"] and "tool_calls" not in message
+        assert "[TOOL_CALLS]" not in message["content"] and not message["content"].startswith("[")
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_mistral_round_trip_with_openai_call_ids_renders(mistral_client):
+    """Nemo's template refuses ids that are not 9 characters; OpenAI's call ids are mapped, so the loop goes on."""
+    response = post_mistral(mistral_client, messages=TWO_CALLS, tool_choice="required", parallel_tool_calls=False)
+    assert response.status_code == 200, response.text
+    assert_valid_call(response.json()["choices"][0]["message"]["tool_calls"][0])
 
 
 # ---- the official openai client against the daemon as a process ----------------------------------------------------------
