@@ -1,4 +1,5 @@
-"""Tool calls: tools + tool_choice answered as OpenAI tool_calls, in llama.cpp's generic format under a grammar.
+"""Tool calls: tools + tool_choice answered as OpenAI tool_calls, in llama.cpp's generic format under a grammar, one call
+or several in an answer (parallel_tool_calls).
 
 SmolLM2's chat template has no tool syntax, so the generic format is what the sample model runs. Unit tests pin
 the request checks (docs/reliability.md cases 39 and 40) and how calls and results are rendered back into the
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from serve_fixtures import Q4KM, Daemon, link_bundles, model_client
 
 from edgekit.runtime.structured import parse_answer, tool_plan, tools_of
+from edgekit.runtime.tool_formats import ParsedCall
 from edgekit.serve.errors import ApiError
 from edgekit.serve.schemas import ChatBody
 
@@ -84,10 +86,13 @@ def test_calls_and_results_render_back_into_the_prompt():
     assert json.loads(turns[3]["content"]) == {"tool_response": {"content": "18 degrees", "tool_call_id": "call_1"}}
 
 
-def test_answers_parse_into_a_call_or_text_and_a_cut_answer_is_neither():
-    assert parse_answer('{"tool_call": {"name": "f", "arguments": {"a": 1}}}').arguments == '{"a": 1}'
+def test_answers_parse_into_calls_or_text_and_a_cut_answer_is_neither():
+    assert parse_answer('{"tool_call": {"name": "f", "arguments": {"a": 1}}}').calls == (ParsedCall("f", '{"a": 1}'),)
+    two = '{"tool_calls": [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]}'
+    assert parse_answer(two).calls == (ParsedCall("f", '{"a": 1}'), ParsedCall("g", "{}"))
     assert parse_answer('{"response": "hi"}').content == "hi"
     assert parse_answer('{"tool_call": {"name": "f", "argu') is None
+    assert parse_answer(two[:-2]) is None
 
 
 def test_each_choice_has_its_grammar():
@@ -128,7 +133,7 @@ def assert_valid_call(call: dict, name: str | None = None) -> None:
 @pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["auto", "required", "named"])
 def test_the_call_comes_back_as_tool_calls(client, choice):
-    response = post(client, tool_choice=choice, messages=AUTO_ASK if choice == "auto" else ASK)
+    response = post(client, tool_choice=choice, messages=AUTO_ASK if choice == "auto" else ASK, parallel_tool_calls=False)
     assert response.status_code == 200, response.text
     choice_out = response.json()["choices"][0]
     assert choice_out["finish_reason"] == "tool_calls"
@@ -139,19 +144,41 @@ def test_the_call_comes_back_as_tool_calls(client, choice):
 
 @pytest.mark.slow
 @pytest.mark.real_model
+def test_parallel_calls_come_back_as_separate_tool_calls(client):
+    """parallel_tool_calls is on by default: asked for the weather, the sample model also calls get_time in the same
+    answer (the generic format's tool_calls list); each call is its own entry with its own id."""
+    message = post(client, tool_choice="required").json()["choices"][0]["message"]
+    calls = message["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert len({c["id"] for c in calls}) == len(calls)
+    for call in calls:
+        assert_valid_call(call)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
 def test_streamed_calls_come_as_delta_tool_calls_in_fragments(client):
-    """The name first (with index, id, type), then the arguments in fragments adding up to the non-streamed ones."""
-    whole = post(client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"][0]
+    """Per call, in order: the name first (with index, id, type), then the arguments in fragments adding up to the
+    non-streamed ones; the index goes 0, 1, ... call by call."""
+    whole = post(client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"]
     response = post(client, tool_choice="required", stream=True)
     events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
-    head, fragments = calls[0], calls[1:]
-    assert head == {"index": 0, "id": head["id"], "type": "function", "function": {"name": whole["function"]["name"], "arguments": ""}}
-    assert len(fragments) > 1 and all(c == {"index": 0, "function": {"arguments": c["function"]["arguments"]}} for c in fragments)
-    arguments = "".join(c["function"]["arguments"] for c in fragments)
-    assert arguments == whole["function"]["arguments"]  # byte for byte, temperature 0
-    assert_valid_call({**head, "function": {"name": head["function"]["name"], "arguments": arguments}})
+    heads = [c for c in calls if "id" in c]
+    assert [c["index"] for c in heads] == list(range(len(whole))) and len(whole) == 2
+    assert len({c["id"] for c in heads}) == len(heads)
+    indexes = [c["index"] for c in calls]
+    assert indexes == sorted(indexes)  # a call's fragments all come before the next call's head
+    for head, expected in zip(heads, whole, strict=True):
+        assert head == {"index": head["index"], "id": head["id"], "type": "function",
+                        "function": {"name": expected["function"]["name"], "arguments": ""}}
+        fragments = [c for c in calls if c["index"] == head["index"] and c is not head]
+        assert len(fragments) > 1 and all(c == {"index": head["index"], "function": {"arguments": c["function"]["arguments"]}}
+                                          for c in fragments)
+        arguments = "".join(c["function"]["arguments"] for c in fragments)
+        assert arguments == expected["function"]["arguments"]  # byte for byte, temperature 0
+        assert_valid_call({**head, "function": {"name": head["function"]["name"], "arguments": arguments}})
     assert not any(d.get("content") for d in deltas)
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
@@ -196,24 +223,26 @@ def test_openai_client_tool_loop(daemon):
     first = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="auto",
                                            temperature=0, max_tokens=120)
     assert first.choices[0].finish_reason == "tool_calls"
-    call = first.choices[0].message.tool_calls[0]
-    assert call.function.name == "get_weather"
-    arguments = json.loads(call.function.arguments)
-    jsonschema.validate(arguments, WEATHER)
+    calls = first.choices[0].message.tool_calls
+    assert calls[0].function.name == "get_weather"
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
     messages.append(first.choices[0].message)  # the client's own message object goes back as the assistant turn
-    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18})})
+    messages += [{"role": "tool", "tool_call_id": call.id, "content": json.dumps({"result": 18})} for call in calls]
     second = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="none",
                                             temperature=0, max_tokens=24)
     assert second.choices[0].message.content
     assert second.choices[0].message.tool_calls is None
 
-    # Streamed: the client's own accumulation (its stream helper) gets the same call as the non-streamed request.
+    # Streamed: the client's own accumulation (its stream helper) gets the same calls as the non-streamed request.
     whole = client.chat.completions.create(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
-                                           temperature=0, max_tokens=120).choices[0].message.tool_calls[0]
+                                           temperature=0, max_tokens=120).choices[0].message.tool_calls
     with client.chat.completions.stream(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
                                        temperature=0, max_tokens=120) as stream:
-        fragments = [event.arguments_delta for event in stream if event.type == "tool_calls.function.arguments.delta"]
+        fragments = [(event.index, event.arguments_delta) for event in stream
+                     if event.type == "tool_calls.function.arguments.delta"]
         final = stream.get_final_completion().choices[0].message.tool_calls
-    assert len(fragments) > 1 and len(final) == 1
-    assert (final[0].function.name, final[0].function.arguments) == (whole.function.name, whole.function.arguments)
-    jsonschema.validate(json.loads(final[0].function.arguments), PARAMETERS[final[0].function.name])
+    assert len(final) == len(whole) == 2 and {index for index, _ in fragments} == {0, 1}
+    assert [(c.function.name, c.function.arguments) for c in final] == [(c.function.name, c.function.arguments) for c in whole]
+    for call in final:
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])

@@ -1,11 +1,15 @@
-"""Tool formats: the chat template's own tool syntax (Hermes / Qwen <tool_call>, Llama 3.x JSON) or the generic one.
+"""Tool formats: the chat template's own tool syntax (Hermes / Qwen <tool_call>, Llama 3.x JSON, Mistral [TOOL_CALLS])
+or the generic one, with one call or several in an answer.
 
 Unit tests detect the format of real model templates (the ones llama.cpp vendors in the llama-cpp-python sdist that
-``edgekit pack`` downloads), render tools, calls and results through them, and read
-answers back piece by piece. Real-model tests run the SmolLM2 sample with a ChatML template in the Hermes format
+``edgekit pack`` downloads), render tools, calls and results through them, and read answers back piece by piece;
+llama.cpp's grammar sampler (SmolLM2's vocabulary) checks that each format's grammar takes answers of one to
+``MAX_CALLS`` calls and no more. Real-model tests run the SmolLM2 sample with a ChatML template in the Hermes format
 (tests/data/chatml-hermes-tools.jinja) swapped into its manifest: the prompt holds the tools as the template renders
-them, calls come back as ``tool_calls`` whose arguments validate, streamed arguments arrive in fragments that add up
-to the non-streamed arguments byte for byte, and the official ``openai`` client's tool loop works.
+them, calls come back as ``tool_calls`` (two in one answer with parallel calls) whose arguments validate, streamed
+arguments arrive in fragments that add up to the non-streamed arguments byte for byte, and the official ``openai``
+client's tool loop works. There is no Mistral model here: Mistral's format runs end to end with SmolLM2 and Nemo's
+template, the grammar making it write the format under tool_choice required.
 """
 
 from __future__ import annotations
@@ -42,7 +46,12 @@ CALL = {"id": "call_1", "type": "function",
         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
 ROUND_TRIP = [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
               {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}]
-HERMES, LLAMA3 = tool_formats.BY_NAME["hermes"], tool_formats.BY_NAME["llama3"]
+HERMES, LLAMA3, MISTRAL = (tool_formats.BY_NAME[name] for name in ("hermes", "llama3", "mistral"))
+# Two calls in one answer, their results after.
+CALLS = [CALL, {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"timezone": "Europe/Paris"}'}}]
+TWO_CALLS = [*ASK, {"role": "assistant", "content": None, "tool_calls": CALLS},
+             {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+             {"role": "tool", "tool_call_id": "call_2", "content": "12:00"}]
 
 # Real templates llama.cpp vendors (models/templates/) and the format each must get.
 VENDORED = {
@@ -54,7 +63,11 @@ VENDORED = {
     "meta-llama-Llama-3.2-3B-Instruct.jinja": "llama3",
     "meta-llama-Llama-3.3-70B-Instruct.jinja": "llama3",
     "Qwen3-Coder.jinja": "generic",  # <tool_call><function=...> XML: not in the table
-    "mistralai-Mistral-Nemo-Instruct-2407.jinja": "generic",  # [TOOL_CALLS]: not in the table
+    "mistralai-Mistral-Nemo-Instruct-2407.jinja": "mistral",
+    # [TOOL_CALLS]name[ARGS]{...}: not in the table
+    "Mistral-Small-3.2-24B-Instruct-2506.jinja": "generic",
+    "unsloth-mistral-Devstral-Small-2507.jinja": "generic",
+    "mistralai-Ministral-3-14B-Reasoning-2512.jinja": "generic",
     "google-gemma-2-2b-it.jinja": "generic",  # no tool syntax
 }
 
@@ -118,6 +131,39 @@ def test_llama3_template_renders_the_tools_calls_and_results(vendored):
     assert '<|start_header_id|>ipython<|end_header_id|>\n\n"18 degrees"<|eot_id|>' in prompt
 
 
+def test_qwen_template_renders_two_calls_and_their_results(vendored):
+    prompt = render(vendored["Qwen-Qwen2.5-7B-Instruct.jinja"], body(messages=TWO_CALLS), HERMES)
+    # One block per call, joined by a newline: the separator the hermes grammar writes between calls.
+    assert HERMES.between == "\n</tool_call>\n<tool_call>\n"
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+            '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n</tool_call><|im_end|>\n'
+            ) in prompt
+    assert "<tool_response>\n18 degrees\n</tool_response>\n<tool_response>\n12:00\n</tool_response>" in prompt
+
+
+def test_mistral_nemo_template_renders_the_tools_calls_and_results(vendored):
+    """Nemo's template refuses call ids that are not 9 characters: each id maps to the same 9 alphanumerics in the call
+    and in its result."""
+    first, second = (tool_formats.template_id(MISTRAL, i) for i in ("call_1", "call_2"))
+    assert len(first) == len(second) == 9 and first.isalnum() and second.isalnum() and first != second
+    assert tool_formats.template_id(MISTRAL, "call_1") == first  # the same digest every time
+    assert tool_formats.template_id(MISTRAL, "abcDEF123") == "abcDEF123"  # already in the template's form
+    assert tool_formats.template_id(HERMES, "call_1") == "call_1"
+    prompt = render(vendored["mistralai-Mistral-Nemo-Instruct-2407.jinja"], body(messages=TWO_CALLS), MISTRAL, eos_token="</s>")
+    listed = ", ".join('{"type": "function", "function": {' + ", ".join(
+        f'"{key}": "{value}"' if isinstance(value, str) else f'"{key}": {json.dumps(value)}' for key, value in t["function"].items())
+        + "}}" for t in TOOLS)
+    assert prompt.startswith(f"<s>[AVAILABLE_TOOLS][{listed}][/AVAILABLE_TOOLS][INST]{ASK[0]['content']}[/INST]")
+    assert ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}, "id": "' + first + '"}, '
+            '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}, "id": "' + second + '"}]</s>') in prompt
+    assert prompt.endswith(f'[TOOL_RESULTS]{{"content": 18 degrees, "call_id": "{first}"}}[/TOOL_RESULTS]'
+                           f'[TOOL_RESULTS]{{"content": 12:00, "call_id": "{second}"}}[/TOOL_RESULTS]')
+    # With OpenAI's ids as they are, the template refuses the conversation.
+    with pytest.raises(Exception, match="length 9"):
+        ChatTemplate(vendored["mistralai-Mistral-Nemo-Instruct-2407.jinja"], bos_token="<s>").render(
+            [*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]}])
+
+
 def test_history_renders_through_the_template_without_tools(vendored):
     """tool_choice none (or no tools) offers no tools, but earlier calls and results are still the template's turns."""
     for chat in (body(messages=ROUND_TRIP, tool_choice="none"), body(messages=ROUND_TRIP, tools=None)):
@@ -141,39 +187,106 @@ def test_generic_format_keeps_its_system_text_and_written_out_turns():
     assert plan.format is tool_formats.GENERIC and plan.template_tools is None
     turns = body(messages=ROUND_TRIP).template_messages(plan)
     assert "tool_calls" not in turns[2] and json.loads(turns[2]["content"])["tool_call"]["name"] == "get_weather"
+    # Several calls are written the way the grammar has the model write them: the tool_calls list.
+    turns = body(messages=TWO_CALLS).template_messages(plan)
+    assert json.loads(turns[2]["content"]) == {"tool_calls": [
+        {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+        {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]}
+    # The system text names the key the grammar allows.
+    assert "`tool_calls` (a list" in plan.system
+    assert "`tool_call` (a request" in body(parallel_tool_calls=False).structured().system
 
 
 # ---- grammar and reading answers back -----------------------------------------------------------------------------------
 
 
-def test_each_format_frames_the_call_in_its_grammar():
+def root_of(grammar: str) -> str:
+    return next(line for line in grammar.splitlines() if line.startswith("root ::= "))
+
+
+def test_each_format_frames_the_calls_in_its_grammar():
     tools = tools_of([t["function"] for t in TOOLS])
-    hermes_auto = tool_plan(tools, "auto", HERMES).grammar
-    root = next(line for line in hermes_auto.splitlines() if line.startswith("root ::= "))
-    assert root == 'root ::= "<tool_call>\\n" doc "\\n</tool_call>" | text-answer'
+    assert tool_formats.MAX_CALLS == 8
+    # Hermes: several <tool_call> blocks, at most MAX_CALLS (a bounded repetition); one when parallel calls are off.
+    assert root_of(tool_plan(tools, "auto", HERMES).grammar) == (
+        'root ::= "<tool_call>\\n" doc ("\\n</tool_call>\\n<tool_call>\\n" doc){0,7} "\\n</tool_call>" | text-answer')
+    assert root_of(tool_plan(tools, "auto", HERMES, parallel=False).grammar) == (
+        'root ::= "<tool_call>\\n" doc "\\n</tool_call>" | text-answer')
     assert "text-answer" not in tool_plan(tools, "required", HERMES).grammar
+    # Llama 3.x: one call whatever parallel_tool_calls says.
     assert '"\\"parameters\\""' in tool_plan(tools, "get_time", LLAMA3).grammar
+    assert tool_plan(tools, "required", LLAMA3).grammar == tool_plan(tools, "required", LLAMA3, parallel=False).grammar
+    # Mistral: "[TOOL_CALLS]" then a JSON list.
+    assert root_of(tool_plan(tools, "auto", MISTRAL).grammar) == 'root ::= "[TOOL_CALLS]" doc | text-answer'
+    # Generic: the tool_calls list with parallel calls, the single tool_call without.
+    assert '"\\"tool_calls\\""' in tool_plan(tools, "auto").grammar
+    single = tool_plan(tools, "auto", parallel=False).grammar
+    assert '"\\"tool_call\\""' in single and '"\\"tool_calls\\""' not in single
 
 
+def test_each_format_lists_at_most_its_bound_of_calls_in_its_json():
+    tools = tools_of([t["function"] for t in TOOLS])
+    calls = [MISTRAL.call_schema(t.name, t.parameters) for t in tools]
+    assert MISTRAL.root_schema(calls, True, MISTRAL.most_calls(True)) == {
+        "type": "array", "items": {"anyOf": calls}, "minItems": 1, "maxItems": 8}
+    assert MISTRAL.root_schema(calls, True, MISTRAL.most_calls(False))["maxItems"] == 1
+    generic = tool_formats.GENERIC.root_schema(calls, False, 8)
+    assert generic == {"type": "object", "required": ["tool_calls"], "properties": {"tool_calls": {
+        "type": "array", "items": {"anyOf": calls}, "minItems": 1, "maxItems": 8}}}
+    assert [LLAMA3.most_calls(p) for p in (True, False)] == [1, 1]
+
+
+WEATHER_ARGUMENTS = '{"city": "Pa\\"ris}", "unit": "celsius"}'  # a quote and a brace inside a string
+TIME_ARGUMENTS = '{"timezone": "Europe/Paris"}'
+W, T = WEATHER_ARGUMENTS, TIME_ARGUMENTS
 ANSWERS = {
-    "generic": '{"tool_call": {"name": "get_weather", "arguments": {"city": "Pa\\"ris}", "unit": "celsius"}}}',
-    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa\\"ris}", "unit": "celsius"}}\n</tool_call>',
-    "llama3": '{"name": "get_weather", "parameters": {"city": "Pa\\"ris}", "unit": "celsius"} }',
+    "generic": '{"tool_call": {"name": "get_weather", "arguments": ' + W + "}}",
+    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": ' + W + "}\n</tool_call>",
+    "llama3": '{"name": "get_weather", "parameters": ' + W + " }",
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + W + "}]",
 }
+# Two calls in one answer, each format's way (Llama 3.x holds one).
+TWO_ANSWERS = {
+    "generic": '{"tool_calls": [{"name": "get_weather", "arguments": ' + W + '}, {"name": "get_time", "arguments": ' + T + "}]}",
+    "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": ' + W + "}\n</tool_call>\n"
+               '<tool_call>\n{"name": "get_time", "arguments": ' + T + "}\n</tool_call>"),
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + W + '}, {"name": "get_time", "arguments": ' + T + "}]",
+}
+
+
+def read_char_by_char(fmt: tool_formats.ToolFormat, text: str) -> tuple[list[tuple[int, str]], dict[int, str]]:
+    """The names in the order they came (index, name), and each call's arguments put together from its fragments."""
+    reader, names, arguments = tool_formats.CallReader(fmt), [], {}
+    for char in text:  # one character per step: every split point
+        for delta in reader.feed(char):
+            if delta.name is not None:
+                assert delta.index not in arguments and delta.arguments == ""  # the name comes before any arguments
+                names.append((delta.index, delta.name))
+                arguments[delta.index] = ""
+            else:
+                assert delta.arguments and delta.index == max(arguments)  # fragments of the newest call only
+                arguments[delta.index] += delta.arguments
+    assert reader.answer() == tool_formats.read_answer(fmt, text)
+    return names, arguments
 
 
 @pytest.mark.parametrize("name", sorted(ANSWERS))
 def test_a_call_read_piece_by_piece_gives_name_then_the_exact_arguments(name):
     fmt, text = tool_formats.BY_NAME[name], ANSWERS[name]
-    reader, events = tool_formats.CallReader(fmt), []
-    for char in text:  # one character per step: every split point
-        got_name, fragment = reader.feed(char)
-        events += [("name", got_name)] * (got_name is not None) + [("arguments", fragment)] * bool(fragment)
-    assert events[0] == ("name", "get_weather") and all(kind == "arguments" for kind, _ in events[1:])
-    streamed = "".join(fragment for _, fragment in events[1:])
-    assert streamed == '{"city": "Pa\\"ris}", "unit": "celsius"}'
+    names, arguments = read_char_by_char(fmt, text)
+    assert names == [(0, "get_weather")] and arguments == {0: WEATHER_ARGUMENTS}
     whole = tool_formats.read_answer(fmt, text)
-    assert (whole.name, whole.arguments) == ("get_weather", streamed) and reader.answer() == whole
+    assert whole.calls == (tool_formats.ParsedCall("get_weather", WEATHER_ARGUMENTS),) and whole.content is None
+
+
+@pytest.mark.parametrize("name", sorted(TWO_ANSWERS))
+def test_two_calls_read_piece_by_piece_come_with_indexes_0_and_1(name):
+    fmt, text = tool_formats.BY_NAME[name], TWO_ANSWERS[name]
+    names, arguments = read_char_by_char(fmt, text)
+    assert names == [(0, "get_weather"), (1, "get_time")]
+    assert arguments == {0: WEATHER_ARGUMENTS, 1: TIME_ARGUMENTS}
+    assert tool_formats.read_answer(fmt, text).calls == (tool_formats.ParsedCall("get_weather", WEATHER_ARGUMENTS),
+                                                         tool_formats.ParsedCall("get_time", TIME_ARGUMENTS))
 
 
 @pytest.mark.parametrize("name", sorted(ANSWERS))
@@ -183,10 +296,35 @@ def test_a_cut_call_is_neither_a_call_nor_text(name):
         assert tool_formats.read_answer(tool_formats.BY_NAME[name], text[:cut]) is None, text[:cut]
 
 
+@pytest.mark.parametrize("name", sorted(TWO_ANSWERS))
+def test_two_calls_cut_inside_the_second_are_neither_calls_nor_text(name):
+    """A cut answer is never read as its complete first call: the second may have been anything."""
+    text = TWO_ANSWERS[name]
+    second = text.index('{"name": "get_time"')
+    for cut in range(second - 1, len(text) - 1):
+        assert tool_formats.read_answer(tool_formats.BY_NAME[name], text[:cut]) is None, text[:cut]
+
+
+def test_llama3_reads_one_call():
+    """A second object after a Llama 3.x call is not a call: the format holds one."""
+    text = ANSWERS["llama3"] + ' {"name": "get_time", "parameters": ' + TIME_ARGUMENTS + "}"
+    assert tool_formats.read_answer(LLAMA3, text) is None
+
+
 def test_text_answers():
     assert tool_formats.read_answer(tool_formats.GENERIC, '{"response": "hi"}').content == "hi"
-    assert tool_formats.read_answer(HERMES, "It is sunny.").content == "It is sunny."
-    assert tool_formats.read_answer(LLAMA3, "It is sunny.").content == "It is sunny."
+    for fmt in (HERMES, LLAMA3, MISTRAL):
+        assert tool_formats.read_answer(fmt, "It is sunny.") == tool_formats.ParsedAnswer(content="It is sunny.")
+    assert tool_formats.read_answer(MISTRAL, "It is sunny [TOOL_CA") is None  # a call's opening, cut short
+
+
+def test_mistral_calls_read_without_the_control_token_text():
+    """[TOOL_CALLS] is a control token in Mistral's vocabularies, whose text the generated text may lack: the bare list
+    is read as the same calls, and a text beginning with "[" (which the grammar keeps for calls) is never a text answer."""
+    bare = TWO_ANSWERS["mistral"].removeprefix("[TOOL_CALLS]")
+    assert read_char_by_char(MISTRAL, bare) == ([(0, "get_weather"), (1, "get_time")], {0: WEATHER_ARGUMENTS, 1: TIME_ARGUMENTS})
+    assert tool_formats.read_answer(MISTRAL, bare) == tool_formats.read_answer(MISTRAL, TWO_ANSWERS["mistral"])
+    assert tool_formats.read_answer(MISTRAL, "[1, 2] are numbers") is None
 
 
 def test_text_rule_excludes_the_call_opening():
@@ -197,6 +335,76 @@ def test_text_rule_excludes_the_call_opening():
         True, True, True, False, True, False]
     with pytest.raises(ValueError):
         tool_formats.text_without("abca")
+
+
+# ---- llama.cpp's grammar sampler on written answers (the sample model's vocabulary, no decoding) ----------------------
+
+
+def grammar_takes(llm, grammar: str, text: str) -> bool:
+    """Whether llama.cpp's grammar sampler lets ``text``'s tokens through one by one and then lets the answer end."""
+    import ctypes
+
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    assert sampler, "llama.cpp rejected the grammar"
+    one = llama_cpp.llama_token_data()
+    array = llama_cpp.llama_token_data_array(data=ctypes.pointer(one), size=1, selected=-1, sorted=False)
+    try:
+        for token in [*llm.tokenize(text.encode(), add_bos=False, special=True), llama_cpp.llama_vocab_eos(vocab)]:
+            one.id, one.logit, one.p = token, 0.0, 0.0
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+            if one.logit == float("-inf"):
+                return False
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return True
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+def call_object(name: str) -> str:
+    return '{"name": "get_time", "' + tool_formats.BY_NAME[name].arguments_key + '": ' + TIME_ARGUMENTS + "}"
+
+
+def calls_text(name: str, count: int) -> str:
+    """``count`` calls to get_time in format ``name``."""
+    call = call_object(name)
+    return {"generic": lambda: '{"tool_calls": [' + ", ".join([call] * count) + "]}",
+            "hermes": lambda: "\n".join([f"<tool_call>\n{call}\n</tool_call>"] * count),
+            "mistral": lambda: "[TOOL_CALLS][" + ", ".join([call] * count) + "]",
+            "llama3": lambda: " ".join([call] * count)}[name]()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["generic", "hermes", "mistral", "llama3"])
+def test_grammar_takes_one_to_max_calls_and_no_more(vocab, name):
+    """docs/reliability.md case 43."""
+    fmt, tools = tool_formats.BY_NAME[name], tools_of([t["function"] for t in TOOLS])
+    most = fmt.most_calls(True)
+    parallel, single = (tool_plan(tools, "required", fmt, parallel=p).grammar for p in (True, False))
+    taken = [count for count in range(1, tool_formats.MAX_CALLS + 2) if grammar_takes(vocab, parallel, calls_text(name, count))]
+    assert taken == list(range(1, most + 1))
+    if name != "llama3":
+        assert most == tool_formats.MAX_CALLS
+        assert grammar_takes(vocab, parallel, TWO_ANSWERS[name])  # two different tools in one answer
+    # Without parallel calls, one call (generic: its single-call form).
+    one = '{"tool_call": ' + call_object(name) + "}" if name == "generic" else calls_text(name, 1)
+    assert grammar_takes(vocab, single, one) and not grammar_takes(vocab, single, calls_text(name, 2))
+    assert tool_formats.read_answer(fmt, one).calls == (tool_formats.ParsedCall("get_time", TIME_ARGUMENTS),)
+    # Every answer the grammar takes is read back as its calls.
+    assert len(tool_formats.read_answer(fmt, calls_text(name, most)).calls) == most
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hermes", "mistral"])
+def test_text_answer_under_auto_cannot_open_a_call(vocab, name):
+    fmt, tools = tool_formats.BY_NAME[name], tools_of([t["function"] for t in TOOLS])
+    auto = tool_plan(tools, "auto", fmt).grammar
+    assert grammar_takes(vocab, auto, "It is sunny.") and grammar_takes(vocab, auto, calls_text(name, 2))
+    assert not grammar_takes(vocab, auto, "It is sunny. " + calls_text(name, 1))
+    # Mistral: only a call begins with "[" (the reader takes a call's list without its control token's text).
+    assert grammar_takes(vocab, auto, "[1, 2] are numbers") is (name != "mistral")
 
 
 # ---- real model, Hermes-format template swapped in ------------------------------------------------------------------------
@@ -252,27 +460,39 @@ def assert_valid_call(call: dict, name: str | None = None) -> None:
 @pytest.mark.real_model
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}], ids=["required", "named"])
 def test_hermes_call_comes_back_as_tool_calls_from_a_prompt_listing_the_tools(client, vocab, choice):
-    response = post(client, tool_choice=choice)
+    name = choice["function"]["name"] if isinstance(choice, dict) else None
+    response = post(client, tool_choice=choice, parallel_tool_calls=False)
     assert response.status_code == 200, response.text
     out = response.json()
     assert out["choices"][0]["finish_reason"] == "tool_calls"
     message = out["choices"][0]["message"]
     assert message["content"] is None and len(message["tool_calls"]) == 1
-    assert_valid_call(message["tool_calls"][0], choice["function"]["name"] if isinstance(choice, dict) else None)
+    assert_valid_call(message["tool_calls"][0], name)
     assert out["usage"]["prompt_tokens"] == prompt_tokens(vocab, ASK)  # the worker rendered the tools as the template does
+    # With parallel calls (the default) the sample model writes a second <tool_call> block: two entries, two ids.
+    calls = post(client, tool_choice=choice).json()["choices"][0]["message"]["tool_calls"]
+    assert len(calls) == 2 and len({c["id"] for c in calls}) == 2
+    assert calls[0]["function"] == message["tool_calls"][0]["function"]  # the same first call, temperature 0
+    for call in calls:
+        assert_valid_call(call, name)
 
 
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_hermes_streamed_arguments_arrive_in_fragments_equal_to_the_whole(client):
-    whole = post(client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"][0]
+    whole = post(client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"]
     deltas, finish = stream_deltas(client, tool_choice="required")
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
-    assert calls[0] == {"index": 0, "id": calls[0]["id"], "type": "function",
-                        "function": {"name": whole["function"]["name"], "arguments": ""}}
-    fragments = calls[1:]
-    assert len(fragments) > 1 and all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in fragments)
-    assert "".join(c["function"]["arguments"] for c in fragments) == whole["function"]["arguments"]
+    heads = [c for c in calls if "id" in c]
+    assert [c["index"] for c in heads] == [0, 1] == list(range(len(whole)))
+    assert [c["index"] for c in calls] == sorted(c["index"] for c in calls)  # call after call, never interleaved
+    for head, expected in zip(heads, whole, strict=True):
+        assert head == {"index": head["index"], "id": head["id"], "type": "function",
+                        "function": {"name": expected["function"]["name"], "arguments": ""}}
+        fragments = [c for c in calls if c["index"] == head["index"] and c is not head]
+        assert len(fragments) > 1 and all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}
+                                          for c in fragments)
+        assert "".join(c["function"]["arguments"] for c in fragments) == expected["function"]["arguments"]
     assert not any(d.get("content") for d in deltas) and finish == "tool_calls"
 
 
@@ -299,8 +519,68 @@ def test_hermes_text_answer_never_holds_the_call_markup(client):
     for messages in (ASK, [{"role": "user", "content": "Say hello."}]):
         message = post(client, messages=messages, tool_choice="auto", max_tokens=40).json()["choices"][0]["message"]
         assert "<tool_call>" not in (message["content"] or "")
-        if message.get("tool_calls"):
-            assert_valid_call(message["tool_calls"][0])
+        for call in message.get("tool_calls") or ():
+            assert_valid_call(call)
+
+
+# ---- the sample model with Mistral Nemo's template: the format forced by the grammar, end to end -----------------------
+# SmolLM2 was not trained on Mistral's format and its vocabulary has no [TOOL_CALLS] token, but under tool_choice
+# required the grammar has it write "[TOOL_CALLS][...]" as plain text: the daemon's Mistral path (the template's
+# prompt with mapped call ids, the grammar, the reader) runs on a real model. Its choices say nothing about Mistral's.
+
+MISTRAL_MODEL = "smollm2-mistral-tools"
+NEMO = "mistralai-Mistral-Nemo-Instruct-2407.jinja"
+
+
+@pytest.fixture(scope="module")
+def mistral_client(tmp_path_factory, smollm2_q4km, vendored):
+    root = tmp_path_factory.mktemp("mistral-models")
+    bundle = publish_gguf(smollm2_q4km / "model.gguf", root / "src", MISTRAL_MODEL, chat_template=vendored[NEMO])
+    with model_client(link_bundles(root / "models", bundle), MISTRAL_MODEL, n_ctx=N_CTX, slots=1) as test_client:
+        yield test_client
+
+
+def post_mistral(client, **fields):
+    return client.post("/v1/chat/completions", json={"model": MISTRAL_MODEL, "messages": ASK, "tools": TOOLS,
+                                                      "temperature": 0, "max_tokens": 160, **fields})
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_mistral_calls_come_back_as_tool_calls_streamed_and_not(mistral_client):
+    one = post_mistral(mistral_client, tool_choice="required", parallel_tool_calls=False)
+    assert one.status_code == 200, one.text
+    message = one.json()["choices"][0]["message"]
+    assert one.json()["choices"][0]["finish_reason"] == "tool_calls" and len(message["tool_calls"]) == 1
+    assert_valid_call(message["tool_calls"][0])
+    whole = post_mistral(mistral_client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"]
+    # Asked for Paris in celsius, it makes that one call (parallel calls allowed, temperature 0).
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"})]
+    assert_valid_call(whole[0])
+    response = post_mistral(mistral_client, tool_choice="required", stream=True)
+    events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    calls = [c for e in events if e["choices"] for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    heads = [c for c in calls if "id" in c]
+    assert [c["index"] for c in heads] == list(range(len(whole)))
+    for head, expected in zip(heads, whole, strict=True):
+        assert head["function"] == {"name": expected["function"]["name"], "arguments": ""}
+        streamed = "".join(c["function"]["arguments"] for c in calls if c["index"] == head["index"] and c is not head)
+        assert streamed == expected["function"]["arguments"]
+    # Under auto it answers in text, which never begins a call.
+    for messages in (ASK, [{"role": "user", "content": "Say hello."}]):
+        message = post_mistral(mistral_client, messages=messages, tool_choice="auto").json()["choices"][0]["message"]
+        assert message["content"] and "tool_calls" not in message
+        assert "[TOOL_CALLS]" not in message["content"] and not message["content"].startswith("[")
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_mistral_round_trip_with_openai_call_ids_renders(mistral_client):
+    """Nemo's template refuses ids that are not 9 characters; OpenAI's call ids are mapped, so the loop goes on."""
+    response = post_mistral(mistral_client, messages=TWO_CALLS, tool_choice="required", parallel_tool_calls=False)
+    assert response.status_code == 200, response.text
+    assert_valid_call(response.json()["choices"][0]["message"]["tool_calls"][0])
 
 
 # ---- the official openai client against the daemon as a process ----------------------------------------------------------
@@ -322,15 +602,16 @@ def test_openai_client_tool_loop_and_streamed_accumulation(daemon):
     first = client.chat.completions.create(model=HERMES_MODEL, messages=messages, tools=TOOLS, tool_choice="required",
                                            temperature=0, max_tokens=120)
     assert first.choices[0].finish_reason == "tool_calls" and first.choices[0].message.content is None
-    call = first.choices[0].message.tool_calls[0]
-    jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
+    made = first.choices[0].message.tool_calls
+    for call in made:
+        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
     messages.append(first.choices[0].message)  # the client's own message object goes back as the assistant turn
-    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18})})
+    messages += [{"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18})} for call in made]
     second = client.chat.completions.create(model=HERMES_MODEL, messages=messages, tools=TOOLS, tool_choice="none",
                                             temperature=0, max_tokens=24)
     assert second.choices[0].message.content and second.choices[0].message.tool_calls is None
 
-    # Streamed: accumulate delta.tool_calls by index, as OpenAI's docs show; the same call as the non-streamed one.
+    # Streamed: accumulate delta.tool_calls by index, as OpenAI's docs show; the same calls as the non-streamed answer.
     stream = client.chat.completions.create(model=HERMES_MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
                                             temperature=0, max_tokens=120, stream=True)
     calls: dict[int, dict] = {}
@@ -343,8 +624,9 @@ def test_openai_client_tool_loop_and_streamed_accumulation(daemon):
                 entry["name"] += (delta.function.name or "") if delta.function else ""
                 entry["arguments"] += (delta.function.arguments or "") if delta.function else ""
                 pieces += 1
-    assert list(calls) == [0] and pieces > 2
-    assert (calls[0]["name"], calls[0]["arguments"]) == (call.function.name, call.function.arguments)
+    assert list(calls) == list(range(len(made))) and len(made) == 2 and pieces > 4
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [(c.function.name, c.function.arguments) for c in made]
+    assert len({c["id"] for c in calls.values()}) == 2
 
 
 @pytest.mark.slow

@@ -9,8 +9,9 @@ the converter handles correctly (annotations dropped, ``$ref`` targets given uni
 depth and repetition counts are bounded so a hostile schema cannot stall the daemon.
 
 Tool calls are written in the chat template's own tool format where it has one, else in llama.cpp's generic format
-(the table is ``tool_formats``): the call object is constrained by a grammar built here from the tools' parameter
-schemas, with the format's text around it, and the daemon turns the answer into OpenAI ``tool_calls``.
+(the table is ``tool_formats``): the call objects (one, or with parallel calls up to the format's bound) are
+constrained by a grammar built here from the tools' parameter schemas, with the format's text around and between
+them, and the daemon turns the answer into OpenAI ``tool_calls``.
 
 Board side: the daemon converts schemas without loading llama.cpp (the converter is pure Python, loaded on its own);
 the worker's sampler checks each drawn token against the grammar.
@@ -439,21 +440,24 @@ def check_parameters(parameters: Any, pointer: str) -> dict:
     return parameters
 
 
-def tool_plan(tools: Sequence[Tool], choice: str | None, fmt: ToolFormat = GENERIC) -> ToolPlan:
-    """``choice``: "auto", "required", or a function's name (the caller checked it exists)."""
+def tool_plan(tools: Sequence[Tool], choice: str | None, fmt: ToolFormat = GENERIC, parallel: bool = True) -> ToolPlan:
+    """``choice``: "auto", "required", or a function's name (the caller checked it exists); ``parallel``: one answer
+    may hold several calls (up to the format's bound), else exactly one."""
     may_answer = choice == "auto"
+    most = fmt.most_calls(parallel)
     chosen = [t for t in tools if t.name == choice] if choice not in ("auto", "required") else list(tools)
-    schema = fmt.root_schema([fmt.call_schema(t.name, t.parameters) for t in chosen], may_answer)
-    grammar = schema_grammar(schema, functools.partial(fmt.root_rule, may_answer=may_answer))
+    schema = fmt.root_schema([fmt.call_schema(t.name, t.parameters) for t in chosen], may_answer, most)
+    grammar = schema_grammar(schema, functools.partial(fmt.root_rule, may_answer=may_answer, most=most))
     if fmt.native:  # the template lists the tools and says how to call them
         return ToolPlan(format=fmt, system=None, grammar=grammar, may_answer=may_answer)
     described = [{"name": t.name, **({"description": t.description} if t.description else {}),
                   "parameters": t.parameters} for t in tools]
-    # The wording of llama.cpp's generic tool-call format (common/chat.cpp), with the tools listed.
+    # The wording of llama.cpp's generic tool-call format (common/chat.cpp), with the tools listed and the key the
+    # grammar allows named (tool_calls, a list, when several calls may be made).
+    key = "`tool_calls` (a list of requests to call tools)" if most > 1 else "`tool_call` (a request to call a tool)"
     system = ("You have access to the following tools:\n" + json.dumps(described, ensure_ascii=False) + "\n\n"
-              + ("Respond in JSON format, either with `tool_call` (a request to call tools) or with `response` "
-                 "reply to the user's request" if may_answer else
-                 "Respond in JSON format with `tool_call` (a request to call a tool)"))
+              + (f"Respond in JSON format, either with {key} or with `response` reply to the user's request"
+                 if may_answer else f"Respond in JSON format with {key}"))
     return ToolPlan(format=fmt, system=system, grammar=grammar, may_answer=may_answer)
 
 
@@ -462,13 +466,18 @@ def parse_answer(text: str, fmt: ToolFormat = GENERIC) -> ParsedAnswer | None:
     return read_answer(fmt, text)
 
 
-def call_text(name: str, arguments: str) -> str:
-    """An earlier call as the model wrote it in the generic format (assistant turns with tool_calls)."""
-    try:
-        parsed: Any = json.loads(arguments)
-    except ValueError:
-        parsed = arguments
-    return json.dumps({"tool_call": {"name": name, "arguments": parsed}}, ensure_ascii=False)
+def calls_text(calls: Sequence[tuple[str, str]]) -> str:
+    """Earlier calls (name, arguments JSON text) as the model writes them in the generic format: one as ``tool_call``,
+    several as the ``tool_calls`` list (assistant turns with tool_calls)."""
+    objects = []
+    for name, arguments in calls:
+        try:
+            parsed: Any = json.loads(arguments)
+        except ValueError:
+            parsed = arguments
+        objects.append({"name": name, "arguments": parsed})
+    envelope = {"tool_call": objects[0]} if len(objects) == 1 else {"tool_calls": objects}
+    return json.dumps(envelope, ensure_ascii=False)
 
 
 def tool_result_text(content: str, call_id: str | None, name: str | None) -> str:

@@ -270,46 +270,50 @@ def new_call_id() -> str:
 
 
 def tool_answer(reader: tool_formats.CallReader, finish_reason: str | None,
-                call_id: str | None = None) -> tuple[AssistantMessage, str | None]:
+                call_ids: list[str] | None = None) -> tuple[AssistantMessage, str | None]:
     """The assistant message of a whole generation in a tool-call format, and its finish reason.
 
     Fail closed: a call always comes back as ``tool_calls``, never as text; an answer cut short (max_tokens, a
-    cancel) is neither a call nor text."""
+    cancel) is neither a call nor text. ``call_ids``: the ids a stream already gave the calls, in order."""
     parsed = reader.answer()
     if parsed is None:
         if finish_reason == "stop":  # the grammar ends only on a complete answer: this is a bug, not the model
             raise ApiError(500, "the model's answer does not follow the tool-call format", code="tool_format_error")
         return AssistantMessage(content=None), finish_reason
-    if parsed.name is not None:
-        call = ToolCall(id=call_id or new_call_id(), function=FunctionCallOut(name=parsed.name, arguments=parsed.arguments))
-        return AssistantMessage(content=None, tool_calls=[call]), "tool_calls"
+    if parsed.calls:
+        ids = call_ids or [new_call_id() for _ in parsed.calls]
+        calls = [ToolCall(id=call_id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+                 for call_id, call in zip(ids, parsed.calls, strict=True)]
+        return AssistantMessage(content=None, tool_calls=calls), "tool_calls"
     return AssistantMessage(content=parsed.content), finish_reason
 
 
 def tool_stream_response(generation: Generation, events: ChatEvents, include_usage: bool,
                          fmt: tool_formats.ToolFormat) -> StreamingResponse:
-    """SSE of a generation in a tool-call format, as OpenAI streams calls: ``delta.tool_calls`` with the index, id,
-    type and name once the name is complete, then the arguments' text fragment by fragment as it is generated; a text
-    answer comes whole at the end (it is known not to be a call only then); the finish chunk, usage and [DONE]."""
+    """SSE of a generation in a tool-call format, as OpenAI streams calls: per call, ``delta.tool_calls`` with its
+    index (0, 1, ...), id, type and name once the name is complete, then its arguments' text fragment by fragment as
+    it is generated; a text answer comes whole at the end (it is known not to be a call only then); the finish chunk,
+    usage and [DONE]."""
 
     async def sse() -> AsyncIterator[str]:
-        reader, call_id = tool_formats.CallReader(fmt), new_call_id()
+        reader, call_ids = tool_formats.CallReader(fmt), []
         try:
             yield f"data: {_event(events.first())}\n\n"
             async with asyncio.timeout(generation.remaining()):
                 while True:
                     message, _ = await generation.stream.next()
                     if isinstance(message, DeltaMessage):
-                        name, fragment = reader.feed(message.delta.text)
-                        if name is not None:
-                            call = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
-                            yield f"data: {_event(events.text_or_role({'tool_calls': [call]}))}\n\n"
-                        if fragment:
-                            call = {"index": 0, "function": {"arguments": fragment}}
+                        for delta in reader.feed(message.delta.text):
+                            if delta.name is not None:
+                                call_ids.append(new_call_id())
+                                call = {"index": delta.index, "id": call_ids[-1], "type": "function",
+                                        "function": {"name": delta.name, "arguments": ""}}
+                            else:
+                                call = {"index": delta.index, "function": {"arguments": delta.arguments}}
                             yield f"data: {_event(events.text_or_role({'tool_calls': [call]}))}\n\n"
                     elif isinstance(message, Done):
                         generation.record(message)
-                        answer, reason = tool_answer(reader, generation.finish_reason, call_id)
+                        answer, reason = tool_answer(reader, generation.finish_reason, call_ids)
                         if not answer.tool_calls and answer.content:
                             yield f"data: {_event(events.text(answer.content))}\n\n"
                         yield f"data: {_event(events.finish(reason))}\n\n"

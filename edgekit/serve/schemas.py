@@ -203,7 +203,8 @@ class ChatBody(GenerationBody):
     tools: list[ToolSpec] | None = Field(None, description="Functions the model may call.")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="none, auto (the default with tools), required, or a named function.")
-    parallel_tool_calls: bool | None = Field(None, description="Accepted; at most one call is made per answer.")
+    parallel_tool_calls: bool | None = Field(None, description="Whether one answer may hold several calls (the default; "
+                                             f"at most {tool_formats.MAX_CALLS}, one in formats without several); false: one.")
     functions: list[Any] | None = Field(None, description="Not supported (the deprecated form of tools).")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema.")
 
@@ -258,7 +259,7 @@ class ChatBody(GenerationBody):
                 raise bad_param("response_format", "response_format json_object/json_schema cannot be combined with tools",
                                 "unsupported_value")
             try:
-                plan = structured.tool_plan(specs, wanted, fmt)
+                plan = structured.tool_plan(specs, wanted, fmt, parallel=self.parallel_tool_calls is not False)
             except structured.UnsupportedSchema as exc:
                 raise _schema_error("tools", exc) from None
             given = tool_formats.template_tools([vars(t) for t in specs]) if fmt.native else None
@@ -283,13 +284,13 @@ class ChatBody(GenerationBody):
         """The turns the chat template renders. Calls and results: with a native tool format, as the template's own
         ``tool_calls`` and ``tool`` turns; else written out in the generic tool-call format."""
         if plan is not None and plan.format.native:
-            return [self.native_turn(m) for m in self.messages]
+            return [self.native_turn(m, plan.format) for m in self.messages]
         turns = []
         for m in self.messages:
             content = m.text
             if m.tool_calls:
-                calls = [structured.call_text(c.function.name, c.function.arguments) for c in m.tool_calls]
-                content = "\n".join(([content] if content else []) + calls)
+                calls = structured.calls_text([(c.function.name, c.function.arguments) for c in m.tool_calls])
+                content = "\n".join(([content] if content else []) + [calls])
             elif m.role == "tool":
                 content = structured.tool_result_text(content, m.tool_call_id, m.name)
             turns.append({"role": m.role, "content": content, **({"name": m.name} if m.name else {})})
@@ -298,14 +299,15 @@ class ChatBody(GenerationBody):
         return turns
 
     @staticmethod
-    def native_turn(m: ChatMessage) -> dict[str, Any]:
-        """A message as templates with tool syntax read it (transformers' convention: arguments as an object)."""
+    def native_turn(m: ChatMessage, fmt: tool_formats.ToolFormat) -> dict[str, Any]:
+        """A message as templates with tool syntax read it (transformers' convention: arguments as an object; call
+        ids in the form the template accepts)."""
         turn: dict[str, Any] = {"role": m.role, "content": m.text, **({"name": m.name} if m.name else {})}
         if m.tool_calls:
-            turn["tool_calls"] = [tool_formats.template_call(c.id, c.function.name, c.function.arguments)
+            turn["tool_calls"] = [tool_formats.template_call(fmt, c.id, c.function.name, c.function.arguments)
                                   for c in m.tool_calls]
         if m.role == "tool" and m.tool_call_id:
-            turn["tool_call_id"] = m.tool_call_id
+            turn["tool_call_id"] = tool_formats.template_id(fmt, m.tool_call_id)
         return turn
 
     def sampling(self, plan: Structured | None = None) -> Sampling:
