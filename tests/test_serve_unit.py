@@ -481,7 +481,7 @@ def test_workers_get_a_bounded_openmp_spin_count(empty_models):
 ])
 def test_a_process_loading_llama_cpp_bounds_its_spin_unless_told_otherwise(monkeypatch, given, expected):
     """Export, doctor and golden checks run llama.cpp in their own process: the same bounded spin as the workers,
-    unless the environment already sets how OpenMP waits (docs/reliability.md case 43)."""
+    unless the environment already sets how OpenMP waits (docs/reliability.md case 44)."""
     from edgekit.runtime.placement import bound_openmp_spin
 
     for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
