@@ -53,7 +53,7 @@ def test_one_stream_at_a_time_equals_the_single_context_loop(engine, gguf):
     assert text_of(engine.generate(second, one)) == text_of(single.generate(second, one))
     again = prompts(engine.model, 1)[0]
     finish = list(engine.generate(again, sampling))[-1]
-    assert finish.cached_tokens == len(again) - 1  # the sequence that served it before still holds it
+    assert finish.cached_tokens == len(again) - 1  # parked in the RAM cache when the second one started, loaded back
 
 
 def test_four_concurrent_streams_finish_with_their_limits(engine):
@@ -139,6 +139,31 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 def long_chat(model: GgufModel, system: str, user: str) -> list[int]:
     return model.tokenize(model.render_chat([{"role": "system", "content": system}, {"role": "user", "content": user}]),
                           chat=True)
+
+
+def test_a_starting_request_parks_idle_sequences_in_the_saved_prompt_cache(gguf):
+    """With a RAM cache (the daemon's default), a starting request moves every idle sequence's cells there, long
+    or short, so the pool holds only what is being generated; each prompt comes back from RAM for its next turn."""
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=2048, threads=1, prompt_cache_contexts=1), 2)
+    try:
+        model = engine.model
+        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 10
+        long_first = long_chat(model, story, "Who is Mira?")
+        short_first = prompts(model, 1)[0]
+        sampling = Sampling(max_tokens=2, temperature=0)
+        list(engine.generate(long_first, sampling))
+        list(engine.generate(short_first, sampling))
+        # the long conversation left the pool when the short one started, which holds its prompt and its first token
+        # (the last token sampled is never decoded)
+        assert sorted(len(tokens) for tokens in engine._kv if tokens) == [len(short_first) + 1]
+        again = long_chat(model, story, "Where is the ferry?")
+        finish = list(engine.generate(again, sampling))[-1]
+        assert finish.cached_tokens == common_prefix_len(long_first, again) > 200
+        assert sorted(len(tokens) for tokens in engine._kv if tokens) == [len(again) + 1]
+        finish = list(engine.generate(short_first, sampling))[-1]
+        assert finish.cached_tokens == len(short_first) - 1  # short conversations are saved too
+    finally:
+        engine.close()
 
 
 def test_idle_sequences_are_the_prompt_cache(gguf):

@@ -121,8 +121,8 @@ def test_plan_suggests_the_context_at_which_a_model_fits(tmp_path):
     q8 = read_manifest(GOLDEN / "smollm2-135m-instruct-q8-0")
     zero = CATALOG["rpi-zero-2w"]
     report = fit(q8, zero, FitSettings(), CATALOG.values())
-    assert report.verdict == "fail" and report.suggested_n_ctx == 1536
-    assert "fits at --ctx 1536" in report.reason
+    assert report.verdict == "fail" and report.suggested_n_ctx == 1024
+    assert "fits at --ctx 1024" in report.reason
     ok, _, _ = admitted(q8, ServeSettings(models=tmp_path, device=zero.id, n_ctx=report.suggested_n_ctx))
     assert ok
     ok, _, _ = admitted(q8, ServeSettings(models=tmp_path, device=zero.id, n_ctx=report.suggested_n_ctx + 256))
@@ -137,7 +137,10 @@ def test_footprint_terms_never_speak_of_a_kv_cache_for_an_encoder(tmp_path):
     minilm = footprint_terms(read_manifest(GOLDEN / "all-minilm-l6-v2-int8-dynamic"), settings)
     assert minilm == "weights + activations of 16 x 256-token micro-batches of a request of up to 2048 texts"
     q8 = footprint_terms(read_manifest(GOLDEN / "smollm2-135m-instruct-q8-0"), settings)
-    assert q8 == "weights + one KV cache of n_ctx 4096 shared by 4 slot(s)"
+    assert q8 == "weights + one KV cache of n_ctx 4096 shared by 4 slot(s) + 1 context(s) of saved prompts"
+    uncached = footprint_terms(read_manifest(GOLDEN / "smollm2-135m-instruct-q8-0"),
+                               ServeSettings(models=tmp_path, prompt_cache_contexts=0))
+    assert uncached == "weights + one KV cache of n_ctx 4096 shared by 4 slot(s)"
 
 
 @pytest.mark.parametrize(("serve_settings", "measured_mib"), [

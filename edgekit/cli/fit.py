@@ -273,6 +273,8 @@ def fit_cmd(
                                                   "(serve's --batch-max-tokens).")] = None,
     max_embedding_inputs: Annotated[int, typer.Option("--max-embedding-inputs", help="Encoders: most texts of one request "
                                                       "(serve's --max-embedding-inputs).")] = None,
+    prompt_cache_contexts: Annotated[float, typer.Option("--prompt-cache-contexts", help="GGUF: RAM for saved prompts in "
+                                                         "contexts' worth of KV cache (serve's --prompt-cache-contexts).")] = None,
     daemon: Annotated[bool, typer.Option("--daemon/--no-daemon", help="Count edgekit serve's own process next to the "
                                          "model's worker.")] = True,
     headroom: Annotated[float, typer.Option("--headroom", help="Warn above (1 - headroom) of usable RAM.")] = 0.15,
@@ -294,7 +296,8 @@ def fit_cmd(
     settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn=flash_attn, daemon=daemon, headroom=headroom,
                          threads=threads, max_ttft_s=max_ttft_s,
                          **{k: v for k, v in (("batch_max_tokens", batch_max_tokens), ("prompt_tokens", prompt_tokens),
-                                              ("max_embedding_inputs", max_embedding_inputs)) if v is not None})
+                                              ("max_embedding_inputs", max_embedding_inputs),
+                                              ("prompt_cache_contexts", prompt_cache_contexts)) if v is not None})
     everything = load_catalog(catalog)
     subjects = [(_manifest_of(ref), None) for ref in bundles or []]
     device_ids = list(device or [])

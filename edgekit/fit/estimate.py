@@ -38,6 +38,9 @@ class FitSettings(BaseModel):
     max_embedding_inputs: int = Field(serve_default("max_embedding_inputs"), ge=1,
                                       description="ONNX: most texts of one request, tokenized at once by the worker "
                                       "(edgekit serve's --max-embedding-inputs).")
+    prompt_cache_contexts: float = Field(serve_default("prompt_cache_contexts"), ge=0, le=4, description="GGUF: RAM for "
+                                         "saved prompts, in contexts' worth of KV cache (edgekit serve's "
+                                         "--prompt-cache-contexts).")
     n_ubatch: int = Field(256, ge=1, description="Prompt tokens per compute step (edgekit.runtime.llm.PREFILL_CHUNK).")
     flash_attn: bool = Field(False, description="llama.cpp flash attention (off in llama-cpp-python and edgekit serve).")
     kv_type: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="KV cache element type.")
@@ -79,7 +82,7 @@ class FitReport(BaseModel):
     bits_per_weight: float
     settings: dict = Field(description="The run settings the estimate is for (resolved defaults included).")
     memory: dict[str, int] = Field(
-        description="RAM terms in bytes: weights, repacked, kv_cache, compute, runtime (of the model's process), daemon "
+        description="RAM terms in bytes: weights, repacked, kv_cache, prompt_cache, compute, runtime (of the model's process), daemon "
         "(edgekit serve's own process); total (peak resident set without memory pressure) and required (what must stay "
         "resident; the RAM check uses it, and edgekit serve charges its budget required - daemon for the model)."
     )
@@ -223,7 +226,8 @@ def _run_settings(settings: FitSettings, n_ctx: int) -> memory.RunSettings:
     return memory.RunSettings(n_ctx=n_ctx, parallel=settings.parallel, n_ubatch=settings.n_ubatch,
                               flash_attn=settings.flash_attn, kv_type=settings.kv_type, daemon=serve,
                               batch_max_tokens=settings.batch_max_tokens if serve else None,
-                              job_texts=settings.max_embedding_inputs if serve else None)
+                              job_texts=settings.max_embedding_inputs if serve else None,
+                              prompt_cache_contexts=settings.prompt_cache_contexts if serve else None)
 
 
 def largest_fitting_batch(facts: ModelFacts, settings: FitSettings, n_ctx: int, limit: int,

@@ -99,6 +99,8 @@ class RunSettings:
     batch_max_tokens: int | None = None
     # ONNX: texts of the largest job the worker tokenizes at once (serve's --max-embedding-inputs); None: one batch.
     job_texts: int | None = None
+    # GGUF: RAM for saved prompts in contexts' worth of KV cache (serve's --prompt-cache-contexts). None: serve's default.
+    prompt_cache_contexts: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class MemoryEstimate:
     weights: int  # the model file as mapped (GGUF) or loaded with its pre-packed copy (ONNX)
     repacked: int  # interleaved copies ggml makes at load; their file pages are never read again
     kv_cache: int
+    prompt_cache: int  # saved prompts' KV cells in RAM, at the cache's capacity (GGUF)
     compute: int
     runtime: int
     daemon: int  # edgekit serve's own process, next to the model's worker (0 without the daemon)
@@ -179,8 +182,9 @@ def repacked_bytes(facts: ModelFacts, isa: IsaFeatures | None) -> int:
     return total
 
 
-def llama_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int]:
-    """llama.cpp's terms: (weights, repacked, kv_cache, compute, compute_reserved, runtime without the daemon).
+def llama_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int, int]:
+    """llama.cpp's terms: (weights, repacked, kv_cache, prompt_cache, compute, compute_reserved, runtime without the
+    daemon).
 
     Slots are sequences of one llama.cpp context sharing one unified KV pool of n_ctx cells
     (edgekit.runtime.llm_batch.BatchedGguf): one KV cache, one compute buffer (a decode step has one output row per
@@ -190,10 +194,14 @@ def llama_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | No
     one = replace(settings, parallel=1)
     repacked = repacked_bytes(facts, isa)
     kv = kv_cache_bytes(facts, one.n_ctx, 1, one.kv_type)
+    contexts = settings.prompt_cache_contexts
+    if contexts is None:
+        contexts = serve_default("prompt_cache_contexts") if settings.daemon else 0.0  # a feature of serve's workers
+    prompt_cache = int(contexts * kv)  # edgekit.runtime.llm.GgufModel sizes its LlamaRAMCache the same way
     compute = compute_buffer_bytes(facts, one, n_outputs=slots) + work_buffer_bytes(facts, one)
     reserved = compute_buffer_bytes(facts, one, n_outputs=min(one.n_ubatch, one.n_ctx))
     runtime = LLAMA_RUNTIME_BASE + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
-    return facts.weights_bytes, repacked, kv, compute, reserved, runtime
+    return facts.weights_bytes, repacked, kv, prompt_cache, compute, reserved, runtime
 
 
 def encoder_batch(facts: ModelFacts, settings: RunSettings) -> tuple[int, int]:
@@ -206,39 +214,41 @@ def encoder_batch(facts: ModelFacts, settings: RunSettings) -> tuple[int, int]:
     return texts, seq
 
 
-def ort_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int]:
-    """ONNX Runtime's terms (no KV cache, nothing repacked out of a mapping), in the order of ``llama_memory``."""
+def ort_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None) -> tuple[int, int, int, int, int, int, int]:
+    """ONNX Runtime's terms (no KV cache, no saved prompts, nothing repacked out of a mapping), in the order of
+    ``llama_memory``."""
     n_ff = facts.n_ff or 4 * facts.n_embd
     texts, seq = encoder_batch(facts, settings)
     compute = int(texts * seq * ORT_FLOATS_PER_TOKEN_UNIT * (2 * facts.n_embd + n_ff) * 4)
     compute += max(texts, settings.job_texts or 0) * seq * ENCODER_JOB_BYTES_PER_TOKEN
     weights = int(facts.weights_bytes * ORT_WEIGHT_COPIES)
     worker = ENCODER_WORKER_EXTRA if settings.daemon else 0
-    return weights, 0, 0, compute, compute, ORT_RUNTIME_BASE + ORT_SESSION_EXTRA + worker
+    return weights, 0, 0, 0, compute, compute, ORT_RUNTIME_BASE + ORT_SESSION_EXTRA + worker
 
 
 def estimate_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | None = None) -> MemoryEstimate:
     """Peak resident bytes of one runtime process serving ``facts`` with ``settings`` on a CPU with ``isa``."""
     daemon = DAEMON_RSS if settings.daemon else 0
-    weights, repacked, kv, compute, reserved, runtime = FORMATS[facts.format].hook("memory")(facts, settings, isa)
-    total = weights + repacked + kv + compute + runtime + daemon
+    weights, repacked, kv, prompt_cache, compute, reserved, runtime = FORMATS[facts.format].hook("memory")(facts, settings, isa)
+    total = weights + repacked + kv + prompt_cache + compute + runtime + daemon
     # Repacked tensors are copied out of the mapping at load; the kernel can drop those clean file
     # pages under memory pressure without any cost, so they do not count against the board's RAM.
     required = total - repacked
-    return MemoryEstimate(weights=weights, repacked=repacked, kv_cache=kv, compute=compute, runtime=runtime,
+    return MemoryEstimate(weights=weights, repacked=repacked, kv_cache=kv, prompt_cache=prompt_cache, compute=compute, runtime=runtime,
                           daemon=daemon, total=total, required=required, compute_reserved=reserved)
 
 
 def llama_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
-                       batch_max_tokens: int, job_texts: int | None = None) -> int:
-    """What edgekit serve charges its budget for a GGUF worker: one context serving ``slots`` sequences, without the
-    daemon process."""
-    served = estimate_memory(facts, RunSettings(n_ctx=n_ctx, parallel=slots, n_ubatch=n_ubatch, daemon=True))
+                       batch_max_tokens: int, job_texts: int | None = None, prompt_cache_contexts: float | None = None) -> int:
+    """What edgekit serve charges its budget for a GGUF worker: one context serving ``slots`` sequences and its saved
+    prompts, without the daemon process."""
+    served = estimate_memory(facts, RunSettings(n_ctx=n_ctx, parallel=slots, n_ubatch=n_ubatch, daemon=True,
+                                                prompt_cache_contexts=prompt_cache_contexts))
     return served.required - served.daemon
 
 
 def ort_worker_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int, slots: int, batch_max: int,
-                     batch_max_tokens: int, job_texts: int | None = None) -> int:
+                     batch_max_tokens: int, job_texts: int | None = None, prompt_cache_contexts: float | None = None) -> int:
     """What edgekit serve charges its budget for an ONNX worker: its largest micro-batch (``batch_max`` texts of the
     bundle's max_length, split to stay within ``batch_max_tokens``) and its largest job (``job_texts``, default
     serve's --max-embedding-inputs, tokenized at once), without the daemon process."""

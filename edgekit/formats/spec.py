@@ -31,7 +31,7 @@ class FormatSpec:
     facts_from_recipe: str  # fit: (recipe, target, architecture facts) -> ModelFacts
     matrix_parameters: str  # fit: (facts) -> weights multiplied per token
     fit_n_ctx: str  # fit: (facts, settings) -> the context the fit is made at
-    memory: str  # fit: (facts, run settings, isa) -> (weights, repacked, kv, compute, reserved, runtime) bytes
+    memory: str  # fit: (facts, run settings, isa) -> (weights, repacked, kv, prompt_cache, compute, reserved, runtime) bytes
     workload: str  # fit: (facts) -> Workload
     point_workload: str  # fit: (CalibrationPoint) -> Workload
     speed: str  # fit: (facts, work, device, settings, n_ctx, catalog) -> SpeedPrediction
@@ -39,7 +39,7 @@ class FormatSpec:
     golden_record: str  # export: (staged, runtime, task, samples) -> the bundle's golden record
     runtime_module: str  # the engine's Python module, as doctor names it
     runtime_probe: str  # () -> engine version: imports and starts the engine (doctor runs it in a subprocess)
-    worker_bytes: str  # serve: (facts, n_ctx, n_ubatch, slots, batch_max, batch_max_tokens) -> peak RSS of a worker
+    worker_bytes: str  # serve: (facts, n_ctx, n_ubatch, slots, batch_max, batch_max_tokens, job_texts=, prompt_cache_contexts=) -> peak RSS of a worker
     plan_candidates: str  # plan: (recipe) -> [(target, in_recipe)], best quality first
     bench: str  # `edgekit bench` in a child process: (bundle, manifest, config) -> dict
     calibration_point: str  # `edgekit bench --calibrate`: (manifest, BenchResult, common fields) -> CalibrationPoint

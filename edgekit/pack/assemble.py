@@ -143,7 +143,7 @@ def size_service(request: PackRequest, manifests: list) -> tuple[ServiceRecord, 
     too_big = [f"{name} needs {n / MIB:.0f} MiB" for name, n in rows if n > offered]
     if too_big:
         raise GateFailed(f"{request.device.id} offers {offered / MIB:.0f} MiB to models; {', '.join(too_big)} with these "
-                         "settings", hint="pack a smaller bundle, or lower --n-ctx / --batch-max-tokens / --slots "
+                         "settings", hint="pack a smaller bundle, or lower --n-ctx / --prompt-cache-contexts / --batch-max-tokens / --slots "
                          "(edgekit fit shows footprints)")
     if settings.memory_budget_mb is not None:
         if settings.memory_budget_mb * MIB > offered:

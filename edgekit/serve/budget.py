@@ -40,7 +40,8 @@ def footprint_bytes(manifest: Manifest, settings: ServeSettings) -> int:
         return 2 * manifest.total_bytes + FALLBACK_RUNTIME
     worker_bytes = FORMATS[manifest.format].hook("worker_bytes")
     return worker_bytes(facts, effective_n_ctx(manifest, settings), PREFILL_CHUNK, settings.slots,
-                        settings.batch_max, settings.batch_max_tokens, job_texts=settings.max_embedding_inputs)
+                        settings.batch_max, settings.batch_max_tokens, job_texts=settings.max_embedding_inputs,
+                        prompt_cache_contexts=settings.prompt_cache_contexts)
 
 
 def footprint_terms(manifest: Manifest, settings: ServeSettings) -> str:
@@ -52,7 +53,8 @@ def footprint_terms(manifest: Manifest, settings: ServeSettings) -> str:
         texts = max(1, min(settings.batch_max, settings.batch_max_tokens // max_length))
         return (f"weights + activations of {texts} x {max_length}-token micro-batches of a request of up to "
                 f"{max(texts, settings.max_embedding_inputs)} texts")
-    return f"weights + one KV cache of n_ctx {effective_n_ctx(manifest, settings)} shared by {settings.slots} slot(s)"
+    saved = f" + {settings.prompt_cache_contexts:g} context(s) of saved prompts" if settings.prompt_cache_contexts else ""
+    return f"weights + one KV cache of n_ctx {effective_n_ctx(manifest, settings)} shared by {settings.slots} slot(s){saved}"
 
 
 def memory_budget(settings: ServeSettings) -> tuple[int, str]:

@@ -95,9 +95,10 @@ class ServeSettings(BaseSettings):
         2.0, ge=0, le=1000, description="How long a micro-batch waits for more requests once the model is free."
     )
     prompt_cache_contexts: float = Field(
-        0.0, ge=0, le=4, description="RAM each GGUF worker may use to save long prompts (>= 256 tokens) another request "
-        "would overwrite, so a returning system prompt is not evaluated again; in contexts' worth of KV cache (1: one "
-        "full context). Off by default: the memory budget and `edgekit fit` do not charge it yet."
+        1.0, ge=0, le=4, description="RAM each GGUF worker keeps for saved prompts, in contexts' worth of KV cache (1: one "
+        "full context; charged by the memory budget and `edgekit fit`). When a request starts, the prompts of idle slots "
+        "(>= 256 tokens) move there, so a returning system prompt is not evaluated again and idle cells do not slow "
+        "decoding. 0: idle slots keep their prompts in the KV pool instead, until it needs the cells."
     )
     allow_control_tokens_in_content: bool = Field(
         False, description="Parse control tokens (e.g. <|im_start|>) typed in chat message content as control tokens; by "

@@ -63,7 +63,7 @@ def unit_budget(settings: ServeSettings, rows: list[tuple[str, int]]) -> tuple[i
     too_big = [f"{name} needs {n / MIB:.0f} MiB" for name, n in rows if n > offered]
     if too_big:
         raise GateFailed(f"{settings.device} offers {offered / MIB:.0f} MiB to models; {', '.join(too_big)} with these settings",
-                         hint="serve a smaller bundle, or lower --n-ctx / --batch-max-tokens / --slots (`edgekit fit` "
+                         hint="serve a smaller bundle, or lower --n-ctx / --prompt-cache-contexts / --batch-max-tokens / --slots (`edgekit fit` "
                               "shows what fits)")
     if given is not None:
         if given > offered:
