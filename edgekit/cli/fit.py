@@ -268,7 +268,8 @@ def fit_cmd(
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="GGUF: prompt length the time to first token is "
                                                "predicted for (default 128).")] = None,
     max_ttft_s: Annotated[float, typer.Option("--max-ttft-s", help="GGUF: fail when predicted time to first token is higher.")] = None,
-    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="llama.cpp flash attention at run time.")] = False,
+    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="Charge the smaller compute buffers of llama.cpp's flash attention (serve runs with it; the default "
+                                                           "charges the larger ones without it, an upper bound).")] = False,
     batch_max_tokens: Annotated[int, typer.Option("--batch-max-tokens", help="Encoders: most padded tokens of one micro-batch "
                                                   "(serve's --batch-max-tokens).")] = None,
     max_embedding_inputs: Annotated[int, typer.Option("--max-embedding-inputs", help="Encoders: most texts of one request "

@@ -42,7 +42,9 @@ class FitSettings(BaseModel):
                                          "saved prompts, in contexts' worth of KV cache (edgekit serve's "
                                          "--prompt-cache-contexts).")
     n_ubatch: int = Field(256, ge=1, description="Prompt tokens per compute step (edgekit.runtime.llm.PREFILL_CHUNK).")
-    flash_attn: bool = Field(False, description="llama.cpp flash attention (off in llama-cpp-python and edgekit serve).")
+    flash_attn: bool = Field(False, description="Charge the compute buffers of llama.cpp with flash attention. edgekit "
+                             "serve runs with it, but the default charges the larger buffers without it: an upper bound "
+                             "until the flash term is measured.")
     kv_type: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="KV cache element type.")
     threads: int | None = Field(None, ge=1, description="Inference threads; default: the device's cores.")
     daemon: bool = Field(True, description="Count edgekit serve's web stack in the runtime baseline.")
