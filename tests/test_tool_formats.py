@@ -82,14 +82,20 @@ def vendored() -> dict[str, str]:
     version = importlib.metadata.version("llama-cpp-python")
     downloads = KitPaths().downloads / "sdist"
     downloads.mkdir(parents=True, exist_ok=True)
+    # The templates, read out of the 77 MB archive once per version (seconds of gunzip) and kept next to it.
+    extracted = downloads / f"llama_cpp_python-{version}.templates.json"
     with FileLock(str(downloads / ".lock")):  # the pack tests on another xdist worker may be fetching it too
-        sdist = download_sdist(version, downloads)
-    out = {}
-    with tarfile.open(sdist) as archive:
-        for name in VENDORED:
-            member = archive.extractfile(f"llama_cpp_python-{version}/vendor/llama.cpp/models/templates/{name}")
-            out[name] = member.read().decode()
-    return out
+        cached = json.loads(extracted.read_text()) if extracted.is_file() else {}
+        if set(VENDORED) - set(cached):
+            sdist = download_sdist(version, downloads)
+            with tarfile.open(sdist) as archive:
+                for name in VENDORED:
+                    member = archive.extractfile(f"llama_cpp_python-{version}/vendor/llama.cpp/models/templates/{name}")
+                    cached[name] = member.read().decode()
+            partial = extracted.with_suffix(".partial")
+            partial.write_text(json.dumps(cached))
+            partial.replace(extracted)
+    return {name: cached[name] for name in VENDORED}
 
 
 def body(**fields) -> ChatBody:
