@@ -18,7 +18,8 @@ import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
-from serve_fixtures import Q4KM, Daemon, link_bundles, model_client
+from serve_fixtures import Q4KM, Daemon, model_client
+from served_copies import without_golden
 
 from edgekit.runtime.structured import (
     MAX_OPTIONAL_PROPERTIES,
@@ -179,7 +180,10 @@ def sse_text(response) -> tuple[str, str | None]:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
-    return link_bundles(tmp_path_factory.mktemp("structured-models") / "models", smollm2_q4km)
+    """The exported sample bundle without its golden record (served_copies.without_golden: no record rerun per load)."""
+    models = tmp_path_factory.mktemp("structured-models") / "models"
+    without_golden(models, smollm2_q4km)
+    return models
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-context-per-slot", "batched-slots"])

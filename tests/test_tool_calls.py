@@ -16,7 +16,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import Q4KM, link_bundles, model_client
+from serve_fixtures import Q4KM, model_client
+from served_copies import without_golden
 
 from edgekit.runtime.structured import parse_answer, tool_plan, tools_of
 from edgekit.runtime.tool_formats import ParsedCall
@@ -108,7 +109,10 @@ def test_each_choice_has_its_grammar():
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
-    return link_bundles(tmp_path_factory.mktemp("tool-models") / "models", smollm2_q4km)
+    """The exported sample bundle without its golden record (served_copies.without_golden: no record rerun per load)."""
+    models = tmp_path_factory.mktemp("tool-models") / "models"
+    without_golden(models, smollm2_q4km)
+    return models
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-context-per-slot", "batched-slots"])
