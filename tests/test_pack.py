@@ -3,7 +3,7 @@
 Fast: which build target each catalog board gets, the board-side checks install.sh runs first
 (pack_check.py: hashes, unlisted files, Python, CPU features), bad input (unknown device, a bundle
 that fails verification). Slow (marked): a real pack for the x86 catalog board (llama-cpp-python built
-for x86-64-v3 with the host compiler, ~6 minutes the first time, then cached), installed with
+for x86-64-v3 with the host compiler, ~6 minutes the first time, then cached; the tiny GGUF bundle), installed with
 install.sh into a temporary prefix without network, re-run, tampered with, and failed on purpose.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO, run_cli
+from serve_fixtures import publish_gguf
 
 from edgekit.pack.board import pack_check
 from edgekit.pack.targets import PLATFORMS, TARGETS, select_target
@@ -259,6 +260,7 @@ def test_a_bundle_that_fails_verification_is_refused_by_name(tmp_path, smollm_bu
 # ---- a real pack for the x86 catalog board, installed offline --------------------------------------
 
 X86_BOARD = "x86-64-avx2-generic"
+PACKED = "tiny-gguf"  # the bundle in the x86 pack
 
 
 def host_python() -> str:
@@ -274,12 +276,16 @@ def run_install(pack: Path, prefix: Path, *args: str) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def x86_pack(tmp_path_factory, smollm_bundle) -> Path:
+def x86_pack(tmp_path_factory, fake_gguf) -> Path:
+    """The pack carries the tiny GGUF bundle: packing and installing copy and hash a bundle's files whatever they hold,
+    and 100 MB of SmolLM2 would only add seconds of gzip and sha256 (its unit sizing is tested above)."""
     if os.uname().machine != "x86_64":
         pytest.skip("the x86 pack test builds with the host compiler")
-    out = tmp_path_factory.mktemp("pack") / "x86-pack"
+    root = tmp_path_factory.mktemp("pack")
+    bundle = publish_gguf(fake_gguf, root / "bundles", PACKED)
+    out = root / "x86-pack"
     python = "%d.%d" % sys.version_info[:2]
-    done = edgekit("pack", "--device", X86_BOARD, str(smollm_bundle), "--out", str(out), "--python", python, "--json",
+    done = edgekit("pack", "--device", X86_BOARD, str(bundle), "--out", str(out), "--python", python, "--json",
                    timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
@@ -336,10 +342,10 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert done.returncode == 0, done.stderr
     assert os.readlink(prefix / "current") == release
     installed = prefix / "current" / "venv" / "bin"
-    bundle = prefix / "current" / "bundles" / "smollm2-135m-q4_1"
+    bundle = prefix / "current" / "bundles" / PACKED
     inspect = subprocess.run([str(installed / "edgekit"), "inspect", str(bundle), "--json"], capture_output=True, text=True)
     assert inspect.returncode == 0, inspect.stderr
-    assert json.loads(inspect.stdout)["name"] == "smollm2-135m-q4_1"
+    assert json.loads(inspect.stdout)["name"] == PACKED
     version = subprocess.run([str(installed / "python"), "-c", "import edgekit, llama_cpp; print(edgekit.__version__, "
                               "llama_cpp.__version__)"], capture_output=True, text=True)
     assert version.stdout.split() == [manifest["versions"]["edgekit"], "0.3.36"]
@@ -381,13 +387,13 @@ def test_install_offline_rerun_tamper_and_failed_upgrade(x86_pack, offline_root,
     assert still.returncode == 0, still.stderr
 
     # A tampered file: refused before anything is written.
-    tampered = linked_copy(x86_pack, tmp_path / "tampered-pack", "bundles/smollm2-135m-q4_1/manifest.json")
-    with (tampered / "bundles" / "smollm2-135m-q4_1" / "manifest.json").open("a") as handle:
+    tampered = linked_copy(x86_pack, tmp_path / "tampered-pack", f"bundles/{PACKED}/manifest.json")
+    with (tampered / "bundles" / PACKED / "manifest.json").open("a") as handle:
         handle.write(" ")
     fresh = tmp_path / "fresh-prefix"
     refused = run_install(tampered, fresh)
     assert refused.returncode == 1
-    assert "bundles/smollm2-135m-q4_1/manifest.json" in refused.stderr and "nothing was installed" in refused.stderr
+    assert f"bundles/{PACKED}/manifest.json" in refused.stderr and "nothing was installed" in refused.stderr
     assert not fresh.exists()
 
 

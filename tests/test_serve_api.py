@@ -33,6 +33,7 @@ from serve_fixtures import (
     wait_until,
 )
 
+from edgekit.schema.manifest import MANIFEST_NAME
 from edgekit.serve.app import create_app
 from edgekit.serve.settings import ServeSettings
 
@@ -42,6 +43,7 @@ BASE = "http://127.0.0.1:8080"
 N_CTX = 96
 THREADS = 1  # the CI machine is shared; one thread per worker keeps timings sane
 ESCAPE_NAME = "smollm2-escape-template"
+GOLDEN_NAME = "minilm-tampered-golden"
 HOSTILE_TEMPLATE = "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -92,6 +94,13 @@ def models_dir(tmp_path_factory, smollm_bundle, minilm_bundle, classifier_bundle
     # (test_serve_bundles.py checks each one's reason on the SmolLM2 copies)
     tiny = publish_gguf(fake_gguf, root / "tiny", "tiny-gguf")
     hostile_bundles(models, tiny, minilm_bundle)
+    tampered = models / GOLDEN_NAME  # MiniLM whose golden record holds another text's embedding for its first text
+    shutil.copytree(minilm_bundle, tampered)
+    manifest = json.loads((tampered / MANIFEST_NAME).read_text())
+    texts = manifest["golden"]["texts"]
+    texts[0]["output"] = texts[1]["output"]  # far below the cosine bound
+    manifest["name"] = GOLDEN_NAME
+    (tampered / MANIFEST_NAME).write_text(json.dumps(manifest))
     return models
 
 
@@ -103,8 +112,9 @@ def models_subset(models_dir: Path, target: Path, *names: str) -> Path:
 @pytest.fixture(scope="module")
 def client(models_dir: Path):
     # One slot: answers are compared token for token with the single-context reference (a second sequence of the
-    # shared KV pool sums attention in another order, so its greedy text may differ in the last bits).
-    settings = settings_for(models_dir, preload=[SMOLLM_NAME, MINILM_NAME], slots=1)
+    # shared KV pool sums attention in another order, so its greedy text may differ in the last bits). The tampered
+    # GGUF and the MiniLM copy with a tampered golden record are preloaded too: their workers refuse them.
+    settings = settings_for(models_dir, preload=[SMOLLM_NAME, MINILM_NAME, "tampered-gguf", GOLDEN_NAME], slots=1)
     with TestClient(create_app(settings), base_url=BASE) as test_client:
         wait_ready(test_client)
         yield test_client
@@ -122,27 +132,19 @@ def reference_llm(smollm_bundle):
 
 
 def test_bad_bundles_are_skipped_and_the_rest_serve(client):
+    """Preloaded bundles are verified by their own worker (in parallel with discovery): the tampered one in the preload
+    list is rejected like the ones discovery refuses, and the rest serve."""
     health = client.get("/health").json()
     assert health["rejected"] == ["absurd-gguf", "escape-onnx", "tampered-gguf", "truncated-gguf"]
     assert health["loaded"] == [MINILM_NAME, SMOLLM_NAME]
-    assert sorted(model_states(client)) == sorted([SMOLLM_NAME, MINILM_NAME, SENTIMENT_NAME, NER_NAME, CRASH_NAME, ESCAPE_NAME])
+    assert sorted(model_states(client)) == sorted([SMOLLM_NAME, MINILM_NAME, SENTIMENT_NAME, NER_NAME, CRASH_NAME, ESCAPE_NAME,
+                                                   GOLDEN_NAME])
+    assert "tampered-gguf" not in model_states(client)
     response = chat(client, "tampered-gguf")
     error = response.json()["error"]
     assert response.status_code == 503 and error["code"] == "model_unavailable" and "sha256 differs" in error["message"]
     assert "outside the bundle" in client.post("/v1/embeddings", json={"model": "escape-onnx", "input": "x"}).json()["error"]["message"]
     assert chat(client, max_tokens=2).status_code == 200
-
-
-def test_bad_bundle_in_the_preload_list_is_refused_by_its_worker(models_dir, tmp_path):
-    """Preloaded bundles are verified by their own worker (in parallel with discovery): a tampered one is rejected."""
-    models = models_subset(models_dir, tmp_path / "models", "tampered-gguf", SMOLLM_NAME)
-    settings = settings_for(models, preload=["tampered-gguf", SMOLLM_NAME])
-    with TestClient(create_app(settings), base_url=BASE) as c:
-        health = wait_ready(c)
-        assert "tampered-gguf" in health["rejected"] and health["loaded"] == [SMOLLM_NAME]
-        assert "tampered-gguf" not in model_states(c)
-        response = chat(c, "tampered-gguf", max_tokens=2)
-        assert response.status_code == 503 and "sha256 differs" in response.json()["error"]["message"]
 
 
 # ---- generation ---------------------------------------------------------------------------------
@@ -282,30 +284,19 @@ def test_llama_cpp_generation_stops_at_the_cancel_flag(reference_llm):
     assert before_prefill == [Finish("cancelled", 37, 0)]
 
 
-def test_golden_check_failure_keeps_a_model_from_serving(tmp_path, minilm_bundle):
+def test_golden_check_failure_keeps_a_model_from_serving(client, models_dir):
     """The worker reruns the bundle's golden record before it reports ready: a tampered record fails on the real model,
     so that model is not served (503 naming the check; /health lists it as failed); the intact bundle passes and serves."""
-    from edgekit.bundle import MANIFEST_NAME
-
-    name = "minilm-tampered-golden"
-    models = link_bundles(tmp_path / "models", minilm_bundle)
-    tampered = models / name
-    shutil.copytree(minilm_bundle, tampered)
-    manifest = json.loads((tampered / MANIFEST_NAME).read_text())
-    texts = manifest["golden"]["texts"]
-    assert len(texts) == 3 and texts[0]["shape"] == [384]
-    texts[0]["output"] = texts[1]["output"]  # another text's embedding: far below the cosine bound
-    manifest["name"] = name
-    (tampered / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with TestClient(create_app(settings_for(models, preload=[MINILM_NAME, name])), base_url=BASE) as c:
-        health = wait_ready(c)
-        assert health["loaded"] == [MINILM_NAME] and health["rejected"] == []
-        reason = health["failed"][name]
-        assert reason.startswith(f"golden check failed for {name}: text 1: cosine ") and reason.endswith("outside the bound")
-        refused = c.post("/v1/embeddings", json={"model": name, "input": "hello"})
-        error = refused.json()["error"]
-        assert refused.status_code == 503 and error["code"] == "model_unavailable" and reason in error["message"]
-        assert c.post("/v1/embeddings", json={"model": MINILM_NAME, "input": "hello"}).status_code == 200
+    texts = json.loads((models_dir / GOLDEN_NAME / MANIFEST_NAME).read_text())["golden"]["texts"]
+    assert len(texts) == 3 and texts[0]["shape"] == [384] and texts[0]["output"] == texts[1]["output"]
+    health = client.get("/health").json()
+    assert MINILM_NAME in health["loaded"] and GOLDEN_NAME not in health["loaded"] + health["rejected"]
+    reason = health["failed"][GOLDEN_NAME]
+    assert reason.startswith(f"golden check failed for {GOLDEN_NAME}: text 1: cosine ") and reason.endswith("outside the bound")
+    refused = client.post("/v1/embeddings", json={"model": GOLDEN_NAME, "input": "hello"})
+    error = refused.json()["error"]
+    assert refused.status_code == 503 and error["code"] == "model_unavailable" and reason in error["message"]
+    assert client.post("/v1/embeddings", json={"model": MINILM_NAME, "input": "hello"}).status_code == 200
 
 
 # ---- encoders -----------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ or several in an answer (parallel_tool_calls).
 
 SmolLM2's chat template has no tool syntax, so the generic format is what the sample model runs. Unit tests pin
 the request checks (docs/reliability.md cases 39 and 40) and how calls and results are rendered back into the
-prompt; real-model tests run both decode paths in-process, and the official ``openai`` client's tool loop runs
-against the daemon as a real process. Every call's arguments are validated with ``jsonschema``.
+prompt; real-model tests run both decode paths in-process (the official ``openai`` client's tool loop in this format
+runs against the daemon as a real process in test_tool_formats.py, whose daemon serves both formats). Every call's
+arguments are validated with ``jsonschema``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import Q4KM, Daemon, link_bundles, model_client
+from serve_fixtures import Q4KM, model_client
+from served_copies import without_golden
 
 from edgekit.runtime.structured import parse_answer, tool_plan, tools_of
 from edgekit.runtime.tool_formats import ParsedCall
@@ -107,7 +109,10 @@ def test_each_choice_has_its_grammar():
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
-    return link_bundles(tmp_path_factory.mktemp("tool-models") / "models", smollm2_q4km)
+    """The exported sample bundle without its golden record (served_copies.without_golden: no record rerun per load)."""
+    models = tmp_path_factory.mktemp("tool-models") / "models"
+    without_golden(models, smollm2_q4km)
+    return models
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-context-per-slot", "batched-slots"])
@@ -144,23 +149,26 @@ def test_the_call_comes_back_as_tool_calls(client, choice):
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_parallel_calls_come_back_as_separate_tool_calls(client):
-    """parallel_tool_calls is on by default: asked for the weather, the sample model also calls get_time in the same
-    answer (the generic format's tool_calls list); each call is its own entry with its own id."""
-    message = post(client, tool_choice="required").json()["choices"][0]["message"]
-    calls = message["tool_calls"]
-    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
-    assert len({c["id"] for c in calls}) == len(calls)
-    for call in calls:
+def test_parallel_calls_come_back_as_separate_tool_calls_and_stream_in_fragments(client):
+    """Bad tool requests first (docs/reliability.md cases 39 and 40): each a 400 with its param, and the daemon serves
+    the next request. parallel_tool_calls is on by default: asked for the weather, the sample model also calls get_time
+    in the same answer (the generic format's tool_calls list); each call is its own entry with its own id. Streamed,
+    per call, in order: the name first (with index, id, type), then the arguments in fragments adding up to the
+    non-streamed ones; the index goes 0, 1, ... call by call. (One answer serves all three checks: at temperature 0
+    the same request gets the same answer.)"""
+    for fields, param in BAD.values():
+        response = post(client, **fields)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    good = post(client, tool_choice="required")
+    assert good.status_code == 200
+    whole = good.json()["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in whole] == ["get_weather", "get_time"]
+    assert len({c["id"] for c in whole}) == len(whole)
+    for call in whole:
         assert_valid_call(call)
+    assert client.get("/health").json()["status"] == "ok"
 
-
-@pytest.mark.slow
-@pytest.mark.real_model
-def test_streamed_calls_come_as_delta_tool_calls_in_fragments(client):
-    """Per call, in order: the name first (with index, id, type), then the arguments in fragments adding up to the
-    non-streamed ones; the index goes 0, 1, ... call by call."""
-    whole = post(client, tool_choice="required").json()["choices"][0]["message"]["tool_calls"]
     response = post(client, tool_choice="required", stream=True)
     events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
@@ -188,61 +196,3 @@ def test_streamed_calls_come_as_delta_tool_calls_in_fragments(client):
 def test_tool_choice_none_answers_in_text(client):
     message = post(client, tool_choice="none", max_tokens=16).json()["choices"][0]["message"]
     assert message["content"] and "tool_calls" not in message
-
-
-@pytest.mark.slow
-@pytest.mark.real_model
-def test_bad_tool_requests_leave_the_daemon_serving(client):
-    """docs/reliability.md cases 39 and 40: each a 400 with its param, then a good request is served."""
-    for fields, param in BAD.values():
-        response = post(client, **fields)
-        assert response.status_code == 400, response.text
-        assert response.json()["error"]["param"] == param
-    good = post(client, tool_choice="required")
-    assert good.status_code == 200
-    assert_valid_call(good.json()["choices"][0]["message"]["tool_calls"][0])
-    assert client.get("/health").json()["status"] == "ok"
-
-
-# ---- the official openai client's tool loop against the daemon as a process ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def daemon(models_dir):
-    with Daemon(models_dir, "--n-ctx", str(N_CTX)) as process:
-        yield process
-
-
-@pytest.mark.slow
-@pytest.mark.real_model
-def test_openai_client_tool_loop(daemon):
-    import openai
-
-    client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=300)
-    messages: list = list(AUTO_ASK)
-    first = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="auto",
-                                           temperature=0, max_tokens=120)
-    assert first.choices[0].finish_reason == "tool_calls"
-    calls = first.choices[0].message.tool_calls
-    assert calls[0].function.name == "get_weather"
-    for call in calls:
-        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
-    messages.append(first.choices[0].message)  # the client's own message object goes back as the assistant turn
-    messages += [{"role": "tool", "tool_call_id": call.id, "content": json.dumps({"result": 18})} for call in calls]
-    second = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="none",
-                                            temperature=0, max_tokens=24)
-    assert second.choices[0].message.content
-    assert second.choices[0].message.tool_calls is None
-
-    # Streamed: the client's own accumulation (its stream helper) gets the same calls as the non-streamed request.
-    whole = client.chat.completions.create(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
-                                           temperature=0, max_tokens=120).choices[0].message.tool_calls
-    with client.chat.completions.stream(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
-                                       temperature=0, max_tokens=120) as stream:
-        fragments = [(event.index, event.arguments_delta) for event in stream
-                     if event.type == "tool_calls.function.arguments.delta"]
-        final = stream.get_final_completion().choices[0].message.tool_calls
-    assert len(final) == len(whole) == 2 and {index for index, _ in fragments} == {0, 1}
-    assert [(c.function.name, c.function.arguments) for c in final] == [(c.function.name, c.function.arguments) for c in whole]
-    for call in final:
-        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
