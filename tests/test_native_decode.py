@@ -140,3 +140,15 @@ def test_a_grammar_checking_draws_picks_the_tokens_of_a_grammar_first_chain(mode
     assert checked == decode(40)
     assert len(redraws) >= 1
     assert model.llm.detokenize(checked).decode().startswith('{ "name": "')
+
+
+def test_control_tokens_keep_their_text_only_when_asked(model):
+    """Tool requests keep the text of control tokens (the markers of Mistral's tool formats are control tokens); other
+    requests never show it. SmolLM2's <|im_start|> is such a token."""
+    from edgekit.runtime.llm import TextStream
+
+    (start,) = model.tokenize("<|im_start|>", chat=True)
+    (word,) = model.tokenize("hello")
+    kept, dropped = TextStream(model, (), 8, control_text=True), TextStream(model, (), 8)
+    assert [kept.feed(t)[0] for t in (start, word)] == [Delta("<|im_start|>", 1), Delta("hello", 2)]
+    assert [dropped.feed(t)[0] for t in (start, word)] == [None, Delta("hello", 2)]

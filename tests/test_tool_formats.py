@@ -49,7 +49,8 @@ CALL = {"id": "call_1", "type": "function",
         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
 ROUND_TRIP = [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
               {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}]
-HERMES, LLAMA3, MISTRAL = (tool_formats.BY_NAME[name] for name in ("hermes", "llama3", "mistral"))
+HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, MISTRAL_CALL_ID = (
+    tool_formats.BY_NAME[name] for name in ("hermes", "llama3", "mistral", "mistral-args", "mistral-call-id"))
 # Two calls in one answer, their results after.
 CALLS = [CALL, {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"timezone": "Europe/Paris"}'}}]
 TWO_CALLS = [*ASK, {"role": "assistant", "content": None, "tool_calls": CALLS},
@@ -67,10 +68,9 @@ VENDORED = {
     "meta-llama-Llama-3.3-70B-Instruct.jinja": "llama3",
     "Qwen3-Coder.jinja": "generic",  # <tool_call><function=...> XML: not in the table
     "mistralai-Mistral-Nemo-Instruct-2407.jinja": "mistral",
-    # [TOOL_CALLS]name[ARGS]{...}: not in the table
-    "Mistral-Small-3.2-24B-Instruct-2506.jinja": "generic",
-    "unsloth-mistral-Devstral-Small-2507.jinja": "generic",
-    "mistralai-Ministral-3-14B-Reasoning-2512.jinja": "generic",
+    "Mistral-Small-3.2-24B-Instruct-2506.jinja": "mistral-call-id",  # [TOOL_CALLS]name[CALL_ID]id[ARGS]{...}
+    "unsloth-mistral-Devstral-Small-2507.jinja": "mistral-args",  # [TOOL_CALLS]name[ARGS]{...}
+    "mistralai-Ministral-3-14B-Reasoning-2512.jinja": "mistral-args",
     "google-gemma-2-2b-it.jinja": "generic",  # no tool syntax
 }
 
@@ -173,6 +173,28 @@ def test_mistral_nemo_template_renders_the_tools_calls_and_results(vendored):
             [*ASK, {"role": "assistant", "content": "", "tool_calls": [CALL]}])
 
 
+MINISTRAL = "mistralai-Ministral-3-14B-Reasoning-2512.jinja"
+SMALL_3_2 = "Mistral-Small-3.2-24B-Instruct-2506.jinja"
+
+
+def test_newer_mistral_templates_render_calls_by_name_and_their_results(vendored):
+    """Ministral 3 and Devstral: [TOOL_CALLS]name[ARGS]{...} per call, results in order; Mistral Small 3.2 adds each
+    call's 9-character id, which its result repeats."""
+    first, second = (tool_formats.template_id(MISTRAL_CALL_ID, i) for i in ("call_1", "call_2"))
+    calls = ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
+             '[TOOL_CALLS]get_time[ARGS]{"timezone": "Europe/Paris"}</s>')
+    for name in (MINISTRAL, "unsloth-mistral-Devstral-Small-2507.jinja"):
+        prompt = render(vendored[name], body(messages=TWO_CALLS), MISTRAL_ARGS, eos_token="</s>")
+        assert "[AVAILABLE_TOOLS][" in prompt and '"name": "get_time"' in prompt.split("[/AVAILABLE_TOOLS]")[0]
+        assert prompt.endswith(f"[INST]{ASK[0]['content']}[/INST]{calls}"
+                               "[TOOL_RESULTS]18 degrees[/TOOL_RESULTS][TOOL_RESULTS]12:00[/TOOL_RESULTS]")
+    prompt = render(vendored[SMALL_3_2], body(messages=TWO_CALLS), MISTRAL_CALL_ID, eos_token="</s>")
+    assert prompt.endswith(f'[TOOL_CALLS]get_weather[CALL_ID]{first}[ARGS]{{"city": "Paris", "unit": "celsius"}}'
+                           f'[TOOL_CALLS]get_time[CALL_ID]{second}[ARGS]{{"timezone": "Europe/Paris"}}</s>'
+                           f"[TOOL_RESULTS]{first}[TOOL_CONTENT]18 degrees[/TOOL_RESULTS]"
+                           f"[TOOL_RESULTS]{second}[TOOL_CONTENT]12:00[/TOOL_RESULTS]")
+
+
 def test_history_renders_through_the_template_without_tools(vendored):
     """tool_choice none (or no tools) offers no tools, but earlier calls and results are still the template's turns."""
     for chat in (body(messages=ROUND_TRIP, tool_choice="none"), body(messages=ROUND_TRIP, tools=None)):
@@ -227,6 +249,12 @@ def test_each_format_frames_the_calls_in_its_grammar():
     assert tool_plan(tools, "required", LLAMA3).grammar == tool_plan(tools, "required", LLAMA3, parallel=False).grammar
     # Mistral: "[TOOL_CALLS]" then a JSON list.
     assert root_of(tool_plan(tools, "auto", MISTRAL).grammar) == 'root ::= "[TOOL_CALLS]" doc | text-answer'
+    # Newer Mistral: each call is the marker, the tool's name written out, more markers and that tool's arguments rule.
+    named = tool_plan(tools, "auto", MISTRAL_ARGS).grammar
+    assert root_of(named) == "root ::= tool-call tool-call{0,7} | text-answer"
+    assert 'tool-call ::= "[TOOL_CALLS]get_weather" "[ARGS]" args-0 | "[TOOL_CALLS]get_time" "[ARGS]" args-1' in named
+    assert ('tool-call ::= "[TOOL_CALLS]get_time" "[CALL_ID]" [a-zA-Z0-9]{9} "[ARGS]" args-0'
+            in tool_plan(tools, "get_time", MISTRAL_CALL_ID, parallel=False).grammar)
     # Generic: the tool_calls list with parallel calls, the single tool_call without.
     assert '"\\"tool_calls\\""' in tool_plan(tools, "auto").grammar
     single = tool_plan(tools, "auto", parallel=False).grammar
@@ -253,6 +281,8 @@ ANSWERS = {
     "hermes": '<tool_call>\n{"name": "get_weather", "arguments": ' + W + "}\n</tool_call>",
     "llama3": '{"name": "get_weather", "parameters": ' + W + " }",
     "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + W + "}]",
+    "mistral-args": "[TOOL_CALLS]get_weather[ARGS]" + W,
+    "mistral-call-id": "[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]" + W,
 }
 # Two calls in one answer, each format's way (Llama 3.x holds one).
 TWO_ANSWERS = {
@@ -260,6 +290,8 @@ TWO_ANSWERS = {
     "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": ' + W + "}\n</tool_call>\n"
                '<tool_call>\n{"name": "get_time", "arguments": ' + T + "}\n</tool_call>"),
     "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + W + '}, {"name": "get_time", "arguments": ' + T + "}]",
+    "mistral-args": "[TOOL_CALLS]get_weather[ARGS]" + W + "[TOOL_CALLS]get_time[ARGS]" + T,
+    "mistral-call-id": "[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]" + W + "[TOOL_CALLS]get_time[CALL_ID]f5g6h7i8j[ARGS]" + T,
 }
 
 
@@ -301,7 +333,7 @@ def test_two_calls_read_piece_by_piece_come_with_indexes_0_and_1(name):
 @pytest.mark.parametrize("name", sorted(ANSWERS))
 def test_a_cut_call_is_neither_a_call_nor_text(name):
     text = ANSWERS[name]
-    for cut in (5, text.index("arguments") if "arguments" in text else text.index("parameters"), len(text) - 3):
+    for cut in (5, next(text.index(key) for key in ("arguments", "parameters", "[ARGS]") if key in text), len(text) - 3):
         assert tool_formats.read_answer(tool_formats.BY_NAME[name], text[:cut]) is None, text[:cut]
 
 
@@ -309,8 +341,10 @@ def test_a_cut_call_is_neither_a_call_nor_text(name):
 def test_two_calls_cut_inside_the_second_are_neither_calls_nor_text(name):
     """A cut answer is never read as its complete first call: the second may have been anything."""
     text = TWO_ANSWERS[name]
-    second = text.index('{"name": "get_time"')
-    for cut in range(second - 1, len(text) - 1):
+    # Calls that follow one another with no closing text: the first alone is a whole answer, so cuts start after it.
+    named = "[ARGS]" in text
+    start = text.index("[TOOL_CALLS]get_time") + 1 if named else text.index('{"name": "get_time"') - 1
+    for cut in range(start, len(text) - 1):
         assert tool_formats.read_answer(tool_formats.BY_NAME[name], text[:cut]) is None, text[:cut]
 
 
@@ -322,9 +356,12 @@ def test_llama3_reads_one_call():
 
 def test_text_answers():
     assert tool_formats.read_answer(tool_formats.GENERIC, '{"response": "hi"}').content == "hi"
-    for fmt in (HERMES, LLAMA3, MISTRAL):
+    for fmt in (HERMES, LLAMA3, MISTRAL, MISTRAL_ARGS, MISTRAL_CALL_ID):
         assert tool_formats.read_answer(fmt, "It is sunny.") == tool_formats.ParsedAnswer(content="It is sunny.")
-    assert tool_formats.read_answer(MISTRAL, "It is sunny [TOOL_CA") is None  # a call's opening, cut short
+    for fmt in (MISTRAL, MISTRAL_ARGS, MISTRAL_CALL_ID):
+        assert tool_formats.read_answer(fmt, "It is sunny [TOOL_CA") is None  # a call's opening, cut short
+    # The named formats need the markers' text (tool requests keep it): a bare name and object is text.
+    assert tool_formats.read_answer(MISTRAL_ARGS, 'get_time{"timezone": "UTC"}').calls == ()
 
 
 def test_mistral_calls_read_without_the_control_token_text():
@@ -382,11 +419,13 @@ def calls_text(name: str, count: int) -> str:
     return {"generic": lambda: '{"tool_calls": [' + ", ".join([call] * count) + "]}",
             "hermes": lambda: "\n".join([f"<tool_call>\n{call}\n</tool_call>"] * count),
             "mistral": lambda: "[TOOL_CALLS][" + ", ".join([call] * count) + "]",
+            "mistral-args": lambda: ("[TOOL_CALLS]get_time[ARGS]" + TIME_ARGUMENTS) * count,
+            "mistral-call-id": lambda: ("[TOOL_CALLS]get_time[CALL_ID]abc123XYZ[ARGS]" + TIME_ARGUMENTS) * count,
             "llama3": lambda: " ".join([call] * count)}[name]()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["generic", "hermes", "mistral", "llama3"])
+@pytest.mark.parametrize("name", ["generic", "hermes", "mistral", "mistral-args", "mistral-call-id", "llama3"])
 def test_grammar_takes_one_to_max_calls_and_no_more(vocab, name):
     """docs/reliability.md case 43."""
     fmt, tools = tool_formats.BY_NAME[name], tools_of([t["function"] for t in TOOLS])
@@ -394,6 +433,8 @@ def test_grammar_takes_one_to_max_calls_and_no_more(vocab, name):
     parallel, single = (tool_plan(tools, "required", fmt, parallel=p).grammar for p in (True, False))
     taken = [count for count in range(1, tool_formats.MAX_CALLS + 2) if grammar_takes(vocab, parallel, calls_text(name, count))]
     assert taken == list(range(1, most + 1))
+    if name == "mistral-call-id":  # the template refuses ids of another length than 9
+        assert not grammar_takes(vocab, parallel, calls_text(name, 1).replace("abc123XYZ", "abc123XY"))
     if name != "llama3":
         assert most == tool_formats.MAX_CALLS
         assert grammar_takes(vocab, parallel, TWO_ANSWERS[name])  # two different tools in one answer
@@ -406,7 +447,7 @@ def test_grammar_takes_one_to_max_calls_and_no_more(vocab, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["hermes", "mistral"])
+@pytest.mark.parametrize("name", ["hermes", "mistral", "mistral-args"])
 def test_text_answer_under_auto_cannot_open_a_call(vocab, name):
     fmt, tools = tool_formats.BY_NAME[name], tools_of([t["function"] for t in TOOLS])
     auto = tool_plan(tools, "auto", fmt).grammar
@@ -561,14 +602,16 @@ def test_hermes_text_answer_never_holds_the_call_markup(client):
 # prompt with mapped call ids, the grammar, the reader) runs on a real model. Its choices say nothing about Mistral's.
 
 MISTRAL_MODEL = "smollm2-mistral-tools"
+MINISTRAL_MODEL = "smollm2-ministral-tools"  # Ministral 3's template: [TOOL_CALLS]name[ARGS]{...}
 NEMO = "mistralai-Mistral-Nemo-Instruct-2407.jinja"
 
 
 @pytest.fixture(scope="module")
 def mistral_client(tmp_path_factory, smollm2_q4km, vendored):
     root = tmp_path_factory.mktemp("mistral-models")
-    bundle = publish_gguf(smollm2_q4km / "model.gguf", root / "src", MISTRAL_MODEL, chat_template=vendored[NEMO])
-    with model_client(link_bundles(root / "models", bundle), MISTRAL_MODEL, n_ctx=N_CTX, slots=1) as test_client:
+    bundles = [publish_gguf(smollm2_q4km / "model.gguf", root / "src", name, chat_template=vendored[template])
+               for name, template in ((MISTRAL_MODEL, NEMO), (MINISTRAL_MODEL, MINISTRAL))]
+    with model_client(link_bundles(root / "models", *bundles), MISTRAL_MODEL, n_ctx=N_CTX, slots=1) as test_client:
         yield test_client
 
 
@@ -613,6 +656,37 @@ def test_mistral_round_trip_with_openai_call_ids_renders(mistral_client):
     response = post_mistral(mistral_client, messages=TWO_CALLS, tool_choice="required", parallel_tool_calls=False)
     assert response.status_code == 200, response.text
     assert_valid_call(response.json()["choices"][0]["message"]["tool_calls"][0])
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_ministral_calls_by_name_come_back_as_tool_calls_streamed_and_not(mistral_client):
+    """SmolLM2 has no [TOOL_CALLS] or [ARGS] token, so under tool_choice required the grammar has it write them as plain
+    text; the daemon's path for the newer Mistral format (prompt, grammar, reader, round trip) runs on a real model."""
+    # One call: with parallel calls allowed SmolLM2 repeats calls until the bound (8), past a short max_tokens.
+    whole = post_mistral(mistral_client, model=MINISTRAL_MODEL, tool_choice="required", parallel_tool_calls=False)
+    assert whole.status_code == 200, whole.text
+    choice = whole.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) == 1
+    calls = choice["message"]["tool_calls"]
+    assert_valid_call(calls[0])
+    response = post_mistral(mistral_client, model=MINISTRAL_MODEL, tool_choice="required", parallel_tool_calls=False,
+                            stream=True)
+    events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [c for e in events if e["choices"] for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    heads = [c for c in deltas if "id" in c]
+    assert [(c["index"], c["function"]["name"]) for c in heads] == [(i, c["function"]["name"]) for i, c in enumerate(calls)]
+    for head, expected in zip(heads, calls, strict=True):
+        streamed = "".join(c["function"]["arguments"] for c in deltas if c["index"] == head["index"] and c is not head)
+        assert streamed == expected["function"]["arguments"]
+    again = post_mistral(mistral_client, model=MINISTRAL_MODEL, messages=TWO_CALLS, tool_choice="required",
+                         parallel_tool_calls=False)
+    assert again.status_code == 200, again.text
+    assert len(again.json()["choices"][0]["message"]["tool_calls"]) == 1
+    assert_valid_call(again.json()["choices"][0]["message"]["tool_calls"][0])
+    text = post_mistral(mistral_client, model=MINISTRAL_MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                        tool_choice="auto").json()["choices"][0]["message"]
+    assert text["content"] and "tool_calls" not in text and "[TOOL_CALLS]" not in text["content"]
 
 
 # ---- the official openai client against the daemon as a process, in the Hermes and the generic format ----------------------------------------------------------

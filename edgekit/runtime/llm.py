@@ -56,6 +56,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # GBNF every completion must match (edgekit.runtime.structured builds it)
+    control_text: bool = False  # keep control tokens' text (tool formats whose markers are control tokens)
 
 
 @dataclass(frozen=True)
@@ -427,7 +428,7 @@ class GgufModel:
         if cached is None:
             yield Finish("cancelled", len(prompt), 0)
             return
-        text = TextStream(self, sampling.stop, limit)
+        text = TextStream(self, sampling.stop, limit, sampling.control_text)
         started = time.perf_counter()
         tokens = self.steps(sampling)
         try:
@@ -450,8 +451,8 @@ class GgufModel:
 class TextStream:
     """A generation's text from its tokens: whole UTF-8 characters, stop strings held back, the token limit."""
 
-    def __init__(self, model: GgufModel, stops: Sequence[str], limit: int) -> None:
-        self.model, self.limit = model, limit
+    def __init__(self, model: GgufModel, stops: Sequence[str], limit: int, control_text: bool = False) -> None:
+        self.model, self.limit, self.control_text = model, limit, control_text
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds partial UTF-8 sequences
         self.scanner = StopScanner(stops)
         self.produced = 0
@@ -465,7 +466,7 @@ class TextStream:
             self.reason = "stop"
             return None, True
         self.produced += 1
-        text, hit = self.scanner.feed(self.decoder.decode(model.piece(token)))
+        text, hit = self.scanner.feed(self.decoder.decode(model.piece(token, special=self.control_text)))
         delta = Delta(text, self.produced) if text else None
         if hit:
             self.reason, self.stop_string = "stop", True

@@ -184,7 +184,8 @@ class BatchedGguf:
         room = self.model.n_ctx - len(request.prompt)
         request.seq, request.cached, request.pending = seq, keep, request.prompt[keep:]
         request.chain = self.model.sampler(request.sampling)
-        request.text = TextStream(self.model, request.sampling.stop, min(request.sampling.max_tokens or room, room))
+        request.text = TextStream(self.model, request.sampling.stop, min(request.sampling.max_tokens or room, room),
+                                  request.sampling.control_text)
         self._active[seq] = request
 
     def _swap_prompt(self, seq: int, prompt: list[int], keep: int) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime.tool_formats import GENERIC, ParsedAnswer, ToolFormat, read_answer
+from edgekit.runtime.tool_formats import GENERIC, ParsedAnswer, ToolFormat, gbnf_literal, read_answer
 
 # Bounds on a schema before it is converted (each a 400 when exceeded).
 MAX_SCHEMA_ITEMS = 4096  # dict keys + list elements of the whole schema
@@ -386,25 +386,40 @@ def _converter(refs: dict[str, dict]):
     return converter
 
 
-def schema_grammar(schema: Any, frame: Callable[[str], tuple[str, dict[str, str]]] | None = None) -> str:
-    """GBNF enforcing ``schema`` (UnsupportedSchema when it cannot be enforced in full).
-
-    ``frame``: builds the root from the schema's rule (a tool format's text around a call) and adds its own rules."""
+def schema_rule(schema: Any, name: str, rules: dict[str, str]) -> str:
+    """Add the rules enforcing ``schema`` to ``rules`` under names starting with ``name``; returns its rule."""
     if not isinstance(schema, dict):
         raise UnsupportedSchema("schema", "", "a schema must be a JSON object")
     _count_items(schema)
     root, refs = _Normalizer(schema).run()
     converter = _converter(refs)
     # Upstream visits the root under the name "" and so names a property "" at the root "root": root rules stay apart.
-    rule = converter.visit(root, "doc")  # the name of the schema's rule
-    if frame is not None:
-        rule, extra = frame(rule)
-        converter._rules.update(extra)
-    converter._rules["root"] = rule
-    grammar = converter.format_grammar()
+    rule = converter.visit(root, name)
+    for key, body in converter._rules.items():
+        if rules.setdefault(key, body) != body:  # shared primitives are equal; a $ref's rule is named by its pointer
+            raise UnsupportedSchema("$ref", "", f"two schemas of this request define {key!r} differently")
+    return rule
+
+
+def grammar_text(rules: dict[str, str]) -> str:
+    """The GBNF of ``rules`` (one of them "root"), refused when it grows too large for a board to parse quickly."""
+    grammar = "\n".join(f"{name} ::= {rule}" for name, rule in sorted(rules.items()))
     if len(grammar) > MAX_GRAMMAR_CHARS:
         raise UnsupportedSchema("schema", "", f"its grammar would exceed {MAX_GRAMMAR_CHARS} characters")
     return grammar
+
+
+def schema_grammar(schema: Any, frame: Callable[[str], tuple[str, dict[str, str]]] | None = None) -> str:
+    """GBNF enforcing ``schema`` (UnsupportedSchema when it cannot be enforced in full).
+
+    ``frame``: builds the root from the schema's rule (a tool format's text around a call) and adds its own rules."""
+    rules: dict[str, str] = {}
+    rule = schema_rule(schema, "doc", rules)
+    if frame is not None:
+        rule, extra = frame(rule)
+        rules.update(extra)
+    rules["root"] = rule
+    return grammar_text(rules)
 
 
 JSON_OBJECT_GRAMMAR_SCHEMA: dict = {"type": "object"}
@@ -446,8 +461,11 @@ def tool_plan(tools: Sequence[Tool], choice: str | None, fmt: ToolFormat = GENER
     may_answer = choice == "auto"
     most = fmt.most_calls(parallel)
     chosen = [t for t in tools if t.name == choice] if choice not in ("auto", "required") else list(tools)
-    schema = fmt.root_schema([fmt.call_schema(t.name, t.parameters) for t in chosen], may_answer, most)
-    grammar = schema_grammar(schema, functools.partial(fmt.root_rule, may_answer=may_answer, most=most))
+    if fmt.named_calls:
+        grammar = named_calls_grammar(fmt, chosen, may_answer, most)
+    else:
+        schema = fmt.root_schema([fmt.call_schema(t.name, t.parameters) for t in chosen], may_answer, most)
+        grammar = schema_grammar(schema, functools.partial(fmt.root_rule, may_answer=may_answer, most=most))
     if fmt.native:  # the template lists the tools and says how to call them
         return ToolPlan(format=fmt, system=None, grammar=grammar, may_answer=may_answer)
     described = [{"name": t.name, **({"description": t.description} if t.description else {}),
@@ -459,6 +477,20 @@ def tool_plan(tools: Sequence[Tool], choice: str | None, fmt: ToolFormat = GENER
               + (f"Respond in JSON format, either with {key} or with `response` reply to the user's request"
                  if may_answer else f"Respond in JSON format with {key}"))
     return ToolPlan(format=fmt, system=system, grammar=grammar, may_answer=may_answer)
+
+
+def named_calls_grammar(fmt: ToolFormat, tools: Sequence[Tool], may_answer: bool, most: int) -> str:
+    """GBNF of a format that writes each call as a marker, the tool's name, more markers and the arguments object
+    (``fmt.named_calls``): one alternative per tool, each with its own arguments rule."""
+    opening, after_name = fmt.named_calls
+    rules: dict[str, str] = {}
+    rules["tool-call"] = " | ".join(f"{gbnf_literal(opening + t.name)} {after_name} {schema_rule(t.parameters, f'args-{i}', rules)}"
+                                    for i, t in enumerate(tools))
+    root = "tool-call" + (f" tool-call{{0,{most - 1}}}" if most > 1 else "")
+    if may_answer:
+        root, rules["text-answer"] = f"{root} | text-answer", fmt.text_rule
+    rules["root"] = root
+    return grammar_text(rules)
 
 
 def parse_answer(text: str, fmt: ToolFormat = GENERIC) -> ParsedAnswer | None:

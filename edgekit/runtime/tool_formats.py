@@ -32,9 +32,14 @@ Formats, with their source:
   (of one when calls are not parallel). The template renders each earlier call with an ``id`` and each result with
   its ``call_id``, and refuses ids that are not 9 characters: ids are mapped to 9 alphanumerics (``template_id``).
   llama.cpp's grammar has the model write that id too; here the daemon assigns ids. ``[TOOL_CALLS]`` is a control
-  token (llama.cpp keeps its text in the output as a "preserved token"); the reader takes the list with or without
-  it, and a text answer cannot begin with ``[``. Newer Mistral templates
-  (``[TOOL_CALLS]name[ARGS]{...}``: Mistral Small 3.2, Devstral, Ministral 3) are not in the table.
+  token (llama.cpp keeps its text in the output as a "preserved token", and so does the daemon for tool requests);
+  the reader takes the list with or without it, and a text answer cannot begin with ``[``.
+- ``mistral-args``: newer Mistral templates (Devstral, Ministral 3): each call is ``[TOOL_CALLS]name[ARGS]{...}``,
+  calls follow one another, no call ids (llama.cpp's ``common_chat_params_init_ministral_3``).
+  ``mistral-call-id``: Mistral Small 3.2's template, which writes ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`` with
+  9-character ids; the model writes an id there, and the daemon assigns its own as for the other formats. The
+  markers are control tokens whose text the daemon keeps in tool requests, so the reader requires them; the grammar
+  has one alternative per tool, its name written out and its own arguments rule.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from typing import Any
 _SPACE = r"\s*"
 
 
-def _literal(text: str) -> str:
+def gbnf_literal(text: str) -> str:
     """A GBNF string literal (GBNF reads JSON's escapes)."""
     return json.dumps(text, ensure_ascii=False)
 
@@ -66,7 +71,7 @@ def text_without(word: str) -> str:
     if first in word[1:]:
         raise ValueError(f"{word!r}: its first character recurs")
     steps = [f"[^{_char_class(first)}]"]
-    steps += [f"{_literal(word[:i])} [^{_char_class(first + word[i])}]" for i in range(1, len(word))]
+    steps += [f"{gbnf_literal(word[:i])} [^{_char_class(first + word[i])}]" for i in range(1, len(word))]
     return f"({' | '.join(steps)})*"
 
 
@@ -79,6 +84,8 @@ def holds_or_ends_on(word: str) -> str:
 
 
 MAX_CALLS = 8  # calls in one answer: the grammar's repetition bound (see the module docstring)
+
+_NAME = r'\{\s*"name"\s*:\s*"(?P<name>[A-Za-z0-9_-]*)"'  # a call object's head; tool names: schemas.FUNCTION_NAME
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,9 @@ class ToolFormat:
     """One way of writing tool calls. ``layouts``: how the call objects ``{"name": ..., <arguments_key>: ...}`` sit in
     the model's answer, tried in order by the reader; ``before``/``between``/``after``: the literal text the grammar
     puts around and between them (unless they are a JSON list, ``json_list``); ``text_rule``: GBNF of a text answer
-    under tool_choice auto (None: the format's own envelope)."""
+    under tool_choice auto (None: the format's own envelope). A format that writes no call object but a marker, the
+    name, a second marker and the arguments object (``named_calls``) says how the reader finds a call's name
+    (``call_head``), the start of its arguments (``arguments_head``) and the end of the call after them (``call_end``)."""
 
     name: str
     markers: tuple[str, ...]  # all present in the template text: the template uses this format
@@ -112,6 +121,10 @@ class ToolFormat:
     text_rule: str | None = None
     not_text: str = ""  # regex found in a text that is a call cut short, not a text answer
     template_id_length: int | None = None  # the template refuses call ids of another length (mapped by template_id)
+    named_calls: tuple[str, str] | None = None  # the grammar writes a call as literal [0], the name, GBNF [1], arguments
+    call_head: str = _NAME  # regex with a group "name", matching only once the name is complete
+    arguments_head: str | None = None  # regex before the arguments object; None: the call object's arguments key
+    call_end: str = r"\s*\}"  # regex after the arguments object: the call object's closing brace
 
     def detect(self, template: str | None) -> bool:
         return bool(template) and all(m in template for m in self.markers)
@@ -141,10 +154,10 @@ class ToolFormat:
     def root_rule(self, json_rule: str, may_answer: bool, most: int = 1) -> tuple[str, dict[str, str]]:
         """The grammar's root around ``json_rule`` and the extra rules it needs; text-delimited calls (hermes)
         repeat the JSON part with ``between`` up to ``most`` times."""
-        parts = [_literal(self.before) if self.before else "", json_rule]
+        parts = [gbnf_literal(self.before) if self.before else "", json_rule]
         if most > 1 and not self.json_list and not self.envelope:
-            parts.append(f"({_literal(self.between)} {json_rule}){{0,{most - 1}}}")
-        parts.append(_literal(self.after) if self.after else "")
+            parts.append(f"({gbnf_literal(self.between)} {json_rule}){{0,{most - 1}}}")
+        parts.append(gbnf_literal(self.after) if self.after else "")
         call = " ".join(p for p in parts if p)
         if not may_answer or self.text_rule is None:
             return call, {}
@@ -157,6 +170,18 @@ GENERIC = ToolFormat("generic", (), native=False, envelope=True, layouts=(
 ))
 
 FORMATS: tuple[ToolFormat, ...] = (
+    # The markers are control tokens: tool requests render their text (Sampling.control_text). Rows with [CALL_ID]
+    # first: a template with it also holds the markers of the row without.
+    ToolFormat("mistral-call-id", ("[TOOL_CALLS]", "[CALL_ID]", "[ARGS]", "[AVAILABLE_TOOLS]"), native=True,  # Small 3.2
+               layouts=(Layout(opening="", separator=r"\s*", closing=""),),
+               named_calls=("[TOOL_CALLS]", '"[CALL_ID]" [a-zA-Z0-9]{9} "[ARGS]"'),
+               call_head=r"\[TOOL_CALLS\](?P<name>[A-Za-z0-9_-]+)\[CALL_ID\][A-Za-z0-9]{9}\[ARGS\]",
+               arguments_head=r"(?=\{)", call_end="", template_id_length=9,
+               text_rule=text_without("[TOOL_CALLS]"), not_text=holds_or_ends_on("[TOOL_CALLS]")),
+    ToolFormat("mistral-args", ("[TOOL_CALLS]", "[ARGS]", "[AVAILABLE_TOOLS]"), native=True,  # Devstral, Ministral 3
+               layouts=(Layout(opening="", separator=r"\s*", closing=""),), named_calls=("[TOOL_CALLS]", '"[ARGS]"'),
+               call_head=r"\[TOOL_CALLS\](?P<name>[A-Za-z0-9_-]+)\[ARGS\]", arguments_head=r"(?=\{)", call_end="",
+               text_rule=text_without("[TOOL_CALLS]"), not_text=holds_or_ends_on("[TOOL_CALLS]")),
     ToolFormat("hermes", ("<tool_call>", '{"name": '), native=True,  # hermes, qwen2.5, qwen3
                layouts=(Layout(opening=r"<tool_call>\n", separator=r"\n</tool_call>\s*<tool_call>\n",
                                closing=r"\n</tool_call>"),),
@@ -202,8 +227,6 @@ class _Call:
     arguments_end: int | None = None
 
 
-_NAME = r'\{\s*"name"\s*:\s*"(?P<name>[A-Za-z0-9_-]*)"'  # tool names: schemas.FUNCTION_NAME
-
 
 @dataclass
 class CallReader:
@@ -217,13 +240,15 @@ class CallReader:
     sent: int = 0  # characters of the current call's arguments given out so far
 
     def _arguments_head(self) -> re.Pattern:
+        if self.fmt.arguments_head is not None:
+            return re.compile(self.fmt.arguments_head)
         return re.compile(rf'\s*,\s*"{re.escape(self.fmt.arguments_key)}"\s*:\s*(?=\{{)')
 
     def _next_call(self) -> bool:
         """Whether the name of the next call became complete (the previous call, if any, being complete)."""
         if not self.calls:
             for layout in self.fmt.layouts:
-                found = re.compile(layout.opening + _NAME).match(self.text)
+                found = re.compile(layout.opening + self.fmt.call_head).match(self.text)
                 if found is not None:
                     self.layout = layout
                     self.calls.append(_Call(found["name"], found.end()))
@@ -232,7 +257,7 @@ class CallReader:
         last = self.calls[-1]
         if last.arguments_end is None or self.layout.separator is None or len(self.calls) >= self.fmt.max_calls:
             return False
-        found = re.compile(r"\s*\}" + self.layout.separator + _NAME).match(self.text, last.arguments_end)
+        found = re.compile(self.fmt.call_end + self.layout.separator + self.fmt.call_head).match(self.text, last.arguments_end)
         if found is None:
             return False
         self.calls.append(_Call(found["name"], found.end()))
@@ -271,7 +296,7 @@ class CallReader:
             if last.arguments_end is None:
                 return None  # a call that was cut short
             rest = self.text[last.arguments_end:]
-            if not re.fullmatch(r"\s*\}" + self.layout.closing + r"\s*", rest):
+            if not re.fullmatch(self.fmt.call_end + self.layout.closing + r"\s*", rest):
                 return None
             calls = tuple(ParsedCall(c.name, self.text[c.arguments_start:c.arguments_end]) for c in self.calls)
             if not all(isinstance(json.loads(c.arguments), dict) for c in calls):

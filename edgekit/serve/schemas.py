@@ -316,7 +316,7 @@ class ChatBody(GenerationBody):
             return base
         from dataclasses import replace
 
-        return replace(base, grammar=plan.grammar)
+        return replace(base, grammar=plan.grammar, control_text=plan.tools)
 
 
 class CompletionBody(GenerationBody):
