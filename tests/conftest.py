@@ -40,6 +40,26 @@ def _pin_xdist_worker() -> None:
         os.sched_setaffinity(0, cpus[int(name[2:]) % count :: count])
 
 
+# Files whose tests use the shipped SmolLM2 recipe's export (serve_fixtures.smollm2_exported, ~30 s of CPU once per run).
+SMOLLM2_EXPORT_USERS = frozenset({"test_doctor.py", "test_gguf_smollm2.py", "test_golden.py", "test_structured_output.py",
+                                  "test_tool_calls.py", "test_tool_formats.py"})
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the files using the SmolLM2 export as one unit: one worker exports and runs them in turn
+    while the other runs other files, instead of idling on the export's file lock (each worker has its own CPUs)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedExportScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "smollm2-export" if Path(scope).name in SMOLLM2_EXPORT_USERS else scope
+
+    return SharedExportScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def sample_store() -> Path:
     """The local model store with both sample models in it."""
