@@ -18,8 +18,7 @@ import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
-from serve_fixtures import Q4KM, Daemon, model_client
-from served_copies import without_golden
+from serve_fixtures import Q4KM, Daemon, model_client, without_golden
 
 from edgekit.runtime.structured import (
     MAX_OPTIONAL_PROPERTIES,
@@ -180,7 +179,7 @@ def sse_text(response) -> tuple[str, str | None]:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
-    """The exported sample bundle without its golden record (served_copies.without_golden: no record rerun per load)."""
+    """The exported sample bundle without its golden record (serve_fixtures.without_golden: no record rerun per load)."""
     models = tmp_path_factory.mktemp("structured-models") / "models"
     without_golden(models, smollm2_q4km)
     return models

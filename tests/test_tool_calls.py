@@ -16,8 +16,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import Q4KM, model_client
-from served_copies import without_golden
+from serve_fixtures import Q4KM, model_client, without_golden
 
 from edgekit.runtime.structured import parse_answer, tool_plan, tools_of
 from edgekit.runtime.tool_formats import ParsedCall
@@ -109,7 +108,7 @@ def test_each_choice_has_its_grammar():
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
-    """The exported sample bundle without its golden record (served_copies.without_golden: no record rerun per load)."""
+    """The exported sample bundle without its golden record (serve_fixtures.without_golden: no record rerun per load)."""
     models = tmp_path_factory.mktemp("tool-models") / "models"
     without_golden(models, smollm2_q4km)
     return models

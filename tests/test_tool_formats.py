@@ -700,24 +700,32 @@ def daemon(tmp_path_factory, hermes_models, smollm2_q4km):
         yield process
 
 
-@pytest.mark.slow
-@pytest.mark.real_model
-def test_openai_client_tool_loop_and_streamed_accumulation(daemon):
+def openai_tool_loop(daemon, model: str, messages: list, choice: str, result: dict):
+    """The official client's tool loop: a call (arguments valid for their function), the client's own message object
+    and the results sent back, then a text answer under tool_choice none. Returns the client and the first answer."""
     import openai
 
     client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=300)
-    messages: list = list(ASK)
-    first = client.chat.completions.create(model=HERMES_MODEL, messages=messages, tools=TOOLS, tool_choice="required",
+    first = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice=choice,
                                            temperature=0, max_tokens=120)
-    assert first.choices[0].finish_reason == "tool_calls" and first.choices[0].message.content is None
+    assert first.choices[0].finish_reason == "tool_calls"
     made = first.choices[0].message.tool_calls
     for call in made:
         jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
-    messages.append(first.choices[0].message)  # the client's own message object goes back as the assistant turn
-    messages += [{"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18})} for call in made]
-    second = client.chat.completions.create(model=HERMES_MODEL, messages=messages, tools=TOOLS, tool_choice="none",
+    followed = [*messages, first.choices[0].message,  # the client's own message object goes back as the assistant turn
+                *({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)} for call in made)]
+    second = client.chat.completions.create(model=model, messages=followed, tools=TOOLS, tool_choice="none",
                                             temperature=0, max_tokens=24)
     assert second.choices[0].message.content and second.choices[0].message.tool_calls is None
+    return client, first
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_openai_client_tool_loop_and_streamed_accumulation(daemon):
+    client, first = openai_tool_loop(daemon, HERMES_MODEL, list(ASK), "required", {"temperature_c": 18})
+    assert first.choices[0].message.content is None
+    made = first.choices[0].message.tool_calls
 
     # Streamed: accumulate delta.tool_calls by index, as OpenAI's docs show; the same calls as the non-streamed answer.
     stream = client.chat.completions.create(model=HERMES_MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
@@ -741,23 +749,8 @@ def test_openai_client_tool_loop_and_streamed_accumulation(daemon):
 @pytest.mark.real_model
 def test_openai_client_tool_loop_in_the_generic_format(daemon):
     """SmolLM2's own template (no tool syntax: llama.cpp's generic format), the loop test_tool_calls.py runs in-process."""
-    import openai
-
-    client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=300)
-    messages: list = list(AUTO_ASK)
-    first = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="auto",
-                                           temperature=0, max_tokens=120)
-    assert first.choices[0].finish_reason == "tool_calls"
-    calls = first.choices[0].message.tool_calls
-    assert calls[0].function.name == "get_weather"
-    for call in calls:
-        jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
-    messages.append(first.choices[0].message)  # the client's own message object goes back as the assistant turn
-    messages += [{"role": "tool", "tool_call_id": call.id, "content": json.dumps({"result": 18})} for call in calls]
-    second = client.chat.completions.create(model=Q4KM, messages=messages, tools=TOOLS, tool_choice="none",
-                                            temperature=0, max_tokens=24)
-    assert second.choices[0].message.content
-    assert second.choices[0].message.tool_calls is None
+    client, first = openai_tool_loop(daemon, Q4KM, list(AUTO_ASK), "auto", {"result": 18})
+    assert first.choices[0].message.tool_calls[0].function.name == "get_weather"
 
     # Streamed: the client's own accumulation (its stream helper) gets the same calls as the non-streamed request.
     whole = client.chat.completions.create(model=Q4KM, messages=ASK, tools=TOOLS, tool_choice="required",
