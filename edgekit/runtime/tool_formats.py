@@ -169,19 +169,20 @@ GENERIC = ToolFormat("generic", (), native=False, envelope=True, layouts=(
     Layout(opening=r'\s*\{\s*"tool_calls"\s*:\s*\[\s*', separator=r"\s*,\s*", closing=r"\s*\]\s*\}\s*"),
 ))
 
+# What Mistral's named-call formats share: calls follow one another, each ends with its arguments object, and a text
+# answer never holds the call marker (a control token whose text tool requests keep, Sampling.control_text).
+_MISTRAL_NAMED = dict(native=True, layouts=(Layout(opening="", separator=r"\s*", closing=""),), arguments_head=r"(?=\{)",
+                      call_end="", text_rule=text_without("[TOOL_CALLS]"), not_text=holds_or_ends_on("[TOOL_CALLS]"))
+
 FORMATS: tuple[ToolFormat, ...] = (
-    # The markers are control tokens: tool requests render their text (Sampling.control_text). Rows with [CALL_ID]
-    # first: a template with it also holds the markers of the row without.
-    ToolFormat("mistral-call-id", ("[TOOL_CALLS]", "[CALL_ID]", "[ARGS]", "[AVAILABLE_TOOLS]"), native=True,  # Small 3.2
-               layouts=(Layout(opening="", separator=r"\s*", closing=""),),
+    # Rows with [CALL_ID] first: a template with it also holds the markers of the row without.
+    ToolFormat("mistral-call-id", ("[TOOL_CALLS]", "[CALL_ID]", "[ARGS]", "[AVAILABLE_TOOLS]"),  # Small 3.2
                named_calls=("[TOOL_CALLS]", '"[CALL_ID]" [a-zA-Z0-9]{9} "[ARGS]"'),
                call_head=r"\[TOOL_CALLS\](?P<name>[A-Za-z0-9_-]+)\[CALL_ID\][A-Za-z0-9]{9}\[ARGS\]",
-               arguments_head=r"(?=\{)", call_end="", template_id_length=9,
-               text_rule=text_without("[TOOL_CALLS]"), not_text=holds_or_ends_on("[TOOL_CALLS]")),
-    ToolFormat("mistral-args", ("[TOOL_CALLS]", "[ARGS]", "[AVAILABLE_TOOLS]"), native=True,  # Devstral, Ministral 3
-               layouts=(Layout(opening="", separator=r"\s*", closing=""),), named_calls=("[TOOL_CALLS]", '"[ARGS]"'),
-               call_head=r"\[TOOL_CALLS\](?P<name>[A-Za-z0-9_-]+)\[ARGS\]", arguments_head=r"(?=\{)", call_end="",
-               text_rule=text_without("[TOOL_CALLS]"), not_text=holds_or_ends_on("[TOOL_CALLS]")),
+               template_id_length=9, **_MISTRAL_NAMED),
+    ToolFormat("mistral-args", ("[TOOL_CALLS]", "[ARGS]", "[AVAILABLE_TOOLS]"),  # Devstral, Ministral 3
+               named_calls=("[TOOL_CALLS]", '"[ARGS]"'), call_head=r"\[TOOL_CALLS\](?P<name>[A-Za-z0-9_-]+)\[ARGS\]",
+               **_MISTRAL_NAMED),
     ToolFormat("hermes", ("<tool_call>", '{"name": '), native=True,  # hermes, qwen2.5, qwen3
                layouts=(Layout(opening=r"<tool_call>\n", separator=r"\n</tool_call>\s*<tool_call>\n",
                                closing=r"\n</tool_call>"),),

@@ -97,7 +97,7 @@ class ServeSettings(BaseSettings):
     prompt_cache_contexts: float = Field(
         1.0, ge=0, le=4, description="RAM each GGUF worker keeps for saved prompts, in contexts' worth of KV cache (1: one "
         "full context; charged by the memory budget and `edgekit fit`). When a request starts, the prompts of idle slots "
-        "(>= 256 tokens) move there, so a returning system prompt is not evaluated again and idle cells do not slow "
+        "move there, so a returning system prompt is not evaluated again and idle cells do not slow "
         "decoding. 0: idle slots keep their prompts in the KV pool instead, until it needs the cells."
     )
     allow_control_tokens_in_content: bool = Field(
