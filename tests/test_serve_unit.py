@@ -530,10 +530,10 @@ def test_protocol_messages_are_typed_and_validated_at_the_boundary():
     from edgekit.serve.protocol import (
         DeltaMessage,
         Done,
+        FrameBuffer,
         Generate,
         ProtocolError,
         encode_frame,
-        read_frame,
         read_frame_sync,
     )
 
@@ -541,15 +541,20 @@ def test_protocol_messages_are_typed_and_validated_at_the_boundary():
     message, payload = read_frame_sync(io.BytesIO(encode_frame(job)))
     assert message == job and payload == b"" and message.sampling == Sampling(max_tokens=3, stop=("x",))
 
-    async def from_worker(data: bytes):
-        reader = asyncio.StreamReader()
-        reader.feed_data(data)
-        reader.feed_eof()
-        return await read_frame(reader)
+    def from_worker(data: bytes, piece: int = 1):
+        """What the daemon reads from ``data`` arriving ``piece`` bytes at a time, then the end of the stream."""
+        buffer, frames = FrameBuffer(), []
+        for start in range(0, len(data), piece):
+            frames += buffer.feed(data[start:start + piece])
+        buffer.close()
+        return frames
 
     done = Done(id="r1", finish=Finish("length", 5, 3))
     frames = encode_frame(DeltaMessage(id="r1", delta=Delta("é", 1))) + encode_frame(done, b"\x00\x01")
-    assert asyncio.run(from_worker(frames))[0].delta == Delta("é", 1)
+    for piece in (1, 7, len(frames)):  # a frame split anywhere, or several in one read
+        assert from_worker(frames, piece) == [(DeltaMessage(id="r1", delta=Delta("é", 1)), b""), (done, b"\x00\x01")]
+    with pytest.raises(ProtocolError, match="truncated frame"):  # the worker died inside a frame
+        from_worker(frames[:-1])
 
     def raw(header: dict) -> bytes:
         head = json.dumps(header).encode()
@@ -559,6 +564,6 @@ def test_protocol_messages_are_typed_and_validated_at_the_boundary():
                 {"type": "delta", "id": "r1", "text": "x", "tokens": 1},  # fields outside the Delta
                 {"type": "done", "id": "r1", "finish": {"reason": "eos", "prompt_tokens": 1, "completion_tokens": 0}}):
         with pytest.raises(ProtocolError):
-            asyncio.run(from_worker(raw(bad)))
+            from_worker(raw(bad))
     with pytest.raises(ProtocolError):  # a worker message is not a job
         read_frame_sync(io.BytesIO(encode_frame(done)))

@@ -21,6 +21,7 @@ from edgekit.serve.protocol import (
     Cancel,
     Done,
     Error,
+    FrameBuffer,
     LoadError,
     Message,
     Ping,
@@ -32,7 +33,6 @@ from edgekit.serve.protocol import (
     ToDaemon,
     WorkerConfig,
     encode_frame,
-    read_frame,
 )
 
 log = logging.getLogger("edgekit.serve")
@@ -134,8 +134,11 @@ class WorkerProcess:
         self.returncode: int | None = None
         self.alive = False
         self.stopping = False
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._transport: asyncio.Transport | None = None
+        self._pipe: _WorkerPipe | None = None
+        self._first: asyncio.Future | None = None  # the worker's first frame, None if it closed first, or its ProtocolError
+        self._ended: asyncio.Future | None = None  # done once its socket closed and its exit was handled
+        self._ending: asyncio.Task | None = None
 
     @property
     def pid(self) -> int | None:
@@ -154,16 +157,19 @@ class WorkerProcess:
             self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
         finally:
             child.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=parent, limit=1 << 20)
+        loop = asyncio.get_running_loop()
+        self._first = loop.create_future()
+        self._ended = loop.create_future()
+        self._transport, self._pipe = await loop.create_unix_connection(lambda: _WorkerPipe(self), sock=parent)
         try:
-            frame = await asyncio.wait_for(read_frame(reader), timeout)
+            frame = await asyncio.wait_for(asyncio.shield(self._first), timeout)
         except TimeoutError:
             await self.kill()
             raise RuntimeBackendError(f"model {self.name!r} did not load within {timeout:.0f} s",
                                       hint="raise --load-timeout-s or check the machine's load") from None
-        except ProtocolError as exc:
+        if isinstance(frame, ProtocolError):
             await self.kill()
-            raise RuntimeBackendError(f"model {self.name!r}: worker protocol error: {exc}") from exc
+            raise RuntimeBackendError(f"model {self.name!r}: worker protocol error: {frame}") from frame
         if frame is None:
             code = await self._reap(5.0)
             raise RuntimeBackendError(f"the worker for model {self.name!r} stopped with {describe_exit(code)} while loading")
@@ -176,8 +182,7 @@ class WorkerProcess:
             raise RuntimeBackendError(f"model {self.name!r}: the worker sent {message.type!r} before it was ready")
         self.facts = message
         self.alive = True
-        self.last_heard = asyncio.get_running_loop().time()
-        self._reader_task = asyncio.create_task(self._read_loop(reader), name=f"worker-{self.name}")
+        self.last_heard = loop.time()
         if self.heartbeat is not None:
             self._heartbeat_task = asyncio.create_task(self._watch_heartbeat(*self.heartbeat), name=f"heartbeat-{self.name}")
         return message
@@ -197,23 +202,33 @@ class WorkerProcess:
                     self.proc.kill()
                 return
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while (frame := await read_frame(reader)) is not None:
-                message, payload = frame
-                self.last_heard = asyncio.get_running_loop().time()
-                if isinstance(message, Bye):
-                    break
-                if isinstance(message, Pong):
-                    continue
-                stream = self.pending.get(getattr(message, "id", None))
-                if stream is not None:  # else: a request that was closed; its late frames are dropped
-                    stream.queue.put_nowait((message, payload))
-        except (ProtocolError, ConnectionError) as exc:
-            log.error("model %s: worker protocol error: %s", self.name, exc)
-        finally:
+    def _received(self, message: ToDaemon, payload: bytes) -> None:
+        """A frame from the worker (called from the socket's data_received)."""
+        self.last_heard = asyncio.get_running_loop().time()
+        if not self._first.done():
+            self._first.set_result((message, payload))
+        elif isinstance(message, Bye):
+            self._transport.close()
+        elif not isinstance(message, Pong):
+            stream = self.pending.get(getattr(message, "id", None))
+            if stream is not None:  # else: a request that was closed; its late frames are dropped
+                stream.queue.put_nowait((message, payload))
+
+    def _lost(self, error: ProtocolError | None) -> None:
+        """The worker's socket closed (it exited, was killed, or broke the protocol)."""
+        if error is not None:
+            log.error("model %s: worker protocol error: %s", self.name, error)
+        if not self._first.done():
+            self._first.set_result(error)
+        if self.alive:
             self.alive = False
-            if self._heartbeat_task is not None and self._heartbeat_task is not asyncio.current_task():
+            self._ending = asyncio.create_task(self._gone(), name=f"worker-{self.name}-gone")
+        elif not self._ended.done():
+            self._ended.set_result(None)
+
+    async def _gone(self) -> None:
+        try:
+            if self._heartbeat_task is not None:
                 self._heartbeat_task.cancel()
             code = await self._reap(2.0 if self.stopping else 10.0)
             for stream in list(self.pending.values()):
@@ -221,6 +236,8 @@ class WorkerProcess:
             if not self.stopping:
                 log.error("model %s: worker (pid %s) stopped with %s", self.name, self.pid, describe_exit(code))
                 self.on_exit(self)
+        finally:
+            self._ended.set_result(None)
 
     async def _reap(self, timeout: float) -> int | None:
         if self.proc is None:
@@ -230,13 +247,13 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.returncode = await asyncio.to_thread(self.proc.wait)
-        if self._writer is not None:
-            self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
         return self.returncode
 
     def send(self, message: Message, payload: bytes = b"") -> None:
-        if self.alive and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode_frame(message, payload))
+        if self.alive and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(encode_frame(message, payload))
 
     async def submit(self, job: Callable[..., Message], payload: bytes = b"") -> RequestStream:
         """Send ``job(id=...)`` under a new request id (e.g. ``partial(Encode, type="embed", texts=...)``); its messages
@@ -246,7 +263,7 @@ class WorkerProcess:
         stream = RequestStream(self, uuid.uuid4().hex)
         self.pending[stream.id] = stream
         self.send(job(id=stream.id), payload)
-        await self._writer.drain()
+        await self._pipe.drained()
         return stream
 
     async def stop(self, grace: float) -> None:
@@ -254,9 +271,9 @@ class WorkerProcess:
         self.stopping = True
         if self.alive:
             self.send(Shutdown())
-        if self._reader_task is not None:
+        if self._ended is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._reader_task), grace)
+                await asyncio.wait_for(asyncio.shield(self._ended), grace)
             except TimeoutError:
                 await self.kill()
         elif self.proc is not None and self.proc.poll() is None:
@@ -267,8 +284,8 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         await self._reap(5.0)
-        if self._reader_task is not None:
-            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self._ended is not None:
+            await asyncio.shield(self._ended)
 
     def rss(self) -> int:
         if not self.alive or self.proc is None:
@@ -279,3 +296,49 @@ class WorkerProcess:
             return psutil.Process(self.proc.pid).memory_info().rss
         except psutil.Error:
             return 0
+
+
+class _WorkerPipe(asyncio.Protocol):
+    """The daemon's end of a worker's socket: frames go to the worker as they complete; writes wait when its buffer is full."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        self.frames = FrameBuffer()
+        self.transport: asyncio.Transport | None = None
+        self._error: ProtocolError | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for message, payload in self.frames.feed(data):
+                self.worker._received(message, payload)
+        except ProtocolError as exc:
+            self._error = exc
+            self.frames = FrameBuffer()  # what follows a bad frame is not read
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        return False  # close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = self._error
+        if error is None:
+            try:
+                self.frames.close()
+            except ProtocolError as truncated:
+                error = truncated
+        self._writable.set()
+        self.worker._lost(error)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def drained(self) -> None:
+        await self._writable.wait()
