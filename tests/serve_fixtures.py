@@ -528,3 +528,45 @@ def smollm2_exported(bundle_cache: Path, sample_store: Path) -> dict[str, Path]:
 def smollm2_q4km(smollm2_exported: dict[str, Path]) -> Path:
     """The shipped SmolLM2 recipe's q4-k-m target."""
     return smollm2_exported["Q4_K_M"]
+
+
+# ---- the SmolLM2 export served: shared by the files using it ---------------------------------------------------------
+
+HERMES_MODEL = "smollm2-hermes-tools"
+HERMES_TEMPLATE_PATH = TESTS_DIR / "data" / "chatml-hermes-tools.jinja"  # ChatML with the Hermes tool format (<tool_call>)
+Q4KM_N_CTX = 1024  # the longest prompt (tools rendered, a call and its result) + answer of the files using Q4KM's clients
+
+
+@pytest.fixture(scope="session")
+def smollm2_hermes(bundle_cache: Path, smollm2_q4km: Path) -> Path:
+    """The exported Q4_K_M published again with tests/data/chatml-hermes-tools.jinja as its chat template."""
+    return _cached(bundle_cache / "hermes", HERMES_MODEL, lambda out: publish_gguf(
+        smollm2_q4km / "model.gguf", out, HERMES_MODEL, chat_template=HERMES_TEMPLATE_PATH.read_text()))
+
+
+@pytest.fixture(scope="session")
+def smollm2_daemon(tmp_path_factory, smollm2_hermes: Path, smollm2_q4km: Path):
+    """One daemon process (default slots, --n-ctx 1024) serving the Hermes bundle and the sample bundle as exported (its
+    golden record checked at load), started on first use and shared by the files driving the official openai client
+    against it (test_structured_output.py, test_tool_formats.py): one daemon start and two model loads per run."""
+    models = link_bundles(tmp_path_factory.mktemp("smollm2-daemon") / "models", smollm2_hermes, smollm2_q4km)
+    with Daemon(models, "--n-ctx", str(Q4KM_N_CTX)) as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def q4km_clients(tmp_path_factory, smollm2_q4km: Path):
+    """``get(slots)``: the daemon in-process serving the exported Q4_K_M without its golden record (without_golden) with
+    ``slots`` slots (1: one llama.cpp context per slot; 2: the batched context), started on first use and shared by
+    test_structured_output.py and test_tool_calls.py: one model load per decode path per run instead of one per file."""
+    models = tmp_path_factory.mktemp("q4km-clients") / "models"
+    without_golden(models, smollm2_q4km)
+    clients: dict[int, object] = {}
+    with contextlib.ExitStack() as stack:
+        def get(slots: int):
+            if slots not in clients:
+                clients[slots] = stack.enter_context(model_client(models, Q4KM, n_ctx=Q4KM_N_CTX, slots=slots))
+            return clients[slots]
+
+        yield get
+
