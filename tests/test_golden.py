@@ -34,9 +34,9 @@ def q4km_model(smollm2_q4km):
 @pytest.fixture(scope="module")
 def golden_check(q4km_model):
     """check_golden on the Q4_K_M model, reusing this module's earlier teacher-forced runs of the same prompt ids and fed
-    tokens (a record's edited prompt is run again, its other prompts are not: a third of a check where ~0.6 s of CPU each).
+    tokens: a record with one prompt edited reruns that prompt only (a whole check is ~0.7 s of CPU on one core).
 
-    A run's output depends only on those ids (llama.cpp, greedy, one model): the reused arrays are the ones the check would
+    A run's output depends only on those ids (one model, teacher-forced): the reused arrays are the ones the check would
     compute. The first check of the module runs all three prompts (test_the_same_machine_reproduces_the_record_exactly).
     """
     from edgekit.runtime import golden
