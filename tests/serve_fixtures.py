@@ -293,6 +293,74 @@ def tiny_gguf(path: Path) -> Path:
     return path
 
 
+TINY_LLAMA_NAME = "tiny-llama-smollm2-vocab"
+
+
+def tiny_llama_gguf(path: Path, tokenizer_source: Path) -> Path:
+    """A runnable 2-layer llama GGUF (f16 random weights, 64 wide, 4 heads of 16, 2 KV heads, 1,024-token context) with
+    the tokenizer of the GGUF ``tokenizer_source``: for tests that need llama.cpp to run a GGUF model, not its answers.
+
+    Written with gguf-py, no PyTorch: ~0.4 s of CPU, most of it SmolLM2's 49,152-token vocabulary and merges.
+    """
+    import numpy as np
+    from gguf import GGUFWriter, LlamaFileType
+    from helpers import gguf_metadata
+
+    n_vocab, n_embd, n_head, n_head_kv, head_dim, n_ff, n_layer = 49152, 64, 4, 2, 16, 128, 2
+    tokenizer = gguf_metadata(tokenizer_source)
+    writer = GGUFWriter(path, "llama")
+    writer.add_context_length(1024)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(LlamaFileType.MOSTLY_F16)
+    for key in ("model", "pre"):
+        writer.add_string(f"tokenizer.ggml.{key}", tokenizer[f"tokenizer.ggml.{key}"])
+    for key in ("bos", "eos", "unknown", "padding"):
+        writer.add_uint32(f"tokenizer.ggml.{key}_token_id", tokenizer[f"tokenizer.ggml.{key}_token_id"])
+    writer.add_token_list(tokenizer["tokenizer.ggml.tokens"])
+    writer.add_token_types(tokenizer["tokenizer.ggml.token_type"])
+    writer.add_token_merges(tokenizer["tokenizer.ggml.merges"])
+    writer.add_chat_template(tokenizer["tokenizer.chat_template"])
+    random = np.random.default_rng(0)
+
+    def weight(rows: int, columns: int):
+        return (random.standard_normal((rows, columns)) * 0.5).astype(np.float16)
+
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))  # tied: no output.weight
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    for layer in range(n_layer):
+        block = f"blk.{layer}."
+        writer.add_tensor(block + "attn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(block + "attn_q.weight", weight(n_head * head_dim, n_embd))
+        writer.add_tensor(block + "attn_k.weight", weight(n_head_kv * head_dim, n_embd))
+        writer.add_tensor(block + "attn_v.weight", weight(n_head_kv * head_dim, n_embd))
+        writer.add_tensor(block + "attn_output.weight", weight(n_embd, n_head * head_dim))
+        writer.add_tensor(block + "ffn_norm.weight", np.ones(n_embd, np.float32))
+        writer.add_tensor(block + "ffn_gate.weight", weight(n_ff, n_embd))
+        writer.add_tensor(block + "ffn_up.weight", weight(n_ff, n_embd))
+        writer.add_tensor(block + "ffn_down.weight", weight(n_embd, n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bundle(bundle_cache: Path, sample_store: Path) -> Path:
+    """tiny_llama_gguf with SmolLM2's tokenizer, published as a text-generation bundle once per run."""
+    def build(out: Path) -> None:
+        path = tiny_llama_gguf(out / "tiny-llama.gguf", smollm_gguf(sample_store))
+        publish_gguf(path, out, TINY_LLAMA_NAME)
+        path.unlink()
+    return _cached(bundle_cache / "tiny-llama", TINY_LLAMA_NAME, build)
+
+
 @pytest.fixture(scope="session")
 def fake_gguf(tmp_path_factory) -> Path:
     return tiny_gguf(tmp_path_factory.mktemp("fake-gguf") / "fake.gguf")
@@ -528,3 +596,45 @@ def smollm2_exported(bundle_cache: Path, sample_store: Path) -> dict[str, Path]:
 def smollm2_q4km(smollm2_exported: dict[str, Path]) -> Path:
     """The shipped SmolLM2 recipe's q4-k-m target."""
     return smollm2_exported["Q4_K_M"]
+
+
+# ---- the SmolLM2 export served: shared by the files using it ---------------------------------------------------------
+
+HERMES_MODEL = "smollm2-hermes-tools"
+HERMES_TEMPLATE_PATH = TESTS_DIR / "data" / "chatml-hermes-tools.jinja"  # ChatML with the Hermes tool format (<tool_call>)
+Q4KM_N_CTX = 1024  # the longest prompt (tools rendered, a call and its result) + answer of the files using Q4KM's clients
+
+
+@pytest.fixture(scope="session")
+def smollm2_hermes(bundle_cache: Path, smollm2_q4km: Path) -> Path:
+    """The exported Q4_K_M published again with tests/data/chatml-hermes-tools.jinja as its chat template."""
+    return _cached(bundle_cache / "hermes", HERMES_MODEL, lambda out: publish_gguf(
+        smollm2_q4km / "model.gguf", out, HERMES_MODEL, chat_template=HERMES_TEMPLATE_PATH.read_text()))
+
+
+@pytest.fixture(scope="session")
+def smollm2_daemon(tmp_path_factory, smollm2_hermes: Path, smollm2_q4km: Path):
+    """One daemon process (default slots, --n-ctx 1024) serving the Hermes bundle and the sample bundle as exported (its
+    golden record checked at load), started on first use and shared by the files driving the official openai client
+    against it (test_structured_output.py, test_tool_formats.py): one daemon start and two model loads per run."""
+    models = link_bundles(tmp_path_factory.mktemp("smollm2-daemon") / "models", smollm2_hermes, smollm2_q4km)
+    with Daemon(models, "--n-ctx", str(Q4KM_N_CTX)) as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def q4km_clients(tmp_path_factory, smollm2_q4km: Path):
+    """``get(slots)``: the daemon in-process serving the exported Q4_K_M without its golden record (without_golden) with
+    ``slots`` slots (1: one llama.cpp context per slot; 2: the batched context), started on first use and shared by
+    test_structured_output.py and test_tool_calls.py: one model load per decode path per run instead of one per file."""
+    models = tmp_path_factory.mktemp("q4km-clients") / "models"
+    without_golden(models, smollm2_q4km)
+    clients: dict[int, object] = {}
+    with contextlib.ExitStack() as stack:
+        def get(slots: int):
+            if slots not in clients:
+                clients[slots] = stack.enter_context(model_client(models, Q4KM, n_ctx=Q4KM_N_CTX, slots=slots))
+            return clients[slots]
+
+        yield get
+

@@ -11,6 +11,7 @@ import json
 import math
 import platform
 from importlib import metadata
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -28,6 +29,31 @@ def q4km_model(smollm2_q4km):
     model = load_model(smollm2_q4km, read_manifest(smollm2_q4km))
     yield model
     model.llm.close()
+
+
+@pytest.fixture(scope="module")
+def golden_check(q4km_model):
+    """check_golden on the Q4_K_M model, reusing this module's earlier teacher-forced runs of the same prompt ids and fed
+    tokens: a record with one prompt edited reruns that prompt only (a whole check is ~0.7 s of CPU on one core).
+
+    A run's output depends only on those ids (one model, teacher-forced): the reused arrays are the ones the check would
+    compute. The first check of the module runs all three prompts (test_the_same_machine_reproduces_the_record_exactly).
+    """
+    from edgekit.runtime import golden
+
+    real, runs = golden.greedy_logprobs, {}
+
+    def remembered(model, prompt_ids, steps, feed=None, *, reuse=False):
+        key = (tuple(prompt_ids), steps, None if feed is None else tuple(feed))
+        if key not in runs:
+            runs[key] = real(model, prompt_ids, steps, feed, reuse=reuse)
+        return runs[key]
+
+    def run(manifest: Manifest):
+        with mock.patch.object(golden, "greedy_logprobs", remembered):
+            return golden.check_golden(manifest, q4km_model)
+
+    return run
 
 
 def with_prompt(manifest: Manifest, index: int, **changes) -> Manifest:
@@ -94,10 +120,8 @@ def test_export_records_greedy_tokens_and_top_logprobs(smollm2_q4km):
 
 
 @pytest.mark.slow
-def test_the_same_machine_reproduces_the_record_exactly(smollm2_q4km, q4km_model):
-    from edgekit.runtime.golden import check_golden
-
-    report = check_golden(read_manifest(smollm2_q4km), q4km_model)
+def test_the_same_machine_reproduces_the_record_exactly(smollm2_q4km, golden_check):
+    report = golden_check(read_manifest(smollm2_q4km))
     assert report.recorded and report.passed and report.reason == ""
     assert [c.name for c in report.checks] == ["prompt 1", "prompt 2", "prompt 3"]
     for check in report.checks:
@@ -106,13 +130,11 @@ def test_the_same_machine_reproduces_the_record_exactly(smollm2_q4km, q4km_model
 
 
 @pytest.mark.slow
-def test_one_differing_step_passes_within_the_bound(smollm2_q4km, q4km_model):
+def test_one_differing_step_passes_within_the_bound(smollm2_q4km, golden_check):
     """The last recorded id replaced: 15 of 16 steps agree (0.9375 >= 0.5), the KLD is unchanged (< 0.02)."""
-    from edgekit.runtime.golden import check_golden
-
     manifest = read_manifest(smollm2_q4km)
     ids = list(manifest.golden.prompts[0].ids)
-    report = check_golden(with_prompt(manifest, 0, ids=ids[:15] + [RARE_TOKEN]), q4km_model)
+    report = golden_check(with_prompt(manifest, 0, ids=ids[:15] + [RARE_TOKEN]))
     check = report.checks[0]
     assert report.passed and check.passed
     assert (check.ids_equal, check.first_difference, check.top1_agreement) == (False, 15, 0.9375)
@@ -122,13 +144,11 @@ def test_one_differing_step_passes_within_the_bound(smollm2_q4km, q4km_model):
 
 
 @pytest.mark.slow
-def test_nine_differing_steps_fail_the_top1_floor(smollm2_q4km, q4km_model):
+def test_nine_differing_steps_fail_the_top1_floor(smollm2_q4km, golden_check):
     """The last 9 ids replaced by a token the model never picks: 7 of 16 steps agree, 0.4375 < 0.5."""
-    from edgekit.runtime.golden import check_golden
-
     manifest = read_manifest(smollm2_q4km)
     ids = list(manifest.golden.prompts[1].ids)
-    report = check_golden(with_prompt(manifest, 1, ids=ids[:7] + [RARE_TOKEN] * 9), q4km_model)
+    report = golden_check(with_prompt(manifest, 1, ids=ids[:7] + [RARE_TOKEN] * 9))
     assert not report.passed
     assert [c.passed for c in report.checks] == [True, False, True]
     check = report.checks[1]
@@ -139,14 +159,14 @@ def test_nine_differing_steps_fail_the_top1_floor(smollm2_q4km, q4km_model):
 
 
 @pytest.mark.slow
-def test_a_distribution_far_from_the_record_fails_the_kld_bound(smollm2_q4km, q4km_model):
+def test_a_distribution_far_from_the_record_fails_the_kld_bound(smollm2_q4km, q4km_model, golden_check):
     """Top-1 within its bound (one step differs) but the record says every step's top token had p = 0.5."""
-    from edgekit.runtime.golden import binned_kld, check_golden, greedy_logprobs, prompt_tokens
+    from edgekit.runtime.golden import binned_kld, greedy_logprobs, prompt_tokens
 
     manifest = read_manifest(smollm2_q4km)
     prompt = manifest.golden.prompts[2]
     flat = [{token: round(math.log(0.5), 3)} for token in prompt.ids]
-    report = check_golden(with_prompt(manifest, 2, ids=prompt.ids[:15] + [RARE_TOKEN], top_logprobs=flat), q4km_model)
+    report = golden_check(with_prompt(manifest, 2, ids=prompt.ids[:15] + [RARE_TOKEN], top_logprobs=flat))
     check = report.checks[2]
     steps = greedy_logprobs(q4km_model, prompt_tokens(q4km_model, prompt.prompt, manifest.runtime), 16,
                             feed=prompt.ids[:15] + [RARE_TOKEN])
@@ -157,24 +177,20 @@ def test_a_distribution_far_from_the_record_fails_the_kld_bound(smollm2_q4km, q4
 
 
 @pytest.mark.slow
-def test_a_prompt_that_tokenizes_differently_fails(smollm2_q4km, q4km_model):
-    from edgekit.runtime.golden import check_golden
-
+def test_a_prompt_that_tokenizes_differently_fails(smollm2_q4km, golden_check):
     manifest = read_manifest(smollm2_q4km)
-    report = check_golden(with_prompt(manifest, 0, prompt="Write a short story about a robot who learns to dance."), q4km_model)
+    report = golden_check(with_prompt(manifest, 0, prompt="Write a short story about a robot who learns to dance."))
     check = report.checks[0]
     assert not report.passed and check.prompt_ids_equal is False
     assert "prompt 1: the prompt tokenizes differently from the record (first difference at token" in report.reason
 
 
 @pytest.mark.slow
-def test_checked_in_golden_manifests_pass_on_this_machine(smollm2_q4km, q4km_model):
+def test_checked_in_golden_manifests_pass_on_this_machine(smollm2_q4km, golden_check):
     """tests/golden/bundles/ hold the same files' records (same sha256): a board's view of an x86 record."""
-    from edgekit.runtime.golden import check_golden
-
     checked_in = read_manifest(GOLDEN_BUNDLES / Q4KM)
     assert checked_in.files == read_manifest(smollm2_q4km).files
-    report = check_golden(checked_in, q4km_model)
+    report = golden_check(checked_in)
     assert report.passed, report.reason
     assert read_manifest(GOLDEN_BUNDLES / "smollm2-135m-instruct-q8-0").golden is not None
 

@@ -10,7 +10,6 @@ client's ``chat.completions.parse`` with pydantic models against the daemon as a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -18,7 +17,7 @@ import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
-from serve_fixtures import Q4KM, Daemon, model_client, without_golden
+from serve_fixtures import Q4KM
 
 from edgekit.runtime.structured import (
     MAX_OPTIONAL_PROPERTIES,
@@ -29,7 +28,6 @@ from edgekit.runtime.structured import (
     schema_grammar,
 )
 
-N_CTX = 512
 PERSON = [{"role": "user", "content": "Give me a JSON record for Alice, 30 years old, from Paris."}]
 
 # ---- the keyword table: refused by name, never ignored (docs/reliability.md case 37) ----------------------------
@@ -177,18 +175,11 @@ def sse_text(response) -> tuple[str, str | None]:
     return "".join(text), reason
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
-    """The exported sample bundle without its golden record (serve_fixtures.without_golden: no record rerun per load)."""
-    models = tmp_path_factory.mktemp("structured-models") / "models"
-    without_golden(models, smollm2_q4km)
-    return models
-
-
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-context-per-slot", "batched-slots"])
-def client(request, models_dir):
-    with model_client(models_dir, Q4KM, n_ctx=N_CTX, slots=request.param) as test_client:
-        yield test_client
+def client(request, q4km_clients):
+    """The exported sample bundle without its golden record, in-process (serve_fixtures.q4km_clients, shared with
+    test_tool_calls.py)."""
+    return q4km_clients(request.param)
 
 
 def chat(client: TestClient, response_format: dict, **body):
@@ -269,18 +260,15 @@ def test_bad_schemas_are_400_naming_the_param_and_the_daemon_serves_on(client):
 # ---- the official openai client against the daemon as a process ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def daemon(models_dir):
-    with Daemon(models_dir, "--n-ctx", str(N_CTX), "--slots", "2") as process:
-        yield process
-
-
 @pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.parametrize("model", [Capital, Trip], ids=["flat", "nested-with-defs"])
-def test_openai_client_parse_with_a_pydantic_model(daemon, model):
+def test_openai_client_parse_with_a_pydantic_model(smollm2_daemon, model):
+    """The daemon process serving the sample bundle as exported (serve_fixtures.smollm2_daemon, shared with
+    test_tool_formats.py's tool loops)."""
     import openai
 
+    daemon = smollm2_daemon
     client = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=300)
     messages = [{"role": "user", "content": "Paris is the capital of France. Describe it as JSON."}]
     completion = client.chat.completions.parse(model=Q4KM, messages=messages, response_format=model, temperature=0,

@@ -11,19 +11,17 @@ arguments are validated with ``jsonschema``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import Q4KM, model_client, without_golden
+from serve_fixtures import Q4KM
 
 from edgekit.runtime.structured import parse_answer, tool_plan, tools_of
 from edgekit.runtime.tool_formats import ParsedCall
 from edgekit.serve.errors import ApiError
 from edgekit.serve.schemas import ChatBody
 
-N_CTX = 1024
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                              "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"]}
@@ -106,18 +104,11 @@ def test_each_choice_has_its_grammar():
 # ---- real model ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, smollm2_q4km) -> Path:
-    """The exported sample bundle without its golden record (serve_fixtures.without_golden: no record rerun per load)."""
-    models = tmp_path_factory.mktemp("tool-models") / "models"
-    without_golden(models, smollm2_q4km)
-    return models
-
-
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-context-per-slot", "batched-slots"])
-def client(request, models_dir):
-    with model_client(models_dir, Q4KM, n_ctx=N_CTX, slots=request.param) as test_client:
-        yield test_client
+def client(request, q4km_clients):
+    """The exported sample bundle without its golden record, in-process (serve_fixtures.q4km_clients, shared with
+    test_structured_output.py)."""
+    return q4km_clients(request.param)
 
 
 def post(client: TestClient, **fields):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from serve_fixtures import Q4KM, Daemon, link_bundles, model_client, publish_gguf
+from serve_fixtures import HERMES_MODEL, HERMES_TEMPLATE_PATH, Q4KM, link_bundles, model_client, publish_gguf
 
 from edgekit.paths import KitPaths
 from edgekit.runtime import tool_formats
@@ -31,7 +31,7 @@ from edgekit.runtime.chat_template import ChatTemplate
 from edgekit.runtime.structured import tool_plan, tools_of
 from edgekit.serve.schemas import ChatBody
 
-HERMES_TEMPLATE = (Path(__file__).parent / "data" / "chatml-hermes-tools.jinja").read_text()
+HERMES_TEMPLATE = HERMES_TEMPLATE_PATH.read_text()
 N_CTX = 1024
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                              "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -459,14 +459,12 @@ def test_text_answer_under_auto_cannot_open_a_call(vocab, name):
 
 # ---- real model, Hermes-format template swapped in ------------------------------------------------------------------------
 
-HERMES_MODEL = "smollm2-hermes-tools"
 
 
 @pytest.fixture(scope="module")
-def hermes_models(tmp_path_factory, smollm2_q4km) -> Path:
-    root = tmp_path_factory.mktemp("hermes-models")
-    bundle = publish_gguf(smollm2_q4km / "model.gguf", root / "src", HERMES_MODEL, chat_template=HERMES_TEMPLATE)
-    return link_bundles(root / "models", bundle)
+def hermes_models(tmp_path_factory, smollm2_hermes) -> Path:
+    """A models folder with the sample bundle published again with HERMES_TEMPLATE (serve_fixtures.smollm2_hermes)."""
+    return link_bundles(tmp_path_factory.mktemp("hermes-models") / "models", smollm2_hermes)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["one-context-per-slot", "batched-slots"])
@@ -693,11 +691,10 @@ def test_ministral_calls_by_name_come_back_as_tool_calls_streamed_and_not(mistra
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, hermes_models, smollm2_q4km):
-    """One daemon process for both formats' tool loops: the Hermes bundle and the sample bundle as exported (generic)."""
-    models = link_bundles(tmp_path_factory.mktemp("daemon-models") / "models", hermes_models / HERMES_MODEL, smollm2_q4km)
-    with Daemon(models, "--n-ctx", str(N_CTX)) as process:
-        yield process
+def daemon(smollm2_daemon):
+    """One daemon process for both formats' tool loops: the Hermes bundle and the sample bundle as exported (generic);
+    serve_fixtures.smollm2_daemon, also test_structured_output.py's."""
+    return smollm2_daemon
 
 
 def openai_tool_loop(daemon, model: str, messages: list, choice: str, result: dict):
