@@ -109,8 +109,11 @@ class SavedScorer:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    """Row-wise log-softmax in float32, in one new array (a window's logits are ~100 MB at a 49k vocabulary)."""
+    out = logits.astype(np.float32)  # a copy: the caller's logits may be a read-only memory map
+    out -= out.max(axis=-1, keepdims=True)
+    out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
+    return out
 
 
 @dataclass
@@ -125,14 +128,16 @@ class Agreement:
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, tokens: Sequence[int]) -> None:
         """Compare next-token predictions at every position but the last (which has no next token)."""
-        ref = log_softmax(reference[:-1].astype(np.float32))
-        cand = log_softmax(candidate[:-1].astype(np.float32))
+        ref = log_softmax(reference[:-1])
+        cand = log_softmax(candidate[:-1])
         targets = np.asarray(tokens[1:])
         rows = np.arange(len(targets))
         self.reference_nll -= float(ref[rows, targets].astype(np.float64).sum())
         self.candidate_nll -= float(cand[rows, targets].astype(np.float64).sum())
         self.same_top1 += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        self.kld.append((np.exp(ref) * (ref - cand)).sum(axis=-1, dtype=np.float64))
+        cand -= ref  # in place from here on: KL(p || q) = -sum p (log q - log p)
+        cand *= np.exp(ref)
+        self.kld.append(-cand.sum(axis=-1, dtype=np.float64))
         self.positions += len(targets)
 
     def metrics(self) -> dict[str, float]:
