@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,8 @@ class BatchedGguf:
         self._active: dict[int, _Request] = {}
         self._cond = threading.Condition()
         self._closed = False
+        # Entered around each step's emits: the daemon's worker holds their frames and sends them in one write.
+        self.outputs: Callable[[], AbstractContextManager[Any]] = nullcontext
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
@@ -315,15 +318,16 @@ class BatchedGguf:
         if status != 0:
             raise RuntimeBackendError(f"llama_decode failed with status {status}")
         ctx = self.model.llm.ctx
-        for index, request in outputs:
-            token = request.chain.sample(ctx, index)
-            if not request.started:
-                request.started = time.perf_counter()
-            delta, done = request.text.feed(token)
-            if delta is not None:
-                request.emit(delta)
-            if done:
-                request.next_token = None
-                self._finish(request)
-            else:
-                request.next_token = token
+        with self.outputs():
+            for index, request in outputs:
+                token = request.chain.sample(ctx, index)
+                if not request.started:
+                    request.started = time.perf_counter()
+                delta, done = request.text.feed(token)
+                if delta is not None:
+                    request.emit(delta)
+                if done:
+                    request.next_token = None
+                    self._finish(request)
+                else:
+                    request.next_token = token
