@@ -567,36 +567,3 @@ def test_protocol_messages_are_typed_and_validated_at_the_boundary():
             from_worker(raw(bad))
     with pytest.raises(ProtocolError):  # a worker message is not a job
         read_frame_sync(io.BytesIO(encode_frame(done)))
-
-
-def test_frames_held_by_a_thread_leave_in_one_write_and_a_gone_daemon_ends_the_worker():
-    """The decode thread sends a step's frames in one write (one wake-up of the daemon); writing to a closed
-    socket calls ``closed`` (the worker exits) instead of raising in whichever thread sent."""
-    import socket
-
-    from edgekit.runtime.llm import Delta, Finish
-    from edgekit.serve.protocol import DeltaMessage, Done, FrameBuffer, FrameSender, Pong, encode_frame
-
-    daemon_end, worker_end = socket.socketpair()
-    daemon_end.setblocking(False)
-    closed = []
-    send = FrameSender(worker_end, closed=lambda: closed.append(True))
-    frames = [DeltaMessage(id="a", delta=Delta(" x", 1)), DeltaMessage(id="b", delta=Delta(" y", 1)),
-              Done(id="a", finish=Finish("length", 3, 1))]
-    with send.coalesced():
-        for message in frames:
-            send(message)
-        with send.coalesced():  # nested: the outer block writes
-            send(Pong())
-        with pytest.raises(BlockingIOError):  # nothing written yet
-            daemon_end.recv(1)
-    data = daemon_end.recv(1 << 16)
-    assert data == b"".join(encode_frame(m) for m in [*frames, Pong()])
-    assert [m for m, _ in FrameBuffer().feed(data)] == [*frames, Pong()]
-    send(Pong())  # outside a block: written at once
-    assert daemon_end.recv(1 << 16) == encode_frame(Pong()) and closed == []
-    daemon_end.close()
-    send(Pong())
-    send(Pong())
-    assert closed == [True, True]
-    worker_end.close()

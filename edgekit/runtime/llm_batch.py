@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,8 +91,6 @@ class BatchedGguf:
         self._active: dict[int, _Request] = {}
         self._cond = threading.Condition()
         self._closed = False
-        # Entered around each step's emits: the daemon's worker holds their frames and sends them in one write.
-        self.outputs: Callable[[], AbstractContextManager[Any]] = nullcontext
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
@@ -318,16 +315,15 @@ class BatchedGguf:
         if status != 0:
             raise RuntimeBackendError(f"llama_decode failed with status {status}")
         ctx = self.model.llm.ctx
-        with self.outputs():
-            for index, request in outputs:
-                token = request.chain.sample(ctx, index)
-                if not request.started:
-                    request.started = time.perf_counter()
-                delta, done = request.text.feed(token)
-                if delta is not None:
-                    request.emit(delta)
-                if done:
-                    request.next_token = None
-                    self._finish(request)
-                else:
-                    request.next_token = token
+        for index, request in outputs:
+            token = request.chain.sample(ctx, index)
+            if not request.started:
+                request.started = time.perf_counter()
+            delta, done = request.text.feed(token)
+            if delta is not None:
+                request.emit(delta)
+            if done:
+                request.next_token = None
+                self._finish(request)
+            else:
+                request.next_token = token

@@ -22,8 +22,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -321,41 +319,13 @@ class FrameBuffer:
 
 
 class FrameSender:
-    """The worker's end of the socket, shared by its threads; ``closed`` runs when the daemon has gone away.
+    """Thread-safe blocking sender used inside the worker (slot threads share one socket)."""
 
-    Inside ``coalesced()`` the frames a thread sends are held and go out in one write when the block ends: the
-    decode thread sends every stream's delta of a step at once, so the daemon wakes once per step, not per stream."""
-
-    def __init__(self, sock: socket.socket, closed: Callable[[], None]) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._closed = closed
         self._lock = threading.Lock()
-        self._held = threading.local()
 
-    def __call__(self, message: Message, payload: bytes = b"") -> None:
+    def send(self, message: Message, payload: bytes = b"") -> None:
         data = encode_frame(message, payload)
-        held = getattr(self._held, "frames", None)
-        if held is None:
-            self._write(data)
-        else:
-            held.append(data)
-
-    @contextmanager
-    def coalesced(self) -> Iterator[None]:
-        if getattr(self._held, "frames", None) is not None:  # already holding: the outer block writes
-            yield
-            return
-        self._held.frames = held = []
-        try:
-            yield
-        finally:
-            self._held.frames = None
-            if held:
-                self._write(b"".join(held))
-
-    def _write(self, data: bytes) -> None:
-        try:
-            with self._lock:
-                self._sock.sendall(data)
-        except OSError:
-            self._closed()
+        with self._lock:
+            self._sock.sendall(data)

@@ -13,25 +13,17 @@ import importlib
 import json
 import re
 import threading
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from edgekit.errors import ConfigError
 from edgekit.formats import FORMATS, TASKS
 from edgekit.runtime.llm import Delta, Finish
 from edgekit.schema.manifest import Manifest
-from edgekit.serve.protocol import DeltaMessage, Done, Encode, Error, Generate, Message, Prompt, Result, WorkerConfig
+from edgekit.serve.protocol import DeltaMessage, Done, Encode, Error, Generate, Prompt, Result, WorkerConfig
 
-
-class Send(Protocol):
-    """How a runner sends its job's messages: the worker's FrameSender."""
-
-    def __call__(self, message: Message, payload: bytes = b"") -> None: ...
-
-    def coalesced(self) -> AbstractContextManager[None]:
-        """Hold what this thread sends inside the block; send it in one write at its end."""
-        ...
+Send = Callable[..., None]  # (message, payload=b"")
 
 class Job:
     """One job inside the worker: its message, and what the daemon decided about it since."""
@@ -154,27 +146,23 @@ class GenerationRunner:
             send(DeltaMessage(id=job.id, delta=event) if isinstance(event, Delta) else Done(id=job.id, finish=event))
 
     def stream_batched(self, job: Job, tokens: list[int], send: Send) -> None:
-        """Deltas and ``Done`` go out from the decode thread as they are made, every stream's of one step in one write
-        (``send.coalesced``): a hand-off to this slot thread per token cost a thread wake-up and GIL ping-pong with the
-        decode thread, and a write per stream a wake-up of the daemon. The slot thread waits for the end."""
+        """Deltas go out from the decode thread as they are made: a hand-off to this slot thread per token cost a
+        thread wake-up and GIL ping-pong with the decode thread. The slot thread waits for the end and sends ``Done``."""
         ended = threading.Event()
-        failure: list[BaseException] = []
+        outcome: list[Finish | BaseException] = []
 
         def emit(event: Delta | Finish | BaseException) -> None:
             if isinstance(event, Delta):
                 send(DeltaMessage(id=job.id, delta=event))
-            elif isinstance(event, Finish):
-                send(Done(id=job.id, finish=event))  # after this step's deltas, in the same write
-                ended.set()
             else:
-                failure.append(event)
+                outcome.append(event)
                 ended.set()
 
-        self.engine.outputs = send.coalesced  # one sender per worker
         self.engine.start(tokens, job.message.sampling, job.cancelled, emit)
         ended.wait()
-        if failure:
-            raise failure[0]
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        send(Done(id=job.id, finish=outcome[0]))
 
 
 def holds_control_tokens(model, value: Any) -> bool:

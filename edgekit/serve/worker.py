@@ -37,6 +37,7 @@ from edgekit.serve.protocol import (
     FileIdentity,
     FrameSender,
     LoadError,
+    Message,
     Ping,
     Pong,
     Proceed,
@@ -96,7 +97,13 @@ def pin(cpus: list[int] | None) -> None:
 def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
     """Load the bundle and answer jobs until the daemon says shutdown or goes away."""
     sock = socket.socket(fileno=fd)
-    send = FrameSender(sock, closed=lambda: os._exit(0))  # the daemon is gone: nobody is waiting for this work
+    sender = FrameSender(sock)
+
+    def send(message: Message, payload: bytes = b"") -> None:
+        try:
+            sender.send(message, payload)
+        except OSError:
+            os._exit(0)  # the daemon is gone; nobody is waiting for this work
 
     started = time.perf_counter()
     try:
