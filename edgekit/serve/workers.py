@@ -138,7 +138,7 @@ class WorkerProcess:
         self._pipe: _WorkerPipe | None = None
         self._first: asyncio.Future | None = None  # the worker's first frame, None if it closed first, or its ProtocolError
         self._ended: asyncio.Future | None = None  # done once its socket closed and its exit was handled
-        self._ending: asyncio.Task | None = None
+        self._ending: asyncio.Task | None = None  # the task handling its exit, held so it is not garbage-collected
 
     @property
     def pid(self) -> int | None:
