@@ -412,6 +412,12 @@ def peer_ratios(peers: dict) -> dict:
         return a / b if a is not None and b else None
 
     out: dict = {"vs llama-server": {key: ratio(ours.get(key), median.get(LLAMA_SERVER, {}).get(key)) for key in PEER_TARGETS}}
+    # Each round measures every system back to back, so a round's own ratio cancels what the machine did between
+    # rounds (a shared host's speed drifts by 10 % and more); the verdict is on the median of those.
+    pairs = list(zip(peers["rounds"][EDGEKIT], peers["rounds"].get(LLAMA_SERVER, [])))
+    out["vs llama-server, paired"] = {
+        key: statistics.median(a[key] / b[key] for a, b in pairs) if pairs and all(b.get(key) for _, b in pairs) else None
+        for key in PEER_TARGETS}
     out["edgekit serve"] = {
         "decode_4 / decode_1": ratio(ours.get("decode_4"), ours.get("decode_1")),
         "decode_4 / llama_cpp.server decode_4": ratio(ours.get("decode_4"), median.get(LLAMA_CPP_SERVER, {}).get("decode_4")),
@@ -442,13 +448,15 @@ def print_peers(peers: dict) -> None:
           f"OpenMP spin count: {peers['omp_spin']}. Medians of {rounds} alternating rounds; load average {peers['load_avg_end'][0]:.1f} at the end.")
     width = max(len(r[0]) for r in PEER_ROWS)
     cols = [max(len(s), 8) for s in systems]
-    print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols)) + "  serve/llama-server  target")
+    print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols))
+          + "  serve/llama-server  per round (median)  target")
     for label, key, fmt in PEER_ROWS:
         cells = [fmt.format(median[s][key]) if key in median[s] else "-" for s in systems]
-        value = ratios["vs llama-server"][key]
+        value, paired = ratios["vs llama-server"][key], ratios["vs llama-server, paired"][key]
         op = ">=" if key.startswith("decode") else "<="
         print(f"{label:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols))
-              + f"  {('-' if value is None else f'{value:.2f}'):>18}  {op} {PEER_TARGETS[key]} {verdict_of(value, op, PEER_TARGETS[key])}")
+              + f"  {('-' if value is None else f'{value:.2f}'):>18}  {('-' if paired is None else f'{paired:.2f}'):>19}"
+              f"  {op} {PEER_TARGETS[key]} {verdict_of(paired, op, PEER_TARGETS[key])}")
     print()
     for key, (op, target) in SELF_TARGETS.items():
         value = ratios["edgekit serve"][key]

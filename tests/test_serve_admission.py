@@ -300,6 +300,123 @@ def _stream_into(url: str, events: list[str], text: str, max_tokens: int) -> thr
     return thread
 
 
+# ---- the worker writes a stream's text to the client itself (edgekit/serve/handoff.py) -------------------------
+
+
+def raw_exchange(port: int, payload: dict, version: str = "1.1", until_gate=None) -> tuple[int, bytes, bool]:
+    """POST ``payload`` to /v1/chat/completions over a plain socket in HTTP/``version`` and read the answer with h11
+    until the server ends it or closes: (status, body, whether the body ended as HTTP says it must).
+    ``until_gate``: called before reading a byte (the client stalls until it returns)."""
+    import h11
+
+    conn = h11.Connection(h11.CLIENT)
+    data = json.dumps(payload).encode()
+    head = [("host", f"127.0.0.1:{port}"), ("content-type", "application/json"), ("content-length", str(len(data)))]
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        if version == "1.1":
+            sock.sendall(conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=head)) + conn.send(h11.Data(data=data)))
+        else:  # h11 speaks only 1.1 as a client: an HTTP/1.0 request by hand, read as h11 reads any response
+            lines = "".join(f"{k}: {v}\r\n" for k, v in head)
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.0\r\n{lines}\r\n".encode() + data)
+            conn.send(h11.Request(method="POST", target="/", headers=[("host", "x"), ("connection", "close")]))
+            conn.send(h11.EndOfMessage())
+        if until_gate is not None:
+            until_gate()
+        status, body = 0, b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    conn.receive_data(sock.recv(65536))
+                except h11.RemoteProtocolError:
+                    return status, body, False
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, body, True
+            elif isinstance(event, h11.ConnectionClosed):
+                return status, body, False
+
+
+def sse_data(body: bytes) -> list:
+    """The events of an SSE body: JSON ones parsed, [DONE] as the string."""
+    lines = [line[6:] for line in body.decode().split("\n") if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+def test_a_streamed_answer_is_the_same_whoever_writes_its_text(fake_daemon):
+    """HTTP/1.1: the worker writes the text events on the client's socket; HTTP/1.0 (no chunks): the daemon relays them.
+    Same events, in order, each writer counted in /metrics."""
+    daemon, _ = fake_daemon
+    request = body("same", max_tokens=40, stream=True, stream_options={"include_usage": True})
+    answers = {}
+    for version, writer in (("1.1", "worker"), ("1.0", "daemon")):
+        before = daemon.metric("edgekit_streams_total", model=FAKE, writer=writer)
+        status, raw, complete = raw_exchange(daemon.port, request, version)
+        assert (status, complete) == (200, True)
+        assert daemon.metric("edgekit_streams_total", model=FAKE, writer=writer) == before + 1
+        answers[version] = events = sse_data(raw)
+        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert [e["choices"][0]["delta"]["content"] for e in events[1:41]] == [f" t{i}" for i in range(1, 41)]
+        assert events[41]["choices"][0]["finish_reason"] == "length"
+        assert events[42]["usage"] == {"prompt_tokens": 2, "completion_tokens": 40, "total_tokens": 42}
+        assert events[43:] == ["[DONE]"]
+        assert {e["id"] for e in events[:43]} == {events[0]["id"]}
+    strip = lambda events: [{k: v for k, v in e.items() if k not in ("id", "created")} for e in events[:-1]]  # noqa: E731
+    assert strip(answers["1.1"]) == strip(answers["1.0"])
+
+
+def test_a_client_that_stalls_mid_stream_still_gets_every_event(fake_daemon):
+    """The client reads nothing until the model is a token from the end (the fake's context holds 62): what its socket
+    could not take waited in the worker, which never blocked on it; then everything arrives, in order, and ends properly."""
+    daemon, gates = fake_daemon
+    request = body("hold:stall@59", max_tokens=60, stream=True)
+
+    def stall() -> None:
+        wait_until(lambda: gates.reached("stall"), "59 tokens written while the client reads nothing")
+        gates.open("stall")
+
+    status, raw, complete = raw_exchange(daemon.port, request, until_gate=stall)
+    assert (status, complete) == (200, True)
+    events = sse_data(raw)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == completion(60)
+    assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-1] == "[DONE]"
+
+
+@pytest.fixture(scope="module")
+def short_timeout_daemon(fake_daemon_models: Path):
+    """A daemon whose requests time out after 2 s (its cases end by the timeout or a crash, never by a race with it)."""
+    server, gates = start_daemon(fake_daemon_models, "--request-timeout-s", "2")
+    try:
+        yield server, gates
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-3000:]
+
+
+def test_a_handed_over_stream_that_times_out_ends_with_the_timeout_event(short_timeout_daemon):
+    """The worker stops writing and gives the socket back before the daemon writes the error event after the text."""
+    daemon, _ = short_timeout_daemon
+    status, raw, complete = raw_exchange(daemon.port, body("hold:never@3", max_tokens=10, stream=True))
+    assert (status, complete) == (200, True)
+    events = sse_data(raw)
+    assert daemon.metric("edgekit_streams_total", model=FAKE, writer="worker") == 1
+    texts = [e["choices"][0]["delta"].get("content") for e in events[1:-1]]
+    assert texts == [f" t{i}" for i in range(1, len(texts) + 1)] and len(texts) <= 3  # what came before the deadline
+    assert events[-1]["error"]["code"] == "timeout"
+
+
+def test_a_worker_crash_mid_stream_ends_a_handed_over_stream_with_an_error_event(short_timeout_daemon):
+    daemon, _ = short_timeout_daemon
+    status, raw, complete = raw_exchange(daemon.port, body("crash@3", max_tokens=10, stream=True))
+    assert (status, complete) == (200, True)
+    events = sse_data(raw)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == completion(3)
+    assert events[-1]["error"]["code"] == "worker_crashed"
+
+
 def test_sigterm_finishes_in_flight_work_and_exits_0(fake_daemon_models: Path):
     """docs/reliability.md case 22: SIGTERM during a generation: no new connections, the stream finishes, exit code 0."""
     server, gates = start_daemon(fake_daemon_models, "--grace-s", "30")

@@ -20,7 +20,7 @@ from edgekit.runtime.llm import PromptTooLong
 from edgekit.serve.batching import MicroBatcher
 from edgekit.serve.errors import ApiError
 from edgekit.serve.lifecycle import RETRY_AFTER_S, Lifecycle, ModelEntry
-from edgekit.serve.protocol import Done, Encode, Generate, Proceed, Prompt, ProtocolError, ToDaemon
+from edgekit.serve.protocol import Direct, Done, Encode, Generate, Proceed, Prompt, ProtocolError, ToDaemon
 from edgekit.serve.settings import ServeSettings
 from edgekit.serve.workers import RequestStream
 
@@ -92,8 +92,10 @@ class Admission:
         entry.active -= 1
         entry.last_used = time.monotonic()
 
-    async def start_generation(self, entry: ModelEntry, job: Callable[..., Generate], param: str) -> Generation:
-        """Take a slot, send the job, admit its prompt (errors such as context length come before any token)."""
+    async def start_generation(self, entry: ModelEntry, job: Callable[..., Generate], param: str,
+                               proceed: bool = True) -> Generation:
+        """Take a slot, send the job, admit its prompt (errors such as context length come before any token); without
+        ``proceed`` the caller lets the worker generate (``Generation.proceed``)."""
         deadline = time.monotonic() + self.settings.request_timeout_s
         await self.acquire_slot(entry, timeout=self.settings.request_timeout_s)
         try:
@@ -105,6 +107,8 @@ class Admission:
         generation = Generation(self, entry, stream, deadline)
         try:
             await generation.admit(param)
+            if proceed:
+                generation.proceed()
         except BaseException:
             await generation.finish()
             raise
@@ -179,7 +183,7 @@ class Generation:
             raise self.timed_out() from None
 
     async def admit(self, param: str) -> None:
-        """Wait for the worker's ``Prompt``, decide whether it fits (``check_prompt``), then let the worker generate."""
+        """Wait for the worker's ``Prompt`` and decide whether it fits (``check_prompt``)."""
         prompt, _ = await self.next()
         if not isinstance(prompt, Prompt):
             raise ProtocolError(f"model {self.entry.name!r}: the worker sent {prompt.type!r} instead of the prompt")
@@ -189,7 +193,15 @@ class Generation:
             self.stream.close()  # refused: the worker's "cancelled" answer is not a generation
             raise
         self.prompt_tokens = prompt.tokens
+
+    def proceed(self, client: int | None = None, head: str = "", tail: str = "") -> bool:
+        """Let the worker generate. With ``client`` (a TCP socket's fd) the worker takes the socket and writes each
+        delta's event, ``head`` + JSON string + ``tail``, itself (handoff.py); True if it did."""
+        direct = Direct(head=head, tail=tail, seconds=self.remaining())
+        if client is not None and self.stream.worker.hand_over(self.stream.id, client, direct):
+            return True
         self.stream.worker.send(Proceed(id=self.stream.id))
+        return False
 
     def record(self, done: Done) -> None:
         finish = done.finish

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from edgekit.serve.handoff import with_transport
 from edgekit.serve.settings import FD_RESERVE
 
 log = logging.getLogger("edgekit.serve")
@@ -92,6 +93,7 @@ class GuardedH11Protocol(H11Protocol):
     limits: ConnectionLimits  # set on the subclass ``protocol_class`` makes
 
     def connection_made(self, transport) -> None:
+        self.app = with_transport(self.app, transport)  # a streamed generation may hand the socket to its worker
         self._timer = None
         self._phase: str | None = None
         self.opened = time.monotonic()

@@ -28,6 +28,8 @@ class ServeMetrics:
         self.prompt_tokens = Counter("edgekit_prompt_tokens", "Prompt (input) tokens processed.", ["model"], registry=r)
         self.generations = Counter("edgekit_generations", "Finished generations by finish reason (stop, length, cancelled).",
                                    ["model", "finish_reason"], registry=r)
+        self.streams = Counter("edgekit_streams", "Streamed text generations by who wrote their text events: the worker "
+                               "(the client's socket was handed to it) or the daemon (relayed).", ["model", "writer"], registry=r)
         self.decode_rate = Gauge("edgekit_decode_tokens_per_second", "Decode speed of the last finished generation.",
                                  ["model"], registry=r)
         self.loaded_models = Gauge("edgekit_models_loaded", "Models loaded in a worker now.", registry=r)

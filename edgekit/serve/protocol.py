@@ -8,10 +8,13 @@ the messages: ``Sampling`` in ``Generate``, ``Delta`` in ``DeltaMessage``, ``Fin
 
 A generation: daemon ``Generate`` -> worker ``Prompt`` (token count of the rendered prompt) -> daemon
 ``Proceed`` (the prompt fits the context; the daemon decides) or ``Cancel`` -> worker ``DeltaMessage``\\*
-then exactly one ``Done`` or ``Error``. An encoder job: ``Encode`` -> ``Result`` (+ payload) or ``Error``.
-``Cancel`` may come at any time, and so may ``Ping`` (the worker answers ``Pong``: its heartbeat); a job cancelled before it produced anything ends with a ``Done``
-whose finish reason is "cancelled". A load: the worker starts, verifies and loads the bundle, reruns
-its golden checks if it has any, then sends ``Ready`` or ``LoadError`` (and exits). ``Shutdown`` asks the worker to finish what it runs; it answers ``Bye`` and exits.
+then exactly one ``Done`` or ``Error``. A ``Proceed`` with ``direct`` comes with the client's socket on a
+second channel (``handoff.py``): the worker writes the deltas there itself, then answers ``HandBack`` and
+``Done`` or ``Error``. An encoder job: ``Encode`` -> ``Result`` (+ payload) or ``Error``. ``Cancel`` may come
+at any time, and so may ``Ping`` (the worker answers ``Pong``: its heartbeat); a job cancelled before it
+produced anything ends with a ``Done`` whose finish reason is "cancelled". A load: the worker starts,
+verifies and loads the bundle, reruns its golden checks if it has any, then sends ``Ready`` or
+``LoadError`` (and exits). ``Shutdown`` asks the worker to finish what it runs; it answers ``Bye`` and exits.
 
 Besides the pipe, the worker receives its ``WorkerConfig`` as JSON on its command line, and the
 bundle verifier subprocess prints a ``VerifyStarted`` and then a ``Verified`` line per bundle.
@@ -114,11 +117,21 @@ class Generate(Message):
     sampling: Sampling
 
 
+class Direct(Message):
+    """How a worker writes a stream's text events to the client's socket itself (``edgekit.serve.handoff``)."""
+
+    head: str = Field(description="What comes before the JSON string of a delta's text in its event.")
+    tail: str = Field(description="What comes after it.")
+    seconds: float = Field(ge=0, description="How long the worker may wait for a slow client at the end.")
+
+
 class Proceed(Message):
-    """The prompt fits: generate."""
+    """The prompt fits: generate. With ``direct``, the client's socket came on the handoff channel just before: the
+    worker writes the deltas there and answers ``HandBack`` before its ``Done`` or ``Error``."""
 
     type: Literal["proceed"] = "proceed"
     id: str
+    direct: Direct | None = None
 
 
 class Encode(Message):
@@ -194,6 +207,14 @@ class DeltaMessage(Message):
     delta: Delta
 
 
+class HandBack(Message):
+    """The worker closed its copy of a stream's client socket; ``complete``: every delta reached the socket."""
+
+    type: Literal["hand_back"] = "hand_back"
+    id: str
+    complete: bool
+
+
 class Done(Message):
     """A generation ended."""
 
@@ -246,7 +267,7 @@ class Bye(Message):
 
 
 ToWorker = Annotated[Generate | Proceed | Encode | Cancel | Ping | Shutdown, Field(discriminator="type")]
-ToDaemon = Annotated[Ready | LoadError | Prompt | DeltaMessage | Done | Result | Error | Pong | Bye, Field(discriminator="type")]
+ToDaemon = Annotated[Ready | LoadError | Prompt | DeltaMessage | HandBack | Done | Result | Error | Pong | Bye, Field(discriminator="type")]
 TO_WORKER: TypeAdapter[ToWorker] = TypeAdapter(ToWorker)
 TO_DAEMON: TypeAdapter[ToDaemon] = TypeAdapter(ToDaemon)
 

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from edgekit.runtime import tool_formats
+from edgekit.serve import handoff
 from edgekit.serve.admission import (
     CLASSIFY_TASKS,
     EMBEDDING_TASKS,
@@ -36,7 +37,7 @@ from edgekit.serve.errors import ApiError, bad_param
 from edgekit.serve.guard import allowed_host, authenticated, body_within_limit, json_body, read_body, same_origin
 from edgekit.serve.lifecycle import Lifecycle, ModelEntry
 from edgekit.serve.metrics import ServeMetrics
-from edgekit.serve.protocol import DeltaMessage, Done, Generate
+from edgekit.serve.protocol import DeltaMessage, Done, Generate, HandBack
 from edgekit.serve.schemas import (
     AssistantMessage,
     ChatBody,
@@ -231,21 +232,33 @@ class CompletionEvents:
         return Completion(**self.base, choices=[], usage=usage)
 
 
-def stream_response(generation: Generation, events: ChatEvents | CompletionEvents, include_usage: bool) -> StreamingResponse:
-    """SSE: one chunk per text delta, then the finish chunk, optional usage chunk, and [DONE]."""
+def stream_response(request: Request, generation: Generation, events: ChatEvents | CompletionEvents,
+                    include_usage: bool) -> StreamingResponse:
+    """SSE: one chunk per text delta, then the finish chunk, optional usage chunk, and [DONE]. The text chunks are
+    written by the worker itself where the connection allows (handoff.py), else relayed from its frames."""
     # Text chunks differ only in their text: render the JSON once, splice each delta in (the per-token path).
     marker = "\x00delta\x00"
     prefix, suffix = _event(events.text(marker)).split(_dumps(marker))
+    direct = False
 
     async def sse() -> AsyncIterator[str]:
+        nonlocal direct
         try:
             if (first := events.first()) is not None:
                 yield f"data: {_event(first)}\n\n"
+            # The headers (and the first event) are in the socket now: the worker may write after them.
+            direct = generation.proceed(handoff.client_socket(request.scope), f"data: {prefix}", f"{suffix}\n\n")
+            generation.admission.metrics.streams.labels(generation.entry.name, "worker" if direct else "daemon").inc()
             async with asyncio.timeout(generation.remaining()):  # one timer for the whole stream
                 while True:
                     message, _ = await generation.stream.next()
                     if isinstance(message, DeltaMessage):
                         yield f"data: {prefix}{_dumps(message.delta.text)}{suffix}\n\n"
+                    elif isinstance(message, HandBack):
+                        direct = False
+                        if not message.complete:  # the client left or stalled: an event now would follow a cut one
+                            handoff.drop_connection(request.scope)
+                            return
                     elif isinstance(message, Done):
                         generation.record(message)
                         yield f"data: {_event(events.finish(generation.finish_reason))}\n\n"
@@ -254,6 +267,9 @@ def stream_response(generation: Generation, events: ChatEvents | CompletionEvent
                         yield "data: [DONE]\n\n"
                         return
         except TimeoutError:
+            if direct and not await handed_back(generation):
+                handoff.drop_connection(request.scope)
+                return
             yield f"data: {_dumps(generation.timed_out().body())}\n\n"
         except ApiError as exc:  # the worker crashed mid-stream
             yield f"data: {_dumps(exc.body(generation.admission.settings.models))}\n\n"
@@ -263,6 +279,20 @@ def stream_response(generation: Generation, events: ChatEvents | CompletionEvent
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                              background=BackgroundTask(generation.finish))
+
+
+async def handed_back(generation: Generation, within: float = handoff.HAND_BACK_WAIT_S) -> bool:
+    """Cancel a handed-over stream and wait for the worker to give the socket back; True if it did with every delta
+    written (the daemon may write after them)."""
+    generation.stream.cancel()
+    try:
+        async with asyncio.timeout(within):
+            while True:
+                message, _ = await generation.stream.next()
+                if isinstance(message, HandBack):
+                    return message.complete
+    except (TimeoutError, ApiError):
+        return False
 
 
 def new_call_id() -> str:
@@ -350,13 +380,15 @@ async def chat_completions(request: Request, svc: Svc) -> Response | ChatComplet
         plan = body.structured(fmt) if plan.tools else plan.model_copy(update={"tool_format": fmt.name})
     given = {"tools": plan.template_tools} if plan.template_tools is not None else {}
     job = partial(Generate, messages=body.template_messages(plan), sampling=body.sampling(plan), **given)
-    generation = await unless_client_leaves(request, svc.admission.start_generation(entry, job, "messages"), Generation.finish)
+    text_stream = body.stream and not plan.tools  # its worker starts once the response has begun (stream_response)
+    started = svc.admission.start_generation(entry, job, "messages", proceed=not text_stream)
+    generation = await unless_client_leaves(request, started, Generation.finish)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream and plan.tools:
         return tool_stream_response(generation, ChatEvents(rid, created, entry.name), include_usage, plan.format)
     if body.stream:
-        return stream_response(generation, ChatEvents(rid, created, entry.name), include_usage)
+        return stream_response(request, generation, ChatEvents(rid, created, entry.name), include_usage)
     text = await collect(request, generation)
     if plan.tools:
         reader = tool_formats.CallReader(plan.format)
@@ -375,11 +407,12 @@ async def completions(request: Request, svc: Svc) -> Response | Completion:
     check_chars(svc, len(body.text), "prompt")
     entry = await model_entry(svc, request, body.model, GENERATION_TASKS, "/v1/completions")
     job = partial(Generate, prompt=body.text, sampling=body.sampling())
-    generation = await unless_client_leaves(request, svc.admission.start_generation(entry, job, "prompt"), Generation.finish)
+    started = svc.admission.start_generation(entry, job, "prompt", proceed=not body.stream)
+    generation = await unless_client_leaves(request, started, Generation.finish)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return stream_response(generation, CompletionEvents(rid, created, entry.name), include_usage)
+        return stream_response(request, generation, CompletionEvents(rid, created, entry.name), include_usage)
     text = await collect(request, generation)
     return Completion(id=rid, created=created, model=entry.name, usage=Usage(**generation.usage),
                       choices=[CompletionChoice(text=text, finish_reason=generation.finish_reason)])

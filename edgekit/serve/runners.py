@@ -21,6 +21,7 @@ from edgekit.errors import ConfigError
 from edgekit.formats import FORMATS, TASKS
 from edgekit.runtime.llm import Delta, Finish
 from edgekit.schema.manifest import Manifest
+from edgekit.serve.handoff import ClientSink
 from edgekit.serve.protocol import DeltaMessage, Done, Encode, Error, Generate, Prompt, Result, WorkerConfig
 
 Send = Callable[..., None]  # (message, payload=b"")
@@ -32,6 +33,8 @@ class Job:
         self.message = message
         self._cancelled = threading.Event()
         self._decided = threading.Event()
+        self.sink: ClientSink | None = None  # the client's socket, when the daemon handed it over (handoff.py)
+        self.direct_seconds = 0.0  # how long the end may wait for a slow client
 
     @property
     def id(self) -> str:

@@ -1,11 +1,11 @@
 """A model worker: one subprocess per loaded model, so a native crash takes down only that model.
 
-Run by the daemon as ``python -m edgekit.serve.worker serve --fd N --bundle DIR --config JSON``
-with one end of a Unix socket pair; it verifies the bundle again unless its files are the ones the
-daemon's verifier hashed (unchanged identity), loads it, reruns the golden checks recorded at export
-(a model that does not reproduce them is refused), says ``Ready`` and then answers jobs (see
-``protocol.py``). ``python -m edgekit.serve.worker verify DIR...`` checks bundles and prints one
-``Verified`` line each, so the daemon never parses a model file in its own process.
+Run by the daemon as ``python -m edgekit.serve.worker serve --fd N --handoff-fd M --bundle DIR --config JSON``
+with one end of a Unix socket pair (and one of a datagram pair on which client sockets come, ``handoff.py``);
+it verifies the bundle again unless its files are the ones the daemon's verifier hashed (unchanged identity),
+loads it, reruns the golden checks recorded at export (a model that does not reproduce them is refused), says
+``Ready`` and then answers jobs (see ``protocol.py``). ``python -m edgekit.serve.worker verify DIR...``
+checks bundles and prints one ``Verified`` line each, so the daemon never parses a model file in its own process.
 
 The worker ignores SIGINT/SIGTERM: the daemon decides when it stops (after its grace period), and
 it exits by itself when the daemon's end of the socket closes.
@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from edgekit.bundle import bundle_path_inside
@@ -29,13 +30,16 @@ from edgekit.errors import BundleError, EdgekitError, RuntimeBackendError
 from edgekit.runtime.llm import Finish
 from edgekit.runtime.verify import read_manifest_capped
 from edgekit.schema.manifest import MANIFEST_NAME, Manifest
+from edgekit.serve.handoff import ClientSink
 from edgekit.serve.protocol import (
     Bye,
     Cancel,
+    DeltaMessage,
     Done,
     Error,
     FileIdentity,
     FrameSender,
+    HandBack,
     LoadError,
     Message,
     Ping,
@@ -94,9 +98,10 @@ def pin(cpus: list[int] | None) -> None:
         raise RuntimeBackendError(f"cannot pin the model worker to CPUs {cpus}: {exc}") from exc
 
 
-def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
+def serve(fd: int, handoff_fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
     """Load the bundle and answer jobs until the daemon says shutdown or goes away."""
     sock = socket.socket(fileno=fd)
+    handoff = socket.socket(fileno=handoff_fd)
     sender = FrameSender(sock)
 
     def send(message: Message, payload: bytes = b"") -> None:
@@ -144,8 +149,15 @@ def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
             if isinstance(message, (Cancel, Proceed)):
                 with lock:
                     job = jobs.get(message.id)
-                if job is not None:
-                    job.cancel() if isinstance(message, Cancel) else job.proceed()
+                sink = take_client(message) if isinstance(message, Proceed) and message.direct is not None else None
+                if job is None:
+                    if sink is not None:
+                        sink.finish(0)
+                elif isinstance(message, Cancel):
+                    job.cancel()
+                else:
+                    job.sink, job.direct_seconds = sink, message.direct.seconds if sink is not None else 0.0
+                    job.proceed()
             elif message.type in runner.ops:
                 job = Job(message)
                 with lock:
@@ -155,18 +167,46 @@ def serve(fd: int, bundle_dir: Path, config: WorkerConfig) -> int:
                 send(Error(id=message.id, status=400, code="unsupported_operation",
                            message=f"this model does not do {message.type!r}"))
 
+    def take_client(message: Proceed) -> ClientSink | None:
+        """The client socket the daemon sent on the handoff channel right before this ``Proceed``."""
+        data, fds, _, _ = socket.recv_fds(handoff, 256, 1)
+        if data.decode() != message.id or len(fds) != 1:  # never: the daemon sends both in this order, one at a time
+            for stray in fds:
+                os.close(stray)
+            return None  # the deltas go to the daemon, which writes them itself
+        return ClientSink(fds[0], message.direct.head, message.direct.tail)
+
+    def sender_for(job: Job) -> Callable[..., None]:
+        """``send`` for one job: with a client socket, deltas go there, and the socket is handed back before the last
+        frame."""
+
+        def send_job(message: Message, payload: bytes = b"") -> None:
+            if (sink := job.sink) is not None:
+                if isinstance(message, DeltaMessage):
+                    sink.write(message.delta.text)
+                    if sink.broken:
+                        job.cancel()  # the client left: stop decoding for it
+                    return
+                if isinstance(message, (Done, Error)):
+                    job.sink = None
+                    send(HandBack(id=job.id, complete=sink.finish(job.direct_seconds)))
+            send(message, payload)
+
+        return send_job
+
     def slot_loop(slot: int) -> None:
         while (job := work.get()) is not None:
+            send_job = sender_for(job)
             try:
                 if job.cancelled():
-                    send(Done(id=job.id, finish=Finish("cancelled", 0, 0)))
+                    send_job(Done(id=job.id, finish=Finish("cancelled", 0, 0)))
                 else:
-                    runner.handle(slot, job, send)
+                    runner.handle(slot, job, send_job)
             except EdgekitError as exc:
-                send(Error(id=job.id, status=500, code="model_error", message=str(exc)))
+                send_job(Error(id=job.id, status=500, code="model_error", message=str(exc)))
             except Exception as exc:  # a bug: report it to this job and keep serving the others
                 traceback.print_exc()
-                send(Error(id=job.id, status=500, code="internal_error", message=f"{type(exc).__name__}: {exc}"))
+                send_job(Error(id=job.id, status=500, code="internal_error", message=f"{type(exc).__name__}: {exc}"))
             finally:
                 with lock:
                     jobs.pop(job.id, None)
@@ -205,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve")
     serve_cmd.add_argument("--fd", type=int, required=True)
+    serve_cmd.add_argument("--handoff-fd", type=int, required=True)
     serve_cmd.add_argument("--bundle", type=Path, required=True)
     serve_cmd.add_argument("--config", type=WorkerConfig.model_validate_json, required=True)
     verify_cmd = commands.add_parser("verify")
@@ -213,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "verify":
         return verify(args.bundles, [p for p in args.plugins.split(",") if p])
-    return serve(args.fd, args.bundle, args.config)
+    return serve(args.fd, args.handoff_fd, args.bundle, args.config)
 
 
 if __name__ == "__main__":

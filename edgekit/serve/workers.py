@@ -19,6 +19,7 @@ from edgekit.serve.errors import ApiError
 from edgekit.serve.protocol import (
     Bye,
     Cancel,
+    Direct,
     Done,
     Error,
     FrameBuffer,
@@ -26,6 +27,7 @@ from edgekit.serve.protocol import (
     Message,
     Ping,
     Pong,
+    Proceed,
     ProtocolError,
     Ready,
     Result,
@@ -135,6 +137,7 @@ class WorkerProcess:
         self.alive = False
         self.stopping = False
         self._transport: asyncio.Transport | None = None
+        self._handoff: socket.socket | None = None  # client sockets go to the worker on this datagram pair (handoff.py)
         self._pipe: _WorkerPipe | None = None
         self._first: asyncio.Future | None = None  # the worker's first frame, None if it closed first, or its ProtocolError
         self._ended: asyncio.Future | None = None  # done once its socket closed and its exit was handled
@@ -147,16 +150,20 @@ class WorkerProcess:
     async def start(self, timeout: float) -> Ready:
         """Spawn, wait for ``Ready``; a load failure raises BundleError / RuntimeBackendError with the worker's reason."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._handoff, handoff_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._handoff.setblocking(False)
         env = dict(os.environ)
         env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.update(self.env)
-        command = [sys.executable, "-m", "edgekit.serve.worker", "serve", "--fd", str(child.fileno()),
-                   "--bundle", str(self.bundle_dir), "--config", self.config.model_dump_json()]
+        command = [sys.executable, "-m", "edgekit.serve.worker", "serve", "--fd", str(child.fileno()), "--handoff-fd",
+                   str(handoff_child.fileno()), "--bundle", str(self.bundle_dir), "--config", self.config.model_dump_json()]
         try:
-            self.proc = subprocess.Popen(command, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
+            self.proc = subprocess.Popen(command, pass_fds=(child.fileno(), handoff_child.fileno()),
+                                         stdin=subprocess.DEVNULL, env=env)
         finally:
             child.close()
+            handoff_child.close()
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
         self._ended = loop.create_future()
@@ -249,11 +256,25 @@ class WorkerProcess:
             self.returncode = await asyncio.to_thread(self.proc.wait)
         if self._transport is not None:
             self._transport.close()
+        if self._handoff is not None:
+            self._handoff.close()
         return self.returncode
 
     def send(self, message: Message, payload: bytes = b"") -> None:
         if self.alive and self._transport is not None and not self._transport.is_closing():
             self._transport.write(encode_frame(message, payload))
+
+    def hand_over(self, rid: str, fd: int, direct: Direct) -> bool:
+        """Send the client socket ``fd`` to the worker and let request ``rid`` proceed writing to it; False (nothing
+        sent) when the worker's handoff channel is full."""
+        if not (self.alive and self._transport is not None and not self._transport.is_closing()):
+            return False
+        try:
+            socket.send_fds(self._handoff, [rid.encode()], [fd])
+        except OSError:
+            return False
+        self.send(Proceed(id=rid, direct=direct))
+        return True
 
     async def submit(self, job: Callable[..., Message], payload: bytes = b"") -> RequestStream:
         """Send ``job(id=...)`` under a new request id (e.g. ``partial(Encode, type="embed", texts=...)``); its messages
