@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 TRANSPORT_KEY = "edgekit.transport"  # scope["extensions"][TRANSPORT_KEY]: the connection's asyncio transport
-HAND_BACK_WAIT_S = 5.0  # a timed-out stream: how long the daemon waits for the worker to stop writing (a token's time)
+HAND_BACK_WAIT_S = 5.0  # a timed-out stream: how long the daemon waits for its worker to stop writing (between tokens)
 
 
 def with_transport(app: Any, transport: Any) -> Any:
