@@ -208,6 +208,8 @@ def serve(fd: int, handoff_fd: int, bundle_dir: Path, config: WorkerConfig) -> i
                 traceback.print_exc()
                 send_job(Error(id=job.id, status=500, code="internal_error", message=f"{type(exc).__name__}: {exc}"))
             finally:
+                if job.sink is not None:  # a runner that ended without a last frame still never keeps a client's socket
+                    job.sink.finish(0)
                 with lock:
                     jobs.pop(job.id, None)
 
