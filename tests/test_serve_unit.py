@@ -572,9 +572,11 @@ def test_protocol_messages_are_typed_and_validated_at_the_boundary():
 # ---- a worker writing to the client's socket (handoff.py) -------------------------------------------------
 
 
-def _sink_pair(send_buffer: int | None = None):
-    """A ClientSink on one end of a socket pair (``send_buffer``: its SO_SNDBUF) and the other end, the client."""
+def _sink_pair(send_buffer: int | None = None, seconds: float = 600.0):
+    """A ClientSink on one end of a socket pair (``send_buffer``: its SO_SNDBUF; the request's deadline ``seconds``
+    away) and the other end, the client."""
     import socket
+    import time
 
     from edgekit.serve.handoff import ClientSink
 
@@ -582,7 +584,7 @@ def _sink_pair(send_buffer: int | None = None):
     if send_buffer is not None:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, send_buffer)
-    sink = ClientSink(os.dup(ours.fileno()), 'data: {"t":', "}\n\n")
+    sink = ClientSink(os.dup(ours.fileno()), 'data: {"t":', "}\n\n", time.monotonic() + seconds)
     ours.close()  # the sink holds the only copy, as a worker does
     return sink, client
 
@@ -598,7 +600,7 @@ def test_a_sink_writes_each_delta_as_one_http_chunk_holding_one_event():
     sink, client = _sink_pair()
     sink.write("héllo")
     sink.write(' "quoted"\n')
-    assert sink.finish(1.0) is True
+    assert sink.finish() is True
     event1 = 'data: {"t":"héllo"}\n\n'.encode()
     event2 = b'data: {"t":" \\"quoted\\"\\n"}\n\n'
     assert _read_all(client) == b"%x\r\n%b\r\n%x\r\n%b\r\n" % (len(event1), event1, len(event2), event2)
@@ -618,21 +620,22 @@ def test_a_sink_keeps_what_a_slow_client_cannot_take_and_writes_it_in_order_at_t
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(_read_all(client)))
     reader.start()
-    assert sink.finish(30.0) is True
+    assert sink.finish() is True
     reader.join()
     events = [json.loads(line[6:])["t"] for line in received[0].decode().split("\r\n") if line.startswith("data: ")]
     assert events == [f"word{i}" for i in range(sent + 100)]
 
 
 def test_a_sink_gives_up_on_a_client_that_never_reads_and_on_one_that_left():
-    sink, client = _sink_pair(send_buffer=4096)
-    while not sink.pending:
-        sink.write("x" * 100)
-    assert sink.finish(0.05) is False  # the client still has not read: the socket is released, incomplete
-    assert sink.sock.fileno() == -1
+    for sink, give_up in ((_sink_pair(send_buffer=4096, seconds=0.05)[0], lambda: False),  # at the request's deadline
+                          (_sink_pair(send_buffer=4096)[0], lambda: True)):  # when the generation is cancelled
+        while not sink.pending:
+            sink.write("x" * 100)
+        assert sink.finish(give_up) is False  # the client still has not read: the socket is released, incomplete
+        assert sink.sock.fileno() == -1
     sink, client = _sink_pair()
     client.close()
     sink.write("a")  # EPIPE: the client left
     assert sink.broken is True
     sink.write("b")  # and nothing more is tried
-    assert sink.finish(1.0) is False
+    assert sink.finish() is False

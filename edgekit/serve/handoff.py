@@ -19,9 +19,11 @@ import json
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 TRANSPORT_KEY = "edgekit.transport"  # scope["extensions"][TRANSPORT_KEY]: the connection's asyncio transport
+GIVE_UP_POLL_S = 0.1  # a worker waiting for a slow client notices a cancel this often
 HAND_BACK_WAIT_S = 5.0  # a timed-out stream: how long the daemon waits for its worker to stop writing (between tokens)
 
 
@@ -47,10 +49,16 @@ def client_socket(scope: dict) -> int | None:
 
 
 def drop_connection(scope: dict) -> None:
-    """Close the request's connection: the worker could not write all it took, so nothing may follow."""
+    """End the request's connection: what the worker wrote may stop inside an event, so nothing may follow it.
+    ``shutdown`` sends the FIN even while the worker still holds a copy of the socket, and fails its next write."""
     transport = (scope.get("extensions") or {}).get(TRANSPORT_KEY)
-    if transport is not None:
-        transport.close()
+    if transport is None:
+        return
+    try:
+        transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
+    transport.close()
 
 
 class ClientSink:
@@ -59,10 +67,11 @@ class ClientSink:
     The socket is non-blocking (the flag belongs to the connection the daemon's copy shares). What the client does not
     take at once waits in ``pending`` and goes with the next event; ``finish`` waits for a slow client at the end."""
 
-    def __init__(self, fd: int, head: str, tail: str) -> None:
+    def __init__(self, fd: int, head: str, tail: str, deadline: float) -> None:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(False)
         self.head, self.tail = head.encode(), tail.encode()
+        self.deadline = deadline  # time.monotonic() past which a slow client is given up on (the request's deadline)
         self.pending = bytearray()
         self.broken = False  # the client left (or reset the connection): later events go nowhere
 
@@ -82,13 +91,13 @@ class ClientSink:
         except OSError:
             self.broken = True
 
-    def finish(self, seconds: float) -> bool:
-        """Write what is left, waiting up to ``seconds`` for a slow client; close this copy. True if it all went out."""
-        deadline = time.monotonic() + seconds
+    def finish(self, give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Write what is left, waiting for a slow client until the deadline or ``give_up()`` (checked every
+        ``GIVE_UP_POLL_S``); close this copy. True if every event went out."""
         writable = select.poll()
         writable.register(self.sock, select.POLLOUT)
-        while self.pending and not self.broken and (left := deadline - time.monotonic()) > 0:
-            writable.poll(left * 1000)
+        while self.pending and not self.broken and not give_up() and (left := self.deadline - time.monotonic()) > 0:
+            writable.poll(min(left, GIVE_UP_POLL_S) * 1000)
             self._flush()
         complete = not self.pending and not self.broken
         self.sock.close()

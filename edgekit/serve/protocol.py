@@ -122,7 +122,8 @@ class Direct(Message):
 
     head: str = Field(description="What comes before the JSON string of a delta's text in its event.")
     tail: str = Field(description="What comes after it.")
-    seconds: float = Field(ge=0, description="How long the worker may wait for a slow client at the end.")
+    seconds: float = Field(ge=0, description="Time left until the request's deadline: how long the worker may wait for a "
+                           "slow client.")
 
 
 class Proceed(Message):

@@ -272,6 +272,9 @@ def stream_response(request: Request, generation: Generation, events: ChatEvents
                 return
             yield f"data: {_dumps(generation.timed_out().body())}\n\n"
         except ApiError as exc:  # the worker crashed mid-stream
+            if direct:  # it may have died inside an event it was writing: an event now would corrupt the stream
+                handoff.drop_connection(request.scope)
+                return
             yield f"data: {_dumps(exc.body(generation.admission.settings.models))}\n\n"
         finally:
             generation.stream.cancel()  # no await here: this may run inside a cancelled scope

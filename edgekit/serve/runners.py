@@ -34,7 +34,6 @@ class Job:
         self._cancelled = threading.Event()
         self._decided = threading.Event()
         self.sink: ClientSink | None = None  # the client's socket, when the daemon handed it over (handoff.py)
-        self.direct_seconds = 0.0  # how long the end may wait for a slow client
 
     @property
     def id(self) -> str:

@@ -152,11 +152,11 @@ def serve(fd: int, handoff_fd: int, bundle_dir: Path, config: WorkerConfig) -> i
                 sink = take_client(message) if isinstance(message, Proceed) and message.direct is not None else None
                 if job is None:
                     if sink is not None:
-                        sink.finish(0)
+                        sink.finish(give_up=lambda: True)
                 elif isinstance(message, Cancel):
                     job.cancel()
                 else:
-                    job.sink, job.direct_seconds = sink, message.direct.seconds if sink is not None else 0.0
+                    job.sink = sink
                     job.proceed()
             elif message.type in runner.ops:
                 job = Job(message)
@@ -174,7 +174,7 @@ def serve(fd: int, handoff_fd: int, bundle_dir: Path, config: WorkerConfig) -> i
             for stray in fds:
                 os.close(stray)
             return None  # the deltas go to the daemon, which writes them itself
-        return ClientSink(fds[0], message.direct.head, message.direct.tail)
+        return ClientSink(fds[0], message.direct.head, message.direct.tail, time.monotonic() + message.direct.seconds)
 
     def sender_for(job: Job) -> Callable[..., None]:
         """``send`` for one job: with a client socket, deltas go there, and the socket is handed back before the last
@@ -189,7 +189,7 @@ def serve(fd: int, handoff_fd: int, bundle_dir: Path, config: WorkerConfig) -> i
                     return
                 if isinstance(message, (Done, Error)):
                     job.sink = None
-                    send(HandBack(id=job.id, complete=sink.finish(job.direct_seconds)))
+                    send(HandBack(id=job.id, complete=sink.finish(give_up=job.cancelled)))
             send(message, payload)
 
         return send_job
@@ -209,7 +209,7 @@ def serve(fd: int, handoff_fd: int, bundle_dir: Path, config: WorkerConfig) -> i
                 send_job(Error(id=job.id, status=500, code="internal_error", message=f"{type(exc).__name__}: {exc}"))
             finally:
                 if job.sink is not None:  # a runner that ended without a last frame still never keeps a client's socket
-                    job.sink.finish(0)
+                    job.sink.finish(give_up=lambda: True)
                 with lock:
                     jobs.pop(job.id, None)
 

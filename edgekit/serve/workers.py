@@ -161,6 +161,10 @@ class WorkerProcess:
         try:
             self.proc = subprocess.Popen(command, pass_fds=(child.fileno(), handoff_child.fileno()),
                                          stdin=subprocess.DEVNULL, env=env)
+        except BaseException:
+            parent.close()
+            self._handoff.close()
+            raise
         finally:
             child.close()
             handoff_child.close()
