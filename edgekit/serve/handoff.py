@@ -37,9 +37,13 @@ def with_transport(app: Any, transport: Any) -> Any:
     return wrapped
 
 
+def _transport(scope: dict) -> Any:
+    return (scope.get("extensions") or {}).get(TRANSPORT_KEY)
+
+
 def client_socket(scope: dict) -> int | None:
     """The file descriptor of the request's TCP socket if a worker may write chunks to it now, else None."""
-    transport = (scope.get("extensions") or {}).get(TRANSPORT_KEY)
+    transport = _transport(scope)
     if transport is None or scope.get("http_version") != "1.1" or transport.is_closing():
         return None
     if transport.get_extra_info("sslcontext") is not None or transport.get_write_buffer_size():
@@ -51,7 +55,7 @@ def client_socket(scope: dict) -> int | None:
 def drop_connection(scope: dict) -> None:
     """End the request's connection: what the worker wrote may stop inside an event, so nothing may follow it.
     ``shutdown`` sends the FIN even while the worker still holds a copy of the socket, and fails its next write."""
-    transport = (scope.get("extensions") or {}).get(TRANSPORT_KEY)
+    transport = _transport(scope)
     if transport is None:
         return
     try:

@@ -239,10 +239,9 @@ def stream_response(request: Request, generation: Generation, events: ChatEvents
     # Text chunks differ only in their text: render the JSON once, splice each delta in (the per-token path).
     marker = "\x00delta\x00"
     prefix, suffix = _event(events.text(marker)).split(_dumps(marker))
-    direct = False
 
     async def sse() -> AsyncIterator[str]:
-        nonlocal direct
+        direct = False  # the worker holds the client's socket: the daemon writes nothing until it hands it back
         try:
             if (first := events.first()) is not None:
                 yield f"data: {_event(first)}\n\n"
