@@ -142,7 +142,7 @@ class TokenSampler:
         import numpy as np
 
         self._llama_cpp = llama_cpp
-        self._argmax = np.ctypeslib.as_array  # greedy: the largest logit, read in place (see ``sample``)
+        self._as_array = np.ctypeslib.as_array  # greedy reads the logits in place (see ``sample``)
         self.greedy = greedy
         self.chain = chain  # llama_cpp._internals.LlamaSampler; owns its stages
         self.grammar = grammar  # llama_sampler_p or None; owned here
@@ -155,7 +155,7 @@ class TokenSampler:
         """The next token from the logits of output ``index`` of the last llama_decode (-1: the last output)."""
         llama_cpp = self._llama_cpp
         if self.greedy:  # llama_sampler_sample would first copy all ~50,000 logits into candidates: 50 us vs 6 us a token
-            token = int(self._argmax(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,)).argmax())
+            token = int(self._as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,)).argmax())
         else:
             token = llama_cpp.llama_sampler_sample(self.chain.sampler, ctx, index)
         if self.grammar is None:

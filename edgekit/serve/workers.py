@@ -264,14 +264,17 @@ class WorkerProcess:
             self._handoff.close()
         return self.returncode
 
+    def _open(self) -> bool:
+        return self.alive and self._transport is not None and not self._transport.is_closing()
+
     def send(self, message: Message, payload: bytes = b"") -> None:
-        if self.alive and self._transport is not None and not self._transport.is_closing():
+        if self._open():
             self._transport.write(encode_frame(message, payload))
 
     def hand_over(self, rid: str, fd: int, direct: Direct) -> bool:
         """Send the client socket ``fd`` to the worker and let request ``rid`` proceed writing to it; False (nothing
         sent) when the worker's handoff channel is full."""
-        if not (self.alive and self._transport is not None and not self._transport.is_closing()):
+        if not self._open():
             return False
         try:
             socket.send_fds(self._handoff, [rid.encode()], [fd])
