@@ -280,10 +280,10 @@ def test_a_step_never_carries_more_tokens_than_one_llama_decode_takes(gguf):
     takes any, so the steps that mix them always happen."""
     from edgekit.runtime.llm import PREFILL_CHUNK
 
-    engine = BatchedGguf(GgufModel(gguf, n_ctx=1024, threads=1, prompt_cache_contexts=0), 4)
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=2048, threads=1, prompt_cache_contexts=0), 4)
     try:
         model = engine.model
-        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 20
+        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 50
         long_prompt = long_chat(model, story, "Who is Mira?")
         short = prompts(model, 3)
         # the first step takes the short prompts and the long one's first slice; the next has 3 decode tokens and

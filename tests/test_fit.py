@@ -106,14 +106,24 @@ def test_kv_cache_bytes(n_ctx, parallel, expected):
     assert expected == 2 * -(-n_ctx * parallel // 256) * 256 * 30 * 3 * 64 * 2
 
 
-@pytest.mark.parametrize(("n_ctx", "flash_attn", "logged_mib"), [
-    (512, False, 98.25), (2048, False, 99.38), (8192, False, 166.38), (8192, True, 98.25),
+@pytest.mark.parametrize(("n_ctx", "flash_attn", "n_outputs", "logged_mib"), [
+    # llama-cpp-python's own context: logits reserved for every token of a micro-batch
+    (512, False, 512, 98.25), (2048, False, 512, 99.38), (8192, False, 512, 166.38), (8192, True, 512, 98.25),
+    # edgekit's engine with 4 slots: n_outputs_max = 8 sequences, flash attention ("sched_reserve: CPU compute buffer")
+    (512, True, 8, 14.01), (2048, True, 8, 15.51), (8192, True, 8, 21.51),
 ])
-def test_reserved_compute_buffer_matches_llama_cpp_log(n_ctx, flash_attn, logged_mib):
+def test_reserved_compute_buffer_matches_llama_cpp_log(n_ctx, flash_attn, n_outputs, logged_mib):
     facts = from_manifest(read_manifest(Q8))
     settings = RunSettings(n_ctx=n_ctx, n_ubatch=512, flash_attn=flash_attn)
-    reserved = compute_buffer_bytes(facts, settings, n_outputs=512)
+    reserved = compute_buffer_bytes(facts, settings, n_outputs=n_outputs)
     assert reserved / MIB == pytest.approx(logged_mib, rel=0.015)
+
+
+def test_reserved_compute_buffer_of_the_served_engine():
+    """What fit reports as reserved is what the engine's context asks for: output rows for its sequences only."""
+    facts = from_manifest(read_manifest(Q8))
+    report = estimate_memory(facts, RunSettings(n_ctx=2048, parallel=4, n_ubatch=512, flash_attn=True))
+    assert report.compute_reserved / MIB == pytest.approx(15.51, rel=0.015)
 
 
 def test_work_buffer_for_attention_scores():
@@ -121,7 +131,7 @@ def test_work_buffer_for_attention_scores():
 
     facts = from_manifest(read_manifest(Q8))
     # 256 prompt tokens x 8192 KV cells x 9 heads, f16: the measured 36 MiB gap at n_ctx 8192
-    assert work_buffer_bytes(facts, RunSettings(n_ctx=8192)) == 256 * 8192 * 9 * 2 == 37_748_736
+    assert work_buffer_bytes(facts, RunSettings(n_ctx=8192, n_ubatch=256, flash_attn=False)) == 256 * 8192 * 9 * 2 == 37_748_736
     assert work_buffer_bytes(facts, RunSettings(n_ctx=8192, flash_attn=True)) == 0
 
 
@@ -193,10 +203,10 @@ def test_golden_verdicts_and_numbers(catalog):
     q8 = read_manifest(Q8)
     zero, pi5 = catalog["rpi-zero-2w"], catalog["rpi-5-8gb"]
     tight = fit(q8, zero, FitSettings(n_ctx=1024), catalog.values())
-    assert tight.verdict == "warn" and tight.memory["required"] == 358_605_600
+    assert tight.verdict == "warn" and tight.memory["required"] == 355_066_656
     assert tight.memory["daemon"] == 80 * MIB and tight.memory["kv_cache"] == tight.memory["prompt_cache"] == 23_592_960
     uncached = fit(q8, zero, FitSettings(n_ctx=1024, prompt_cache_contexts=0), catalog.values())
-    assert uncached.memory["required"] == 335_012_640 and uncached.memory["prompt_cache"] == 0
+    assert uncached.memory["required"] == 331_473_696 and uncached.memory["prompt_cache"] == 0
     assert tight.usable_ram_bytes == (512 - 170) * MIB
     failing = fit(q8, zero, FitSettings(n_ctx=8192), catalog.values())
     assert failing.verdict == "fail" and "short" in failing.reason
@@ -418,7 +428,7 @@ def test_fit_table_is_readable_at_80_columns():
     text = " ".join(done.stdout.split())
     for assumption in ("context 4,096 tokens shared by 4 slot(s)", "start of a conversation / 2,048 tokens deep",
                        "latency of one 32-token input at batch 1", "16 x 256 tokens",
-                       "edgekit serve's own process (80 MiB)", "fits at --ctx 1536"):
+                       "edgekit serve's own process (80 MiB)", "fits at --ctx 1792"):
         assert assumption in text, assumption
     assert " MB" not in done.stdout and "MiB" in done.stdout
 

@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO, run_cli
 
 from edgekit.fit import FitSettings, fit, from_recipe, speed
+from edgekit.runtime.llm import PREFILL_CHUNK
 from edgekit.schema.device import load_catalog, load_kernel_families
 from edgekit.schema.recipe import load_recipe
 
@@ -88,7 +89,7 @@ def test_ttft_grows_with_the_prompt_and_short_prompts_run_slower_than_pp512(cata
     # TTFT = prefill + one decode step at that depth
     r = reports[128]
     assert r.ttft_s == pytest.approx(128 / r.prompt_tok_s_chat + 1 / r.decode_tok_s_short, rel=0.02)
-    assert r.assumptions["prompt_tokens"] == 128 and r.assumptions["n_ubatch"] == 256
+    assert r.assumptions["prompt_tokens"] == 128 and r.assumptions["n_ubatch"] == PREFILL_CHUNK
 
 
 def test_prefill_terms_add_one_weight_pass_per_batch(catalog, llama_1b_q4):

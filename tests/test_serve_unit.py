@@ -335,12 +335,12 @@ def test_footprint_of_smollm_follows_the_fit_estimate():
     facts = from_manifest(manifest)
     # 2 (K,V) * 4096 ctx * 30 layers * 3 kv heads * 64 head dim * 2 bytes (f16)
     assert kv_cache_bytes(facts, 4096) == 2 * 4096 * 30 * 3 * 64 * 2 == 94_371_840
-    one = estimate_memory(facts, RunSettings(n_ctx=4096, parallel=1, n_ubatch=256, daemon=False))
+    one = estimate_memory(facts, RunSettings(n_ctx=4096, parallel=1, daemon=False))
     # the worker also keeps one context's worth of saved prompts in RAM (serve's --prompt-cache-contexts default)
     assert footprint_bytes(manifest, ServeSettings(n_ctx=4096, slots=1)) == one.total + 94_371_840
     assert footprint_bytes(manifest, ServeSettings(n_ctx=4096, slots=1, prompt_cache_contexts=0)) == one.total
     # slots are sequences of one context sharing its KV pool: no second KV cache or vocabulary
-    four = estimate_memory(facts, RunSettings(n_ctx=4096, parallel=4, n_ubatch=256, daemon=False))
+    four = estimate_memory(facts, RunSettings(n_ctx=4096, parallel=4, daemon=False))
     assert footprint_bytes(manifest, ServeSettings(n_ctx=4096, prompt_cache_contexts=0)) == four.total
     assert (four.kv_cache, four.runtime) == (one.kv_cache, one.runtime) == (94_371_840, one.runtime)
     assert four.total - one.total < LLAMA_VOCAB_BYTES_PER_TOKEN * 49152

@@ -268,8 +268,9 @@ def fit_cmd(
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="GGUF: prompt length the time to first token is "
                                                "predicted for (default 128).")] = None,
     max_ttft_s: Annotated[float, typer.Option("--max-ttft-s", help="GGUF: fail when predicted time to first token is higher.")] = None,
-    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="Charge the smaller compute buffers of llama.cpp's flash attention (serve runs with it; the default "
-                                                           "charges the larger ones without it, an upper bound).")] = False,
+    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", show_default=False, help="Charge llama.cpp's "
+                                             "compute buffers with flash attention, as edgekit serve runs (default), or the "
+                                             "larger ones of a runtime without it.")] = None,
     batch_max_tokens: Annotated[int, typer.Option("--batch-max-tokens", help="Encoders: most padded tokens of one micro-batch "
                                                   "(serve's --batch-max-tokens).")] = None,
     max_embedding_inputs: Annotated[int, typer.Option("--max-embedding-inputs", help="Encoders: most texts of one request "
@@ -294,9 +295,10 @@ def fit_cmd(
     if not bundles and recipe is None:
         raise typer.BadParameter("give bundle folders or --recipe RECIPE")
     output_file(junit, "--junit")
-    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, flash_attn=flash_attn, daemon=daemon, headroom=headroom,
+    settings = _settings(ctx, parallel, min_tok_s, max_latency_ms, daemon=daemon, headroom=headroom,
                          threads=threads, max_ttft_s=max_ttft_s,
                          **{k: v for k, v in (("batch_max_tokens", batch_max_tokens), ("prompt_tokens", prompt_tokens),
+                                              ("flash_attn", flash_attn),
                                               ("max_embedding_inputs", max_embedding_inputs),
                                               ("prompt_cache_contexts", prompt_cache_contexts)) if v is not None})
     everything = load_catalog(catalog)

@@ -41,10 +41,10 @@ class FitSettings(BaseModel):
     prompt_cache_contexts: float = Field(serve_default("prompt_cache_contexts"), ge=0, le=4, description="GGUF: RAM for "
                                          "saved prompts, in contexts' worth of KV cache (edgekit serve's "
                                          "--prompt-cache-contexts).")
-    n_ubatch: int = Field(256, ge=1, description="Prompt tokens per compute step (edgekit.runtime.llm.PREFILL_CHUNK).")
-    flash_attn: bool = Field(False, description="Charge the compute buffers of llama.cpp with flash attention. edgekit "
-                             "serve runs with it, but the default charges the larger buffers without it: an upper bound "
-                             "until the flash term is measured.")
+    n_ubatch: int = Field(memory.RunSettings.n_ubatch, ge=1, description="Prompt tokens per compute step (edgekit "
+                          "serve's).")
+    flash_attn: bool = Field(memory.RunSettings.flash_attn, description="Charge the compute buffers of llama.cpp with "
+                             "flash attention, as edgekit serve runs it; off: the larger buffers of a runtime without it.")
     kv_type: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="KV cache element type.")
     threads: int | None = Field(None, ge=1, description="Inference threads; default: the device's cores.")
     daemon: bool = Field(True, description="Count edgekit serve's web stack in the runtime baseline.")

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, replace
 
 from edgekit.fit.facts import ModelFacts
 from edgekit.formats import FORMATS
+from edgekit.runtime.llm import FLASH_ATTENTION, PREFILL_CHUNK
+from edgekit.runtime.llm_batch import sequences_for
 from edgekit.schema.device import IsaFeatures
 
 MIB = 1 << 20
@@ -90,8 +92,8 @@ class RunSettings:
     # GGUF: generation slots, sequences of one llama.cpp context sharing one KV pool of n_ctx (edgekit serve's --slots).
     # ONNX: texts of the largest batch (serve's --batch-max). None: edgekit serve's default.
     parallel: int | None = None
-    n_ubatch: int = 256  # prompt tokens per compute step; edgekit.runtime.llm.PREFILL_CHUNK
-    flash_attn: bool = False  # llama-cpp-python's default
+    n_ubatch: int = PREFILL_CHUNK  # prompt tokens per compute step
+    flash_attn: bool = FLASH_ATTENTION  # what edgekit's runtime runs with
     kv_type: str = "f16"
     daemon: bool = True  # add edgekit serve's own process (the model runs in a worker next to it)
     # ONNX: the worker splits a batch into micro-batches of at most this many padded tokens (serve's
@@ -140,13 +142,15 @@ def compute_buffer_bytes(facts: ModelFacts, settings: RunSettings, n_outputs: in
     in attention (without flash attention the n_kv x n_tokens x n_head score matrix, softmaxed in place,
     plus the f32 mask and ~6 hidden-state-sized tensors), in the feed-forward block (gate, up, their
     product), or at the output (logits of every requested output row). ``n_outputs`` defaults to one
-    row per sequence (generation); llama.cpp reserves for n_ubatch rows, which is what it logs.
+    row per sequence (generation); what llama.cpp reserves, and logs, is for its n_outputs_max rows.
     """
     tokens = min(settings.n_ubatch, settings.n_ctx * (settings.parallel or 1))
     n_kv = kv_cells(settings.n_ctx, settings.parallel or 1)
     hidden = tokens * facts.n_embd * 4
     if settings.flash_attn:
-        attention = tokens * n_kv * 2 + 6 * hidden  # f16 mask; scores never materialized
+        # f16 mask, scores never materialized; 12 hidden-sized tensors: llama.cpp logs 14.01 / 15.51 / 21.51 MiB for
+        # SmolLM2-135M at n_ubatch 512 and n_ctx 512 / 2048 / 8192 (4 slots), which this gives to 0.01 MiB.
+        attention = tokens * n_kv * 2 + 12 * hidden
     else:
         attention = tokens * n_kv * (facts.n_head + 1) * 4 + 6 * hidden
     n_ff = facts.n_ff or 4 * facts.n_embd
@@ -199,7 +203,7 @@ def llama_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | No
         contexts = serve_default("prompt_cache_contexts") if settings.daemon else 0.0  # a feature of serve's workers
     prompt_cache = int(contexts * kv)  # edgekit.runtime.llm.GgufModel sizes its LlamaRAMCache the same way
     compute = compute_buffer_bytes(facts, one, n_outputs=slots) + work_buffer_bytes(facts, one)
-    reserved = compute_buffer_bytes(facts, one, n_outputs=min(one.n_ubatch, one.n_ctx))
+    reserved = compute_buffer_bytes(facts, one, n_outputs=min(one.n_ubatch, one.n_ctx, sequences_for(slots)))
     runtime = LLAMA_RUNTIME_BASE + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
     return facts.weights_bytes, repacked, kv, prompt_cache, compute, reserved, runtime
 

@@ -38,6 +38,11 @@ CACHED_SEQUENCES_PER_SLOT = 2
 MAX_SEQUENCES = 64
 
 
+def sequences_for(slots: int) -> int:
+    """Sequence ids (llama.cpp's n_seq_max) of an engine with ``slots`` generation slots."""
+    return min(CACHED_SEQUENCES_PER_SLOT * slots, MAX_SEQUENCES)
+
+
 @dataclass
 class _Request:
     prompt: list[int]
@@ -69,11 +74,14 @@ class BatchedGguf:
         from llama_cpp._internals import LlamaContext
 
         self.model, self.slots = model, slots
-        self.sequences = sequences = min(CACHED_SEQUENCES_PER_SLOT * slots, MAX_SEQUENCES)
+        self.sequences = sequences = sequences_for(slots)
         llama_cpp, llm = model._llama_cpp, model.llm
         self._llama_cpp = llama_cpp
         params = llm.context_params
         params.n_seq_max = sequences
+        # A step asks for at most one output row per sequence; llama.cpp would otherwise reserve logits for every
+        # token of a micro-batch (512 x n_vocab floats, 96 MiB on a 49k vocabulary). It must be >= n_seq_max.
+        params.n_outputs_max = sequences
         params.kv_unified = True
         params.n_ctx = model.n_ctx  # one pool of n_ctx cells for every sequence: what fit and the budget charge
         llm._ctx.close()  # before the new one: the two KV caches are never resident together
