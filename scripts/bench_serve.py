@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from edgekit.bench import child, measure  # noqa: E402
 from edgekit.bench.daemon import ServerProcess, free_port, serve_command  # noqa: E402
 from edgekit.paths import kit_paths  # noqa: E402
+from edgekit.runtime.llm import PREFILL_CHUNK  # noqa: E402
 from edgekit.runtime.placement import omp_env  # noqa: E402
 from edgekit.serve.settings import ServeSettings  # noqa: E402
 
@@ -211,7 +212,7 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
                 port = free_port()
                 command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
                            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.n_ctx), "--n_threads",
-                           str(args.threads), "--n_threads_batch", str(args.threads), "--n_batch", "256", "--n_ubatch", "256"]
+                           str(args.threads), "--n_threads_batch", str(args.threads), "--n_batch", str(PREFILL_CHUNK), "--n_ubatch", str(PREFILL_CHUNK)]
                 server = Server(label.replace(" ", "_").replace(",", ""), command, port, work, env=env)
                 closers.append(server.stop)
                 server.wait_ready("/v1/models")
