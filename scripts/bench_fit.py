@@ -8,8 +8,8 @@
    points profile-host writes: decode speed of the SmolLM2-135M Q8_0 bundle at short context and
    2,024 tokens into a context (its attention cost; taken from the interleaved run, in CPU time, one
    thread) and batch-1 latency of the MiniLM int8 bundle.
-2. Peak RSS of a fresh subprocess that loads a bundle with the runtime's settings and fills the
-   context (prompt of n_ctx - 40 tokens, then 32 generated tokens) for GGUF Q8_0 / Q4_K_M x
+2. Peak RSS of a fresh subprocess that loads a bundle into edgekit serve's engine at its default slots and fills
+   the context (prompt of n_ctx - 40 tokens, then up to 32 generated tokens) for GGUF Q8_0 / Q4_K_M x
    n_ctx 512 / 2048 / 8192, and that classifies batches of 1 and 32 max-length inputs with the ONNX
    encoder; vs `fit`'s prediction for this host (bare runtime, no daemon). Target: within +-10 %.
 3. Decode tokens/s predicted after host calibration vs measured (Q4_K_M short context, both quants
@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgekit.bench import child  # noqa: E402
 from edgekit.bench.calibrate import encoder_point, gguf_point  # noqa: E402
+from edgekit.bench.measure import PROFILE_PROMPT_TOKENS  # noqa: E402
 from edgekit.bundle import read_manifest  # noqa: E402
 from edgekit.fit import (  # noqa: E402
     FitSettings,
@@ -60,6 +61,7 @@ from edgekit.fit import (  # noqa: E402
     from_recipe,
     speed,  # noqa: E402
 )
+from edgekit.fit.memory import serve_default  # noqa: E402
 from edgekit.paths import kit_paths  # noqa: E402
 from edgekit.schema.device import CalibrationPoint, Device, load_catalog  # noqa: E402
 
@@ -227,7 +229,8 @@ def measure(gguf: dict[str, Path], onnx: Path | None, threads: int, rounds: int)
         decode_configs[f"{quant} short"] = (path, SHORT_CTX, SHORT_PROMPT)
         for n_ctx in CONTEXTS:
             log(f"peak RSS: GGUF {quant} ctx {n_ctx}")
-            raw["gguf"][f"{quant} {n_ctx}"] = run_child("gguf-rss", path, str(n_ctx), str(threads), str(GENERATED))
+            raw["gguf"][f"{quant} {n_ctx}"] = run_child("gguf-rss", path, str(n_ctx), str(threads), str(GENERATED),
+                                                        str(serve_default("slots")))
             decode_configs[f"{quant} {n_ctx}"] = (path, n_ctx, n_ctx - GENERATED - 8)
     for batch in ENCODER_BATCHES if onnx is not None else ():
         log(f"peak RSS: ONNX batch {batch}")
@@ -332,7 +335,7 @@ def published_rows(catalog) -> list[dict]:
 
 
 PROMPT_LENGTHS = (16, 32, 64, 128, 256, 512)
-HOST_PROMPT_POINT = 256  # profile-host's prompt length (edgekit.bench.measure.PROFILE_PROMPT_TOKENS)
+HOST_PROMPT_POINT = PROFILE_PROMPT_TOKENS  # profile-host's prompt length
 
 
 def prompt_lengths(model_path: str, threads: int, repeats: int = 5) -> dict:

@@ -7,7 +7,8 @@ one run (the machine may be shared: alternating spreads any background load over
   `llama-server -np 4 -kvu` (built once from the llama.cpp that the installed llama-cpp-python vendors, cached in
   $EDGEKIT_HOME/llama-server/<version>/: about 5 minutes on 2 cores, `--build-llama-server` builds only),
   `edgekit serve`, in-process llama-cpp-python and `python -m llama_cpp.server`: single-stream decode, 4-stream
-  aggregate decode, time to first token of a 1,000-token prompt cold and with a repeated 1,000-token system prompt.
+  aggregate decode, time to first token of a 1,000-token prompt cold and with a repeated 1,000-token system prompt
+  (each round's median of --ttft-repeats requests, the systems taking turns request by request).
   Targets for the daemon / llama-server: decode >= 0.95 (4 streams >= 1.0), TTFT <= 1.1; for the daemon itself:
   4 streams >= 1.7x one stream and >= 1.7x llama_cpp.server's 4 streams, cached TTFT <= 0.3x cold, one stream
   >= 0.95x in-process;
@@ -289,8 +290,8 @@ class Peer:
         self.name, self.timed, self.concurrent = name, timed, concurrent
 
 
-def peer_round(peer: Peer, args, story: str, system_prompt: str, round_index: int) -> dict:
-    """One round of the four measurements on ``peer``."""
+def decode_round(peer: Peer, args) -> dict:
+    """One round of the two decode measurements on ``peer``."""
     out = {}
     started, times = peer.timed(MESSAGES, args.tokens)
     out["decode_1"] = measure.tokens_per_second(times)
@@ -308,18 +309,25 @@ def peer_round(peer: Peer, args, story: str, system_prompt: str, round_index: in
             thread.join()
         out["decode_4"] = measure.aggregate_tokens_per_second(streams)
         out["tokens_4"] = sum(len(s) for s in streams)
-    # Cold: a marker at the start of the system turn that no earlier request had, so no cache holds any of it.
-    cold = [{"role": "system", "content": f"[{peer.name} {round_index} {time.time_ns()}] " + story},
-            {"role": "user", "content": "Summarise the story in one sentence."}]
-    started, times = peer.timed(cold, 4)
-    out["ttft_cold"] = measure.first_token_seconds(started, times)
-    # Cached: the same long system prompt as the warm-up request (the 4 streams and the cold prompt came in between),
-    # a new question.
-    cached = [{"role": "system", "content": system_prompt},
-              {"role": "user", "content": f"Question {round_index}: who wrote the letter?"}]
-    started, times = peer.timed(cached, 4)
-    out["ttft_cached"] = measure.first_token_seconds(started, times)
     return out
+
+
+def ttft_round(peers: list[Peer], story: str, system_prompt: str, round_index: int, repeats: int) -> dict[str, dict]:
+    """Times to first token of one round, cold and cached, ``repeats`` of each per peer; the peers take turns request
+    by request (the order reversed every repeat), so a pair of requests is seconds apart. Per peer: the medians, and
+    every sample."""
+    samples: dict[str, dict[str, list[float]]] = {p.name: {"ttft_cold": [], "ttft_cached": []} for p in peers}
+    for repeat in range(repeats):
+        for peer in (peers if repeat % 2 == 0 else list(reversed(peers))):
+            # Cold: a marker at the start of the system turn that no earlier request had, so no cache holds any of it.
+            cold = [{"role": "system", "content": f"[{peer.name} {round_index}.{repeat} {time.time_ns()}] " + story},
+                    {"role": "user", "content": "Summarise the story in one sentence."}]
+            samples[peer.name]["ttft_cold"].append(measure.first_token_seconds(*peer.timed(cold, 4)))
+            # Cached: the warm-up's long system prompt (other requests came in between), a new question.
+            cached = [{"role": "system", "content": system_prompt},
+                      {"role": "user", "content": f"Question {round_index}.{repeat}: who wrote the letter?"}]
+            samples[peer.name]["ttft_cached"].append(measure.first_token_seconds(*peer.timed(cached, 4)))
+    return samples
 
 
 def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
@@ -366,10 +374,14 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
             peer.timed(MESSAGES, 8)
             peer.timed([{"role": "system", "content": system_prompt}, {"role": "user", "content": "Who is Mira?"}], 4)
         rounds: dict[str, list[dict]] = {peer.name: [] for peer in peers}
+        ttft_samples: dict[str, list[dict]] = {peer.name: [] for peer in peers}
         for round_index in range(args.rounds):
             order = peers if round_index % 2 == 0 else list(reversed(peers))
             for peer in order:
-                rounds[peer.name].append(peer_round(peer, args, story, system_prompt, round_index))
+                rounds[peer.name].append(decode_round(peer, args))
+            for name, samples in ttft_round(order, story, system_prompt, round_index, args.ttft_repeats).items():
+                ttft_samples[name].append(samples)
+                rounds[name][-1].update({key: statistics.median(values) for key, values in samples.items()})
             log(f"peers round {round_index + 1}/{args.rounds}: " + "; ".join(
                 f"{p.name}: {rounds[p.name][-1]['decode_1']:.1f} tok/s" for p in peers))
     finally:
@@ -379,7 +391,7 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
     result = {"threads": threads, "omp_spin": f"{SAME} for every system" if args.same_spin else "as shipped",
               "daemon_threads": health.get("threads"), "n_ctx": args.n_ctx, "tokens": args.tokens,
               "prompt_tokens": PROMPT_TOKENS, "load_avg_end": os.getloadavg(), "systems": list(rounds), "median": medians,
-              "rounds": rounds}
+              "rounds": rounds, "ttft_repeats": args.ttft_repeats, "ttft_samples": ttft_samples}
     result["ratios"] = peer_ratios(result)
     return result
 
@@ -652,6 +664,8 @@ def main() -> int:
     parser.add_argument("--n-ctx", type=int, default=SERVE_N_CTX, help="context of every system (default: edgekit serve's)")
     parser.add_argument("--tokens", type=int, default=128, help="max_tokens of each decode run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ttft-repeats", type=int, default=3,
+                        help="cold and cached first-token requests per system in each round (their median is the round's)")
     parser.add_argument("--embed-requests", type=int, default=512)
     parser.add_argument("--soak-seconds", type=float, default=180.0)
     parser.add_argument("--load-rounds", action="store_true",

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("n_ctx", type=int)
     p.add_argument("threads", type=int)
     p.add_argument("n_gen", type=int)
+    p.add_argument("slots", type=int)
     p = commands.add_parser("encoder-rss", help="peak RSS after encoder batches of maximum length")
     p.add_argument("bundle", type=Path)
     p.add_argument("batch", type=int)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "bundle":
         out = bench_bundle(args.bundle, args.config)
     elif args.command == "gguf-rss":
-        out = measure.gguf_peak_rss(args.model, args.n_ctx, args.threads, args.n_gen)
+        out = measure.gguf_peak_rss(args.model, args.n_ctx, args.threads, args.n_gen, args.slots)
     elif args.command == "encoder-rss":
         out = measure.encoder_peak_rss(args.bundle, args.batch, args.threads)
     else:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgekit.formats import TASKS
+from edgekit.runtime.llm import PREFILL_CHUNK
 
 if TYPE_CHECKING:
     from edgekit.runtime.encoder import EncoderModel
@@ -29,8 +30,8 @@ DEFAULT_PROMPT = (
 SHORT_TEXT = "Great service."
 # The sentence profile-host times an encoder on (batch 1).
 PROFILE_TEXT = "A short sentence about running models on small boards."
-# profile-host's GGUF prompt-processing measurement: one full prefill chunk (runtime.llm.PREFILL_CHUNK).
-PROFILE_PROMPT_TOKENS = 256
+# profile-host's GGUF prompt-processing measurement: one full prefill chunk, the batch llama-bench's pp512 times too.
+PROFILE_PROMPT_TOKENS = PREFILL_CHUNK
 # Synthetic prompts stay this far from both ends of the vocabulary, where special tokens live.
 SYNTHETIC_MARGIN = 500
 
@@ -162,12 +163,26 @@ def interleaved_decode(configs: Mapping[str, tuple[str, int, int]], threads: int
     return result
 
 
-def gguf_peak_rss(model_path: Path, n_ctx: int, threads: int, n_gen: int) -> dict[str, int]:
-    """Peak RSS of this process after loading the model, filling its context and generating ``n_gen`` tokens."""
-    model = load_gguf(model_path, n_ctx=n_ctx, threads=threads)
-    prompt = synthetic_prompt(model.llm.n_vocab(), n_ctx - n_gen - 8)
-    time_generation(model, prompt, n_gen)
-    return {"peak_rss": peak_rss_bytes(), "prompt_tokens": len(prompt)}
+def gguf_peak_rss(model_path: Path, n_ctx: int, threads: int, n_gen: int, slots: int) -> dict[str, int]:
+    """Peak RSS of this process after loading the model into edgekit serve's engine with ``slots`` slots (no saved
+    prompts), filling its context with one request and generating up to ``n_gen`` tokens."""
+    import queue
+
+    from edgekit.runtime.llm import Finish, GgufModel, Sampling
+    from edgekit.runtime.llm_batch import BatchedGguf
+
+    engine = BatchedGguf(GgufModel(Path(model_path), n_ctx=n_ctx, threads=threads, prompt_cache_contexts=0), slots)
+    try:
+        prompt = synthetic_prompt(engine.model.llm.n_vocab(), n_ctx - n_gen - 8)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        engine.start(prompt, Sampling(max_tokens=n_gen, temperature=0.0), lambda: False, events.put)
+        while not isinstance(event := events.get(), (Finish, BaseException)):
+            pass
+        if isinstance(event, BaseException):
+            raise event
+    finally:
+        engine.close()
+    return {"peak_rss": peak_rss_bytes(), "prompt_tokens": len(prompt), "slots": slots}
 
 
 def tokens_per_second(timestamps: list[float]) -> float:
