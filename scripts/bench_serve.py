@@ -379,9 +379,9 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
             order = peers if round_index % 2 == 0 else list(reversed(peers))
             for peer in order:
                 rounds[peer.name].append(decode_round(peer, args))
-            for name, samples in ttft_round(order, story, system_prompt, round_index, args.ttft_repeats).items():
-                ttft_samples[name].append(samples)
-                rounds[name][-1].update({key: statistics.median(values) for key, values in samples.items()})
+            for system, samples in ttft_round(order, story, system_prompt, round_index, args.ttft_repeats).items():
+                ttft_samples[system].append(samples)
+                rounds[system][-1].update({key: statistics.median(values) for key, values in samples.items()})
             log(f"peers round {round_index + 1}/{args.rounds}: " + "; ".join(
                 f"{p.name}: {rounds[p.name][-1]['decode_1']:.1f} tok/s" for p in peers))
     finally:
