@@ -22,8 +22,9 @@
    the kernel data alone (devices/kernels/prompt.yaml) and leave one out; the pp512 `fit --recipe` predicts for
    Llama-3.2-1B Q4_K_M on the Raspberry Pi 5 against the band its published points imply; and this host's
    prompt tokens/s of the Q4_K_M bundle at 16..512 tokens in one batch (llama-bench's pp<N>, process CPU time)
-   against the prediction for this host's profile, uncalibrated and calibrated by its own 256-token point
-   (the one `edgekit profile-host` writes; in-sample at 256). --prompt-only runs just this part (seconds).
+   against the prediction for this host's profile, uncalibrated and calibrated by its own point at one full
+   prefill chunk (512 tokens, the one `edgekit profile-host` writes; in-sample there). --prompt-only runs just this
+   part (seconds).
 
 With --reuse-measurements the measured values of an earlier run (its bench-results/fit.json) are read
 back and only the predictions and the table are recomputed: for iterating on the model without timing.
@@ -252,7 +253,7 @@ class Recorded:
         self.path = path
         self.data = json.loads(path.read_text())
         self.raw = self.data.get("measurements") or {}
-        if "decode" not in self.raw:
+        if "decode" not in self.raw or any("slots" not in m for m in self.raw.get("gguf", {}).values()):
             sys.exit(f"{path} was written by an older version of this benchmark: run it without --reuse-measurements")
 
     def host(self) -> tuple[Device, dict]:
@@ -334,8 +335,8 @@ def published_rows(catalog) -> list[dict]:
     return rows
 
 
-PROMPT_LENGTHS = (16, 32, 64, 128, 256, 512)
 HOST_PROMPT_POINT = PROFILE_PROMPT_TOKENS  # profile-host's prompt length
+PROMPT_LENGTHS = tuple(sorted({16, 32, 64, 128, 256, 512, HOST_PROMPT_POINT}))
 
 
 def prompt_lengths(model_path: str, threads: int, repeats: int = 5) -> dict:
@@ -345,8 +346,8 @@ def prompt_lengths(model_path: str, threads: int, repeats: int = 5) -> dict:
 
     from edgekit.bench.measure import synthetic_prompt
 
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=model_path, n_ctx=1024, n_batch=max(PROMPT_LENGTHS), n_ubatch=max(PROMPT_LENGTHS),
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
     prompt = synthetic_prompt(llm.n_vocab(), max(PROMPT_LENGTHS) + 40)
     rates = {}
     for n in PROMPT_LENGTHS:

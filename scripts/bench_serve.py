@@ -19,7 +19,8 @@ one run (the machine may be shared: alternating spreads any background load over
   `python -m llama_cpp.server`, each with libgomp's default OpenMP settings and the daemon's (``omp_env``);
 - with ``--with soak``: 8 clients, mixed chat/embeddings(/classify), --soak-seconds: errors, RSS growth (< 5 %), p95.
 
-The default run takes about 5 minutes on an idle 2-core host (run it under the machine's heavy-job lock).
+The peers take about 1.5 minutes a round on an idle 2-core host, 13 minutes for --rounds 9 (run it under the
+machine's heavy-job lock).
 
 Bundles: --gguf / --encoder / --classifier, or the defaults in $EDGEKIT_HOME/bundles
 (smollm2-135m-instruct-q4-k-m, all-minilm-l6-v2-int8-dynamic). llama_cpp.server needs the
@@ -52,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from edgekit.bench import child, measure  # noqa: E402
 from edgekit.bench.daemon import ServerProcess, free_port, serve_command  # noqa: E402
 from edgekit.paths import kit_paths  # noqa: E402
-from edgekit.runtime.llm import PREFILL_CHUNK  # noqa: E402
+from edgekit.runtime.llama_params import PREFILL_CHUNK  # noqa: E402
 from edgekit.runtime.placement import omp_env  # noqa: E402
 from edgekit.serve.settings import ServeSettings  # noqa: E402
 
@@ -314,8 +315,7 @@ def decode_round(peer: Peer, args) -> dict:
 
 def ttft_round(peers: list[Peer], story: str, system_prompt: str, round_index: int, repeats: int) -> dict[str, dict]:
     """Times to first token of one round, cold and cached, ``repeats`` of each per peer; the peers take turns request
-    by request (the order reversed every repeat), so a pair of requests is seconds apart. Per peer: the medians, and
-    every sample."""
+    by request (the order reversed every repeat), so a pair of requests is seconds apart. Per peer, every sample."""
     samples: dict[str, dict[str, list[float]]] = {p.name: {"ttft_cold": [], "ttft_cached": []} for p in peers}
     for repeat in range(repeats):
         for peer in (peers if repeat % 2 == 0 else list(reversed(peers))):
@@ -682,6 +682,8 @@ def main() -> int:
                         help="only build (or find) llama-server and print its path (run it under the machine's heavy-job lock)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "serve.json")
     args = parser.parse_args()
+    if args.ttft_repeats < 1 or args.rounds < 1:
+        parser.error("--rounds and --ttft-repeats take at least 1")
     if args.build_llama_server:
         print(llama_server_binary())
         return 0

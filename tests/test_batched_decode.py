@@ -26,6 +26,22 @@ def engine(gguf):
     batched.close()
 
 
+def test_the_engine_context_runs_what_fit_charges(engine):
+    """The llama.cpp context the engine decodes in has the micro-batch, attention kernel and output rows that
+    `edgekit fit` charges its compute buffer for."""
+    from edgekit.fit import FitSettings
+    from edgekit.fit.memory import RunSettings
+    from edgekit.runtime.llama_params import sequences_for
+
+    llama_cpp, ctx = engine.model._llama_cpp, engine.model.llm.ctx
+    params = engine.model.llm.context_params
+    assert llama_cpp.llama_n_batch(ctx) == llama_cpp.llama_n_ubatch(ctx) == FitSettings().n_ubatch == 512
+    assert params.flash_attn_type == (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if RunSettings(n_ctx=512).flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    assert params.n_outputs_max == engine.sequences == sequences_for(4) == 8
+    assert llama_cpp.llama_n_seq_max(ctx) == 8
+
+
 SYSTEMS = ("Alpha: you write short stories.", "Bravo: you write poems.", "Charlie: you write letters.",
            "Delta: you write recipes.")
 
@@ -278,7 +294,7 @@ def test_a_step_never_carries_more_tokens_than_one_llama_decode_takes(gguf):
     """Three streams decoding while a long prompt is evaluated: each step's decode tokens and prompt slice together stay
     within n_batch (llama.cpp aborts the process past it). The four requests are queued before the decode thread
     takes any, so the steps that mix them always happen."""
-    from edgekit.runtime.llm import PREFILL_CHUNK
+    from edgekit.runtime.llama_params import PREFILL_CHUNK
 
     engine = BatchedGguf(GgufModel(gguf, n_ctx=2048, threads=1, prompt_cache_contexts=0), 4)
     try:

@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, run_cli
 
 from edgekit.fit import FitSettings, fit, from_recipe, speed
-from edgekit.runtime.llm import PREFILL_CHUNK
+from edgekit.runtime.llama_params import PREFILL_CHUNK
 from edgekit.schema.device import load_catalog, load_kernel_families
 from edgekit.schema.recipe import load_recipe
 

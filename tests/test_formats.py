@@ -85,7 +85,7 @@ def test_worker_bytes_hook_equals_the_daemon_budget(overrides):
 
     from edgekit.bundle import read_manifest
     from edgekit.fit import from_manifest
-    from edgekit.runtime.llm import PREFILL_CHUNK
+    from edgekit.runtime.llama_params import PREFILL_CHUNK
     from edgekit.serve.budget import effective_n_ctx, footprint_bytes
     from edgekit.serve.settings import ServeSettings
 

@@ -15,7 +15,9 @@ import pytest
 LISTER = Path(__file__).with_name("imported_modules.py")
 WORKSTATION = ("torch", "transformers", "optimum", "edgekit.export")
 ENGINES = ("llama_cpp", "onnxruntime")
-CORE_ONLY = (*WORKSTATION, *ENGINES, "onnx", "gguf", "numpy")  # what a core-only install (a CI runner) lacks
+# What a core-only install (a CI runner) lacks: the runtime extra's packages.
+CORE_ONLY = (*WORKSTATION, *ENGINES, "onnx", "gguf", "numpy", "tokenizers", "jinja2", "fastapi", "uvicorn",
+             "prometheus_client", "psutil")
 
 BOARD = ["edgekit.runtime.encoder", "edgekit.runtime.checks", "edgekit.runtime.llm", "edgekit.runtime.verify",
          "edgekit.runtime.gguf_file", "edgekit.runtime.chat_template", "edgekit.bundle", "edgekit.schema",

@@ -68,7 +68,7 @@ def reference_chat(model_path: str, threads: int, n_ctx: int) -> None:
     (``{"messages": [...], "max_tokens": N}``); answers the timestamps of the chunks that carry text."""
     import llama_cpp
 
-    from edgekit.runtime.llm import PREFILL_CHUNK
+    from edgekit.runtime.llama_params import PREFILL_CHUNK
 
     llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_batch=PREFILL_CHUNK, n_ubatch=PREFILL_CHUNK,
                           n_threads=threads, n_threads_batch=threads, verbose=False)

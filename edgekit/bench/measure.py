@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgekit.formats import TASKS
-from edgekit.runtime.llm import PREFILL_CHUNK
+from edgekit.runtime.llama_params import PREFILL_CHUNK
 
 if TYPE_CHECKING:
     from edgekit.runtime.encoder import EncoderModel

@@ -18,8 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 from edgekit.fit.facts import ModelFacts
 from edgekit.formats import FORMATS
-from edgekit.runtime.llm import FLASH_ATTENTION, PREFILL_CHUNK
-from edgekit.runtime.llm_batch import sequences_for
+from edgekit.runtime.llama_params import FLASH_ATTENTION, PREFILL_CHUNK, sequences_for
 from edgekit.schema.device import IsaFeatures
 
 MIB = 1 << 20
@@ -166,7 +165,7 @@ def work_buffer_bytes(facts: ModelFacts, settings: RunSettings) -> int:
     Without flash attention the softmaxed n_kv x n_tokens x n_head scores (f32) are converted to f16
     to be multiplied with the f16 V cache (ggml_graph_plan: MUL_MAT converts src1 to the weight's
     vec_dot_type). Measured: peak RSS exceeds the other terms by 3 / 8 / 36 MiB at n_ctx 512 / 2048 /
-    8192 on SmolLM2-135M; this term gives 2.3 / 9 / 36 MiB.
+    8192 on SmolLM2-135M at n_ubatch 256; this term gives 2.3 / 9 / 36 MiB.
     """
     if settings.flash_attn:
         return 0
@@ -203,7 +202,10 @@ def llama_memory(facts: ModelFacts, settings: RunSettings, isa: IsaFeatures | No
         contexts = serve_default("prompt_cache_contexts") if settings.daemon else 0.0  # a feature of serve's workers
     prompt_cache = int(contexts * kv)  # edgekit.runtime.llm.GgufModel sizes its LlamaRAMCache the same way
     compute = compute_buffer_bytes(facts, one, n_outputs=slots) + work_buffer_bytes(facts, one)
-    reserved = compute_buffer_bytes(facts, one, n_outputs=min(one.n_ubatch, one.n_ctx, sequences_for(slots)))
+    # llama.cpp reserves output rows for its n_outputs_max: the batched engine's sequences; a lone context (one slot)
+    # keeps llama.cpp's default of every row of a micro-batch.
+    rows = sequences_for(slots) if slots > 1 else one.n_ubatch
+    reserved = compute_buffer_bytes(facts, one, n_outputs=min(one.n_ubatch, one.n_ctx, rows))
     runtime = LLAMA_RUNTIME_BASE + LLAMA_VOCAB_BYTES_PER_TOKEN * facts.n_vocab
     return facts.weights_bytes, repacked, kv, prompt_cache, compute, reserved, runtime
 

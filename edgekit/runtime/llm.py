@@ -16,17 +16,11 @@ from typing import Any, Literal
 
 from edgekit.errors import EdgekitError, RuntimeBackendError
 from edgekit.runtime.chat_template import ChatTemplate
+from edgekit.runtime.llama_params import FLASH_ATTENTION, PREFILL_CHUNK
 
 # llama.cpp server defaults for the samplers the OpenAI API does not expose (tools/server/README.md).
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
-# Prompt tokens decoded per llama_decode call (llama-server's n_ubatch: a 793-token prompt prefills in 1.16x its time
-# at 256). Cancellation is checked between calls, so this bounds how long a cancelled prefill keeps running (512
-# tokens of a 135M model: ~0.2 s on a Pi 5 class CPU).
-PREFILL_CHUNK = 512
-# Flash attention, as llama-server runs on CPU. `edgekit fit` and the budget still charge the buffers without it
-# (RunSettings.flash_attn: measured, and larger by their own formulas), an upper bound until it is measured with it.
-FLASH_ATTENTION = True
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
 # A context holding at least this many tokens that a new prompt would drop is saved first (one copy of its KV
 # cells); shorter ones are cheap to prefill again and would only push longer ones out of the cache.

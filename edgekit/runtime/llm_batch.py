@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgekit.errors import RuntimeBackendError
+from edgekit.runtime.llama_params import PREFILL_CHUNK, sequences_for
 from edgekit.runtime.llm import (
-    PREFILL_CHUNK,
     PROMPT_CACHE_MIN_TOKENS,
     Delta,
     Finish,
@@ -32,15 +32,6 @@ from edgekit.runtime.llm import (
     TextStream,
     common_prefix,
 )
-
-# Sequence ids per slot: the idle ones hold earlier conversations' prefixes in the shared pool until it needs the cells.
-CACHED_SEQUENCES_PER_SLOT = 2
-MAX_SEQUENCES = 64
-
-
-def sequences_for(slots: int) -> int:
-    """Sequence ids (llama.cpp's n_seq_max) of an engine with ``slots`` generation slots."""
-    return min(CACHED_SEQUENCES_PER_SLOT * slots, MAX_SEQUENCES)
 
 
 @dataclass

@@ -32,7 +32,7 @@ def footprint_bytes(manifest: Manifest, settings: ServeSettings) -> int:
     """Peak resident bytes of a worker serving ``manifest`` with these settings (weights + caches + runtime)."""
     from edgekit.fit import from_manifest
     from edgekit.formats import FORMATS
-    from edgekit.runtime.llm import PREFILL_CHUNK
+    from edgekit.runtime.llama_params import PREFILL_CHUNK
 
     try:
         facts = from_manifest(manifest)
