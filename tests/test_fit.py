@@ -119,6 +119,24 @@ def test_reserved_compute_buffer_matches_llama_cpp_log(n_ctx, flash_attn, n_outp
     assert reserved / MIB == pytest.approx(logged_mib, rel=0.015)
 
 
+@pytest.mark.parametrize(("widths", "logged_mib"), [
+    # (n_embd, n_ff, n_head) of 2-layer random llama GGUFs; the engine's context (4 slots, flash attention) logs, at
+    # n_ctx 512 / 2048 / 8192 (docs/device-facts.md, "Constants edgekit measured itself"):
+    ((960, 2560, 15), (23.01, 24.51, 30.51)),  # SmolLM2-360M
+    ((896, 4864, 14), (36.01, 37.51, 43.51)),  # Qwen2-0.5B
+    ((2048, 5632, 32), (49.51, 51.01, 57.01)),  # TinyLlama-1.1B
+    ((2048, 8192, 32), (64.51, 66.01, 72.01)),  # Llama-3.2-1B
+])
+def test_flash_attention_compute_buffer_of_other_widths(widths, logged_mib):
+    from dataclasses import replace
+
+    n_embd, n_ff, n_head = widths
+    facts = replace(from_manifest(read_manifest(Q8)), n_embd=n_embd, n_ff=n_ff, n_head=n_head)
+    for n_ctx, logged in zip((512, 2048, 8192), logged_mib):
+        reserved = compute_buffer_bytes(facts, RunSettings(n_ctx=n_ctx, n_ubatch=512, flash_attn=True), n_outputs=8)
+        assert reserved / MIB == pytest.approx(logged, abs=0.02)
+
+
 def test_reserved_compute_buffer_of_the_served_engine():
     """What fit reports as reserved is what the engine's context asks for: output rows for its sequences only."""
     facts = from_manifest(read_manifest(Q8))

@@ -215,17 +215,17 @@ def test_unit_is_sized_for_the_board_and_a_bundle_too_big_for_it_is_refused(smol
         return size_service(request, manifests)
 
     record, unit = sized("rpi-5-8gb")
-    assert (record.memory_budget_mb, record.threads, record.together) == (397, 4, True)
+    assert (record.memory_budget_mb, record.threads, record.together) == (353, 4, True)
     assert "ExecStart=@PREFIX@/current/venv/bin/edgekit serve --models @PREFIX@/current/bundles" in unit
-    assert "--memory-budget-mb 397" in unit and "--threads 4" in unit and "MemoryMax=557M" in unit
+    assert "--memory-budget-mb 353" in unit and "--threads 4" in unit and "MemoryMax=513M" in unit
     assert "EDGEKIT_N_CTX" not in unit
 
     with pytest.raises(GateFailed) as refused:
         sized("rpi-zero-2w")
-    assert str(refused.value).startswith("rpi-zero-2w offers 262 MiB to models; smollm2-135m-q4_1 needs 396 MiB")
+    assert str(refused.value).startswith("rpi-zero-2w offers 262 MiB to models; smollm2-135m-q4_1 needs 352 MiB")
     # Settings ExecStart does not carry reach the daemon through its environment.
     record, unit = sized("rpi-zero-2w", n_ctx=2048, idle_unload_s=60, prompt_cache_contexts=0)
-    assert (record.memory_budget_mb, record.together) == (233, True)
+    assert (record.memory_budget_mb, record.together) == (216, True)
     assert ('Environment="EDGEKIT_IDLE_UNLOAD_S=60.0" "EDGEKIT_N_CTX=2048" "EDGEKIT_PROMPT_CACHE_CONTEXTS=0.0"\n'
             'Restart=on-failure') in unit
 

@@ -137,23 +137,24 @@ def kv_cache_bytes(facts: ModelFacts, n_ctx: int, parallel: int = 1, kv_type: st
 def compute_buffer_bytes(facts: ModelFacts, settings: RunSettings, n_outputs: int | None = None) -> int:
     """llama.cpp's compute buffer for a full micro-batch against a full KV cache.
 
-    ggml's graph allocator reuses memory, so the buffer is the largest set of tensors alive at once:
-    in attention (without flash attention the n_kv x n_tokens x n_head score matrix, softmaxed in place,
-    plus the f32 mask and ~6 hidden-state-sized tensors), in the feed-forward block (gate, up, their
-    product), or at the output (logits of every requested output row). ``n_outputs`` defaults to one
-    row per sequence (generation); what llama.cpp reserves, and logs, is for its n_outputs_max rows.
+    ggml's graph allocator reuses memory, so the buffer is the largest set of tensors alive at once: in the
+    feed-forward block (gate, up, their product and four hidden-state-sized tensors, next to the n_kv x n_tokens
+    attention mask every layer reads: f16 with flash attention, f32 without), in attention without flash attention
+    (the n_kv x n_tokens x n_head score matrix, softmaxed in place, the mask and ~6 hidden-state-sized tensors), or at
+    the output (logits of every requested output row; the mask is dead by then). ``n_outputs`` defaults to one row
+    per sequence (generation); what llama.cpp reserves, and logs, is for its n_outputs_max rows.
+
+    With flash attention this gives llama.cpp's logged buffer to 0.01 MiB for five llama shapes (the widths of
+    SmolLM2-135M and -360M, Qwen2-0.5B, TinyLlama-1.1B and Llama-3.2-1B) at n_ctx 512 / 2048 / 8192; without it,
+    0.2-5.5 % above (docs/device-facts.md, "Constants edgekit measured itself").
     """
     tokens = min(settings.n_ubatch, settings.n_ctx * (settings.parallel or 1))
     n_kv = kv_cells(settings.n_ctx, settings.parallel or 1)
     hidden = tokens * facts.n_embd * 4
-    if settings.flash_attn:
-        # f16 mask, scores never materialized; 12 hidden-sized tensors: llama.cpp logs 14.01 / 15.51 / 21.51 MiB for
-        # SmolLM2-135M at n_ubatch 512 and n_ctx 512 / 2048 / 8192 (4 slots), which this gives to 0.01 MiB.
-        attention = tokens * n_kv * 2 + 12 * hidden
-    else:
-        attention = tokens * n_kv * (facts.n_head + 1) * 4 + 6 * hidden
+    mask = tokens * n_kv * (2 if settings.flash_attn else 4)
     n_ff = facts.n_ff or 4 * facts.n_embd
-    feed_forward = tokens * 3 * n_ff * 4 + 2 * hidden
+    feed_forward = tokens * 3 * n_ff * 4 + 4 * hidden + mask
+    attention = 0 if settings.flash_attn else tokens * n_kv * facts.n_head * 4 + mask + 6 * hidden
     rows = (settings.parallel or 1) if n_outputs is None else n_outputs
     output = rows * facts.n_vocab * 4 + 2 * hidden
     return max(attention, feed_forward, output)
