@@ -96,9 +96,14 @@ def test_a_saved_prompt_survives_a_request_with_another_system_prompt(model, sam
     events = list(model.generate(again, Sampling(max_tokens=6, temperature=0)))
     shared = next(i for i, (a, b) in enumerate(zip(first, again)) if a != b)
     assert events[-1].cached_tokens == shared
+    # The same history without the saved-prompt cache: ``again`` reuses ``first``'s cells in place, so its prefix comes
+    # from the same micro-batch as the restored one (a prefix decoded in another split may differ in the last bits and
+    # flip a near tie of the greedy draw).
     plain = GgufModel(smollm_gguf(sample_store), n_ctx=512, threads=1, prompt_cache_contexts=0)
-    expected = [e.text for e in plain.generate(again, Sampling(max_tokens=6, temperature=0)) if isinstance(e, Delta)]
-    assert [e.text for e in events if isinstance(e, Delta)] == expected
+    list(plain.generate(first, Sampling(max_tokens=4, temperature=0)))
+    reference = list(plain.generate(again, Sampling(max_tokens=6, temperature=0)))
+    assert reference[-1].cached_tokens == shared
+    assert [e.text for e in events if isinstance(e, Delta)] == [e.text for e in reference if isinstance(e, Delta)]
     assert plain.prompt_cache is None
 
 
