@@ -54,8 +54,9 @@ EMULATED_SERVE_FLAGS=(--load-timeout-s "$EMULATED_TIMEOUT" --request-timeout-s "
 BOARD_ENV=(OMP_WAIT_POLICY=PASSIVE PYTHON_CPU_COUNT=1)
 PORT=8080                              # on the namespace's own loopback
 PREFIX=/opt/edgekit                    # install.sh's default prefix
-HOST_APT=(qemu-user-static binfmt-support mmdebstrap gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake ninja-build
-          iproute2)
+# arch-test: mmdebstrap needs it for a foreign architecture, and --no-install-recommends leaves it out.
+HOST_APT=(qemu-user-static binfmt-support mmdebstrap arch-test gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake
+          ninja-build iproute2)
 MMDEBSTRAP_OPTS=(--variant=apt --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-exclude=/usr/share/man/*
                  --dpkgopt=path-exclude=/usr/share/locale/*)
 NAMESPACE_TIMEOUT=1800                 # seconds one board's emulated lane may take (then all of it is killed)
