@@ -214,7 +214,8 @@ def bench_decode(args, gguf_bundle: Path, work: Path) -> dict:
                 port = free_port()
                 command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
                            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.n_ctx), "--n_threads",
-                           str(args.threads), "--n_threads_batch", str(args.threads), "--n_batch", str(PREFILL_CHUNK), "--n_ubatch", str(PREFILL_CHUNK)]
+                           str(args.threads), "--n_threads_batch", str(args.threads), "--n_batch", str(PREFILL_CHUNK),
+                           "--n_ubatch", str(PREFILL_CHUNK)]
                 server = Server(label.replace(" ", "_").replace(",", ""), command, port, work, env=env)
                 closers.append(server.stop)
                 server.wait_ready("/v1/models")

@@ -166,20 +166,14 @@ def interleaved_decode(configs: Mapping[str, tuple[str, int, int]], threads: int
 def gguf_peak_rss(model_path: Path, n_ctx: int, threads: int, n_gen: int, slots: int) -> dict[str, int]:
     """Peak RSS of this process after loading the model into edgekit serve's engine with ``slots`` slots (no saved
     prompts), filling its context with one request and generating up to ``n_gen`` tokens."""
-    import queue
-
-    from edgekit.runtime.llm import Finish, GgufModel, Sampling
+    from edgekit.runtime.llm import GgufModel, Sampling
     from edgekit.runtime.llm_batch import BatchedGguf
 
     engine = BatchedGguf(GgufModel(Path(model_path), n_ctx=n_ctx, threads=threads, prompt_cache_contexts=0), slots)
     try:
         prompt = synthetic_prompt(engine.model.llm.n_vocab(), n_ctx - n_gen - 8)
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        engine.start(prompt, Sampling(max_tokens=n_gen, temperature=0.0), lambda: False, events.put)
-        while not isinstance(event := events.get(), (Finish, BaseException)):
+        for _ in engine.generate(prompt, Sampling(max_tokens=n_gen, temperature=0.0)):
             pass
-        if isinstance(event, BaseException):
-            raise event
     finally:
         engine.close()
     return {"peak_rss": peak_rss_bytes(), "prompt_tokens": len(prompt), "slots": slots}
