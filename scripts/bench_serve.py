@@ -170,7 +170,7 @@ class InProcess:
 
 
 SERVE_N_CTX = ServeSettings.model_fields["n_ctx"].default  # the peers get the context `edgekit serve` allocates
-SAME = omp_env()  # what `edgekit serve` gives its workers
+SAME = omp_env(ServeSettings.model_fields["omp_spin_count"].default)  # what `edgekit serve` gives its workers
 DEFAULT = {}  # libgomp's default spin count (300,000)
 
 

@@ -462,18 +462,55 @@ def test_memory_budget_sources(empty_models):
     assert host > 0 and "available RAM" in source
 
 
-def test_workers_get_a_bounded_openmp_spin_count(empty_models):
-    """llama.cpp's OpenMP threads must not spin long while other workers share the cores (measured 40x slower chats)."""
+def test_workers_get_the_configured_openmp_spin_count(empty_models, monkeypatch):
+    """Workers spin as long as libgomp's default (llama-server's), stated so that the policy keeps it and so that a
+    shared machine can bound it; 0 sleeps at once; null inherits the environment."""
     from edgekit.serve.discovery import Catalog
     from edgekit.serve.lifecycle import Lifecycle
+
+    monkeypatch.delenv("EDGEKIT_OMP_SPIN_COUNT", raising=False)
 
     def env(**settings) -> dict[str, str]:
         values = ServeSettings(models=empty_models, **settings)
         return Lifecycle(values, Catalog(values)).worker_env()
 
-    assert env() == {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert env() == {"GOMP_SPINCOUNT": "300000", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert env(omp_spin_count=1000) == {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": "ACTIVE"}
     assert env(omp_spin_count=0) == {"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
     assert env(omp_spin_count=None) == {}
+
+
+OPENMP_THREADS_SCRIPT = """
+import os, sys, time
+from edgekit.runtime.llm import GgufModel, Sampling
+from edgekit.serve.worker import on_passing_thread
+
+model = GgufModel(sys.argv[1], n_ctx=256, threads=2, prompt_cache_contexts=0)  # a team of 2, whatever the CPUs
+prompt = model.tokenize("Once upon a time")
+decode = lambda: list(model.generate(prompt, Sampling(max_tokens=2, temperature=0)))
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+on_passing_thread(decode)
+deadline = time.monotonic() + 60  # the team's threads end right after the thread that started it
+while threads() != before and time.monotonic() < deadline:
+    time.sleep(0.01)
+after_passing = threads()
+decode()
+print(before, after_passing, threads())
+"""
+
+
+def test_llama_cpp_work_before_serving_leaves_no_openmp_team_behind(sample_store):
+    """The worker's golden checks run on a thread that ends with them: an OpenMP team started on the main thread would
+    outlive them beside the decode thread's, and libgomp, counting more threads than cores, would cut every barrier's
+    spin to 1,000 turns whatever GOMP_SPINCOUNT says (llama.cpp's threads then slept at most barriers of a step)."""
+    from serve_fixtures import smollm_gguf
+
+    out = subprocess.run([sys.executable, "-c", OPENMP_THREADS_SCRIPT, str(smollm_gguf(sample_store))],
+                         capture_output=True, text=True, check=True, timeout=300)
+    before, after_passing, after_main = map(int, out.stdout.split())
+    assert after_passing == before  # the passing thread's team ended with it
+    assert after_main == before + 1  # a team started on the main thread keeps its other thread for the process's life
 
 
 @pytest.mark.parametrize(("given", "expected"), [

@@ -146,3 +146,13 @@ def test_help_states_the_default():
     assert done.returncode == 0
     text = " ".join(done.stdout.replace("│", " ").split())
     assert "Default: the board's cores" in text and "(the big cores on big.LITTLE boards)" in text
+
+
+def test_onnxruntime_threads_sleep_between_parallel_sections():
+    """An encoder's intra-op threads do not spin: spinning, they take the cores a llama.cpp worker on the same board waits
+    for (measured: a third fewer chats in a mixed load), and alone they were no faster."""
+    from edgekit.runtime.encoder import session_options
+
+    options = session_options(threads=2)
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

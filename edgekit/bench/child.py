@@ -40,10 +40,10 @@ def run(*args: str) -> subprocess.CompletedProcess:
     """Run a child measurement to the end; its JSON is the last line of stdout (see ``result``)."""
     import subprocess  # parent side only: a child's peak RSS should not count it
 
-    from edgekit.runtime.placement import omp_env
+    from edgekit.runtime.placement import WORKER_OMP_SPIN_COUNT, omp_env
 
     # the OpenMP settings the daemon gives its workers: a measurement times what the daemon would run
-    return subprocess.run(command(*args), capture_output=True, text=True, env=child_env(omp_env()))
+    return subprocess.run(command(*args), capture_output=True, text=True, env=child_env(omp_env(WORKER_OMP_SPIN_COUNT)))
 
 
 def result(done: subprocess.CompletedProcess) -> dict:

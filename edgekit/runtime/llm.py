@@ -146,11 +146,14 @@ class TokenSampler:
         self._one_array = llama_cpp.llama_token_data_array(data=ctypes.pointer(self._one), size=1)
         self._candidates = None  # every token's logit, filled only when the grammar rejects a draw
 
-    def sample(self, ctx: Any, index: int) -> int:
-        """The next token from the logits of output ``index`` of the last llama_decode (-1: the last output)."""
+    def sample(self, ctx: Any, index: int, logits: Any = None) -> int:
+        """The next token from the logits of output ``index`` of the last llama_decode (-1: the last output);
+        ``logits``: that output's row, when the caller already holds a view of every row (``BatchedGguf`` does)."""
         llama_cpp = self._llama_cpp
         if self.greedy:  # llama_sampler_sample would first copy all ~50,000 logits into candidates: 50 us vs 6 us a token
-            token = int(self._as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,)).argmax())
+            if logits is None:
+                logits = self._as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
+            token = int(logits.argmax())
         else:
             token = llama_cpp.llama_sampler_sample(self.chain.sampler, ctx, index)
         if self.grammar is None:

@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SYS_CPU = Path("/sys/devices/system/cpu")
-# Turns llama.cpp's OpenMP threads spin at a barrier before sleeping: as fast as longer spins on an idle board, and it
-# leaves the cores to the daemon, its clients and other workers between steps (scripts/bench_serve.py).
+# Turns llama.cpp's OpenMP threads spin at a barrier before they sleep (GOMP_SPINCOUNT; a turn is one pause, ~25 ns on
+# this host's EPYC). A tool running llama.cpp in its own process (export's gates, doctor) may share the cores with other
+# work, where a long spin waits on threads that have no core (docs/reliability.md case 44): it spins briefly.
 OMP_SPIN_COUNT = 1_000
+# A model worker decodes on the board's cores: libgomp's own default, as llama-server runs. Its threads stay awake through
+# the Python between two decode steps (0.2-0.6 ms); at 1,000 turns they slept there, and 1 and 4 streams decoded at
+# 0.95-0.98x llama-server instead of 1.02-1.04x (scripts/bench_serve.py; docs/report.md).
+WORKER_OMP_SPIN_COUNT = 300_000
 
 
 @dataclass(frozen=True)
@@ -120,10 +125,9 @@ def worker_threads(threads: int | None, device: str | None) -> ThreadPlan:
 
 def omp_env(spin_count: int | None = OMP_SPIN_COUNT) -> dict[str, str]:
     """The OpenMP environment of a process running llama.cpp (None: the inherited one)."""
-    # llama.cpp's threads meet at a barrier hundreds of times per token. A model worker starts OpenMP teams from two
-    # threads (golden checks, then decoding), so libgomp counts more threads than cores and cuts the spin to 100 turns
-    # unless the wait policy is ACTIVE: the threads then slept ~7,000 times a second each and one stream decoded at
-    # 0.65x llama-server. ACTIVE with a bounded count spins that long, then sleeps, so an idle worker still sleeps.
+    # llama.cpp's threads meet at a barrier hundreds of times per token. With more OpenMP threads than cores in the
+    # process libgomp cuts the count to 100 turns, or to at most 1,000 under ACTIVE (so a worker keeps to one team:
+    # serve/worker.py's on_passing_thread). ACTIVE with a count spins that long, then sleeps: an idle worker sleeps.
     if spin_count is None:
         return {}
     return {"GOMP_SPINCOUNT": str(spin_count), "OMP_WAIT_POLICY": "PASSIVE" if spin_count == 0 else "ACTIVE"}

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from edgekit.paths import kit_paths
-from edgekit.runtime.placement import OMP_SPIN_COUNT
+from edgekit.runtime.placement import WORKER_OMP_SPIN_COUNT
 
 # asyncio accepts up to ``backlog`` connections in one go, and a socket the connection cap closes is released a
 # few loop turns later: the listen backlog is kept small and a few bursts are counted in the descriptors the cap
@@ -112,12 +112,12 @@ class ServeSettings(BaseSettings):
         "startup log line state the value in use.",
     )
     omp_spin_count: int | None = Field(
-        OMP_SPIN_COUNT,
+        WORKER_OMP_SPIN_COUNT,
         ge=0,
         description="GOMP_SPINCOUNT of model workers: how many turns llama.cpp's OpenMP threads spin at a barrier before "
-        "they sleep (given with OMP_WAIT_POLICY=ACTIVE, so libgomp does not cut it short). A short spin decodes as fast as "
-        "long ones and leaves the cores to the daemon, the client and other workers between steps; 0 sleeps at once; "
-        "EDGEKIT_OMP_SPIN_COUNT=null keeps the environment's OpenMP settings.",
+        "they sleep (given with OMP_WAIT_POLICY=ACTIVE). The default, libgomp's own as llama-server runs, keeps them awake "
+        "between decode steps; where other work shares the cores, 1000 (~25 us on x86) gives a waiting thread's core up "
+        "sooner; 0 sleeps at once; EDGEKIT_OMP_SPIN_COUNT=null keeps the environment's OpenMP settings.",
     )
     worker_plugins: list[str] = Field(
         default_factory=list,
