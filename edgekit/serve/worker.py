@@ -108,7 +108,7 @@ def on_passing_thread(fn: Callable[..., T], *args: Any) -> T:
     An OpenMP team lives as long as the thread that started it. Started on the main thread, the checks' team would
     stay beside the decode thread's, and with more OpenMP threads than cores libgomp caps every barrier's spin at
     1,000 turns (~25 us) whatever GOMP_SPINCOUNT says: llama.cpp's threads then slept at most of the hundreds of
-    barriers in a decode step, and 4 streams decoded at 0.93-0.95x llama-server."""
+    barriers in a decode step, and 1 and 4 streams decoded at 0.95-0.98x llama-server."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="golden") as pool:
         return pool.submit(fn, *args).result()
 
