@@ -671,11 +671,11 @@ def main() -> int:
     parser.add_argument("--soak-seconds", type=float, default=180.0)
     parser.add_argument("--load-rounds", action="store_true",
                         help="also measure decode while a separate onnxruntime process embeds back to back (a noisy "
-                             "neighbour with spinning threads: bounded OpenMP spinning loses to libgomp's default there)")
+                             "neighbour on the same cores)")
     parser.add_argument("--skip", action="append", default=[], choices=["peers", "embeddings", "idle", "cancel"])
     parser.add_argument("--same-spin", action="store_true",
-                        help="run the peers with the daemon's OpenMP settings (--omp-spin-count) instead of libgomp's "
-                             "default: on a machine others are using, the default's spinning threads starve each other")
+                        help="run the peers with the daemon's OpenMP settings (OMP_WAIT_POLICY=ACTIVE with its "
+                             "--omp-spin-count) instead of libgomp's defaults (which spin as long, without the policy)")
     parser.add_argument("--with", dest="extra", action="append", default=[], choices=["decode", "soak"],
                         help="also run: decode (the daemon vs in-process and llama_cpp.server with both OpenMP spin counts), "
                              "soak (8 mixed clients for --soak-seconds)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from importlib import metadata
 from unittest import mock
@@ -285,3 +286,30 @@ def test_prompts_after_the_first_reuse_the_shared_prefix_with_the_same_results(s
     fresh = greedy_logprobs(q4km_model, second, 8)
     assert [int(r.argmax()) for r in reused] == [int(f.argmax()) for f in fresh]
     assert max(float(np.abs(r - f).max()) for r, f in zip(reused, fresh)) < 1e-3
+
+
+def test_a_worker_runs_its_golden_checks_on_a_thread_that_ends_with_them(smollm2_q4km, tmp_path, monkeypatch):
+    """Not on the worker's main thread: an OpenMP team started there would outlive the checks beside the decode
+    thread's, and libgomp would cap every barrier's spin at 1,000 turns (test_serve_unit.py counts the threads)."""
+    import asyncio
+
+    from serve_fixtures import TESTS_DIR
+
+    from edgekit.serve.protocol import WorkerConfig
+    from edgekit.serve.workers import WorkerProcess
+
+    probe = tmp_path / "probe"
+    monkeypatch.setenv("EDGEKIT_GOLDEN_PROBE", str(probe))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p))
+    config = WorkerConfig(n_ctx=512, threads=1, batch_max=1, batch_max_tokens=64, max_prompt_chars=10_000,
+                          plugins=["golden_thread_probe"])
+
+    async def start() -> str:
+        worker = WorkerProcess("q4km", smollm2_q4km, config, on_exit=lambda _: None)
+        ready = await worker.start(timeout=300)
+        await worker.stop(grace=5)
+        return ready.task
+
+    assert asyncio.run(start()) == "text-generation"  # Ready: the golden checks passed
+    name, on_main = probe.read_text().split()
+    assert on_main == "False" and name.startswith("golden")

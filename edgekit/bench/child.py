@@ -42,7 +42,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
     from edgekit.runtime.placement import WORKER_OMP_SPIN_COUNT, omp_env
 
-    # the OpenMP settings the daemon gives its workers: a measurement times what the daemon would run
+    # the OpenMP settings the daemon gives its workers by default: a measurement times what the daemon would run
     return subprocess.run(command(*args), capture_output=True, text=True, env=child_env(omp_env(WORKER_OMP_SPIN_COUNT)))
 
 

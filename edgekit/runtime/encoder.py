@@ -29,7 +29,8 @@ def session_options(threads: int | None = None):
     options.inter_op_num_threads = 1
     # Between parallel sections its threads sleep instead of spinning: spinning, they took the cores a llama.cpp worker
     # beside them waited for (8 clients mixing chats and embeddings for 40 s: 250 chats instead of 344, 492 embedding
-    # requests instead of 680), and alone they were no faster (8 clients 65-68 requests/s, one client 52 vs 56).
+    # requests instead of 680), and alone they were no faster (8 clients 65-68 requests/s either way; one client 52
+    # spinning, 56 sleeping).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return options

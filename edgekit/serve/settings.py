@@ -116,8 +116,10 @@ class ServeSettings(BaseSettings):
         ge=0,
         description="GOMP_SPINCOUNT of model workers: how many turns llama.cpp's OpenMP threads spin at a barrier before "
         "they sleep (given with OMP_WAIT_POLICY=ACTIVE). The default, libgomp's own as llama-server runs, keeps them awake "
-        "between decode steps; where other work shares the cores, 1000 (~25 us on x86) gives a waiting thread's core up "
-        "sooner; 0 sleeps at once; EDGEKIT_OMP_SPIN_COUNT=null keeps the environment's OpenMP settings.",
+        "between decode steps; unless this is given, a models directory holding several GGUF bundles at start gets 1000 "
+        "(~25 us on x86), as two llama.cpp workers decoding at once would wait on each other's spinning threads; set 1000 "
+        "too where other work shares the cores; 0 sleeps at once; EDGEKIT_OMP_SPIN_COUNT=null passes the environment's "
+        "OpenMP settings on (with none, a worker bounds its spin as the CLI tools do, 1000 turns).",
     )
     worker_plugins: list[str] = Field(
         default_factory=list,
