@@ -6,9 +6,10 @@ one run (the machine may be shared: alternating spreads any background load over
 - peers (the main table), each at its defaults with the threads `edgekit serve` picks on this host: llama.cpp's own
   `llama-server -np 4 -kvu` (built once from the llama.cpp that the installed llama-cpp-python vendors, cached in
   $EDGEKIT_HOME/llama-server/<version>/: about 5 minutes on 2 cores, `--build-llama-server` builds only),
-  `edgekit serve`, in-process llama-cpp-python and `python -m llama_cpp.server`: single-stream decode, 4-stream
-  aggregate decode, time to first token of a 1,000-token prompt cold and with a repeated 1,000-token system prompt
-  (each round's median of --ttft-repeats requests, the systems taking turns request by request).
+  `edgekit serve`, in-process llama-cpp-python and `python -m llama_cpp.server`: single-stream decode and 4-stream
+  aggregate decode (each round's median of --decode-repeats runs, the order flipping every run), time to first token
+  of a 1,000-token prompt cold and with a repeated 1,000-token system prompt (each round's median of --ttft-repeats
+  requests, the systems taking turns request by request).
   Targets for the daemon / llama-server: decode >= 0.95 (4 streams >= 1.0), TTFT <= 1.1; for the daemon itself:
   4 streams >= 1.7x one stream and >= 1.7x llama_cpp.server's 4 streams, cached TTFT <= 0.3x cold, one stream
   >= 0.95x in-process;
@@ -376,10 +377,16 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
             peer.timed([{"role": "system", "content": system_prompt}, {"role": "user", "content": "Who is Mira?"}], 4)
         rounds: dict[str, list[dict]] = {peer.name: [] for peer in peers}
         ttft_samples: dict[str, list[dict]] = {peer.name: [] for peer in peers}
+        decode_samples: dict[str, list[list[dict]]] = {peer.name: [] for peer in peers}
         for round_index in range(args.rounds):
             order = peers if round_index % 2 == 0 else list(reversed(peers))
-            for peer in order:
-                rounds[peer.name].append(decode_round(peer, args))
+            repeats: dict[str, list[dict]] = {peer.name: [] for peer in peers}
+            for repeat in range(args.decode_repeats):  # the order flips every repeat: each pair is measured both ways
+                for peer in (order if repeat % 2 == 0 else list(reversed(order))):
+                    repeats[peer.name].append(decode_round(peer, args))
+            for system, runs in repeats.items():
+                decode_samples[system].append(runs)
+                rounds[system].append({key: statistics.median(run[key] for run in runs) for key in runs[0]})
             for system, samples in ttft_round(order, story, system_prompt, round_index, args.ttft_repeats).items():
                 ttft_samples[system].append(samples)
                 rounds[system][-1].update({key: statistics.median(values) for key, values in samples.items()})
@@ -392,7 +399,8 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
     result = {"threads": threads, "omp_spin": f"{SAME} for every system" if args.same_spin else "as shipped",
               "daemon_threads": health.get("threads"), "n_ctx": args.n_ctx, "tokens": args.tokens,
               "prompt_tokens": PROMPT_TOKENS, "load_avg_end": os.getloadavg(), "systems": list(rounds), "median": medians,
-              "rounds": rounds, "ttft_repeats": args.ttft_repeats, "ttft_samples": ttft_samples}
+              "rounds": rounds, "decode_repeats": args.decode_repeats, "decode_samples": decode_samples,
+              "ttft_repeats": args.ttft_repeats, "ttft_samples": ttft_samples}
     result["ratios"] = peer_ratios(result)
     return result
 
@@ -459,7 +467,8 @@ def print_peers(peers: dict) -> None:
     print(f"SmolLM2-135M Q4_K_M, streamed chat, {peers['tokens']} tokens, temperature 0. llama-server -t {peers['threads']} -np 4 "
           f"-c {peers['n_ctx']} -kvu; edgekit serve at its defaults ({threads} threads, 4 slots, one KV pool); in-process: "
           f"llama-cpp-python create_chat_completion (one stream); python -m llama_cpp.server (requests one at a time). "
-          f"OpenMP spin count: {peers['omp_spin']}. Medians of {rounds} alternating rounds; load average {peers['load_avg_end'][0]:.1f} at the end.")
+          f"OpenMP spin count: {peers['omp_spin']}. Medians of {rounds} alternating rounds ({peers.get('decode_repeats', 1)} decode "
+          f"runs and {peers['ttft_repeats']} first-token requests of each kind per system a round); load average {peers['load_avg_end'][0]:.1f} at the end.")
     width = max(len(r[0]) for r in PEER_ROWS)
     cols = [max(len(s), 8) for s in systems]
     print(f"{'':<{width}}  " + "  ".join(f"{s:>{c}}" for s, c in zip(systems, cols))
@@ -667,6 +676,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ttft-repeats", type=int, default=3,
                         help="cold and cached first-token requests per system in each round (their median is the round's)")
+    parser.add_argument("--decode-repeats", type=int, default=3,
+                        help="single- and 4-stream decode runs per system in each round, the systems' order flipping "
+                             "every run (their median is the round's): one pair of runs seconds apart swings by 10 %% "
+                             "on a shared host")
     parser.add_argument("--embed-requests", type=int, default=512)
     parser.add_argument("--soak-seconds", type=float, default=180.0)
     parser.add_argument("--load-rounds", action="store_true",
@@ -683,8 +696,8 @@ def main() -> int:
                         help="only build (or find) llama-server and print its path (run it under the machine's heavy-job lock)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "serve.json")
     args = parser.parse_args()
-    if args.ttft_repeats < 1 or args.rounds < 1:
-        parser.error("--rounds and --ttft-repeats take at least 1")
+    if min(args.ttft_repeats, args.decode_repeats, args.rounds) < 1:
+        parser.error("--rounds, --decode-repeats and --ttft-repeats take at least 1")
     if args.build_llama_server:
         print(llama_server_binary())
         return 0
