@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 
 import pytest
 
@@ -178,6 +179,42 @@ def test_a_starting_request_parks_idle_sequences_in_the_saved_prompt_cache(gguf)
         assert sorted(len(tokens) for tokens in engine._kv if tokens) == [len(again) + 1]
         finish = list(engine.generate(short_first, sampling))[-1]
         assert finish.cached_tokens == len(short_first) - 1  # short conversations are saved too
+    finally:
+        engine.close()
+
+
+def test_an_idle_engine_saves_finished_conversations_before_the_next_request_comes(gguf):
+    """With nothing to decode, the engine copies a finished conversation's cells to the RAM cache at once, so the next
+    request's start only drops them (no copy on its way to the first token), and the conversation still comes back."""
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=2048, threads=1, prompt_cache_contexts=1), 2)
+    try:
+        model, cache = engine.model, engine._saved
+        story = "The ferry to the island ran only twice a day, and Mira missed the morning one by a minute. " * 10
+        sampling = Sampling(max_tokens=2, temperature=0)
+        first = long_chat(model, story, "Who is Mira?")
+        list(engine.generate(first, sampling))
+        (seq, held), = [(seq, list(tokens)) for seq, tokens in enumerate(engine._kv) if tokens]
+        deadline = time.monotonic() + 60
+        while tuple(held) not in cache.cache_state:  # no request follows: only the idle engine can save it
+            assert time.monotonic() < deadline, "the idle engine never saved the finished conversation"
+            time.sleep(0.01)
+        saved_from: list[int] = []
+        llama_cpp = engine._llama_cpp
+
+        class Counting:  # which sequences are copied to RAM from here on
+            def __getattr__(self, name):
+                return getattr(llama_cpp, name)
+
+            def llama_state_seq_get_data(self, ctx, buffer, size, seq_id):
+                saved_from.append(seq_id)
+                return llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq_id)
+
+        engine._llama_cpp = Counting()
+        list(engine.generate(prompts(model, 1)[0], sampling))
+        assert seq not in saved_from and not engine._kv[seq]  # dropped from the pool, not copied again
+        again = long_chat(model, story, "Where is the ferry?")
+        finish = list(engine.generate(again, sampling))[-1]
+        assert finish.cached_tokens == common_prefix_len(first, again) > 200
     finally:
         engine.close()
 

@@ -149,6 +149,8 @@ class BatchedGguf:
 
     def _run(self) -> None:
         while True:
+            if self._saved is not None and not (self._active or self._waiting or self._closed):
+                self._save_idle()
             with self._cond:
                 while not self._closed and not (self._active or self._waiting):
                     self._cond.wait()
@@ -218,14 +220,26 @@ class BatchedGguf:
 
     def _save(self, seq: int, keep: int, least: int = PROMPT_CACHE_MIN_TOKENS) -> None:
         """Copy a sequence's cells to the saved-prompt cache (if there is one) when ``keep`` would drop at least
-        ``least`` of them."""
+        ``least`` of them and the cache does not hold them already."""
         llama_cpp, ctx, cache, held = self._llama_cpp, self.model.llm.ctx, self._saved, self._kv[seq]
         if cache is None or not held or len(held) - keep < least:
+            return
+        if (key := tuple(held)) in cache.cache_state:  # saved while the engine was idle
+            cache.cache_state.move_to_end(key)
             return
         size = llama_cpp.llama_state_seq_get_size(ctx, seq)
         if size <= cache.capacity_bytes:
             buffer = (self.model._ctypes.c_uint8 * size)()
             cache[held] = SavedPrompt(list(held), buffer, llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq))
+
+    def _save_idle(self) -> None:
+        """While nothing is decoding, copy the idle sequences' cells to the saved-prompt cache, so that the next request
+        only drops them (``_park_idle``): saving the cells of a 1,000-token prompt of SmolLM2-135M took 17 ms of the
+        next request's first token. A request that arrives meanwhile waits for one sequence at most."""
+        for seq in sorted(self._free, key=lambda s: -self._used[s]):  # the latest conversation first
+            if self._waiting or self._closed:
+                return
+            self._save(seq, 0, least=1)
 
     def _park_idle(self) -> None:
         """Move the cells of every idle sequence to the saved-prompt cache (llama-server's --cache-idle-slots).
