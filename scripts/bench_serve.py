@@ -20,7 +20,7 @@ one run (the machine may be shared: alternating spreads any background load over
   `python -m llama_cpp.server`, each with libgomp's default OpenMP settings and the daemon's (``omp_env``);
 - with ``--with soak``: 8 clients, mixed chat/embeddings(/classify), --soak-seconds: errors, RSS growth (< 5 %), p95.
 
-The peers take about 1.5 minutes a round on an idle 2-core host, 13 minutes for --rounds 9 (run it under the
+The peers take about 1.5 minutes a round on an idle 2-core host, 14 minutes for --rounds 9 (run it under the
 machine's heavy-job lock).
 
 Bundles: --gguf / --encoder / --classifier, or the defaults in $EDGEKIT_HOME/bundles

@@ -3,8 +3,8 @@ one llama_decode per step carrying the next token of every stream (and a slice o
 
 Decoding is bound by streaming the weights through the cores once per step, so N tokens in one step cost
 little more than one. The sequences share one KV pool of n_ctx cells (the memory `edgekit fit` charges). With a
-saved-prompt RAM cache (the daemon's default), a starting request moves the idle sequences' cells there and loads
-back the saved prompt sharing the longest prefix with its own; without one, idle sequences keep their cells as the
+saved-prompt RAM cache (the daemon's default), the idle sequences' cells are copied there while nothing decodes, a
+starting request drops them from the pool and loads back the saved prompt sharing the longest prefix with its own; without one, idle sequences keep their cells as the
 prompt cache and a request goes to the one sharing the longest prefix. Either way only the rest of the prompt is
 decoded. Text, stop strings, limits and cancellation are the single-stream rules (``TextStream``), applied by the
 decode thread between steps.
@@ -54,8 +54,9 @@ class BatchedGguf:
     n_ctx cells (llama-server's ``--kv-unified``): the memory does not grow with the slots, and any one stream may
     use the whole context.
 
-    With the model's saved-prompt cache, idle sequences are parked there whenever a request starts, so the pool
-    holds only what is being generated (attention spans the pool up to its highest used cell). Without it,
+    With the model's saved-prompt cache, idle sequences are parked there whenever a request starts (copied there
+    already if the engine was idle since), so the pool holds only what is being generated (attention spans the pool
+    up to its highest used cell). Without it,
     sequences that are not generating keep their cells as the prompt cache: there are more sequence ids than slots
     so that a conversation's prefix survives other requests until the pool needs its cells (least recently used
     first), and a request goes to the idle sequence sharing the longest prefix with its prompt.
