@@ -7,7 +7,7 @@ one run (the machine may be shared: alternating spreads any background load over
   `llama-server -np 4 -kvu` (built once from the llama.cpp that the installed llama-cpp-python vendors, cached in
   $EDGEKIT_HOME/llama-server/<version>/: about 5 minutes on 2 cores, `--build-llama-server` builds only),
   `edgekit serve`, in-process llama-cpp-python and `python -m llama_cpp.server`: single-stream decode and 4-stream
-  aggregate decode (each round's median of --decode-repeats runs, the order flipping every run), time to first token
+  aggregate decode (each round's median of --decode-repeats runs, the order rotating every run), time to first token
   of a 1,000-token prompt cold and with a repeated 1,000-token system prompt (each round's median of --ttft-repeats
   requests, the systems taking turns request by request).
   Targets for the daemon / llama-server: decode >= 0.95 (4 streams >= 1.0), TTFT <= 1.1; for the daemon itself:
@@ -58,6 +58,9 @@ from edgekit.runtime.llama_params import PREFILL_CHUNK  # noqa: E402
 from edgekit.runtime.placement import omp_env  # noqa: E402
 from edgekit.serve.settings import ServeSettings  # noqa: E402
 
+# Between two systems' measurements: what one does after its request (the daemon copies finished conversations to its
+# RAM cache once idle) ends before the next one is timed.
+SETTLE_S = 0.25
 MESSAGES = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."}]
 TARGETS = {"decode_vs_inprocess": 0.90, "decode_vs_llama_cpp_server": 1.2, "embeddings_vs_inprocess": 0.7,
            "idle_rss_mb": 120, "cancel_seconds": 1.0, "soak_rss_growth": 0.05}
@@ -321,6 +324,7 @@ def ttft_round(peers: list[Peer], story: str, system_prompt: str, round_index: i
     samples: dict[str, dict[str, list[float]]] = {p.name: {"ttft_cold": [], "ttft_cached": []} for p in peers}
     for repeat in range(repeats):
         for peer in (peers if repeat % 2 == 0 else list(reversed(peers))):
+            time.sleep(SETTLE_S)
             # Cold: a marker at the start of the system turn that no earlier request had, so no cache holds any of it.
             cold = [{"role": "system", "content": f"[{peer.name} {round_index}.{repeat} {time.time_ns()}] " + story},
                     {"role": "user", "content": "Summarise the story in one sentence."}]
@@ -381,8 +385,10 @@ def bench_peers(args, gguf_bundle: Path, work: Path) -> dict:
         for round_index in range(args.rounds):
             order = peers if round_index % 2 == 0 else list(reversed(peers))
             repeats: dict[str, list[dict]] = {peer.name: [] for peer in peers}
-            for repeat in range(args.decode_repeats):  # the order flips every repeat: each pair is measured both ways
-                for peer in (order if repeat % 2 == 0 else list(reversed(order))):
+            for repeat in range(args.decode_repeats):  # the order rotates every repeat: no system runs twice in a row
+                shift = repeat % len(order)
+                for peer in order[shift:] + order[:shift]:
+                    time.sleep(SETTLE_S)
                     repeats[peer.name].append(decode_round(peer, args))
             for system, runs in repeats.items():
                 decode_samples[system].append(runs)
@@ -677,7 +683,7 @@ def main() -> int:
     parser.add_argument("--ttft-repeats", type=int, default=3,
                         help="cold and cached first-token requests per system in each round (their median is the round's)")
     parser.add_argument("--decode-repeats", type=int, default=3,
-                        help="single- and 4-stream decode runs per system in each round, the systems' order flipping "
+                        help="single- and 4-stream decode runs per system in each round, the systems' order rotating "
                              "every run (their median is the round's): one pair of runs seconds apart swings by 10 %% "
                              "on a shared host")
     parser.add_argument("--embed-requests", type=int, default=512)

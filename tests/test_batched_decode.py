@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
 
 import pytest
+from serve_fixtures import wait_until
 
 from edgekit.runtime.llm import Delta, Finish, GgufModel, Sampling
 from edgekit.runtime.llm_batch import BatchedGguf
@@ -194,27 +194,72 @@ def test_an_idle_engine_saves_finished_conversations_before_the_next_request_com
         first = long_chat(model, story, "Who is Mira?")
         list(engine.generate(first, sampling))
         (seq, held), = [(seq, list(tokens)) for seq, tokens in enumerate(engine._kv) if tokens]
-        deadline = time.monotonic() + 60
-        while tuple(held) not in cache.cache_state:  # no request follows: only the idle engine can save it
-            assert time.monotonic() < deadline, "the idle engine never saved the finished conversation"
-            time.sleep(0.01)
-        saved_from: list[int] = []
-        llama_cpp = engine._llama_cpp
+        # no request follows: only the idle engine can save it
+        wait_until(lambda: tuple(held) in cache.cache_state, "the idle engine saved the finished conversation")
+        copies = CopyLog(engine)
+        list(engine.generate(prompts(model, 1)[0], sampling))
+        assert seq not in [s for s, _ in copies.made] and not engine._kv[seq]  # dropped from the pool, not copied again
+        again = long_chat(model, story, "Where is the ferry?")
+        finish = list(engine.generate(again, sampling))[-1]
+        assert finish.cached_tokens == common_prefix_len(first, again) > 200
+    finally:
+        engine.close()
 
-        class Counting:  # which sequences are copied to RAM from here on
+
+def finish_of(events: queue.SimpleQueue) -> Finish:
+    """The Finish that ``BatchedGguf.start``'s emit put on ``events``, after its deltas."""
+    while not isinstance(event := events.get(timeout=120), Finish):
+        if isinstance(event, BaseException):
+            raise event
+    return event
+
+
+class CopyLog:
+    """Wraps an engine's llama_cpp: each copy of a sequence's cells to RAM is logged as (sequence, whether a request
+    was waiting); ``hold`` makes the first copy wait for ``release`` after setting ``entered``."""
+
+    def __init__(self, engine: BatchedGguf, hold: bool = False) -> None:
+        self.made: list[tuple[int, bool]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+        if not hold:
+            self.release.set()
+        llama_cpp = engine._llama_cpp
+        log = self
+
+        class Logged:
             def __getattr__(self, name):
                 return getattr(llama_cpp, name)
 
             def llama_state_seq_get_data(self, ctx, buffer, size, seq_id):
-                saved_from.append(seq_id)
+                log.entered.set()
+                log.release.wait()
+                log.made.append((seq_id, bool(engine._waiting)))
                 return llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq_id)
 
-        engine._llama_cpp = Counting()
-        list(engine.generate(prompts(model, 1)[0], sampling))
-        assert seq not in saved_from and not engine._kv[seq]  # dropped from the pool, not copied again
-        again = long_chat(model, story, "Where is the ferry?")
-        finish = list(engine.generate(again, sampling))[-1]
-        assert finish.cached_tokens == common_prefix_len(first, again) > 200
+        engine._llama_cpp = Logged()
+
+
+def test_an_arriving_request_stops_the_idle_copies(gguf):
+    """The idle engine copies one sequence at a time and stops as soon as a request waits: the other idle sequence is
+    copied by that request's start (when nothing waits any more), not before it."""
+    engine = BatchedGguf(GgufModel(gguf, n_ctx=2048, threads=1, prompt_cache_contexts=1), 2)
+    try:
+        model = engine.model
+        sampling = Sampling(max_tokens=2, temperature=0)
+        copies = CopyLog(engine, hold=True)
+        done = [queue.SimpleQueue() for _ in range(2)]
+        for i, prompt in enumerate(prompts(model, 2)):  # both decode before the engine idles
+            engine.start(prompt, sampling, lambda: False, done[i].put)
+        for events in done:
+            finish_of(events)
+        assert copies.entered.wait(60)  # the idle engine is copying the first of the two
+        third = queue.SimpleQueue()
+        engine.start(prompts(model, 3)[2], sampling, lambda: False, third.put)
+        wait_until(lambda: engine._waiting, "the third request waits")
+        copies.release.set()
+        finish_of(third)
+        assert [waiting for _, waiting in copies.made] == [True, False]  # the second copy came after its assignment
+        assert len({seq for seq, _ in copies.made}) == 2
     finally:
         engine.close()
 

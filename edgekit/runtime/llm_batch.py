@@ -3,10 +3,10 @@ one llama_decode per step carrying the next token of every stream (and a slice o
 
 Decoding is bound by streaming the weights through the cores once per step, so N tokens in one step cost
 little more than one. The sequences share one KV pool of n_ctx cells (the memory `edgekit fit` charges). With a
-saved-prompt RAM cache (the daemon's default), the idle sequences' cells are copied there while nothing decodes, a
-starting request drops them from the pool and loads back the saved prompt sharing the longest prefix with its own; without one, idle sequences keep their cells as the
-prompt cache and a request goes to the one sharing the longest prefix. Either way only the rest of the prompt is
-decoded. Text, stop strings, limits and cancellation are the single-stream rules (``TextStream``), applied by the
+saved-prompt RAM cache (the daemon's default), the idle sequences' cells are copied there once nothing has
+decoded for a moment, and a starting request drops them from the pool and loads back the saved prompt sharing the
+longest prefix with its own; without one, idle sequences keep their cells as the prompt cache and a request goes to
+the one sharing the longest prefix. Either way only the rest of the prompt is decoded. Text, stop strings, limits and cancellation are the single-stream rules (``TextStream``), applied by the
 decode thread between steps.
 """
 
@@ -32,6 +32,10 @@ from edgekit.runtime.llm import (
     TextStream,
     common_prefix,
 )
+
+# With a saved-prompt cache, how long the engine waits with nothing to decode before it copies the idle sequences
+# there: a conversation's next turn sent within it continues in place, with no copy made.
+IDLE_SAVE_AFTER_S = 0.1
 
 
 @dataclass
@@ -148,13 +152,17 @@ class BatchedGguf:
 
     # ---- the decode thread -------------------------------------------------------------------------------
 
+    def _busy(self) -> bool:
+        return bool(self._closed or self._active or self._waiting)
+
     def _run(self) -> None:
         while True:
-            if self._saved is not None and not (self._active or self._waiting or self._closed):
+            with self._cond:  # a next turn sent at once continues its sequence in place: no copy made for it
+                quiet = self._saved is not None and not self._cond.wait_for(self._busy, timeout=IDLE_SAVE_AFTER_S)
+            if quiet:
                 self._save_idle()
             with self._cond:
-                while not self._closed and not (self._active or self._waiting):
-                    self._cond.wait()
+                self._cond.wait_for(self._busy)
                 if self._closed:
                     return
                 while self._waiting and len(self._active) < self.slots:
@@ -163,6 +171,7 @@ class BatchedGguf:
                 self._step()
             except RuntimeBackendError as exc:
                 for request in list(self._active.values()):
+                    self._empty(request.seq)  # this step's tokens are in _kv, maybe not in the cells
                     self._release(request)
                     request.emit(exc)
 
@@ -210,8 +219,7 @@ class BatchedGguf:
         shared = common_prefix(saved.tokens, prompt)
         if shared <= keep:  # loading ~1,000 cells takes ~2 ms, far less than decoding even a few prompt tokens
             return keep
-        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        self._kv[seq].clear()
+        self._empty(seq)
         self._drop_idle(len(saved.tokens))  # the saved cells need room in the pool
         if llama_cpp.llama_state_seq_set_data(ctx, saved.buffer, saved.llama_state_size, seq) == 0:
             llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
@@ -229,15 +237,21 @@ class BatchedGguf:
             cache.cache_state.move_to_end(key)
             return
         size = llama_cpp.llama_state_seq_get_size(ctx, seq)
-        if size <= cache.capacity_bytes:
-            buffer = (self.model._ctypes.c_uint8 * size)()
-            cache[held] = SavedPrompt(list(held), buffer, llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq))
+        if size > cache.capacity_bytes:
+            return
+        buffer = (self.model._ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq) != size:
+            return  # a partial copy would pass for this conversation's cells
+        for shorter in [k for k in cache.cache_state if len(k) < len(key) and key[:len(k)] == k]:
+            del cache.cache_state[shorter]  # every lookup it answered, the longer copy answers as well (turns of one chat)
+        cache[held] = SavedPrompt(list(held), buffer, size)
 
     def _save_idle(self) -> None:
-        """While nothing is decoding, copy the idle sequences' cells to the saved-prompt cache, so that the next request
-        only drops them (``_park_idle``): saving the cells of a 1,000-token prompt of SmolLM2-135M took 17 ms of the
-        next request's first token. A request that arrives meanwhile waits for one sequence at most."""
-        for seq in sorted(self._free, key=lambda s: -self._used[s]):  # the latest conversation first
+        """Nothing has decoded for IDLE_SAVE_AFTER_S: copy the idle sequences' cells to the saved-prompt cache now, so
+        that the next request only drops them (``_park_idle``); copying the cells of a 1,000-token prompt of
+        SmolLM2-135M took 17 ms of the next request's first token. A request that arrives meanwhile, its own
+        conversation's next turn included, waits for one sequence's copy at most."""
+        for seq in sorted(self._free, key=lambda s: self._used[s]):  # oldest first: the latest ends most recently used
             if self._waiting or self._closed:
                 return
             self._save(seq, 0, least=1)
@@ -251,8 +265,7 @@ class BatchedGguf:
         for seq in self._free:
             if self._kv[seq]:
                 self._save(seq, 0, least=1)
-                self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
-                self._kv[seq].clear()
+                self._empty(seq)
 
     def _cells(self) -> int:
         return sum(len(tokens) for tokens in self._kv)
@@ -264,8 +277,11 @@ class BatchedGguf:
                 return
             if self._kv[seq]:
                 self._save(seq, 0)
-                self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
-                self._kv[seq].clear()
+                self._empty(seq)
+
+    def _empty(self, seq: int) -> None:
+        self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._kv[seq].clear()
 
     def _release(self, request: _Request) -> None:
         self._active.pop(request.seq, None)
