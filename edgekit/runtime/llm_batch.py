@@ -1,13 +1,13 @@
-"""Concurrent generations of one GGUF model decoded together: one llama.cpp context, one sequence per stream,
-one llama_decode per step carrying the next token of every stream (and a slice of a new prompt).
+"""Concurrent generations of one GGUF model decoded together: one llama.cpp context, one sequence per stream, one
+llama_decode per step carrying the next token of every stream (and a slice of a new prompt).
 
-Decoding is bound by streaming the weights through the cores once per step, so N tokens in one step cost
-little more than one. The sequences share one KV pool of n_ctx cells (the memory `edgekit fit` charges). With a
-saved-prompt RAM cache (the daemon's default), the idle sequences' cells are copied there once nothing has
-decoded for a moment, and a starting request drops them from the pool and loads back the saved prompt sharing the
-longest prefix with its own; without one, idle sequences keep their cells as the prompt cache and a request goes to
-the one sharing the longest prefix. Either way only the rest of the prompt is decoded. Text, stop strings, limits and cancellation are the single-stream rules (``TextStream``), applied by the
-decode thread between steps.
+Decoding is bound by streaming the weights through the cores once per step, so N tokens in one step cost little more
+than one. The sequences share one KV pool of n_ctx cells (the memory `edgekit fit` charges). With a saved-prompt RAM
+cache (the daemon's default), the idle sequences' cells are copied there once nothing has decoded for a moment, and
+a starting request drops them from the pool and loads back the saved prompt sharing the longest prefix with its own;
+without one, idle sequences keep their cells as the prompt cache and a request goes to the one sharing the longest
+prefix. Either way only the rest of the prompt is decoded. Text, stop strings, limits and cancellation are the
+single-stream rules (``TextStream``), applied by the decode thread between steps.
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ class BatchedGguf:
 
     With the model's saved-prompt cache, idle sequences are parked there whenever a request starts (copied there
     already if the engine was idle since), so the pool holds only what is being generated (attention spans the pool
-    up to its highest used cell). Without it,
-    sequences that are not generating keep their cells as the prompt cache: there are more sequence ids than slots
-    so that a conversation's prefix survives other requests until the pool needs its cells (least recently used
-    first), and a request goes to the idle sequence sharing the longest prefix with its prompt.
+    up to its highest used cell). Without it, sequences that are not generating keep their cells as the prompt cache:
+    there are more sequence ids than slots so that a conversation's prefix survives other requests until the pool
+    needs its cells (least recently used first), and a request goes to the idle sequence sharing the longest prefix
+    with its prompt.
     """
 
     def __init__(self, model: GgufModel, slots: int) -> None:
@@ -222,7 +222,7 @@ class BatchedGguf:
         self._empty(seq)
         self._drop_idle(len(saved.tokens))  # the saved cells need room in the pool
         if llama_cpp.llama_state_seq_set_data(ctx, saved.buffer, saved.llama_state_size, seq) == 0:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            self._empty(seq)
             return 0
         self._kv[seq] = list(saved.tokens)
         return shared
